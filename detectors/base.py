@@ -1,0 +1,84 @@
+"""What every detector decoder produces: series metadata, frame batches, series ends.
+
+Decoders are pure: wire message parts in, one of these events out, or `DecodeError` with a
+reason. Sockets, counting and logging live in `stream/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class DecodeError(ValueError):
+    """A message that cannot be used. `reason` is a short stable key for counters."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+SCAN_ORDERS = ("raster", "serpentine")
+
+
+def scan_position(
+    frame_index: np.ndarray, scan_shape: tuple[int, int], order: str = "raster"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each frame index for raster or serpentine (boustrophedon) scans."""
+    row, col = np.divmod(np.asarray(frame_index), scan_shape[1])
+    if order == "serpentine":
+        col = np.where(row % 2 == 1, scan_shape[1] - 1 - col, col)
+    return row, col
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """Acquisition metadata announced at the start of a series (units in the names)."""
+
+    series_id: int
+    scan_shape: tuple[int, int] | None  # (rows, cols); None when the detector does not say
+    detector_shape: tuple[int, int]
+    dtype: str  # numpy dtype string, e.g. "<u2"
+    scan_order: str = "raster"
+    energy_eV: float | None = None
+    step_A: float | None = None
+    semiangle_mrad: float | None = None
+    angular_sampling_mrad: float | None = None
+    rotation_deg: float | None = None
+    transpose: bool | None = None
+    counts_per_electron: float = 1.0
+    mask_value: int | None = None  # pixels carrying this value are dead/hot (2**bits - 1)
+    frames_expected: int | None = None
+    dwell_s: float | None = None
+    ground_truth: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def frame_nbytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * self.detector_shape[0] * self.detector_shape[1])
+
+
+@dataclass(frozen=True)
+class SeriesStart:
+    info: SeriesInfo
+    repeat: bool  # True when this is a re-announcement of a series already under way
+
+
+@dataclass(frozen=True)
+class FrameBatch:
+    """`frames` is (count, Qx, Qy), a view on the message buffer where possible (read-only)."""
+
+    series_id: int
+    first: int
+    frames: np.ndarray
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class SeriesEnd:
+    series_id: int
+    frames_sent: int
+
+
+Event = SeriesStart | FrameBatch | SeriesEnd

@@ -1,0 +1,259 @@
+"""`tcbf-live simulate`: simulate (or replay) a 4D-STEM series, stream it and/or save it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import replace
+
+from detectors.files import RecordedDataset, write_dataset
+
+from .samples import SAMPLES
+from .sender import SOCKET_TYPES, SendSettings, run_sender
+from .simulate import PRESETS, SimulationConfig, SimulationError, Simulator
+
+# flags that describe the physics of a simulation; meaningless for --replay
+PHYSICS_FLAGS = (
+    "defocus", "C10", "C12", "phi12", "C21", "phi21", "C23", "phi23", "C30", "rolloff",
+    "transpose", "center", "descan", "dose", "no_noise", "counts_per_electron", "bits",
+    "bad_pixels", "sample", "feature", "phase_rms", "seed", "preset", "detector",
+)  # fmt: skip
+# flags that are metadata of a replayed file (override what the file says)
+REPLAY_META_FLAGS = ("energy", "step", "semiangle", "angular_sampling", "rotation", "scan_order")
+
+
+def _pair(text: str, sep: str = "x") -> tuple[int, int]:
+    parts = text.lower().replace(",", sep).split(sep)
+    try:
+        if len(parts) == 1:
+            n = int(parts[0])
+            values = (n, n)
+        elif len(parts) == 2:
+            values = (int(parts[0]), int(parts[1]))
+        else:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or NxM, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return values
+
+
+def _floats(n: int):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers") from None
+        if len(values) != n or not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return v
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate or replay a 4D-STEM series and stream it over ZeroMQ",
+        description="Simulate a 4D-STEM acquisition from physics (or replay a recorded one) "
+        "and stream it over ZeroMQ and/or save it. Flags override the preset (default: "
+        "tutorial). Angles in degrees, lengths in Angstrom.",
+    )
+    net = p.add_argument_group("stream")
+    net.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    net.add_argument("--protocol", default="native", choices=["native"])
+    net.add_argument("--socket", default="pub", choices=sorted(SOCKET_TYPES))
+    net.add_argument("--rate", type=_finite, default=0.0, metavar="FPS", help="0 = max speed")
+    net.add_argument("--batch", type=int, default=16, metavar="N", help="frames per message")
+    net.add_argument("--compression", default="raw", choices=["raw", "lz4"])
+    net.add_argument("--loop", action="store_true", help="repeat the series until interrupted")
+    net.add_argument("--wait-subscriber", type=_finite, default=0.0, metavar="S",
+                     help="PUB: wait up to S seconds for a first subscriber")  # fmt: skip
+    net.add_argument("--no-stream", action="store_true", help="only --save, do not stream")
+    net.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    src = p.add_argument_group("source")
+    src.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    src.add_argument("--replay", metavar="FILE", help="stream FILE.npy or FILE.h5[:/dataset]")
+    src.add_argument("--save", metavar="FILE", help="write the dataset to .npy or .h5")
+
+    opt = p.add_argument_group("optics and scan")
+    opt.add_argument("--scan", type=_pair, metavar="RxC", help="scan shape rows x cols")
+    opt.add_argument("--scan-order", choices=["raster", "serpentine"])
+    opt.add_argument("--step", type=_finite, metavar="A", help="scan step (Angstrom)")
+    opt.add_argument("--detector", type=_pair, metavar="Q", help="detector px (N or NxM)")
+    opt.add_argument("--energy", type=_finite, metavar="EV", help="beam energy (eV)")
+    opt.add_argument("--semiangle", type=_finite, metavar="MRAD", help="convergence semi-angle")
+    opt.add_argument("--angular-sampling", type=_finite, metavar="MRAD", help="mrad per px")
+    opt.add_argument("--rolloff", type=_finite, metavar="MRAD", help="aperture edge width")
+    opt.add_argument("--defocus", type=_finite, metavar="A", help="defocus (= -C10)")
+    opt.add_argument("--C10", type=_finite, metavar="A")
+    opt.add_argument("--C12", type=_finite, metavar="A", help="2-fold astigmatism")
+    opt.add_argument("--phi12", type=_finite, metavar="DEG")
+    opt.add_argument("--C21", type=_finite, metavar="A", help="axial coma")
+    opt.add_argument("--phi21", type=_finite, metavar="DEG")
+    opt.add_argument("--C23", type=_finite, metavar="A", help="3-fold astigmatism")
+    opt.add_argument("--phi23", type=_finite, metavar="DEG")
+    opt.add_argument("--C30", type=_finite, metavar="A", help="spherical aberration Cs")
+    opt.add_argument("--rotation", type=_finite, metavar="DEG", help="scan vs detector")
+    opt.add_argument("--transpose", action="store_true", help="detector axes transposed")
+    opt.add_argument("--center", type=_floats(2), metavar="ROW,COL", help="BF disk centre (px)")
+    opt.add_argument(
+        "--descan",
+        type=_floats(4),
+        metavar="A,B,C,D",
+        help="disk drift (det px per scan px): row/row,row/col,col/row,col/col",
+    )
+    opt.add_argument("--dwell", type=_finite, metavar="S", help="dwell time per position (s)")
+
+    det = p.add_argument_group("dose and detector")
+    det.add_argument("--dose", type=_finite, metavar="E_PER_A2", help="electron dose (e/A^2)")
+    det.add_argument("--no-noise", action="store_true", help="noise-free float32 frames")
+    det.add_argument("--counts-per-electron", type=_finite, metavar="G", help="detector gain")
+    det.add_argument("--bits", type=int, choices=[8, 16, 32])
+    det.add_argument("--bad-pixels", type=int, metavar="N", help="dead/hot pixels (2^bits-1)")
+
+    smp = p.add_argument_group("sample")
+    smp.add_argument("--sample", choices=sorted(SAMPLES))
+    smp.add_argument("--feature", type=_finite, metavar="A", help="texture length scale")
+    smp.add_argument("--phase-rms", type=_finite, metavar="RAD", help="rescale phase to this rms")
+    smp.add_argument("--seed", type=int)
+    p.set_defaults(run=run)
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    return [n for n in names if getattr(args, n) not in (None, False)]
+
+
+def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    """Preset (default tutorial) with every explicitly given flag applied on top."""
+    cfg = PRESETS[args.preset or "tutorial"]()
+    if args.defocus is not None and args.C10 is not None:
+        raise SimulationError("give either --defocus or --C10, not both")
+    ab = cfg.aberrations
+    changes = {}
+    if args.defocus is not None:
+        changes["C10_A"] = -args.defocus
+    if args.C10 is not None:
+        changes["C10_A"] = args.C10
+    for name in ("C12", "C21", "C23", "C30"):
+        if getattr(args, name) is not None:
+            changes[f"{name}_A"] = getattr(args, name)
+    for name in ("phi12", "phi21", "phi23"):
+        if getattr(args, name) is not None:
+            changes[f"{name}_rad"] = math.radians(getattr(args, name))
+    if changes:
+        ab = replace(ab, **changes)
+    flags = {
+        "scan_shape": args.scan,
+        "scan_order": args.scan_order,
+        "step_A": args.step,
+        "detector_shape": args.detector,
+        "energy_eV": args.energy,
+        "semiangle_mrad": args.semiangle,
+        "angular_sampling_mrad": args.angular_sampling,
+        "rolloff_mrad": args.rolloff,
+        "rotation_deg": args.rotation,
+        "center_px": args.center,
+        "descan_px_per_step": args.descan,
+        "dose_e_per_A2": args.dose,
+        "counts_per_electron": args.counts_per_electron,
+        "bits": args.bits,
+        "bad_pixels": args.bad_pixels,
+        "sample": args.sample,
+        "feature_A": args.feature,
+        "phase_rms": args.phase_rms,
+        "seed": args.seed,
+        "dwell_s": args.dwell,
+    }
+    cfg = replace(cfg, aberrations=ab, **{k: v for k, v in flags.items() if v is not None})
+    if args.transpose:
+        cfg = replace(cfg, transpose=True)
+    if args.no_noise:
+        if args.dose is not None:
+            raise SimulationError("give either --dose or --no-noise, not both")
+        cfg = replace(cfg, dose_e_per_A2=None)
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.cli import UsageError
+
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if args.rate < 0:
+        raise UsageError("--rate must be >= 0 (0 = as fast as possible)")
+    if args.no_stream and not args.save:
+        raise UsageError("--no-stream needs --save (otherwise nothing would happen)")
+    if args.no_stream and args.loop:
+        raise UsageError("--loop and --no-stream contradict each other")
+    if not args.bind.startswith(("tcp://", "ipc://", "inproc://")):
+        raise UsageError(
+            f"--bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {args.bind!r}"
+        )
+
+    if args.replay:
+        bad = _given(args, PHYSICS_FLAGS + ("save", "scan"))
+        if bad:
+            raise UsageError(f"--{bad[0].replace('_', '-')} cannot be combined with --replay")
+        overrides = {
+            "energy_eV": args.energy,
+            "step_A": args.step,
+            "semiangle_mrad": args.semiangle,
+            "angular_sampling_mrad": args.angular_sampling,
+            "rotation_deg": args.rotation,
+            "dwell_s": args.dwell,
+            "scan_order": args.scan_order,
+        }
+        source = data = RecordedDataset(args.replay, overrides)
+        sys.stderr.write(f"replaying {args.replay}: {data.n_frames} frames {data.detector_shape}\n")
+    else:
+        cfg = config_from_args(args)
+        sim = Simulator(cfg)
+        g = sim.grid
+        sys.stderr.write(
+            f"simulating {cfg.scan_shape[0]}x{cfg.scan_shape[1]} scan, "
+            f"{cfg.detector_shape[0]}x{cfg.detector_shape[1]} detector, "
+            f"{g.angular_sampling_mrad:.4f} mrad/px, defocus {cfg.aberrations.defocus_A:g} A, "
+            f"dose {cfg.dose_e_per_A2} e/A^2, sample {cfg.sample} (window {g.window_px} px)\n"
+        )
+        source = sim
+        if args.save:
+            truth = sim.ground_truth()
+            phase = (sim.phase, {"pixel_A": g.pixel_A, "scan_origin_px": g.window_px // 2,
+                                 "fine_per_step": g.fine_per_step})  # fmt: skip
+            path = write_dataset(
+                args.save, cfg.scan_shape, cfg.detector_shape, cfg.dtype, truth,
+                sim.iter_batches(64), cfg.scan_order, {"/ground_truth/phase": phase},
+            )  # fmt: skip
+            sys.stderr.write(f"saved {path}\n")
+            if args.no_stream:
+                return 0
+            source = RecordedDataset(
+                args.save
+            )  # stream the saved frames instead of simulating twice
+
+    settings = SendSettings(
+        bind=args.bind,
+        socket_type=args.socket,
+        batch=args.batch,
+        rate_fps=args.rate,
+        encoding=args.compression,
+        loop=args.loop,
+        wait_subscriber_s=args.wait_subscriber,
+    )
+    sent = run_sender(source, settings, show_progress=False if args.quiet else None)
+    return 0 if sent else 1

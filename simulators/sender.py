@@ -1,0 +1,149 @@
+"""Stream a frame source (simulator or recorded file) over ZeroMQ in the native protocol."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, TextIO
+
+import numpy as np
+import zmq
+
+from detectors.base import SeriesInfo
+from detectors.native import encode_end, encode_frames, encode_start
+
+SOCKET_TYPES = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
+
+
+class FrameSource(Protocol):
+    n_frames: int
+
+    def series_info(self, series_id: int) -> SeriesInfo: ...
+
+    def iter_batches(self, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]: ...
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """How to put a series on the wire."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    socket_type: str = "pub"
+    batch: int = 16
+    rate_fps: float = 0.0  # 0: as fast as possible
+    encoding: str = "raw"
+    loop: bool = False
+    repeat_start_s: float = 0.5  # re-announce `start` so late subscribers can decode
+    join_wait_s: float = 0.5  # PUB: give subscribers time to connect before the first message
+    wait_subscriber_s: float = 0.0  # PUB: wait up to this long for a first subscription
+    cache_bytes: int = 512 << 20  # loop from memory when the whole series fits
+
+
+def new_series_id() -> int:
+    return int.from_bytes(os.urandom(4), "little") >> 1 or 1
+
+
+class Progress:
+    """One-line terminal progress bar on stderr (a summary line only when not a terminal)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled=None):
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if enabled is None else enabled
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if not self.live or (now - self._last < 0.1 and done < self.total):
+            return
+        self._last = now
+        frac = done / max(self.total, 1)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        fps = done / max(now - self.t0, 1e-9)
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} frames {fps:8.0f} fps")
+        self.stream.flush()
+
+    def close(self, done: int) -> None:
+        dt = time.perf_counter() - self.t0
+        end = "\n" if self.live else ""
+        self.stream.write(
+            f"{end}{self.label}: {done} frames in {dt:.2f} s ({done / max(dt, 1e-9):.0f} fps)\n"
+        )
+        self.stream.flush()
+
+
+def stream_series(
+    sock: zmq.Socket,
+    source: FrameSource,
+    settings: SendSettings,
+    series_id: int,
+    batches: Iterator[tuple[int, np.ndarray]] | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Send start, all frames (paced, with periodic start repeats) and end. Returns frames sent."""
+    info = source.series_info(series_id)
+    sock.send_multipart(encode_start(info))
+    t0 = last_start = time.perf_counter()
+    sent = 0
+    for seq, (first, frames) in enumerate(batches or source.iter_batches(settings.batch)):
+        if should_stop():
+            break
+        now = time.perf_counter()
+        if now - last_start >= settings.repeat_start_s:
+            sock.send_multipart(encode_start(info, repeat=True))
+            last_start = now
+        if settings.rate_fps > 0:
+            wait = t0 + (sent + len(frames)) / settings.rate_fps - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        sock.send_multipart(encode_frames(series_id, first, frames, seq + 1, settings.encoding),
+                            copy=False)  # fmt: skip
+        sent += len(frames)
+        if progress:
+            progress.update(sent)
+    sock.send_multipart(encode_end(series_id, sent))
+    return sent
+
+
+def run_sender(
+    source: FrameSource,
+    settings: SendSettings,
+    log: TextIO | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    show_progress: bool | None = None,
+) -> int:
+    """Bind, stream one series (or loop with `settings.loop`), close. Returns frames sent."""
+    log = log or sys.stderr
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(SOCKET_TYPES[settings.socket_type])
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.LINGER, 2000)
+    total = 0
+    try:
+        sock.bind(settings.bind)
+        if settings.socket_type == "pub":
+            if settings.wait_subscriber_s > 0 and sock.poll(int(settings.wait_subscriber_s * 1e3)):
+                sock.recv()  # the subscription message; slow joiners still get `start` repeats
+                log.write("subscriber connected\n")
+            time.sleep(settings.join_wait_s)
+        cached: list[tuple[int, np.ndarray]] | None = None
+        fits = source.n_frames * source.series_info(0).frame_nbytes <= settings.cache_bytes
+        while True:
+            series_id = new_series_id()
+            progress = Progress(source.n_frames, f"series {series_id}", enabled=show_progress)
+            if settings.loop and fits and cached is None:
+                cached = list(source.iter_batches(settings.batch))
+            n = stream_series(sock, source, settings, series_id, iter(cached) if cached else None,
+                              progress, should_stop)  # fmt: skip
+            progress.close(n)
+            total += n
+            if not settings.loop or should_stop():
+                break
+    finally:
+        sock.close()
+    return total

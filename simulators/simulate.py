@@ -1,0 +1,407 @@
+"""4D-STEM detector simulator: frames = |FFT(probe(r - R) t(r))|^2 with detector effects.
+
+`SimulationConfig` holds every physical and detector parameter; `Simulator` builds the fine
+sampling grid, probe, sample and detector lookup once and then produces frames lazily in
+batches (`iter_batches`), so arbitrarily large scans never hold the 4D array.
+
+Sampling: the fine real-space pixel is step/m (integer m), so scan positions fall exactly on
+fine pixels and no sub-pixel interpolation of the sample is needed. The fine window of N pixels
+gives a reciprocal pixel 1/(N dx) = detector pixel / oversample. m and N are chosen together so
+the simulated detector pitch matches the requested one to < 0.2 %; the pitch actually used is
+reported as `angular_sampling_mrad` in the ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import scipy.fft as sfft
+
+from detectors.base import SCAN_ORDERS, SeriesInfo, scan_position
+
+from .detector import build_detector_lut, detect_batch
+from .optics import Aberrations, aperture, detector_to_scan_matrix, wavelength_A
+from .samples import SAMPLES, make_phase
+
+DTYPE_BY_BITS = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+
+
+class SimulationError(ValueError):
+    """Impossible or contradictory simulation parameters (reported as one line by the CLI)."""
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """All parameters of a simulated 4D-STEM acquisition (units in the names)."""
+
+    scan_shape: tuple[int, int] = (24, 48)
+    step_A: float = 10.67
+    detector_shape: tuple[int, int] = (128, 128)
+    energy_eV: float = 300e3
+    semiangle_mrad: float = 4.0
+    angular_sampling_mrad: float | None = None  # None: BF-disk radius = 20% of the detector
+    rolloff_mrad: float = 0.125
+    aberrations: Aberrations = field(default_factory=lambda: Aberrations.from_defocus(15000.0))
+    rotation_deg: float = 0.0
+    transpose: bool = False
+    center_px: tuple[float, float] | None = None  # None: detector centre
+    descan_px_per_step: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    dose_e_per_A2: float | None = 100.0  # None: noise-free expected counts (float32 frames)
+    counts_per_electron: float = 1.0
+    bits: int = 16
+    bad_pixels: int = 0
+    sample: str = "apoferritin-like"
+    feature_A: float = 8.0
+    phase_rms: float | None = None
+    scan_order: str = "raster"
+    seed: int = 0
+    dwell_s: float = 1e-5
+
+    @property
+    def n_frames(self) -> int:
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    @property
+    def noise(self) -> bool:
+        return self.dose_e_per_A2 is not None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if not self.noise else np.dtype(DTYPE_BY_BITS[self.bits])
+
+    @property
+    def mask_value(self) -> int | None:
+        """Value carried by dead/hot (masked) pixels: 2**bits - 1 for integer detectors."""
+        return (1 << self.bits) - 1 if self.noise else None
+
+    def resolved_angular_sampling_mrad(self) -> float:
+        if self.angular_sampling_mrad is not None:
+            return self.angular_sampling_mrad
+        return self.semiangle_mrad / (0.2 * min(self.detector_shape))
+
+    def resolved_center_px(self) -> tuple[float, float]:
+        if self.center_px is not None:
+            return self.center_px
+        return (self.detector_shape[0] / 2.0, self.detector_shape[1] / 2.0)
+
+    def validate(self) -> None:
+        """Raise SimulationError with one clear sentence for impossible settings."""
+        if min(self.scan_shape) < 1 or len(self.scan_shape) != 2:
+            raise SimulationError(f"scan shape must be two positive sizes, got {self.scan_shape}")
+        if min(self.detector_shape) < 8:
+            raise SimulationError(f"detector must be at least 8x8 px, got {self.detector_shape}")
+        for name in ("step_A", "energy_eV", "semiangle_mrad"):
+            if not getattr(self, name) > 0:
+                raise SimulationError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.angular_sampling_mrad is not None and not self.angular_sampling_mrad > 0:
+            raise SimulationError("angular sampling must be positive")
+        if self.dose_e_per_A2 is not None and not self.dose_e_per_A2 >= 0:
+            raise SimulationError(f"dose must be >= 0 e/A^2, got {self.dose_e_per_A2}")
+        if not self.counts_per_electron > 0:
+            raise SimulationError("counts per electron must be positive")
+        if self.bits not in DTYPE_BY_BITS:
+            raise SimulationError(f"bit depth must be one of 8, 16, 32, got {self.bits}")
+        if self.sample not in SAMPLES:
+            raise SimulationError(f"unknown sample {self.sample!r} (choose {', '.join(SAMPLES)})")
+        if self.scan_order not in SCAN_ORDERS:
+            raise SimulationError(f"scan order must be one of {SCAN_ORDERS}")
+        if not 0 <= self.bad_pixels < self.detector_shape[0] * self.detector_shape[1] // 4:
+            raise SimulationError(
+                "bad pixel count must be >= 0 and below a quarter of the detector"
+            )
+        if self.bad_pixels and not self.noise:
+            raise SimulationError("bad pixels need a dose: noise-free frames have no mask value")
+        radius = (
+            self.semiangle_mrad + self.rolloff_mrad / 2
+        ) / self.resolved_angular_sampling_mrad()
+        cx, cy = self.resolved_center_px()
+        d = self.descan_px_per_step
+        rows, cols = self.scan_shape[0] - 1, self.scan_shape[1] - 1
+        drift_x = max(abs(d[0] * r + d[1] * c) for r in (0, rows) for c in (0, cols))
+        drift_y = max(abs(d[2] * r + d[3] * c) for r in (0, rows) for c in (0, cols))
+        qx, qy = self.detector_shape
+        if (
+            cx - radius - drift_x < 0
+            or cx + radius + drift_x > qx
+            or cy - radius - drift_y < 0
+            or cy + radius + drift_y > qy
+        ):
+            raise SimulationError(
+                f"BF disk (radius {radius:.1f} px at {self.resolved_angular_sampling_mrad():.4g} "
+                f"mrad/px, centre {cx:g},{cy:g}, descan drift {max(drift_x, drift_y):.1f} px) "
+                f"does not fit on the {qx}x{qy} detector"
+            )
+
+
+def tutorial_config(**overrides) -> SimulationConfig:
+    """The tcBF tutorial's conditions: 24x48 scan, 128^2 detector, 300 kV, 4 mrad, 1.5 um
+    defocus, rotation -15 deg, step 256/24 A, 100 e/A^2, BF radius ~26 px."""
+    base = SimulationConfig(
+        scan_shape=(24, 48),
+        step_A=256.0 / 24.0,
+        detector_shape=(128, 128),
+        energy_eV=300e3,
+        semiangle_mrad=4.0,
+        angular_sampling_mrad=0.154,
+        rolloff_mrad=0.125,
+        aberrations=Aberrations.from_defocus(15000.0),
+        rotation_deg=-15.0,
+        dose_e_per_A2=100.0,
+        sample="apoferritin-like",
+    )
+    return replace(base, **overrides)
+
+
+PRESETS = {"tutorial": tutorial_config}
+
+
+@dataclass(frozen=True)
+class SamplingGrid:
+    """Fine simulation grid derived from the config (see module docstring)."""
+
+    fine_per_step: int  # m: fine pixels per scan step
+    window_px: int  # N: FFT window edge
+    oversample: int  # fine reciprocal pixels per detector pixel
+    pixel_A: float  # fine real-space pixel = step / m
+    angular_sampling_mrad: float  # detector pitch actually simulated
+
+    @classmethod
+    def from_config(cls, cfg: SimulationConfig) -> SamplingGrid:
+        lam = wavelength_A(cfg.energy_eV)
+        dk = cfg.resolved_angular_sampling_mrad() * 1e-3 / lam  # 1/A per detector px
+        m_rot = detector_to_scan_matrix(math.radians(cfg.rotation_deg), cfg.transpose)
+        cx, cy = cfg.resolved_center_px()
+        corners = np.array(
+            [
+                [a - cx, b - cy]
+                for a in (0, cfg.detector_shape[0])
+                for b in (0, cfg.detector_shape[1])
+            ]
+        )
+        half_extent_px = float(np.max(np.abs(corners @ m_rot.T))) + 1.0
+        m0 = max(1, math.ceil(cfg.step_A * 2.0 * half_extent_px * dk))
+        # real-space window must hold the defocused probe: geometric radius + diffraction tails
+        alpha = cfg.semiangle_mrad * 1e-3
+        radius_A = cfg.aberrations.max_shift_A(alpha) + 2.5 * lam / alpha
+        oversample = max(1, math.ceil(2.0 * 1.25 * radius_A * dk))
+        best = None
+        for m in range(m0, 2 * m0 + 8):
+            n = round(oversample * m / (cfg.step_A * dk))
+            if sfft.next_fast_len(n) != n:
+                continue
+            err = abs(oversample * m / (n * cfg.step_A) / dk - 1.0)
+            if best is None or err < best[0]:
+                best = (err, m, n)
+            if err < 1e-3:
+                break
+        if best is None:
+            raise SimulationError("no usable simulation grid for these optics")
+        _, m, n = best
+        dk_eff = oversample * m / (n * cfg.step_A)
+        return cls(m, n, oversample, cfg.step_A / m, float(dk_eff * lam * 1e3))
+
+
+class Simulator:
+    """Lazy frame generator with ground truth. Build once, then `iter_batches` or `frames`."""
+
+    def __init__(self, cfg: SimulationConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.grid = SamplingGrid.from_config(cfg)
+        g = self.grid
+        if g.window_px > 2048:
+            raise SimulationError(
+                f"simulation window {g.window_px}^2 px is too large: reduce defocus or detector"
+            )
+        rows, cols = cfg.scan_shape
+        self.sample_shape = ((rows - 1) * g.fine_per_step + g.window_px,
+                             (cols - 1) * g.fine_per_step + g.window_px)  # fmt: skip
+        if self.sample_shape[0] * self.sample_shape[1] > 12e8 / 8:
+            raise SimulationError(f"sample grid {self.sample_shape} exceeds 1.2 GB; scan too large")
+        self.wavelength_A = wavelength_A(cfg.energy_eV)
+        self.phase = make_phase(
+            cfg.sample, self.sample_shape, g.pixel_A, cfg.energy_eV, cfg.seed,
+            feature_A=cfg.feature_A, phase_rms=cfg.phase_rms,
+        )  # fmt: skip
+        self.transmission = np.exp(1j * self.phase).astype(np.complex64)
+        self.probe = self._make_probe()
+        self.det_to_scan = detector_to_scan_matrix(math.radians(cfg.rotation_deg), cfg.transpose)
+        self.lut_index, self.lut_weight = build_detector_lut(
+            cfg.detector_shape,
+            cfg.resolved_center_px(),
+            g.window_px,
+            g.oversample,
+            self.det_to_scan,
+        )
+        rng = np.random.default_rng([cfg.seed, 0xBAD])
+        npx = cfg.detector_shape[0] * cfg.detector_shape[1]
+        self.bad_pixels = np.sort(rng.choice(npx, cfg.bad_pixels, replace=False)).astype(np.int64)
+        self._window_r = (np.arange(g.window_px) - g.window_px // 2) * g.pixel_A
+
+    # ------------------------------------------------------------------ setup
+    def _make_probe(self) -> np.ndarray:
+        g, cfg = self.grid, self.cfg
+        k = sfft.fftfreq(g.window_px, g.pixel_A)
+        ax = self.wavelength_A * k[:, None]
+        ay = self.wavelength_A * k[None, :]
+        a = np.hypot(ax, ay)
+        amp = aperture(a, cfg.semiangle_mrad * 1e-3, cfg.rolloff_mrad * 1e-3)
+        chi = cfg.aberrations.chi_rad(ax, ay, self.wavelength_A)
+        probe = sfft.fftshift(sfft.ifft2(amp * np.exp(-1j * chi)))  # centred at N//2
+        probe /= np.sqrt(np.sum(np.abs(probe) ** 2))
+        return probe.astype(np.complex64)
+
+    @property
+    def electrons_per_frame(self) -> float:
+        dose = self.cfg.dose_e_per_A2
+        return float(dose) * self.cfg.step_A**2 if dose is not None else 1.0
+
+    def ground_truth(self) -> dict:
+        """Everything the simulator knows, as plain JSON/msgpack-able values."""
+        cfg, g = self.cfg, self.grid
+        return {
+            "simulator": "tcbf-live",
+            "sample": cfg.sample,
+            "seed": cfg.seed,
+            "scan_shape": list(cfg.scan_shape),
+            "scan_order": cfg.scan_order,
+            "step_A": cfg.step_A,
+            "detector_shape": list(cfg.detector_shape),
+            "energy_eV": cfg.energy_eV,
+            "wavelength_A": self.wavelength_A,
+            "semiangle_mrad": cfg.semiangle_mrad,
+            "rolloff_mrad": cfg.rolloff_mrad,
+            "angular_sampling_mrad": float(g.angular_sampling_mrad),
+            "center_px": list(cfg.resolved_center_px()),
+            "rotation_deg": cfg.rotation_deg,
+            "transpose": cfg.transpose,
+            "descan_px_per_step": list(cfg.descan_px_per_step),
+            "aberrations": cfg.aberrations.as_dict(),
+            "defocus_A": cfg.aberrations.defocus_A,
+            "dose_e_per_A2": cfg.dose_e_per_A2,
+            "electrons_per_frame": self.electrons_per_frame if cfg.noise else None,
+            "counts_per_electron": cfg.counts_per_electron,
+            "bits": cfg.bits,
+            "mask_value": cfg.mask_value,
+            "bad_pixels": self.bad_pixels.tolist(),
+            "phase_rms_rad": float(self.phase.std()),
+            "phase_pixel_A": g.pixel_A,
+            "phase_scan_origin_px": g.window_px // 2,
+            "fine_per_step": g.fine_per_step,
+            "dwell_s": cfg.dwell_s,
+        }
+
+    @property
+    def n_frames(self) -> int:
+        return self.cfg.n_frames
+
+    def series_info(self, series_id: int) -> SeriesInfo:
+        """Start-message metadata of this dataset, ground truth included."""
+        cfg = self.cfg
+        return SeriesInfo(
+            series_id=series_id,
+            scan_shape=cfg.scan_shape,
+            detector_shape=cfg.detector_shape,
+            dtype=cfg.dtype.str,
+            scan_order=cfg.scan_order,
+            energy_eV=cfg.energy_eV,
+            step_A=cfg.step_A,
+            semiangle_mrad=cfg.semiangle_mrad,
+            angular_sampling_mrad=self.grid.angular_sampling_mrad,
+            rotation_deg=cfg.rotation_deg,
+            transpose=cfg.transpose,
+            counts_per_electron=cfg.counts_per_electron,
+            mask_value=cfg.mask_value,
+            frames_expected=cfg.n_frames,
+            dwell_s=cfg.dwell_s,
+            ground_truth=self.ground_truth(),
+        )
+
+    def phase_on_scan_grid(self) -> np.ndarray:
+        """True phase sampled at the probe positions (rows, cols): ground truth for images."""
+        g = self.grid
+        o, m = g.window_px // 2, g.fine_per_step
+        rows, cols = self.cfg.scan_shape
+        return self.phase[o : o + rows * m : m, o : o + cols * m : m].copy()
+
+    def expected_shift_px(self, det_row: float, det_col: float) -> tuple[float, float]:
+        """Raw displacement (scan px, scan frame) of the vBF image at a detector pixel.
+
+        Content moves by -grad W(alpha)/step (tcbf-physics.md sect. 3.3), with alpha the
+        scan-frame tilt of that pixel.
+        """
+        cx, cy = self.cfg.resolved_center_px()
+        d = np.array([det_row - cx, det_col - cy]) * self.grid.angular_sampling_mrad * 1e-3
+        a = self.det_to_scan @ d
+        sx, sy = self.cfg.aberrations.shift_A(a[0], a[1])
+        return -float(sx) / self.cfg.step_A, -float(sy) / self.cfg.step_A
+
+    # ------------------------------------------------------------------ frames
+    def _exit_spectra(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        g, cfg = self.grid, self.cfg
+        n, m = g.window_px, g.fine_per_step
+        waves = np.empty((len(rows), n, n), np.complex64)
+        d = cfg.descan_px_per_step
+        has_descan = any(d)
+        dk = g.angular_sampling_mrad * 1e-3 / self.wavelength_A
+        for b, (r, c) in enumerate(zip(rows, cols, strict=True)):
+            np.multiply(self.transmission[r * m : r * m + n, c * m : c * m + n], self.probe,
+                        out=waves[b])  # fmt: skip
+            if has_descan:
+                shift_det = np.array([d[0] * r + d[1] * c, d[2] * r + d[3] * c])
+                kx, ky = self.det_to_scan @ shift_det * dk
+                ramp_x = np.exp(2j * np.pi * kx * self._window_r).astype(np.complex64)
+                ramp_y = np.exp(2j * np.pi * ky * self._window_r).astype(np.complex64)
+                waves[b] *= ramp_x[:, None] * ramp_y[None, :]
+        return sfft.fft2(waves, norm="ortho", workers=1, overwrite_x=True)
+
+    def frames(self, first: int, count: int) -> np.ndarray:
+        """Frames first..first+count-1 in acquisition order, shape (count, Qx, Qy)."""
+        cfg = self.cfg
+        if first < 0 or first + count > cfg.n_frames:
+            raise IndexError(f"frames {first}..{first + count - 1} outside 0..{cfg.n_frames - 1}")
+        ids = np.arange(first, first + count, dtype=np.int64)
+        rows, cols = scan_position(ids, cfg.scan_shape, cfg.scan_order)
+        spectra = self._exit_spectra(rows, cols).reshape(count, -1)
+        out = np.empty((count, cfg.detector_shape[0] * cfg.detector_shape[1]), cfg.dtype)
+        mask_value = cfg.mask_value
+        detect_batch(
+            spectra,
+            self.lut_index,
+            self.lut_weight,
+            np.full(count, self.electrons_per_frame),
+            float(cfg.counts_per_electron),
+            cfg.noise,
+            np.int64(cfg.seed),
+            ids,
+            float(mask_value - 1) if mask_value is not None else np.inf,
+            self.bad_pixels,
+            float(mask_value) if mask_value is not None else np.nan,
+            out,
+        )
+        return out.reshape(count, *cfg.detector_shape)
+
+    def iter_batches(self, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first frame index, frames) in acquisition order, `batch` frames at a time."""
+        for first in range(0, self.cfg.n_frames, batch):
+            yield first, self.frames(first, min(batch, self.cfg.n_frames - first))
+
+    def datacube(self) -> np.ndarray:
+        """The whole 4D array (rows, cols, Qx, Qy) in scan-position order (small scans only)."""
+        cfg = self.cfg
+        out = np.empty((*cfg.scan_shape, *cfg.detector_shape), cfg.dtype)
+        for first, frames in self.iter_batches(64):
+            ids = np.arange(first, first + len(frames))
+            r, c = scan_position(ids, cfg.scan_shape, cfg.scan_order)
+            out[r, c] = frames
+        return out
+
+
+def config_as_dict(cfg: SimulationConfig) -> dict:
+    """Plain-dict form of a config (for logging / result files)."""
+    d = asdict(cfg)
+    d["aberrations"] = cfg.aberrations.as_dict()
+    return d

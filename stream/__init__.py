@@ -1,0 +1,1 @@
+"""Streaming engine: receive detector frames over ZeroMQ and fold them into accumulators."""

@@ -1,0 +1,85 @@
+"""ZeroMQ subscriber: receive native-protocol messages, decode, count and skip bad ones.
+
+Safe by default: connects (or binds) where told, caps message size with ZMQ_MAXMSGSIZE,
+never unpickles. Bad messages are counted per reason, logged (rate-limited) and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import zmq
+
+from detectors.base import DecodeError, Event
+from detectors.native import NativeDecoder
+
+log = logging.getLogger("tcbf.stream")
+
+
+@dataclass(frozen=True)
+class SubscriberSettings:
+    endpoint: str = "tcp://127.0.0.1:5555"
+    socket_type: str = "sub"  # or "pull"
+    bind: bool = False  # connect by default
+    rcvhwm: int = 100_000
+    max_message_bytes: int = 512 << 20
+
+
+@dataclass
+class StreamCounters:
+    messages: int = 0
+    frames: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    def reject(self, err: DecodeError) -> None:
+        self.rejected[err.reason] += 1
+        n = sum(self.rejected.values())
+        if n <= 10 or n % 1000 == 0:  # log the first few and then every 1000th
+            log.warning("skipped message (%d so far): %s", n, err)
+
+
+def open_socket(settings: SubscriberSettings, ctx: zmq.Context | None = None) -> zmq.Socket:
+    ctx = ctx or zmq.Context.instance()
+    kind = {"sub": zmq.SUB, "pull": zmq.PULL}[settings.socket_type]
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    if settings.bind:
+        sock.bind(settings.endpoint)
+    else:
+        sock.connect(settings.endpoint)
+    return sock
+
+
+def receive_events(
+    sock: zmq.Socket,
+    decoder: NativeDecoder,
+    counters: StreamCounters,
+    timeout_s: float | None = None,
+    poll_ms: int = 100,
+) -> Iterator[Event]:
+    """Yield decoded events until `timeout_s` passes with no message (None: forever)."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    idle_since = time.monotonic()
+    while True:
+        if not poller.poll(poll_ms):
+            if timeout_s is not None and time.monotonic() - idle_since > timeout_s:
+                return
+            continue
+        idle_since = time.monotonic()
+        parts = sock.recv_multipart(copy=False)
+        counters.messages += 1
+        try:
+            event = decoder.decode([p.buffer for p in parts])
+        except DecodeError as err:
+            counters.reject(err)
+            continue
+        yield event
