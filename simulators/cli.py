@@ -120,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     det = p.add_argument_group("dose and detector")
     det.add_argument("--dose", type=_finite, metavar="E_PER_A2", help="electron dose (e/A^2)")
-    det.add_argument("--no-noise", action="store_true", help="noise-free float32 frames")
+    det.add_argument("--no-noise", action="store_true", help="expected counts, float32")
     det.add_argument("--counts-per-electron", type=_finite, metavar="G", help="detector gain")
     det.add_argument("--bits", type=int, choices=[8, 16, 32])
     det.add_argument("--bad-pixels", type=int, metavar="N", help="dead/hot pixels (2^bits-1)")
@@ -182,9 +182,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     if args.transpose:
         cfg = replace(cfg, transpose=True)
     if args.no_noise:
-        if args.dose is not None:
-            raise SimulationError("give either --dose or --no-noise, not both")
-        cfg = replace(cfg, dose_e_per_A2=None)
+        cfg = replace(cfg, noise=False)
     cfg.validate()
     return cfg
 

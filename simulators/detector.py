@@ -118,7 +118,7 @@ def detect_batch(
 
     Expected counts = electrons[b] * |F|^2 integrated over the pixel. With `noise`, each frame
     draws Poisson electrons from its own stream seeded by (seed, frame id), so the result does
-    not depend on batching; counts = round(gain * electrons), clipped to `max_count`.
+    not depend on batching; counts = gain * electrons rounded with uniform dither (unbiased), clipped to `max_count`.
     """
     nb, npx = out.shape
     nk = lut_index.shape[1]
@@ -137,8 +137,8 @@ def detect_batch(
             lam = acc * e
             if noise:
                 val = _poisson(lam)
-                if gain != 1.0:
-                    val = np.floor(gain * val + 0.5)
+                if gain != 1.0:  # analog signal -> ADU with dithered (unbiased) rounding
+                    val = np.floor(gain * val + np.random.random())  # noqa: NPY002
             else:
                 val = gain * lam
             if val > max_count:

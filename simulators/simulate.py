@@ -49,13 +49,15 @@ class SimulationConfig:
     transpose: bool = False
     center_px: tuple[float, float] | None = None  # None: detector centre
     descan_px_per_step: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    dose_e_per_A2: float | None = 100.0  # None: noise-free expected counts (float32 frames)
+    dose_e_per_A2: float = 100.0
+    noise: bool = True  # False: expected counts as float32 frames (no Poisson, no mask value)
     counts_per_electron: float = 1.0
     bits: int = 16
     bad_pixels: int = 0
     sample: str = "apoferritin-like"
     feature_A: float = 8.0
     phase_rms: float | None = None
+    periodic_sample: bool = False  # sample repeats with the scan period (exact for FFT tests)
     scan_order: str = "raster"
     seed: int = 0
     dwell_s: float = 1e-5
@@ -63,10 +65,6 @@ class SimulationConfig:
     @property
     def n_frames(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
-
-    @property
-    def noise(self) -> bool:
-        return self.dose_e_per_A2 is not None
 
     @property
     def dtype(self) -> np.dtype:
@@ -98,7 +96,7 @@ class SimulationConfig:
                 raise SimulationError(f"{name} must be positive, got {getattr(self, name)}")
         if self.angular_sampling_mrad is not None and not self.angular_sampling_mrad > 0:
             raise SimulationError("angular sampling must be positive")
-        if self.dose_e_per_A2 is not None and not self.dose_e_per_A2 >= 0:
+        if not self.dose_e_per_A2 >= 0:
             raise SimulationError(f"dose must be >= 0 e/A^2, got {self.dose_e_per_A2}")
         if not self.counts_per_electron > 0:
             raise SimulationError("counts per electron must be positive")
@@ -113,7 +111,7 @@ class SimulationConfig:
                 "bad pixel count must be >= 0 and below a quarter of the detector"
             )
         if self.bad_pixels and not self.noise:
-            raise SimulationError("bad pixels need a dose: noise-free frames have no mask value")
+            raise SimulationError("bad pixels need integer (noisy) frames, not --no-noise")
         radius = (
             self.semiangle_mrad + self.rolloff_mrad / 2
         ) / self.resolved_angular_sampling_mrad()
@@ -187,15 +185,17 @@ class SamplingGrid:
         alpha = cfg.semiangle_mrad * 1e-3
         radius_A = cfg.aberrations.max_shift_A(alpha) + 2.5 * lam / alpha
         oversample = max(1, math.ceil(2.0 * 1.25 * radius_A * dk))
+        # smallest m (then N) whose pitch error is < 0.2 %, else the best one found
         best = None
-        for m in range(m0, 2 * m0 + 8):
-            n = round(oversample * m / (cfg.step_A * dk))
-            if sfft.next_fast_len(n) != n:
-                continue
-            err = abs(oversample * m / (n * cfg.step_A) / dk - 1.0)
-            if best is None or err < best[0]:
-                best = (err, m, n)
-            if err < 1e-3:
+        for m in range(m0, 3 * m0 + 8):
+            target = oversample * m / (cfg.step_A * dk)
+            for n in (math.floor(target), math.ceil(target)):
+                if n < 8 or sfft.next_fast_len(n) != n:
+                    continue
+                err = abs(oversample * m / (n * cfg.step_A) / dk - 1.0)
+                if best is None or err < best[0]:
+                    best = (err, m, n)
+            if best is not None and best[0] < 2e-3:
                 break
         if best is None:
             raise SimulationError("no usable simulation grid for these optics")
@@ -217,8 +217,11 @@ class Simulator:
                 f"simulation window {g.window_px}^2 px is too large: reduce defocus or detector"
             )
         rows, cols = cfg.scan_shape
-        self.sample_shape = ((rows - 1) * g.fine_per_step + g.window_px,
-                             (cols - 1) * g.fine_per_step + g.window_px)  # fmt: skip
+        m, n = g.fine_per_step, g.window_px
+        if cfg.periodic_sample:
+            self.sample_shape = (rows * m, cols * m)
+        else:
+            self.sample_shape = ((rows - 1) * m + n, (cols - 1) * m + n)
         if self.sample_shape[0] * self.sample_shape[1] > 12e8 / 8:
             raise SimulationError(f"sample grid {self.sample_shape} exceeds 1.2 GB; scan too large")
         self.wavelength_A = wavelength_A(cfg.energy_eV)
@@ -256,8 +259,8 @@ class Simulator:
 
     @property
     def electrons_per_frame(self) -> float:
-        dose = self.cfg.dose_e_per_A2
-        return float(dose) * self.cfg.step_A**2 if dose is not None else 1.0
+        """Mean electrons per probe position: dose x step^2."""
+        return float(self.cfg.dose_e_per_A2) * self.cfg.step_A**2
 
     def ground_truth(self) -> dict:
         """Everything the simulator knows, as plain JSON/msgpack-able values."""
@@ -282,7 +285,8 @@ class Simulator:
             "aberrations": cfg.aberrations.as_dict(),
             "defocus_A": cfg.aberrations.defocus_A,
             "dose_e_per_A2": cfg.dose_e_per_A2,
-            "electrons_per_frame": self.electrons_per_frame if cfg.noise else None,
+            "electrons_per_frame": self.electrons_per_frame,
+            "noise": cfg.noise,
             "counts_per_electron": cfg.counts_per_electron,
             "bits": cfg.bits,
             "mask_value": cfg.mask_value,
@@ -325,7 +329,9 @@ class Simulator:
         g = self.grid
         o, m = g.window_px // 2, g.fine_per_step
         rows, cols = self.cfg.scan_shape
-        return self.phase[o : o + rows * m : m, o : o + cols * m : m].copy()
+        r = (o + m * np.arange(rows)) % self.phase.shape[0]
+        c = (o + m * np.arange(cols)) % self.phase.shape[1]
+        return self.phase[np.ix_(r, c)]
 
     def expected_shift_px(self, det_row: float, det_col: float) -> tuple[float, float]:
         """Raw displacement (scan px, scan frame) of the vBF image at a detector pixel.
@@ -340,6 +346,16 @@ class Simulator:
         return -float(sx) / self.cfg.step_A, -float(sy) / self.cfg.step_A
 
     # ------------------------------------------------------------------ frames
+    def _crop(self, r0: int, c0: int) -> np.ndarray:
+        """Window of the transmission function under the probe at sample pixel (r0, c0)."""
+        n = self.grid.window_px
+        t = self.transmission
+        if not self.cfg.periodic_sample:
+            return t[r0 : r0 + n, c0 : c0 + n]
+        rows = np.arange(r0, r0 + n) % t.shape[0]
+        cols = np.arange(c0, c0 + n) % t.shape[1]
+        return t[np.ix_(rows, cols)]
+
     def _exit_spectra(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         g, cfg = self.grid, self.cfg
         n, m = g.window_px, g.fine_per_step
@@ -348,8 +364,7 @@ class Simulator:
         has_descan = any(d)
         dk = g.angular_sampling_mrad * 1e-3 / self.wavelength_A
         for b, (r, c) in enumerate(zip(rows, cols, strict=True)):
-            np.multiply(self.transmission[r * m : r * m + n, c * m : c * m + n], self.probe,
-                        out=waves[b])  # fmt: skip
+            np.multiply(self._crop(r * m, c * m), self.probe, out=waves[b])
             if has_descan:
                 shift_det = np.array([d[0] * r + d[1] * c, d[2] * r + d[3] * c])
                 kx, ky = self.det_to_scan @ shift_det * dk
