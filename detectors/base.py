@@ -62,7 +62,7 @@ class SeriesInfo:
 @dataclass(frozen=True)
 class SeriesStart:
     info: SeriesInfo
-    repeat: bool  # True when this is a re-announcement of a series already under way
+    repeat: bool  # the sender's re-announcement of a series already under way
 
 
 @dataclass(frozen=True)

@@ -184,10 +184,8 @@ class NativeDecoder:
             raise DecodeError("bad_header", "missing series id")
         kind = h.get("kind")
         if kind == "start":
-            info = parse_start(h)
-            repeat = self.series is not None and self.series.series_id == series
-            self.series = info
-            return SeriesStart(info, repeat=repeat)
+            self.series = parse_start(h)
+            return SeriesStart(self.series, repeat=bool(h.get("repeat", False)))
         if kind == "frames":
             return self._frames(h, series, parts[1])
         if kind == "end":

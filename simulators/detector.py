@@ -118,7 +118,8 @@ def detect_batch(
 
     Expected counts = electrons[b] * |F|^2 integrated over the pixel. With `noise`, each frame
     draws Poisson electrons from its own stream seeded by (seed, frame id), so the result does
-    not depend on batching; counts = gain * electrons rounded with uniform dither (unbiased), clipped to `max_count`.
+    not depend on batching; counts = gain * electrons, rounded with uniform dither (unbiased),
+    clipped to `max_count`.
     """
     nb, npx = out.shape
     nk = lut_index.shape[1]

@@ -1,8 +1,8 @@
 """Sample presets: projected phase maps phi(r) = sigma * V_proj(r) on a fine real-space grid.
 
 Every generator takes the grid shape, its pixel size in Angstrom, the beam energy (for the
-interaction constant) and a numpy Generator, and returns float32 phase in radians. The result is
-band-limited to 2/3 of the grid Nyquist so the exit-wave FFT does not alias.
+interaction constant) and a numpy Generator, and returns float32 phase in radians. The caller
+band-limits the result (`band_limit`) so that the exit-wave spectrum stays on its grid.
 """
 
 from __future__ import annotations
@@ -43,12 +43,11 @@ def gaussian_random_field(
     return (field / max(float(field.std()), 1e-12)).astype(np.float32)
 
 
-def band_limit(phase: np.ndarray, pixel_A: float, fraction: float = 2.0 / 3.0) -> np.ndarray:
-    """Remove spatial frequencies above `fraction` of the grid Nyquist (anti-aliasing)."""
+def band_limit(phase: np.ndarray, pixel_A: float, q_max_per_A: float) -> np.ndarray:
+    """Remove spatial frequencies above `q_max_per_A` (1/Angstrom)."""
     q2 = _freq2(phase.shape, pixel_A)
-    qmax = fraction / (2.0 * pixel_A)
     spec = sfft.rfft2(phase, workers=1)
-    spec[q2 > qmax**2] = 0
+    spec[q2 > q_max_per_A**2] = 0
     return sfft.irfft2(spec, s=phase.shape, workers=1).astype(np.float32)
 
 
@@ -103,7 +102,7 @@ def random_phase(
     feature_A: float = 8.0,
 ) -> np.ndarray:
     """Band-limited random phase object, 0.1 rad rms, correlation length `feature_A`."""
-    return band_limit(0.1 * gaussian_random_field(shape, pixel_A, feature_A, rng), pixel_A)
+    return 0.1 * gaussian_random_field(shape, pixel_A, feature_A, rng)
 
 
 @_register("apoferritin-like")
@@ -127,7 +126,7 @@ def apoferritin_like(
     thickness = np.zeros(shape, np.float32)
     _add_spheres(thickness, pixel_A, discs, inner_fraction=40.0 / 60.0, weight=texture)
     ice = 0.02 * gaussian_random_field(shape, pixel_A, max(feature_A / 2, 2.0), rng)
-    return band_limit((sigma * 2.5 * thickness + ice).astype(np.float32), pixel_A)
+    return (sigma * 2.5 * thickness + ice).astype(np.float32)
 
 
 @_register("gold-fiducials")
@@ -146,7 +145,7 @@ def gold_fiducials(
     thickness = np.zeros(shape, np.float32)
     _add_spheres(thickness, pixel_A, discs)
     carbon = 0.03 * gaussian_random_field(shape, pixel_A, max(feature_A / 2, 2.0), rng)
-    return band_limit((sigma * 30.0 * thickness + carbon).astype(np.float32), pixel_A)
+    return (sigma * 30.0 * thickness + carbon).astype(np.float32)
 
 
 def make_phase(
@@ -157,12 +156,16 @@ def make_phase(
     seed: int,
     feature_A: float = 8.0,
     phase_rms: float | None = None,
+    q_max_per_A: float | None = None,
 ) -> np.ndarray:
-    """Phase map of preset `name`; optionally rescaled (about its mean) to `phase_rms` rad."""
+    """Phase map of preset `name`, band-limited to `q_max_per_A` (default 2/3 grid Nyquist),
+    optionally rescaled (about its mean) to `phase_rms` rad."""
     if name not in SAMPLES:
         raise ValueError(f"unknown sample {name!r}; choose from {', '.join(SAMPLES)}")
     rng = np.random.default_rng([seed, 0x5A3])
     phase = SAMPLES[name](shape, pixel_A, energy_eV, rng, feature_A=feature_A)
+    q_max = q_max_per_A if q_max_per_A is not None else 2.0 / 3.0 / (2.0 * pixel_A)
+    phase = band_limit(phase, pixel_A, q_max)
     if phase_rms is not None:
         phase = phase - phase.mean()
         phase *= phase_rms / max(float(phase.std()), 1e-12)

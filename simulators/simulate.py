@@ -85,6 +85,16 @@ class SimulationConfig:
             return self.center_px
         return (self.detector_shape[0] / 2.0, self.detector_shape[1] / 2.0)
 
+    def disk_edge_mrad(self) -> float:
+        """Outer edge of the soft aperture."""
+        return self.semiangle_mrad + self.rolloff_mrad / 2.0
+
+    def max_descan_px(self) -> float:
+        """Largest BF-disk displacement (detector px) anywhere in the scan."""
+        d = self.descan_px_per_step
+        corners = [(r, c) for r in (0, self.scan_shape[0] - 1) for c in (0, self.scan_shape[1] - 1)]
+        return max(math.hypot(d[0] * r + d[1] * c, d[2] * r + d[3] * c) for r, c in corners)
+
     def validate(self) -> None:
         """Raise SimulationError with one clear sentence for impossible settings."""
         if min(self.scan_shape) < 1 or len(self.scan_shape) != 2:
@@ -112,24 +122,14 @@ class SimulationConfig:
             )
         if self.bad_pixels and not self.noise:
             raise SimulationError("bad pixels need integer (noisy) frames, not --no-noise")
-        radius = (
-            self.semiangle_mrad + self.rolloff_mrad / 2
-        ) / self.resolved_angular_sampling_mrad()
+        radius = self.disk_edge_mrad() / self.resolved_angular_sampling_mrad()
+        reach = radius + self.max_descan_px()
         cx, cy = self.resolved_center_px()
-        d = self.descan_px_per_step
-        rows, cols = self.scan_shape[0] - 1, self.scan_shape[1] - 1
-        drift_x = max(abs(d[0] * r + d[1] * c) for r in (0, rows) for c in (0, cols))
-        drift_y = max(abs(d[2] * r + d[3] * c) for r in (0, rows) for c in (0, cols))
         qx, qy = self.detector_shape
-        if (
-            cx - radius - drift_x < 0
-            or cx + radius + drift_x > qx
-            or cy - radius - drift_y < 0
-            or cy + radius + drift_y > qy
-        ):
+        if min(cx, qx - cx, cy, qy - cy) < reach:
             raise SimulationError(
                 f"BF disk (radius {radius:.1f} px at {self.resolved_angular_sampling_mrad():.4g} "
-                f"mrad/px, centre {cx:g},{cy:g}, descan drift {max(drift_x, drift_y):.1f} px) "
+                f"mrad/px, centre {cx:g},{cy:g}, descan drift {self.max_descan_px():.1f} px) "
                 f"does not fit on the {qx}x{qy} detector"
             )
 
@@ -165,21 +165,20 @@ class SamplingGrid:
     oversample: int  # fine reciprocal pixels per detector pixel
     pixel_A: float  # fine real-space pixel = step / m
     angular_sampling_mrad: float  # detector pitch actually simulated
+    sample_q_max_per_A: float  # sample band limit keeping the exit wave on the grid
 
     @classmethod
     def from_config(cls, cfg: SimulationConfig) -> SamplingGrid:
         lam = wavelength_A(cfg.energy_eV)
         dk = cfg.resolved_angular_sampling_mrad() * 1e-3 / lam  # 1/A per detector px
-        m_rot = detector_to_scan_matrix(math.radians(cfg.rotation_deg), cfg.transpose)
+        # The fine grid covers |k_x|, |k_y| <= H around the disk centre (scan frame), H at least
+        # the detector's reach along an axis. The sample is band-limited to
+        # q_s = H - alpha_edge/lambda - descan, so the exit-wave spectrum never leaves the grid:
+        # no aliasing, and rotated detector corners beyond H truly receive nothing.
         cx, cy = cfg.resolved_center_px()
-        corners = np.array(
-            [
-                [a - cx, b - cy]
-                for a in (0, cfg.detector_shape[0])
-                for b in (0, cfg.detector_shape[1])
-            ]
-        )
-        half_extent_px = float(np.max(np.abs(corners @ m_rot.T))) + 1.0
+        qx, qy = cfg.detector_shape
+        radius_px = cfg.disk_edge_mrad() / cfg.resolved_angular_sampling_mrad()
+        half_extent_px = max(cx, qx - cx, cy, qy - cy, 1.5 * radius_px + cfg.max_descan_px()) + 1
         m0 = max(1, math.ceil(cfg.step_A * 2.0 * half_extent_px * dk))
         # real-space window must hold the defocused probe: geometric radius + diffraction tails
         alpha = cfg.semiangle_mrad * 1e-3
@@ -201,7 +200,8 @@ class SamplingGrid:
             raise SimulationError("no usable simulation grid for these optics")
         _, m, n = best
         dk_eff = oversample * m / (n * cfg.step_A)
-        return cls(m, n, oversample, cfg.step_A / m, float(dk_eff * lam * 1e3))
+        q_s = m / cfg.step_A / 2.0 - (cfg.disk_edge_mrad() * 1e-3 / lam) - cfg.max_descan_px() * dk
+        return cls(m, n, oversample, cfg.step_A / m, float(dk_eff * lam * 1e3), float(q_s))
 
 
 class Simulator:
@@ -227,7 +227,7 @@ class Simulator:
         self.wavelength_A = wavelength_A(cfg.energy_eV)
         self.phase = make_phase(
             cfg.sample, self.sample_shape, g.pixel_A, cfg.energy_eV, cfg.seed,
-            feature_A=cfg.feature_A, phase_rms=cfg.phase_rms,
+            feature_A=cfg.feature_A, phase_rms=cfg.phase_rms, q_max_per_A=g.sample_q_max_per_A,
         )  # fmt: skip
         self.transmission = np.exp(1j * self.phase).astype(np.complex64)
         self.probe = self._make_probe()
