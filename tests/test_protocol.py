@@ -190,3 +190,27 @@ def test_oversized_messages_are_dropped_by_the_socket(endpoint, stream):
     assert list(receive_events(sock, NativeDecoder(), counters, timeout_s=1.0)) == []
     push.close()
     sock.close()
+
+
+def test_loop_sends_new_series_ids(endpoint, sim):
+    done = threading.Event()
+    settings = SendSettings(bind=endpoint, loop=True, wait_subscriber_s=5.0, join_wait_s=0.2,
+                            batch=20)  # fmt: skip
+    t = threading.Thread(
+        target=run_sender, args=(sim, settings),
+        kwargs={"show_progress": False, "should_stop": done.is_set},
+    )  # fmt: skip
+    sock = open_socket(SubscriberSettings(endpoint=endpoint))
+    t.start()
+    ends = []
+    for ev in receive_events(sock, NativeDecoder(), StreamCounters(), timeout_s=10):
+        if isinstance(ev, SeriesEnd):
+            ends.append(ev)
+            if len(ends) == 3:
+                done.set()
+                break
+    t.join(timeout=10)
+    sock.close()
+    assert not t.is_alive()
+    assert len({e.series_id for e in ends}) == 3
+    assert all(e.frames_sent == sim.n_frames for e in ends)
