@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from detectors.files import RecordedDataset, write_dataset
+from stream.cli import UsageError, parse_finite, parse_pair
 
 from .samples import SAMPLES
 from .sender import SOCKET_TYPES, SendSettings, run_sender
@@ -23,23 +24,6 @@ PHYSICS_FLAGS = (
 REPLAY_META_FLAGS = ("energy", "step", "semiangle", "angular_sampling", "rotation", "scan_order")
 
 
-def _pair(text: str, sep: str = "x") -> tuple[int, int]:
-    parts = text.lower().replace(",", sep).split(sep)
-    try:
-        if len(parts) == 1:
-            n = int(parts[0])
-            values = (n, n)
-        elif len(parts) == 2:
-            values = (int(parts[0]), int(parts[1]))
-        else:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or NxM, got {text!r}") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return values
-
-
 def _floats(n: int):
     def parse(text: str) -> tuple[float, ...]:
         try:
@@ -51,16 +35,6 @@ def _floats(n: int):
         return values
 
     return parse
-
-
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return v
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,11 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     net.add_argument("--protocol", default="native", choices=["native"])
     net.add_argument("--socket", default="pub", choices=sorted(SOCKET_TYPES))
-    net.add_argument("--rate", type=_finite, default=0.0, metavar="FPS", help="0 = max speed")
+    net.add_argument("--rate", type=parse_finite, default=0.0, metavar="FPS", help="0 = max speed")
     net.add_argument("--batch", type=int, default=16, metavar="N", help="frames per message")
     net.add_argument("--compression", default="raw", choices=["raw", "lz4"])
     net.add_argument("--loop", action="store_true", help="repeat the series until interrupted")
-    net.add_argument("--wait-subscriber", type=_finite, default=0.0, metavar="S",
+    net.add_argument("--wait-subscriber", type=parse_finite, default=0.0, metavar="S",
                      help="PUB: wait up to S seconds for a first subscriber")  # fmt: skip
     net.add_argument("--no-stream", action="store_true", help="only --save, do not stream")
     net.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -90,24 +64,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--save", metavar="FILE", help="write the dataset to .npy or .h5")
 
     opt = p.add_argument_group("optics and scan")
-    opt.add_argument("--scan", type=_pair, metavar="RxC", help="scan shape rows x cols")
+    opt.add_argument("--scan", type=parse_pair, metavar="RxC", help="scan shape rows x cols")
     opt.add_argument("--scan-order", choices=["raster", "serpentine"])
-    opt.add_argument("--step", type=_finite, metavar="A", help="scan step (Angstrom)")
-    opt.add_argument("--detector", type=_pair, metavar="Q", help="detector px (N or NxM)")
-    opt.add_argument("--energy", type=_finite, metavar="EV", help="beam energy (eV)")
-    opt.add_argument("--semiangle", type=_finite, metavar="MRAD", help="convergence semi-angle")
-    opt.add_argument("--angular-sampling", type=_finite, metavar="MRAD", help="mrad per px")
-    opt.add_argument("--rolloff", type=_finite, metavar="MRAD", help="aperture edge width")
-    opt.add_argument("--defocus", type=_finite, metavar="A", help="defocus (= -C10)")
-    opt.add_argument("--C10", type=_finite, metavar="A")
-    opt.add_argument("--C12", type=_finite, metavar="A", help="2-fold astigmatism")
-    opt.add_argument("--phi12", type=_finite, metavar="DEG")
-    opt.add_argument("--C21", type=_finite, metavar="A", help="axial coma")
-    opt.add_argument("--phi21", type=_finite, metavar="DEG")
-    opt.add_argument("--C23", type=_finite, metavar="A", help="3-fold astigmatism")
-    opt.add_argument("--phi23", type=_finite, metavar="DEG")
-    opt.add_argument("--C30", type=_finite, metavar="A", help="spherical aberration Cs")
-    opt.add_argument("--rotation", type=_finite, metavar="DEG", help="scan vs detector")
+    opt.add_argument("--step", type=parse_finite, metavar="A", help="scan step (Angstrom)")
+    opt.add_argument("--detector", type=parse_pair, metavar="Q", help="detector px (N or NxM)")
+    opt.add_argument("--energy", type=parse_finite, metavar="EV", help="beam energy (eV)")
+    opt.add_argument(
+        "--semiangle", type=parse_finite, metavar="MRAD", help="convergence semi-angle"
+    )
+    opt.add_argument("--angular-sampling", type=parse_finite, metavar="MRAD", help="mrad per px")
+    opt.add_argument("--rolloff", type=parse_finite, metavar="MRAD", help="aperture edge width")
+    opt.add_argument("--defocus", type=parse_finite, metavar="A", help="defocus (= -C10)")
+    opt.add_argument("--C10", type=parse_finite, metavar="A")
+    opt.add_argument("--C12", type=parse_finite, metavar="A", help="2-fold astigmatism")
+    opt.add_argument("--phi12", type=parse_finite, metavar="DEG")
+    opt.add_argument("--C21", type=parse_finite, metavar="A", help="axial coma")
+    opt.add_argument("--phi21", type=parse_finite, metavar="DEG")
+    opt.add_argument("--C23", type=parse_finite, metavar="A", help="3-fold astigmatism")
+    opt.add_argument("--phi23", type=parse_finite, metavar="DEG")
+    opt.add_argument("--C30", type=parse_finite, metavar="A", help="spherical aberration Cs")
+    opt.add_argument("--rotation", type=parse_finite, metavar="DEG", help="scan vs detector")
     opt.add_argument("--transpose", action="store_true", help="detector axes transposed")
     opt.add_argument("--center", type=_floats(2), metavar="ROW,COL", help="BF disk centre (px)")
     opt.add_argument(
@@ -116,19 +92,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="A,B,C,D",
         help="disk drift (det px per scan px): row/row,row/col,col/row,col/col",
     )
-    opt.add_argument("--dwell", type=_finite, metavar="S", help="dwell time per position (s)")
+    opt.add_argument("--dwell", type=parse_finite, metavar="S", help="dwell time per position (s)")
 
     det = p.add_argument_group("dose and detector")
-    det.add_argument("--dose", type=_finite, metavar="E_PER_A2", help="electron dose (e/A^2)")
+    det.add_argument("--dose", type=parse_finite, metavar="E_PER_A2", help="electron dose (e/A^2)")
     det.add_argument("--no-noise", action="store_true", help="expected counts, float32")
-    det.add_argument("--counts-per-electron", type=_finite, metavar="G", help="detector gain")
+    det.add_argument("--counts-per-electron", type=parse_finite, metavar="G", help="detector gain")
     det.add_argument("--bits", type=int, choices=[8, 16, 32])
     det.add_argument("--bad-pixels", type=int, metavar="N", help="dead/hot pixels (2^bits-1)")
 
     smp = p.add_argument_group("sample")
     smp.add_argument("--sample", choices=sorted(SAMPLES))
-    smp.add_argument("--feature", type=_finite, metavar="A", help="texture length scale")
-    smp.add_argument("--phase-rms", type=_finite, metavar="RAD", help="rescale phase to this rms")
+    smp.add_argument("--feature", type=parse_finite, metavar="A", help="texture length scale")
+    smp.add_argument(
+        "--phase-rms", type=parse_finite, metavar="RAD", help="rescale phase to this rms"
+    )
     smp.add_argument("--seed", type=int)
     p.set_defaults(run=run)
 
@@ -188,8 +166,6 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.cli import UsageError
-
     if args.batch < 1:
         raise UsageError("--batch must be at least 1")
     if args.rate < 0:

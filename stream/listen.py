@@ -17,6 +17,7 @@ import numpy as np
 from detectors.base import FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
 from detectors.native import NativeDecoder
 
+from .cli import UsageError
 from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
 
 
@@ -131,8 +132,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError
-
     if args.series < 0 or not args.timeout > 0:
         raise UsageError("--series must be >= 0 and --timeout > 0")
     settings = SubscriberSettings(endpoint=args.connect, socket_type=args.socket, bind=args.bind)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import zmq
@@ -64,12 +64,14 @@ def receive_events(
     counters: StreamCounters,
     timeout_s: float | None = None,
     poll_ms: int = 100,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Event]:
-    """Yield decoded events until `timeout_s` passes with no message (None: forever)."""
+    """Yield decoded events until `timeout_s` passes with no message (None: forever) or
+    `should_stop()` turns true (checked at least every `poll_ms`)."""
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     idle_since = time.monotonic()
-    while True:
+    while not should_stop():
         if not poller.poll(poll_ms):
             if timeout_s is not None and time.monotonic() - idle_since > timeout_s:
                 return

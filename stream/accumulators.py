@@ -1,0 +1,249 @@
+"""Virtual-BF accumulators: one numba pass per frame updates everything downstream needs.
+
+Per frame (no Python per frame; the kernel releases the GIL):
+- total counts (masked pixels excluded), BF counts (= incoherent BF), axial virtual BF;
+  DF = total - BF;
+- the frame's BF-pixel values into a per-BF-pixel stack (for the final reconstruction);
+- binned virtual-BF tile sums for every alignment bin level: each BF pixel adds into its tile at
+  the finest level, and coarser levels are summed from the finest tiles, so the frame is read once.
+
+Arrays are position-major ((positions, ...)), so a frame's writes are contiguous.
+
+Tiles: label = floor((pixel - anchor) / bin) per axis, with the anchor the disk centre rounded to
+a pixel. Levels must nest (each bin divides every coarser one); the first level with
+bin >= radius is the four quadrants.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from .calibration import Calibration
+
+
+def default_bins(radius_px: float) -> tuple[int, ...]:
+    """Powers of two from 2**(ceil(log2 D) - 1) down to 2, D the disk diameter (px)."""
+    top = max(1, math.ceil(math.log2(max(2.0 * radius_px, 2.0))) - 1)
+    return tuple(2**k for k in range(top, 0, -1))
+
+
+def validate_bins(bins: tuple[int, ...]) -> tuple[int, ...]:
+    """Sorted coarse to fine, unique, nested. Raises ValueError with the reason."""
+    levels = tuple(sorted({int(b) for b in bins}, reverse=True))
+    if not levels or levels[-1] < 1:
+        raise ValueError(f"bin sizes must be positive integers, got {bins}")
+    for coarse, fine in zip(levels, levels[1:], strict=False):
+        if coarse % fine:
+            raise ValueError(f"bin levels must nest: {coarse} is not a multiple of {fine}")
+    return levels
+
+
+@dataclass(frozen=True)
+class TileLevels:
+    """BF pixel -> tile maps for nested bin levels (coarse to fine)."""
+
+    bins: tuple[int, ...]
+    n_tiles: tuple[int, ...]
+    offsets: tuple[int, ...]  # start column of each level in the tile accumulator
+    labels: tuple[np.ndarray, ...]  # per level (n_tiles, 2) integer tile coordinates
+    bf_tile: np.ndarray  # (N_bf,) finest-level tile of each BF pixel
+    parent: np.ndarray  # (levels - 1, max tiles): tile of level l+1 -> its tile in level l
+    member_tile: tuple[np.ndarray, ...]  # per level (N_bf,) tile of each BF pixel
+
+    @property
+    def total_tiles(self) -> int:
+        return int(sum(self.n_tiles))
+
+    @classmethod
+    def build(cls, bf_pixels: np.ndarray, anchor: tuple[int, int], bins) -> TileLevels:
+        levels = validate_bins(tuple(bins))
+        rel = bf_pixels.astype(np.int64) - np.asarray(anchor, dtype=np.int64)
+        labels, members = [], []
+        for b in levels:
+            lab = np.floor_divide(rel, b)
+            uniq, inverse = np.unique(lab, axis=0, return_inverse=True)
+            labels.append(uniq.astype(np.int32))
+            members.append(inverse.reshape(-1).astype(np.int32))
+        n_tiles = tuple(len(u) for u in labels)
+        offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(n_tiles)[:-1]]))
+        # parent[l] maps tiles of level l+1 (finer) to level l: coarse levels are summed
+        # level by level from the finest, so each frame costs N_bf + total_tiles adds
+        finest = members[-1]
+        parent = np.full((len(levels) - 1, max(n_tiles)), -1, np.int32)
+        for lvl in range(len(levels) - 1):
+            parent[lvl, members[lvl + 1]] = members[lvl]
+        return cls(levels, n_tiles, offsets, tuple(labels), finest, parent, tuple(members))
+
+
+# stats slots of the kernel
+ACCEPTED, DUPLICATE, OUT_OF_RANGE, OUT_OF_ORDER, NEXT_INDEX = range(5)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def accumulate_frames(
+    frames: np.ndarray,  # (B, Qx*Qy) any numeric dtype
+    first: int,
+    n_pos: int,
+    cols: int,
+    serpentine: bool,
+    bf_index: np.ndarray,  # (N_bf,) flat detector index
+    bf_tile: np.ndarray,  # (N_bf,) finest tile
+    axial_index: np.ndarray,  # BF-pixel indices inside the axial radius
+    masked_index: np.ndarray,  # flat indices excluded from totals
+    parent: np.ndarray,  # (L-1, max tiles) finer tile -> coarser tile
+    offsets: np.ndarray,  # (L,) first accumulator column of each level
+    n_tiles: np.ndarray,  # (L,) tiles per level
+    stack_max: float,
+    totals: np.ndarray,  # (n_pos,) float64
+    bf_sum: np.ndarray,  # (n_pos,) float64
+    axial_sum: np.ndarray,  # (n_pos,) float64
+    hits: np.ndarray,  # (n_pos,) uint32
+    stack: np.ndarray,  # (n_pos, N_bf) uint16 or float32
+    tiles: np.ndarray,  # (n_pos, total_tiles) float32
+    seen: np.ndarray,  # (frame limit,) uint8
+    stats: np.ndarray,  # int64[5]
+) -> None:
+    n_levels = offsets.shape[0]
+    fine_off = offsets[n_levels - 1]
+    tmp = np.zeros(tiles.shape[1], np.float64)  # this frame's tile sums, all levels
+    n_bf = bf_index.shape[0]
+    for b in range(frames.shape[0]):
+        idx = first + b
+        if idx < 0 or idx >= seen.shape[0]:
+            stats[OUT_OF_RANGE] += 1
+            continue
+        if seen[idx]:
+            stats[DUPLICATE] += 1
+            continue
+        seen[idx] = 1
+        if idx < stats[NEXT_INDEX]:
+            stats[OUT_OF_ORDER] += 1
+        else:
+            stats[NEXT_INDEX] = idx + 1
+        k = idx % n_pos
+        row = k // cols
+        col = k - row * cols
+        if serpentine and (row & 1) == 1:
+            col = cols - 1 - col
+        j = row * cols + col
+        f = frames[b]
+        tot = 0.0
+        for p in range(f.shape[0]):
+            tot += f[p]
+        for m in masked_index:
+            tot -= f[m]
+        tmp[:] = 0.0
+        srow = stack[j]
+        bfs = 0.0
+        ax = 0.0
+        for i in axial_index:
+            ax += f[bf_index[i]]
+        for i in range(n_bf):
+            v = f[bf_index[i]]
+            bfs += v
+            s = srow[i] + v
+            srow[i] = s if s < stack_max else stack_max
+            tmp[fine_off + bf_tile[i]] += v
+        for lvl in range(n_levels - 2, -1, -1):  # finer level lvl+1 -> coarser level lvl
+            src = offsets[lvl + 1]
+            dst = offsets[lvl]
+            for t in range(n_tiles[lvl + 1]):
+                tmp[dst + parent[lvl, t]] += tmp[src + t]
+        trow = tiles[j]
+        for t in range(tmp.shape[0]):
+            trow[t] += tmp[t]
+        totals[j] += tot
+        bf_sum[j] += bfs
+        axial_sum[j] += ax
+        hits[j] += 1
+        stats[ACCEPTED] += 1
+
+
+@dataclass
+class Accumulators:
+    """All per-position sums for one series; sized from the scan and the calibration."""
+
+    scan_shape: tuple[int, int]
+    calibration: Calibration
+    tiles_layout: TileLevels
+    axial_radius_px: float
+    serpentine: bool = False
+    frame_limit: int | None = None  # frames accepted (repeat scans: several passes)
+    integer_stack: bool = True
+    totals: np.ndarray = field(init=False)
+    bf_sum: np.ndarray = field(init=False)
+    axial_sum: np.ndarray = field(init=False)
+    hits: np.ndarray = field(init=False)
+    stack: np.ndarray = field(init=False)
+    tiles: np.ndarray = field(init=False)
+    seen: np.ndarray = field(init=False)
+    stats: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        n_pos = self.n_positions
+        cal = self.calibration
+        self.totals = np.zeros(n_pos, np.float64)
+        self.bf_sum = np.zeros(n_pos, np.float64)
+        self.axial_sum = np.zeros(n_pos, np.float64)
+        self.hits = np.zeros(n_pos, np.uint32)
+        self.stack = np.zeros((n_pos, cal.n_bf), np.uint16 if self.integer_stack else np.float32)
+        self.tiles = np.zeros((n_pos, self.tiles_layout.total_tiles), np.float32)
+        self.seen = np.zeros(self.frame_limit or n_pos, np.uint8)
+        self.stats = np.zeros(5, np.int64)
+        self._bf_index = cal.bf_flat_index
+        d = cal.bf_pixels - np.asarray(cal.center_px)
+        self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
+        self._axial_index = np.flatnonzero(self.axial).astype(np.int32)
+        self._masked = cal.masked_flat_index
+        self._offsets = np.asarray(self.tiles_layout.offsets, np.int64)
+        self._n_tiles = np.asarray(self.tiles_layout.n_tiles, np.int64)
+        self._stack_max = float(np.iinfo(np.uint16).max if self.integer_stack else np.inf)
+
+    @property
+    def n_positions(self) -> int:
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    def nbytes(self) -> int:
+        arrays = (self.totals, self.bf_sum, self.axial_sum, self.hits, self.stack, self.tiles)
+        return int(sum(a.nbytes for a in arrays) + self.seen.nbytes)
+
+    def add(self, first: int, frames: np.ndarray) -> None:
+        """Fold frames (B, Qx, Qy) with acquisition indices first.. into the sums."""
+        flat = frames.reshape(frames.shape[0], -1)
+        lay = self.tiles_layout
+        accumulate_frames(
+            flat, first, self.n_positions, self.scan_shape[1], self.serpentine,
+            self._bf_index, lay.bf_tile, self._axial_index, self._masked, lay.parent,
+            self._offsets, self._n_tiles, self._stack_max, self.totals, self.bf_sum, self.axial_sum,
+            self.hits, self.stack, self.tiles, self.seen, self.stats,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- read-outs (copies)
+    def as_image(self, values: np.ndarray) -> np.ndarray:
+        return values.reshape(self.scan_shape).copy()
+
+    def tile_images(self, level: int) -> np.ndarray:
+        """(n_tiles, rows, cols) binned virtual-BF images of bin level index `level`."""
+        lay = self.tiles_layout
+        cols = self.tiles[:, lay.offsets[level] : lay.offsets[level] + lay.n_tiles[level]]
+        return np.ascontiguousarray(cols.T).reshape(lay.n_tiles[level], *self.scan_shape)
+
+    @property
+    def frames_accepted(self) -> int:
+        return int(self.stats[ACCEPTED])
+
+    @property
+    def duplicates(self) -> int:
+        return int(self.stats[DUPLICATE])
+
+    @property
+    def out_of_range(self) -> int:
+        return int(self.stats[OUT_OF_RANGE])
+
+    @property
+    def out_of_order(self) -> int:
+        return int(self.stats[OUT_OF_ORDER])

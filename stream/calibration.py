@@ -1,0 +1,148 @@
+"""Detector calibration from the data: mean pattern, BF disk, centre, radius, masked pixels.
+
+Pure numerics: frames in, a frozen `Calibration` out. The BF disk is the set of unmasked pixels
+whose mean-pattern value is at least `threshold` x the disk plateau (default 0.5, the tcBF
+tutorial's choice; py4DSTEM uses 0.8, which drops the soft aperture edge). The plateau is the
+maximum of the 3x3-median-filtered mean pattern, so isolated hot pixels cannot set it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage as ndi
+
+DEFAULT_BF_THRESHOLD = 0.5
+
+
+class CalibrationError(ValueError):
+    """The data do not show a usable bright-field disk."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the BF disk is and which detector pixels to use (detector (row, col) pixels)."""
+
+    detector_shape: tuple[int, int]
+    center_px: tuple[float, float]  # intensity-weighted centroid of the BF pixels
+    radius_px: float  # sqrt(BF area / pi)
+    bf_pixels: np.ndarray  # (N_bf, 2) int32 (row, col), row-major order
+    mask: np.ndarray  # (Qx, Qy) bool, True = excluded everywhere (dead/hot/supplied)
+    mean_pattern: np.ndarray  # (Qx, Qy) float32, masked pixels 0
+    threshold: float = DEFAULT_BF_THRESHOLD
+    angular_sampling_mrad: float | None = None
+
+    @property
+    def n_bf(self) -> int:
+        return int(self.bf_pixels.shape[0])
+
+    @property
+    def bf_flat_index(self) -> np.ndarray:
+        return (self.bf_pixels[:, 0] * self.detector_shape[1] + self.bf_pixels[:, 1]).astype(
+            np.int32
+        )
+
+    @property
+    def masked_flat_index(self) -> np.ndarray:
+        return np.flatnonzero(self.mask.ravel()).astype(np.int32)
+
+    def bf_alpha_mrad(self) -> np.ndarray | None:
+        """(N_bf, 2) tilt of each BF pixel relative to the disk centre, if the pitch is known."""
+        if self.angular_sampling_mrad is None:
+            return None
+        return (self.bf_pixels - np.asarray(self.center_px)) * self.angular_sampling_mrad
+
+    def to_dict(self) -> dict:
+        """JSON form for a calibration file (mean pattern and mask as nested lists)."""
+        return {
+            "detector_shape": list(self.detector_shape),
+            "center_px": list(self.center_px),
+            "radius_px": self.radius_px,
+            "threshold": self.threshold,
+            "angular_sampling_mrad": self.angular_sampling_mrad,
+            "masked_pixels": np.argwhere(self.mask).tolist(),
+            "bf_pixels": self.bf_pixels.tolist(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path, detector_shape: tuple[int, int] | None = None) -> Calibration:
+        """Read a calibration file written by `save` (BF pixels, centre, radius, mask)."""
+        d = json.loads(Path(path).read_text())
+        shape = tuple(d["detector_shape"])
+        if detector_shape is not None and tuple(detector_shape) != shape:
+            raise CalibrationError(
+                f"calibration is for a {shape} detector, data are {detector_shape}"
+            )
+        mask = np.zeros(shape, bool)
+        masked = np.asarray(d.get("masked_pixels", []), dtype=np.int64).reshape(-1, 2)
+        mask[masked[:, 0], masked[:, 1]] = True
+        return cls(
+            detector_shape=shape,
+            center_px=tuple(d["center_px"]),
+            radius_px=float(d["radius_px"]),
+            bf_pixels=np.asarray(d["bf_pixels"], dtype=np.int32).reshape(-1, 2),
+            mask=mask,
+            mean_pattern=np.zeros(shape, np.float32),
+            threshold=float(d.get("threshold", DEFAULT_BF_THRESHOLD)),
+            angular_sampling_mrad=d.get("angular_sampling_mrad"),
+        )
+
+
+def calibrate(
+    frames: np.ndarray,
+    mask_value: int | None = None,
+    supplied_mask: np.ndarray | None = None,
+    threshold: float = DEFAULT_BF_THRESHOLD,
+    semiangle_mrad: float | None = None,
+    angular_sampling_mrad: float | None = None,
+) -> Calibration:
+    """Calibrate from frames (N, Qx, Qy).
+
+    Masked pixels: those carrying `mask_value` in any frame, plus `supplied_mask`. The angular
+    sampling is taken as given, else derived as semiangle / radius when the semiangle is known.
+    """
+    if frames.ndim != 3 or frames.shape[0] < 1:
+        raise CalibrationError(f"need frames (N, Qx, Qy), got shape {frames.shape}")
+    if not 0 < threshold < 1:
+        raise CalibrationError(f"BF threshold must be in (0, 1), got {threshold}")
+    shape = (int(frames.shape[1]), int(frames.shape[2]))
+    mask = np.zeros(shape, bool) if supplied_mask is None else np.asarray(supplied_mask, bool)
+    if mask.shape != shape:
+        raise CalibrationError(f"mask shape {mask.shape} != detector {shape}")
+    if mask_value is not None:
+        mask = mask | np.any(frames == mask_value, axis=0)
+    mean = frames.mean(axis=0, dtype=np.float64)
+    mean[mask] = 0.0
+    plateau = float(ndi.median_filter(mean, size=3).max())
+    if not plateau > 0:
+        raise CalibrationError("mean diffraction pattern is empty: no BF disk")
+    bf = (mean >= threshold * plateau) & ~mask
+    # keep the largest connected region: the disk, not stray bright pixels
+    labels, n = ndi.label(bf)
+    if n > 1:
+        sizes = ndi.sum(bf, labels, index=np.arange(1, n + 1))
+        bf = labels == (1 + int(np.argmax(sizes)))
+    pixels = np.argwhere(bf).astype(np.int32)
+    if pixels.shape[0] < 4:
+        raise CalibrationError(f"BF disk has only {pixels.shape[0]} pixels")
+    weights = mean[bf]
+    center = tuple(float(c) for c in (pixels * weights[:, None]).sum(axis=0) / weights.sum())
+    radius = float(np.sqrt(pixels.shape[0] / np.pi))
+    if angular_sampling_mrad is None and semiangle_mrad is not None:
+        angular_sampling_mrad = semiangle_mrad / radius
+    return Calibration(
+        detector_shape=shape,
+        center_px=center,  # type: ignore[arg-type]
+        radius_px=radius,
+        bf_pixels=pixels,
+        mask=mask,
+        mean_pattern=mean.astype(np.float32),
+        threshold=threshold,
+        angular_sampling_mrad=angular_sampling_mrad,
+    )

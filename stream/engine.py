@@ -1,0 +1,147 @@
+"""The live engine: one thread receives and accumulates; consumers take snapshots.
+
+Read top to bottom: socket -> decoder -> SeriesProcessor (calibration + numba accumulators)
+-> SeriesResult. The receive thread never waits for consumers: the accumulate kernel releases the
+GIL, and `snapshot()` only holds the ingest lock while it copies the small per-position maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.native import NativeDecoder
+
+from .series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
+from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
+
+log = logging.getLogger("tcbf.engine")
+
+DECODERS = {"native": NativeDecoder}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    subscriber: SubscriberSettings = field(default_factory=SubscriberSettings)
+    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
+    protocol: str = "native"
+    idle_timeout_s: float | None = None  # stop after this long without a message
+    max_series: int | None = None  # stop after this many finished series
+
+
+class Engine:
+    """Receive + accumulate in a background thread; results via `snapshot()` and callbacks."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        on_series_end: Callable[[SeriesResult], None] | None = None,
+    ):
+        self.settings = settings
+        self.on_series_end = on_series_end
+        self.counters = StreamCounters()
+        self.last_result: SeriesResult | None = None
+        self.series_finished = 0
+        self._current: SeriesProcessor | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock = open_socket(settings.subscriber)  # bound/connected before start()
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="tcbf-ingest", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the ingest thread; True when it has ended."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def snapshot(self) -> SeriesResult | None:
+        """Consistent copy of the series in progress (or the last finished one)."""
+        with self._lock:
+            if self._current is not None:
+                return self._current.result()
+            return self.last_result
+
+    # ------------------------------------------------------------------ ingest thread
+    def _run(self) -> None:
+        decoder = DECODERS[self.settings.protocol]()
+        try:
+            events = receive_events(
+                self._sock, decoder, self.counters,
+                timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
+            )  # fmt: skip
+            for event in events:
+                if isinstance(event, SeriesStart):
+                    self._on_start(event)
+                elif isinstance(event, FrameBatch):
+                    self._on_frames(event)
+                elif isinstance(event, SeriesEnd):
+                    self._finish(complete=True)
+            if self._current is not None:  # timed out or stopped mid-series
+                log.warning("stream idle or stopped before the series ended")
+                self._finish(complete=False)
+        finally:
+            self._sock.close()
+
+    def _on_start(self, event: SeriesStart) -> None:
+        if self._current is not None and self._current.info.series_id == event.info.series_id:
+            return  # periodic re-announcement
+        if self._current is not None:
+            log.warning("series %d never ended; a new one started", self._current.info.series_id)
+            self._finish(complete=False)
+        try:
+            proc = SeriesProcessor(event.info, self.settings.processing)
+        except SeriesError as err:
+            self.counters.reject(DecodeError("unusable_series", str(err)))
+            return
+        with self._lock:
+            self._current = proc
+        late = " (joined mid-series)" if event.repeat else ""
+        log.info("series %d started%s", event.info.series_id, late)
+
+    def _on_frames(self, batch: FrameBatch) -> None:
+        proc = self._current
+        if proc is None:
+            self.counters.reject(DecodeError("no_series", f"frames of series {batch.series_id}"))
+            return
+        if self.settings.processing.repeat_scans == "new-series":
+            pass_index = batch.first // proc.n_positions
+            if pass_index > proc.index_offset // proc.n_positions:  # next pass: next series
+                info = proc.info
+                self._finish(complete=True)
+                with self._lock:
+                    self._current = proc = SeriesProcessor(info, self.settings.processing,
+                                                           pass_index)  # fmt: skip
+        with self._lock:
+            proc.add(batch)
+        self.counters.frames += len(batch.frames)
+        if proc.done and self.settings.processing.repeat_scans != "new-series":
+            self._finish(complete=True)
+
+    def _finish(self, complete: bool) -> None:
+        proc = self._current
+        if proc is None:
+            return
+        with self._lock:
+            result = proc.result(final=True, complete=complete)
+            self._current = None
+            self.last_result = result
+        self.series_finished += 1
+        log.info("%s%s", result.summary(), "" if complete else " (incomplete)")
+        if self.on_series_end is not None:
+            self.on_series_end(result)
+        limit = self.settings.max_series
+        if limit is not None and self.series_finished >= limit:
+            self._stop.set()

@@ -1,0 +1,97 @@
+"""HDF5 result file: the layout other tools read (docs/results.md).
+
+/                 attrs software, software_version, created
+/acquisition      attrs scan_shape, step_A, energy_eV, frames_received, frames_missing,
+                  frames_duplicate, frames_out_of_order, protocol, series_id, ...
+/bf/incoherent    (rows, cols) BF counts per position
+/bf/axial         (rows, cols) axial virtual BF
+/bf/dark_field    (rows, cols) counts outside the BF disk
+/bf/hits          (rows, cols) frames accumulated per position (0 = missing)
+/alignment/bf_pixels (N_bf, 2) detector (row, col); attrs bins, n_tiles, center_px, radius_px
+/calibration/mean_pattern, /calibration/mask
+/dose             attrs dose_e_per_A2, electrons_total, counts_per_electron; /dose/map
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .series import SeriesResult
+
+SOFTWARE = "tcbf-live"
+
+
+def software_version() -> str:
+    try:
+        return version("tcbf-live")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _attr(value):
+    return np.nan if value is None else value
+
+
+def write_result(path: str | Path, result: SeriesResult, protocol: str) -> Path:
+    """Write one series' result; replaces an existing file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = result.info
+    with h5py.File(path, "w") as f:
+        f.attrs["software"] = SOFTWARE
+        f.attrs["software_version"] = software_version()
+        f.attrs["created"] = datetime.datetime.now(datetime.UTC).isoformat()
+        acq = f.create_group("acquisition")
+        acq.attrs["scan_shape"] = np.asarray(info.scan_shape, np.int64)
+        acq.attrs["scan_order"] = info.scan_order
+        acq.attrs["detector_shape"] = np.asarray(info.detector_shape, np.int64)
+        acq.attrs["step_A"] = _attr(info.step_A)
+        acq.attrs["energy_eV"] = _attr(info.energy_eV)
+        acq.attrs["semiangle_mrad"] = _attr(info.semiangle_mrad)
+        cal = result.calibration
+        sampling = cal.angular_sampling_mrad if cal is not None else info.angular_sampling_mrad
+        acq.attrs["angular_sampling_mrad"] = _attr(sampling)
+        acq.attrs["frames_received"] = result.frames_received
+        acq.attrs["frames_missing"] = result.frames_missing
+        acq.attrs["frames_expected"] = result.frames_expected
+        acq.attrs["frames_duplicate"] = result.duplicates
+        acq.attrs["frames_out_of_order"] = result.out_of_order
+        acq.attrs["frames_out_of_range"] = result.out_of_range
+        acq.attrs["complete"] = result.complete
+        acq.attrs["protocol"] = protocol
+        acq.attrs["series_id"] = info.series_id
+        if info.ground_truth:
+            acq.attrs["ground_truth"] = json.dumps(info.ground_truth)
+
+        bf = f.create_group("bf")
+        bf["incoherent"] = result.incoherent_bf
+        bf["axial"] = result.axial_bf
+        bf["dark_field"] = result.dark_field
+        bf["hits"] = result.hits
+
+        align = f.create_group("alignment")
+        if cal is not None:
+            align["bf_pixels"] = cal.bf_pixels
+            align.attrs["center_px"] = np.asarray(cal.center_px)
+            align.attrs["radius_px"] = cal.radius_px
+            align.attrs["bf_threshold"] = cal.threshold
+            cg = f.create_group("calibration")
+            cg["mean_pattern"] = cal.mean_pattern
+            cg["mask"] = cal.mask
+        else:
+            align["bf_pixels"] = np.zeros((0, 2), np.int32)
+        align.attrs["bins"] = np.asarray(result.bins, np.int64)
+        align.attrs["n_tiles"] = np.asarray(result.n_tiles, np.int64)
+
+        dose = f.create_group("dose")
+        dose.attrs["dose_e_per_A2"] = result.dose_e_per_A2
+        dose.attrs["electrons_total"] = result.electrons_total
+        dose.attrs["counts_per_electron"] = info.counts_per_electron
+        dose["map"] = result.dose_map
+    return path

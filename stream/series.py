@@ -1,0 +1,235 @@
+"""One series from start to result: metadata, calibration, accumulation, read-out.
+
+No sockets and no threads here: the live engine and offline tools feed `SeriesProcessor` the
+same `SeriesInfo` and `FrameBatch` events, so both share one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from detectors.base import FrameBatch, SeriesInfo
+
+from .accumulators import Accumulators, TileLevels, default_bins
+from .calibration import DEFAULT_BF_THRESHOLD, Calibration, calibrate
+
+log = logging.getLogger("tcbf.series")
+
+
+class SeriesError(ValueError):
+    """A series that cannot be processed (e.g. unknown scan shape)."""
+
+
+@dataclass(frozen=True)
+class ProcessingSettings:
+    """How to turn frames into accumulators; `None` means 'from the stream / the data'."""
+
+    scan_shape: tuple[int, int] | None = None
+    energy_eV: float | None = None
+    step_A: float | None = None
+    semiangle_mrad: float | None = None
+    angular_sampling_mrad: float | None = None
+    counts_per_electron: float | None = None
+    calibration_frames: int = 64
+    bf_threshold: float = DEFAULT_BF_THRESHOLD
+    calibration: Calibration | None = None  # fixed calibration (from a file)
+    mask: np.ndarray | None = field(default=None, compare=False)  # extra excluded pixels
+    bins: tuple[int, ...] | None = None  # alignment bin levels (detector px)
+    axial_radius_px: float | None = None  # None: 25 % of the BF radius
+    repeat_scans: str = "accumulate"  # frames beyond one pass: "accumulate" | "new-series"
+
+    def resolve(self, info: SeriesInfo) -> SeriesInfo:
+        """Stream metadata with explicit settings taking precedence."""
+        overrides = {
+            "scan_shape": self.scan_shape,
+            "energy_eV": self.energy_eV,
+            "step_A": self.step_A,
+            "semiangle_mrad": self.semiangle_mrad,
+            "angular_sampling_mrad": self.angular_sampling_mrad,
+            "counts_per_electron": self.counts_per_electron,
+        }
+        return replace(info, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    """A consistent read-out of one series (copies; safe to hand to other threads)."""
+
+    info: SeriesInfo
+    calibration: Calibration | None
+    bins: tuple[int, ...]
+    n_tiles: tuple[int, ...]
+    incoherent_bf: np.ndarray  # (rows, cols) BF counts per position
+    axial_bf: np.ndarray  # (rows, cols)
+    total_counts: np.ndarray  # (rows, cols), masked pixels excluded
+    hits: np.ndarray  # (rows, cols) frames accumulated per position (0 = missing)
+    frames_received: int
+    frames_expected: int
+    duplicates: int
+    out_of_order: int
+    out_of_range: int
+    complete: bool
+
+    @property
+    def frames_missing(self) -> int:
+        return max(self.frames_expected - self.frames_received, 0)
+
+    @property
+    def dark_field(self) -> np.ndarray:
+        return self.total_counts - self.incoherent_bf
+
+    @property
+    def electrons(self) -> np.ndarray:
+        return self.total_counts / self.info.counts_per_electron
+
+    @property
+    def electrons_total(self) -> float:
+        return float(self.electrons.sum())
+
+    @property
+    def dose_map(self) -> np.ndarray:
+        """e/A^2 per position (NaN without a step)."""
+        step = self.info.step_A or float("nan")
+        return self.electrons / step**2
+
+    @property
+    def dose_e_per_A2(self) -> float:
+        """Mean dose over positions acquired so far."""
+        acquired = int(np.count_nonzero(self.hits))
+        step = self.info.step_A or float("nan")
+        return self.electrons_total / max(acquired, 1) / step**2 if acquired else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"series {self.info.series_id}: {self.frames_received}/{self.frames_expected} frames, "
+            f"{self.frames_missing} missing, {self.duplicates} duplicate, "
+            f"{self.out_of_order} out of order, {self.out_of_range} out of range; "
+            f"dose {self.dose_e_per_A2:.4g} e/A^2 ({self.electrons_total:.4g} e)"
+        )
+
+
+class SeriesProcessor:
+    """Calibrates on the first frames, then accumulates every frame of one series."""
+
+    def __init__(self, info: SeriesInfo, settings: ProcessingSettings, pass_index: int = 0):
+        self.info = settings.resolve(info)
+        self.settings = settings
+        if self.info.scan_shape is None:
+            raise SeriesError(
+                f"series {info.series_id}: the stream does not give the scan shape; "
+                "pass --scan ROWSxCOLS"
+            )
+        self.scan_shape = self.info.scan_shape
+        self.n_positions = self.scan_shape[0] * self.scan_shape[1]
+        if self.info.frames_expected is None or settings.repeat_scans == "new-series":
+            self.frame_limit = self.n_positions
+        else:
+            self.frame_limit = int(self.info.frames_expected)
+        self.index_offset = pass_index * self.n_positions
+        self.calibration: Calibration | None = settings.calibration
+        self.acc: Accumulators | None = None
+        self._pending: list[tuple[int, np.ndarray]] = []
+        self._pending_frames = 0
+        if self.calibration is not None:
+            self._build(self.calibration)
+
+    # ------------------------------------------------------------------ ingest
+    def add(self, batch: FrameBatch) -> None:
+        """Fold one batch in (indices relative to the series start)."""
+        first = batch.first - self.index_offset
+        if self.acc is not None:
+            self.acc.add(first, batch.frames)
+            return
+        # not calibrated yet: keep the frames (bounded by calibration_frames + one batch)
+        self._pending.append((first, batch.frames))
+        self._pending_frames += len(batch.frames)
+        if self._pending_frames >= self.settings.calibration_frames:
+            self.calibrate_now()
+
+    def calibrate_now(self) -> None:
+        """Calibrate from the frames held so far and fold them in."""
+        if self.acc is not None or not self._pending:
+            return
+        frames = np.concatenate([f for _, f in self._pending])
+        cal = calibrate(
+            frames,
+            mask_value=self.info.mask_value,
+            supplied_mask=self.settings.mask,
+            threshold=self.settings.bf_threshold,
+            semiangle_mrad=self.info.semiangle_mrad,
+            angular_sampling_mrad=self.info.angular_sampling_mrad,
+        )
+        log.info(
+            "calibrated on %d frames: disk centre (%.2f, %.2f) px, radius %.2f px, %d BF px, "
+            "%d masked px",
+            len(frames), *cal.center_px, cal.radius_px, cal.n_bf, int(cal.mask.sum()),
+        )  # fmt: skip
+        self._build(cal)
+        pending, self._pending = self._pending, []
+        for first, f in pending:
+            self.acc.add(first, f)
+
+    def _build(self, cal: Calibration) -> None:
+        s = self.settings
+        if cal.detector_shape != tuple(self.info.detector_shape):
+            raise SeriesError(f"calibration for {cal.detector_shape}, frames are "
+                              f"{self.info.detector_shape}")  # fmt: skip
+        self.calibration = cal
+        bins = s.bins or default_bins(cal.radius_px)
+        anchor = (round(cal.center_px[0]), round(cal.center_px[1]))
+        layout = TileLevels.build(cal.bf_pixels, anchor, bins)
+        axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
+        self.acc = Accumulators(
+            self.scan_shape,
+            cal,
+            layout,
+            axial_radius_px=axial,
+            serpentine=self.info.scan_order == "serpentine",
+            frame_limit=self.frame_limit,
+            integer_stack=np.dtype(self.info.dtype).kind in "ui",
+        )
+
+    # ------------------------------------------------------------------ read-out
+    @property
+    def frames_received(self) -> int:
+        return self.acc.frames_accepted if self.acc is not None else self._pending_frames
+
+    @property
+    def done(self) -> bool:
+        """All frames of the series have been accumulated."""
+        return self.acc is not None and self.acc.frames_accepted >= self.frame_limit
+
+    def result(self, final: bool = False, complete: bool = False) -> SeriesResult:
+        """Copy out the current state (the caller holds the ingest lock if live).
+
+        `final`: the series is over, so calibrate on whatever arrived if not done yet;
+        `complete`: it ended normally (end message or all frames)."""
+        if final:
+            self.calibrate_now()
+        acc = self.acc
+        zeros = np.zeros(self.scan_shape)
+        if acc is None:
+            return SeriesResult(
+                self.info, None, (), (), zeros, zeros, zeros, zeros.astype(np.uint32),
+                self.frames_received, self.frame_limit, 0, 0, 0, complete,
+            )  # fmt: skip
+        lay = acc.tiles_layout
+        return SeriesResult(
+            info=self.info,
+            calibration=self.calibration,
+            bins=lay.bins,
+            n_tiles=lay.n_tiles,
+            incoherent_bf=acc.as_image(acc.bf_sum),
+            axial_bf=acc.as_image(acc.axial_sum),
+            total_counts=acc.as_image(acc.totals),
+            hits=acc.as_image(acc.hits),
+            frames_received=acc.frames_accepted,
+            frames_expected=self.frame_limit,
+            duplicates=acc.duplicates,
+            out_of_order=acc.out_of_order,
+            out_of_range=acc.out_of_range,
+            complete=complete,
+        )
