@@ -153,7 +153,8 @@ class SeriesProcessor:
         """Calibrate from the frames held so far and fold them in."""
         if self.acc is not None or not self._pending:
             return
-        frames = np.concatenate([f for _, f in self._pending])
+        # exactly the first N frames that arrived, however they were batched
+        frames = np.concatenate([f for _, f in self._pending])[: self.settings.calibration_frames]
         cal = calibrate(
             frames,
             mask_value=self.info.mask_value,

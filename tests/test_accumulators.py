@@ -1,0 +1,185 @@
+"""Accumulators against a plain numpy reference on the full 4D array; gaps; calibration."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from detectors.base import FrameBatch, scan_position
+from simulators import Simulator, tutorial_config
+from stream.accumulators import TileLevels, default_bins, validate_bins
+from stream.calibration import CalibrationError, calibrate
+from stream.series import ProcessingSettings, SeriesProcessor
+
+
+@pytest.fixture(scope="module", params=["raster", "serpentine"])
+def sim(request):
+    cfg = tutorial_config(scan_shape=(10, 14), bad_pixels=12, scan_order=request.param)
+    return Simulator(cfg)
+
+
+@pytest.fixture(scope="module")
+def frames(sim):
+    return sim.frames(0, sim.n_frames)
+
+
+def feed(sim, batches, settings=None, info=None):
+    proc = SeriesProcessor(info or sim.series_info(1), settings or ProcessingSettings())
+    for first, f in batches:
+        proc.add(FrameBatch(1, first, f))
+    return proc
+
+
+def batches_of(frames, size, order=None):
+    starts = list(range(0, len(frames), size))
+    if order is not None:
+        starts = [starts[i] for i in order]
+    return [(s, frames[s : s + size]) for s in starts]
+
+
+def reference(cube, proc):
+    """Everything the kernel computes, by plain numpy on the (rows, cols, Qx, Qy) array."""
+    cal, acc = proc.calibration, proc.acc
+    flat = cube.reshape(*cube.shape[:2], -1).astype(np.float64)
+    bf_vals = flat[..., cal.bf_flat_index]
+    ref = {
+        "total": flat[..., ~cal.mask.ravel()].sum(-1),
+        "bf": bf_vals.sum(-1),
+        "axial": bf_vals[..., acc.axial].sum(-1),
+        "stack": bf_vals.reshape(-1, cal.n_bf),
+    }
+    lay = acc.tiles_layout
+    for lvl, members in enumerate(lay.member_tile):
+        tiles = np.zeros((lay.n_tiles[lvl], *cube.shape[:2]))
+        for t in range(lay.n_tiles[lvl]):
+            tiles[t] = bf_vals[..., members == t].sum(-1)
+        ref[f"tiles{lvl}"] = tiles
+    return ref
+
+
+def check_against_reference(proc, cube, valid):
+    ref = reference(cube, proc)
+    r = proc.result()
+    np.testing.assert_array_equal(r.total_counts[valid], ref["total"][valid])
+    np.testing.assert_array_equal(r.incoherent_bf[valid], ref["bf"][valid])
+    np.testing.assert_array_equal(r.axial_bf[valid], ref["axial"][valid])
+    np.testing.assert_array_equal(proc.acc.stack[valid.ravel()], ref["stack"][valid.ravel()])
+    for lvl in range(len(r.bins)):
+        np.testing.assert_array_equal(
+            proc.acc.tile_images(lvl)[:, valid], ref[f"tiles{lvl}"][:, valid]
+        )
+    missing = ~valid
+    assert np.all(r.hits[missing] == 0) and np.all(r.total_counts[missing] == 0)
+    assert np.all(r.hits[valid] == 1)
+
+
+def test_accumulators_equal_numpy_reference(sim, frames):
+    proc = feed(sim, batches_of(frames, 9))
+    assert proc.done
+    cube = sim.datacube()
+    check_against_reference(proc, cube, np.ones(sim.cfg.scan_shape, bool))
+    r = proc.result()
+    assert r.bins == (32, 16, 8, 4, 2) and r.n_tiles[0] == 4  # quadrants first
+    assert np.all(r.dark_field >= 0) and r.dark_field.sum() > 0
+    # masked pixels (2^16 - 1) never reach any sum
+    assert r.total_counts.max() < 65535 * 2
+
+
+def test_gaps_duplicates_and_shuffles_are_counted_exactly(sim, frames):
+    rng = np.random.default_rng(5)
+    n = len(frames)
+    order = rng.permutation(n)  # every frame its own message, shuffled
+    drop = set(rng.choice(n, max(1, n // 100), replace=False).tolist())  # 1 % dropped
+    dup = rng.choice(sorted(set(range(n)) - drop), 7, replace=False).tolist()
+    sequence = [i for i in order if i not in drop] + dup
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    expected_out_of_order, high = 0, -1
+    for i in sequence:
+        proc.add(FrameBatch(1, int(i), frames[i : i + 1]))
+    # reference definition: a new frame whose index is below the highest seen so far
+    seen = set()
+    for i in sequence:
+        if i in seen:
+            continue
+        seen.add(i)
+        if i < high:
+            expected_out_of_order += 1
+        high = max(high, i)
+    r = proc.result(final=True)
+    assert r.frames_received == n - len(drop)
+    assert r.frames_missing == len(drop)
+    assert r.duplicates == len(dup)
+    assert r.out_of_order == expected_out_of_order
+    valid = np.ones(sim.cfg.scan_shape, bool)
+    rows, cols = scan_position(np.array(sorted(drop)), sim.cfg.scan_shape, sim.cfg.scan_order)
+    valid[rows, cols] = False
+    check_against_reference(proc, sim.datacube(), valid)
+
+
+def test_out_of_range_frames_are_skipped(sim, frames):
+    proc = feed(sim, batches_of(frames, 20))
+    proc.add(FrameBatch(1, sim.n_frames, frames[:3]))
+    proc.add(FrameBatch(1, -2, frames[:1]))
+    assert proc.result().out_of_range == 4
+
+
+def test_repeat_scans_accumulate(sim, frames):
+    info = replace(sim.series_info(1), frames_expected=2 * sim.n_frames)
+    proc = feed(sim, batches_of(np.concatenate([frames, frames]), 16), info=info)
+    single = feed(sim, batches_of(frames, 16)).result()
+    r = proc.result()
+    assert proc.done and r.frames_received == 2 * sim.n_frames
+    np.testing.assert_array_equal(r.incoherent_bf, 2 * single.incoherent_bf)
+    np.testing.assert_array_equal(r.hits, 2)
+
+
+def test_calibration_recovers_disk_and_masks(sim, frames):
+    gt = sim.ground_truth()
+    cal = calibrate(frames[:32], mask_value=gt["mask_value"], semiangle_mrad=4.0)
+    assert cal.center_px == pytest.approx(gt["center_px"], abs=0.15)
+    assert cal.radius_px == pytest.approx(4.0 / gt["angular_sampling_mrad"], abs=0.5)
+    assert cal.angular_sampling_mrad == pytest.approx(gt["angular_sampling_mrad"], rel=0.02)
+    masked = np.flatnonzero(cal.mask.ravel())
+    assert sorted(masked) == sorted(gt["bad_pixels"])
+    extra = np.zeros((128, 128), bool)
+    extra[64, 60] = True  # a supplied mask inside the disk
+    cal2 = calibrate(frames[:32], mask_value=65535, supplied_mask=extra)
+    assert not np.any((cal2.bf_pixels == [64, 60]).all(axis=1))
+    assert cal2.n_bf == cal.n_bf - 1
+    with pytest.raises(CalibrationError):
+        calibrate(np.zeros((4, 16, 16), np.uint16))
+
+
+def test_calibration_round_trips_through_a_file(sim, frames, tmp_path):
+    cal = calibrate(frames[:32], mask_value=65535, semiangle_mrad=4.0)
+    cal.save(tmp_path / "cal.json")
+    loaded = type(cal).load(tmp_path / "cal.json")
+    np.testing.assert_array_equal(loaded.bf_pixels, cal.bf_pixels)
+    np.testing.assert_array_equal(loaded.mask, cal.mask)
+    proc = feed(sim, batches_of(frames, 16), ProcessingSettings(calibration=loaded))
+    np.testing.assert_array_equal(proc.calibration.bf_pixels, cal.bf_pixels)
+
+
+def test_frames_before_calibration_are_not_lost(sim, frames):
+    settings = ProcessingSettings(calibration_frames=50)
+    proc = SeriesProcessor(sim.series_info(1), settings)
+    proc.add(FrameBatch(1, 0, frames[:30]))
+    assert proc.acc is None and proc.frames_received == 30
+    proc.add(FrameBatch(1, 30, frames[30:]))
+    assert proc.acc is not None and proc.result().frames_received == sim.n_frames
+
+
+def test_bin_levels():
+    assert default_bins(26.0) == (32, 16, 8, 4, 2)
+    assert validate_bins((8, 32, 16)) == (32, 16, 8)
+    with pytest.raises(ValueError):
+        validate_bins((32, 12))
+    pix = np.argwhere(np.ones((8, 8), bool))
+    lay = TileLevels.build(pix, (4, 4), (4, 2, 1))
+    assert lay.n_tiles == (4, 16, 64)
+    # every finer tile lies inside exactly one coarser tile
+    for lvl in range(2):
+        fine = lay.member_tile[lvl + 1]
+        coarse = lay.member_tile[lvl]
+        for t in np.unique(fine):
+            assert len(np.unique(coarse[fine == t])) == 1
