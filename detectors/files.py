@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from .base import SeriesInfo, scan_position
+from .native import ALLOWED_DTYPES
 
 META_ATTR = "tcbf_meta"
 DEFAULT_H5_DATASET = "/data"
@@ -60,23 +61,36 @@ class RecordedDataset:
                 raise DatasetError(f"{path}: no dataset at {inner}")
             self.array: Any = obj
             meta_text = obj.attrs.get(META_ATTR)
-            self.meta = json.loads(meta_text) if meta_text is not None else {}
+            try:
+                self.meta = json.loads(meta_text) if meta_text is not None else {}
+            except (TypeError, ValueError):
+                self.close()
+                raise DatasetError(f"{path}: {META_ATTR} attribute is not JSON") from None
         elif path.suffix == ".npy":
             try:
                 self.array = np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError as exc:
                 raise DatasetError(f"{path}: not a plain .npy array ({exc})") from None
             sidecar = path.with_suffix(".json")
-            self.meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+            try:
+                self.meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+            except ValueError:
+                raise DatasetError(f"{sidecar}: not valid JSON") from None
         else:
             raise DatasetError(f"{path}: expected .npy or .h5/.hdf5[:/dataset]")
         if self.array.ndim != 4:
             shape = self.array.shape
             self.close()
             raise DatasetError(f"{spec}: expected a 4D (rows, cols, Qx, Qy) array, got {shape}")
-        if self.array.dtype.kind not in "uif":
+        if self.array.dtype.str not in ALLOWED_DTYPES:
             self.close()
             raise DatasetError(f"{spec}: unsupported dtype {self.array.dtype}")
+        if self.array.size == 0:
+            self.close()
+            raise DatasetError(f"{spec}: the dataset is empty")
+        if not isinstance(self.meta, dict):
+            self.close()
+            raise DatasetError(f"{spec}: metadata must be a JSON object")
         self.scan_order = self.overrides.get("scan_order", self.meta.get("scan_order", "raster"))
 
     @property
@@ -116,7 +130,11 @@ class RecordedDataset:
 
     def frames(self, first: int, count: int) -> np.ndarray:
         ids = np.arange(first, first + count)
-        if self.scan_order == "raster" and isinstance(self.array, np.ndarray):
+        if (
+            self.scan_order == "raster"
+            and isinstance(self.array, np.ndarray)
+            and self.array.flags.c_contiguous
+        ):
             flat = self.array.reshape(self.n_frames, *self.detector_shape)
             return np.ascontiguousarray(flat[first : first + count])
         rows, cols = scan_position(ids, self.scan_shape, self.scan_order)
@@ -135,6 +153,12 @@ class RecordedDataset:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
+
+    def __enter__(self) -> RecordedDataset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_dataset(
@@ -156,6 +180,9 @@ def write_dataset(
     meta = {**meta, "scan_order": scan_order}
     if inner is None and path.suffix != ".npy":
         raise DatasetError(f"{path}: save to .npy or .h5")
+    reserved = {name.strip("/").split("/")[0] for name in (extra_arrays or {})}
+    if inner is not None and inner.strip("/").split("/")[0] in reserved:
+        raise DatasetError(f"{spec}: {inner} is reserved for ground truth; use e.g. /data")
     path.parent.mkdir(parents=True, exist_ok=True)
     if inner is None:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)

@@ -13,13 +13,22 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from .base import DecodeError, Event, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from .base import (
+    SCAN_ORDERS,
+    DecodeError,
+    Event,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+    SeriesStart,
+)
 
 PROTOCOL = "tcbf-live"
 VERSION = 1
 ENCODINGS = ("raw", "lz4")
 ALLOWED_DTYPES = {"|u1", "<u2", ">u2", "<u4", ">u4", "<i2", "<i4", "<f4", ">f4"}
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: ground truth included, a header is a few kB
+MAX_FRAMES = 1 << 28  # frames per series / scan positions accepted from a header
 DEFAULT_MAX_BATCH_BYTES = 512 << 20
 
 
@@ -51,7 +60,10 @@ def encode_start(info: SeriesInfo, repeat: bool = False) -> list[bytes]:
         "dwell_s": info.dwell_s,
         "ground_truth": info.ground_truth,
     }
-    return [msgpack.packb(header, use_bin_type=True), b""]
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ValueError(f"start header of {len(packed)} bytes exceeds {MAX_HEADER_BYTES}")
+    return [packed, b""]
 
 
 def encode_frames(
@@ -115,14 +127,14 @@ def _number(h: dict, key: str, required: bool = False) -> float | None:
 def parse_start(h: dict) -> SeriesInfo:
     """Validate a start header into SeriesInfo (DecodeError 'bad_start' / 'bad_dtype')."""
     dtype = h.get("dtype")
-    if dtype not in ALLOWED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
         raise DecodeError("bad_dtype", f"unsupported dtype {dtype!r}")
     order = h.get("scan_order", "raster")
-    if order not in ("raster", "serpentine"):
+    if not isinstance(order, str) or order not in SCAN_ORDERS:
         raise DecodeError("bad_start", f"unknown scan order {order!r}")
     frames_expected = h.get("frames_expected")
     if frames_expected is not None and not (
-        isinstance(frames_expected, int) and 0 < frames_expected < 1 << 40
+        isinstance(frames_expected, int) and 0 < frames_expected <= MAX_FRAMES
     ):
         raise DecodeError("bad_start", f"bad frames_expected {frames_expected!r}")
     gt = h.get("ground_truth")
@@ -130,9 +142,12 @@ def parse_start(h: dict) -> SeriesInfo:
     mask_value = h.get("mask_value")
     if mask_value is not None and not isinstance(mask_value, int):
         raise DecodeError("bad_start", f"bad mask_value {mask_value!r}")
+    scan_shape = _shape2(h.get("scan_shape"), "scan_shape", allow_none=True)
+    if scan_shape is not None and scan_shape[0] * scan_shape[1] > MAX_FRAMES:
+        raise DecodeError("bad_start", f"scan of {scan_shape} positions is implausible")
     return SeriesInfo(
         series_id=h["series"],
-        scan_shape=_shape2(h.get("scan_shape"), "scan_shape", allow_none=True),
+        scan_shape=scan_shape,
         detector_shape=_shape2(h.get("detector_shape"), "detector_shape"),
         dtype=dtype,
         scan_order=order,
@@ -210,7 +225,7 @@ class NativeDecoder:
             raise DecodeError("bad_header", "first/count/nbytes must be integers")
         if h.get("dtype", info.dtype) != info.dtype:
             raise DecodeError("bad_dtype", f"frames dtype {h.get('dtype')!r} != {info.dtype!r}")
-        limit = info.frames_expected if info.frames_expected is not None else 1 << 40
+        limit = info.frames_expected if info.frames_expected is not None else MAX_FRAMES
         if count < 1 or first < 0 or first + count > limit:
             raise DecodeError("index_out_of_range", f"frames {first}+{count} outside 0..{limit}")
         if nbytes != count * info.frame_nbytes:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import replace
 
 from detectors.files import RecordedDataset, write_dataset
-from stream.cli import UsageError, parse_finite, parse_pair
+from stream.cliutil import UsageError, parse_finite, parse_pair
 
 from .samples import SAMPLES
 from .sender import SOCKET_TYPES, SendSettings, run_sender
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--no-stream needs --save (otherwise nothing would happen)")
     if args.no_stream and args.loop:
         raise UsageError("--loop and --no-stream contradict each other")
-    if not args.bind.startswith(("tcp://", "ipc://", "inproc://")):
+    if not re.fullmatch(r"tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+", args.bind):
         raise UsageError(
             f"--bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {args.bind!r}"
         )
@@ -216,9 +217,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.write(f"saved {path}\n")
             if args.no_stream:
                 return 0
-            source = RecordedDataset(
-                args.save
-            )  # stream the saved frames instead of simulating twice
+            source = RecordedDataset(args.save)  # stream the saved frames, do not re-simulate
 
     settings = SendSettings(
         bind=args.bind,
@@ -229,5 +228,9 @@ def run(args: argparse.Namespace) -> int:
         loop=args.loop,
         wait_subscriber_s=args.wait_subscriber,
     )
-    sent = run_sender(source, settings, show_progress=False if args.quiet else None)
+    try:
+        sent = run_sender(source, settings, show_progress=False if args.quiet else None)
+    finally:
+        if isinstance(source, RecordedDataset):
+            source.close()
     return 0 if sent else 1

@@ -126,7 +126,7 @@ def detect_batch(
     for b in range(nb):
         if noise:
             s = _splitmix(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(frame_ids[b]))
-            np.random.seed(np.int64(s & np.uint64(0x7FFFFFFF)))  # noqa: NPY002
+            np.random.seed(np.int64(s & np.uint64(0xFFFFFFFF)))  # noqa: NPY002
         e = electrons[b]
         for p in range(npx):
             acc = 0.0

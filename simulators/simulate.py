@@ -99,11 +99,26 @@ class SimulationConfig:
         """Raise SimulationError with one clear sentence for impossible settings."""
         if min(self.scan_shape) < 1 or len(self.scan_shape) != 2:
             raise SimulationError(f"scan shape must be two positive sizes, got {self.scan_shape}")
-        if min(self.detector_shape) < 8:
-            raise SimulationError(f"detector must be at least 8x8 px, got {self.detector_shape}")
-        for name in ("step_A", "energy_eV", "semiangle_mrad"):
-            if not getattr(self, name) > 0:
-                raise SimulationError(f"{name} must be positive, got {getattr(self, name)}")
+        if min(self.detector_shape) < 8 or max(self.detector_shape) > 4096:
+            raise SimulationError(
+                f"detector must be 8 to 4096 px a side, got {self.detector_shape}"
+            )
+        ranges = {
+            "step_A": (1e-2, 1e4),
+            "energy_eV": (1e3, 1e7),
+            "semiangle_mrad": (1e-3, 200.0),
+            "rolloff_mrad": (0.0, 50.0),
+            "feature_A": (1e-2, 1e5),
+            "dwell_s": (1e-12, 1e3),
+        }
+        for name, (lo, hi) in ranges.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise SimulationError(f"{name} must lie in [{lo:g}, {hi:g}], got {v}")
+        if self.phase_rms is not None and not 0 <= self.phase_rms <= 10:
+            raise SimulationError(f"phase rms must lie in [0, 10] rad, got {self.phase_rms}")
+        if not 0 <= self.seed < 2**63:
+            raise SimulationError(f"seed must be in [0, 2^63), got {self.seed}")
         if self.angular_sampling_mrad is not None and not self.angular_sampling_mrad > 0:
             raise SimulationError("angular sampling must be positive")
         if not self.dose_e_per_A2 >= 0:
@@ -116,9 +131,13 @@ class SimulationConfig:
             raise SimulationError(f"unknown sample {self.sample!r} (choose {', '.join(SAMPLES)})")
         if self.scan_order not in SCAN_ORDERS:
             raise SimulationError(f"scan order must be one of {SCAN_ORDERS}")
-        if not 0 <= self.bad_pixels < self.detector_shape[0] * self.detector_shape[1] // 4:
+        if (
+            not 0
+            <= self.bad_pixels
+            <= min(10_000, self.detector_shape[0] * self.detector_shape[1] // 4)
+        ):
             raise SimulationError(
-                "bad pixel count must be >= 0 and below a quarter of the detector"
+                "bad pixels must number 0 to min(10000, a quarter of the detector)"
             )
         if self.bad_pixels and not self.noise:
             raise SimulationError("bad pixels need integer (noisy) frames, not --no-noise")
@@ -180,10 +199,17 @@ class SamplingGrid:
         radius_px = cfg.disk_edge_mrad() / cfg.resolved_angular_sampling_mrad()
         half_extent_px = max(cx, qx - cx, cy, qy - cy, 1.5 * radius_px + cfg.max_descan_px()) + 1
         m0 = max(1, math.ceil(cfg.step_A * 2.0 * half_extent_px * dk))
+        if m0 > 4096:
+            raise SimulationError(f"scan step {cfg.step_A} A needs {m0} fine pixels per step")
         # real-space window must hold the defocused probe: geometric radius + diffraction tails
         alpha = cfg.semiangle_mrad * 1e-3
         radius_A = cfg.aberrations.max_shift_A(alpha) + 2.5 * lam / alpha
         oversample = max(1, math.ceil(2.0 * 1.25 * radius_A * dk))
+        if oversample * m0 / (cfg.step_A * dk) > 4096:
+            raise SimulationError(
+                f"the probe ({2 * radius_A:.0f} A across) needs a simulation window over 4096 px: "
+                "reduce defocus/aberrations or the detector size"
+            )
         # smallest m (then N) whose pitch error is < 0.2 %, else the best one found
         best = None
         for m in range(m0, 3 * m0 + 8):

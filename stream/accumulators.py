@@ -44,15 +44,22 @@ def validate_bins(bins: tuple[int, ...]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class TileLevels:
-    """BF pixel -> tile maps for nested bin levels (coarse to fine)."""
+    """BF pixel -> tile maps for nested bin levels (coarse to fine).
+
+    `order` sorts the BF pixels so that every tile, at every level, is one contiguous run: the
+    kernel then sums tiles as segments (no scattered writes). All other arrays refer to the
+    BF pixels *in that order*.
+    """
 
     bins: tuple[int, ...]
     n_tiles: tuple[int, ...]
     offsets: tuple[int, ...]  # start column of each level in the tile accumulator
     labels: tuple[np.ndarray, ...]  # per level (n_tiles, 2) integer tile coordinates
-    bf_tile: np.ndarray  # (N_bf,) finest-level tile of each BF pixel
-    parent: np.ndarray  # (levels - 1, max tiles): tile of level l+1 -> its tile in level l
-    member_tile: tuple[np.ndarray, ...]  # per level (N_bf,) tile of each BF pixel
+    order: np.ndarray  # (N_bf,) permutation of the input BF pixels
+    member_tile: tuple[np.ndarray, ...]  # per level (N_bf,) tile of each (ordered) BF pixel
+    bf_bounds: np.ndarray  # (n_finest + 1,) finest tile t = ordered BF pixels [b[t], b[t+1])
+    child_bounds: np.ndarray  # (levels - 1, max tiles + 1) tile t of level l = tiles
+    #                           [c[l, t], c[l, t+1]) of level l + 1
 
     @property
     def total_tiles(self) -> int:
@@ -61,22 +68,28 @@ class TileLevels:
     @classmethod
     def build(cls, bf_pixels: np.ndarray, anchor: tuple[int, int], bins) -> TileLevels:
         levels = validate_bins(tuple(bins))
+        n = bf_pixels.shape[0]
         rel = bf_pixels.astype(np.int64) - np.asarray(anchor, dtype=np.int64)
-        labels, members = [], []
-        for b in levels:
-            lab = np.floor_divide(rel, b)
-            uniq, inverse = np.unique(lab, axis=0, return_inverse=True)
-            labels.append(uniq.astype(np.int32))
-            members.append(inverse.reshape(-1).astype(np.int32))
-        n_tiles = tuple(len(u) for u in labels)
+        keys = np.concatenate([np.floor_divide(rel, b) for b in levels], axis=1)
+        order = np.lexsort(keys.T[::-1])  # coarsest label is the primary key
+        keys = keys[order]
+        labels, members, starts = [], [], []
+        for lvl in range(len(levels)):
+            k = keys[:, : 2 * (lvl + 1)]
+            new = np.ones(n, bool)
+            new[1:] = np.any(k[1:] != k[:-1], axis=1)
+            members.append((np.cumsum(new) - 1).astype(np.int32))
+            labels.append(k[new][:, -2:].astype(np.int32))
+            starts.append(np.flatnonzero(new))
+        n_tiles = tuple(len(lab) for lab in labels)
         offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(n_tiles)[:-1]]))
-        # parent[l] maps tiles of level l+1 (finer) to level l: coarse levels are summed
-        # level by level from the finest, so each frame costs N_bf + total_tiles adds
-        finest = members[-1]
-        parent = np.full((len(levels) - 1, max(n_tiles)), -1, np.int32)
+        bf_bounds = np.append(starts[-1], n).astype(np.int32)
+        child = np.zeros((len(levels) - 1, max(n_tiles) + 1), np.int32)
         for lvl in range(len(levels) - 1):
-            parent[lvl, members[lvl + 1]] = members[lvl]
-        return cls(levels, n_tiles, offsets, tuple(labels), finest, parent, tuple(members))
+            first_child = members[lvl + 1][starts[lvl]]
+            child[lvl, : n_tiles[lvl] + 1] = np.append(first_child, n_tiles[lvl + 1])
+        return cls(levels, n_tiles, offsets, tuple(labels), order.astype(np.int32),
+                   tuple(members), bf_bounds, child)  # fmt: skip
 
 
 # stats slots of the kernel
@@ -86,17 +99,17 @@ ACCEPTED, DUPLICATE, OUT_OF_RANGE, OUT_OF_ORDER, NEXT_INDEX = range(5)
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def accumulate_frames(
     frames: np.ndarray,  # (B, Qx*Qy) any numeric dtype
-    first: int,
+    indices: np.ndarray,  # (B,) acquisition index of each frame
     n_pos: int,
     cols: int,
     serpentine: bool,
-    bf_index: np.ndarray,  # (N_bf,) flat detector index
-    bf_tile: np.ndarray,  # (N_bf,) finest tile
-    axial_index: np.ndarray,  # BF-pixel indices inside the axial radius
-    masked_index: np.ndarray,  # flat indices excluded from totals
-    parent: np.ndarray,  # (L-1, max tiles) finer tile -> coarser tile
+    bf_index: np.ndarray,  # (N_bf,) flat detector index, tile-contiguous order
+    bf_bounds: np.ndarray,  # (n_finest + 1,) BF runs of the finest tiles
+    child_bounds: np.ndarray,  # (L-1, max tiles + 1) finer-tile runs of each coarser tile
     offsets: np.ndarray,  # (L,) first accumulator column of each level
     n_tiles: np.ndarray,  # (L,) tiles per level
+    axial_index: np.ndarray,  # BF-pixel indices inside the axial radius
+    masked_index: np.ndarray,  # flat indices excluded from totals
     stack_max: float,
     totals: np.ndarray,  # (n_pos,) float64
     bf_sum: np.ndarray,  # (n_pos,) float64
@@ -108,11 +121,11 @@ def accumulate_frames(
     stats: np.ndarray,  # int64[5]
 ) -> None:
     n_levels = offsets.shape[0]
-    fine_off = offsets[n_levels - 1]
-    tmp = np.zeros(tiles.shape[1], np.float64)  # this frame's tile sums, all levels
     n_bf = bf_index.shape[0]
+    vals = np.zeros(n_bf, np.float64)  # this frame's BF values
+    tmp = np.zeros(tiles.shape[1], np.float64)  # this frame's tile sums, all levels
     for b in range(frames.shape[0]):
-        idx = first + b
+        idx = indices[b]
         if idx < 0 or idx >= seen.shape[0]:
             stats[OUT_OF_RANGE] += 1
             continue
@@ -136,23 +149,32 @@ def accumulate_frames(
             tot += f[p]
         for m in masked_index:
             tot -= f[m]
-        tmp[:] = 0.0
-        srow = stack[j]
-        bfs = 0.0
-        ax = 0.0
-        for i in axial_index:
-            ax += f[bf_index[i]]
         for i in range(n_bf):
-            v = f[bf_index[i]]
-            bfs += v
-            s = srow[i] + v
+            vals[i] = f[bf_index[i]]
+        srow = stack[j]
+        for i in range(n_bf):
+            s = srow[i] + vals[i]
             srow[i] = s if s < stack_max else stack_max
-            tmp[fine_off + bf_tile[i]] += v
-        for lvl in range(n_levels - 2, -1, -1):  # finer level lvl+1 -> coarser level lvl
+        fine = offsets[n_levels - 1]
+        for t in range(n_tiles[n_levels - 1]):
+            acc = 0.0
+            for i in range(bf_bounds[t], bf_bounds[t + 1]):
+                acc += vals[i]
+            tmp[fine + t] = acc
+        for lvl in range(n_levels - 2, -1, -1):  # coarser tiles from the next finer level
             src = offsets[lvl + 1]
             dst = offsets[lvl]
-            for t in range(n_tiles[lvl + 1]):
-                tmp[dst + parent[lvl, t]] += tmp[src + t]
+            for t in range(n_tiles[lvl]):
+                acc = 0.0
+                for c in range(child_bounds[lvl, t], child_bounds[lvl, t + 1]):
+                    acc += tmp[src + c]
+                tmp[dst + t] = acc
+        bfs = 0.0
+        for t in range(n_tiles[0]):
+            bfs += tmp[t]
+        ax = 0.0
+        for i in axial_index:
+            ax += vals[i]
         trow = tiles[j]
         for t in range(tmp.shape[0]):
             trow[t] += tmp[t]
@@ -165,7 +187,11 @@ def accumulate_frames(
 
 @dataclass
 class Accumulators:
-    """All per-position sums for one series; sized from the scan and the calibration."""
+    """All per-position sums for one series; sized from the scan and the calibration.
+
+    The calibration's BF pixels must already be in `tiles_layout.order`, so stack columns,
+    tile members and `calibration.bf_pixels` all line up (SeriesProcessor does this).
+    """
 
     scan_shape: tuple[int, int]
     calibration: Calibration
@@ -212,14 +238,18 @@ class Accumulators:
         return int(sum(a.nbytes for a in arrays) + self.seen.nbytes)
 
     def add(self, first: int, frames: np.ndarray) -> None:
-        """Fold frames (B, Qx, Qy) with acquisition indices first.. into the sums."""
+        """Fold frames (B, Qx, Qy) with acquisition indices first, first+1, ... into the sums."""
+        self.add_indexed(np.arange(first, first + frames.shape[0], dtype=np.int64), frames)
+
+    def add_indexed(self, indices: np.ndarray, frames: np.ndarray) -> None:
+        """Fold frames (B, Qx, Qy) with arbitrary acquisition indices (B,) into the sums."""
         flat = frames.reshape(frames.shape[0], -1)
         lay = self.tiles_layout
         accumulate_frames(
-            flat, first, self.n_positions, self.scan_shape[1], self.serpentine,
-            self._bf_index, lay.bf_tile, self._axial_index, self._masked, lay.parent,
-            self._offsets, self._n_tiles, self._stack_max, self.totals, self.bf_sum, self.axial_sum,
-            self.hits, self.stack, self.tiles, self.seen, self.stats,
+            flat, indices, self.n_positions, self.scan_shape[1], self.serpentine,
+            self._bf_index, lay.bf_bounds, lay.child_bounds, self._offsets, self._n_tiles,
+            self._axial_index, self._masked, self._stack_max, self.totals, self.bf_sum,
+            self.axial_sum, self.hits, self.stack, self.tiles, self.seen, self.stats,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- read-outs (copies)

@@ -16,7 +16,7 @@ from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
 from detectors.native import NativeDecoder
 
 from .series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
-from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
+from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_event_batches
 
 log = logging.getLogger("tcbf.engine")
 
@@ -78,17 +78,23 @@ class Engine:
     def _run(self) -> None:
         decoder = DECODERS[self.settings.protocol]()
         try:
-            events = receive_events(
+            drained = receive_event_batches(
                 self._sock, decoder, self.counters,
                 timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
             )  # fmt: skip
-            for event in events:
-                if isinstance(event, SeriesStart):
-                    self._on_start(event)
-                elif isinstance(event, FrameBatch):
-                    self._on_frames(event)
-                elif isinstance(event, SeriesEnd):
-                    self._finish(complete=True)
+            for events in drained:
+                frames: list[FrameBatch] = []  # consecutive frame messages go in together
+                for event in events:
+                    if isinstance(event, FrameBatch):
+                        frames.append(event)
+                        continue
+                    self._on_frames(frames)
+                    frames = []
+                    if isinstance(event, SeriesStart):
+                        self._on_start(event)
+                    elif isinstance(event, SeriesEnd):
+                        self._finish(complete=True)
+                self._on_frames(frames)
             if self._current is not None:  # timed out or stopped mid-series
                 log.warning("stream idle or stopped before the series ended")
                 self._finish(complete=False)
@@ -111,24 +117,39 @@ class Engine:
         late = " (joined mid-series)" if event.repeat else ""
         log.info("series %d started%s", event.info.series_id, late)
 
-    def _on_frames(self, batch: FrameBatch) -> None:
+    def _on_frames(self, batches: list[FrameBatch]) -> None:
+        if not batches:
+            return
         proc = self._current
         if proc is None:
-            self.counters.reject(DecodeError("no_series", f"frames of series {batch.series_id}"))
+            for b in batches:
+                self.counters.reject(DecodeError("no_series", f"frames of series {b.series_id}"))
             return
         if self.settings.processing.repeat_scans == "new-series":
-            pass_index = batch.first // proc.n_positions
-            if pass_index > proc.index_offset // proc.n_positions:  # next pass: next series
-                info = proc.info
-                self._finish(complete=True)
-                with self._lock:
-                    self._current = proc = SeriesProcessor(info, self.settings.processing,
-                                                           pass_index)  # fmt: skip
+            for batch in batches:
+                self._on_frames_new_series(batch)
+            return
+        with self._lock:
+            proc.add_many(batches)
+        self.counters.frames += sum(len(b.frames) for b in batches)
+        if proc.done:
+            self._finish(complete=True)
+
+    def _on_frames_new_series(self, batch: FrameBatch) -> None:
+        """Repeat scans as separate series: a frame of the next pass closes the current one."""
+        proc = self._current
+        if proc is None:
+            return
+        pass_index = batch.first // proc.n_positions
+        if pass_index > proc.index_offset // proc.n_positions:
+            info = proc.info
+            self._finish(complete=True)
+            proc = SeriesProcessor(info, self.settings.processing, pass_index)
+            with self._lock:
+                self._current = proc
         with self._lock:
             proc.add(batch)
         self.counters.frames += len(batch.frames)
-        if proc.done and self.settings.processing.repeat_scans != "new-series":
-            self._finish(complete=True)
 
     def _finish(self, complete: bool) -> None:
         proc = self._current

@@ -17,7 +17,7 @@ import numpy as np
 from detectors.base import FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
 from detectors.native import NativeDecoder
 
-from .cli import UsageError
+from .cliutil import UsageError
 from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
 
 
@@ -36,7 +36,7 @@ class SeriesTally:
 
     def add(self, batch: FrameBatch) -> None:
         stop = batch.first + len(batch.frames)
-        if stop > self.seen.size:  # series of unknown length: grow geometrically
+        if stop > self.seen.size:  # series of unknown length (decoder caps indices): grow
             grown = np.zeros(max(stop, 2 * self.seen.size), bool)
             grown[: self.seen.size] = self.seen
             self.seen = grown

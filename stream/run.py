@@ -11,7 +11,7 @@ import numpy as np
 
 from .accumulators import validate_bins
 from .calibration import Calibration, CalibrationError
-from .cli import UsageError, parse_pair
+from .cliutil import UsageError, parse_pair
 from .engine import DECODERS, Engine, EngineSettings
 from .series import ProcessingSettings
 from .subscriber import SubscriberSettings

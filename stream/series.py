@@ -7,6 +7,7 @@ same `SeriesInfo` and `FrameBatch` events, so both share one code path.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -17,6 +18,9 @@ from .accumulators import Accumulators, TileLevels, default_bins
 from .calibration import DEFAULT_BF_THRESHOLD, Calibration, calibrate
 
 log = logging.getLogger("tcbf.series")
+
+STAGE_SMALL = 4  # messages with fewer frames than this are gathered ...
+STAGE_FRAMES = 32  # ... into one kernel call of up to this many frames
 
 
 class SeriesError(ValueError):
@@ -72,6 +76,11 @@ class SeriesResult:
     out_of_order: int
     out_of_range: int
     complete: bool
+    elapsed_s: float = 0.0  # first to last frame received
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames_received / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def frames_missing(self) -> int:
@@ -106,7 +115,8 @@ class SeriesResult:
         return (
             f"series {self.info.series_id}: {self.frames_received}/{self.frames_expected} frames, "
             f"{self.frames_missing} missing, {self.duplicates} duplicate, "
-            f"{self.out_of_order} out of order, {self.out_of_range} out of range; "
+            f"{self.out_of_order} out of order, {self.out_of_range} out of range, "
+            f"{self.frames_per_s:.0f} frames/s; "
             f"dose {self.dose_e_per_A2:.4g} e/A^2 ({self.electrons_total:.4g} e)"
         )
 
@@ -132,6 +142,10 @@ class SeriesProcessor:
         self.calibration: Calibration | None = settings.calibration
         self.acc: Accumulators | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
+        self._stage: np.ndarray | None = None  # staging buffer for small messages
+        self._stage_index = np.empty(0, np.int64)
+        self._t_first: float | None = None
+        self._t_last = 0.0
         self._pending_frames = 0
         if self.calibration is not None:
             self._build(self.calibration)
@@ -140,6 +154,9 @@ class SeriesProcessor:
     def add(self, batch: FrameBatch) -> None:
         """Fold one batch in (indices relative to the series start)."""
         first = batch.first - self.index_offset
+        now = time.perf_counter()
+        self._t_first = self._t_first or now
+        self._t_last = now
         if self.acc is not None:
             self.acc.add(first, batch.frames)
             return
@@ -148,6 +165,47 @@ class SeriesProcessor:
         self._pending_frames += len(batch.frames)
         if self._pending_frames >= self.settings.calibration_frames:
             self.calibrate_now()
+
+    def add_many(self, batches: list[FrameBatch]) -> None:
+        """Fold several batches in order; runs of small ones share one kernel call, copied
+        into a reusable staging buffer (the per-call overhead dominates for 1-frame messages)."""
+        if self.acc is None:
+            for b in batches:
+                self.add(b)
+            return
+        run: list[FrameBatch] = []
+        for b in batches:
+            if len(b.frames) >= STAGE_SMALL:
+                self._add_staged(run)
+                run = []
+                self.add(b)
+            else:
+                run.append(b)
+                if sum(len(r.frames) for r in run) >= STAGE_FRAMES:
+                    self._add_staged(run)
+                    run = []
+        self._add_staged(run)
+
+    def _add_staged(self, run: list[FrameBatch]) -> None:
+        if len(run) <= 1:
+            for b in run:
+                self.add(b)
+            return
+        n = sum(len(b.frames) for b in run)
+        if self._stage is None or self._stage.shape[0] < n:
+            shape = (max(n, 2 * STAGE_FRAMES), *self.info.detector_shape)
+            self._stage = np.empty(shape, self.info.dtype)
+            self._stage_index = np.empty(shape[0], np.int64)
+        k = 0
+        for b in run:
+            m = len(b.frames)
+            self._stage[k : k + m] = b.frames
+            self._stage_index[k : k + m] = np.arange(b.first, b.first + m) - self.index_offset
+            k += m
+        now = time.perf_counter()
+        self._t_first = self._t_first or now
+        self._t_last = now
+        self.acc.add_indexed(self._stage_index[:n], self._stage[:n])
 
     def calibrate_now(self) -> None:
         """Calibrate from the frames held so far and fold them in."""
@@ -178,10 +236,12 @@ class SeriesProcessor:
         if cal.detector_shape != tuple(self.info.detector_shape):
             raise SeriesError(f"calibration for {cal.detector_shape}, frames are "
                               f"{self.info.detector_shape}")  # fmt: skip
-        self.calibration = cal
         bins = s.bins or default_bins(cal.radius_px)
         anchor = (round(cal.center_px[0]), round(cal.center_px[1]))
         layout = TileLevels.build(cal.bf_pixels, anchor, bins)
+        # BF pixels in tile-contiguous order from here on (stack columns, result file)
+        cal = replace(cal, bf_pixels=cal.bf_pixels[layout.order])
+        self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
         self.acc = Accumulators(
             self.scan_shape,
@@ -233,4 +293,5 @@ class SeriesProcessor:
             out_of_order=acc.out_of_order,
             out_of_range=acc.out_of_range,
             complete=complete,
+            elapsed_s=self._t_last - (self._t_first or self._t_last),
         )

@@ -25,7 +25,7 @@ class SubscriberSettings:
     endpoint: str = "tcp://127.0.0.1:5555"
     socket_type: str = "sub"  # or "pull"
     bind: bool = False  # connect by default
-    rcvhwm: int = 100_000
+    rcvhwm: int = 10_000  # messages queued before PUB drops / PUSH blocks (memory bound)
     max_message_bytes: int = 512 << 20
 
 
@@ -46,6 +46,15 @@ def open_socket(settings: SubscriberSettings, ctx: zmq.Context | None = None) ->
     ctx = ctx or zmq.Context.instance()
     kind = {"sub": zmq.SUB, "pull": zmq.PULL}[settings.socket_type]
     sock = ctx.socket(kind)
+    try:
+        _configure(sock, kind, settings)
+    except zmq.ZMQError:
+        sock.close()
+        raise
+    return sock
+
+
+def _configure(sock: zmq.Socket, kind: int, settings: SubscriberSettings) -> None:
     sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
     sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
     sock.setsockopt(zmq.LINGER, 0)
@@ -55,33 +64,46 @@ def open_socket(settings: SubscriberSettings, ctx: zmq.Context | None = None) ->
         sock.bind(settings.endpoint)
     else:
         sock.connect(settings.endpoint)
-    return sock
 
 
-def receive_events(
+def receive_event_batches(
     sock: zmq.Socket,
     decoder: NativeDecoder,
     counters: StreamCounters,
     timeout_s: float | None = None,
     poll_ms: int = 100,
     should_stop: Callable[[], bool] = lambda: False,
-) -> Iterator[Event]:
-    """Yield decoded events until `timeout_s` passes with no message (None: forever) or
-    `should_stop()` turns true (checked at least every `poll_ms`)."""
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
+    max_messages: int = 64,
+) -> Iterator[list[Event]]:
+    """Yield lists of decoded events: everything already queued (up to `max_messages`) at once,
+    so consumers can hand many small messages to one kernel call. Stops after `timeout_s`
+    without a message (None: never) or when `should_stop()` turns true."""
     idle_since = time.monotonic()
     while not should_stop():
-        if not poller.poll(poll_ms):
+        if not sock.poll(poll_ms):
             if timeout_s is not None and time.monotonic() - idle_since > timeout_s:
                 return
             continue
         idle_since = time.monotonic()
-        parts = sock.recv_multipart(copy=False)
-        counters.messages += 1
-        try:
-            event = decoder.decode([p.buffer for p in parts])
-        except DecodeError as err:
-            counters.reject(err)
-            continue
-        yield event
+        events: list[Event] = []
+        for _ in range(max_messages):
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            counters.messages += 1
+            try:
+                events.append(decoder.decode([p.buffer for p in parts]))
+            except DecodeError as err:
+                counters.reject(err)
+            except Exception as exc:  # a decoder bug must not take the receiver down
+                log.exception("decoder failed on a message")
+                counters.reject(DecodeError("decoder_error", repr(exc)))
+        if events:
+            yield events
+
+
+def receive_events(sock: zmq.Socket, decoder, counters, **kwargs) -> Iterator[Event]:
+    """One decoded event at a time (see `receive_event_batches` for the arguments)."""
+    for events in receive_event_batches(sock, decoder, counters, **kwargs):
+        yield from events

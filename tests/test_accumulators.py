@@ -157,7 +157,8 @@ def test_calibration_round_trips_through_a_file(sim, frames, tmp_path):
     np.testing.assert_array_equal(loaded.bf_pixels, cal.bf_pixels)
     np.testing.assert_array_equal(loaded.mask, cal.mask)
     proc = feed(sim, batches_of(frames, 16), ProcessingSettings(calibration=loaded))
-    np.testing.assert_array_equal(proc.calibration.bf_pixels, cal.bf_pixels)
+    # same pixels, reordered so each tile is contiguous
+    assert set(map(tuple, proc.calibration.bf_pixels)) == set(map(tuple, cal.bf_pixels))
 
 
 def test_frames_before_calibration_are_not_lost(sim, frames):

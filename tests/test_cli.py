@@ -34,6 +34,12 @@ SMALL = ["--scan", "4x5", "--quiet"]
         ["simulate", "--replay", "missing.npy"],
         ["simulate", "--descan", "1,2"],
         ["listen", "--timeout", "0"],
+        ["simulate", "--seed", "-1"],
+        ["simulate", "--step", "1e30"],
+        ["simulate", "--rolloff", "-3"],
+        ["simulate", "--phase-rms", "-1"],
+        ["simulate", "--bind", "tcp://nonsense"],
+        ["simulate", "--bad-pixels", "20000"],
         ["frobnicate"],
     ],
 )
@@ -60,6 +66,21 @@ def test_replay_rejects_non_4d_and_physics_flags(tmp_path, capsys):
         f["data"] = np.zeros((2, 2, 8), np.uint16)
     assert main(["simulate", "--replay", f"{h5}:/data"]) == 2
     assert main(["simulate", "--replay", f"{h5}:/nothing"]) == 2
+    np.save(tmp_path / "f64.npy", np.ones((2, 2, 8, 8)))
+    assert main(["simulate", "--replay", str(tmp_path / "f64.npy")]) == 2
+    np.save(tmp_path / "empty.npy", np.ones((0, 2, 8, 8), np.uint16))
+    assert main(["simulate", "--replay", str(tmp_path / "empty.npy")]) == 2
+    (tmp_path / "ok.json").write_text("{not json")
+    assert main(["simulate", "--replay", str(good)]) == 2
+
+
+def test_module_entry_point_gives_one_line_errors():
+    """`python -m stream.cli` must behave like the console script."""
+    out = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "simulate", "--batch", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".h5"])

@@ -214,3 +214,46 @@ def test_loop_sends_new_series_ids(endpoint, sim):
     assert not t.is_alive()
     assert len({e.series_id for e in ends}) == 3
     assert all(e.frames_sent == sim.n_frames for e in ends)
+
+
+# ---------------------------------------------------------------- fuzzing the decoder
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats()
+VALUES = st.recursive(
+    SCALARS | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+KEYS = ["proto", "v", "kind", "series", "first", "count", "nbytes", "dtype", "encoding",
+        "scan_shape", "detector_shape", "frames_expected", "scan_order", "mask_value",
+        "repeat", "seq", "frames_sent", "ground_truth", "energy_eV"]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mutations=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4),
+    kind=st.sampled_from(["start", "frames", "end"]),
+    payload=st.binary(max_size=64) | st.just(b"\0" * 32768),
+    raw=st.binary(max_size=40),
+)
+def test_decoder_never_crashes(mutations, kind, payload, raw):
+    """Random and mutated headers: a valid event or a DecodeError, nothing else."""
+    base = {"proto": "tcbf-live", "v": 1, "kind": kind, "series": 42, "first": 0, "count": 1,
+            "nbytes": 32768, "dtype": "<u2", "encoding": "raw", "scan_shape": [6, 10],
+            "detector_shape": [128, 128], "frames_expected": 60, "frames_sent": 1}  # fmt: skip
+    dec = NativeDecoder()
+    dec.decode(encode_start(SIM_INFO))
+    for parts in ([msgpack.packb({**base, **mutations}), payload], [raw, payload]):
+        try:
+            ev = dec.decode(parts)
+        except DecodeError:
+            continue
+        if isinstance(ev, FrameBatch):
+            assert ev.frames.nbytes == len(ev.frames) * 32768
+
+
+SIM_INFO = Simulator(tutorial_config(scan_shape=(6, 10))).series_info(42)
