@@ -15,6 +15,8 @@ from .samples import SAMPLES
 from .sender import SOCKET_TYPES, SendSettings, run_sender
 from .simulate import PRESETS, SimulationConfig, SimulationError, Simulator
 
+ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:]+\]|[^:/\s\[\]]+):\d{1,5}|ipc://\S+|inproc://\S+")
+
 # flags that describe the physics of a simulation; meaningless for --replay
 PHYSICS_FLAGS = (
     "defocus", "C10", "C12", "phi12", "C21", "phi21", "C23", "phi23", "C30", "rolloff",
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--no-stream needs --save (otherwise nothing would happen)")
     if args.no_stream and args.loop:
         raise UsageError("--loop and --no-stream contradict each other")
-    if not re.fullmatch(r"tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+", args.bind):
+    if not ENDPOINT.fullmatch(args.bind):
         raise UsageError(
             f"--bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {args.bind!r}"
         )
