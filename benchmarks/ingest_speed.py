@@ -57,14 +57,20 @@ def sender(endpoint: str, n_frames: int, batch: int, n_series: int, scan: tuple[
     push.setsockopt(zmq.SNDHWM, 1000)
     push.bind(endpoint)
     t0, sent = None, 0
-    for series in messages:
+    for i, series in enumerate(messages):
         for parts in series:
-            push.send_multipart(parts, copy=False)  # blocks until the receiver connects
+            if i == len(messages) - 1 and parts is series[-1]:
+                # the receiver may stop on the frame count and leave before the last `end`
+                push.setsockopt(zmq.SNDTIMEO, 2000)
+            try:
+                push.send_multipart(parts, copy=False)  # blocks until the receiver connects
+            except zmq.Again:
+                break
             t0 = t0 or time.perf_counter()
             sent += batch
             if rate_fps:
                 time.sleep(max(0.0, t0 + sent / rate_fps - time.perf_counter()))
-    push.setsockopt(zmq.LINGER, 10_000)
+    push.setsockopt(zmq.LINGER, 2000)
     push.close()
     ctx.term()
 

@@ -79,7 +79,7 @@ def test_accumulators_equal_numpy_reference(sim, frames):
     cube = sim.datacube()
     check_against_reference(proc, cube, np.ones(sim.cfg.scan_shape, bool))
     r = proc.result()
-    assert r.bins == (32, 16, 8, 4, 2) and r.n_tiles[0] == 4  # quadrants first
+    assert r.bins == (32, 16, 8, 4) and r.n_tiles[0] == 4  # quadrants first
     assert np.all(r.dark_field >= 0) and r.dark_field.sum() > 0
     # masked pixels (2^16 - 1) never reach any sum
     assert r.total_counts.max() < 65535 * 2
@@ -171,7 +171,8 @@ def test_frames_before_calibration_are_not_lost(sim, frames):
 
 
 def test_bin_levels():
-    assert default_bins(26.0) == (32, 16, 8, 4, 2)
+    assert default_bins(26.0) == (32, 16, 8, 4)
+    assert default_bins(3.0) == (4,)
     assert validate_bins((8, 32, 16)) == (32, 16, 8)
     with pytest.raises(ValueError):
         validate_bins((32, 12))
@@ -184,3 +185,21 @@ def test_bin_levels():
         coarse = lay.member_tile[lvl]
         for t in np.unique(fine):
             assert len(np.unique(coarse[fine == t])) == 1
+
+
+def test_staged_small_messages_match_reference(sim, frames):
+    """1-3 frame messages are gathered into one kernel call: same sums, same counters."""
+    rng = np.random.default_rng(2)
+    proc = feed(sim, batches_of(frames, 1)[:64])  # calibrate on the first 64
+    rest, i = [], 64
+    while i < len(frames):  # messages of 1, 2, 3, 1, 2, 3, ... frames
+        k = 1 + len(rest) % 3
+        rest.append(FrameBatch(1, i, frames[i : i + k]))
+        i += k
+    rest.insert(5, rest[3])  # a 1-frame duplicate inside a staged run
+    while rest:
+        n = int(rng.integers(1, 40))
+        proc.add_many(rest[:n])
+        rest = rest[n:]
+    assert proc.result().duplicates == 1
+    check_against_reference(proc, sim.datacube(), np.ones(sim.cfg.scan_shape, bool))
