@@ -93,15 +93,16 @@ def bare(n_frames: int, batch: int) -> float:
     n_messages = 2 + -(-n_frames // batch)
     sock.recv_multipart(copy=False)  # start
     parts = sock.recv_multipart(copy=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_messages - 3):
         parts = sock.recv_multipart(copy=False)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     sock.recv_multipart(copy=False)  # end
     del parts
     sock.close()
     proc.join()
-    return (n_frames - batch) / (t1 - t0)
+    n = n_frames - batch
+    return n / (t1 - t0), (c1 - c0) / n * 1e6
 
 
 def engine(n_frames: int, batch: int) -> float:
@@ -116,12 +117,15 @@ def engine(n_frames: int, batch: int) -> float:
             idle_timeout_s=30,
             max_series=1,
         )
-    ).start()
+    )
+    c0 = time.process_time()  # receiving process CPU (all its threads), incl. waiting setup
+    eng.start()
     eng.join()
+    cpu = time.process_time() - c0
     proc.join()
     r = eng.last_result
     assert r is not None and r.frames_received == n_frames, r and r.summary()
-    return r.frames_per_s
+    return r.frames_per_s, cpu / n_frames * 1e6
 
 
 def rss_mb() -> float:
@@ -158,12 +162,14 @@ def main() -> None:
 
     n_frames = 20_000
     print("128x128 uint16 frames, raw payloads, tcp loopback, PUSH -> PULL")
-    print(f"{'batch':>6s} {'bare frames/s':>14s} {'engine frames/s':>16s} {'ratio':>6s}")
+    print("(CPU: receiving process, all threads, microseconds per frame)")
+    print(f"{'batch':>6s} {'bare frames/s':>14s} {'engine frames/s':>16s} {'ratio':>6s} "
+          f"{'bare CPU':>9s} {'engine CPU':>11s}")  # fmt: skip
     engine(2_000, 16)  # warm-up: JIT cache load, first calibration
     for batch in (16, 4, 1):
-        b = max(bare(n_frames, batch) for _ in range(2))
-        e = max(engine(n_frames, batch) for _ in range(2))
-        print(f"{batch:6d} {b:14.0f} {e:16.0f} {e / b:6.2f}")
+        b, bc = max(bare(n_frames, batch) for _ in range(2))
+        e, ec = max(engine(n_frames, batch) for _ in range(2))
+        print(f"{batch:6d} {b:14.0f} {e:16.0f} {e / b:6.2f} {bc:9.1f} {ec:11.1f}")
     rss = rss_over_series()
     spread = (max(rss[1:]) - min(rss[1:])) / min(rss[1:]) * 100
     print(

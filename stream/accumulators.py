@@ -118,6 +118,7 @@ def accumulate_frames(
     axial_index: np.ndarray,  # BF-pixel indices inside the axial radius
     masked_index: np.ndarray,  # flat indices excluded from totals
     stack_max: float,
+    zero,  # 0 of the frame-sum type: int64 for integer frames (vectorises), float64 otherwise
     totals: np.ndarray,  # (n_pos,) float64
     bf_sum: np.ndarray,  # (n_pos,) float64
     axial_sum: np.ndarray,  # (n_pos,) float64
@@ -151,7 +152,7 @@ def accumulate_frames(
             col = cols - 1 - col
         j = row * cols + col
         f = frames[b]
-        tot = 0.0
+        tot = zero
         for p in range(f.shape[0]):
             tot += f[p]
         for m in masked_index:
@@ -234,6 +235,7 @@ class Accumulators:
         self._masked = cal.masked_flat_index
         self._offsets = np.asarray(self.tiles_layout.offsets, np.int64)
         self._n_tiles = np.asarray(self.tiles_layout.n_tiles, np.int64)
+        self._zero = np.int64(0) if self.integer_stack else 0.0
         self._stack_max = float(np.iinfo(np.uint16).max if self.integer_stack else np.inf)
 
     @property
@@ -255,7 +257,7 @@ class Accumulators:
         accumulate_frames(
             flat, indices, self.n_positions, self.scan_shape[1], self.serpentine,
             self._bf_index, lay.bf_bounds, lay.child_bounds, self._offsets, self._n_tiles,
-            self._axial_index, self._masked, self._stack_max, self.totals, self.bf_sum,
+            self._axial_index, self._masked, self._stack_max, self._zero, self.totals, self.bf_sum,
             self.axial_sum, self.hits, self.stack, self.tiles, self.seen, self.stats,
         )  # fmt: skip
 
