@@ -24,6 +24,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
+from common import rss_mb  # noqa: E402
 
 
 def free_endpoint() -> str:
@@ -126,14 +127,6 @@ def engine(n_frames: int, batch: int) -> float:
     r = eng.last_result
     assert r is not None and r.frames_received == n_frames, r and r.summary()
     return r.frames_per_s, cpu / n_frames * 1e6
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def rss_over_series(n_series: int = 10, scan=(64, 64)) -> list[float]:

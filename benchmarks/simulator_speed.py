@@ -13,15 +13,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
+from common import rss_mb  # noqa: E402
+
 from simulators import Simulator, tutorial_config  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def time_full_scan(label: str, **kw) -> tuple[str, int, float, float, int]:

@@ -1,5 +1,6 @@
 import os
 import socket
+import sys
 
 import pytest
 
@@ -16,3 +17,20 @@ def free_port() -> int:
 @pytest.fixture
 def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def expect_usage_error(capsys):
+    """Run `tcbf-live ARGV...`; assert exit code 2 and exactly one stderr line, no traceback."""
+    from stream.cli import main
+
+    def check(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exc:
+            sys.exit(main(argv))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert "error" in err
+        return err
+
+    return check

@@ -43,13 +43,8 @@ SMALL = ["--scan", "4x5", "--quiet"]
         ["frobnicate"],
     ],
 )
-def test_bad_flags_give_one_line_and_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        sys.exit(main(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "error" in err
+def test_bad_flags_give_one_line_and_exit_2(argv, expect_usage_error):
+    expect_usage_error(argv)
 
 
 def test_replay_rejects_non_4d_and_physics_flags(tmp_path, capsys):

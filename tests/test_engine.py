@@ -177,11 +177,5 @@ def test_run_cli_writes_result_file(endpoint, tmp_path):
         ["run", "--headless", "--output", "x.h5", "--connect", "a", "--bind", "b"],
     ],
 )
-def test_run_bad_flags(argv, capsys):
-    from stream.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        sys.exit(main(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+def test_run_bad_flags(argv, expect_usage_error):
+    expect_usage_error(argv)
