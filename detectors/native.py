@@ -221,7 +221,7 @@ class NativeDecoder:
                 "wrong_series", f"frames of series {series}, expected {info.series_id}"
             )
         first, count, nbytes = h.get("first"), h.get("count"), h.get("nbytes")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, count, nbytes)):
+        if type(first) is not int or type(count) is not int or type(nbytes) is not int:
             raise DecodeError("bad_header", "first/count/nbytes must be integers")
         if h.get("dtype", info.dtype) != info.dtype:
             raise DecodeError("bad_dtype", f"frames dtype {h.get('dtype')!r} != {info.dtype!r}")

@@ -167,45 +167,41 @@ class SeriesProcessor:
             self.calibrate_now()
 
     def add_many(self, batches: list[FrameBatch]) -> None:
-        """Fold several batches in order; runs of small ones share one kernel call, copied
-        into a reusable staging buffer (the per-call overhead dominates for 1-frame messages)."""
+        """Fold several batches in order. Runs of small ones (< STAGE_SMALL frames) are copied
+        into a reusable staging buffer and share one kernel call: for 1-frame messages the
+        per-call overhead would otherwise dominate."""
         if self.acc is None:
             for b in batches:
                 self.add(b)
             return
-        run: list[FrameBatch] = []
+        if self._stage is None:
+            self._stage = np.empty((STAGE_FRAMES + STAGE_SMALL, *self.info.detector_shape),
+                                   self.info.dtype)  # fmt: skip
+            self._stage_index = np.empty(self._stage.shape[0], np.int64)
+        stage, index, offset = self._stage, self._stage_index, self.index_offset
+        n = 0
         for b in batches:
-            if len(b.frames) >= STAGE_SMALL:
-                self._add_staged(run)
-                run = []
-                self.add(b)
-            else:
-                run.append(b)
-                if sum(len(r.frames) for r in run) >= STAGE_FRAMES:
-                    self._add_staged(run)
-                    run = []
-        self._add_staged(run)
-
-    def _add_staged(self, run: list[FrameBatch]) -> None:
-        if len(run) <= 1:
-            for b in run:
-                self.add(b)
-            return
-        n = sum(len(b.frames) for b in run)
-        if self._stage is None or self._stage.shape[0] < n:
-            shape = (max(n, 2 * STAGE_FRAMES), *self.info.detector_shape)
-            self._stage = np.empty(shape, self.info.dtype)
-            self._stage_index = np.empty(shape[0], np.int64)
-        k = 0
-        for b in run:
             m = len(b.frames)
-            self._stage[k : k + m] = b.frames
-            self._stage_index[k : k + m] = np.arange(b.first, b.first + m) - self.index_offset
-            k += m
-        now = time.perf_counter()
-        self._t_first = self._t_first or now
-        self._t_last = now
-        self.acc.add_indexed(self._stage_index[:n], self._stage[:n])
+            if m >= STAGE_SMALL:
+                n = self._flush_stage(n)
+                self.add(b)
+                continue
+            stage[n : n + m] = b.frames
+            for k in range(m):
+                index[n + k] = b.first + k - offset
+            n += m
+            if n >= STAGE_FRAMES:
+                n = self._flush_stage(n)
+        self._flush_stage(n)
+
+    def _flush_stage(self, n: int) -> int:
+        """Accumulate the first n staged frames; returns the new fill level (0)."""
+        if n:
+            now = time.perf_counter()
+            self._t_first = self._t_first or now
+            self._t_last = now
+            self.acc.add_indexed(self._stage_index[:n], self._stage[:n])
+        return 0
 
     def calibrate_now(self) -> None:
         """Calibrate from the frames held so far and fold them in."""
