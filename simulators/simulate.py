@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.fft as sfft
@@ -439,10 +439,3 @@ class Simulator:
             r, c = scan_position(ids, cfg.scan_shape, cfg.scan_order)
             out[r, c] = frames
         return out
-
-
-def config_as_dict(cfg: SimulationConfig) -> dict:
-    """Plain-dict form of a config (for logging / result files)."""
-    d = asdict(cfg)
-    d["aberrations"] = cfg.aberrations.as_dict()
-    return d

@@ -49,12 +49,6 @@ class Calibration:
     def masked_flat_index(self) -> np.ndarray:
         return np.flatnonzero(self.mask.ravel()).astype(np.int32)
 
-    def bf_alpha_mrad(self) -> np.ndarray | None:
-        """(N_bf, 2) tilt of each BF pixel relative to the disk centre, if the pitch is known."""
-        if self.angular_sampling_mrad is None:
-            return None
-        return (self.bf_pixels - np.asarray(self.center_px)) * self.angular_sampling_mrad
-
     def to_dict(self) -> dict:
         """JSON form for a calibration file (mean pattern and mask as nested lists)."""
         return {

@@ -179,3 +179,30 @@ def test_run_cli_writes_result_file(endpoint, tmp_path):
 )
 def test_run_bad_flags(argv, expect_usage_error):
     expect_usage_error(argv)
+
+
+def test_repeat_scans_as_new_series(endpoint, sim):
+    """--repeat new-series: the second pass of the scan becomes its own result."""
+    from dataclasses import replace
+
+    results = []
+    settings = EngineSettings(
+        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+        processing=ProcessingSettings(repeat_scans="new-series"),
+        idle_timeout_s=5.0, max_series=2,
+    )  # fmt: skip
+    eng = Engine(settings, on_series_end=results.append).start()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    n = sim.n_frames
+    push.send_multipart(encode_start(replace(sim.series_info(9), frames_expected=2 * n)))
+    frames = sim.frames(0, n)
+    push.send_multipart(encode_frames(9, 0, frames))
+    push.send_multipart(encode_frames(9, n, frames[:50]))  # second pass, partial
+    push.send_multipart(encode_end(9, n + 50))
+    assert eng.join(timeout=20)
+    push.close()
+    assert [r.frames_received for r in results] == [n, 50]
+    first, second = results
+    np.testing.assert_array_equal(first.incoherent_bf, offline(sim).incoherent_bf)
+    assert second.frames_missing == n - 50 and np.count_nonzero(second.hits) == 50

@@ -205,3 +205,26 @@ def test_sample_presets_have_expected_character():
     assert rnd.std() == pytest.approx(0.1, rel=0.1)
     scaled = make_phase("apoferritin-like", (300, 300), 1.0, 300e3, seed=1, phase_rms=0.04)
     assert scaled.std() == pytest.approx(0.04, rel=1e-3)
+
+
+def test_true_phase_is_registered_to_the_scan_grid():
+    """A point-like scatterer placed at scan position (i0, j0) of the true-phase grid lights up
+    the dark field exactly there: probe positions and `phase_on_scan_grid` agree."""
+    sim = Simulator(small(scan_shape=(21, 21), step_A=4.0, aberrations=Aberrations(), noise=False))
+    i0, j0 = 8, 13
+    m, o = sim.grid.fine_per_step, sim.grid.window_px // 2
+    y, x = np.mgrid[: sim.phase.shape[0], : sim.phase.shape[1]] * sim.grid.pixel_A
+    cy, cx = (o + i0 * m) * sim.grid.pixel_A, (o + j0 * m) * sim.grid.pixel_A
+    sim.phase = (0.5 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * 3.0**2))).astype(np.float32)
+    sim.transmission = np.exp(1j * sim.phase).astype(np.complex64)
+    phase = sim.phase_on_scan_grid()
+    assert np.unravel_index(np.argmax(phase), phase.shape) == (i0, j0)
+    cube = sim.datacube()
+    ccx, ccy = sim.cfg.resolved_center_px()
+    r, c = np.mgrid[: cube.shape[2], : cube.shape[3]]
+    outside = np.hypot(r - ccx, c - ccy) > 1.3 * 4.0 / sim.grid.angular_sampling_mrad
+    df = cube[:, :, outside].sum(-1).astype(np.float64)
+    df[df < 0.05 * df.max()] = 0.0  # probe tails elsewhere would bias the centroid
+    rows, cols = np.mgrid[: df.shape[0], : df.shape[1]]
+    centroid = (float((df * rows).sum() / df.sum()), float((df * cols).sum() / df.sum()))
+    assert centroid == pytest.approx((i0, j0), abs=0.05)
