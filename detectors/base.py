@@ -6,7 +6,7 @@ reason. Sockets, counting and logging live in `stream/`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,10 @@ class SeriesInfo:
     frames_expected: int | None = None
     dwell_s: float | None = None
     ground_truth: dict[str, Any] | None = field(default=None, compare=False)
+
+    def with_overrides(self, **values: Any) -> SeriesInfo:
+        """A copy with every given value that is not None replacing the announced one."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
 
     @property
     def frame_nbytes(self) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +125,7 @@ class RecordedDataset:
             dwell_s=m.get("dwell_s"),
             ground_truth=m or None,
         )
-        return replace(info, **self.overrides)
+        return info.with_overrides(**self.overrides)
 
     def frames(self, first: int, count: int) -> np.ndarray:
         ids = np.arange(first, first + count)

@@ -47,15 +47,14 @@ class ProcessingSettings:
 
     def resolve(self, info: SeriesInfo) -> SeriesInfo:
         """Stream metadata with explicit settings taking precedence."""
-        overrides = {
-            "scan_shape": self.scan_shape,
-            "energy_eV": self.energy_eV,
-            "step_A": self.step_A,
-            "semiangle_mrad": self.semiangle_mrad,
-            "angular_sampling_mrad": self.angular_sampling_mrad,
-            "counts_per_electron": self.counts_per_electron,
-        }
-        return replace(info, **{k: v for k, v in overrides.items() if v is not None})
+        return info.with_overrides(
+            scan_shape=self.scan_shape,
+            energy_eV=self.energy_eV,
+            step_A=self.step_A,
+            semiangle_mrad=self.semiangle_mrad,
+            angular_sampling_mrad=self.angular_sampling_mrad,
+            counts_per_electron=self.counts_per_electron,
+        )
 
 
 @dataclass(frozen=True)
