@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.fft as sfft
+import scipy.ndimage as ndi
 
 from detectors.base import SCAN_ORDERS, SeriesInfo, scan_position
 
 from .detector import build_detector_lut, detect_batch
 from .optics import Aberrations, aperture, detector_to_scan_matrix, wavelength_A
-from .samples import SAMPLES, make_phase
+from .samples import SAMPLES, band_limit, make_phase
 
 DTYPE_BY_BITS = {8: np.uint8, 16: np.uint16, 32: np.uint32}
 
@@ -358,6 +359,20 @@ class Simulator:
         r = (o + m * np.arange(rows)) % self.phase.shape[0]
         c = (o + m * np.arange(cols)) % self.phase.shape[1]
         return self.phase[np.ix_(r, c)]
+
+    def phase_on_grid(self, factor: int = 1, q_max_per_A: float | None = None) -> np.ndarray:
+        """True phase on the scan grid refined `factor` times, (rows f, cols f): cell u is at
+        scan coordinate u / f (the tcBF reconstruction's grid). Band-limited first to
+        `q_max_per_A` and to the grid's Nyquist frequency, so sampling does not alias."""
+        g = self.grid
+        nyquist = factor / (2.0 * self.cfg.step_A)
+        q_max = nyquist if q_max_per_A is None else min(q_max_per_A, nyquist)
+        smooth = band_limit(self.phase, g.pixel_A, q_max)
+        rows, cols = self.cfg.scan_shape
+        u = g.window_px // 2 + g.fine_per_step * np.arange(rows * factor) / factor
+        v = g.window_px // 2 + g.fine_per_step * np.arange(cols * factor) / factor
+        coords = np.meshgrid(u, v, indexing="ij")
+        return ndi.map_coordinates(smooth, coords, order=3, mode="wrap").astype(np.float32)
 
     def expected_shift_px(self, det_row: float, det_col: float) -> tuple[float, float]:
         """Raw displacement (scan px, scan frame) of the vBF image at a detector pixel.

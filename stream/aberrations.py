@@ -38,6 +38,12 @@ class AberrationFit:
     def defocus_A(self) -> float:
         return -self.C10_A
 
+    def p_matrix_A(self) -> np.ndarray:
+        """Symmetric defocus + astigmatism matrix (scan frame): grad W = P alpha."""
+        a = self.C12_A * math.cos(2 * self.phi12_rad)
+        b = self.C12_A * math.sin(2 * self.phi12_rad)
+        return np.array([[self.C10_A + a, b], [b, self.C10_A - a]])
+
     def shifts_px(self, alpha_mrad: np.ndarray, step_A: float) -> np.ndarray:
         """Model correction shifts (N, 2) in scan px."""
         return (np.asarray(alpha_mrad) * 1e-3) @ self.matrix_A_per_rad.T / step_A

@@ -1,0 +1,362 @@
+"""Parallax alignment: iterative coarse-to-fine cross-correlation of binned virtual-BF images.
+
+Pure numerics (arrays in, arrays out). One iteration at one bin level (tcbf-physics.md sect. 4.3,
+7.2-7.4, in our own formulation):
+
+1. every tile image (the sum of its BF pixels' virtual-BF images over the acquired region) is
+   normalised to mean 1 over the valid positions, made zero-mean, tapered to the edges of the
+   acquired region (sin^2) and zero-padded, so partial scans and gaps need no special case;
+2. each tile is pre-shifted by the current linear model s = M k (warm start), so only small
+   residuals are measured;
+3. tiles are visited centre-outwards: the first usable one is registered against the current
+   reconstruction (mean of all pre-shifted tiles), every later one against the running,
+   electron-weighted mean of the tiles already aligned (a bootstrapped reference);
+4. residuals come from DFT-upsampled cross-correlation (`stream.registration`); tiles whose
+   correlation peak is weak are left out;
+5. the total tile shifts are projected onto the linear model s = M k by weighted least squares
+   (no constant term): M is what the next iteration and the aberration fit use. The rms misfit
+   of the tiles to the model is the iteration's self-consistency error.
+
+Units: `k_px` is the detector-frame position of a tile (or BF pixel) relative to the disk centre
+in detector pixels (row, col); shifts are tcBF *correction* shifts in scan pixels (row, col):
+moving an image's content by +s aligns it. M is in scan px per detector px.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft as sfft
+
+from .registration import correlation_peak
+
+DEFAULT_MIN_TILE_ELECTRONS = 2.5e5  # Yu et al.: electrons per binned vBF image to trust it
+
+
+@dataclass(frozen=True)
+class AlignmentSettings:
+    """How to align; `bins=None` chooses the schedule from the dose."""
+
+    bins: tuple[int, ...] | None = None  # explicit schedule, one iteration per entry
+    min_tile_electrons: float = DEFAULT_MIN_TILE_ELECTRONS
+    iterations_per_level: int = 2
+    upsample: int = 8  # DFT upsampling of the cross-correlation peak
+    edge_blend_px: float | None = None  # None: 1/6 of the acquired field, within [2, 16]
+    min_rows: int = 8  # rows acquired before the first alignment
+    min_quality: float = 4.0  # tile-vs-reference peak (peak - mean) / std below this: unused
+    min_pair_quality: float = 8.0  # the same for a pair-summed peak (cold start)
+    max_residual_px: float = 2.0  # a warm-started tile moving further than this is an outlier
+    defocus_sign: int | None = None  # +1 / -1: known sign of the defocus (resolves 180 deg)
+
+    def __post_init__(self):
+        if self.upsample < 1 or self.iterations_per_level < 1 or self.min_rows < 1:
+            raise ValueError("upsample, iterations_per_level and min_rows must be >= 1")
+        if self.defocus_sign not in (None, 1, -1):
+            raise ValueError("defocus_sign must be +1, -1 or None")
+
+
+@dataclass(frozen=True)
+class TileSet:
+    """The binned virtual-BF images of one bin level over the acquired region."""
+
+    bin_px: int
+    images: np.ndarray  # (n_tiles, rows, cols) counts
+    valid: np.ndarray  # (rows, cols) bool: positions acquired
+    k_px: np.ndarray  # (n_tiles, 2) intensity-weighted tile centre rel. to the disk centre
+    electrons: np.ndarray  # (n_tiles,) electrons in each tile image
+    n_pixels: np.ndarray  # (n_tiles,) BF pixels per tile
+    labels: np.ndarray | None = None  # (n_tiles, 2) integer tile coordinates (grid position)
+
+    def trusted_tiles(self, min_electrons: float) -> np.ndarray:
+        return self.electrons >= min_electrons
+
+    def is_trusted(self, min_electrons: float) -> bool:
+        """Every tile holding at least half as many pixels as the largest one has enough
+        electrons (small rim tiles may lag; they are then simply left out)."""
+        full = self.n_pixels >= 0.5 * self.n_pixels.max()
+        return bool(np.all(self.electrons[full] >= min_electrons))
+
+
+@dataclass(frozen=True)
+class IterationResult:
+    """One iteration at one bin level."""
+
+    bin_px: int
+    k_px: np.ndarray  # (n_tiles, 2)
+    shifts_px: np.ndarray  # (n_tiles, 2) measured total correction shift of each tile
+    quality: np.ndarray  # (n_tiles,) correlation peak quality (0: not correlated)
+    used: np.ndarray  # (n_tiles,) bool: entered the model fit
+    matrix_px: np.ndarray  # (2, 2) model after this iteration
+    error_px: float  # weighted rms misfit of the used tiles to the model
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    matrix_px: np.ndarray  # (2, 2): shifts_px = k_px @ matrix_px.T
+    iterations: tuple[IterationResult, ...] = ()
+    rows: tuple[int, int] = (0, 0)  # scan rows [first, last) the alignment used
+    converged: bool = False  # at least one iteration fitted a model
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        return tuple(it.bin_px for it in self.iterations)
+
+    @property
+    def errors_px(self) -> np.ndarray:
+        return np.array([it.error_px for it in self.iterations], float)
+
+    def shifts_px(self, k_px: np.ndarray) -> np.ndarray:
+        """Model correction shifts (N, 2) in scan px of pixels/tiles at `k_px` (N, 2)."""
+        return np.asarray(k_px, float) @ self.matrix_px.T
+
+
+# ---------------------------------------------------------------------------------- geometry
+def acquired_rows(valid: np.ndarray, min_fraction: float = 0.5) -> tuple[int, int]:
+    """[first, last) rows with at least `min_fraction` of their positions acquired."""
+    good = np.flatnonzero(valid.mean(axis=1) >= min_fraction)
+    return (int(good[0]), int(good[-1]) + 1) if good.size else (0, 0)
+
+
+def edge_taper(shape: tuple[int, int], edge_blend_px: float) -> np.ndarray:
+    """Separable sin^2 taper: 0 outside, rising to 1 over `edge_blend_px` from each edge."""
+    out = []
+    for n in shape:
+        d = np.minimum(np.arange(n) + 0.5, n - 0.5 - np.arange(n))
+        out.append(np.sin(0.5 * np.pi * np.minimum(d / max(edge_blend_px, 1e-6), 1.0)) ** 2)
+    return (out[0][:, None] * out[1][None, :]).astype(np.float32)
+
+
+def default_edge_blend(shape: tuple[int, int]) -> float:
+    return float(np.clip(min(shape) / 6.0, 2.0, 16.0))
+
+
+def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """Room for shifts of up to a quarter of the field each way without wrap-around."""
+    return tuple(sfft.next_fast_len(n + 2 * max(8, n // 4)) for n in shape)  # type: ignore
+
+
+def ramps(shape: tuple[int, int], shifts_px: np.ndarray) -> np.ndarray:
+    """(n, P0, P1) Fourier factors that move content by +shift (F{f(r - a)} = F e^{-2 pi i q a})."""
+    q0 = sfft.fftfreq(shape[0]).astype(np.float32)
+    q1 = sfft.fftfreq(shape[1]).astype(np.float32)
+    s = np.asarray(shifts_px, np.float32).reshape(-1, 2)
+    e0 = np.exp(-2j * np.pi * s[:, :1] * q0[None, :]).astype(np.complex64)
+    e1 = np.exp(-2j * np.pi * s[:, 1:] * q1[None, :]).astype(np.complex64)
+    return e0[:, :, None] * e1[:, None, :]
+
+
+def tile_spectra(tiles: TileSet, edge_blend_px: float | None = None) -> np.ndarray:
+    """(n, P0, P1) spectra of the normalised, zero-mean, tapered, zero-padded tile images."""
+    valid = tiles.valid
+    n, rows, cols = tiles.images.shape
+    edge = default_edge_blend((rows, cols)) if edge_blend_px is None else edge_blend_px
+    weight = edge_taper((rows, cols), edge) * valid
+    sums = tiles.images.reshape(n, -1) @ valid.ravel().astype(np.float64)
+    means = np.where(sums > 0, sums / max(int(valid.sum()), 1), 1.0)
+    norm = (tiles.images / means[:, None, None].astype(np.float32) - 1.0) * weight
+    pad = padded_shape((rows, cols))
+    canvas = np.zeros((n, *pad), np.float32)
+    canvas[:, :rows, :cols] = norm
+    return sfft.fft2(canvas, axes=(1, 2), workers=1)
+
+
+# ---------------------------------------------------------------------------------- model fit
+def fit_matrix(k_px: np.ndarray, shifts_px: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+    """Weighted least-squares M with shifts = k @ M.T (no constant); None if underdetermined."""
+    use = weights > 0
+    if use.sum() < 2:
+        return None
+    w = np.sqrt(weights[use])[:, None]
+    a = k_px[use] * w
+    if np.linalg.matrix_rank(a) < 2:
+        return None
+    mt, *_ = np.linalg.lstsq(a, shifts_px[use] * w, rcond=None)
+    return mt.T
+
+
+def robust_fit(
+    k_px: np.ndarray, shifts_px: np.ndarray, weights: np.ndarray, fallback: np.ndarray,
+    rounds: int = 3, floor_px: float = 0.25,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`fit_matrix` with outlier rejection: tiles further than max(3 x rms, `floor_px`) from the
+    model are dropped and the fit repeated. Returns (M, used, rms misfit of the used tiles);
+    M = `fallback` and nothing used when the data cannot determine it."""
+    use = weights > 0
+    for _ in range(rounds):
+        m = fit_matrix(k_px, shifts_px, np.where(use, weights, 0.0))
+        if m is None:
+            return fallback, np.zeros_like(use), float("nan")
+        dist = np.hypot(*(shifts_px - k_px @ m.T).T)
+        rms = _weighted_rms(shifts_px - k_px @ m.T, np.where(use, weights, 0.0))
+        keep = use & (dist <= max(3.0 * rms, floor_px))
+        if np.array_equal(keep, use):
+            break
+        use = keep
+    return m, use, rms
+
+
+def _weighted_rms(resid: np.ndarray, weights: np.ndarray) -> float:
+    if not np.any(weights > 0):
+        return float("nan")
+    return float(np.sqrt(np.sum(weights * np.sum(resid**2, axis=1)) / np.sum(weights)))
+
+
+def align_iteration(
+    spectra: np.ndarray,
+    tiles: TileSet,
+    matrix_px: np.ndarray,
+    weights: np.ndarray,
+    settings: AlignmentSettings,
+) -> IterationResult:
+    """One pass over the tiles of one level, warm-started from `matrix_px` (see module doc)."""
+    model = tiles.k_px @ matrix_px.T
+    shifted = spectra * ramps(spectra.shape[1:], model)
+    w = weights.astype(np.float64)
+    total_w = w.sum()
+    reference = np.tensordot(w / total_w, shifted, axes=1) if total_w > 0 else None
+    n = len(tiles.k_px)
+    residual = np.zeros((n, 2))
+    quality = np.zeros(n)
+    used = np.zeros(n, bool)
+    ref_weight = 0.0
+    for t in np.argsort(np.hypot(*tiles.k_px.T), kind="stable"):
+        if w[t] <= 0 or reference is None:
+            continue
+        d, quality[t] = correlation_peak(shifted[t] * np.conj(reference), settings.upsample)
+        if quality[t] < settings.min_quality or np.hypot(*d) > settings.max_residual_px:
+            continue
+        used[t] = True
+        residual[t] = -d
+        aligned = shifted[t] * ramps(spectra.shape[1:], residual[t])[0]
+        if ref_weight == 0.0:
+            reference = aligned  # the first tile replaces the reconstruction
+        else:
+            reference = (ref_weight * reference + w[t] * aligned) / (ref_weight + w[t])
+        ref_weight += w[t]
+    measured = model + residual
+    matrix, used, error = robust_fit(tiles.k_px, measured, np.where(used, w, 0.0), matrix_px)
+    return IterationResult(tiles.bin_px, tiles.k_px, measured, quality, used, matrix, error)
+
+
+PAIR_OFFSETS = ((1, 0), (0, 1), (1, 1), (1, -1), (2, 0), (0, 2), (2, 1), (1, 2), (2, -1), (1, -2))
+
+
+def pair_iteration(
+    spectra: np.ndarray,
+    tiles: TileSet,
+    matrix_px: np.ndarray,
+    weights: np.ndarray,
+    settings: AlignmentSettings,
+) -> IterationResult | None:
+    """Reference-free estimate of M from tile *pairs*: all pairs whose grid labels differ by the
+    same offset share one relative shift M (k_u - k_t), so their cross-power spectra are summed
+    before one peak search. Every electron of the level contributes to each offset's peak,
+    without a reference to bootstrap: the cold start at dose where single tiles are too noisy.
+    Returns None when fewer than two non-parallel offsets give a clear peak."""
+    if tiles.labels is None:
+        return None
+    model = tiles.k_px @ matrix_px.T
+    shifted = spectra * ramps(spectra.shape[1:], model)
+    index = {tuple(lab): t for t, lab in enumerate(tiles.labels.tolist())}
+    dk, meas, wq, qual = [], [], [], []
+    for off in PAIR_OFFSETS:
+        pairs = [(t, index[(a + off[0], b + off[1])]) for (a, b), t in index.items()
+                 if (a + off[0], b + off[1]) in index]  # fmt: skip
+        pairs = [(t, u) for t, u in pairs if weights[t] > 0 and weights[u] > 0]
+        if not pairs:
+            continue
+        t_idx, u_idx = np.array(pairs).T
+        pw = np.sqrt(weights[t_idx] * weights[u_idx])
+        cross = np.tensordot(pw, shifted[u_idx] * np.conj(shifted[t_idx]), axes=1)
+        d, q = correlation_peak(cross, settings.upsample)
+        qual.append(q)
+        if q < settings.min_pair_quality:
+            continue
+        dk.append(np.average(tiles.k_px[u_idx] - tiles.k_px[t_idx], axis=0, weights=pw))
+        meas.append(-d)  # residual correction of u relative to t
+        wq.append(pw.sum())
+    if len(dk) < 2:
+        return None
+    residual = fit_matrix(np.array(dk), np.array(meas), np.array(wq))
+    if residual is None:
+        return None
+    matrix = matrix_px + residual
+    error = _weighted_rms(np.array(meas) - np.array(dk) @ residual.T, np.array(wq))
+    n = len(tiles.k_px)
+    return IterationResult(tiles.bin_px, tiles.k_px, tiles.k_px @ matrix.T, np.zeros(n),
+                           weights > 0, matrix, error)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- schedule
+def choose_schedule(levels: dict[int, TileSet], settings: AlignmentSettings) -> tuple[int, ...]:
+    """Explicit bins as given; else every trusted level, coarse to fine, `iterations_per_level`
+    times each, stopping at the first level that is not trusted yet (never finer than that:
+    fine tiles at low dose undo a good coarse estimate)."""
+    if settings.bins:
+        return tuple(b for b in settings.bins if b in levels)
+    schedule: list[int] = []
+    for b in sorted(levels, reverse=True):
+        if not levels[b].is_trusted(settings.min_tile_electrons):
+            break
+        schedule += [b] * settings.iterations_per_level
+    return tuple(schedule)
+
+
+def align(
+    levels: dict[int, TileSet],
+    settings: AlignmentSettings,
+    matrix_px: np.ndarray | None = None,
+    schedule: tuple[int, ...] | None = None,
+) -> AlignmentResult:
+    """Run the schedule (default `choose_schedule`) from `matrix_px` (default 0: cold start)."""
+    matrix = np.zeros((2, 2)) if matrix_px is None else np.asarray(matrix_px, float)
+    if schedule is None:
+        schedule = choose_schedule(levels, settings)
+    spectra: dict[int, np.ndarray] = {}
+    iterations = []
+    converged = False
+    for b in schedule:
+        tiles = levels[b]
+        if b not in spectra:
+            spectra[b] = tile_spectra(tiles, settings.edge_blend_px)
+        weights = tiles.electrons.astype(float)
+        if settings.bins is None:  # dose-chosen schedule: untrusted rim tiles are left out
+            weights = np.where(tiles.trusted_tiles(settings.min_tile_electrons), weights, 0.0)
+        if not converged:  # cold start: a reference-free pair estimate must succeed first
+            it = pair_iteration(spectra[b], tiles, matrix, weights, settings)
+            if it is not None:
+                converged = True
+                matrix = it.matrix_px
+                iterations.append(it)
+            continue
+        it = align_iteration(spectra[b], tiles, matrix, weights, settings)
+        converged |= bool(it.used.any())
+        matrix = it.matrix_px
+        iterations.append(it)
+    return AlignmentResult(matrix, tuple(iterations), converged=converged)
+
+
+@dataclass
+class TileGeometry:
+    """Per-level tile centres and sizes from the BF pixels (fixed for a series)."""
+
+    bins: tuple[int, ...]
+    k_px: dict[int, np.ndarray] = field(default_factory=dict)
+    n_pixels: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, bins, member_tile, bf_k_px: np.ndarray, pixel_weight: np.ndarray):
+        """`member_tile[l]` (N_bf,) tile of each BF pixel at level l; weights ~ mean intensity."""
+        geo = cls(tuple(bins))
+        w = np.asarray(pixel_weight, float)
+        if not np.any(w > 0):
+            w = np.ones(len(bf_k_px))
+        for b, members in zip(bins, member_tile, strict=True):
+            n = int(members.max()) + 1
+            wsum = np.bincount(members, w, n)
+            k = np.stack([np.bincount(members, w * bf_k_px[:, c], n) for c in (0, 1)], axis=1)
+            geo.k_px[b] = k / np.maximum(wsum, 1e-30)[:, None]
+            geo.n_pixels[b] = np.bincount(members, minlength=n)
+        return geo
+
