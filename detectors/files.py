@@ -77,10 +77,24 @@ class RecordedDataset:
                 raise DatasetError(f"{sidecar}: not valid JSON") from None
         else:
             raise DatasetError(f"{path}: expected .npy or .h5/.hdf5[:/dataset]")
-        if self.array.ndim != 4:
-            shape = self.array.shape
+        shape = tuple(int(n) for n in self.array.shape)
+        if self.array.ndim not in (3, 4):
             self.close()
-            raise DatasetError(f"{spec}: expected a 4D (rows, cols, Qx, Qy) array, got {shape}")
+            raise DatasetError(f"{spec}: expected a 4D (rows, cols, Qx, Qy) or 3D (frames, Qx, "
+                               f"Qy) array, got {shape}")  # fmt: skip
+        scan = self.overrides.get("scan_shape")
+        n_frames = int(np.prod(shape[:-2]))
+        if scan is None and self.array.ndim == 3:
+            scan = self.meta.get("scan_shape")
+            if scan is None:
+                self.close()
+                raise DatasetError(f"{spec}: a 3D frame stack needs the scan shape (--scan)")
+        if scan is not None and int(scan[0]) * int(scan[1]) != n_frames:
+            self.close()
+            raise DatasetError(f"{spec}: scan {scan[0]}x{scan[1]} does not match {n_frames} frames")
+        self._scan_shape = (int(scan[0]), int(scan[1])) if scan is not None else shape[:2]
+        # frames in acquisition order, one per row of `_flat` (3D stacks are stored that way)
+        self._flat = self.array.ndim == 3 or self._scan_shape != shape[:2]
         if self.array.dtype.str not in ALLOWED_DTYPES:
             self.close()
             raise DatasetError(f"{spec}: unsupported dtype {self.array.dtype}")
@@ -94,11 +108,11 @@ class RecordedDataset:
 
     @property
     def scan_shape(self) -> tuple[int, int]:
-        return int(self.array.shape[0]), int(self.array.shape[1])
+        return self._scan_shape
 
     @property
     def detector_shape(self) -> tuple[int, int]:
-        return int(self.array.shape[2]), int(self.array.shape[3])
+        return int(self.array.shape[-2]), int(self.array.shape[-1])
 
     @property
     def n_frames(self) -> int:
@@ -129,6 +143,11 @@ class RecordedDataset:
 
     def frames(self, first: int, count: int) -> np.ndarray:
         ids = np.arange(first, first + count)
+        if self._flat:  # acquisition-order stack (or a 4D array re-read with another scan)
+            if self.array.ndim == 3:
+                return np.ascontiguousarray(self.array[first : first + count])
+            rows, cols = np.divmod(ids, self.array.shape[1])
+            return np.stack([np.asarray(self.array[r, c]) for r, c in zip(rows, cols, strict=True)])
         if (
             self.scan_order == "raster"
             and isinstance(self.array, np.ndarray)

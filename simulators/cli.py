@@ -24,7 +24,9 @@ PHYSICS_FLAGS = (
     "bad_pixels", "sample", "feature", "phase_rms", "seed", "preset", "detector",
 )  # fmt: skip
 # flags that are metadata of a replayed file (override what the file says)
-REPLAY_META_FLAGS = ("energy", "step", "semiangle", "angular_sampling", "rotation", "scan_order")
+REPLAY_META_FLAGS = (
+    "energy", "step", "semiangle", "angular_sampling", "rotation", "scan_order", "scan",
+)  # fmt: skip
 
 
 def _floats(n: int):
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if args.replay:
-        bad = _given(args, PHYSICS_FLAGS + ("save", "scan"))
+        bad = _given(args, PHYSICS_FLAGS + ("save",))
         if bad:
             raise UsageError(f"--{bad[0].replace('_', '-')} cannot be combined with --replay")
         overrides = {
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             "rotation_deg": args.rotation,
             "dwell_s": args.dwell,
             "scan_order": args.scan_order,
+            "scan_shape": args.scan,  # required for 3D (frames, Qx, Qy) stacks
         }
         source = data = RecordedDataset(args.replay, overrides)
         sys.stderr.write(f"replaying {args.replay}: {data.n_frames} frames {data.detector_shape}\n")

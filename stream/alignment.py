@@ -24,7 +24,8 @@ moving an image's content by +s aligns it. M is in scan px per detector px.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.fft as sfft
@@ -46,6 +47,7 @@ class AlignmentSettings:
     min_rows: int = 8  # rows acquired before the first alignment
     min_quality: float = 4.0  # tile-vs-reference peak (peak - mean) / std below this: unused
     min_pair_quality: float = 8.0  # the same for a pair-summed peak (cold start)
+    fit_radius_fraction: float = 0.8  # model fit: tiles within this fraction of the disk
     max_residual_px: float = 2.0  # a warm-started tile moving further than this is an outlier
     defocus_sign: int | None = None  # +1 / -1: known sign of the defocus (resolves 180 deg)
 
@@ -67,6 +69,17 @@ class TileSet:
     electrons: np.ndarray  # (n_tiles,) electrons in each tile image
     n_pixels: np.ndarray  # (n_tiles,) BF pixels per tile
     labels: np.ndarray | None = None  # (n_tiles, 2) integer tile coordinates (grid position)
+    disk_radius_px: float | None = None  # BF disk radius; None: the farthest tile centre
+
+    @property
+    def radius_px(self) -> float:
+        if self.disk_radius_px:
+            return float(self.disk_radius_px)
+        return float(np.hypot(*self.k_px.T).max())
+
+    def within(self, fraction: float) -> np.ndarray:
+        """Tiles whose centre lies within `fraction` of the disk radius."""
+        return np.hypot(*self.k_px.T) <= fraction * self.radius_px
 
     def trusted_tiles(self, min_electrons: float) -> np.ndarray:
         return self.electrons >= min_electrons
@@ -147,15 +160,20 @@ def ramps(shape: tuple[int, int], shifts_px: np.ndarray) -> np.ndarray:
 
 
 def tile_spectra(tiles: TileSet, edge_blend_px: float | None = None) -> np.ndarray:
-    """(n, P0, P1) spectra of the normalised, zero-mean, tapered, zero-padded tile images."""
-    valid = tiles.valid
-    n, rows, cols = tiles.images.shape
+    """(n, P0, P1) spectra of the normalised, zero-mean, tapered, zero-padded tile images.
+
+    Only the block of acquired rows is used and tapered (a partial scan looks like a smaller
+    scan); missing positions inside it are set to the mean, i.e. carry no signal."""
+    r0, r1 = acquired_rows(tiles.valid)
+    valid = tiles.valid[r0:r1]
+    images = tiles.images[:, r0:r1]
+    n, rows, cols = images.shape
     edge = default_edge_blend((rows, cols)) if edge_blend_px is None else edge_blend_px
     weight = edge_taper((rows, cols), edge) * valid
-    sums = tiles.images.reshape(n, -1) @ valid.ravel().astype(np.float64)
+    sums = images.reshape(n, -1) @ valid.ravel().astype(np.float64)
     means = np.where(sums > 0, sums / max(int(valid.sum()), 1), 1.0)
-    norm = (tiles.images / means[:, None, None].astype(np.float32) - 1.0) * weight
-    pad = padded_shape((rows, cols))
+    norm = (images / means[:, None, None].astype(np.float32) - 1.0) * weight
+    pad = padded_shape(tiles.valid.shape)
     canvas = np.zeros((n, *pad), np.float32)
     canvas[:, :rows, :cols] = norm
     return sfft.fft2(canvas, axes=(1, 2), workers=1)
@@ -176,8 +194,12 @@ def fit_matrix(k_px: np.ndarray, shifts_px: np.ndarray, weights: np.ndarray) -> 
 
 
 def robust_fit(
-    k_px: np.ndarray, shifts_px: np.ndarray, weights: np.ndarray, fallback: np.ndarray,
-    rounds: int = 3, floor_px: float = 0.25,
+    k_px: np.ndarray,
+    shifts_px: np.ndarray,
+    weights: np.ndarray,
+    fallback: np.ndarray,
+    rounds: int = 3,
+    floor_px: float = 0.25,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """`fit_matrix` with outlier rejection: tiles further than max(3 x rms, `floor_px`) from the
     model are dropped and the fit repeated. Returns (M, used, rms misfit of the used tiles);
@@ -208,10 +230,15 @@ def align_iteration(
     matrix_px: np.ndarray,
     weights: np.ndarray,
     settings: AlignmentSettings,
+    applied_px: np.ndarray | None = None,
 ) -> IterationResult:
-    """One pass over the tiles of one level, warm-started from `matrix_px` (see module doc)."""
+    """One pass over the tiles of one level, warm-started from `matrix_px` (see module doc).
+
+    `applied_px` (n_tiles, 2): shifts already applied to the images before tapering (by
+    `regroup`); only the rest of the model shift is applied here, as a Fourier ramp."""
     model = tiles.k_px @ matrix_px.T
-    shifted = spectra * ramps(spectra.shape[1:], model)
+    done = np.zeros_like(model) if applied_px is None else applied_px
+    shifted = spectra * ramps(spectra.shape[1:], model - done)
     w = weights.astype(np.float64)
     total_w = w.sum()
     reference = np.tensordot(w / total_w, shifted, axes=1) if total_w > 0 else None
@@ -235,10 +262,15 @@ def align_iteration(
             reference = (ref_weight * reference + w[t] * aligned) / (ref_weight + w[t])
         ref_weight += w[t]
     measured = model + residual
-    matrix, used, error = robust_fit(tiles.k_px, measured, np.where(used, w, 0.0), matrix_px)
+    # the fit leaves out tiles at the disk rim: there the aperture cuts each pixel's transfer on
+    # one side, which adds an apparent outward displacement (worst near focus)
+    fit_w = np.where(used & tiles.within(settings.fit_radius_fraction), w, 0.0)
+    matrix, used, error = robust_fit(tiles.k_px, measured, fit_w, matrix_px)
     return IterationResult(tiles.bin_px, tiles.k_px, measured, quality, used, matrix, error)
 
 
+MIN_PAIR_OFFSETS = 3  # offsets with a clear, mutually consistent peak for a pair estimate
+INNER_FRACTION = 0.75  # pair estimate: tiles within this fraction of the disk radius
 PAIR_OFFSETS = ((1, 0), (0, 1), (1, 1), (1, -1), (2, 0), (0, 2), (2, 1), (1, 2), (2, -1), (1, -2))
 
 
@@ -258,6 +290,10 @@ def pair_iteration(
         return None
     model = tiles.k_px @ matrix_px.T
     shifted = spectra * ramps(spectra.shape[1:], model)
+    # full tiles away from the disk edge only: near the edge the aperture cuts one side of each
+    # pixel's transfer and the images are no longer pure shifted copies (outlier pairs)
+    inner = (tiles.n_pixels >= 0.9 * tiles.n_pixels.max()) & tiles.within(INNER_FRACTION)
+    weights = np.where(inner, weights, 0.0)
     index = {tuple(lab): t for t, lab in enumerate(tiles.labels.tolist())}
     dk, meas, wq, qual = [], [], [], []
     for off in PAIR_OFFSETS:
@@ -276,13 +312,15 @@ def pair_iteration(
         dk.append(np.average(tiles.k_px[u_idx] - tiles.k_px[t_idx], axis=0, weights=pw))
         meas.append(-d)  # residual correction of u relative to t
         wq.append(pw.sum())
-    if len(dk) < 2:
+    if len(dk) < MIN_PAIR_OFFSETS:
         return None
-    residual = fit_matrix(np.array(dk), np.array(meas), np.array(wq))
-    if residual is None:
+    dk, meas = np.array(dk), np.array(meas)
+    residual, used, error = robust_fit(dk, meas, np.array(wq), np.zeros((2, 2)))
+    # consistent offsets only: a linear model must explain them to a fraction of their size
+    scale = float(np.sqrt(np.mean(np.sum(meas[used] ** 2, axis=1)))) if used.any() else 0.0
+    if used.sum() < MIN_PAIR_OFFSETS or not error <= max(0.5, 0.25 * scale):
         return None
     matrix = matrix_px + residual
-    error = _weighted_rms(np.array(meas) - np.array(dk) @ residual.T, np.array(wq))
     n = len(tiles.k_px)
     return IterationResult(tiles.bin_px, tiles.k_px, tiles.k_px @ matrix.T, np.zeros(n),
                            weights > 0, matrix, error)  # fmt: skip
@@ -308,30 +346,49 @@ def align(
     settings: AlignmentSettings,
     matrix_px: np.ndarray | None = None,
     schedule: tuple[int, ...] | None = None,
+    regroup: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> AlignmentResult:
-    """Run the schedule (default `choose_schedule`) from `matrix_px` (default 0: cold start)."""
+    """Run the schedule (default `choose_schedule`) from `matrix_px` (default 0: cold start).
+
+    `regroup(bin, M)`, when given, re-forms a level's tile images from per-pixel data with
+    each pixel moved by its own model shift before the taper: tiles are then not blurred by
+    the shift spread inside them (|M| x bin px), and every tile shares one fixed window, so the
+    window does not pull the shifts toward zero on small fields. Without it the accumulated
+    tile sums are used and moved by Fourier ramps (window included)."""
     matrix = np.zeros((2, 2)) if matrix_px is None else np.asarray(matrix_px, float)
     if schedule is None:
         schedule = choose_schedule(levels, settings)
     spectra: dict[int, np.ndarray] = {}
     iterations = []
-    converged = False
-    for b in schedule:
-        tiles = levels[b]
-        if b not in spectra:
-            spectra[b] = tile_spectra(tiles, settings.edge_blend_px)
-        weights = tiles.electrons.astype(float)
-        if settings.bins is None:  # dose-chosen schedule: untrusted rim tiles are left out
-            weights = np.where(tiles.trusted_tiles(settings.min_tile_electrons), weights, 0.0)
-        if not converged:  # cold start: a reference-free pair estimate must succeed first
-            it = pair_iteration(spectra[b], tiles, matrix, weights, settings)
+    converged = matrix_px is not None  # warm start: the model is known
+    if not converged:
+        # cold start: the reference-free pair estimate, coarse to fine over every level (it
+        # sums all pairs, so it works below the per-tile trust threshold); the first level
+        # with a confident estimate provides the model the schedule refines
+        for b in sorted(levels, reverse=True):
+            spec = tile_spectra(levels[b], settings.edge_blend_px)
+            it = pair_iteration(spec, levels[b], matrix, levels[b].electrons.astype(float),
+                                settings)  # fmt: skip
             if it is not None:
                 converged = True
                 matrix = it.matrix_px
                 iterations.append(it)
-            continue
-        it = align_iteration(spectra[b], tiles, matrix, weights, settings)
-        converged |= bool(it.used.any())
+                break
+        if not converged:
+            return AlignmentResult(matrix, (), converged=False)
+    applied: dict[int, np.ndarray] = {}
+    for b in schedule:
+        tiles = levels[b]
+        if b not in spectra:
+            applied[b] = np.zeros_like(tiles.k_px)
+            if regroup is not None:
+                tiles = replace(tiles, images=regroup(b, matrix))
+                applied[b] = tiles.k_px @ matrix.T
+            spectra[b] = tile_spectra(tiles, settings.edge_blend_px)
+        weights = tiles.electrons.astype(float)
+        if settings.bins is None:  # dose-chosen schedule: untrusted rim tiles are left out
+            weights = np.where(tiles.trusted_tiles(settings.min_tile_electrons), weights, 0.0)
+        it = align_iteration(spectra[b], tiles, matrix, weights, settings, applied[b])
         matrix = it.matrix_px
         iterations.append(it)
     return AlignmentResult(matrix, tuple(iterations), converged=converged)
@@ -359,4 +416,3 @@ class TileGeometry:
             geo.k_px[b] = k / np.maximum(wsum, 1e-30)[:, None]
             geo.n_pixels[b] = np.bincount(members, minlength=n)
         return geo
-

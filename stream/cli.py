@@ -21,13 +21,14 @@ from .series import SeriesError
 def build_parser() -> OneLineParser:
     from simulators import cli as sim_cli
 
-    from . import listen, run
+    from . import listen, reconstruct, run
 
     parser = OneLineParser(prog="tcbf-live", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sim_cli.add_parser(sub)
     run.add_parser(sub)
+    reconstruct.add_parser(sub)
     listen.add_parser(sub)
     return parser
 

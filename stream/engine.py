@@ -30,6 +30,7 @@ class EngineSettings:
     protocol: str = "native"
     idle_timeout_s: float | None = None  # stop after this long without a message
     max_series: int | None = None  # stop after this many finished series
+    align_interval_s: float | None = 0.5  # live alignment cadence; None: only at series end
 
 
 class Engine:
@@ -46,15 +47,21 @@ class Engine:
         self.last_result: SeriesResult | None = None
         self.series_finished = 0
         self._current: SeriesProcessor | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # ingest state (accumulators)
+        self._align_lock = threading.Lock()  # alignment state (TcbfProcessor) of the series
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._aligner: threading.Thread | None = None
         self._sock = open_socket(settings.subscriber)  # bound/connected before start()
 
     # ------------------------------------------------------------------ control
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="tcbf-ingest", daemon=True)
         self._thread.start()
+        if self.settings.align_interval_s is not None:
+            self._aligner = threading.Thread(target=self._align_loop, name="tcbf-align",
+                                             daemon=True)  # fmt: skip
+            self._aligner.start()
         return self
 
     def stop(self) -> None:
@@ -64,7 +71,12 @@ class Engine:
         """Wait for the ingest thread; True when it has ended."""
         if self._thread is not None:
             self._thread.join(timeout)
-            return not self._thread.is_alive()
+            if self._thread.is_alive():
+                return False
+        self._stop.set()  # ingest over: the aligner stops too
+        if self._aligner is not None:
+            self._aligner.join(timeout)
+            return not self._aligner.is_alive()
         return True
 
     def snapshot(self) -> SeriesResult | None:
@@ -73,6 +85,29 @@ class Engine:
             if self._current is not None:
                 return self._current.result()
             return self.last_result
+
+    # ------------------------------------------------------------------ alignment thread
+    def _align_loop(self) -> None:
+        """Re-align on a timer while frames arrive; never holds the ingest lock for longer
+        than copying the per-position maps, so ingest is never blocked by alignment."""
+        last: tuple[int, int] = (-1, -1)
+        while not self._stop.wait(self.settings.align_interval_s):
+            with self._lock:
+                proc = self._current
+                if proc is None or proc.tcbf is None:
+                    continue
+                rows_done = proc.acc.frames_accepted // proc.scan_shape[1]
+                if (proc.info.series_id, rows_done) == last:
+                    continue  # no new row since the last update
+                inputs = proc.alignment_inputs()
+            last = (proc.info.series_id, rows_done)
+            try:
+                with self._align_lock:
+                    out = proc.tcbf.update(inputs)
+                if out is not None:
+                    log.debug("%s (%d frames)", out.summary(), out.frames)
+            except Exception:  # an alignment failure must not stop the engine
+                log.exception("alignment update failed")
 
     # ------------------------------------------------------------------ ingest thread
     def _run(self) -> None:
@@ -155,6 +190,11 @@ class Engine:
         proc = self._current
         if proc is None:
             return
+        try:  # final alignment on everything that arrived (waits for a running update)
+            with self._align_lock:
+                proc.update_tcbf(final=True)
+        except Exception:
+            log.exception("final alignment failed; writing the result without tcBF")
         with self._lock:
             result = proc.result(final=True, complete=complete)
             self._current = None

@@ -98,6 +98,55 @@ def deposit(
                         den[rr, cc] += weights[i, q]
 
 
+@numba.njit(nogil=True, cache=True)
+def regroup_tiles(
+    stack: np.ndarray,  # (n_pos, N_bf)
+    hits: np.ndarray,  # (n_pos,)
+    row0: int,
+    row1: int,
+    cols: int,
+    tile_of: np.ndarray,  # (N_bf,) tile of each BF pixel
+    shift_rows: np.ndarray,  # (N_bf,) integer content shift of each pixel (scan px)
+    shift_cols: np.ndarray,
+    out: np.ndarray,  # (n_tiles, row1 - row0, cols) float32, zeroed: mean value per member
+    count: np.ndarray,  # (n_tiles, row1 - row0, cols) float32, zeroed: members landed
+) -> None:
+    """Tile images over scan rows [row0, row1) with every BF pixel's image moved by its own
+    integer shift: the value at position p goes to p + shift (scatter, so the stack is read
+    row by row). Missing positions contribute nothing; `out` ends as the mean per member, and
+    positions no member reached (edges) get the tile's mean (no signal)."""
+    n_bf = stack.shape[1]
+    for p in range(row0 * cols, row1 * cols):
+        h = hits[p]
+        if h == 0:
+            continue
+        r = p // cols - row0
+        c = p % cols
+        scale = 1.0 / h
+        row = stack[p]
+        for i in range(n_bf):
+            rr = r + shift_rows[i]
+            cc = c + shift_cols[i]
+            if 0 <= rr < out.shape[1] and 0 <= cc < cols:
+                t = tile_of[i]
+                out[t, rr, cc] += row[i] * scale
+                count[t, rr, cc] += 1.0
+    for t in range(out.shape[0]):
+        total = 0.0
+        covered = 0
+        for r in range(out.shape[1]):
+            for c in range(cols):
+                if count[t, r, c] > 0:
+                    out[t, r, c] /= count[t, r, c]
+                    total += out[t, r, c]
+                    covered += 1
+        fill = total / covered if covered else 0.0
+        for r in range(out.shape[1]):
+            for c in range(cols):
+                if count[t, r, c] == 0:
+                    out[t, r, c] = fill
+
+
 def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
     """Mean value per frame of each BF pixel over the acquired positions (N_bf,)."""
     acquired = hits > 0

@@ -10,6 +10,12 @@
 /alignment/bf_pixels (N_bf, 2) detector (row, col); attrs bins, n_tiles, center_px, radius_px
 /calibration/mean_pattern, /calibration/mask
 /dose             attrs dose_e_per_A2, electrons_total, counts_per_electron; /dose/map
+/tcbf/image       (rows f, cols f) tcBF image; attrs sampling_A, upsampling_factor,
+                  phase_flipped; /tcbf/shift_and_add (before phase flipping, mean ~1)
+/alignment/shifts_px (N_bf, 2) correction shifts (scan px); /alignment/error (iterations,)
+                  rms misfit of the tiles to the model; attrs schedule, matrix_px, rows
+/aberrations      attrs C10_A, C12_A, phi12_rad, rotation_rad, transpose, defocus_A,
+                  residual_px (only when the angular sampling and step are known)
 """
 
 from __future__ import annotations
@@ -89,9 +95,40 @@ def write_result(path: str | Path, result: SeriesResult, protocol: str) -> Path:
         align.attrs["bins"] = np.asarray(result.bins, np.int64)
         align.attrs["n_tiles"] = np.asarray(result.n_tiles, np.int64)
 
+        if result.tcbf is not None:
+            write_tcbf(f, result.tcbf)
+
         dose = f.create_group("dose")
         dose.attrs["dose_e_per_A2"] = result.dose_e_per_A2
         dose.attrs["electrons_total"] = result.electrons_total
         dose.attrs["counts_per_electron"] = info.counts_per_electron
         dose["map"] = result.dose_map
     return path
+
+
+def write_tcbf(f: h5py.File, tcbf) -> None:
+    """The alignment/reconstruction part of the result (see the module docstring)."""
+    g = f.create_group("tcbf")
+    g["image"] = tcbf.image
+    g["image"].attrs["sampling_A"] = _attr(tcbf.sampling_A)
+    g["image"].attrs["upsampling_factor"] = tcbf.upsampling_factor
+    g["image"].attrs["phase_flipped"] = tcbf.phase_flipped
+    g.attrs["sampling_A"] = _attr(tcbf.sampling_A)
+    g.attrs["upsampling_factor"] = tcbf.upsampling_factor
+    g["shift_and_add"] = tcbf.shift_and_add
+    align = f["alignment"]
+    align["shifts_px"] = tcbf.shifts_px
+    align["error"] = tcbf.errors_px
+    align.attrs["schedule"] = np.asarray(tcbf.alignment.schedule, np.int64)
+    align.attrs["matrix_px"] = tcbf.alignment.matrix_px
+    align.attrs["rows"] = np.asarray(tcbf.rows, np.int64)
+    ab = tcbf.aberrations
+    if ab is not None:
+        a = f.create_group("aberrations")
+        a.attrs["C10_A"] = ab.C10_A
+        a.attrs["C12_A"] = ab.C12_A
+        a.attrs["phi12_rad"] = ab.phi12_rad
+        a.attrs["rotation_rad"] = ab.rotation_rad
+        a.attrs["transpose"] = ab.transpose
+        a.attrs["defocus_A"] = ab.defocus_A
+        a.attrs["residual_px"] = ab.residual_px

@@ -5,25 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from .accumulators import validate_bins
-from .calibration import Calibration, CalibrationError
-from .cliutil import UsageError, parse_pair
+from .cliutil import UsageError
 from .engine import DECODERS, Engine, EngineSettings
-from .series import ProcessingSettings
+from .options import add_processing_args, processing_from_args, report
 from .subscriber import SubscriberSettings
 
 log = logging.getLogger("tcbf.run")
-
-
-def _bins(text: str) -> tuple[int, ...]:
-    try:
-        return validate_bins(tuple(int(v) for v in text.split(",")))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,24 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--bind", metavar="ENDPOINT", help="bind instead of connecting")
     p.add_argument("--socket", default="sub", choices=["sub", "pull"])
     p.add_argument("--protocol", default="native", choices=sorted(DECODERS))
-    p.add_argument(
-        "--scan", type=parse_pair, metavar="RxC", help="scan shape if the stream lacks it"
-    )
-    p.add_argument("--energy", type=float, metavar="EV")
-    p.add_argument("--step", type=float, metavar="A")
-    p.add_argument("--semiangle", type=float, metavar="MRAD")
-    p.add_argument("--angular-sampling", type=float, metavar="MRAD")
-    p.add_argument("--counts-per-electron", type=float, metavar="G")
-    p.add_argument("--calibration-frames", type=int, default=64, metavar="N")
-    p.add_argument("--bf-threshold", type=float, default=0.5, metavar="T",
-                   help="BF disk = mean pattern >= T x plateau (default 0.5)")  # fmt: skip
-    p.add_argument("--calibration", metavar="FILE", help="fixed calibration (JSON) to use")
-    p.add_argument("--mask", metavar="FILE.npy", help="bool array of pixels to exclude")
-    p.add_argument("--bins", type=_bins, metavar="B,B,..", help="alignment bin levels (px)")
-    p.add_argument("--axial-radius", type=float, metavar="PX", help="axial vBF radius")
+    add_processing_args(p)
     p.add_argument("--repeat", default="accumulate", choices=["accumulate", "new-series"],
                    help="frames beyond one scan pass")  # fmt: skip
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="idle timeout")
+    p.add_argument(
+        "--align-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="re-align every S seconds while frames arrive (0: only at the end)",
+    )
     p.add_argument("--output", required=True, metavar="FILE.h5")
     p.add_argument("--headless", action="store_true", help="no viewer window")
     p.set_defaults(run=run)
@@ -64,45 +45,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless:
         raise UsageError("the live viewer is not available yet: pass --headless")
-    if args.calibration_frames < 1 or not 0 < args.bf_threshold < 1 or not args.timeout > 0:
-        raise UsageError("need --calibration-frames >= 1, 0 < --bf-threshold < 1, --timeout > 0")
-    for name in ("energy", "step", "semiangle", "angular_sampling", "counts_per_electron"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    calibration = mask = None
-    try:
-        if args.calibration:
-            calibration = Calibration.load(args.calibration)
-        if args.mask:
-            mask = np.load(args.mask, allow_pickle=False).astype(bool)
-    except (OSError, ValueError, KeyError, CalibrationError) as exc:
-        raise UsageError(f"cannot read {args.calibration or args.mask}: {exc}") from None
-    if not Path(args.output).parent.exists():
-        raise UsageError(f"output folder {Path(args.output).parent} does not exist")
+    if not args.timeout > 0 or not args.align_interval >= 0:
+        raise UsageError("need --timeout > 0 and --align-interval >= 0")
+    processing = processing_from_args(args)
     endpoint = args.bind or args.connect
     return EngineSettings(
         subscriber=SubscriberSettings(
             endpoint=endpoint, socket_type=args.socket, bind=args.bind is not None
         ),
-        processing=ProcessingSettings(
-            scan_shape=args.scan,
-            energy_eV=args.energy,
-            step_A=args.step,
-            semiangle_mrad=args.semiangle,
-            angular_sampling_mrad=args.angular_sampling,
-            counts_per_electron=args.counts_per_electron,
-            calibration_frames=args.calibration_frames,
-            bf_threshold=args.bf_threshold,
-            calibration=calibration,
-            mask=mask,
-            bins=args.bins,
-            axial_radius_px=args.axial_radius,
-            repeat_scans=args.repeat,
-        ),
+        processing=processing,
         protocol=args.protocol,
         idle_timeout_s=args.timeout,
         max_series=1,
+        align_interval_s=args.align_interval or None,
     )
 
 
@@ -125,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"tcbf-live run: no series received within {args.timeout:g} s\n")
         return 1
     write_result(args.output, result, args.protocol)
-    sys.stderr.write(f"{result.summary()}\nwrote {args.output}\n")
+    sys.stderr.write(report(result, args.output))
     return 0

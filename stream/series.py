@@ -16,6 +16,7 @@ from detectors.base import FrameBatch, SeriesInfo
 
 from .accumulators import Accumulators, TileLevels, default_bins
 from .calibration import DEFAULT_BF_THRESHOLD, Calibration, calibrate
+from .tcbf import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
 
 log = logging.getLogger("tcbf.series")
 
@@ -44,6 +45,7 @@ class ProcessingSettings:
     bins: tuple[int, ...] | None = None  # alignment bin levels (detector px)
     axial_radius_px: float | None = None  # None: 25 % of the BF radius
     repeat_scans: str = "accumulate"  # frames beyond one pass: "accumulate" | "new-series"
+    tcbf: TcbfSettings = field(default_factory=TcbfSettings)
 
     def resolve(self, info: SeriesInfo) -> SeriesInfo:
         """Stream metadata with explicit settings taking precedence."""
@@ -76,6 +78,7 @@ class SeriesResult:
     out_of_range: int
     complete: bool
     elapsed_s: float = 0.0  # first to last frame received
+    tcbf: TcbfResult | None = None  # latest alignment/reconstruction (final when complete)
 
     @property
     def frames_per_s(self) -> float:
@@ -140,6 +143,7 @@ class SeriesProcessor:
         self.index_offset = pass_index * self.n_positions
         self.calibration: Calibration | None = settings.calibration
         self.acc: Accumulators | None = None
+        self.tcbf: TcbfProcessor | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
         self._stage: np.ndarray | None = None  # staging buffer for small messages
         self._stage_index = np.empty(0, np.int64)
@@ -247,6 +251,7 @@ class SeriesProcessor:
             frame_limit=self.frame_limit,
             integer_stack=np.dtype(self.info.dtype).kind in "ui",
         )
+        self.tcbf = TcbfProcessor(self.info, cal, layout, s.tcbf)
 
     # ------------------------------------------------------------------ read-out
     @property
@@ -257,6 +262,23 @@ class SeriesProcessor:
     def done(self) -> bool:
         """All frames of the series have been accumulated."""
         return self.acc is not None and self.acc.frames_accepted >= self.frame_limit
+
+    def alignment_inputs(self) -> AlignmentInputs | None:
+        """Copies for one alignment update (hold the ingest lock while calling, if live)."""
+        acc = self.acc
+        if acc is None:
+            return None
+        return AlignmentInputs(acc.hits.copy(), acc.tiles.copy(), acc.stack, acc.frames_accepted)
+
+    def update_tcbf(self, final: bool = False) -> TcbfResult | None:
+        """One alignment + reconstruction update on everything accumulated (single-threaded
+        use: offline, or after ingest has ended)."""
+        if final:
+            self.calibrate_now()
+        inputs = self.alignment_inputs()
+        if inputs is None or self.tcbf is None:
+            return None
+        return self.tcbf.update(inputs, final=final)
 
     def result(self, final: bool = False, complete: bool = False) -> SeriesResult:
         """Copy out the current state (the caller holds the ingest lock if live).
@@ -289,4 +311,5 @@ class SeriesProcessor:
             out_of_range=acc.out_of_range,
             complete=complete,
             elapsed_s=self._t_last - (self._t_first or self._t_last),
+            tcbf=self.tcbf.last if self.tcbf is not None else None,
         )

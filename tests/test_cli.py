@@ -51,6 +51,11 @@ def test_replay_rejects_non_4d_and_physics_flags(tmp_path, capsys):
     bad = tmp_path / "flat.npy"
     np.save(bad, np.zeros((4, 4, 4), np.uint16))
     assert main(["simulate", "--replay", str(bad)]) == 2
+    assert "needs the scan shape (--scan)" in capsys.readouterr().err
+    assert main(["simulate", "--replay", str(bad), "--scan", "3x2"]) == 2
+    assert "does not match 4 frames" in capsys.readouterr().err
+    np.save(bad, np.zeros((4, 4), np.uint16))
+    assert main(["simulate", "--replay", str(bad)]) == 2
     assert "4D" in capsys.readouterr().err
     good = tmp_path / "ok.npy"
     np.save(good, np.zeros((2, 2, 8, 8), np.uint16))

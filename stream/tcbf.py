@@ -1,0 +1,196 @@
+"""Per-series tcBF pipeline: accumulators -> tile images -> alignment -> aberrations -> image.
+
+No sockets and no threads: the live engine calls `TcbfProcessor.update` from its alignment
+thread on a timer (and once more when the series ends), the offline `reconstruct` command once
+at the end, both with inputs taken by `SeriesProcessor.alignment_inputs()`. Each update
+warm-starts from the previous shift model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detectors.base import SeriesInfo
+from simulators.optics import wavelength_A
+
+from .aberrations import AberrationFit, fit_aberrations
+from .accumulators import TileLevels
+from .alignment import (
+    AlignmentResult,
+    AlignmentSettings,
+    TileGeometry,
+    TileSet,
+    acquired_rows,
+    align,
+)
+from .calibration import Calibration
+from .reconstruction import ShiftAndAdd, default_upsampling, phase_flip, regroup_tiles
+
+
+@dataclass(frozen=True)
+class TcbfSettings:
+    alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
+    upsample: int | None = None  # None: round(2 alpha dx / lambda), capped
+    phase_flip: bool = True
+    rebuild_tolerance_px: float = 0.1  # shift change (upsampled px) that forces a rebuild
+
+
+@dataclass(frozen=True)
+class AlignmentInputs:
+    """What one update reads, taken under the ingest lock (copies, except `stack`).
+
+    `stack` is the live per-BF-pixel array: rows of positions counted in `hits` are complete
+    (the kernel fills a row before counting it), so reading them without the lock is safe."""
+
+    hits: np.ndarray  # (n_pos,) copy
+    tiles: np.ndarray  # (n_pos, total tiles) copy
+    stack: np.ndarray  # (n_pos, N_bf) live view
+    frames: int  # frames accumulated when taken
+
+
+@dataclass(frozen=True)
+class TcbfResult:
+    """One alignment + reconstruction update (arrays are owned copies)."""
+
+    image: np.ndarray  # tcBF image (phase-flipped when enabled and possible), (rows f, cols f)
+    shift_and_add: np.ndarray  # the image before phase flipping (mean ~1)
+    phase_flipped: bool
+    upsampling_factor: int
+    sampling_A: float | None  # pixel size of `image`
+    bf_k_px: np.ndarray  # (N_bf, 2) BF pixel positions rel. to the disk centre (det px)
+    shifts_px: np.ndarray  # (N_bf, 2) model correction shifts (scan px, row/col)
+    alignment: AlignmentResult
+    aberrations: AberrationFit | None
+    rows: tuple[int, int]  # scan rows used
+    frames: int  # frames accumulated when the update started
+    latency_s: float  # wall time of the update
+    rebuilt: bool  # image rebuilt from the stack (else only new positions deposited)
+    final: bool = False
+
+    @property
+    def errors_px(self) -> np.ndarray:
+        return self.alignment.errors_px
+
+    def summary(self) -> str:
+        ab = self.aberrations
+        fit = (
+            f"defocus {ab.defocus_A:.4g} A, C12 {ab.C12_A:.3g} A at "
+            f"{np.degrees(ab.phi12_rad):.1f} deg, rotation {np.degrees(ab.rotation_rad):.2f} deg"
+            f"{', transposed' if ab.transpose else ''}"
+            if ab is not None
+            else "aberrations need --energy/--step and an angular sampling"
+        )
+        levels = ",".join(str(b) for b in self.alignment.schedule) or "none"
+        return f"tcBF: bins {levels}; {fit}; update {self.latency_s * 1e3:.0f} ms"
+
+
+class TcbfProcessor:
+    """Alignment state of one series (shift model, shift-and-add accumulator)."""
+
+    def __init__(self, info: SeriesInfo, calibration: Calibration, layout: TileLevels,
+                 settings: TcbfSettings):  # fmt: skip
+        self.info = info
+        self.settings = settings
+        self.layout = layout
+        self.scan_shape = info.scan_shape
+        self.k_px = calibration.bf_pixels - np.asarray(calibration.center_px)
+        self.radius_px = float(np.hypot(*self.k_px.T).max())
+        mp = calibration.mean_pattern
+        weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
+        self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
+        self.sampling_mrad = calibration.angular_sampling_mrad
+        self.wavelength_A = wavelength_A(info.energy_eV) if info.energy_eV else None
+        self.upsampling = settings.upsample or default_upsampling(
+            info.step_A, self.wavelength_A, info.semiangle_mrad,
+            max(info.detector_shape), self.sampling_mrad,
+        )  # fmt: skip
+        self.shift_and_add = ShiftAndAdd(self.scan_shape, self.upsampling,
+                                         settings.rebuild_tolerance_px)  # fmt: skip
+        self.matrix_px: np.ndarray | None = None  # warm start for the next update
+        self.last: TcbfResult | None = None
+
+    def tile_sets(self, inputs: AlignmentInputs, rows: tuple[int, int]) -> dict[int, TileSet]:
+        """Tile images of every level over scan rows [first, last)."""
+        cols = self.scan_shape[1]
+        r0, r1 = rows
+        valid = inputs.hits[r0 * cols : r1 * cols].reshape(r1 - r0, cols) > 0
+        block = inputs.tiles[r0 * cols : r1 * cols]
+        lay, geo = self.layout, self.geometry
+        gain = self.info.counts_per_electron
+        out = {}
+        for lvl, b in enumerate(lay.bins):
+            sub = block[:, lay.offsets[lvl] : lay.offsets[lvl] + lay.n_tiles[lvl]]
+            images = np.ascontiguousarray(sub.T).reshape(lay.n_tiles[lvl], r1 - r0, cols)
+            electrons = sub.sum(axis=0, dtype=np.float64) / gain
+            out[b] = TileSet(b, images, valid, geo.k_px[b], electrons, geo.n_pixels[b],
+                             lay.labels[lvl], self.radius_px)  # fmt: skip
+        return out
+
+    def regrouped_tiles(
+        self, inputs: AlignmentInputs, rows: tuple[int, int], bin_px: int, matrix_px: np.ndarray
+    ) -> np.ndarray:
+        """Tile images of level `bin_px` from the per-pixel stack, each pixel's image moved by its
+        model shift (nearest scan px), so tiles are sharp and share one window (see `align`)."""
+        lvl = self.layout.bins.index(bin_px)
+        tile_of = self.layout.member_tile[lvl]
+        move = np.rint(self.k_px @ matrix_px.T).astype(np.int64)
+        n = self.layout.n_tiles[lvl]
+        shape = (n, rows[1] - rows[0], self.scan_shape[1])
+        out = np.zeros(shape, np.float32)
+        count = np.zeros(shape, np.float32)
+        regroup_tiles(inputs.stack, inputs.hits, rows[0], rows[1], self.scan_shape[1],
+                      tile_of, move[:, 0].copy(), move[:, 1].copy(), out, count)  # fmt: skip
+        return out
+
+    def update(self, inputs: AlignmentInputs, final: bool = False) -> TcbfResult | None:
+        """Align on what has arrived, refit, bring the image up to date. None until enough rows
+        are acquired and the dose supports a first shift model."""
+        t0 = time.perf_counter()
+        st = self.settings.alignment
+        valid = inputs.hits.reshape(self.scan_shape) > 0
+        rows = acquired_rows(valid)
+        if rows[1] - rows[0] < min(st.min_rows, self.scan_shape[0]):
+            return None
+        result = align(self.tile_sets(inputs, rows), st, matrix_px=self.matrix_px,
+                       regroup=lambda b, m: self.regrouped_tiles(inputs, rows, b, m))  # fmt: skip
+        result = AlignmentResult(result.matrix_px, result.iterations, rows, result.converged)
+        if not result.converged and self.matrix_px is None:
+            return None
+        if result.converged:
+            self.matrix_px = result.matrix_px
+        else:  # nothing trusted this time: keep the previous model
+            result = AlignmentResult(self.matrix_px, result.iterations, rows, False)
+        shifts = result.shifts_px(self.k_px)
+        aberrations = None
+        if self.sampling_mrad and self.info.step_A:
+            aberrations = fit_aberrations(self.k_px * self.sampling_mrad, shifts, self.info.step_A,
+                                          st.defocus_sign)  # fmt: skip
+        rebuilt = self.shift_and_add.update(inputs.stack, inputs.hits, shifts)
+        saa = self.shift_and_add.image()
+        sampling = self.info.step_A / self.upsampling if self.info.step_A else None
+        image, flipped = saa - 1.0, False
+        if self.settings.phase_flip and aberrations is not None and self.wavelength_A:
+            q_max = (2e-3 * self.info.semiangle_mrad / self.wavelength_A
+                     if self.info.semiangle_mrad else None)  # fmt: skip
+            image = phase_flip(saa, sampling, self.wavelength_A, aberrations.p_matrix_A(), q_max)
+            flipped = True
+        self.last = TcbfResult(
+            image=image,
+            shift_and_add=saa,
+            phase_flipped=flipped,
+            upsampling_factor=self.upsampling,
+            sampling_A=sampling,
+            bf_k_px=self.k_px,
+            shifts_px=shifts,
+            alignment=result,
+            aberrations=aberrations,
+            rows=rows,
+            frames=inputs.frames,
+            latency_s=time.perf_counter() - t0,
+            rebuilt=rebuilt,
+            final=final,
+        )
+        return self.last

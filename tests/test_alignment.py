@@ -1,0 +1,250 @@
+"""Alignment and reconstruction numerics on small synthetic arrays (no simulator)."""
+
+import numpy as np
+import pytest
+import scipy.fft as sfft
+
+from stream.alignment import (
+    AlignmentSettings,
+    TileSet,
+    align,
+    choose_schedule,
+    robust_fit,
+)
+from stream.reconstruction import (
+    ShiftAndAdd,
+    default_upsampling,
+    deposit,
+    phase_flip,
+    quadratic_chi,
+    regroup_tiles,
+    splat_weights,
+)
+
+
+def smooth_field(shape, length_px, rng):
+    q2 = sfft.fftfreq(shape[0])[:, None] ** 2 + sfft.fftfreq(shape[1])[None, :] ** 2
+    spec = sfft.fft2(rng.standard_normal(shape)) * np.exp(-2 * np.pi**2 * length_px**2 * q2)
+    f = sfft.ifft2(spec).real
+    return f / f.std()
+
+
+def fourier_shift(img, shift):
+    q0 = sfft.fftfreq(img.shape[0])[:, None]
+    q1 = sfft.fftfreq(img.shape[1])[None, :]
+    return sfft.ifft2(sfft.fft2(img) * np.exp(-2j * np.pi * (q0 * shift[0] + q1 * shift[1]))).real
+
+
+def tile_set(matrix, bin_px=8, radius=26, shape=(48, 64), electrons=1e7, rows=None, seed=0):
+    """Tiles of a disk whose images are one periodic object shifted by -M k (raw
+    displacement), with Poisson noise for `electrons` per tile image."""
+    rng = np.random.default_rng(seed)
+    obj = 1.0 + 0.05 * smooth_field(shape, 1.5, rng)
+    labels = [(a, b) for a in range(-4, 4) for b in range(-4, 4)
+              if np.hypot(a * bin_px + bin_px / 2, b * bin_px + bin_px / 2) < radius]  # fmt: skip
+    labels = np.array(labels)
+    k = labels * bin_px + bin_px / 2.0
+    per_px = electrons / (shape[0] * shape[1])
+    images = np.stack([fourier_shift(obj, -(matrix @ kk)) for kk in k]) * per_px
+    images = rng.poisson(np.clip(images, 0, None)).astype(np.float32)
+    valid = np.ones(shape, bool)
+    if rows is not None:
+        valid[rows:] = False
+        images[:, rows:] = 0
+    n = len(k)
+    return TileSet(bin_px, images, valid, k, np.full(n, electrons), np.full(n, bin_px**2),
+                   labels, float(radius))  # fmt: skip
+
+
+def rotation(deg, scale):
+    t = np.radians(deg)
+    return scale * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+
+@pytest.mark.parametrize("deg, scale", [(-15.0, -0.22), (40.0, 0.3), (170.0, -0.15)])
+def test_cold_start_recovers_the_shift_matrix(deg, scale):
+    m = rotation(deg, scale)
+    tiles = tile_set(m, seed=int(deg) % 7)
+    st = AlignmentSettings(bins=(8, 8))
+    res = align({8: tiles}, st)
+    assert res.converged
+    assert res.schedule[0] == 8 and len(res.iterations) == 3  # pair estimate + 2 iterations
+    np.testing.assert_allclose(res.matrix_px, m, atol=0.01)
+    assert res.errors_px[-1] < 0.1
+
+
+def test_transposed_detector_gives_a_negative_determinant():
+    m = rotation(25.0, -0.2) @ np.array([[0.0, 1.0], [1.0, 0.0]])
+    res = align({8: tile_set(m)}, AlignmentSettings(bins=(8,)))
+    np.testing.assert_allclose(res.matrix_px, m, atol=0.01)
+    assert np.linalg.det(res.matrix_px) < 0
+
+
+def test_partial_scan_uses_only_the_acquired_rows():
+    m = rotation(-15.0, -0.22)
+    tiles = tile_set(m, rows=30)  # 30 of 48 rows acquired, the rest zeros
+
+    def regroup(bin_px, model):  # as from per-pixel data: each image moved by its model shift,
+        out = []  # positions nothing moved into hold the mean (see regroup_tiles)
+        for img, k in zip(tiles.images, tiles.k_px, strict=True):
+            filled = img.copy()
+            filled[30:] = img[:30].mean()
+            out.append(fourier_shift(filled, model @ k))
+        moved = np.stack(out)
+        moved[:, 30:] = 0
+        return moved
+
+    res = align({8: tiles}, AlignmentSettings(bins=(8, 8, 8)), regroup=regroup)
+    np.testing.assert_allclose(res.matrix_px, m, atol=0.005)
+    # tile sums moved by Fourier ramps carry their window along: pulled toward zero shift
+    plain = align({8: tiles}, AlignmentSettings(bins=(8, 8, 8)))
+    assert abs(plain.matrix_px[0, 0]) < abs(res.matrix_px[0, 0])
+
+
+def test_pure_noise_gives_no_model():
+    tiles = tile_set(np.zeros((2, 2)), electrons=1e7)
+    rng = np.random.default_rng(3)
+    noise = rng.poisson(1e7 / tiles.images[0].size, tiles.images.shape).astype(np.float32)
+    res = align({8: TileSet(8, noise, tiles.valid, tiles.k_px, tiles.electrons, tiles.n_pixels,
+                            tiles.labels, 26.0)}, AlignmentSettings(bins=(8,)))  # fmt: skip
+    assert not res.converged and res.iterations == ()
+
+
+def test_warm_start_stays_put_and_reports_a_small_error():
+    m = rotation(-15.0, -0.22)
+    res = align({8: tile_set(m)}, AlignmentSettings(bins=(8,)), matrix_px=m)
+    assert len(res.iterations) == 1  # no pair estimate when the model is known
+    np.testing.assert_allclose(res.matrix_px, m, atol=0.01)
+
+
+def test_robust_fit_drops_outliers():
+    rng = np.random.default_rng(1)
+    k = rng.uniform(-20, 20, (40, 2))
+    m = rotation(10, -0.3)
+    s = k @ m.T + rng.normal(0, 0.02, (40, 2))
+    s[:4] += 5.0
+    fit, used, err = robust_fit(k, s, np.ones(40), np.zeros((2, 2)))
+    np.testing.assert_allclose(fit, m, atol=0.005)
+    assert not used[:4].any() and used[4:].all() and err < 0.05
+
+
+def test_schedule_deepens_coarse_levels_first_as_dose_grows():
+    def level(b, n, electrons):
+        k = np.zeros((n, 2))
+        return TileSet(b, np.zeros((n, 4, 4)), np.ones((4, 4), bool), k,
+                       np.full(n, electrons), np.full(n, b * b))  # fmt: skip
+
+    st = AlignmentSettings()
+    seen = []
+    for total in (1e5, 1e6, 5e6, 2e7, 1e9):  # electrons in the whole BF disk
+        levels = {32: level(32, 4, total / 4), 16: level(16, 16, total / 16),
+                  8: level(8, 48, total / 48)}  # fmt: skip
+        seen.append(choose_schedule(levels, st))
+    assert seen == [(), (32, 32), (32, 32, 16, 16), (32, 32, 16, 16, 8, 8),
+                    (32, 32, 16, 16, 8, 8)]  # fmt: skip
+    assert choose_schedule(levels, AlignmentSettings(bins=(32, 16, 16))) == (32, 16, 16)
+
+
+# ------------------------------------------------------------------------- reconstruction
+def test_deposit_matches_a_numpy_bilinear_splat():
+    rng = np.random.default_rng(0)
+    rows, cols, n_bf, f = 5, 6, 7, 3
+    stack = rng.integers(0, 50, (rows * cols, n_bf)).astype(np.uint16)
+    hits = rng.integers(0, 3, rows * cols).astype(np.uint32)
+    shifts = rng.uniform(-2, 2, (n_bf, 2))
+    gain = rng.uniform(0.5, 2, n_bf)
+    offsets, weights = splat_weights(shifts * f)
+    num = np.zeros((rows * f, cols * f))
+    den = np.zeros_like(num)
+    deposit(stack, hits, np.arange(rows * cols), cols, f, offsets, weights, 1 / gain, num, den)
+    ref_num, ref_den = np.zeros_like(num), np.zeros_like(num)
+    for j in range(rows * cols):
+        if hits[j] == 0:
+            continue
+        r, c = divmod(j, cols)
+        for i in range(n_bf):
+            p = np.array([r, c]) * f + shifts[i] * f
+            base = np.floor(p).astype(int)
+            fr = p - base
+            for dr, dc, w in ((0, 0, (1 - fr[0]) * (1 - fr[1])), (0, 1, (1 - fr[0]) * fr[1]),
+                              (1, 0, fr[0] * (1 - fr[1])), (1, 1, fr[0] * fr[1])):  # fmt: skip
+                rr, cc = base[0] + dr, base[1] + dc
+                if 0 <= rr < rows * f and 0 <= cc < cols * f:
+                    ref_num[rr, cc] += w * stack[j, i] / gain[i] / hits[j]
+                    ref_den[rr, cc] += w
+    np.testing.assert_allclose(num, ref_num, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(den, ref_den, rtol=1e-10, atol=1e-12)
+
+
+def test_incremental_deposition_equals_a_rebuild_and_rebuilds_when_shifts_move():
+    rng = np.random.default_rng(2)
+    rows, cols, n_bf = 8, 8, 12
+    stack = rng.integers(1, 40, (rows * cols, n_bf)).astype(np.uint16)
+    shifts = rng.uniform(-1, 1, (n_bf, 2))
+    hits_half = np.zeros(rows * cols, np.uint32)
+    hits_half[:32] = 1
+    hits_all = np.ones(rows * cols, np.uint32)
+    inc = ShiftAndAdd((rows, cols), 2)
+    assert inc.update(stack, hits_half, shifts)  # first call builds
+    gains = inc._inv_gain.copy()
+    assert not inc.update(stack, hits_all, shifts + 0.01)  # within tolerance: deposit new
+    full = ShiftAndAdd((rows, cols), 2)
+    full.shifts_px = shifts.copy()
+    full._inv_gain, full._splat = gains, splat_weights(shifts * 2)
+    full.update(stack, hits_all, shifts)  # same shifts and gains: all positions are new
+    np.testing.assert_allclose(inc.num, full.num)
+    np.testing.assert_allclose(inc.den, full.den)
+    assert inc.update(stack, hits_all, shifts + 0.2)  # moved: rebuilt
+    hits_all[3] = 2
+    assert inc.update(stack, hits_all, inc.shifts_px)  # a repeat pass over a position
+    assert inc.rebuilds == 3
+
+
+def test_regroup_tiles_moves_each_pixel_by_its_own_shift():
+    rng = np.random.default_rng(4)
+    rows, cols, n_bf = 6, 7, 5
+    stack = rng.integers(0, 9, (rows * cols, n_bf)).astype(np.uint16)
+    hits = np.ones(rows * cols, np.uint32)
+    hits[10] = 0
+    tile_of = np.array([0, 0, 1, 1, 1])
+    move = np.array([[0, 0], [1, -1], [0, 2], [-1, 0], [2, 1]])
+    out = np.zeros((2, rows, cols), np.float32)
+    cnt = np.zeros_like(out)
+    regroup_tiles(stack, hits, 0, rows, cols, tile_of, move[:, 0].copy(), move[:, 1].copy(),
+                  out, cnt)  # fmt: skip
+    ref = np.zeros_like(out, dtype=float)
+    n = np.zeros_like(ref)
+    for p in range(rows * cols):
+        if hits[p]:
+            r, c = divmod(p, cols)
+            for i in range(n_bf):
+                rr, cc = r + move[i, 0], c + move[i, 1]
+                if 0 <= rr < rows and 0 <= cc < cols:
+                    ref[tile_of[i], rr, cc] += stack[p, i]
+                    n[tile_of[i], rr, cc] += 1
+    mean = ref / np.maximum(n, 1)
+    for t in range(2):
+        mean[t][n[t] == 0] = mean[t][n[t] > 0].mean()  # uncovered: the tile's mean
+    np.testing.assert_allclose(out, mean, rtol=1e-5)
+
+
+def test_phase_flip_makes_the_transfer_positive_for_either_defocus_sign():
+    rng = np.random.default_rng(5)
+    phase = smooth_field((128, 128), 1.0, rng)
+    sampling, lam = 2.0, 0.0197
+    for c10 in (-15000.0, 15000.0):
+        p = np.array([[c10 + 300.0, 100.0], [100.0, c10 - 300.0]])
+        chi, q = quadratic_chi(phase.shape, sampling, lam, p)
+        # tcBF of a weak phase object: 1 + sin(chi) x phase (our sign convention)
+        image = 1.0 + 0.01 * sfft.ifft2(sfft.fft2(phase) * np.sin(chi)).real
+        flipped = phase_flip(image, sampling, lam, p, q_max_per_A=0.2)
+        band = sfft.ifft2(sfft.fft2(phase) * (q <= 0.2)).real
+        assert np.corrcoef(flipped.ravel(), band.ravel())[0, 1] > 0.6
+        assert np.corrcoef(image.ravel(), band.ravel())[0, 1] < 0.3
+
+
+def test_default_upsampling_follows_the_information_limit():
+    assert default_upsampling(256 / 24, 0.019687, 4.0, 128, 0.154) == 4  # tutorial: 4.33
+    assert default_upsampling(0.5, 0.019687, 20.0) == 1
+    assert default_upsampling(40.0, 0.019687, 20.0) == 8  # capped
+    assert default_upsampling(None, 0.019687, 4.0) == 2  # optics unknown
