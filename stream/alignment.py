@@ -45,6 +45,7 @@ class AlignmentSettings:
     upsample: int = 8  # DFT upsampling of the cross-correlation peak
     edge_blend_px: float | None = None  # None: 1/6 of the acquired field, within [2, 16]
     min_rows: int = 8  # rows acquired before the first alignment
+    max_field_px: int = 128  # align on at most this many rows and columns (central block)
     min_quality: float = 4.0  # tile-vs-reference peak (peak - mean) / std below this: unused
     min_pair_quality: float = 8.0  # the same for a pair-summed peak (cold start)
     fit_radius_fraction: float = 0.8  # model fit: tiles within this fraction of the disk
@@ -144,9 +145,9 @@ def default_edge_blend(shape: tuple[int, int]) -> float:
     return float(np.clip(min(shape) / 6.0, 2.0, 16.0))
 
 
-def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """Room for shifts of up to a quarter of the field each way without wrap-around."""
-    return tuple(sfft.next_fast_len(n + 2 * max(8, n // 4)) for n in shape)  # type: ignore
+def padded_shape(shape: tuple[int, int], margin_px: int | None = None) -> tuple[int, int]:
+    """Room for shifts of `margin_px` (default a quarter of the field) each way, no wrap."""
+    return tuple(sfft.next_fast_len(n + 2 * (margin_px or max(8, n // 4))) for n in shape)  # type: ignore
 
 
 def ramps(shape: tuple[int, int], shifts_px: np.ndarray) -> np.ndarray:
@@ -159,7 +160,9 @@ def ramps(shape: tuple[int, int], shifts_px: np.ndarray) -> np.ndarray:
     return e0[:, :, None] * e1[:, None, :]
 
 
-def tile_spectra(tiles: TileSet, edge_blend_px: float | None = None) -> np.ndarray:
+def tile_spectra(
+    tiles: TileSet, edge_blend_px: float | None = None, margin_px: int | None = None
+) -> np.ndarray:
     """(n, P0, P1) spectra of the normalised, zero-mean, tapered, zero-padded tile images.
 
     Only the block of acquired rows is used and tapered (a partial scan looks like a smaller
@@ -173,7 +176,7 @@ def tile_spectra(tiles: TileSet, edge_blend_px: float | None = None) -> np.ndarr
     sums = images.reshape(n, -1) @ valid.ravel().astype(np.float64)
     means = np.where(sums > 0, sums / max(int(valid.sum()), 1), 1.0)
     norm = (images / means[:, None, None].astype(np.float32) - 1.0) * weight
-    pad = padded_shape(tiles.valid.shape)
+    pad = padded_shape(tiles.valid.shape, margin_px)
     canvas = np.zeros((n, *pad), np.float32)
     canvas[:, :rows, :cols] = norm
     return sfft.fft2(canvas, axes=(1, 2), workers=1)
@@ -243,14 +246,16 @@ def align_iteration(
     total_w = w.sum()
     reference = np.tensordot(w / total_w, shifted, axes=1) if total_w > 0 else None
     n = len(tiles.k_px)
+    search = int(np.ceil(settings.max_residual_px)) + 1  # warm start: residuals are small
     residual = np.zeros((n, 2))
+
     quality = np.zeros(n)
     used = np.zeros(n, bool)
     ref_weight = 0.0
     for t in np.argsort(np.hypot(*tiles.k_px.T), kind="stable"):
         if w[t] <= 0 or reference is None:
             continue
-        d, quality[t] = correlation_peak(shifted[t] * np.conj(reference), settings.upsample)
+        d, quality[t] = correlation_peak(shifted[t] * np.conj(reference), settings.upsample, search)
         if quality[t] < settings.min_quality or np.hypot(*d) > settings.max_residual_px:
             continue
         used[t] = True
@@ -346,12 +351,13 @@ def align(
     settings: AlignmentSettings,
     matrix_px: np.ndarray | None = None,
     schedule: tuple[int, ...] | None = None,
-    regroup: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    regroup: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> AlignmentResult:
     """Run the schedule (default `choose_schedule`) from `matrix_px` (default 0: cold start).
 
-    `regroup(bin, M)`, when given, re-forms a level's tile images from per-pixel data with
-    each pixel moved by its own model shift before the taper: tiles are then not blurred by
+    `regroup(bin, M)`, when given, returns a level's tile images re-formed from per-pixel data
+    with each pixel moved by its own shift under a model close to M (and that model), before
+    the taper: tiles are then not blurred by
     the shift spread inside them (|M| x bin px), and every tile shares one fixed window, so the
     window does not pull the shifts toward zero on small fields. Without it the accumulated
     tile sums are used and moved by Fourier ramps (window included)."""
@@ -381,10 +387,13 @@ def align(
         tiles = levels[b]
         if b not in spectra:
             applied[b] = np.zeros_like(tiles.k_px)
-            if regroup is not None:
-                tiles = replace(tiles, images=regroup(b, matrix))
-                applied[b] = tiles.k_px @ matrix.T
-            spectra[b] = tile_spectra(tiles, settings.edge_blend_px)
+            margin = None
+            if regroup is not None:  # already moved: only residuals remain, a thin margin does
+                images, moved_by = regroup(b, matrix)
+                tiles = replace(tiles, images=images)
+                applied[b] = tiles.k_px @ moved_by.T
+                margin = 4 + int(np.ceil(settings.max_residual_px))
+            spectra[b] = tile_spectra(tiles, settings.edge_blend_px, margin)
         weights = tiles.electrons.astype(float)
         if settings.bins is None:  # dose-chosen schedule: untrusted rim tiles are left out
             weights = np.where(tiles.trusted_tiles(settings.min_tile_electrons), weights, 0.0)

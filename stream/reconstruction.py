@@ -99,52 +99,86 @@ def deposit(
 
 
 @numba.njit(nogil=True, cache=True)
-def regroup_tiles(
-    stack: np.ndarray,  # (n_pos, N_bf)
-    hits: np.ndarray,  # (n_pos,)
-    row0: int,
-    row1: int,
-    cols: int,
-    tile_of: np.ndarray,  # (N_bf,) tile of each BF pixel
-    shift_rows: np.ndarray,  # (N_bf,) integer content shift of each pixel (scan px)
-    shift_cols: np.ndarray,
-    out: np.ndarray,  # (n_tiles, row1 - row0, cols) float32, zeroed: mean value per member
-    count: np.ndarray,  # (n_tiles, row1 - row0, cols) float32, zeroed: members landed
-) -> None:
-    """Tile images over scan rows [row0, row1) with every BF pixel's image moved by its own
-    integer shift: the value at position p goes to p + shift (scatter, so the stack is read
-    row by row). Missing positions contribute nothing; `out` ends as the mean per member, and
-    positions no member reached (edges) get the tile's mean (no signal)."""
-    n_bf = stack.shape[1]
-    for p in range(row0 * cols, row1 * cols):
-        h = hits[p]
-        if h == 0:
-            continue
-        r = p // cols - row0
-        c = p % cols
-        scale = 1.0 / h
-        row = stack[p]
-        for i in range(n_bf):
-            rr = r + shift_rows[i]
-            cc = c + shift_cols[i]
-            if 0 <= rr < out.shape[1] and 0 <= cc < cols:
-                t = tile_of[i]
-                out[t, rr, cc] += row[i] * scale
-                count[t, rr, cc] += 1.0
-    for t in range(out.shape[0]):
+def _group_sums(stack, hits, rows, cols, scan_cols, group_of, out):
+    """out[p, g] = sum over BF pixels i of group g of stack[p, i] / hits[p], for the positions
+    p of the window rows [rows[0], rows[1]) x cols [cols[0], cols[1]) (row-major)."""
+    width = cols[1] - cols[0]
+    for r in range(rows[0], rows[1]):
+        for c in range(cols[0], cols[1]):
+            p = r * scan_cols + c
+            h = hits[p]
+            if h == 0:
+                continue
+            scale = 1.0 / h
+            dst = out[(r - rows[0]) * width + (c - cols[0])]
+            row = stack[p]
+            for i in range(row.shape[0]):
+                dst[group_of[i]] += row[i] * scale
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter_groups(groups_t, valid, tile_of_group, move, members, out, count):
+    """Add every group image (groups_t[g], row-major over the window) moved by its integer
+    shift into its tile; then mean per member, and the tile's mean where nothing landed."""
+    n_tiles, n_rows, width = out.shape
+    for g in range(groups_t.shape[0]):
+        t = tile_of_group[g]
+        dr = move[g, 0]
+        dc = move[g, 1]
+        m = members[g]
+        src = groups_t[g]
+        for r in range(max(0, -dr), min(n_rows, n_rows - dr)):
+            base = r * width
+            for c in range(max(0, -dc), min(width, width - dc)):
+                if valid[base + c]:
+                    out[t, r + dr, c + dc] += src[base + c]
+                    count[t, r + dr, c + dc] += m
+    for t in range(n_tiles):
         total = 0.0
         covered = 0
-        for r in range(out.shape[1]):
-            for c in range(cols):
+        for r in range(n_rows):
+            for c in range(width):
                 if count[t, r, c] > 0:
                     out[t, r, c] /= count[t, r, c]
                     total += out[t, r, c]
                     covered += 1
         fill = total / covered if covered else 0.0
-        for r in range(out.shape[1]):
-            for c in range(cols):
+        for r in range(n_rows):
+            for c in range(width):
                 if count[t, r, c] == 0:
                     out[t, r, c] = fill
+
+
+class PixelGroups:
+    """BF pixels grouped by (finest tile, integer shift), with their summed images over a scan
+    window: one pass over the per-pixel stack serves every bin level (levels nest, so each
+    group lies in one tile of every level), and each level then moves a few hundred group
+    images instead of thousands of pixel images."""
+
+    def __init__(self, stack, hits, rows, cols, scan_cols, finest_tile, move, matrix_px=None):
+        self.matrix_px = matrix_px  # the model the integer shifts came from
+        keys = np.column_stack([finest_tile, move])
+        uniq, first, group_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        self.first_pixel = first
+        self.move = np.ascontiguousarray(uniq[:, 1:], dtype=np.int64)
+        self.members = np.bincount(group_of.ravel(), minlength=len(uniq)).astype(np.float32)
+        self.shape = (rows[1] - rows[0], cols[1] - cols[0])
+        self.sums = np.zeros((self.shape[0] * self.shape[1], len(uniq)), np.float32)
+        _group_sums(stack, hits, np.asarray(rows, np.int64), np.asarray(cols, np.int64),
+                    scan_cols, group_of.ravel().astype(np.int64), self.sums)  # fmt: skip
+        self.sums_t = np.ascontiguousarray(self.sums.T)  # (groups, positions) for the scatter
+        del self.sums
+        window = hits.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
+        self.valid = np.ascontiguousarray(window.ravel() > 0)
+
+    def tile_images(self, pixel_tile: np.ndarray, n_tiles: int) -> np.ndarray:
+        """(n_tiles, rows, cols): mean per member of each tile, every pixel moved by its shift."""
+        out = np.zeros((n_tiles, *self.shape), np.float32)
+        count = np.zeros_like(out)
+        tile_of_group = pixel_tile[self.first_pixel].astype(np.int64)
+        _scatter_groups(self.sums_t, self.valid, tile_of_group, self.move, self.members, out,
+                        count)  # fmt: skip
+        return out
 
 
 def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:

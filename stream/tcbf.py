@@ -27,7 +27,7 @@ from .alignment import (
     align,
 )
 from .calibration import Calibration
-from .reconstruction import ShiftAndAdd, default_upsampling, phase_flip, regroup_tiles
+from .reconstruction import PixelGroups, ShiftAndAdd, default_upsampling, phase_flip
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class TcbfResult:
     shifts_px: np.ndarray  # (N_bf, 2) model correction shifts (scan px, row/col)
     alignment: AlignmentResult
     aberrations: AberrationFit | None
-    rows: tuple[int, int]  # scan rows used
+    rows: tuple[int, int]  # scan rows the alignment used
     frames: int  # frames accumulated when the update started
     latency_s: float  # wall time of the update
     rebuilt: bool  # image rebuilt from the stack (else only new positions deposited)
@@ -85,6 +85,9 @@ class TcbfResult:
         )
         levels = ",".join(str(b) for b in self.alignment.schedule) or "none"
         return f"tcBF: bins {levels}; {fit}; update {self.latency_s * 1e3:.0f} ms"
+
+
+REGROUP_PX = 0.5  # live updates re-form the pixel groups when a pixel's shift moved this much
 
 
 class TcbfProcessor:
@@ -110,40 +113,63 @@ class TcbfProcessor:
         self.shift_and_add = ShiftAndAdd(self.scan_shape, self.upsampling,
                                          settings.rebuild_tolerance_px)  # fmt: skip
         self.matrix_px: np.ndarray | None = None  # warm start for the next update
+        self._groups: tuple | None = None  # (key, PixelGroups) within one update
+        self._regroup_px = REGROUP_PX
         self.last: TcbfResult | None = None
 
-    def tile_sets(self, inputs: AlignmentInputs, rows: tuple[int, int]) -> dict[int, TileSet]:
-        """Tile images of every level over scan rows [first, last)."""
+    def window(self, valid: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Scan rows and columns the alignment uses: the acquired rows, at most
+        `max_field_px` of them (the middle ones) and of the columns (centred): a 128 x 128
+        field holds ample signal for the 4 numbers of the model and bounds the cost."""
+        cap = self.settings.alignment.max_field_px
+        r0, r1 = acquired_rows(valid)
+        if r1 - r0 > cap:
+            r0 += (r1 - r0 - cap) // 2
+            r1 = r0 + cap
         cols = self.scan_shape[1]
-        r0, r1 = rows
-        valid = inputs.hits[r0 * cols : r1 * cols].reshape(r1 - r0, cols) > 0
-        block = inputs.tiles[r0 * cols : r1 * cols]
+        c0 = max(0, (cols - cap) // 2)
+        return (r0, r1), (c0, min(cols, c0 + cap))
+
+    def tile_sets(self, inputs: AlignmentInputs, window) -> dict[int, TileSet]:
+        """Accumulated tile images of every level over the window."""
+        (r0, r1), (c0, c1) = window
+        cols = self.scan_shape[1]
+        hits = inputs.hits.reshape(-1, cols)[r0:r1, c0:c1]
+        valid = hits > 0
+        block = inputs.tiles.reshape(-1, cols, inputs.tiles.shape[1])[r0:r1, c0:c1]
         lay, geo = self.layout, self.geometry
         gain = self.info.counts_per_electron
         out = {}
         for lvl, b in enumerate(lay.bins):
-            sub = block[:, lay.offsets[lvl] : lay.offsets[lvl] + lay.n_tiles[lvl]]
-            images = np.ascontiguousarray(sub.T).reshape(lay.n_tiles[lvl], r1 - r0, cols)
-            electrons = sub.sum(axis=0, dtype=np.float64) / gain
+            sub = block[:, :, lay.offsets[lvl] : lay.offsets[lvl] + lay.n_tiles[lvl]]
+            images = np.ascontiguousarray(np.moveaxis(sub, 2, 0))
+            electrons = sub.sum(axis=(0, 1), dtype=np.float64) / gain
             out[b] = TileSet(b, images, valid, geo.k_px[b], electrons, geo.n_pixels[b],
                              lay.labels[lvl], self.radius_px)  # fmt: skip
         return out
 
-    def regrouped_tiles(
-        self, inputs: AlignmentInputs, rows: tuple[int, int], bin_px: int, matrix_px: np.ndarray
-    ) -> np.ndarray:
+    def regrouped_tiles(self, inputs: AlignmentInputs, window, bin_px: int,
+                        matrix_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Tile images of level `bin_px` from the per-pixel stack, each pixel's image moved by its
-        model shift (nearest scan px), so tiles are sharp and share one window (see `align`)."""
+        model shift (nearest scan px), so tiles are sharp and share one window (see `align`);
+        and the model those shifts came from. The grouped pixel sums are reused by every level
+        until the model moves some pixel by more than REGROUP_PX."""
+        shifts = self.k_px @ matrix_px.T
+        cached = self._groups
+        if (
+            cached is None
+            or cached[0] != (id(inputs), window)
+            or np.abs(shifts - self.k_px @ cached[1].matrix_px.T).max() > self._regroup_px
+        ):
+            move = np.rint(shifts).astype(np.int64)
+            groups = PixelGroups(inputs.stack, inputs.hits, window[0], window[1],
+                                 self.scan_shape[1], self.layout.member_tile[-1], move,
+                                 matrix_px.copy())  # fmt: skip
+            self._groups = cached = ((id(inputs), window), groups)
+        groups = cached[1]
         lvl = self.layout.bins.index(bin_px)
-        tile_of = self.layout.member_tile[lvl]
-        move = np.rint(self.k_px @ matrix_px.T).astype(np.int64)
-        n = self.layout.n_tiles[lvl]
-        shape = (n, rows[1] - rows[0], self.scan_shape[1])
-        out = np.zeros(shape, np.float32)
-        count = np.zeros(shape, np.float32)
-        regroup_tiles(inputs.stack, inputs.hits, rows[0], rows[1], self.scan_shape[1],
-                      tile_of, move[:, 0].copy(), move[:, 1].copy(), out, count)  # fmt: skip
-        return out
+        images = groups.tile_images(self.layout.member_tile[lvl], self.layout.n_tiles[lvl])
+        return images, groups.matrix_px
 
     def update(self, inputs: AlignmentInputs, final: bool = False) -> TcbfResult | None:
         """Align on what has arrived, refit, bring the image up to date. None until enough rows
@@ -151,11 +177,21 @@ class TcbfProcessor:
         t0 = time.perf_counter()
         st = self.settings.alignment
         valid = inputs.hits.reshape(self.scan_shape) > 0
-        rows = acquired_rows(valid)
+        window = self.window(valid)
+        rows = window[0]
         if rows[1] - rows[0] < min(st.min_rows, self.scan_shape[0]):
             return None
-        result = align(self.tile_sets(inputs, rows), st, matrix_px=self.matrix_px,
-                       regroup=lambda b, m: self.regrouped_tiles(inputs, rows, b, m))  # fmt: skip
+        # The final update starts cold and re-forms the tiles at every level: exact rather than
+        # fast, and independent of when the live updates ran, so a live run ends with exactly
+        # what `reconstruct` gives for the same frames. Live updates warm-start.
+        self._regroup_px = 0.0 if final else REGROUP_PX
+        result = align(
+            self.tile_sets(inputs, window),
+            st,
+            matrix_px=None if final else self.matrix_px,
+            regroup=lambda b, m: self.regrouped_tiles(inputs, window, b, m),
+        )
+        self._groups = None  # release the grouped sums
         result = AlignmentResult(result.matrix_px, result.iterations, rows, result.converged)
         if not result.converged and self.matrix_px is None:
             return None

@@ -12,12 +12,12 @@ from stream.alignment import (
     robust_fit,
 )
 from stream.reconstruction import (
+    PixelGroups,
     ShiftAndAdd,
     default_upsampling,
     deposit,
     phase_flip,
     quadratic_chi,
-    regroup_tiles,
     splat_weights,
 )
 
@@ -92,7 +92,7 @@ def test_partial_scan_uses_only_the_acquired_rows():
             out.append(fourier_shift(filled, model @ k))
         moved = np.stack(out)
         moved[:, 30:] = 0
-        return moved
+        return moved, model
 
     res = align({8: tiles}, AlignmentSettings(bins=(8, 8, 8)), regroup=regroup)
     np.testing.assert_allclose(res.matrix_px, m, atol=0.005)
@@ -200,32 +200,37 @@ def test_incremental_deposition_equals_a_rebuild_and_rebuilds_when_shifts_move()
     assert inc.rebuilds == 3
 
 
-def test_regroup_tiles_moves_each_pixel_by_its_own_shift():
+def test_pixel_groups_move_each_pixel_by_its_own_shift():
     rng = np.random.default_rng(4)
-    rows, cols, n_bf = 6, 7, 5
+    rows, cols, n_bf = 6, 7, 6
     stack = rng.integers(0, 9, (rows * cols, n_bf)).astype(np.uint16)
     hits = np.ones(rows * cols, np.uint32)
     hits[10] = 0
-    tile_of = np.array([0, 0, 1, 1, 1])
-    move = np.array([[0, 0], [1, -1], [0, 2], [-1, 0], [2, 1]])
-    out = np.zeros((2, rows, cols), np.float32)
-    cnt = np.zeros_like(out)
-    regroup_tiles(stack, hits, 0, rows, cols, tile_of, move[:, 0].copy(), move[:, 1].copy(),
-                  out, cnt)  # fmt: skip
-    ref = np.zeros_like(out, dtype=float)
-    n = np.zeros_like(ref)
-    for p in range(rows * cols):
-        if hits[p]:
-            r, c = divmod(p, cols)
-            for i in range(n_bf):
-                rr, cc = r + move[i, 0], c + move[i, 1]
-                if 0 <= rr < rows and 0 <= cc < cols:
-                    ref[tile_of[i], rr, cc] += stack[p, i]
-                    n[tile_of[i], rr, cc] += 1
-    mean = ref / np.maximum(n, 1)
-    for t in range(2):
-        mean[t][n[t] == 0] = mean[t][n[t] > 0].mean()  # uncovered: the tile's mean
-    np.testing.assert_allclose(out, mean, rtol=1e-5)
+    hits[11] = 2
+    finest = np.array([0, 0, 1, 1, 2, 2])  # finest tiles; the coarse level joins 1 and 2
+    coarse = np.array([0, 0, 1, 1, 1, 1])
+    move = np.array([[0, 0], [1, -1], [0, 2], [0, 2], [-1, 0], [2, 1]])
+    window = ((1, 6), (0, 6))  # rows 1..5, cols 0..5 of the scan
+    groups = PixelGroups(stack, hits, *window, cols, finest, move)
+    assert len(groups.members) == 5  # pixels 2 and 3 share tile and shift
+    for tile_of, n in ((finest, 3), (coarse, 2)):
+        out = groups.tile_images(tile_of, n)
+        ref = np.zeros((n, 5, 6))
+        cnt = np.zeros_like(ref)
+        for r in range(1, 6):
+            for c in range(6):
+                p = r * cols + c
+                if not hits[p]:
+                    continue
+                for i in range(n_bf):
+                    rr, cc = r - 1 + move[i, 0], c + move[i, 1]
+                    if 0 <= rr < 5 and 0 <= cc < 6:
+                        ref[tile_of[i], rr, cc] += stack[p, i] / hits[p]
+                        cnt[tile_of[i], rr, cc] += 1
+        mean = ref / np.maximum(cnt, 1)
+        for t in range(n):
+            mean[t][cnt[t] == 0] = mean[t][cnt[t] > 0].mean()  # uncovered: the tile's mean
+        np.testing.assert_allclose(out, mean, rtol=1e-5)
 
 
 def test_phase_flip_makes_the_transfer_positive_for_either_defocus_sign():

@@ -217,5 +217,6 @@ def test_live_engine_matches_offline_reconstruct(tutorial, endpoint):
     assert mid, f"no live estimate in the first half of the scan ({published[:3]})"
     assert mid[-1] == pytest.approx(live.tcbf.aberrations.defocus_A, rel=0.10)
     _, offline = process(sim, frames)
-    # measured: first estimate after ~400 frames (8 rows), max shift difference 0.016 px
+    # measured: first estimate after ~400 frames (8 rows); the final update is cold-started
+    # like the offline one, so the shifts are identical
     np.testing.assert_allclose(live.tcbf.shifts_px, offline.shifts_px, atol=0.05)

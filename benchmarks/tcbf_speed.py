@@ -1,0 +1,124 @@
+"""tcBF alignment and reconstruction speed, one core.
+
+Targets (issue: live tcBF):
+- one full alignment update, 128x128 scan on a 128x128 detector: <= 0.3 s;
+- final result (aligned, upsampled x4, phase-flipped) <= 1 s after the last frame of a
+  256x256 scan;
+- offline `reconstruct` of a 128x128 scan end to end: >= 20x faster than the offline
+  reference's 24-42 s on these machines.
+
+Data: the tutorial optics (300 kV, 4 mrad, 1.5 um defocus, rotation -15 deg, 100 e/A^2, BF
+radius ~26 px, ~2100 BF px) simulated on a 128x128 scan (cached under $TMPDIR/tcbf-bench, ~40 s
+the first time). The 256x256 scan repeats that dataset 2x2 (timing only).
+
+Run: OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/tcbf_speed.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from common import rss_mb  # noqa: E402
+
+from detectors.base import FrameBatch  # noqa: E402
+from detectors.files import RecordedDataset, write_dataset  # noqa: E402
+from simulators import Simulator, tutorial_config  # noqa: E402
+from stream.reconstruct import reconstruct_dataset  # noqa: E402
+from stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
+
+CACHE = Path(tempfile.gettempdir()) / "tcbf-bench"
+
+
+def dataset_128() -> tuple[Path, Simulator]:
+    sim = Simulator(tutorial_config(scan_shape=(128, 128)))
+    path = CACHE / "tutorial-128x128.npy"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        write_dataset(str(path), sim.cfg.scan_shape, sim.cfg.detector_shape, sim.cfg.dtype,
+                      sim.ground_truth(), sim.iter_batches(256))  # fmt: skip
+        print(f"simulated the 128x128 scan in {time.perf_counter() - t:.0f} s (cached)")
+    return path, sim
+
+
+def feed(proc: SeriesProcessor, frames_at, n: int, start: int = 0, batch: int = 64) -> None:
+    for first in range(start, n, batch):
+        proc.add(FrameBatch(1, first, frames_at(first, min(batch, n - first))))
+
+
+def main() -> None:
+    path, sim = dataset_128()
+    rows = []
+
+    # offline reconstruct, end to end (read + accumulate + align + reconstruct)
+    t = time.perf_counter()
+    with RecordedDataset(str(path)) as data:
+        proc = SeriesProcessor(data.series_info(1), ProcessingSettings())
+        result = reconstruct_dataset(data, proc)
+    total = time.perf_counter() - t
+    ab = result.tcbf.aberrations
+    rows.append(
+        (
+            "offline reconstruct 128x128, end to end",
+            total,
+            f"{24 / total:.0f}-{42 / total:.0f}x faster than the reference (24-42 s); "
+            f"defocus {ab.defocus_A:.0f} A, rotation {np.degrees(ab.rotation_rad):.2f} deg",
+        )
+    )
+
+    # one alignment update (warm, as live) and one cold, on the full 128x128 scan
+    inputs = proc.alignment_inputs()
+    tcbf = proc.tcbf
+    model = tcbf.matrix_px
+    for label, start in (("alignment update 128x128, warm (live)", model),
+                         ("alignment update 128x128, cold start", None)):  # fmt: skip
+        best = np.inf
+        for _ in range(3):
+            tcbf.matrix_px = start
+            tcbf.shift_and_add.shifts_px = None  # force the image rebuild from the stack
+            t = time.perf_counter()
+            r = tcbf.update(inputs)
+            best = min(best, time.perf_counter() - t)
+        rows.append((label + ", image rebuilt", best, f"schedule {r.alignment.schedule}"))
+
+    # 256x256 (the 128x128 data repeated 2x2): live final latency after the last frame
+    frames = np.load(path, mmap_mode="r")
+
+    def frames_256(first: int, count: int) -> np.ndarray:
+        idx = np.arange(first, first + count)
+        r, c = np.divmod(idx, 256)
+        return np.ascontiguousarray(frames[r % 128, c % 128])
+
+    info = replace(sim.series_info(1), scan_shape=(256, 256), frames_expected=256 * 256)
+    proc = SeriesProcessor(info, ProcessingSettings())
+    n = 256 * 256
+    feed(proc, frames_256, n - 4 * 256)  # all but the last 4 rows ...
+    t = time.perf_counter()
+    proc.update_tcbf()  # ... one live update (as the aligner thread does) ...
+    live_update = time.perf_counter() - t
+    feed(proc, frames_256, n, start=n - 4 * 256)  # ... the last rows arrive
+    t = time.perf_counter()
+    final = proc.update_tcbf(final=True)
+    latency = time.perf_counter() - t
+    rows.append(("live update 256x256 (252 rows)", live_update, ""))
+    note = (
+        f"x{final.upsampling_factor} image {final.image.shape}, phase-flipped "
+        f"{final.phase_flipped}, rebuilt {final.rebuilt}; RSS {rss_mb():.0f} MB"
+    )
+    rows.append(("final result 256x256 after the last frame", latency, note))
+
+    print(f"\n{'what':48s} {'seconds':>8s}  notes")
+    for label, seconds, note in rows:
+        print(f"{label:48s} {seconds:8.3f}  {note}")
+
+
+if __name__ == "__main__":
+    main()
