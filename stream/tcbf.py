@@ -88,6 +88,7 @@ class TcbfResult:
 
 
 REGROUP_PX = 0.5  # live updates re-form the pixel groups when a pixel's shift moved this much
+FINAL_REGROUP_PX = 0.25  # the final update, tighter
 
 
 class TcbfProcessor:
@@ -184,7 +185,7 @@ class TcbfProcessor:
         # The final update starts cold and re-forms the tiles at every level: exact rather than
         # fast, and independent of when the live updates ran, so a live run ends with exactly
         # what `reconstruct` gives for the same frames. Live updates warm-start.
-        self._regroup_px = 0.0 if final else REGROUP_PX
+        self._regroup_px = FINAL_REGROUP_PX if final else REGROUP_PX
         result = align(
             self.tile_sets(inputs, window),
             st,
