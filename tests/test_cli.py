@@ -171,3 +171,18 @@ def test_listener_reports_late_join(endpoint):
     assert "joined mid-series" in text and "joined late" in text
     got, expected = text.split(" frames (")[0].split()[-1].split("/")
     assert 0 < int(got) < int(expected) == 256
+
+
+def test_reconstruct_and_alignment_flags_give_one_line_errors(tmp_path, expect_usage_error):
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((2, 3, 16, 16), np.uint16))
+    out = str(tmp_path / "r.h5")
+    assert "does not give --energy and --step" in expect_usage_error(
+        ["reconstruct", str(data), "--output", out]
+    )
+    expect_usage_error(["reconstruct", str(tmp_path / "missing.npy"), "--output", out])
+    common = ["--energy", "3e5", "--step", "1", "--output", out]
+    for bad in (["--bins", "32,12"], ["--bins", "8,16"], ["--bins", "x"], ["--upsample", "0"],
+                ["--defocus-sign", "2"], ["--min-tile-electrons", "-1"]):  # fmt: skip
+        expect_usage_error(["reconstruct", str(data), *common, *bad])
+    expect_usage_error(["run", "--headless", "--output", out, "--align-interval", "-1"])
