@@ -24,6 +24,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
+
 from common import rss_mb  # noqa: E402
 
 

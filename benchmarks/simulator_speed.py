@@ -14,7 +14,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 from common import rss_mb  # noqa: E402
-
 from simulators import Simulator, tutorial_config  # noqa: E402
 
 

@@ -26,8 +26,8 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from common import rss_mb  # noqa: E402
 
+from common import rss_mb  # noqa: E402
 from detectors.base import FrameBatch  # noqa: E402
 from detectors.files import RecordedDataset, write_dataset  # noqa: E402
 from simulators import Simulator, tutorial_config  # noqa: E402

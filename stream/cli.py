@@ -20,8 +20,9 @@ from .series import SeriesError
 
 def build_parser() -> OneLineParser:
     from simulators import cli as sim_cli
+    from viewer import cli as viewer_cli
 
-    from . import listen, reconstruct, run
+    from . import demo, listen, reconstruct, run
 
     parser = OneLineParser(prog="tcbf-live", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -29,6 +30,8 @@ def build_parser() -> OneLineParser:
     sim_cli.add_parser(sub)
     run.add_parser(sub)
     reconstruct.add_parser(sub)
+    demo.add_parser(sub)
+    viewer_cli.add_parser(sub)
     listen.add_parser(sub)
     return parser
 

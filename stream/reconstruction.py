@@ -181,6 +181,20 @@ class PixelGroups:
         return out
 
 
+@numba.njit(nogil=True, cache=True)
+def ring_sums(stack, hits, ring_of, n_rings, out) -> None:
+    """out[r, p] = counts per frame at position p of the BF pixels in ring r (annuli of the
+    disk): virtual-BF images of any radius are cumulative sums of these."""
+    for p in range(stack.shape[0]):
+        h = hits[p]
+        if h == 0:
+            continue
+        row = stack[p]
+        scale = 1.0 / h
+        for i in range(row.shape[0]):
+            out[ring_of[i], p] += row[i] * scale
+
+
 def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
     """Mean value per frame of each BF pixel over the acquired positions (N_bf,)."""
     acquired = hits > 0
@@ -237,6 +251,12 @@ class ShiftAndAdd:
         self.deposited[positions] = hits[positions]
         return stale
 
+    def coverage(self) -> np.ndarray:
+        """Smooth weight (0..1) of where data landed: 1 inside the acquired area, falling to 0
+        over ~2 scan px at its edges (and at missing positions)."""
+        covered = (self.den > 1e-3 * max(float(self.den.max()), 1e-30)).astype(np.float32)
+        return ndi.gaussian_filter(covered, 1.0 * self.factor, mode="constant")
+
     def image(self) -> np.ndarray:
         """num / den after Gaussian smoothing (sigma 0.125 scan px); 1 where nothing landed."""
         sigma = KDE_SIGMA_SCAN_PX * self.factor
@@ -267,9 +287,14 @@ def phase_flip(
     wavelength_A: float,
     p_A: np.ndarray,
     q_max_per_A: float | None = None,
+    weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Multiply the spectrum of (image - mean) by sign(sin chi(q)), zero beyond `q_max_per_A`
     (the information limit 2 alpha / lambda) and at q = 0.
+
+    `weight` (0..1, e.g. `ShiftAndAdd.coverage`) tapers the image to zero where there are no
+    data before filtering (sign(sin chi) is a long-range kernel: a hard edge rings), and masks
+    the result there.
 
     With our conventions (psi = IFFT[A exp(-i chi)], C10 = -defocus, images normalised to mean
     1) the tcBF image is 1 + c sin(chi) phase with c > 0, so the result is proportional to +phase
@@ -279,5 +304,10 @@ def phase_flip(
     if q_max_per_A is not None:
         flip[q > q_max_per_A] = 0.0
     flip[0, 0] = 0.0
-    spec = sfft.fft2(image - image.mean(), workers=1)
-    return sfft.ifft2(spec * flip, workers=1).real.astype(np.float32)
+    centred = image - image.mean()
+    if weight is not None:
+        inside = weight > 0.5
+        centred = (image - image[inside].mean() if inside.any() else centred) * weight
+    spec = sfft.fft2(centred, workers=1)
+    out = sfft.ifft2(spec * flip, workers=1).real.astype(np.float32)
+    return out * (weight > 0.5) if weight is not None else out

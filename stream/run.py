@@ -39,12 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, metavar="FILE.h5")
     p.add_argument("--headless", action="store_true", help="no viewer window")
+    p.add_argument("--publish", metavar="ENDPOINT",
+                   help="publish the result stream (for tcbf-live view)")  # fmt: skip
     p.set_defaults(run=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless:
-        raise UsageError("the live viewer is not available yet: pass --headless")
+        from viewer.app import check_display
+
+        check_display()
     if not args.timeout > 0 or not args.align_interval >= 0:
         raise UsageError("need --timeout > 0 and --align-interval >= 0")
     processing = processing_from_args(args)
@@ -65,20 +69,55 @@ def run(args: argparse.Namespace) -> int:
     from .results import write_result
 
     settings = settings_from_args(args)
-    engine = Engine(settings).start()
+    failures: list[str] = []
+
+    def finished(result) -> None:  # ingest thread: write as soon as the series ends
+        try:
+            write_result(args.output, result, args.protocol)
+            sys.stderr.write(report(result, args.output))
+        except OSError as exc:
+            failures.append(f"cannot write {args.output}: {exc}")
+
+    engine = Engine(settings, on_series_end=finished).start()
+    publisher = None
+    if args.publish:
+        from .publisher import SnapshotPublisher
+
+        publisher = SnapshotPublisher(engine, args.publish).start()
     try:
-        while not engine.join(timeout=0.5):
-            pass
+        if args.headless:
+            while not engine.join(timeout=0.5):
+                pass
+        else:  # the window stays open on the final result until it is closed (or Ctrl-C)
+            from viewer.app import qt_app, run_window, shutdown
+            from viewer.sources import EngineSource
+            from viewer.window import ViewerWindow
+
+            app = qt_app()
+            window = ViewerWindow(
+                EngineSource(engine),
+                save_result=lambda path: write_result(path, engine.snapshot(), args.protocol),
+                title=f"tcbf-live run {settings.subscriber.endpoint}",
+            )
+            run_window(window, app)
+            del window
+            shutdown(app)
+            engine.stop()
+            engine.join()
     except KeyboardInterrupt:
         engine.stop()
         engine.join()
+    finally:
+        if publisher is not None:
+            publisher.close()
+
     result = engine.last_result
     if engine.counters.rejected:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(engine.counters.rejected.items()))
         sys.stderr.write(f"rejected messages: {reasons}\n")
+    if failures:
+        raise UsageError(failures[0])
     if result is None:
         sys.stderr.write(f"tcbf-live run: no series received within {args.timeout:g} s\n")
         return 1
-    write_result(args.output, result, args.protocol)
-    sys.stderr.write(report(result, args.output))
     return 0

@@ -79,6 +79,8 @@ class SeriesResult:
     complete: bool
     elapsed_s: float = 0.0  # first to last frame received
     tcbf: TcbfResult | None = None  # latest alignment/reconstruction (final when complete)
+    tile_members: tuple[np.ndarray, ...] = ()  # per bin level: tile of each BF pixel
+    axial_radius_px: float = 0.0
 
     @property
     def frames_per_s(self) -> float:
@@ -312,4 +314,6 @@ class SeriesProcessor:
             complete=complete,
             elapsed_s=self._t_last - (self._t_first or self._t_last),
             tcbf=self.tcbf.last if self.tcbf is not None else None,
+            tile_members=lay.member_tile,
+            axial_radius_px=acc.axial_radius_px,
         )

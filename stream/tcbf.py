@@ -27,7 +27,13 @@ from .alignment import (
     align,
 )
 from .calibration import Calibration
-from .reconstruction import PixelGroups, ShiftAndAdd, default_upsampling, phase_flip
+from .reconstruction import (
+    PixelGroups,
+    ShiftAndAdd,
+    default_upsampling,
+    phase_flip,
+    ring_sums,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ class TcbfResult:
     latency_s: float  # wall time of the update
     rebuilt: bool  # image rebuilt from the stack (else only new positions deposited)
     final: bool = False
+    ring_radii_px: np.ndarray | None = None  # (n_rings,) outer radius of each annulus
+    ring_bf: np.ndarray | None = None  # (n_rings, rows, cols) vBF per annulus, per frame
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -87,7 +95,9 @@ class TcbfResult:
         return f"tcBF: bins {levels}; {fit}; update {self.latency_s * 1e3:.0f} ms"
 
 
-REGROUP_PX = 0.5  # live updates re-form the pixel groups when a pixel's shift moved this much
+RINGS = 8  # annuli of the BF disk for the axial-radius control
+REGROUP_PX = 0.5
+# live updates re-form the pixel groups when a pixel's shift moved this much
 FINAL_REGROUP_PX = 0.25  # the final update, tighter
 
 
@@ -212,8 +222,11 @@ class TcbfProcessor:
         if self.settings.phase_flip and aberrations is not None and self.wavelength_A:
             q_max = (2e-3 * self.info.semiangle_mrad / self.wavelength_A
                      if self.info.semiangle_mrad else None)  # fmt: skip
-            image = phase_flip(saa, sampling, self.wavelength_A, aberrations.p_matrix_A(), q_max)
+            image = phase_flip(saa, sampling, self.wavelength_A, aberrations.p_matrix_A(), q_max,
+                               self.shift_and_add.coverage())  # fmt: skip
             flipped = True
+
+        radii, rings = self.ring_images(inputs)
         self.last = TcbfResult(
             image=image,
             shift_and_add=saa,
@@ -229,5 +242,17 @@ class TcbfProcessor:
             latency_s=time.perf_counter() - t0,
             rebuilt=rebuilt,
             final=final,
+            ring_radii_px=radii,
+            ring_bf=rings,
         )
         return self.last
+
+    def ring_images(self, inputs: AlignmentInputs, n_rings: int = RINGS):
+        """Virtual-BF images of `n_rings` equal-width annuli of the disk (for a live axial-radius
+        control: the vBF of radius r is the sum of the rings inside r)."""
+        radius = np.hypot(*self.k_px.T)
+        edges = self.radius_px * np.arange(1, n_rings + 1) / n_rings
+        ring_of = np.minimum(np.searchsorted(edges, radius), n_rings - 1).astype(np.int64)
+        out = np.zeros((n_rings, inputs.stack.shape[0]), np.float32)
+        ring_sums(inputs.stack, inputs.hits, ring_of, n_rings, out)
+        return edges, out.reshape(n_rings, *self.scan_shape)

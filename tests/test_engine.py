@@ -168,7 +168,6 @@ def test_run_cli_writes_result_file(endpoint, tmp_path):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["run", "--output", "x.h5"],  # no --headless yet
         ["run", "--headless"],  # no --output
         ["run", "--headless", "--output", "x.h5", "--bins", "32,12"],
         ["run", "--headless", "--output", "x.h5", "--bf-threshold", "2"],
@@ -179,6 +178,14 @@ def test_run_cli_writes_result_file(endpoint, tmp_path):
 )
 def test_run_bad_flags(argv, expect_usage_error):
     expect_usage_error(argv)
+
+
+def test_viewer_without_a_display_is_a_clear_error(expect_usage_error, monkeypatch):
+    for name in ("QT_QPA_PLATFORM", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    assert "pass --headless" in expect_usage_error(["run", "--output", "x.h5"])
+    assert "pass --headless" in expect_usage_error(["view"])
+    assert "needs --seconds" in expect_usage_error(["demo", "--headless"])
 
 
 def test_repeat_scans_as_new_series(endpoint, sim):

@@ -1,0 +1,137 @@
+"""`tcbf-live demo`: simulator -> engine -> viewer in one command.
+
+Read top to bottom: a sender thread streams the tutorial preset in a loop over a loopback
+PUSH/PULL socket, the live engine receives, accumulates and aligns it, and the viewer polls the
+engine (or, `--headless`, renders offscreen for `--seconds` and saves a screenshot). At the end
+the newest finished series (else the one in progress) goes to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import threading
+from dataclasses import replace
+
+from simulators.sender import SendSettings, run_sender
+from simulators.simulate import PRESETS, Simulator
+
+from .cliutil import UsageError, parse_finite
+from .engine import Engine, EngineSettings
+from .series import ProcessingSettings
+from .subscriber import SubscriberSettings
+
+log = logging.getLogger("tcbf.demo")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="simulator -> live engine -> viewer, in one command",
+        description="Stream a simulated dataset in a loop into the live engine and watch the "
+        "tcBF image sharpen. --headless renders offscreen for --seconds and saves a PNG.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tutorial")
+    p.add_argument("--scan", metavar="RxC", help="scan shape (default: the preset's)")
+    p.add_argument("--rate", type=parse_finite, default=400.0, metavar="FPS",
+                   help="frames/s sent (default 400: a tutorial scan in ~3 s)")  # fmt: skip
+    p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--headless", action="store_true", help="no window (offscreen rendering)")
+    p.add_argument("--screenshot", metavar="PNG", help="save the window at the end")
+    p.add_argument("--output", metavar="FILE.h5", help="write the newest result at the end")
+    p.add_argument("--publish", metavar="ENDPOINT",
+                   help="also publish the result stream here (for tcbf-live view)")  # fmt: skip
+    p.set_defaults(run=run)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.cliutil import parse_pair
+
+    from .results import write_result
+
+    if args.headless and not args.seconds:
+        raise UsageError("--headless needs --seconds")
+    if args.seconds is not None and not args.seconds > 0:
+        raise UsageError("--seconds must be positive")
+    if not args.rate >= 0:
+        raise UsageError("--rate must be >= 0")
+    cfg = PRESETS[args.preset]()
+    if args.scan:
+        try:
+            cfg = replace(cfg, scan_shape=parse_pair(args.scan))
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--scan: {exc}") from None
+    simulator = Simulator(cfg)
+    endpoint = f"tcp://127.0.0.1:{_free_loopback_port()}"
+
+    # 1. the live engine (connects; the sender binds); keeps the newest fully acquired series
+    # (stopping the sender ends the series in progress early, with an end message)
+    finished = []
+    engine = Engine(EngineSettings(
+        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=False),
+        processing=ProcessingSettings(),
+        align_interval_s=0.25,
+    ), on_series_end=lambda r: finished.append(r) if r.complete and not r.frames_missing
+       else None).start()  # fmt: skip
+
+    publisher = None
+    if args.publish:
+        from .publisher import SnapshotPublisher
+
+        publisher = SnapshotPublisher(engine, args.publish).start()
+
+    # 2. the simulator, looping, in a thread
+    stop = threading.Event()
+    sender = threading.Thread(
+        target=run_sender,
+        args=(
+            simulator,
+            SendSettings(bind=endpoint, socket_type="push", rate_fps=args.rate, loop=True),
+        ),  # fmt: skip
+        kwargs={"should_stop": stop.is_set, "show_progress": False, "log": sys.stderr},
+        name="tcbf-sender",
+        daemon=True,
+    )
+    sender.start()
+
+    # 3. the viewer (this thread), until closed / Ctrl-C / --seconds
+    try:
+        from viewer.app import qt_app, run_window, shutdown
+        from viewer.sources import EngineSource
+        from viewer.window import ViewerWindow
+
+        app = qt_app(args.headless)
+        window = ViewerWindow(
+            EngineSource(engine),
+            save_result=lambda path: write_result(path, engine.snapshot(), "native"),
+            title="tcbf-live demo",
+        )
+        run_window(window, app, args.seconds, args.screenshot)
+        del window
+        shutdown(app)
+    finally:
+        stop.set()
+        sender.join(5.0)
+        engine.stop()
+        engine.join(10.0)
+        if publisher is not None:
+            publisher.close()
+    result = finished[-1] if finished else engine.last_result
+
+    if args.output and result is not None:
+        write_result(args.output, result, "native")
+        sys.stderr.write(f"{result.summary()}\n")
+        if result.tcbf is not None:
+            sys.stderr.write(f"{result.tcbf.summary()}\n")
+        sys.stderr.write(f"wrote {args.output}\n")
+    if args.screenshot:
+        sys.stderr.write(f"wrote {args.screenshot}\n")
+    return 0

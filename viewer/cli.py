@@ -1,0 +1,51 @@
+"""`tcbf-live view`: watch an engine's result stream (`run/demo --publish`) from anywhere."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from stream.cliutil import UsageError
+
+ENDPOINT = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[\w./\-]+)$")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "view",
+        help="show the live panels of an engine's result stream",
+        description="Subscribe to a result stream (tcbf-live run/demo --publish ENDPOINT) and "
+        "show the live panels; join or leave at any time.",
+    )
+    p.add_argument("--connect", default="tcp://127.0.0.1:5556", metavar="ENDPOINT")
+    p.add_argument("--seconds", type=float, metavar="S", help="close after S seconds")
+    p.add_argument("--screenshot", metavar="PNG", help="save the window when closing")
+    p.add_argument("--headless", action="store_true", help="render offscreen (needs --seconds)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not ENDPOINT.match(args.connect):
+        raise UsageError(f"bad endpoint {args.connect!r} (tcp://HOST:PORT or ipc://PATH)")
+    if args.headless and not args.seconds:
+        raise UsageError("--headless needs --seconds")
+    if args.seconds is not None and not args.seconds > 0:
+        raise UsageError("--seconds must be positive")
+    from .app import check_display, qt_app, run_window, shutdown
+
+    if not args.headless:
+        check_display()
+    from .sources import SocketSource
+    from .window import ViewerWindow
+
+    app = qt_app(args.headless)
+    source = SocketSource(args.connect)
+    window = ViewerWindow(source, title=f"tcbf-live view {args.connect}")
+    try:
+        run_window(window, app, args.seconds, args.screenshot)
+        del window
+        shutdown(app)
+    finally:
+        source.close()
+
+    return 0
