@@ -63,10 +63,20 @@ def fit_shift_matrix(alpha_mrad: np.ndarray, shifts_px: np.ndarray, step_A: floa
     return m, float(np.sqrt(np.mean(np.sum(resid**2, axis=1))))
 
 
-def decompose(m: np.ndarray, defocus_sign: int | None = None, residual_px: float = 0.0):
-    """Split M = P R(theta) T into C10, C12, phi12, theta and the transpose flag."""
+def decompose(
+    m: np.ndarray,
+    defocus_sign: int | None = None,
+    residual_px: float = 0.0,
+    transpose: bool | None = None,
+):
+    """Split M = P R(theta) T into C10, C12, phi12, theta and the transpose flag.
+
+    The transpose is taken as given (the detector's wiring, when the stream announces it), else
+    from det M < 0: det P = C10^2 - C12^2, so that inference fails when |C12| > |C10|."""
     m = np.asarray(m, float)
-    transpose = bool(np.linalg.det(m) < 0)  # det P = C10^2 - C12^2 > 0 unless |C12| > |C10|
+    if transpose is None:
+        transpose = bool(np.linalg.det(m) < 0)
+
     t = np.array([[0.0, 1.0], [1.0, 0.0]]) if transpose else np.eye(2)
     mr = m @ t  # = P R(theta)
     u, p = scipy.linalg.polar(mr, side="left")  # mr = p @ u, p symmetric PSD, u a rotation

@@ -183,14 +183,19 @@ def tile_spectra(
 
 
 # ---------------------------------------------------------------------------------- model fit
+MIN_FIT_POINTS = 3  # with 2 points the 4 unknowns fit exactly: no check of anything
+MAX_CONDITION = 100.0  # positions this close to collinear do not determine M
+
+
 def fit_matrix(k_px: np.ndarray, shifts_px: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
-    """Weighted least-squares M with shifts = k @ M.T (no constant); None if underdetermined."""
+    """Weighted least-squares M with shifts = k @ M.T (no constant); None if underdetermined
+    (fewer than 3 points, or positions nearly collinear)."""
     use = weights > 0
-    if use.sum() < 2:
+    if use.sum() < MIN_FIT_POINTS:
         return None
     w = np.sqrt(weights[use])[:, None]
     a = k_px[use] * w
-    if np.linalg.matrix_rank(a) < 2:
+    if not np.linalg.cond(a) < MAX_CONDITION:
         return None
     mt, *_ = np.linalg.lstsq(a, shifts_px[use] * w, rcond=None)
     return mt.T
@@ -208,16 +213,18 @@ def robust_fit(
     model are dropped and the fit repeated. Returns (M, used, rms misfit of the used tiles);
     M = `fallback` and nothing used when the data cannot determine it."""
     use = weights > 0
+    m = fit_matrix(k_px, shifts_px, weights)
+    if m is None:
+        return fallback, np.zeros_like(use), float("nan")
     for _ in range(rounds):
-        m = fit_matrix(k_px, shifts_px, np.where(use, weights, 0.0))
-        if m is None:
-            return fallback, np.zeros_like(use), float("nan")
         dist = np.hypot(*(shifts_px - k_px @ m.T).T)
         rms = _weighted_rms(shifts_px - k_px @ m.T, np.where(use, weights, 0.0))
         keep = use & (dist <= max(3.0 * rms, floor_px))
-        if np.array_equal(keep, use):
-            break
-        use = keep
+        refit = fit_matrix(k_px, shifts_px, np.where(keep, weights, 0.0))
+        if np.array_equal(keep, use) or refit is None:
+            break  # converged, or rejecting more would leave too little: keep the last fit
+        use, m = keep, refit
+    rms = _weighted_rms(shifts_px - k_px @ m.T, np.where(use, weights, 0.0))
     return m, use, rms
 
 
@@ -271,6 +278,11 @@ def align_iteration(
     # one side, which adds an apparent outward displacement (worst near focus)
     fit_w = np.where(used & tiles.within(settings.fit_radius_fraction), w, 0.0)
     matrix, used, error = robust_fit(tiles.k_px, measured, fit_w, matrix_px)
+    # a warm iteration refines: a model moving pixels at the disk edge by more than twice the
+    # largest accepted residual is not supported by the measurements (e.g. a few clustered
+    # tiles extrapolated); keep the previous one
+    if np.linalg.norm(matrix - matrix_px, 2) * tiles.radius_px > 2 * settings.max_residual_px:
+        matrix, used, error = matrix_px, np.zeros_like(used), float("nan")
     return IterationResult(tiles.bin_px, tiles.k_px, measured, quality, used, matrix, error)
 
 
@@ -326,12 +338,23 @@ def pair_iteration(
     if used.sum() < MIN_PAIR_OFFSETS or not error <= max(0.5, 0.25 * scale):
         return None
     matrix = matrix_px + residual
+    if not plausible(matrix, tiles):
+        return None
     n = len(tiles.k_px)
     return IterationResult(tiles.bin_px, tiles.k_px, tiles.k_px @ matrix.T, np.zeros(n),
                            weights > 0, matrix, error)  # fmt: skip
 
 
+def plausible(matrix_px: np.ndarray, tiles: TileSet) -> bool:
+    """Shifts at the disk edge of at most half the field's larger side: anything larger could
+    not have been measured on this field (the padding allows a quarter each way)."""
+    edge_shift = np.linalg.norm(matrix_px, 2) * tiles.radius_px
+    return bool(np.isfinite(edge_shift) and edge_shift <= 0.5 * max(tiles.valid.shape))
+
+
 # ---------------------------------------------------------------------------------- schedule
+
+
 def choose_schedule(levels: dict[int, TileSet], settings: AlignmentSettings) -> tuple[int, ...]:
     """Explicit bins as given; else every trusted level, coarse to fine, `iterations_per_level`
     times each, stopping at the first level that is not trusted yet (never finer than that:

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scan", metavar="RxC", help="scan shape (default: the preset's)")
     p.add_argument("--rate", type=parse_finite, default=400.0, metavar="FPS",
                    help="frames/s sent (default 400: a tutorial scan in ~3 s)")  # fmt: skip
-    p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--seconds", type=parse_finite, metavar="S", help="stop after S seconds")
     p.add_argument("--headless", action="store_true", help="no window (offscreen rendering)")
     p.add_argument("--screenshot", metavar="PNG", help="save the window at the end")
     p.add_argument("--output", metavar="FILE.h5", help="write the newest result at the end")
@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.headless and not args.seconds:
         raise UsageError("--headless needs --seconds")
-    if args.seconds is not None and not args.seconds > 0:
-        raise UsageError("--seconds must be positive")
+    if args.seconds is not None and not 0 < args.seconds <= 1e6:
+        raise UsageError("--seconds must be positive (at most 1e6)")
+
     if not args.rate >= 0:
         raise UsageError("--rate must be >= 0")
     cfg = PRESETS[args.preset]()

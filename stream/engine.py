@@ -190,13 +190,18 @@ class Engine:
         proc = self._current
         if proc is None:
             return
-        try:  # final alignment on everything that arrived (waits for a running update)
-            with self._align_lock:
-                proc.update_tcbf(final=True)
-        except Exception:
-            log.exception("final alignment failed; writing the result without tcBF")
+        with self._lock:  # a series shorter than the calibration frames calibrates on them
+            proc.calibrate_now()
+        calibrated = proc.calibration_error is None
+        if calibrated:
+            try:  # final alignment on everything that arrived (waits for a running update)
+                with self._align_lock:
+                    proc.update_tcbf(final=True)
+            except Exception:
+                log.exception("final alignment failed; writing the result without tcBF")
         with self._lock:
-            result = proc.result(final=True, complete=complete)
+            result = proc.result(final=calibrated, complete=complete)
+
             self._current = None
             self.last_result = result
         self.series_finished += 1

@@ -10,7 +10,7 @@ import numpy as np
 from .accumulators import validate_bins
 from .alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
 from .calibration import Calibration, CalibrationError
-from .cliutil import UsageError, parse_pair
+from .cliutil import UsageError, parse_finite, parse_pair
 from .series import ProcessingSettings
 from .tcbf import TcbfSettings
 
@@ -37,17 +37,19 @@ def parse_defocus_sign(text: str) -> int:
 def add_processing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan", type=parse_pair, metavar="RxC",
                    help="scan shape if the data do not give it")  # fmt: skip
-    p.add_argument("--energy", type=float, metavar="EV")
-    p.add_argument("--step", type=float, metavar="A", help="scan step (A)")
-    p.add_argument("--semiangle", type=float, metavar="MRAD", help="convergence semi-angle")
-    p.add_argument("--angular-sampling", type=float, metavar="MRAD", help="mrad per detector px")
-    p.add_argument("--counts-per-electron", type=float, metavar="G")
+    p.add_argument("--energy", type=parse_finite, metavar="EV")
+    p.add_argument("--step", type=parse_finite, metavar="A", help="scan step (A)")
+    p.add_argument("--semiangle", type=parse_finite, metavar="MRAD", help="convergence semi-angle")
+    p.add_argument(
+        "--angular-sampling", type=parse_finite, metavar="MRAD", help="mrad per detector px"
+    )
+    p.add_argument("--counts-per-electron", type=parse_finite, metavar="G")
     p.add_argument("--calibration-frames", type=int, default=64, metavar="N")
-    p.add_argument("--bf-threshold", type=float, default=0.5, metavar="T",
+    p.add_argument("--bf-threshold", type=parse_finite, default=0.5, metavar="T",
                    help="BF disk = mean pattern >= T x plateau (default 0.5)")  # fmt: skip
     p.add_argument("--calibration", metavar="FILE", help="fixed calibration (JSON) to use")
     p.add_argument("--mask", metavar="FILE.npy", help="bool array of pixels to exclude")
-    p.add_argument("--axial-radius", type=float, metavar="PX", help="axial vBF radius")
+    p.add_argument("--axial-radius", type=parse_finite, metavar="PX", help="axial vBF radius")
     a = p.add_argument_group("alignment and reconstruction")
     a.add_argument(
         "--bins",
@@ -58,7 +60,7 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     )
     a.add_argument(
         "--min-tile-electrons",
-        type=float,
+        type=parse_finite,
         default=DEFAULT_MIN_TILE_ELECTRONS,
         metavar="N",
         help="electrons a tile image needs to be trusted (default "
@@ -81,10 +83,17 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
     if args.calibration_frames < 1 or not 0 < args.bf_threshold < 1:
         raise UsageError("need --calibration-frames >= 1 and 0 < --bf-threshold < 1")
     for name in ("energy", "step", "semiangle", "angular_sampling", "counts_per_electron",
-                 "min_tile_electrons"):  # fmt: skip
+                 "min_tile_electrons", "axial_radius"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.step is not None and not 1e-3 <= args.step <= 1e6:
+        raise UsageError("--step must be between 0.001 and 1e6 A")
+    if args.energy is not None and not 1e3 <= args.energy <= 1e7:
+        raise UsageError("--energy must be between 1 keV and 10 MeV (in eV)")
+    if args.semiangle is not None and not args.semiangle <= 1000:
+        raise UsageError("--semiangle must be at most 1000 mrad")
+
     if args.upsample is not None and not 1 <= args.upsample <= 16:
         raise UsageError("--upsample must be between 1 and 16")
     calibration = mask = None

@@ -70,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
             log.warning("no --semiangle or --angular-sampling: shifts only, no aberrations")
         processor = SeriesProcessor(info, settings)
         result = reconstruct_dataset(data, processor)
+    if processor.calibration_error:
+        sys.stderr.write(f"tcbf-live reconstruct: {args.input}: no usable bright-field disk "
+                         f"({processor.calibration_error})\n")  # fmt: skip
+        return 1
+
     write_result(args.output, result, "file")
     sys.stderr.write(report(result, args.output))
     sys.stderr.write(f"reconstructed {result.frames_received} frames in "

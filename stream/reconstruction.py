@@ -182,10 +182,13 @@ class PixelGroups:
 
 
 @numba.njit(nogil=True, cache=True)
-def ring_sums(stack, hits, ring_of, n_rings, out) -> None:
+def ring_sums(stack, hits, positions, ring_of, out) -> None:
     """out[r, p] = counts per frame at position p of the BF pixels in ring r (annuli of the
-    disk): virtual-BF images of any radius are cumulative sums of these."""
-    for p in range(stack.shape[0]):
+    disk), recomputed for the given positions: virtual-BF images of any radius are cumulative
+    sums of these."""
+    for p in positions:
+        for r in range(out.shape[0]):
+            out[r, p] = 0.0
         h = hits[p]
         if h == 0:
             continue
@@ -195,13 +198,28 @@ def ring_sums(stack, hits, ring_of, n_rings, out) -> None:
             out[ring_of[i], p] += row[i] * scale
 
 
+@numba.njit(nogil=True, cache=True)
+def _column_sums(stack, hits, out) -> int:
+    """out[i] = sum of stack[p, i] over positions with hits; returns the frames summed."""
+    frames = 0
+    for p in range(stack.shape[0]):
+        if hits[p] == 0:
+            continue
+        frames += hits[p]
+        row = stack[p]
+        for i in range(row.shape[0]):
+            out[i] += row[i]
+    return frames
+
+
 def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
-    """Mean value per frame of each BF pixel over the acquired positions (N_bf,)."""
-    acquired = hits > 0
-    if not acquired.any():
+    """Mean value per frame of each BF pixel over the acquired positions (N_bf,), in one pass
+    without copying the stack."""
+    total = np.zeros(stack.shape[1])
+    frames = _column_sums(stack, np.asarray(hits), total)
+    if frames == 0:
         return np.ones(stack.shape[1])
-    total = stack[acquired].sum(axis=0, dtype=np.float64)
-    return np.maximum(total / hits[acquired].sum(), 1e-12)
+    return np.maximum(total / frames, 1e-12)
 
 
 class ShiftAndAdd:
@@ -220,18 +238,23 @@ class ShiftAndAdd:
         self._inv_gain: np.ndarray | None = None
         self._splat: tuple[np.ndarray, np.ndarray] | None = None
 
-    def update(self, stack: np.ndarray, hits: np.ndarray, shifts_px: np.ndarray) -> bool:
+    def update(
+        self, stack: np.ndarray, hits: np.ndarray, shifts_px: np.ndarray,
+        tolerance_px: float | None = None,
+    ) -> bool:  # fmt: skip
         """Bring the image up to date with `stack`/`hits`; True if it was rebuilt.
 
         New positions are deposited with the shifts in use. A rebuild (from the whole stack,
-        with fresh per-pixel gains) happens when the shifts moved by more than tolerance / f
-        scan px, or when already deposited positions received more frames (repeat scans)."""
+        with fresh per-pixel gains) happens when the shifts moved by more than `tolerance_px`
+        (default the instance's) / f scan px, or when already deposited positions received
+        more frames (repeat scans)."""
+        tol = self.tolerance_px if tolerance_px is None else tolerance_px
         hits = np.asarray(hits).ravel()
         changed = hits != self.deposited
         stale = (
             self.shifts_px is None
             or self.shifts_px.shape != shifts_px.shape
-            or np.max(np.abs(shifts_px - self.shifts_px)) * self.factor > self.tolerance_px
+            or np.max(np.abs(shifts_px - self.shifts_px)) * self.factor > tol
             or bool(np.any(self.deposited[changed] > 0))
         )
         if stale:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .cliutil import UsageError
+from .cliutil import UsageError, parse_finite
 from .engine import DECODERS, Engine, EngineSettings
 from .options import add_processing_args, processing_from_args, report
 from .subscriber import SubscriberSettings
@@ -29,10 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_processing_args(p)
     p.add_argument("--repeat", default="accumulate", choices=["accumulate", "new-series"],
                    help="frames beyond one scan pass")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="idle timeout")
+    p.add_argument("--timeout", type=parse_finite, default=30.0, metavar="S", help="idle timeout")
     p.add_argument(
         "--align-interval",
-        type=float,
+        type=parse_finite,
         default=0.5,
         metavar="S",
         help="re-align every S seconds while frames arrive (0: only at the end)",
@@ -49,8 +49,9 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         from viewer.app import check_display
 
         check_display()
-    if not args.timeout > 0 or not args.align_interval >= 0:
-        raise UsageError("need --timeout > 0 and --align-interval >= 0")
+    if not 0 < args.timeout <= 1e6 or not 0 <= args.align_interval <= 3600:
+        raise UsageError("need 0 < --timeout <= 1e6 s and 0 <= --align-interval <= 3600 s")
+
     processing = processing_from_args(args)
     endpoint = args.bind or args.connect
     return EngineSettings(

@@ -15,7 +15,7 @@ import numpy as np
 from detectors.base import FrameBatch, SeriesInfo
 
 from .accumulators import Accumulators, TileLevels, default_bins
-from .calibration import DEFAULT_BF_THRESHOLD, Calibration, calibrate
+from .calibration import DEFAULT_BF_THRESHOLD, Calibration, CalibrationError, calibrate
 from .tcbf import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
 
 log = logging.getLogger("tcbf.series")
@@ -145,6 +145,8 @@ class SeriesProcessor:
         self.index_offset = pass_index * self.n_positions
         self.calibration: Calibration | None = settings.calibration
         self.acc: Accumulators | None = None
+        self.calibration_error: str | None = None
+
         self.tcbf: TcbfProcessor | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
         self._stage: np.ndarray | None = None  # staging buffer for small messages
@@ -164,6 +166,9 @@ class SeriesProcessor:
         self._t_last = now
         if self.acc is not None:
             self.acc.add(first, batch.frames)
+            return
+        if self.calibration_error is not None:  # unusable series: count, do not keep
+            self._pending_frames += len(batch.frames)
             return
         # not calibrated yet: keep the frames (bounded by calibration_frames + one batch)
         self._pending.append((first, batch.frames))
@@ -209,19 +214,28 @@ class SeriesProcessor:
         return 0
 
     def calibrate_now(self) -> None:
-        """Calibrate from the frames held so far and fold them in."""
+        """Calibrate from the frames held so far and fold them in. If the frames show no
+        usable BF disk (e.g. beam blanked), the series is marked unusable (`calibration_error`)
+        and its frames are only counted from then on: nothing is retried or kept."""
         if self.acc is not None or not self._pending:
             return
         # exactly the first N frames that arrived, however they were batched
         frames = np.concatenate([f for _, f in self._pending])[: self.settings.calibration_frames]
-        cal = calibrate(
-            frames,
-            mask_value=self.info.mask_value,
-            supplied_mask=self.settings.mask,
-            threshold=self.settings.bf_threshold,
-            semiangle_mrad=self.info.semiangle_mrad,
-            angular_sampling_mrad=self.info.angular_sampling_mrad,
-        )
+        try:
+            cal = calibrate(
+                frames,
+                mask_value=self.info.mask_value,
+                supplied_mask=self.settings.mask,
+                threshold=self.settings.bf_threshold,
+                semiangle_mrad=self.info.semiangle_mrad,
+                angular_sampling_mrad=self.info.angular_sampling_mrad,
+            )
+        except CalibrationError as err:
+            self.calibration_error = str(err)
+            self._pending = []
+            log.error("series %d: cannot calibrate on the first %d frames: %s",
+                      self.info.series_id, len(frames), err)  # fmt: skip
+            return
         log.info(
             "calibrated on %d frames: disk centre (%.2f, %.2f) px, radius %.2f px, %d BF px, "
             "%d masked px",
@@ -268,9 +282,13 @@ class SeriesProcessor:
     def alignment_inputs(self) -> AlignmentInputs | None:
         """Copies for one alignment update (hold the ingest lock while calling, if live)."""
         acc = self.acc
-        if acc is None:
+        if acc is None or self.tcbf is None:
             return None
-        return AlignmentInputs(acc.hits.copy(), acc.tiles.copy(), acc.stack, acc.frames_accepted)
+        hits = acc.hits.copy()
+        window = self.tcbf.window(hits.reshape(self.scan_shape) > 0)
+        (r0, r1), (c0, c1) = window
+        tiles = acc.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()  # the window only
+        return AlignmentInputs(hits, window, tiles, acc.stack, acc.frames_accepted)
 
     def update_tcbf(self, final: bool = False) -> TcbfResult | None:
         """One alignment + reconstruction update on everything accumulated (single-threaded

@@ -16,7 +16,7 @@ import numpy as np
 from detectors.base import SeriesInfo
 from simulators.optics import wavelength_A
 
-from .aberrations import AberrationFit, fit_aberrations
+from .aberrations import AberrationFit, decompose
 from .accumulators import TileLevels
 from .alignment import (
     AlignmentResult,
@@ -49,10 +49,14 @@ class AlignmentInputs:
     """What one update reads, taken under the ingest lock (copies, except `stack`).
 
     `stack` is the live per-BF-pixel array: rows of positions counted in `hits` are complete
-    (the kernel fills a row before counting it), so reading them without the lock is safe."""
+    (the kernel fills a row before counting it), so reading them without the lock is safe for
+    a single pass. During a repeat pass (`--repeat accumulate`) a position being written while
+    an update reads it can be off by one frame in that update; the final update runs after
+    ingest and is exact."""
 
     hits: np.ndarray  # (n_pos,) copy
-    tiles: np.ndarray  # (n_pos, total tiles) copy
+    window: tuple[tuple[int, int], tuple[int, int]]  # scan rows, cols the alignment uses
+    tiles: np.ndarray  # (window rows, window cols, total tiles) copy of that block
     stack: np.ndarray  # (n_pos, N_bf) live view
     frames: int  # frames accumulated when taken
 
@@ -99,6 +103,8 @@ RINGS = 8  # annuli of the BF disk for the axial-radius control
 REGROUP_PX = 0.5
 # live updates re-form the pixel groups when a pixel's shift moved this much
 FINAL_REGROUP_PX = 0.25  # the final update, tighter
+LIVE_REBUILD_PX = 0.5  # image rebuild when a shift moved this much (upsampled px), live ...
+FINAL_REBUILD_PX = 0.1  # ... and at the end
 
 
 class TcbfProcessor:
@@ -115,7 +121,11 @@ class TcbfProcessor:
         mp = calibration.mean_pattern
         weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
         self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
-        self.sampling_mrad = calibration.angular_sampling_mrad
+        # angular sampling: the stream's / the flags', else the calibration's, else semiangle
+        # over the measured disk radius
+        self.sampling_mrad = info.angular_sampling_mrad or calibration.angular_sampling_mrad
+        if not self.sampling_mrad and info.semiangle_mrad:
+            self.sampling_mrad = info.semiangle_mrad / calibration.radius_px
         self.wavelength_A = wavelength_A(info.energy_eV) if info.energy_eV else None
         self.upsampling = settings.upsample or default_upsampling(
             info.step_A, self.wavelength_A, info.semiangle_mrad,
@@ -126,6 +136,7 @@ class TcbfProcessor:
         self.matrix_px: np.ndarray | None = None  # warm start for the next update
         self._groups: tuple | None = None  # (key, PixelGroups) within one update
         self._regroup_px = REGROUP_PX
+        self._rings: np.ndarray | None = None  # ring images, updated where hits changed
         self.last: TcbfResult | None = None
 
     def window(self, valid: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -141,20 +152,22 @@ class TcbfProcessor:
         c0 = max(0, (cols - cap) // 2)
         return (r0, r1), (c0, min(cols, c0 + cap))
 
-    def tile_sets(self, inputs: AlignmentInputs, window) -> dict[int, TileSet]:
-        """Accumulated tile images of every level over the window."""
-        (r0, r1), (c0, c1) = window
-        cols = self.scan_shape[1]
-        hits = inputs.hits.reshape(-1, cols)[r0:r1, c0:c1]
+    def tile_sets(self, inputs: AlignmentInputs) -> dict[int, TileSet]:
+        """Accumulated tile images of every level over the window, per frame (repeat passes
+        leave some positions with more frames than others); electrons are the raw sums."""
+        (r0, r1), (c0, c1) = inputs.window
+        hits = inputs.hits.reshape(-1, self.scan_shape[1])[r0:r1, c0:c1]
         valid = hits > 0
-        block = inputs.tiles.reshape(-1, cols, inputs.tiles.shape[1])[r0:r1, c0:c1]
+        per_frame = 1.0 / np.maximum(hits, 1).astype(np.float32)
+        block = inputs.tiles
         lay, geo = self.layout, self.geometry
         gain = self.info.counts_per_electron
         out = {}
         for lvl, b in enumerate(lay.bins):
             sub = block[:, :, lay.offsets[lvl] : lay.offsets[lvl] + lay.n_tiles[lvl]]
-            images = np.ascontiguousarray(np.moveaxis(sub, 2, 0))
+            images = np.ascontiguousarray(np.moveaxis(sub, 2, 0)) * per_frame
             electrons = sub.sum(axis=(0, 1), dtype=np.float64) / gain
+
             out[b] = TileSet(b, images, valid, geo.k_px[b], electrons, geo.n_pixels[b],
                              lay.labels[lvl], self.radius_px)  # fmt: skip
         return out
@@ -187,22 +200,26 @@ class TcbfProcessor:
         are acquired and the dose supports a first shift model."""
         t0 = time.perf_counter()
         st = self.settings.alignment
-        valid = inputs.hits.reshape(self.scan_shape) > 0
-        window = self.window(valid)
+        window = inputs.window
         rows = window[0]
-        if rows[1] - rows[0] < min(st.min_rows, self.scan_shape[0]):
+        cols = window[1][1] - window[1][0]
+        if min(rows[1] - rows[0], cols) < st.min_rows:  # too small a field to align on
             return None
+
         # The final update starts cold and re-forms the tiles at every level: exact rather than
         # fast, and independent of when the live updates ran, so a live run ends with exactly
         # what `reconstruct` gives for the same frames. Live updates warm-start.
         self._regroup_px = FINAL_REGROUP_PX if final else REGROUP_PX
-        result = align(
-            self.tile_sets(inputs, window),
-            st,
-            matrix_px=None if final else self.matrix_px,
-            regroup=lambda b, m: self.regrouped_tiles(inputs, window, b, m),
-        )
-        self._groups = None  # release the grouped sums
+        try:
+            result = align(
+                self.tile_sets(inputs),
+                st,
+                matrix_px=None if final else self.matrix_px,
+                regroup=lambda b, m: self.regrouped_tiles(inputs, window, b, m),
+            )
+        finally:
+            self._groups = None  # release the grouped sums (and never reuse them)
+
         result = AlignmentResult(result.matrix_px, result.iterations, rows, result.converged)
         if not result.converged and self.matrix_px is None:
             return None
@@ -213,9 +230,18 @@ class TcbfProcessor:
         shifts = result.shifts_px(self.k_px)
         aberrations = None
         if self.sampling_mrad and self.info.step_A:
-            aberrations = fit_aberrations(self.k_px * self.sampling_mrad, shifts, self.info.step_A,
-                                          st.defocus_sign)  # fmt: skip
-        rebuilt = self.shift_and_add.update(inputs.stack, inputs.hits, shifts)
+            # s_A = alpha M_A^T with alpha = k x sampling: M_A = M_px x step / sampling
+            m_a = result.matrix_px * self.info.step_A / (self.sampling_mrad * 1e-3)
+            errors = result.errors_px[np.isfinite(result.errors_px)]
+            misfit = float(errors[-1]) if errors.size else float("nan")
+            aberrations = decompose(m_a, st.defocus_sign, misfit, self.info.transpose)
+
+        # live: rebuild only when the shifts moved by half an upsampled pixel (they drift by a
+        # few hundredths of a scan pixel per update); final: a tenth, so the end result is
+        # the shift-and-add of its own shifts
+        rebuilt = self.shift_and_add.update(
+            inputs.stack, inputs.hits, shifts, FINAL_REBUILD_PX if final else LIVE_REBUILD_PX
+        )
         saa = self.shift_and_add.image()
         sampling = self.info.step_A / self.upsampling if self.info.step_A else None
         image, flipped = saa - 1.0, False
@@ -250,9 +276,14 @@ class TcbfProcessor:
     def ring_images(self, inputs: AlignmentInputs, n_rings: int = RINGS):
         """Virtual-BF images of `n_rings` equal-width annuli of the disk (for a live axial-radius
         control: the vBF of radius r is the sum of the rings inside r)."""
-        radius = np.hypot(*self.k_px.T)
         edges = self.radius_px * np.arange(1, n_rings + 1) / n_rings
-        ring_of = np.minimum(np.searchsorted(edges, radius), n_rings - 1).astype(np.int64)
-        out = np.zeros((n_rings, inputs.stack.shape[0]), np.float32)
-        ring_sums(inputs.stack, inputs.hits, ring_of, n_rings, out)
-        return edges, out.reshape(n_rings, *self.scan_shape)
+        if self._rings is None:
+            radius = np.hypot(*self.k_px.T)
+            self._ring_of = np.minimum(np.searchsorted(edges, radius), n_rings - 1)
+            self._rings = np.zeros((n_rings, inputs.stack.shape[0]), np.float32)
+            self._ring_hits = np.zeros(inputs.stack.shape[0], inputs.hits.dtype)
+        changed = np.flatnonzero(inputs.hits != self._ring_hits)  # only what arrived since
+        ring_sums(inputs.stack, inputs.hits, changed.astype(np.int64),
+                  self._ring_of.astype(np.int64), self._rings)  # fmt: skip
+        self._ring_hits[changed] = inputs.hits[changed]
+        return edges, self._rings.reshape(n_rings, *self.scan_shape).copy()

@@ -110,11 +110,30 @@ def test_pure_noise_gives_no_model():
     assert not res.converged and res.iterations == ()
 
 
-def test_warm_start_stays_put_and_reports_a_small_error():
+def test_warm_start_refines_a_perturbed_model():
     m = rotation(-15.0, -0.22)
-    res = align({8: tile_set(m)}, AlignmentSettings(bins=(8,)), matrix_px=m)
-    assert len(res.iterations) == 1  # no pair estimate when the model is known
-    np.testing.assert_allclose(res.matrix_px, m, atol=0.01)
+    start = m * 1.05 + np.array([[0.0, 0.01], [-0.01, 0.0]])  # 0.3 px off at the disk edge
+    tiles = tile_set(m)
+
+    def regroup(bin_px, model):  # tiles re-formed with every image moved by the model
+        return np.stack([fourier_shift(img, model @ k) for img, k in
+                         zip(tiles.images, tiles.k_px, strict=True)]), model  # fmt: skip
+
+    res = align({8: tiles}, AlignmentSettings(bins=(8, 8)), matrix_px=start, regroup=regroup)
+
+    assert [it.bin_px for it in res.iterations] == [8, 8]  # no pair estimate: model known
+    assert res.iterations[-1].used.sum() >= 10
+    assert res.errors_px[-1] < 0.1
+    np.testing.assert_allclose(res.matrix_px, m, atol=0.005)
+
+
+def test_two_tiles_or_collinear_tiles_never_give_a_model():
+    from stream.alignment import fit_matrix
+
+    k = np.array([[10.0, 10.0], [-10.0, -10.0], [5.0, 5.1]])
+    s = k @ rotation(10, -0.2).T
+    assert fit_matrix(k[:2], s[:2], np.ones(2)) is None  # exactly determined: unchecked
+    assert fit_matrix(k, s, np.ones(3)) is None  # nearly collinear
 
 
 def test_robust_fit_drops_outliers():

@@ -186,3 +186,7 @@ def test_reconstruct_and_alignment_flags_give_one_line_errors(tmp_path, expect_u
                 ["--defocus-sign", "2"], ["--min-tile-electrons", "-1"]):  # fmt: skip
         expect_usage_error(["reconstruct", str(data), *common, *bad])
     expect_usage_error(["run", "--headless", "--output", out, "--align-interval", "-1"])
+    for bad in (["--align-interval", "inf"], ["--align-interval", "1e10"], ["--step", "inf"],
+                ["--step", "1e300"], ["--energy", "nan"], ["--axial-radius", "-5"],
+                ["--timeout", "inf"]):  # fmt: skip
+        expect_usage_error(["run", "--headless", "--output", out, *bad])

@@ -213,3 +213,20 @@ def test_repeat_scans_as_new_series(endpoint, sim):
     first, second = results
     np.testing.assert_array_equal(first.incoherent_bf, offline(sim).incoherent_bf)
     assert second.frames_missing == n - 50 and np.count_nonzero(second.hits) == 50
+
+
+def test_a_blank_series_ends_with_a_result_not_a_dead_thread(endpoint, sim):
+    """No BF disk (all-zero frames): calibration fails; the result says so, ingest survives."""
+    eng = engine(endpoint)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    info = sim.series_info(12)
+    blank = np.zeros((sim.n_frames, *info.detector_shape), np.uint16)
+    push.send_multipart(encode_start(info))
+    push.send_multipart(encode_frames(12, 0, blank))
+    push.send_multipart(encode_end(12, len(blank)))
+    push.close(linger=2000)
+    assert eng.join(timeout=20)
+    result = eng.last_result
+    assert result is not None and result.calibration is None and result.tcbf is None
+    assert eng.series_finished == 1

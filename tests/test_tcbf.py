@@ -220,3 +220,47 @@ def test_live_engine_matches_offline_reconstruct(tutorial, endpoint):
     # measured: first estimate after ~400 frames (8 rows); the final update is cold-started
     # like the offline one, so the shifts are identical
     np.testing.assert_allclose(live.tcbf.shifts_px, offline.shifts_px, atol=0.05)
+
+
+@pytest.mark.parametrize("scan", [(12, 12), (8, 8), (3, 3), (1, 16), (8, 3), (6, 48)])
+def test_small_fields_give_no_model_or_a_sane_one(scan):
+    """Too little field for the shifts: never a confident absurd answer (review finding)."""
+    sim, frames = simulate(tutorial_config(scan_shape=scan))
+    _, result = process(sim, frames, defocus_sign=+1)
+    if result is not None:
+        assert result.aberrations.defocus_A == pytest.approx(15000.0, rel=0.2)
+        assert np.abs(result.shifts_px).max() < 12
+
+
+def test_repeat_scans_accumulated_mid_pass(tutorial):
+    """1.5 passes accumulated: positions hold 1 or 2 frames; tiles are per frame."""
+    from dataclasses import replace
+
+    sim, frames = tutorial
+    info = replace(sim.series_info(2), frames_expected=2 * len(frames))
+    proc = SeriesProcessor(info, ProcessingSettings())
+    both = np.concatenate([frames, frames[: len(frames) // 2]])
+    for first in range(0, len(both), 64):
+        proc.add(FrameBatch(2, first, both[first : first + 64]))
+    result = proc.update_tcbf(final=True)
+    assert set(np.unique(proc.acc.hits)) == {1, 2}
+    assert result.aberrations.defocus_A == pytest.approx(15000.0, rel=0.03)
+
+
+def test_calibration_file_with_sampling_from_the_flags(tutorial, tmp_path, capsys):
+    from dataclasses import replace
+
+    from stream.calibration import calibrate
+
+    sim, frames = tutorial
+    cal = replace(calibrate(frames[:64]), angular_sampling_mrad=None)
+    cal.save(tmp_path / "cal.json")
+    data = tmp_path / "d.npy"
+    np.save(data, frames.reshape(24, 48, 128, 128))
+    out = tmp_path / "r.h5"
+    assert main(["reconstruct", str(data), "--energy", "3e5", "--step", str(sim.cfg.step_A),
+                 "--angular-sampling", "0.154", "--calibration", str(tmp_path / "cal.json"),
+                 "--output", str(out)]) == 0  # fmt: skip
+    with h5py.File(out) as f:
+        assert f["aberrations"].attrs["defocus_A"] == pytest.approx(15000, rel=0.03)
+        assert f["tcbf/image"].attrs["phase_flipped"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from stream.cliutil import UsageError
+from stream.cliutil import UsageError, parse_finite
 
 ENDPOINT = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[\w./\-]+)$")
 
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "show the live panels; join or leave at any time.",
     )
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", metavar="ENDPOINT")
-    p.add_argument("--seconds", type=float, metavar="S", help="close after S seconds")
+    p.add_argument("--seconds", type=parse_finite, metavar="S", help="close after S seconds")
     p.add_argument("--screenshot", metavar="PNG", help="save the window when closing")
     p.add_argument("--headless", action="store_true", help="render offscreen (needs --seconds)")
     p.set_defaults(run=run)
@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"bad endpoint {args.connect!r} (tcp://HOST:PORT or ipc://PATH)")
     if args.headless and not args.seconds:
         raise UsageError("--headless needs --seconds")
-    if args.seconds is not None and not args.seconds > 0:
-        raise UsageError("--seconds must be positive")
+    if args.seconds is not None and not 0 < args.seconds <= 1e6:
+        raise UsageError("--seconds must be positive (at most 1e6)")
+
     from .app import check_display, qt_app, run_window, shutdown
 
     if not args.headless:
