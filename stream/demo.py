@@ -22,6 +22,7 @@ from .cliutil import UsageError, parse_finite
 from .engine import Engine, EngineSettings
 from .series import ProcessingSettings
 from .subscriber import SubscriberSettings
+from .tcbf import TcbfSettings
 
 log = logging.getLogger("tcbf.demo")
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     finished = []
     engine = Engine(EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=False),
-        processing=ProcessingSettings(),
+        processing=ProcessingSettings(tcbf=TcbfSettings(ring_images=True)),
         align_interval_s=0.25,
     ), on_series_end=lambda r: finished.append(r) if r.complete and not r.frames_missing
        else None).start()  # fmt: skip

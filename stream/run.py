@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from .cliutil import UsageError, parse_finite
 from .engine import DECODERS, Engine, EngineSettings
@@ -53,6 +54,8 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         raise UsageError("need 0 < --timeout <= 1e6 s and 0 <= --align-interval <= 3600 s")
 
     processing = processing_from_args(args)
+    if not args.headless or args.publish:  # a viewer will show the axial-radius control
+        processing = replace(processing, tcbf=replace(processing.tcbf, ring_images=True))
     endpoint = args.bind or args.connect
     return EngineSettings(
         subscriber=SubscriberSettings(

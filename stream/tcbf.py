@@ -42,6 +42,7 @@ class TcbfSettings:
     upsample: int | None = None  # None: round(2 alpha dx / lambda), capped
     phase_flip: bool = True
     rebuild_tolerance_px: float = 0.1  # shift change (upsampled px) that forces a rebuild
+    ring_images: bool = False  # also keep annular vBF images (the viewer's axial-radius slider)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,8 @@ class TcbfProcessor:
                                self.shift_and_add.coverage())  # fmt: skip
             flipped = True
 
-        radii, rings = self.ring_images(inputs)
+        radii, rings = self.ring_images(inputs) if self.settings.ring_images else (None, None)
+
         self.last = TcbfResult(
             image=image,
             shift_and_add=saa,

@@ -19,6 +19,7 @@ from stream.publisher import SnapshotPublisher
 from stream.series import ProcessingSettings, SeriesProcessor
 from stream.snapshot import StateError, decode_state, encode_state, view_state
 from stream.subscriber import SubscriberSettings
+from stream.tcbf import TcbfSettings
 from viewer.sources import SocketSource
 from viewer.window import ViewerWindow
 
@@ -32,6 +33,7 @@ def tutorial():
 def start_engine(endpoint, **kw):
     settings = EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+        processing=ProcessingSettings(tcbf=TcbfSettings(ring_images=True)),
         idle_timeout_s=20.0, max_series=1, **kw,
     )  # fmt: skip
     return Engine(settings).start()
