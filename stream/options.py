@@ -73,6 +73,9 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
         help="tcBF grid factor (default round(2 alpha step / lambda), at most 8)",
     )
     a.add_argument("--no-phase-flip", action="store_true", help="skip the CTF phase flip")
+    a.add_argument("--target-resolution", type=parse_finite, metavar="A",
+                   help="report the dose projected to reach this resolution (an estimate from "
+                   "the resolution-versus-dose history)")  # fmt: skip
     a.add_argument("--defocus-sign", type=parse_defocus_sign, metavar="+1|-1",
                    help="known sign of the defocus (+1: C10 < 0); resolves the 180 deg "
                    "ambiguity (default: rotation folded into (-90, 90] deg)")  # fmt: skip
@@ -94,6 +97,8 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
     if args.semiangle is not None and not args.semiangle <= 1000:
         raise UsageError("--semiangle must be at most 1000 mrad")
 
+    if args.target_resolution is not None and not args.target_resolution > 0:
+        raise UsageError("--target-resolution must be positive")
     if args.upsample is not None and not 1 <= args.upsample <= 16:
         raise UsageError("--upsample must be between 1 and 16")
     calibration = mask = None
@@ -126,8 +131,11 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         axial_radius_px=args.axial_radius,
         repeat_scans=getattr(args, "repeat", "accumulate"),
         tcbf=TcbfSettings(
-            alignment=alignment, upsample=args.upsample, phase_flip=not args.no_phase_flip
-        ),  # fmt: skip
+            alignment=alignment,
+            upsample=args.upsample,
+            phase_flip=not args.no_phase_flip,
+            target_resolution_A=args.target_resolution,
+        ),
     )
 
 
@@ -138,4 +146,4 @@ def report(result, output: str) -> str:
         if result.tcbf is not None
         else ("tcBF: no shift model (too few rows or electrons for any trusted bin level)")
     )
-    return f"{result.summary()}\n{tcbf}\nwrote {output}\n"
+    return f"{result.summary()}\n{tcbf}\n{result.dose_summary()}\nwrote {output}\n"

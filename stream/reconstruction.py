@@ -63,11 +63,12 @@ def deposit(
     offsets: np.ndarray,  # (N_bf, 2) int64 from splat_weights
     weights: np.ndarray,  # (N_bf, 4)
     inv_gain: np.ndarray,  # (N_bf,) 1 / mean value of each BF pixel
-    num: np.ndarray,  # (rows f, cols f) float64
-    den: np.ndarray,  # (rows f, cols f) float64
+    half: np.ndarray,  # (N_bf,) int: which half-set accumulator the pixel feeds (0 or 1)
+    num: np.ndarray,  # (2, rows f, cols f) float64
+    den: np.ndarray,  # (2, rows f, cols f) float64
 ) -> None:
     n_bf = stack.shape[1]
-    h_max, w_max = num.shape
+    h_max, w_max = num.shape[1], num.shape[2]
     for j in positions:
         h = hits[j]
         if h == 0:
@@ -80,22 +81,24 @@ def deposit(
             v = row[i] * inv_gain[i] * scale
             pr = r * factor + offsets[i, 0]
             pc = c * factor + offsets[i, 1]
+            nm = num[half[i]]
+            dn = den[half[i]]
             if 0 <= pr and pr + 1 < h_max and 0 <= pc and pc + 1 < w_max:
-                num[pr, pc] += weights[i, 0] * v
-                den[pr, pc] += weights[i, 0]
-                num[pr, pc + 1] += weights[i, 1] * v
-                den[pr, pc + 1] += weights[i, 1]
-                num[pr + 1, pc] += weights[i, 2] * v
-                den[pr + 1, pc] += weights[i, 2]
-                num[pr + 1, pc + 1] += weights[i, 3] * v
-                den[pr + 1, pc + 1] += weights[i, 3]
+                nm[pr, pc] += weights[i, 0] * v
+                dn[pr, pc] += weights[i, 0]
+                nm[pr, pc + 1] += weights[i, 1] * v
+                dn[pr, pc + 1] += weights[i, 1]
+                nm[pr + 1, pc] += weights[i, 2] * v
+                dn[pr + 1, pc] += weights[i, 2]
+                nm[pr + 1, pc + 1] += weights[i, 3] * v
+                dn[pr + 1, pc + 1] += weights[i, 3]
             else:
                 for q in range(4):
                     rr = pr + q // 2
                     cc = pc + q % 2
                     if 0 <= rr < h_max and 0 <= cc < w_max:
-                        num[rr, cc] += weights[i, q] * v
-                        den[rr, cc] += weights[i, q]
+                        nm[rr, cc] += weights[i, q] * v
+                        dn[rr, cc] += weights[i, q]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -223,13 +226,19 @@ def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
 
 
 class ShiftAndAdd:
-    """Upsampled shift-and-add accumulator for one series (num / den, incremental)."""
+    """Upsampled shift-and-add accumulator for one series (num / den, incremental).
 
-    def __init__(self, scan_shape: tuple[int, int], factor: int, tolerance_px: float = 0.1):
+    It is kept as two half-set accumulators, `half[i]` saying which one BF pixel i feeds (a
+    checkerboard of detector pixels gives two independent halves that both cover the whole
+    scan: their Fourier ring correlation measures the resolution); the image is their sum."""
+
+    def __init__(self, scan_shape: tuple[int, int], factor: int, tolerance_px: float = 0.1,
+                 half: np.ndarray | None = None):  # fmt: skip
         self.scan_shape = scan_shape
         self.factor = int(factor)
         self.tolerance_px = tolerance_px  # shift change (scan px) x factor that forces a rebuild
-        shape = (scan_shape[0] * self.factor, scan_shape[1] * self.factor)
+        self.half = None if half is None else np.asarray(half, np.int64)
+        shape = (2, scan_shape[0] * self.factor, scan_shape[1] * self.factor)
         self.num = np.zeros(shape)
         self.den = np.zeros(shape)
         self.shifts_px: np.ndarray | None = None
@@ -269,26 +278,37 @@ class ShiftAndAdd:
             positions = np.flatnonzero(changed)
         if positions.size:
             offsets, weights = self._splat
+            half = self.half if self.half is not None else np.zeros(stack.shape[1], np.int64)
             deposit(stack, hits, positions.astype(np.int64), self.scan_shape[1], self.factor,
-                    offsets, weights, self._inv_gain, self.num, self.den)  # fmt: skip
+                    offsets, weights, self._inv_gain, half, self.num, self.den)  # fmt: skip
         self.deposited[positions] = hits[positions]
         return stale
 
     def coverage(self) -> np.ndarray:
         """Smooth weight (0..1) of where data landed: 1 inside the acquired area, falling to 0
         over ~2 scan px at its edges (and at missing positions)."""
-        covered = (self.den > 1e-3 * max(float(self.den.max()), 1e-30)).astype(np.float32)
+        den = self.den.sum(axis=0)
+        covered = (den > 1e-3 * max(float(den.max()), 1e-30)).astype(np.float32)
         return ndi.gaussian_filter(covered, 1.0 * self.factor, mode="constant")
 
-    def image(self) -> np.ndarray:
-        """num / den after Gaussian smoothing (sigma 0.125 scan px); 1 where nothing landed."""
+    def images(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(full, half 0, half 1): num / den after Gaussian smoothing (sigma 0.125 scan px),
+        1 where nothing landed. The smoothing is linear, so the full image reuses the halves'."""
         sigma = KDE_SIGMA_SCAN_PX * self.factor
-        num = ndi.gaussian_filter(self.num, sigma, mode="constant")
-        den = ndi.gaussian_filter(self.den, sigma, mode="constant")
-        good = den > 1e-3 * max(float(den.max()), 1e-30)
-        out = np.ones_like(num)
-        np.divide(num, den, out=out, where=good)
-        return out.astype(np.float32)
+        num = [ndi.gaussian_filter(n, sigma, mode="constant") for n in self.num]
+        den = [ndi.gaussian_filter(d, sigma, mode="constant") for d in self.den]
+        return (_ratio(num[0] + num[1], den[0] + den[1]), _ratio(num[0], den[0]),
+                _ratio(num[1], den[1]))  # fmt: skip
+
+    def image(self) -> np.ndarray:
+        return self.images()[0]
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    good = den > 1e-3 * max(float(den.max()), 1e-30)
+    out = np.ones_like(num)
+    np.divide(num, den, out=out, where=good)
+    return out.astype(np.float32)
 
 
 def quadratic_chi(

@@ -9,7 +9,10 @@
 /bf/hits          (rows, cols) frames accumulated per position (0 = missing)
 /alignment/bf_pixels (N_bf, 2) detector (row, col); attrs bins, n_tiles, center_px, radius_px
 /calibration/mean_pattern, /calibration/mask
-/dose             attrs dose_e_per_A2, electrons_total, counts_per_electron; /dose/map
+/dose             attrs dose_e_per_A2, electrons_total, counts_per_electron, beam_current_pA,
+                  projected_dose_e_per_A2, resolution_A, resolution_half_bit_A; datasets map,
+                  bf_fraction, frc, resolution_vs_dose, trust (docs/dose.md)
+
 /tcbf/image       (rows f, cols f) tcBF image; attrs sampling_A, upsampling_factor,
                   phase_flipped; /tcbf/shift_and_add (before phase flipping, mean ~1)
 /alignment/shifts_px (N_bf, 2) correction shifts (scan px); /alignment/error (iterations,)
@@ -98,12 +101,46 @@ def write_result(path: str | Path, result: SeriesResult, protocol: str) -> Path:
         if result.tcbf is not None:
             write_tcbf(f, result.tcbf)
 
-        dose = f.create_group("dose")
-        dose.attrs["dose_e_per_A2"] = result.dose_e_per_A2
-        dose.attrs["electrons_total"] = result.electrons_total
-        dose.attrs["counts_per_electron"] = info.counts_per_electron
-        dose["map"] = result.dose_map
+        write_dose(f.create_group("dose"), result)
     return path
+
+
+def write_dose(dose: h5py.Group, result: SeriesResult) -> None:
+    """/dose: the dose, the beam, and what resolution the dose bought (docs/dose.md)."""
+    info = result.info
+    dose.attrs["dose_e_per_A2"] = result.dose_e_per_A2
+    dose.attrs["electrons_total"] = result.electrons_total
+    dose.attrs["counts_per_electron"] = info.counts_per_electron
+    dose.attrs["projected_dose_e_per_A2"] = result.projected_dose_e_per_A2
+    dose.attrs["beam_current_pA"] = _attr(result.beam_current_pA)
+    dose.attrs["dwell_s"] = _attr(info.dwell_s)
+    dose["map"] = result.dose_map
+    dose["bf_fraction"] = result.bf_fraction
+    t = result.tcbf
+    dose.attrs["resolution_A"] = _attr(None if t is None else t.resolution_A)
+    dose.attrs["resolution_half_bit_A"] = _attr(None if t is None else t.resolution_half_bit_A)
+    dose.attrs["resolution_limited_by_sampling"] = bool(t is not None and t.resolution_limited)
+    if t is None:
+        return
+    if t.frc is not None:
+        frc = np.column_stack([t.frc.q_per_A, t.frc.frc, t.frc.n_pixels])
+        dose["frc"] = frc
+        dose["frc"].attrs["columns"] = "q_per_A, frc, ring_pixels"
+    rvd = t.resolution_vs_dose if t.resolution_vs_dose is not None else np.zeros((0, 2))
+    dose["resolution_vs_dose"] = rvd
+    dose["resolution_vs_dose"].attrs["columns"] = "scan_dose_e_per_A2, resolution_A"
+    if t.target_resolution_A is not None:
+        dose.attrs["target_resolution_A"] = t.target_resolution_A
+        dose.attrs["dose_for_target_e_per_A2_estimate"] = _attr(t.dose_for_target_e_per_A2)
+    if t.trust:
+        trust = np.array([[x.bin_px, x.n_tiles, x.min_electrons, x.median_electrons,
+                           x.threshold, x.trusted, _attr(x.dose_needed_e_per_A2)]
+                          for x in t.trust], float)  # fmt: skip
+        dose["trust"] = trust
+        dose["trust"].attrs["columns"] = (
+            "bin_px, tiles, min_tile_electrons, median_tile_electrons, threshold, trusted, "
+            "scan_dose_needed_e_per_A2_estimate"
+        )
 
 
 def write_tcbf(f: h5py.File, tcbf) -> None:

@@ -16,6 +16,7 @@ from detectors.base import FrameBatch, SeriesInfo
 
 from .accumulators import Accumulators, TileLevels, default_bins
 from .calibration import DEFAULT_BF_THRESHOLD, Calibration, CalibrationError, calibrate
+from .dose import beam_current_pA
 from .tcbf import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
 
 log = logging.getLogger("tcbf.series")
@@ -115,7 +116,49 @@ class SeriesResult:
         step = self.info.step_A or float("nan")
         return self.electrons_total / max(acquired, 1) / step**2 if acquired else 0.0
 
+    @property
+    def projected_dose_e_per_A2(self) -> float:
+        """Mean dose per position when every expected frame has arrived (repeat passes add),
+        at the electrons per frame measured so far."""
+        if not self.frames_received:
+            return 0.0
+        step = self.info.step_A or float("nan")
+        n_pos = self.hits.size
+        per_frame = self.electrons_total / self.frames_received
+        return per_frame * self.frames_expected / n_pos / step**2
+
+    @property
+    def beam_current_pA(self) -> float | None:
+        """From the mean electrons per frame and the announced dwell time (None if unknown)."""
+        if not self.frames_received:
+            return None
+        return beam_current_pA(self.electrons_total / self.frames_received, self.info.dwell_s)
+
+    @property
+    def bf_fraction(self) -> np.ndarray:
+        """BF counts / all counts per position (thickness proxy: ln(1/f_BF) ~ t / lambda)."""
+        out = np.zeros(self.total_counts.shape)
+        np.divide(self.incoherent_bf, self.total_counts, out=out, where=self.total_counts > 0)
+        return out
+
+    def dose_summary(self) -> str:
+        """The one-line dose report of `run` / `reconstruct`."""
+        current = self.beam_current_pA
+        text = (f"dose {self.dose_e_per_A2:.4g} e/A^2 per position ({self.electrons_total:.4g} e"
+                f"{f', {current:.3g} pA' if current is not None else ''}); projected for the "
+                f"full scan {self.projected_dose_e_per_A2:.4g} e/A^2")  # fmt: skip
+        t = self.tcbf
+        if t is not None and t.resolution_A is not None:
+            bound = "better than " if t.resolution_limited else ""
+            text += (f"; resolution {bound}{t.resolution_A:.3g} A (FRC 0.143), "
+                     f"{t.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+        if t is not None and t.trust:
+            trusted = ",".join(str(x.bin_px) for x in t.trust if x.trusted) or "none"
+            text += f"; trusted bins {trusted}"
+        return text
+
     def summary(self) -> str:
+
         return (
             f"series {self.info.series_id}: {self.frames_received}/{self.frames_expected} frames, "
             f"{self.frames_missing} missing, {self.duplicates} duplicate, "
@@ -288,7 +331,8 @@ class SeriesProcessor:
         window = self.tcbf.window(hits.reshape(self.scan_shape) > 0)
         (r0, r1), (c0, c1) = window
         tiles = acc.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()  # the window only
-        return AlignmentInputs(hits, window, tiles, acc.stack, acc.frames_accepted)
+        electrons = float(acc.totals.sum()) / self.info.counts_per_electron
+        return AlignmentInputs(hits, electrons, window, tiles, acc.stack, acc.frames_accepted)
 
     def update_tcbf(self, final: bool = False) -> TcbfResult | None:
         """One alignment + reconstruction update on everything accumulated (single-threaded

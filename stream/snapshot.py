@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .dose import half_bit_threshold
 from .series import SeriesResult
 
 KIND = "tcbf-view"
@@ -56,6 +57,8 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
         "axial_bf": _f32(result.axial_bf),
         "hits": np.ascontiguousarray(result.hits > 0, dtype=np.uint8),
         "dose_map": _f32(result.dose_map),
+        "projected_dose_e_per_A2": float(result.projected_dose_e_per_A2),
+        "beam_current_pA": result.beam_current_pA,
     }
     if cal is not None:
         s.update(
@@ -88,6 +91,18 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
             s.update(tile_bin_px=int(last.bin_px), tile_k_px=_f32(last.k_px),
                      tile_shifts_px=_f32(last.shifts_px),
                      tile_used=np.ascontiguousarray(last.used, np.uint8))  # fmt: skip
+        if t.frc is not None:
+            s.update(frc_q_per_A=_f32(t.frc.q_per_A), frc=_f32(t.frc.frc),
+                     frc_half_bit=_f32(half_bit_threshold(t.frc.n_pixels)),
+                     resolution_A=t.resolution_A, resolution_half_bit_A=t.resolution_half_bit_A,
+                     resolution_limited=bool(t.resolution_limited))  # fmt: skip
+        if t.resolution_vs_dose is not None:
+            s["resolution_vs_dose"] = _f32(t.resolution_vs_dose)
+        if t.dose_for_target_e_per_A2 is not None:
+            s["target_resolution_A"] = t.target_resolution_A
+            s["dose_for_target_e_per_A2"] = t.dose_for_target_e_per_A2
+        s["trust"] = [[x.bin_px, x.min_electrons, x.threshold, bool(x.trusted),
+                       x.dose_needed_e_per_A2] for x in t.trust]  # fmt: skip
         if t.ring_bf is not None:
             s.update(ring_bf=_f32(t.ring_bf), ring_radii_px=_f32(t.ring_radii_px))
         ab = t.aberrations

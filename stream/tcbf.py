@@ -8,6 +8,7 @@ warm-starts from the previous shift model.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from .alignment import (
     align,
 )
 from .calibration import Calibration
+from .dose import FRC, LevelTrust, dose_for_resolution, fourier_ring_correlation
 from .reconstruction import (
     PixelGroups,
     ShiftAndAdd,
@@ -41,6 +43,7 @@ class TcbfSettings:
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
     upsample: int | None = None  # None: round(2 alpha dx / lambda), capped
     phase_flip: bool = True
+    target_resolution_A: float | None = None  # report the dose projected to reach it
     rebuild_tolerance_px: float = 0.1  # shift change (upsampled px) that forces a rebuild
     ring_images: bool = False  # also keep annular vBF images (the viewer's axial-radius slider)
 
@@ -56,6 +59,7 @@ class AlignmentInputs:
     ingest and is exact."""
 
     hits: np.ndarray  # (n_pos,) copy
+    electrons_total: float  # electrons in the whole scan so far (dose)
     window: tuple[tuple[int, int], tuple[int, int]]  # scan rows, cols the alignment uses
     tiles: np.ndarray  # (window rows, window cols, total tiles) copy of that block
     stack: np.ndarray  # (n_pos, N_bf) live view
@@ -82,6 +86,14 @@ class TcbfResult:
     final: bool = False
     ring_radii_px: np.ndarray | None = None  # (n_rings,) outer radius of each annulus
     ring_bf: np.ndarray | None = None  # (n_rings, rows, cols) vBF per annulus, per frame
+    frc: FRC | None = None  # of the two checkerboard half reconstructions
+    resolution_A: float | None = None  # FRC 0.143 crossing (None: unknown)
+    resolution_limited: bool = False  # never crossed: the grid's Nyquist limit, not the data
+    resolution_half_bit_A: float | None = None
+    resolution_vs_dose: np.ndarray | None = None  # (updates, 2): scan-average dose, resolution
+    target_resolution_A: float | None = None
+    dose_for_target_e_per_A2: float | None = None  # estimate from the power-law fit
+    trust: tuple[LevelTrust, ...] = ()
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -97,7 +109,15 @@ class TcbfResult:
             else "aberrations need --energy/--step and an angular sampling"
         )
         levels = ",".join(str(b) for b in self.alignment.schedule) or "none"
-        return f"tcBF: bins {levels}; {fit}; update {self.latency_s * 1e3:.0f} ms"
+        res = ""
+        if self.resolution_A is not None:
+            bound = "better than " if self.resolution_limited else ""
+            res = (f"; resolution {bound}{self.resolution_A:.3g} A (FRC 0.143), "
+                   f"{self.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+        if self.dose_for_target_e_per_A2 is not None:
+            res += (f"; {self.target_resolution_A:g} A needs ~{self.dose_for_target_e_per_A2:.3g}"
+                    " e/A^2 (estimate)")  # fmt: skip
+        return f"tcBF: bins {levels}; {fit}{res}; update {self.latency_s * 1e3:.0f} ms"
 
 
 RINGS = 8  # annuli of the BF disk for the axial-radius control
@@ -106,6 +126,20 @@ REGROUP_PX = 0.5
 FINAL_REGROUP_PX = 0.25  # the final update, tighter
 LIVE_REBUILD_PX = 0.5  # image rebuild when a shift moved this much (upsampled px), live ...
 FINAL_REBUILD_PX = 0.1  # ... and at the end
+
+
+def level_trust(levels: dict[int, TileSet], threshold: float, dose: float) -> tuple:
+    """Electrons per tile of every bin level against the schedule's threshold (full tiles:
+    those holding at least half as many pixels as the largest, as `TileSet.is_trusted`)."""
+    out = []
+    for b in sorted(levels, reverse=True):
+        t = levels[b]
+        full = t.electrons[t.n_pixels >= 0.5 * t.n_pixels.max()]
+        lowest = float(full.min()) if full.size else 0.0
+        needed = dose * threshold / lowest if lowest > 0 and math.isfinite(dose) else None
+        out.append(LevelTrust(b, len(t.electrons), lowest, float(np.median(full)) if full.size
+                              else 0.0, threshold, t.is_trusted(threshold), needed))  # fmt: skip
+    return tuple(out)
 
 
 class TcbfProcessor:
@@ -132,8 +166,12 @@ class TcbfProcessor:
             info.step_A, self.wavelength_A, info.semiangle_mrad,
             max(info.detector_shape), self.sampling_mrad,
         )  # fmt: skip
+        # checkerboard of detector pixels: two independent half-sets over the whole scan
+        half = (calibration.bf_pixels[:, 0] + calibration.bf_pixels[:, 1]) % 2
         self.shift_and_add = ShiftAndAdd(self.scan_shape, self.upsampling,
-                                         settings.rebuild_tolerance_px)  # fmt: skip
+                                         settings.rebuild_tolerance_px, half)  # fmt: skip
+        self.resolution_history: list[tuple[float, float]] = []
+        self.last_trust: tuple[LevelTrust, ...] = ()
         self.matrix_px: np.ndarray | None = None  # warm start for the next update
         self._groups: tuple | None = None  # (key, PixelGroups) within one update
         self._regroup_px = REGROUP_PX
@@ -206,6 +244,9 @@ class TcbfProcessor:
         cols = window[1][1] - window[1][0]
         if min(rows[1] - rows[0], cols) < st.min_rows:  # too small a field to align on
             return None
+        levels = self.tile_sets(inputs)
+        dose = self.scan_dose(inputs.electrons_total)
+        self.last_trust = level_trust(levels, st.min_tile_electrons, dose)
 
         # The final update starts cold and re-forms the tiles at every level: exact rather than
         # fast, and independent of when the live updates ran, so a live run ends with exactly
@@ -213,7 +254,7 @@ class TcbfProcessor:
         self._regroup_px = FINAL_REGROUP_PX if final else REGROUP_PX
         try:
             result = align(
-                self.tile_sets(inputs),
+                levels,
                 st,
                 matrix_px=None if final else self.matrix_px,
                 regroup=lambda b, m: self.regrouped_tiles(inputs, window, b, m),
@@ -243,7 +284,7 @@ class TcbfProcessor:
         rebuilt = self.shift_and_add.update(
             inputs.stack, inputs.hits, shifts, FINAL_REBUILD_PX if final else LIVE_REBUILD_PX
         )
-        saa = self.shift_and_add.image()
+        saa, half0, half1 = self.shift_and_add.images()
         sampling = self.info.step_A / self.upsampling if self.info.step_A else None
         image, flipped = saa - 1.0, False
         if self.settings.phase_flip and aberrations is not None and self.wavelength_A:
@@ -254,6 +295,16 @@ class TcbfProcessor:
             flipped = True
 
         radii, rings = self.ring_images(inputs) if self.settings.ring_images else (None, None)
+
+        # resolution from the two half-sets, and its history against the dose so far
+        frc = fourier_ring_correlation(half0, half1, sampling, self.shift_and_add.coverage())
+        res, limited = frc.resolution_A("0.143")
+        half_bit, _ = frc.resolution_A("half-bit")
+        if not limited and math.isfinite(dose):
+            self.resolution_history.append((dose, res))
+        history = np.array(self.resolution_history, float).reshape(-1, 2)
+        target = self.settings.target_resolution_A
+        needed = dose_for_resolution(target, history) if target else None
 
         self.last = TcbfResult(
             image=image,
@@ -272,8 +323,23 @@ class TcbfProcessor:
             final=final,
             ring_radii_px=radii,
             ring_bf=rings,
+            frc=frc,
+            resolution_A=res,
+            resolution_limited=limited,
+            resolution_half_bit_A=half_bit,
+            resolution_vs_dose=history,
+            target_resolution_A=target,
+            dose_for_target_e_per_A2=needed,
+            trust=self.last_trust,
         )
         return self.last
+
+    def scan_dose(self, electrons_total: float) -> float:
+        """Scan-average dose so far (e/A^2): all electrons over the whole scan's area; it grows
+        from 0 to the dose per position during a pass, and adds up over repeat passes."""
+        step = self.info.step_A
+        n_pos = self.scan_shape[0] * self.scan_shape[1]
+        return electrons_total / (n_pos * step**2) if step else float("nan")
 
     def ring_images(self, inputs: AlignmentInputs, n_rings: int = RINGS):
         """Virtual-BF images of `n_rings` equal-width annuli of the disk (for a live axial-radius

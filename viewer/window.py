@@ -79,6 +79,10 @@ class ViewerWindow(QtWidgets.QMainWindow):
         grid.addWidget(self._tiles_panel(), 1, 0)
         grid.addWidget(self._dose_panel(), 1, 1)
         grid.addWidget(self._error_panel(), 1, 2)
+        for w in (self.dp_plot, self.tcbf_view, self.shift_plot):
+            w.setMinimumHeight(260)
+        self.frc_plot.getAxis("bottom").enableAutoSIPrefix(False)
+
         for c in range(3):
             grid.setColumnStretch(c, 1)
         for r in range(2):
@@ -182,8 +186,22 @@ class ViewerWindow(QtWidgets.QMainWindow):
     def _dose_panel(self) -> QtWidgets.QWidget:
         self.dose_plot = _plot("dose map (e/Å²)", "y (Å)", "x (Å)")
         self.dose_image = _image(self.dose_plot)
+        self.frc_plot = pg.PlotWidget(title="FRC of half-sets")
+        self.frc_plot.setLabel("bottom", "q (1/Å)")
+        self.frc_plot.setYRange(-0.2, 1.0)
+        self.frc_curve = self.frc_plot.plot(pen="w")
+        self.frc_half_bit = self.frc_plot.plot(pen=pg.mkPen("y", style=QtCore.Qt.PenStyle.DashLine))
+        self.frc_plot.addLine(y=0.143, pen=pg.mkPen("c", style=QtCore.Qt.PenStyle.DotLine))
+        self.rvd_plot = pg.PlotWidget(title="resolution vs dose")
+        self.rvd_plot.setLabel("bottom", "scan dose (e/Å²)")
+        self.rvd_plot.setLabel("left", "resolution (Å)")
+        self.rvd_curve = self.rvd_plot.plot(pen="w", symbol="o", symbolSize=5)
         self.dose_label = QtWidgets.QLabel("dose: -")
-        return self._box("dose", self.dose_label, self.dose_plot)
+        self.dose_label.setWordWrap(True)
+        plots = QtWidgets.QHBoxLayout()
+        plots.addWidget(self.dose_plot)
+        plots.addWidget(self.frc_plot)
+        return self._box("dose", self.dose_label, plots)
 
     def _error_panel(self) -> QtWidgets.QWidget:
         self.error_plot = pg.PlotWidget(title="alignment self-consistency")
@@ -191,7 +209,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.error_plot.setLabel("left", "rms tile misfit (px)")
         self.error_curve = self.error_plot.plot(pen="w", symbol="o", symbolSize=6)
         self.error_plot.getAxis("left").enableAutoSIPrefix(False)
-        return self._box("alignment error", self.error_plot)
+        return self._box("alignment error and resolution", self.error_plot, self.rvd_plot)
 
     # ------------------------------------------------------------------ updates
     def refresh(self) -> None:
@@ -363,10 +381,32 @@ class ViewerWindow(QtWidgets.QMainWindow):
         if np.isfinite(shown).any():
             self.dose_image.setImage(np.nan_to_num(shown, nan=0.0), autoLevels=True)
             self.dose_image.setRect(self._scan_rect(dose.shape))
-        self.dose_label.setText(
-            f"dose {s.get('dose_e_per_A2', 0):.4g} e/Å² (mean over acquired positions); "
-            f"{s.get('electrons_total', 0):.4g} electrons"
-        )
+        current = s.get("beam_current_pA")
+        lines = [
+            f"dose {s.get('dose_e_per_A2', 0):.4g} e/Å² per position, projected "
+            f"{s.get('projected_dose_e_per_A2', 0):.4g} e/Å² for the scan; "
+            f"{s.get('electrons_total', 0):.4g} e"
+            + (f", {current:.3g} pA" if current is not None else "")
+        ]
+        if s.get("resolution_A") is not None:
+            bound = "better than " if s.get("resolution_limited") else ""
+            lines.append(f"resolution {bound}{s['resolution_A']:.3g} Å (FRC 0.143), "
+                         f"{s['resolution_half_bit_A']:.3g} Å (half-bit)")  # fmt: skip
+            self.frc_curve.setData(s["frc_q_per_A"], s["frc"])
+            self.frc_half_bit.setData(s["frc_q_per_A"], s["frc_half_bit"])
+        if s.get("dose_for_target_e_per_A2") is not None:
+            lines.append(f"estimate: {s['target_resolution_A']:g} Å needs "
+                         f"~{s['dose_for_target_e_per_A2']:.3g} e/Å²")  # fmt: skip
+        if s.get("trust"):
+            parts = []
+            for b, lowest, thr, ok, needed in s["trust"]:
+                more = f" (at ~{needed:.3g} e/Å²)" if not ok and needed else ""
+                parts.append(f"{b}: {lowest / thr:.0%}{' ✓' if ok else more}")
+            lines.append("tile electrons / threshold: " + ", ".join(parts))
+        rvd = s.get("resolution_vs_dose")
+        if rvd is not None and len(rvd):
+            self.rvd_curve.setData(rvd[:, 0], rvd[:, 1])
+        self.dose_label.setText("\n".join(lines))
 
     def _draw_status(self) -> None:
         s = self.state

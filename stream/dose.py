@@ -1,0 +1,141 @@
+"""Dose and resolution from the data: pure numerics (tcbf-physics.md sect. 8).
+
+- Dose: electrons = counts / counts-per-electron (masked pixels are never counted), dose per
+  position N_e / step^2 (e/A^2), beam current from the dwell time.
+- Resolution: Fourier ring correlation (FRC) of two independent half reconstructions (a
+  checkerboard of BF pixels), with the 0.143 threshold (Rosenthal & Henderson 2003) and the
+  half-bit threshold (van Heel & Schatz 2005), and the spectral SNR of the full data
+  2 FRC / (1 - FRC).
+- Projection: a power law d = a D^-p fitted to the resolution-versus-dose history predicts the
+  dose for a target resolution (an estimate, labelled so wherever it is shown).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft as sfft
+
+FRC_THRESHOLD = 0.143
+ELEMENTARY_CHARGE_C = 1.602176634e-19
+MIN_RING_PIXELS = 500  # below this a ring's FRC of pure noise exceeds 0.143 too often (> 3 sd)
+LOWEST_RINGS = 2  # skipped when looking for the crossing (few pixels, near-DC contrast)
+
+
+def half_bit_threshold(n_pixels: np.ndarray) -> np.ndarray:
+    """van Heel & Schatz (2005) half-bit threshold for rings of n pixels."""
+    s = np.sqrt(np.maximum(n_pixels, 1.0))
+    return (0.2071 + 1.9102 / s) / (1.2071 + 0.9102 / s)
+
+
+def beam_current_pA(electrons_per_frame: float, dwell_s: float | None) -> float | None:
+    """I = N_e e / t_dwell (1 pA x 1 us = 6.24 electrons)."""
+    if not dwell_s or dwell_s <= 0:
+        return None
+    return electrons_per_frame * ELEMENTARY_CHARGE_C / dwell_s * 1e12
+
+
+@dataclass(frozen=True)
+class FRC:
+    """Fourier ring correlation curve."""
+
+    q_per_A: np.ndarray  # (rings,) ring centre frequency (1/A; 1/px when sampling unknown)
+    frc: np.ndarray  # (rings,)
+    n_pixels: np.ndarray  # (rings,) Fourier pixels per ring
+
+    @property
+    def ssnr(self) -> np.ndarray:
+        """Spectral SNR of the full (two-half) data, 2 FRC / (1 - FRC)."""
+        f = np.clip(self.frc, -0.999, 0.999)
+        return 2 * f / (1 - f)
+
+    def resolution_A(self, threshold: str = "0.143") -> tuple[float, bool]:
+        """(d, limited): d = 1/q where the FRC drops below the threshold for good: the first
+        ring below it whose next ring is below it too, so a single-ring dip at a zero of the
+        contrast transfer (sin chi = 0) does not end the count (linear interpolation between
+        rings, lowest rings skipped). If it never drops, d is the highest frequency measured
+        and `limited` is True (the sampling, not the data, limits)."""
+        t = (np.full_like(self.frc, FRC_THRESHOLD) if threshold == "0.143"
+             else half_bit_threshold(self.n_pixels))  # fmt: skip
+        low = self.frc < t
+        stays = low & np.append(low[1:], True)  # below here and at the next ring
+        below = np.flatnonzero(stays[LOWEST_RINGS:]) + LOWEST_RINGS
+
+        if below.size == 0:
+            return 1.0 / float(self.q_per_A[-1]), True
+        i = int(below[0])
+        if i == 0:
+            return 1.0 / float(self.q_per_A[0]), False
+        f0, f1 = self.frc[i - 1] - t[i - 1], self.frc[i] - t[i]
+        x = f0 / (f0 - f1) if f0 != f1 else 0.0
+        q = self.q_per_A[i - 1] + x * (self.q_per_A[i] - self.q_per_A[i - 1])
+        return 1.0 / float(q), False
+
+
+def fourier_ring_correlation(
+    a: np.ndarray,
+    b: np.ndarray,
+    sampling_A: float | None = None,
+    weight: np.ndarray | None = None,
+    ring_px: float = 2.0,
+) -> FRC:
+    """FRC(q) = Re sum F1 F2* / sqrt(sum |F1|^2 sum |F2|^2) over rings of width `ring_px`
+    frequency steps of the image's shorter side, up to its Nyquist frequency.
+
+    Both images get the same treatment: minus their (weighted) mean, times `weight` (a taper
+    that is 0 where there are no data)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if weight is None:
+        weight = np.ones_like(a)
+    inside = weight > 0.5
+    fa = sfft.fft2((a - a[inside].mean()) * weight, workers=1)
+    fb = sfft.fft2((b - b[inside].mean()) * weight, workers=1)
+    rows, cols = a.shape
+    step = sampling_A or 1.0
+    q0 = sfft.fftfreq(rows, step)[:, None]
+    q1 = sfft.fftfreq(cols, step)[None, :]
+    q = np.hypot(q0, q1)
+    dq = 1.0 / (min(rows, cols) * step)
+    nyquist = 0.5 / step
+    n_rings = max(1, int(nyquist / (ring_px * dq)))
+    ring = np.floor(q / (ring_px * dq)).astype(np.int64)
+    keep = (ring < n_rings) & (q > 0)
+    idx = ring[keep]
+    cross = np.bincount(idx, (fa * np.conj(fb)).real[keep], n_rings)
+    pa = np.bincount(idx, (np.abs(fa) ** 2)[keep], n_rings)
+    pb = np.bincount(idx, (np.abs(fb) ** 2)[keep], n_rings)
+    n = np.bincount(idx, minlength=n_rings).astype(np.float64)
+    frc = np.where(pa * pb > 0, cross / np.sqrt(np.maximum(pa * pb, 1e-300)), 0.0)
+    centres = (np.arange(n_rings) + 0.5) * ring_px * dq
+    return FRC(centres, frc, n)
+
+
+def dose_for_resolution(target_A: float, history: np.ndarray) -> float | None:
+    """Dose (e/A^2) at which a power law fitted to `history` (rows: dose, resolution in A;
+    resolution-limited points excluded by the caller) reaches `target_A`. None when the
+    history does not show the resolution improving with dose. An estimate."""
+    h = np.asarray(history, float).reshape(-1, 2)
+    h = h[np.isfinite(h).all(axis=1) & (h[:, 0] > 0) & (h[:, 1] > 0)]
+    if len(h) < 2 or np.ptp(np.log(h[:, 0])) < 0.1:
+        return None
+    slope, intercept = np.polyfit(np.log(h[:, 0]), np.log(h[:, 1]), 1)
+    if not slope < -0.05:
+        return None
+    dose = math.exp((math.log(target_A) - intercept) / slope)
+    return dose if math.isfinite(dose) else None
+
+
+@dataclass(frozen=True)
+class LevelTrust:
+    """How far one bin level is from being trusted by the alignment schedule."""
+
+    bin_px: int
+    n_tiles: int
+    min_electrons: float  # smallest electron count among the level's full tiles
+    median_electrons: float
+    threshold: float
+    trusted: bool
+    dose_needed_e_per_A2: float | None  # scan-average dose at which it will be (estimate)

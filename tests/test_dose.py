@@ -1,0 +1,206 @@
+"""Dose, beam current, alignment trust and FRC resolution against the simulator's truth."""
+
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+
+from detectors.base import FrameBatch
+from simulators.simulate import Simulator, tutorial_config
+from stream.alignment import AlignmentSettings
+from stream.cli import main
+from stream.dose import (
+    FRC_THRESHOLD,
+    MIN_RING_PIXELS,
+    beam_current_pA,
+    dose_for_resolution,
+    fourier_ring_correlation,
+    half_bit_threshold,
+)
+from stream.series import ProcessingSettings, SeriesProcessor
+from stream.tcbf import TcbfSettings
+
+
+def feed(info, frames, prior=None, settings=None, batch=64):
+    proc = SeriesProcessor(info, settings or ProcessingSettings())
+    proc.add(FrameBatch(info.series_id, 0, frames[:64]))  # calibrates
+    if prior is not None:  # a known shift model (e.g. from a previous scan of the area)
+        proc.tcbf.matrix_px = prior.copy()
+    for first in range(64, len(frames), batch):
+        proc.add(FrameBatch(info.series_id, first, frames[first : first + batch]))
+    return proc
+
+
+@pytest.mark.parametrize("gain", [1.0, 7.5])
+def test_dose_within_2_percent_counting_and_integrating_with_masked_pixels(gain):
+    cfg = tutorial_config(scan_shape=(12, 16), counts_per_electron=gain, bad_pixels=12)
+    sim = Simulator(cfg)
+    frames = sim.frames(0, sim.n_frames)
+    assert (frames == cfg.mask_value).any()  # hot pixels at 2^16 - 1 in every frame
+    proc = feed(sim.series_info(1), frames)
+    result = proc.result(final=True, complete=True)
+    assert proc.calibration.mask.sum() == 12
+    assert result.dose_e_per_A2 == pytest.approx(100.0, rel=0.02)
+    electrons = 100.0 * cfg.step_A**2
+    assert result.beam_current_pA == pytest.approx(electrons * 1.602177e-7 / cfg.dwell_s, rel=0.02)
+    assert result.dose_map.mean() == pytest.approx(100.0, rel=0.02)
+    assert np.all((result.bf_fraction > 0.5) & (result.bf_fraction <= 1.0))
+
+
+def test_projected_dose_during_a_scan_and_over_repeat_passes():
+    sim = Simulator(tutorial_config(scan_shape=(12, 16)))
+    frames = sim.frames(0, sim.n_frames)
+    half = feed(sim.series_info(1), frames[:96]).result()
+    assert half.projected_dose_e_per_A2 == pytest.approx(100.0, rel=0.02)
+    two_passes = replace(sim.series_info(1), frames_expected=2 * sim.n_frames)
+    assert feed(two_passes, frames).result().projected_dose_e_per_A2 == pytest.approx(
+        200.0, rel=0.02
+    )
+
+
+def test_beam_current_formula():
+    assert beam_current_pA(6.2415, 1e-6) == pytest.approx(1.0, rel=1e-4)  # 1 pA x 1 us
+    assert beam_current_pA(100, None) is None
+
+
+def test_frc_of_independent_noise_stays_below_threshold():
+    rng = np.random.default_rng(7)
+    for shape in ((96, 192), (256, 256)):
+        frc = fourier_ring_correlation(rng.standard_normal(shape), rng.standard_normal(shape), 2.0)
+        judged = frc.n_pixels >= MIN_RING_PIXELS  # all but the lowest rings
+        assert judged.sum() >= 0.5 * len(judged)
+        assert np.all(np.abs(frc.frc[judged]) < FRC_THRESHOLD), frc.frc
+        # the half-bit threshold accounts for ring size: noise stays below it everywhere
+        assert np.all(frc.frc[1:] < half_bit_threshold(frc.n_pixels[1:]))
+        same = fourier_ring_correlation(a := rng.standard_normal(shape), a + 0.1 *
+                                        rng.standard_normal(shape), 2.0)  # fmt: skip
+        assert np.all(same.frc > 0.9)
+        d, limited = same.resolution_A()
+        assert limited and d == pytest.approx(1 / same.q_per_A[-1])
+
+
+def test_frc_crossing_and_half_bit():
+    from stream.dose import FRC
+
+    q = np.arange(1, 11) / 20.0
+    frc = FRC(q, np.linspace(1.0, 0.0, 10), np.full(10, 1e6))
+    d, limited = frc.resolution_A()
+    # FRC falls 1/9 per ring; 0.143 is crossed between rings 7 and 8 (0.222 -> 0.111)
+    assert not limited and 1 / d == pytest.approx(q[7] + (0.222222 - 0.143) / 0.111111 * 0.05)
+    # a one-ring dip (a zero of sin chi) does not end the count; two rings below do
+    dip = FRC(q, np.array([1.0, 0.9, 0.8, 0.05, 0.6, 0.5, 0.1, 0.05, 0.02, 0.0]), np.full(10, 1e6))
+    d, _ = dip.resolution_A()
+    assert 1 / d == pytest.approx(q[5] + (0.5 - 0.143) / 0.4 * 0.05)
+    assert half_bit_threshold(np.array([1e12]))[0] == pytest.approx(0.2071 / 1.2071, rel=1e-4)
+
+    assert half_bit_threshold(np.array([10.0]))[0] > 0.5
+
+
+def test_dose_projection_from_a_power_law():
+    doses = np.array([10.0, 30.0, 100.0, 300.0])
+    history = np.column_stack([doses, 50.0 * doses**-0.5])
+    assert dose_for_resolution(50.0 * 1000.0**-0.5, history) == pytest.approx(1000.0, rel=1e-6)
+    assert dose_for_resolution(5.0, history[:1]) is None  # one point: no trend
+    assert dose_for_resolution(5.0, np.column_stack([doses, np.full(4, 9.0)])) is None
+
+
+@pytest.fixture(scope="module")
+def high_dose():
+    sim = Simulator(tutorial_config(dose_e_per_A2=1000.0))
+    frames = sim.frames(0, sim.n_frames)
+    proc = feed(sim.series_info(1), frames)
+    return sim, frames, proc.update_tcbf(final=True)
+
+
+def test_resolution_improves_with_dose(high_dose):
+    """1000 e/A^2 simulated, 100 and 10 by binomial thinning of the counts (exact for counting
+    detectors). 10 e/A^2 is too little for a first model, so all three use the 1000 e/A^2
+    model as a prior: the test is of the resolution estimate, not of the alignment."""
+    sim, frames, full = high_dose
+    rng = np.random.default_rng(3)
+    resolution = {1000.0: (full.resolution_A, full.resolution_half_bit_A)}
+    for dose in (100.0, 10.0):
+        thin = rng.binomial(frames, dose / 1000.0).astype(np.uint16)
+        r = feed(sim.series_info(1), thin, prior=full.alignment.matrix_px).update_tcbf()
+        assert not r.resolution_limited
+        resolution[dose] = (r.resolution_A, r.resolution_half_bit_A)
+    # measured: 10.4 / 12.9 / 20.5 A (0.143) and 10.6 / 15.0 / 24.5 A (half-bit)
+    for k in (0, 1):
+        assert resolution[1000.0][k] < resolution[100.0][k] < resolution[10.0][k]
+
+
+def test_frc_of_pure_noise_halves_through_the_pipeline(high_dose):
+    """A vacuum scan (no object): the two half reconstructions share no signal."""
+    sim, _, full = high_dose
+    vacuum = Simulator(tutorial_config(sample="random", phase_rms=1e-9))
+    frames = vacuum.frames(0, vacuum.n_frames)
+    r = feed(vacuum.series_info(1), frames, prior=full.alignment.matrix_px).update_tcbf()
+    judged = r.frc.n_pixels >= MIN_RING_PIXELS  # rings with fewer pixels are noise-dominated
+    assert judged.sum() >= 0.5 * len(judged)
+    assert np.all(np.abs(r.frc.frc[judged]) < FRC_THRESHOLD), r.frc.frc
+    assert np.all(r.frc.frc[1:] < half_bit_threshold(r.frc.n_pixels[1:]))
+    assert r.resolution_A > 2 * full.resolution_A  # nothing to resolve: a coarse "resolution"
+
+
+def test_trust_switches_on_coarse_levels_first():
+    sim = Simulator(tutorial_config())
+    frames = sim.frames(0, sim.n_frames)
+    early = TcbfSettings(alignment=AlignmentSettings(min_rows=2))  # judge from row 2 on
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings(tcbf=early))
+    seen = []
+    for first in range(0, len(frames), 48):
+        proc.add(FrameBatch(1, first, frames[first : first + 48]))
+        if proc.tcbf is None:  # not calibrated yet
+            continue
+        proc.update_tcbf()
+        trust = proc.tcbf.last_trust
+        if trust:
+            seen.append(tuple(x.bin_px for x in trust if x.trusted))
+            # dose needed grows toward finer levels; trusted ones need no more than now
+            needed = [x.dose_needed_e_per_A2 for x in trust]
+            assert needed == sorted(needed)
+    assert seen[0] == (32,) and seen[-1] == (32, 16, 8)
+    for before, after in zip(seen, seen[1:], strict=False):
+        assert set(before) <= set(after)  # never lost
+    for levels in seen:
+        assert levels == tuple(sorted(levels, reverse=True)[: len(levels)])  # coarse first
+        assert levels == (32, 16, 8, 4)[: len(levels)]
+
+
+def test_run_summary_and_result_file_dose_group(tmp_path, capsys, high_dose):
+    from detectors.files import write_dataset
+
+    sim, frames, _ = high_dose
+    data = tmp_path / "d.npy"
+    cfg = sim.cfg
+    write_dataset(str(data), cfg.scan_shape, cfg.detector_shape, cfg.dtype, sim.ground_truth(),
+                  iter([(0, frames)]))  # fmt: skip
+    out = tmp_path / "r.h5"
+    assert main(["reconstruct", str(data), "--target-resolution", "5", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("dose "))
+    assert "e/A^2" in line and "pA" in line and "resolution" in line and "trusted bins" in line
+    with h5py.File(out) as f:
+        d = f["dose"]
+        assert d.attrs["dose_e_per_A2"] == pytest.approx(1000.0, rel=0.02)
+        assert d.attrs["beam_current_pA"] > 0 and np.isfinite(d.attrs["resolution_A"])
+        assert d["frc"].shape[1] == 3 and d["resolution_vs_dose"].shape == (1, 2)
+        assert d["trust"].shape == (4, 7) and d["map"].shape == cfg.scan_shape
+        assert "dose_for_target_e_per_A2_estimate" in d.attrs  # one update: no trend (NaN)
+
+
+def test_target_resolution_projection_live():
+    sim = Simulator(tutorial_config())
+    frames = sim.frames(0, sim.n_frames)
+    settings = ProcessingSettings(tcbf=TcbfSettings(alignment=AlignmentSettings(),
+                                                    target_resolution_A=8.0))  # fmt: skip
+    proc = SeriesProcessor(sim.series_info(1), settings)
+    for first in range(0, len(frames), 96):
+        proc.add(FrameBatch(1, first, frames[first : first + 96]))
+        r = proc.update_tcbf()
+    assert r.resolution_vs_dose.shape[0] >= 3
+    doses = r.resolution_vs_dose[:, 0]
+    assert np.all(np.diff(doses) > 0)  # scan-average dose grows during the pass
+    if r.dose_for_target_e_per_A2 is not None:  # a trend was found: beyond the current dose
+        assert r.dose_for_target_e_per_A2 > doses[-1]
