@@ -64,11 +64,11 @@ def deposit(
     weights: np.ndarray,  # (N_bf, 4)
     inv_gain: np.ndarray,  # (N_bf,) 1 / mean value of each BF pixel
     half: np.ndarray,  # (N_bf,) int: which half-set accumulator the pixel feeds (0 or 1)
-    num: np.ndarray,  # (2, rows f, cols f) float64
-    den: np.ndarray,  # (2, rows f, cols f) float64
+    num: np.ndarray,  # (rows f, cols f, 2) float64: the halves interleaved (cache locality)
+    den: np.ndarray,  # (rows f, cols f, 2) float64
 ) -> None:
     n_bf = stack.shape[1]
-    h_max, w_max = num.shape[1], num.shape[2]
+    h_max, w_max = num.shape[0], num.shape[1]
     for j in positions:
         h = hits[j]
         if h == 0:
@@ -81,24 +81,23 @@ def deposit(
             v = row[i] * inv_gain[i] * scale
             pr = r * factor + offsets[i, 0]
             pc = c * factor + offsets[i, 1]
-            nm = num[half[i]]
-            dn = den[half[i]]
+            hh = half[i]
             if 0 <= pr and pr + 1 < h_max and 0 <= pc and pc + 1 < w_max:
-                nm[pr, pc] += weights[i, 0] * v
-                dn[pr, pc] += weights[i, 0]
-                nm[pr, pc + 1] += weights[i, 1] * v
-                dn[pr, pc + 1] += weights[i, 1]
-                nm[pr + 1, pc] += weights[i, 2] * v
-                dn[pr + 1, pc] += weights[i, 2]
-                nm[pr + 1, pc + 1] += weights[i, 3] * v
-                dn[pr + 1, pc + 1] += weights[i, 3]
+                num[pr, pc, hh] += weights[i, 0] * v
+                den[pr, pc, hh] += weights[i, 0]
+                num[pr, pc + 1, hh] += weights[i, 1] * v
+                den[pr, pc + 1, hh] += weights[i, 1]
+                num[pr + 1, pc, hh] += weights[i, 2] * v
+                den[pr + 1, pc, hh] += weights[i, 2]
+                num[pr + 1, pc + 1, hh] += weights[i, 3] * v
+                den[pr + 1, pc + 1, hh] += weights[i, 3]
             else:
                 for q in range(4):
                     rr = pr + q // 2
                     cc = pc + q % 2
                     if 0 <= rr < h_max and 0 <= cc < w_max:
-                        nm[rr, cc] += weights[i, q] * v
-                        dn[rr, cc] += weights[i, q]
+                        num[rr, cc, hh] += weights[i, q] * v
+                        den[rr, cc, hh] += weights[i, q]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -238,7 +237,7 @@ class ShiftAndAdd:
         self.factor = int(factor)
         self.tolerance_px = tolerance_px  # shift change (scan px) x factor that forces a rebuild
         self.half = None if half is None else np.asarray(half, np.int64)
-        shape = (2, scan_shape[0] * self.factor, scan_shape[1] * self.factor)
+        shape = (scan_shape[0] * self.factor, scan_shape[1] * self.factor, 2)
         self.num = np.zeros(shape)
         self.den = np.zeros(shape)
         self.shifts_px: np.ndarray | None = None
@@ -287,7 +286,7 @@ class ShiftAndAdd:
     def coverage(self) -> np.ndarray:
         """Smooth weight (0..1) of where data landed: 1 inside the acquired area, falling to 0
         over ~2 scan px at its edges (and at missing positions)."""
-        den = self.den.sum(axis=0)
+        den = self.den.sum(axis=2)
         covered = (den > 1e-3 * max(float(den.max()), 1e-30)).astype(np.float32)
         return ndi.gaussian_filter(covered, 1.0 * self.factor, mode="constant")
 
@@ -295,8 +294,8 @@ class ShiftAndAdd:
         """(full, half 0, half 1): num / den after Gaussian smoothing (sigma 0.125 scan px),
         1 where nothing landed. The smoothing is linear, so the full image reuses the halves'."""
         sigma = KDE_SIGMA_SCAN_PX * self.factor
-        num = [ndi.gaussian_filter(n, sigma, mode="constant") for n in self.num]
-        den = [ndi.gaussian_filter(d, sigma, mode="constant") for d in self.den]
+        num = [ndi.gaussian_filter(self.num[..., h], sigma, mode="constant") for h in (0, 1)]
+        den = [ndi.gaussian_filter(self.den[..., h], sigma, mode="constant") for h in (0, 1)]
         return (_ratio(num[0] + num[1], den[0] + den[1]), _ratio(num[0], den[0]),
                 _ratio(num[1], den[1]))  # fmt: skip
 

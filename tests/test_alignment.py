@@ -174,7 +174,7 @@ def test_deposit_matches_a_numpy_bilinear_splat():
     gain = rng.uniform(0.5, 2, n_bf)
     offsets, weights = splat_weights(shifts * f)
     half = np.arange(n_bf) % 2
-    halves_num = np.zeros((2, rows * f, cols * f))
+    halves_num = np.zeros((rows * f, cols * f, 2))
     halves_den = np.zeros_like(halves_num)
     deposit(stack, hits, np.arange(rows * cols), cols, f, offsets, weights, 1 / gain, half,
             halves_num, halves_den)  # fmt: skip
@@ -184,8 +184,8 @@ def test_deposit_matches_a_numpy_bilinear_splat():
         w = weights * (half == h)[:, None]
         deposit(stack, hits, np.arange(rows * cols), cols, f, offsets, w, 1 / gain,
                 np.zeros(n_bf, np.int64), lone, lone_den)  # fmt: skip
-        np.testing.assert_allclose(halves_num[h], lone[0], rtol=1e-12, atol=1e-12)
-    num, den = halves_num.sum(axis=0), halves_den.sum(axis=0)
+        np.testing.assert_allclose(halves_num[..., h], lone[..., 0], rtol=1e-12, atol=1e-12)
+    num, den = halves_num.sum(axis=2), halves_den.sum(axis=2)
     ref_num, ref_den = np.zeros_like(num), np.zeros_like(num)
 
     for j in range(rows * cols):
