@@ -52,11 +52,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     net = p.add_argument_group("stream")
     net.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
-    net.add_argument("--protocol", default="native", choices=["native"])
-    net.add_argument("--socket", default="pub", choices=sorted(SOCKET_TYPES))
+    net.add_argument(
+        "--protocol",
+        default="native",
+        choices=["native", "dectris-v2"],
+        help="dectris-v2: SIMPLON stream V2 (CBOR, one image per message, PUSH)",
+    )
+    net.add_argument(
+        "--socket",
+        default=None,
+        choices=sorted(SOCKET_TYPES),
+        help="default: pub (native), push (dectris-v2, as the detector)",
+    )
     net.add_argument("--rate", type=parse_finite, default=0.0, metavar="FPS", help="0 = max speed")
     net.add_argument("--batch", type=int, default=16, metavar="N", help="frames per message")
-    net.add_argument("--compression", default="raw", choices=["raw", "lz4"])
+    net.add_argument(
+        "--compression",
+        default=None,
+        choices=["raw", "lz4", "bslz4", "none"],
+        help="native: raw (default) | lz4; dectris-v2: bslz4 (default) | none",
+    )
     net.add_argument("--loop", action="store_true", help="repeat the series until interrupted")
     net.add_argument("--wait-subscriber", type=parse_finite, default=0.0, metavar="S",
                      help="PUB: wait up to S seconds for a first subscriber")  # fmt: skip
@@ -224,12 +239,18 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             source = RecordedDataset(args.save)  # stream the saved frames, do not re-simulate
 
+    v2 = args.protocol == "dectris-v2"
+    encoding = args.compression or ("bslz4" if v2 else "raw")
+    if encoding not in (("bslz4", "none") if v2 else ("raw", "lz4")):
+        raise UsageError(f"--compression {encoding} is not available for --protocol "
+                         f"{args.protocol}")  # fmt: skip
     settings = SendSettings(
         bind=args.bind,
-        socket_type=args.socket,
+        socket_type=args.socket or ("push" if v2 else "pub"),
         batch=args.batch,
         rate_fps=args.rate,
-        encoding=args.compression,
+        encoding=encoding,
+        protocol=args.protocol,
         loop=args.loop,
         wait_subscriber_s=args.wait_subscriber,
     )

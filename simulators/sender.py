@@ -12,6 +12,7 @@ from typing import Protocol, TextIO
 import numpy as np
 import zmq
 
+from detectors import dectris_v2
 from detectors.base import SeriesInfo
 from detectors.native import encode_end, encode_frames, encode_start
 
@@ -34,7 +35,8 @@ class SendSettings:
     socket_type: str = "pub"
     batch: int = 16
     rate_fps: float = 0.0  # 0: as fast as possible
-    encoding: str = "raw"
+    encoding: str = "raw"  # native: raw | lz4; dectris-v2: bslz4 | none
+    protocol: str = "native"  # or "dectris-v2"
     loop: bool = False
     repeat_start_s: float = 0.5  # re-announce `start` so late subscribers can decode
     join_wait_s: float = 0.5  # PUB: give subscribers time to connect before the first message
@@ -87,26 +89,32 @@ def stream_series(
 ) -> int:
     """Send start, all frames (paced, with periodic start repeats) and end. Returns frames sent."""
     info = source.series_info(series_id)
-    sock.send_multipart(encode_start(info))
+    v2 = settings.protocol == "dectris-v2"
+    sock.send_multipart(dectris_v2.encode_start(info) if v2 else encode_start(info))
     t0 = last_start = time.perf_counter()
     sent = 0
     for seq, (first, frames) in enumerate(batches or source.iter_batches(settings.batch)):
         if should_stop():
             break
         now = time.perf_counter()
-        if now - last_start >= settings.repeat_start_s:
+        if not v2 and now - last_start >= settings.repeat_start_s:  # DECTRIS never repeats
             sock.send_multipart(encode_start(info, repeat=True))
             last_start = now
         if settings.rate_fps > 0:
             wait = t0 + (sent + len(frames)) / settings.rate_fps - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-        sock.send_multipart(encode_frames(series_id, first, frames, seq + 1, settings.encoding),
-                            copy=False)  # fmt: skip
+        if v2:  # one image per message, as the detector sends them
+            for k, frame in enumerate(frames):
+                sock.send_multipart(dectris_v2.encode_image(series_id, first + k, frame,
+                                                            settings.encoding))  # fmt: skip
+        else:
+            sock.send_multipart(encode_frames(series_id, first, frames, seq + 1,
+                                              settings.encoding), copy=False)  # fmt: skip
         sent += len(frames)
         if progress:
             progress.update(sent)
-    sock.send_multipart(encode_end(series_id, sent))
+    sock.send_multipart(dectris_v2.encode_end(series_id) if v2 else encode_end(series_id, sent))
     return sent
 
 

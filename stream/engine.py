@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.dectris_v2 import DectrisV2Decoder
 from detectors.native import NativeDecoder
 
 from .series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
@@ -20,7 +21,7 @@ from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive
 
 log = logging.getLogger("tcbf.engine")
 
-DECODERS = {"native": NativeDecoder}
+DECODERS = {"native": NativeDecoder, "dectris-v2": DectrisV2Decoder}
 
 
 @dataclass(frozen=True)

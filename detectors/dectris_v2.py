@@ -1,0 +1,265 @@
+"""DECTRIS SIMPLON stream V2 (CBOR): pure decoder and a byte-faithful encoder for the simulator.
+
+Wire format (detector-protocols.md sect. 3): one ZeroMQ frame per message, one CBOR map whose
+`type` is `start`, `image` or `end` (with or without the self-described prefix d9d9f7). Frames
+are `tag 40 [[height, width], typed array]`, the typed array (tag 64 uint8, 69 uint16 LE,
+70 uint32 LE) wrapping either the raw bytes or `tag 56500 [algorithm, element size, blob]`
+(DECTRIS compression: "bslz4" or HDF5-framed "lz4").
+
+DECTRIS does not send the scan shape: it comes from `user_data.scan_shape` ([rows, cols], as our
+simulator and a SIMPLON `header_appendix` can set it) or from `--scan`; a series without one is
+refused by the engine with a clear error. Masked pixels carry 2^bits - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import numpy as np
+
+from .base import DecodeError, Event, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from .compression import compress_bslz4, decompress
+
+TYPED = {64: "|u1", 69: "<u2", 70: "<u4"}
+TYPED_TAG = {v: k for k, v in TYPED.items()}
+DTYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
+MAX_MESSAGE_BYTES = 1 << 30
+MAX_PIXELS = 1 << 26  # 8192^2: larger than any DECTRIS detector
+MAX_IMAGES = 1 << 31
+SELF_DESCRIBED = b"\xd9\xd9\xf7"
+
+
+@dataclass(frozen=True)
+class _Compressed:
+    algorithm: str
+    element_size: int
+    data: Any
+
+
+@dataclass(frozen=True)
+class _Typed:
+    dtype: str
+    payload: Any  # bytes or _Compressed
+
+
+@dataclass(frozen=True)
+class _MultiDim:
+    dims: tuple
+    array: Any  # _Typed
+
+
+def _tag_hook(*args):
+    """cbor2 >= 6 calls hook(tag, immutable), older versions hook(decoder, tag)."""
+    tag = args[0] if isinstance(args[0], cbor2.CBORTag) else args[1]
+    value = tag.value
+    if tag.tag == 56500:
+        if not (isinstance(value, list | tuple) and len(value) == 3):
+            raise DecodeError("bad_payload", "tag 56500 is not [algorithm, size, data]")
+        return _Compressed(str(value[0]), int(value[1]), value[2])
+    if tag.tag in TYPED:
+        return _Typed(TYPED[tag.tag], value)
+    if tag.tag == 40:
+        if not (isinstance(value, list | tuple) and len(value) == 2):
+            raise DecodeError("bad_payload", "tag 40 is not [dims, array]")
+        return _MultiDim(tuple(value[0]), value[1])
+    if tag.tag == 55799:  # self-described CBOR
+        return value
+    return tag  # dates (0), others: left as they are
+
+
+def _int(m: dict, key: str, low: int = 0, high: int = MAX_IMAGES) -> int:
+    v = m.get(key)
+    if type(v) is not int or not low <= v <= high:
+        raise DecodeError("bad_header", f"{key} must be an integer in [{low}, {high}]")
+    return v
+
+
+def _scan_shape(user: Any) -> tuple[int, int] | None:
+    if isinstance(user, Mapping):
+        s = user.get("scan_shape")
+        if (
+            isinstance(s, list | tuple)
+            and len(s) == 2
+            and all(type(n) is int and 0 < n <= 1 << 16 for n in s)
+        ):
+            return int(s[0]), int(s[1])
+    return None
+
+
+def _user_float(user: Any, key: str) -> float | None:
+    v = user.get(key) if isinstance(user, Mapping) else None
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None
+
+
+class DectrisV2Decoder:
+    """State machine for one stream: series from `start`, frames checked against it."""
+
+    protocol = "dectris-v2"
+
+    def __init__(self, channel: str | None = None):
+        self.channel = channel  # None: the first announced channel
+        self.series: SeriesInfo | None = None
+        self._channel: str | None = None
+        self._images = 0
+
+    def decode(self, parts: list[Any]) -> Event:
+        if len(parts) != 1:
+            raise DecodeError("bad_framing", f"expected 1 message part, got {len(parts)}")
+        buf = memoryview(parts[0])
+        if buf.nbytes > MAX_MESSAGE_BYTES:
+            raise DecodeError("oversized", f"message of {buf.nbytes} bytes")
+        try:
+            m = cbor2.loads(buf, tag_hook=_tag_hook)
+        except DecodeError:
+            raise
+        except Exception as exc:  # cbor2 raises several types for garbage, RecursionError too
+            raise DecodeError("bad_header", f"not CBOR ({type(exc).__name__})") from None
+        if not isinstance(m, Mapping):
+            raise DecodeError("bad_header", "message is not a CBOR map")
+        kind = m.get("type")
+        if kind == "start":
+            return self._start(m)
+        if kind == "image":
+            return self._image(m)
+        if kind == "end":
+            series = _int(m, "series_id", 0, 1 << 62)
+            if self.series is None or self.series.series_id != series:
+                raise DecodeError("wrong_series", f"end of series {series} never started here")
+            return SeriesEnd(series, self._images)
+        raise DecodeError("bad_header", f"unknown message type {kind!r}")
+
+    def _start(self, m: dict) -> SeriesStart:
+        width = _int(m, "image_size_x", 1, 1 << 16)
+        height = _int(m, "image_size_y", 1, 1 << 16)
+        if width * height > MAX_PIXELS:
+            raise DecodeError("oversized", f"{height}x{width} detector")
+        channels = m.get("channels") or ["threshold_1"]
+        if not isinstance(channels, list | tuple) or not all(isinstance(c, str) for c in channels):
+            raise DecodeError("bad_header", "channels must be a list of names")
+        channel = self.channel or channels[0]
+        if channel not in channels:
+            raise DecodeError("bad_header", f"channel {channel!r} not in {list(channels)}")
+        dtype = DTYPES.get(m.get("image_dtype"), "<u2")  # absent before firmware 2024.2
+        bits = np.dtype(dtype).itemsize * 8
+        user = m.get("user_data")
+        self._channel = channel
+        self._images = 0
+        self.series = SeriesInfo(
+            series_id=_int(m, "series_id", 0, 1 << 62),
+            scan_shape=_scan_shape(user),
+            detector_shape=(height, width),
+            dtype=dtype,
+            energy_eV=_user_float(user, "energy_eV"),
+            step_A=_user_float(user, "step_A"),
+            semiangle_mrad=_user_float(user, "semiangle_mrad"),
+            angular_sampling_mrad=_user_float(user, "angular_sampling_mrad"),
+            counts_per_electron=1.0,  # counting detector
+            mask_value=(1 << bits) - 1,
+            frames_expected=_int(m, "number_of_images", 1, MAX_IMAGES),
+            dwell_s=m.get("frame_time") if isinstance(m.get("frame_time"), float) else None,
+            ground_truth=dict(user["ground_truth"])
+            if isinstance(user, Mapping) and isinstance(user.get("ground_truth"), Mapping)
+            else None,
+        )
+        return SeriesStart(self.series, repeat=False)
+
+    def _image(self, m: dict) -> FrameBatch:
+        info = self.series
+        series = _int(m, "series_id", 0, 1 << 62)
+        if info is None:
+            raise DecodeError("no_start", f"image of series {series} before its start")
+        if series != info.series_id:
+            raise DecodeError("wrong_series", f"image of series {series}, expected "
+                              f"{info.series_id}")  # fmt: skip
+        image_id = _int(m, "image_id")
+        if image_id >= info.frames_expected:
+            raise DecodeError("index_out_of_range", f"image {image_id} of {info.frames_expected}")
+        data = m.get("data")
+        if not isinstance(data, Mapping) or self._channel not in data:
+            raise DecodeError("bad_payload", f"no {self._channel!r} data in the image")
+        frame = self._array(data[self._channel], info)
+        self._images += 1
+        return FrameBatch(series, image_id, frame[None])
+
+    @staticmethod
+    def _array(arr: Any, info: SeriesInfo) -> np.ndarray:
+        if not isinstance(arr, _MultiDim) or not isinstance(arr.array, _Typed):
+            raise DecodeError("bad_payload", "frame is not a tagged multi-dimensional array")
+        if tuple(arr.dims) != tuple(info.detector_shape):
+            raise DecodeError("size_mismatch", f"frame {arr.dims} != {info.detector_shape}")
+        if arr.array.dtype != info.dtype:
+            raise DecodeError("bad_dtype", f"frame dtype {arr.array.dtype} != {info.dtype}")
+        nbytes = info.frame_nbytes
+        payload = arr.array.payload
+        if isinstance(payload, _Compressed):
+            if not isinstance(payload.data, bytes | bytearray | memoryview):
+                raise DecodeError("bad_payload", "compressed data is not a byte string")
+            raw = decompress(payload.algorithm, payload.element_size, payload.data, nbytes)
+        elif isinstance(payload, bytes | bytearray | memoryview):
+            raw = payload
+        else:
+            raise DecodeError("bad_payload", "typed array holds no byte string")
+        if len(raw) != nbytes:
+            raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, frame is {nbytes}")
+        return np.frombuffer(raw, dtype=info.dtype).reshape(info.detector_shape)
+
+
+# ------------------------------------------------------------------------------- encoder
+def _dumps(obj: Any, prefix: bool = True) -> bytes:
+    return (SELF_DESCRIBED if prefix else b"") + cbor2.dumps(obj)
+
+
+def encode_start(info: SeriesInfo, unique_id: str = "", channels=("threshold_1",)) -> list[bytes]:
+    """A V2 `start` (header_detail basic). Scan shape and optics go in user_data, as a
+    SIMPLON header_appendix would carry them."""
+    height, width = info.detector_shape
+    user = {
+        "scan_shape": list(info.scan_shape) if info.scan_shape else None,
+        "energy_eV": info.energy_eV,
+        "step_A": info.step_A,
+        "semiangle_mrad": info.semiangle_mrad,
+        "angular_sampling_mrad": info.angular_sampling_mrad,
+        "ground_truth": info.ground_truth,
+    }
+    msg = {
+        "type": "start",
+        "series_id": int(info.series_id),
+        "series_unique_id": unique_id or f"tcbf-{info.series_id}",
+        "channels": list(channels),
+        "image_size_x": int(width),
+        "image_size_y": int(height),
+        "image_dtype": {v: k for k, v in DTYPES.items()}[np.dtype(info.dtype).str],
+        "number_of_images": int(info.frames_expected or 0),
+        "frame_time": float(info.dwell_s or 0.0),
+        "count_time": float(info.dwell_s or 0.0),
+        "saturation_value": int((1 << (np.dtype(info.dtype).itemsize * 8)) - 2),
+        "detector_description": "tcbf-live simulator (DECTRIS stream V2 format)",
+        "user_data": {k: v for k, v in user.items() if v is not None},
+    }
+    return [_dumps(msg, prefix=False)]  # like the real capture: start without the prefix
+
+
+def encode_image(series_id: int, image_id: int, frame: np.ndarray, compression: str = "bslz4",
+                 channel: str = "threshold_1") -> list[bytes]:  # fmt: skip
+    """One `image` message; compression "bslz4" (DECTRIS default) or "none"."""
+    frame = np.ascontiguousarray(frame)
+    tag = TYPED_TAG[frame.dtype.str]
+    if compression == "bslz4":
+        inner = cbor2.CBORTag(56500, ["bslz4", frame.itemsize, compress_bslz4(frame)])
+    elif compression == "none":
+        inner = frame.tobytes()
+    else:
+        raise ValueError(f"unsupported compression {compression!r}")
+    array = cbor2.CBORTag(40, [list(frame.shape), cbor2.CBORTag(tag, inner)])
+    msg = {"type": "image", "series_id": int(series_id), "series_unique_id": f"tcbf-{series_id}",
+           "image_id": int(image_id), "data": {channel: array}}  # fmt: skip
+    return [_dumps(msg)]
+
+
+def encode_end(series_id: int) -> list[bytes]:
+    return [_dumps({"type": "end", "series_id": int(series_id),
+                    "series_unique_id": f"tcbf-{series_id}"})]  # fmt: skip

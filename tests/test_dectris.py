@@ -1,0 +1,174 @@
+"""DECTRIS SIMPLON stream V2: real captures, byte-faithful encoder, pipeline, fuzzing."""
+
+import hashlib
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import cbor2
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.compression import compress_bslz4, decompress
+from detectors.dectris_v2 import DectrisV2Decoder, encode_end, encode_image, encode_start
+from simulators import Simulator, tutorial_config
+from simulators.sender import SendSettings, stream_series
+from stream.engine import Engine, EngineSettings
+from stream.series import ProcessingSettings, SeriesProcessor
+from stream.subscriber import SubscriberSettings
+
+CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "dectris-stream-v2"
+needs_captures = pytest.mark.skipif(not CAPTURES.is_dir(), reason="shared captures not present")
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return Simulator(tutorial_config(scan_shape=(8, 12), bad_pixels=4))
+
+
+@needs_captures
+def test_real_eiger2_capture_decodes_to_the_published_statistics():
+    dec = DectrisV2Decoder()
+    start = dec.decode([(CAPTURES / "start.cbor").read_bytes()])  # no d9d9f7 prefix
+    assert isinstance(start, SeriesStart)
+    info = start.info
+    assert info.series_id == 15614 and info.detector_shape == (4362, 4148)
+    assert info.dtype == "<u2" and info.frames_expected == 1 and info.mask_value == 65535
+    assert info.scan_shape is None  # DECTRIS does not send it
+    batch = dec.decode([(CAPTURES / "image.cbor").read_bytes()])  # with the prefix
+    assert isinstance(batch, FrameBatch) and batch.first == 0
+    frame = batch.frames[0]
+    assert frame.shape == (4362, 4148)
+    digest = hashlib.sha256(np.ascontiguousarray(frame, "<u2").tobytes()).hexdigest()
+    assert digest == "cf12323dbcdb88976a6e32f27a352d8a55b8561fc43409d87dab725dc98c0387"
+    valid = frame != 65535
+    assert (~valid).sum() == 1_253_075
+    assert int(frame[valid].sum()) == 13_712 and (frame[valid] > 0).sum() == 18
+    assert frame[valid].max() == 6504 and frame[1020, 3189] == 6504
+    end = dec.decode([(CAPTURES / "end.cbor").read_bytes()])
+    assert end == SeriesEnd(15614, 1)
+
+
+def test_encoder_round_trip_and_blob_readable_by_dectris_compression(sim):
+    from dectris.compression import decompress as dectris_decompress
+
+    info = sim.series_info(5)
+    frames = sim.frames(0, 6)
+    dec = DectrisV2Decoder()
+    start = dec.decode(encode_start(info))
+    assert start.info.scan_shape == info.scan_shape and start.info.step_A == info.step_A
+    for compression in ("bslz4", "none"):
+        for i, f in enumerate(frames):
+            got = dec.decode(encode_image(5, i, f, compression))
+            np.testing.assert_array_equal(got.frames[0], f)
+    blob = compress_bslz4(frames[0])
+    assert dectris_decompress(blob, "bslz4", elem_size=2) == frames[0].tobytes()
+    assert dec.decode(encode_end(5)) == SeriesEnd(5, 12)
+
+
+def test_pipeline_over_dectris_v2_equals_the_native_result(sim, endpoint):
+    engine = Engine(EngineSettings(
+        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+        protocol="dectris-v2", idle_timeout_s=10.0, max_series=1,
+    )).start()  # fmt: skip
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    frames = sim.frames(0, sim.n_frames)
+    batches = ((f, frames[f : f + 8]) for f in range(0, len(frames), 8))
+    try:
+        stream_series(push, sim, SendSettings(protocol="dectris-v2", encoding="bslz4"), 9,
+                      batches)  # fmt: skip
+    finally:
+        push.close(linger=2000)
+    assert engine.join(timeout=20)
+    live = engine.last_result
+    proc = SeriesProcessor(sim.series_info(9), ProcessingSettings())
+    proc.add(FrameBatch(9, 0, frames))
+    native = proc.result(final=True)
+    assert live.complete and live.frames_received == sim.n_frames
+    for name in ("incoherent_bf", "axial_bf", "total_counts", "hits"):
+        np.testing.assert_array_equal(getattr(live, name), getattr(native, name))
+    assert live.dose_e_per_A2 == pytest.approx(native.dose_e_per_A2)
+    assert live.calibration.mask.sum() == 4  # the hot pixels, from 2^16 - 1
+
+
+def test_series_without_a_scan_shape_is_refused_unless_given(sim, endpoint):
+    info = replace(sim.series_info(3), scan_shape=None)
+    frames = sim.frames(0, 4)
+
+    def run(scan):
+        engine = Engine(EngineSettings(
+            subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+            processing=ProcessingSettings(scan_shape=scan),
+            protocol="dectris-v2", idle_timeout_s=2.0, max_series=1,
+        )).start()  # fmt: skip
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(endpoint)
+        push.send_multipart(encode_start(replace(info, frames_expected=4)))
+        for i, f in enumerate(frames):
+            push.send_multipart(encode_image(3, i, f))
+        push.send_multipart(encode_end(3))
+        push.close(linger=2000)
+        engine.join(timeout=10)
+        return engine
+
+    refused = run(None)
+    assert refused.last_result is None and refused.counters.rejected["unusable_series"] == 1
+    given = run((2, 2))
+    assert given.last_result is not None and given.last_result.frames_received == 4
+
+
+def test_oversized_lz4_claims_are_rejected_before_decompressing():
+    f = np.arange(96 * 96, dtype=np.uint16).reshape(96, 96)
+    blob = bytearray(compress_bslz4(f))
+    struct.pack_into(">Q", blob, 0, 1 << 40)  # claims 1 TB
+    with pytest.raises(DecodeError) as err:
+        decompress("bslz4", 2, bytes(blob), f.nbytes)
+    assert err.value.reason == "size_mismatch"
+    with pytest.raises(DecodeError):
+        decompress("bslz4", 2, bytes(blob[:20]), f.nbytes)
+    with pytest.raises(DecodeError):
+        decompress("zstd-of-doom", 2, bytes(blob), f.nbytes)
+
+
+def _messages(sim):
+    info = sim.series_info(4)
+    frames = sim.frames(0, 2)
+    return [encode_start(info)[0], encode_image(4, 0, frames[0])[0],
+            encode_image(4, 1, frames[1], "none")[0], encode_end(4)[0]]  # fmt: skip
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_fuzzed_v2_messages_only_ever_raise_decode_errors(sim, data):
+    """Truncated, corrupted and random messages: a counted DecodeError, never anything else."""
+    msgs = _messages(sim)
+    dec = DectrisV2Decoder()
+    dec.decode([msgs[0]])
+    which = data.draw(st.integers(0, 3))
+    msg = bytearray(msgs[which])
+    action = data.draw(st.sampled_from(["truncate", "flip", "random", "splice"]))
+    if action == "truncate":
+        msg = msg[: data.draw(st.integers(0, len(msg)))]
+    elif action == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(msg) - 1))
+            msg[i] = data.draw(st.integers(0, 255))
+    elif action == "random":
+        msg = bytearray(data.draw(st.binary(max_size=512)))
+    else:  # a valid image whose declared frame shape is huge
+        image = cbor2.loads(msgs[1][3:])
+        image["data"]["threshold_1"] = cbor2.CBORTag(40, [[60000, 60000], cbor2.CBORTag(
+            69, cbor2.CBORTag(56500, ["bslz4", 2, b"\x00" * 64]))])  # fmt: skip
+        msg = bytearray(cbor2.dumps(image))
+    try:
+        event = dec.decode([bytes(msg)])
+    except DecodeError:
+        return
+    assert isinstance(event, SeriesStart | FrameBatch | SeriesEnd)
