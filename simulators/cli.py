@@ -55,8 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument(
         "--protocol",
         default="native",
-        choices=["native", "dectris-v2"],
-        help="dectris-v2: SIMPLON stream V2 (CBOR, one image per message, PUSH)",
+        choices=["native", "dectris-v1", "dectris-v2"],
+        help="dectris-v1 / dectris-v2: SIMPLON stream V1 (JSON parts) or V2 (CBOR), one image "
+        "per message, PUSH as the detector",
     )
     net.add_argument(
         "--socket",
@@ -70,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--compression",
         default=None,
         choices=["raw", "lz4", "bslz4", "none"],
-        help="native: raw (default) | lz4; dectris-v2: bslz4 (default) | none",
+        help="native: raw (default) | lz4; dectris-v1: bslz4 (default) | lz4 | raw; "
+        "dectris-v2: bslz4 (default) | none",
     )
     net.add_argument("--loop", action="store_true", help="repeat the series until interrupted")
     net.add_argument("--wait-subscriber", type=parse_finite, default=0.0, metavar="S",
@@ -239,9 +241,11 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             source = RecordedDataset(args.save)  # stream the saved frames, do not re-simulate
 
-    v2 = args.protocol == "dectris-v2"
+    v2 = args.protocol.startswith("dectris")
     encoding = args.compression or ("bslz4" if v2 else "raw")
-    if encoding not in (("bslz4", "none") if v2 else ("raw", "lz4")):
+    allowed = {"native": ("raw", "lz4"), "dectris-v1": ("bslz4", "lz4", "raw"),
+               "dectris-v2": ("bslz4", "none")}[args.protocol]  # fmt: skip
+    if encoding not in allowed:
         raise UsageError(f"--compression {encoding} is not available for --protocol "
                          f"{args.protocol}")  # fmt: skip
     settings = SendSettings(

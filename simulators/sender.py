@@ -12,7 +12,7 @@ from typing import Protocol, TextIO
 import numpy as np
 import zmq
 
-from detectors import dectris_v2
+from detectors import dectris_v1, dectris_v2
 from detectors.base import SeriesInfo
 from detectors.native import encode_end, encode_frames, encode_start
 
@@ -90,14 +90,19 @@ def stream_series(
     """Send start, all frames (paced, with periodic start repeats) and end. Returns frames sent."""
     info = source.series_info(series_id)
     v2 = settings.protocol == "dectris-v2"
-    sock.send_multipart(dectris_v2.encode_start(info) if v2 else encode_start(info))
+    v1 = settings.protocol == "dectris-v1"
+    if v1:
+        for message in dectris_v1.encode_header(info):
+            sock.send_multipart(message)
+    else:
+        sock.send_multipart(dectris_v2.encode_start(info) if v2 else encode_start(info))
     t0 = last_start = time.perf_counter()
     sent = 0
     for seq, (first, frames) in enumerate(batches or source.iter_batches(settings.batch)):
         if should_stop():
             break
         now = time.perf_counter()
-        if not v2 and now - last_start >= settings.repeat_start_s:  # DECTRIS never repeats
+        if not (v1 or v2) and now - last_start >= settings.repeat_start_s:  # DECTRIS never does
             sock.send_multipart(encode_start(info, repeat=True))
             last_start = now
         if settings.rate_fps > 0:
@@ -108,13 +113,20 @@ def stream_series(
             for k, frame in enumerate(frames):
                 sock.send_multipart(dectris_v2.encode_image(series_id, first + k, frame,
                                                             settings.encoding))  # fmt: skip
+        elif v1:
+            for k, frame in enumerate(frames):
+                sock.send_multipart(dectris_v1.encode_image(series_id, first + k, frame,
+                                                            settings.encoding))  # fmt: skip
         else:
             sock.send_multipart(encode_frames(series_id, first, frames, seq + 1,
                                               settings.encoding), copy=False)  # fmt: skip
         sent += len(frames)
         if progress:
             progress.update(sent)
-    sock.send_multipart(dectris_v2.encode_end(series_id) if v2 else encode_end(series_id, sent))
+    if v1:
+        sock.send_multipart(dectris_v1.encode_end(series_id))
+    else:
+        sock.send_multipart(dectris_v2.encode_end(series_id) if v2 else encode_end(series_id, sent))
     return sent
 
 

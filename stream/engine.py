@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.dectris_v1 import DectrisV1Decoder
 from detectors.dectris_v2 import DectrisV2Decoder
 from detectors.native import NativeDecoder
 
@@ -21,7 +22,7 @@ from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive
 
 log = logging.getLogger("tcbf.engine")
 
-DECODERS = {"native": NativeDecoder, "dectris-v2": DectrisV2Decoder}
+DECODERS = {"native": NativeDecoder, "dectris-v1": DectrisV1Decoder, "dectris-v2": DectrisV2Decoder}
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,12 @@ def receive_event_batches(
                 break
             counters.messages += 1
             try:
-                events.append(decoder.decode([p.buffer for p in parts]))
+                out = decoder.decode([p.buffer for p in parts])
+                if isinstance(out, list):  # part-wise decoders: zero or more events
+                    events.extend(out)
+                elif out is not None:
+                    events.append(out)
+
             except DecodeError as err:
                 counters.reject(err)
             except Exception as exc:  # a decoder bug must not take the receiver down
