@@ -159,6 +159,14 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
     align.attrs["schedule"] = np.asarray(tcbf.alignment.schedule, np.int64)
     align.attrs["matrix_px"] = tcbf.alignment.matrix_px
     align.attrs["rows"] = np.asarray(tcbf.rows, np.int64)
+    if tcbf.alignment.iterations:  # the last iteration, tile by tile
+        it = tcbf.alignment.iterations[-1]
+        align["tiles"] = np.column_stack([it.k_px, it.shifts_px, it.quality, it.used])
+        align["tiles"].attrs["columns"] = (
+            "k_row_px, k_col_px, shift_row_px, shift_col_px, peak_quality, used"
+        )
+        align["tiles"].attrs["bin_px"] = it.bin_px
+
     ab = tcbf.aberrations
     if ab is not None:
         a = f.create_group("aberrations")

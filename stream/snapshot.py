@@ -90,7 +90,9 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
         if last is not None:
             s.update(tile_bin_px=int(last.bin_px), tile_k_px=_f32(last.k_px),
                      tile_shifts_px=_f32(last.shifts_px),
-                     tile_used=np.ascontiguousarray(last.used, np.uint8))  # fmt: skip
+                     tile_used=np.ascontiguousarray(last.used, np.uint8),
+                     tile_quality=_f32(last.quality))  # fmt: skip
+
         if t.frc is not None:
             s.update(frc_q_per_A=_f32(t.frc.q_per_A), frc=_f32(t.frc.frc),
                      frc_half_bit=_f32(half_bit_threshold(t.frc.n_pixels)),

@@ -187,6 +187,9 @@ def test_run_summary_and_result_file_dose_group(tmp_path, capsys, high_dose):
         assert d.attrs["beam_current_pA"] > 0 and np.isfinite(d.attrs["resolution_A"])
         assert d["frc"].shape[1] == 3 and d["resolution_vs_dose"].shape == (1, 2)
         assert d["trust"].shape == (4, 7) and d["map"].shape == cfg.scan_shape
+        tiles = f["alignment/tiles"][()]  # per-tile peak quality of the last iteration
+        assert tiles.shape[1] == 6 and np.all(tiles[tiles[:, 5] > 0, 4] >= 4.0)
+
         assert "dose_for_target_e_per_A2_estimate" in d.attrs  # one update: no trend (NaN)
 
 
