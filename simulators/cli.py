@@ -55,9 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument(
         "--protocol",
         default="native",
-        choices=["native", "dectris-v1", "dectris-v2"],
+        choices=["native", "dectris-v1", "dectris-v2", "merlin"],
         help="dectris-v1 / dectris-v2: SIMPLON stream V1 (JSON parts) or V2 (CBOR), one image "
-        "per message, PUSH as the detector",
+        "per message, PUSH as the detector; merlin: raw TCP server (MPX framing, as the Merlin "
+        "data port 6342)",
     )
     net.add_argument(
         "--socket",
@@ -242,9 +243,9 @@ def run(args: argparse.Namespace) -> int:
             source = RecordedDataset(args.save)  # stream the saved frames, do not re-simulate
 
     v2 = args.protocol.startswith("dectris")
-    encoding = args.compression or ("bslz4" if v2 else "raw")
+    encoding = args.compression or ("bslz4" if v2 else "raw")  # merlin: raw big-endian
     allowed = {"native": ("raw", "lz4"), "dectris-v1": ("bslz4", "lz4", "raw"),
-               "dectris-v2": ("bslz4", "none")}[args.protocol]  # fmt: skip
+               "dectris-v2": ("bslz4", "none"), "merlin": ("raw",)}[args.protocol]  # fmt: skip
     if encoding not in allowed:
         raise UsageError(f"--compression {encoding} is not available for --protocol "
                          f"{args.protocol}")  # fmt: skip

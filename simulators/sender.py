@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from typing import Protocol, TextIO
 import numpy as np
 import zmq
 
-from detectors import dectris_v1, dectris_v2
+from detectors import dectris_v1, dectris_v2, merlin
 from detectors.base import SeriesInfo
 from detectors.native import encode_end, encode_frames, encode_start
 
@@ -139,7 +140,10 @@ def run_sender(
 ) -> int:
     """Bind, stream one series (or loop with `settings.loop`), close. Returns frames sent."""
     log = log or sys.stderr
+    if settings.protocol == "merlin":
+        return run_merlin_sender(source, settings, log, should_stop)
     ctx = zmq.Context.instance()
+
     sock = ctx.socket(SOCKET_TYPES[settings.socket_type])
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.LINGER, 2000)
@@ -166,4 +170,56 @@ def run_sender(
                 break
     finally:
         sock.close()
+    return total
+
+
+def stream_merlin(conn, source: FrameSource, settings: SendSettings, series_id: int,
+                  should_stop: Callable[[], bool] = lambda: False) -> int:  # fmt: skip
+    """One acquisition as a Merlin sends it on its data port: HDR, then one MQ1 message per
+    frame (big-endian pixels), no end message. Returns frames sent."""
+    info = source.series_info(series_id)
+    conn.sendall(merlin.encode_header(source.n_frames, info.scan_shape))
+    t0 = time.perf_counter()
+    sent = 0
+    for first, frames in source.iter_batches(settings.batch):
+        if should_stop():
+            break
+        if settings.rate_fps > 0:
+            wait = t0 + (sent + len(frames)) / settings.rate_fps - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        conn.sendall(b"".join(merlin.encode_frame(first + k + 1, f) for k, f in enumerate(frames)))
+        sent += len(frames)
+    return sent
+
+
+def run_merlin_sender(source: FrameSource, settings: SendSettings, log: TextIO,
+                      should_stop: Callable[[], bool] = lambda: False) -> int:  # fmt: skip
+    """Merlin's data port: a TCP server (the detector PC); waits for the receiver to connect,
+    then streams (each loop pass is a new acquisition)."""
+    import socket
+
+    match = re.fullmatch(r"tcp://([^:]+):(\d{1,5})", settings.bind)
+    if match is None:
+        raise ValueError(f"merlin needs --bind tcp://HOST:PORT, got {settings.bind!r}")
+    server = socket.create_server((match.group(1), int(match.group(2))))
+    server.settimeout(0.5)
+    total = 0
+    try:
+        conn = None
+        while conn is None and not should_stop():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+        if conn is None:
+            return 0
+        log.write("receiver connected\n")
+        with conn:
+            while True:
+                total += stream_merlin(conn, source, settings, new_series_id(), should_stop)
+                if not settings.loop or should_stop():
+                    break
+    finally:
+        server.close()
     return total

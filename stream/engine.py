@@ -15,14 +15,27 @@ from dataclasses import dataclass, field
 from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
 from detectors.dectris_v1 import DectrisV1Decoder
 from detectors.dectris_v2 import DectrisV2Decoder
+from detectors.merlin import MerlinDecoder
 from detectors.native import NativeDecoder
 
 from .series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
-from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_event_batches
+from .subscriber import (
+    StreamCounters,
+    SubscriberSettings,
+    open_socket,
+    receive_event_batches,
+    receive_tcp_batches,
+)
 
 log = logging.getLogger("tcbf.engine")
 
-DECODERS = {"native": NativeDecoder, "dectris-v1": DectrisV1Decoder, "dectris-v2": DectrisV2Decoder}
+TCP_PROTOCOLS = {"merlin"}  # raw TCP, not ZeroMQ
+DECODERS = {
+    "native": NativeDecoder,
+    "dectris-v1": DectrisV1Decoder,
+    "dectris-v2": DectrisV2Decoder,
+    "merlin": MerlinDecoder,
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,9 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
-        self._sock = open_socket(settings.subscriber)  # bound/connected before start()
+        # bound/connected before start(); raw-TCP detectors (Merlin) connect in the thread
+        self._tcp = settings.protocol in TCP_PROTOCOLS
+        self._sock = None if self._tcp else open_socket(settings.subscriber)
 
     # ------------------------------------------------------------------ control
     def start(self) -> Engine:
@@ -115,10 +130,16 @@ class Engine:
     def _run(self) -> None:
         decoder = DECODERS[self.settings.protocol]()
         try:
-            drained = receive_event_batches(
-                self._sock, decoder, self.counters,
-                timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
-            )  # fmt: skip
+            if self._tcp:
+                drained = receive_tcp_batches(
+                    self.settings.subscriber.endpoint, decoder, self.counters,
+                    timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
+                )  # fmt: skip
+            else:
+                drained = receive_event_batches(
+                    self._sock, decoder, self.counters,
+                    timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
+                )  # fmt: skip
             for events in drained:
                 frames: list[FrameBatch] = []  # consecutive frame messages go in together
                 for event in events:
@@ -136,7 +157,8 @@ class Engine:
                 log.warning("stream idle or stopped before the series ended")
                 self._finish(complete=False)
         finally:
-            self._sock.close()
+            if self._sock is not None:
+                self._sock.close()
 
     def _on_start(self, event: SeriesStart) -> None:
         if self._current is not None and self._current.info.series_id == event.info.series_id:

@@ -7,6 +7,7 @@ never unpickles. Bad messages are counted per reason, logged (rate-limited) and 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -112,3 +113,59 @@ def receive_events(sock: zmq.Socket, decoder, counters, **kwargs) -> Iterator[Ev
     """One decoded event at a time (see `receive_event_batches` for the arguments)."""
     for events in receive_event_batches(sock, decoder, counters, **kwargs):
         yield from events
+
+
+def receive_tcp_batches(
+    endpoint: str,
+    decoder,
+    counters: StreamCounters,
+    timeout_s: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    chunk_bytes: int = 4 << 20,
+) -> Iterator[list[Event]]:
+    """Event lists from a raw-TCP detector (Merlin: the detector PC is the server). Connects
+    to tcp://HOST:PORT (retrying until it listens), feeds each received chunk to the byte-stream
+    decoder, reconnects when the peer closes. Stops like `receive_event_batches`."""
+    import select
+    import socket
+
+    match = re.fullmatch(r"tcp://([^:]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", endpoint)
+    if match is None:
+        raise ValueError(f"raw TCP needs tcp://HOST:PORT, got {endpoint!r}")
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    sock = None
+    idle_since = time.monotonic()
+    try:
+        while not should_stop():
+            if timeout_s is not None and time.monotonic() - idle_since > timeout_s:
+                return
+            if sock is None:
+                try:
+                    sock = socket.create_connection((host, port), timeout=0.5)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+                except OSError:
+                    time.sleep(0.1)
+                    continue
+            if not select.select([sock], [], [], 0.1)[0]:
+                continue
+            data = sock.recv(chunk_bytes)
+            if not data:  # the detector closed the connection: wait for the next one
+                sock.close()
+                sock = None
+                continue
+            idle_since = time.monotonic()
+            counters.messages += 1
+            events: list[Event] = []
+            feed: list = [data]
+            for _ in range(10_000):  # after an error, go on with the rest of the buffer
+                try:
+                    events.extend(decoder.decode(feed))
+                    break
+                except DecodeError as err:
+                    counters.reject(err)
+                    feed = []
+            if events:
+                yield events
+    finally:
+        if sock is not None:
+            sock.close()

@@ -300,7 +300,10 @@ class TcbfProcessor:
         frc = fourier_ring_correlation(half0, half1, sampling, self.shift_and_add.coverage())
         res, limited = frc.resolution_A("0.143")
         half_bit, _ = frc.resolution_A("half-bit")
-        if not limited and math.isfinite(dose):
+        if sampling is None:  # no step: the curve is in 1/px, a resolution in A is unknown
+            res = half_bit = None
+
+        if res is not None and not limited and math.isfinite(dose):
             self.resolution_history.append((dose, res))
         history = np.array(self.resolution_history, float).reshape(-1, 2)
         target = self.settings.target_resolution_A

@@ -279,3 +279,103 @@ def test_fuzzed_v1_parts_only_ever_raise_decode_errors(sim, data):
         except DecodeError:
             continue
         assert all(isinstance(e, SeriesStart | FrameBatch | SeriesEnd) for e in events)
+
+
+# ------------------------------------------------------------------------------ Merlin
+def test_merlin_stream_split_anywhere_decodes_the_same(sim):
+    from detectors import merlin
+
+    frames = sim.frames(0, 5).astype(np.uint16)
+    stream = merlin.encode_header(5, (1, 5)) + b"".join(
+        merlin.encode_frame(i + 1, f) for i, f in enumerate(frames)
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # TCP may split or coalesce anywhere
+        cuts = np.sort(rng.choice(len(stream), 12, replace=False))
+        dec = merlin.MerlinDecoder()
+        events = [e for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)
+                  for e in dec.decode([stream[a:b]])]  # fmt: skip
+        assert isinstance(events[0], SeriesStart) and events[0].info.scan_shape == (1, 5)
+        assert events[0].info.dtype == "<u2" and events[0].info.frames_expected == 5
+        got = [e for e in events if isinstance(e, FrameBatch)]
+        assert [b.first for b in got] == [0, 1, 2, 3, 4]
+        for b, f in zip(got, frames, strict=True):
+            np.testing.assert_array_equal(b.frames[0], f)  # big-endian on the wire
+        assert events[-1] == SeriesEnd(1, 5)  # no end message: the announced count ends it
+
+
+def test_merlin_corrupt_prefix_is_skipped_and_the_stream_goes_on(sim):
+    from detectors import merlin
+
+    f = sim.frames(0, 2).astype(np.uint16)
+    dec = merlin.MerlinDecoder()
+    dec.decode([merlin.encode_header(2, None)])
+    with pytest.raises(DecodeError):
+        dec.decode([b"garbage!" * 3])
+
+    def receive(feed):  # as the TCP receiver does: after an error, go on with the buffer
+        events, errors = [], 0
+        for _ in range(10):
+            try:
+                return events + dec.decode(feed), errors
+            except DecodeError:
+                errors, feed = errors + 1, []
+        return events, errors
+
+    events, errors = receive([merlin.encode_frame(1, f[0]) + merlin.encode_frame(2, f[1])])
+    assert errors == 1  # the rest of the garbage, counted once
+
+    assert [type(e).__name__ for e in events] == ["SeriesStart", "FrameBatch", "FrameBatch",
+                                                  "SeriesEnd"]  # fmt: skip
+    with pytest.raises(DecodeError, match="oversized"):
+        merlin.MerlinDecoder().decode([b"MPX,9999999999," + b"x" * 20])
+
+
+def test_pipeline_over_merlin_tcp_equals_the_native_result(sim):
+    import threading
+
+    from conftest import free_port
+    from simulators.sender import run_merlin_sender
+
+    port = free_port()
+    engine = Engine(EngineSettings(
+        subscriber=SubscriberSettings(endpoint=f"tcp://127.0.0.1:{port}"),
+        protocol="merlin", idle_timeout_s=10.0, max_series=1,
+    )).start()  # fmt: skip
+    sender = threading.Thread(target=run_merlin_sender, args=(
+        sim, SendSettings(bind=f"tcp://127.0.0.1:{port}", protocol="merlin", batch=16),
+        __import__("io").StringIO()))  # fmt: skip
+    sender.start()
+    sender.join(30)
+    assert engine.join(timeout=20)
+    live = engine.last_result
+    frames = sim.frames(0, sim.n_frames)
+    proc = SeriesProcessor(replace(sim.series_info(1), mask_value=None), ProcessingSettings())
+    proc.add(FrameBatch(1, 0, frames))
+    native = proc.result(final=True)
+    assert live.complete and live.frames_received == sim.n_frames
+    assert live.info.scan_shape == sim.cfg.scan_shape  # from ScanX / ScanY
+    for name in ("incoherent_bf", "axial_bf", "hits"):
+        np.testing.assert_array_equal(getattr(live, name), getattr(native, name))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_fuzzed_merlin_bytes_only_ever_raise_decode_errors(sim, data):
+    from detectors import merlin
+
+    f = sim.frames(0, 1)[0]
+    stream = bytearray(merlin.encode_header(1, (1, 1)) + merlin.encode_frame(1, f))
+    for _ in range(data.draw(st.integers(1, 6))):
+        stream[data.draw(st.integers(0, len(stream) - 1))] = data.draw(st.integers(0, 255))
+    stream = stream[: data.draw(st.integers(0, len(stream)))]
+    dec = merlin.MerlinDecoder()
+    feed = [bytes(stream)]
+    for _ in range(200):
+        try:
+            events = dec.decode(feed)
+            assert all(isinstance(e, SeriesStart | FrameBatch | SeriesEnd) for e in events)
+            break
+        except DecodeError:
+            feed = []
