@@ -40,6 +40,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, metavar="FILE.h5")
     p.add_argument("--headless", action="store_true", help="no viewer window")
+    d = p.add_argument_group(
+        "detector control (DECTRIS SIMPLON REST; default: passive, attach "
+        "to a series armed by the vendor software)"
+    )
+    d.add_argument(
+        "--simplon",
+        metavar="HOST[:PORT]",
+        help="active mode: enable and configure the stream, configure one frame per "
+        "scan position (needs --scan), arm, and disarm at the end",
+    )
+    d.add_argument(
+        "--trigger-mode",
+        default="exte",
+        choices=["exte", "exts", "inte", "ints"],
+        help="SIMPLON trigger mode in active mode (internal modes are triggered here)",
+    )
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="publish the result stream (for tcbf-live view)")  # fmt: skip
     p.set_defaults(run=run)
@@ -54,6 +70,11 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         raise UsageError("need 0 < --timeout <= 1e6 s and 0 <= --align-interval <= 3600 s")
 
     processing = processing_from_args(args)
+    if args.simplon and args.protocol not in ("dectris-v1", "dectris-v2"):
+        raise UsageError("--simplon controls DECTRIS detectors: use --protocol dectris-v1/-v2")
+    if args.simplon and args.scan is None:
+        raise UsageError("--simplon needs --scan ROWSxCOLS (one frame per scan position)")
+
     if not args.headless or args.publish:  # a viewer will show the axial-radius control
         processing = replace(processing, tcbf=replace(processing.tcbf, ring_images=True))
     endpoint = args.bind or args.connect
@@ -83,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
             failures.append(f"cannot write {args.output}: {exc}")
 
     engine = Engine(settings, on_series_end=finished).start()
+    try:
+        detector = arm_detector(args, settings) if args.simplon else None
+    except UsageError:
+        engine.stop()
+        engine.join()
+        raise
+
     publisher = None
     if args.publish:
         from .publisher import SnapshotPublisher
@@ -114,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if publisher is not None:
             publisher.close()
+        if detector is not None:
+            try:
+                detector.disarm()
+            except Exception as exc:  # report, but the result is what matters now
+                sys.stderr.write(f"tcbf-live run: disarm failed: {exc}\n")
 
     result = engine.last_result
     if engine.counters.rejected:
@@ -125,3 +158,31 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"tcbf-live run: no series received within {args.timeout:g} s\n")
         return 1
     return 0
+
+
+def arm_detector(args: argparse.Namespace, settings: EngineSettings):
+    """Active mode: configure and arm a DECTRIS detector over SIMPLON REST (the receiver is
+    already connected, so the header cannot be missed). Returns the client (for disarm)."""
+    import json
+
+    from detectors.simplon import SimplonClient, SimplonError
+
+    host, _, port = args.simplon.rpartition(":") if ":" in args.simplon else (args.simplon, "", "")
+    try:
+        client = SimplonClient(host, int(port or 80))
+    except ValueError as exc:
+        raise UsageError(f"--simplon: {exc}") from None
+    appendix = json.dumps({"scan_shape": list(args.scan), "energy_eV": args.energy,
+                           "step_A": args.step, "semiangle_mrad": args.semiangle})  # fmt: skip
+    v1 = args.protocol == "dectris-v1"
+    try:
+        # V1 carries the appendix only with header_detail all; V2 puts it in user_data
+        client.configure_stream("legacy" if v1 else "cbor", "all" if v1 else "basic", appendix)
+        client.configure_scan(args.scan[0] * args.scan[1], args.trigger_mode)
+        series = client.arm()
+        if args.trigger_mode in ("ints", "inte"):
+            client.trigger()
+    except SimplonError as exc:
+        raise UsageError(f"detector: {exc}") from None
+    log.info("armed %s: series %d", client.base, series)
+    return client

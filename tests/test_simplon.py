@@ -1,0 +1,116 @@
+"""SIMPLON REST client against a local fake detector (http.server)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from detectors.simplon import SimplonClient, SimplonError
+
+
+class FakeDCU(BaseHTTPRequestHandler):
+    requests: list = []
+    fail: set = set()
+
+    def _reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self):  # noqa: N802 (http.server naming)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"null")
+        FakeDCU.requests.append(("PUT", self.path, body))
+        if self.path.rsplit("/", 1)[-1] in FakeDCU.fail:
+            return self._reply(400, {"error": "value out of range"})
+        if self.path.endswith("/command/arm"):
+            return self._reply(200, {"sequence id": 42})
+        if "/command/" in self.path:
+            return self._reply(200, {"sequence id": 42})
+        return self._reply(200, [self.path.rsplit("/", 1)[-1]])
+
+    def do_GET(self):  # noqa: N802
+        FakeDCU.requests.append(("GET", self.path, None))
+        self._reply(200, {"value": "ready", "value_type": "string", "access_mode": "r"})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def dcu():
+    FakeDCU.requests, FakeDCU.fail = [], set()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeDCU)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_active_mode_sequence(dcu):
+    c = SimplonClient("127.0.0.1", dcu)
+    c.configure_stream("cbor", "basic", '{"scan_shape": [4, 5]}')
+    c.configure_scan(20, "exte", frame_time_s=1e-4)
+    assert c.arm() == 42
+    c.disarm()
+    assert c.stream_state() == "ready"
+    paths = [(m, p.split("/api/1.8.0/")[1], b) for m, p, b in FakeDCU.requests]
+    assert paths[:4] == [
+        ("PUT", "config/mode", {"value": "enabled"}),
+        ("PUT", "config/format", {"value": "cbor"}),
+        ("PUT", "config/header_detail", {"value": "basic"}),
+        ("PUT", "config/header_appendix", {"value": '{"scan_shape": [4, 5]}'}),
+    ]
+    assert ("PUT", "config/ntrigger", {"value": 20}) in paths  # exte: one trigger per position
+    assert ("PUT", "config/nimages", {"value": 1}) in paths
+    assert ("PUT", "command/arm", {}) in paths and ("PUT", "command/disarm", {}) in paths
+    assert FakeDCU.requests[0][1].startswith("/stream/api/1.8.0/config/")
+    assert paths[-1] == ("GET", "status/state", None)
+
+
+def test_errors_are_one_clear_exception(dcu):
+    FakeDCU.fail = {"ntrigger"}
+    with pytest.raises(SimplonError, match="HTTP 400"):
+        SimplonClient("127.0.0.1", dcu).configure_scan(10)
+    from conftest import free_port
+
+    with pytest.raises(SimplonError, match="Connection refused|refused"):
+        SimplonClient("127.0.0.1", free_port(), timeout_s=1).arm()
+    with pytest.raises(ValueError):
+        SimplonClient("evil host; rm -rf /")
+
+
+def test_run_active_mode_configures_arms_and_disarms(dcu, tmp_path, capsys):
+    from stream.cli import main
+
+    out = tmp_path / "r.h5"
+    code = main(["run", "--protocol", "dectris-v2", "--socket", "pull", "--connect",
+                 f"tcp://127.0.0.1:{dcu + 1}", "--headless", "--scan", "4x5", "--timeout", "1",
+                 "--simplon", f"127.0.0.1:{dcu}", "--output", str(out)])  # fmt: skip
+    assert code == 1  # nothing was streamed by the fake detector
+    commands = [p.rsplit("/", 1)[-1] for m, p, _ in FakeDCU.requests if "/command/" in p]
+    assert commands == ["arm", "disarm"]
+    assert "no series received" in capsys.readouterr().err
+
+
+def test_run_active_mode_needs_a_scan_and_a_dectris_protocol(expect_usage_error):
+    assert "--scan" in expect_usage_error(
+        [
+            "run",
+            "--protocol",
+            "dectris-v2",
+            "--headless",
+            "--simplon",
+            "127.0.0.1:1",
+            "--output",
+            "x.h5",
+        ]
+    )
+    assert "DECTRIS" in expect_usage_error(
+        ["run", "--headless", "--scan", "2x2", "--simplon", "127.0.0.1:1", "--output", "x.h5"]
+    )
