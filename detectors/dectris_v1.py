@@ -275,13 +275,16 @@ def encode_header(info: SeriesInfo) -> list[list[bytes]]:
 
 
 def encode_image(series_id: int, frame_id: int, frame: np.ndarray, encoding: str = "bslz4",
-                 time_ns: int = 0) -> list[bytes]:  # fmt: skip
-    """One image as its 4 parts; encoding "bslz4" (bsNN-lz4<), "lz4" (lz4<) or "raw" (<)."""
+                 time_ns: int = 0, blob: bytes | None = None) -> list[bytes]:  # fmt: skip
+    """One image as its 4 parts; encoding "bslz4" (bsNN-lz4<), "lz4" (lz4<) or "raw" (<).
+    `blob`: an already bslz4-compressed frame (a stored file chunk), sent as it is."""
     from .compression import compress_bslz4
 
-    frame = np.ascontiguousarray(frame)
+    frame = np.asarray(frame) if blob is not None else np.ascontiguousarray(frame)
     bits = frame.itemsize * 8
-    if encoding == "bslz4":
+    if blob is not None:
+        enc = f"bs{bits}-lz4<"
+    elif encoding == "bslz4":
         blob, enc = compress_bslz4(frame), f"bs{bits}-lz4<"
     elif encoding == "lz4":
         blob, enc = lz4.block.compress(frame.tobytes(), store_size=False), "lz4<"

@@ -243,13 +243,24 @@ def encode_start(info: SeriesInfo, unique_id: str = "", channels=("threshold_1",
     return [_dumps(msg, prefix=False)]  # like the real capture: start without the prefix
 
 
-def encode_image(series_id: int, image_id: int, frame: np.ndarray, compression: str = "bslz4",
-                 channel: str = "threshold_1") -> list[bytes]:  # fmt: skip
-    """One `image` message; compression "bslz4" (DECTRIS default) or "none"."""
-    frame = np.ascontiguousarray(frame)
+def encode_image(
+    series_id: int,
+    image_id: int,
+    frame: np.ndarray,
+    compression: str = "bslz4",
+    channel: str = "threshold_1",
+    blob: bytes | None = None,
+) -> list[bytes]:
+    """One `image` message; compression "bslz4" (DECTRIS default) or "none". `blob`: an
+    already bslz4-compressed frame (a stored file chunk), sent as it is; `frame` then only gives
+    the shape and dtype."""
+    frame = np.asarray(frame) if blob is not None else np.ascontiguousarray(frame)
     tag = TYPED_TAG[frame.dtype.str]
-    if compression == "bslz4":
+    if blob is not None:
+        inner = cbor2.CBORTag(56500, ["bslz4", frame.itemsize, blob])
+    elif compression == "bslz4":
         inner = cbor2.CBORTag(56500, ["bslz4", frame.itemsize, compress_bslz4(frame)])
+
     elif compression == "none":
         inner = frame.tobytes()
     else:

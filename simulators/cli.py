@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
             "scan_order": args.scan_order,
             "scan_shape": args.scan,  # required for 3D (frames, Qx, Qy) stacks
         }
-        source = data = RecordedDataset(args.replay, overrides)
+        source = data = open_recording(args.replay, overrides)
+
         sys.stderr.write(f"replaying {args.replay}: {data.n_frames} frames {data.detector_shape}\n")
     else:
         cfg = config_from_args(args)
@@ -265,3 +266,14 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(source, RecordedDataset):
             source.close()
     return 0 if sent else 1
+
+
+def open_recording(spec: str, overrides: dict):
+    """A .mib (Merlin), a DECTRIS master file, or a 4D .npy / HDF5 dataset."""
+    from detectors.vendor_files import DectrisMaster, MibFile, is_dectris_master
+
+    if spec.endswith(".mib"):
+        return MibFile(spec, overrides)
+    if spec.endswith((".h5", ".hdf5")) and is_dectris_master(spec):
+        return DectrisMaster(spec, overrides)
+    return RecordedDataset(spec, overrides)

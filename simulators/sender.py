@@ -99,6 +99,10 @@ def stream_series(
         sock.send_multipart(dectris_v2.encode_start(info) if v2 else encode_start(info))
     t0 = last_start = time.perf_counter()
     sent = 0
+    if (v1 or v2) and settings.encoding == "bslz4" and batches is None:
+        stored = getattr(source, "iter_compressed", lambda: None)()
+        if stored is not None:  # a DECTRIS file: its chunks go out unchanged
+            return _stream_stored(sock, source, settings, series_id, stored, v1, should_stop)
     for seq, (first, frames) in enumerate(batches or source.iter_batches(settings.batch)):
         if should_stop():
             break
@@ -128,6 +132,29 @@ def stream_series(
         sock.send_multipart(dectris_v1.encode_end(series_id))
     else:
         sock.send_multipart(dectris_v2.encode_end(series_id) if v2 else encode_end(series_id, sent))
+    return sent
+
+
+def _stream_stored(sock, source, settings: SendSettings, series_id: int, stored, v1: bool,
+                   should_stop: Callable[[], bool]) -> int:  # fmt: skip
+    """Replay stored bslz4 chunks in a DECTRIS protocol, without recompressing."""
+    info = source.series_info(series_id)
+    like = np.empty(info.detector_shape, info.dtype)  # shape and dtype only
+    t0 = time.perf_counter()
+    sent = 0
+    for index, blob in stored:
+        if should_stop():
+            break
+        if settings.rate_fps > 0:
+            wait = t0 + (sent + 1) / settings.rate_fps - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        encode = dectris_v1.encode_image if v1 else dectris_v2.encode_image
+        sock.send_multipart(encode(series_id, index, like, blob=blob))
+        sent += 1
+    sock.send_multipart(
+        dectris_v1.encode_end(series_id) if v1 else dectris_v2.encode_end(series_id)
+    )
     return sent
 
 
@@ -178,9 +205,25 @@ def stream_merlin(conn, source: FrameSource, settings: SendSettings, series_id: 
     """One acquisition as a Merlin sends it on its data port: HDR, then one MQ1 message per
     frame (big-endian pixels), no end message. Returns frames sent."""
     info = source.series_info(series_id)
-    conn.sendall(merlin.encode_header(source.n_frames, info.scan_shape))
+    text = getattr(source, "header_text", None)
+    if text:  # a recording's own acquisition header (.hdr sidecar)
+        conn.sendall(merlin.mpx(b"HDR," + text.encode("latin-1")))
+    else:
+        conn.sendall(merlin.encode_header(source.n_frames, info.scan_shape))
     t0 = time.perf_counter()
     sent = 0
+    raw = getattr(source, "raw_frame", None)
+    if raw is not None:  # a .mib recording: its MQ1 frames go out as they are
+        for i in range(source.n_frames):
+            if should_stop():
+                break
+            if settings.rate_fps > 0:
+                wait = t0 + (sent + 1) / settings.rate_fps - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+            conn.sendall(merlin.mpx(raw(i)))
+            sent += 1
+        return sent
     for first, frames in source.iter_batches(settings.batch):
         if should_stop():
             break
