@@ -46,6 +46,7 @@ class EngineSettings:
     idle_timeout_s: float | None = None  # stop after this long without a message
     max_series: int | None = None  # stop after this many finished series
     align_interval_s: float | None = 0.5  # live alignment cadence; None: only at series end
+    channel: str | None = None  # DECTRIS stream V2 threshold channel (None: the first)
 
 
 class Engine:
@@ -129,6 +130,9 @@ class Engine:
     # ------------------------------------------------------------------ ingest thread
     def _run(self) -> None:
         decoder = DECODERS[self.settings.protocol]()
+        if self.settings.channel is not None and hasattr(decoder, "channel"):
+            decoder.channel = self.settings.channel
+
         try:
             if self._tcp:
                 drained = receive_tcp_batches(

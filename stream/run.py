@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--bind", metavar="ENDPOINT", help="bind instead of connecting")
     p.add_argument("--socket", default="sub", choices=["sub", "pull"])
     p.add_argument("--protocol", default="native", choices=sorted(DECODERS))
+    p.add_argument(
+        "--channel",
+        metavar="NAME",
+        help="DECTRIS stream V2 threshold channel (default: the first announced)",
+    )
     add_processing_args(p)
     p.add_argument("--repeat", default="accumulate", choices=["accumulate", "new-series"],
                    help="frames beyond one scan pass")  # fmt: skip
@@ -87,6 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         idle_timeout_s=args.timeout,
         max_series=1,
         align_interval_s=args.align_interval or None,
+        channel=args.channel,
     )
 
 

@@ -469,3 +469,20 @@ def test_replay_of_a_mib_recording_over_merlin(sim, tmp_path):
     with pytest.raises(Exception, match="whole number"):
         (tmp_path / "bad.mib").write_bytes(mib.read_bytes()[:-10])
         MibFile(tmp_path / "bad.mib", {"scan_shape": (2, 3)})
+
+
+def test_v2_threshold_channel_choice(sim):
+    info = sim.series_info(8)
+    frames = sim.frames(0, 2)
+    start = encode_start(info, channels=("threshold_1", "threshold_2"))
+    image = cbor2.loads(encode_image(8, 0, frames[0])[0][3:])
+    second = cbor2.loads(encode_image(8, 0, frames[1], channel="threshold_2")[0][3:])
+    image["data"] = {"threshold_1": image["data"]["threshold_1"],
+                     "threshold_2": second["data"]["threshold_2"]}  # fmt: skip
+    message = [cbor2.dumps(image)]
+    for channel, expected in ((None, frames[0]), ("threshold_2", frames[1])):
+        dec = DectrisV2Decoder(channel)
+        dec.decode(start)
+        np.testing.assert_array_equal(dec.decode(message).frames[0], expected)
+    with pytest.raises(DecodeError, match="not in"):
+        DectrisV2Decoder("difference").decode(start)
