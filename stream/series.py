@@ -231,30 +231,40 @@ class SeriesProcessor:
             self._stage = np.empty((STAGE_FRAMES + STAGE_SMALL, *self.info.detector_shape),
                                    self.info.dtype)  # fmt: skip
             self._stage_index = np.empty(self._stage.shape[0], np.int64)
-        stage, index, offset = self._stage, self._stage_index, self.index_offset
-        n = 0
+        small: list[FrameBatch] = []
+        count = 0
         for b in batches:
             m = len(b.frames)
             if m >= STAGE_SMALL:
-                n = self._flush_stage(n)
+                self._flush_stage(small, count)
+                small, count = [], 0
                 self.add(b)
                 continue
-            stage[n : n + m] = b.frames
-            for k in range(m):
-                index[n + k] = b.first + k - offset
-            n += m
-            if n >= STAGE_FRAMES:
-                n = self._flush_stage(n)
-        self._flush_stage(n)
+            small.append(b)
+            count += m
+            if count >= STAGE_FRAMES:
+                self._flush_stage(small, count)
+                small, count = [], 0
+        self._flush_stage(small, count)
 
-    def _flush_stage(self, n: int) -> int:
-        """Accumulate the first n staged frames; returns the new fill level (0)."""
-        if n:
-            now = time.perf_counter()
-            self._t_first = self._t_first or now
-            self._t_last = now
-            self.acc.add_indexed(self._stage_index[:n], self._stage[:n])
-        return 0
+    def _flush_stage(self, small: list[FrameBatch], count: int) -> None:
+        """Copy a run of small batches into the staging buffer with one concatenate (no Python
+        per frame) and accumulate them in one kernel call."""
+        if not small:
+            return
+        now = time.perf_counter()
+        self._t_first = self._t_first or now
+        self._t_last = now
+        frames = self._stage[:count]
+        index = self._stage_index[:count]
+        np.concatenate([b.frames for b in small], axis=0, out=frames)
+        if count == len(small):  # one frame per message (DECTRIS, Merlin)
+            index[:] = np.fromiter((b.first for b in small), np.int64, count)
+        else:
+            index[:] = np.concatenate([np.arange(b.first, b.first + len(b.frames))
+                                       for b in small])  # fmt: skip
+        index -= self.index_offset
+        self.acc.add_indexed(index, frames)
 
     def calibrate_now(self) -> None:
         """Calibrate from the frames held so far and fold them in. If the frames show no

@@ -183,9 +183,11 @@ def test_a_stalled_viewer_does_not_slow_ingest(tutorial):
             assert publisher.sent > 0
         return engine.last_result.frames_per_s
 
-    free = max(rate(False) for _ in range(3))
-    stalled = max(rate(True) for _ in range(3))
-    assert stalled >= 0.9 * free, (free, stalled)
+    free, stalled = [], []
+    for _ in range(4):  # interleaved, so a noisy moment on the shared machine hits both
+        free.append(rate(False))
+        stalled.append(rate(True))
+    assert max(stalled) >= 0.9 * max(free), (free, stalled)
 
 
 def test_demo_headless_writes_a_screenshot_and_a_sharp_result(tmp_path):
