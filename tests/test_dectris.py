@@ -1,6 +1,8 @@
-"""DECTRIS SIMPLON stream V2: real captures, byte-faithful encoder, pipeline, fuzzing."""
+"""Detector protocols (DECTRIS stream V1/V2, Merlin): real captures, byte-faithful encoders,
+the whole pipeline per protocol, replays of recordings, fuzzing."""
 
 import hashlib
+import os
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,12 @@ from stream.engine import Engine, EngineSettings
 from stream.series import ProcessingSettings, SeriesProcessor
 from stream.subscriber import SubscriberSettings
 
-CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "dectris-stream-v2"
+CAPTURES = next(
+    (p for p in (Path(os.environ.get("TCBF_SHARED_DATA", "/nonexistent")) / "dectris-stream-v2",
+                 Path(__file__).resolve().parents[2] / "shared" / "data" / "dectris-stream-v2",
+                 Path("/work/shared/data/dectris-stream-v2")) if p.is_dir()),
+    Path("/nonexistent"),
+)  # the real captures live beside the repository (shared/data), not in it  # fmt: skip
 needs_captures = pytest.mark.skipif(not CAPTURES.is_dir(), reason="shared captures not present")
 
 
