@@ -23,6 +23,25 @@ class DecodeError(ValueError):
 SCAN_ORDERS = ("raster", "serpentine")
 
 
+class CollectsErrors:
+    """For decoders that turn one input into several events: a bad part is recorded instead
+    of discarding the good events decoded before it. `decode` raises the first error only
+    when nothing else came out; receivers count the rest with `drain_errors()`."""
+
+    def _init_errors(self) -> None:
+        self._errors: list[DecodeError] = []
+
+    def drain_errors(self) -> list[DecodeError]:
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _finish(self, events: list) -> list:
+        if self._errors and not events:
+            first = self._errors.pop(0)
+            raise first
+        return events
+
+
 def scan_position(
     frame_index: np.ndarray, scan_shape: tuple[int, int], order: str = "raster"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,15 @@ from typing import Any
 import lz4.block
 import numpy as np
 
-from .base import DecodeError, Event, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from .base import (
+    CollectsErrors,
+    DecodeError,
+    Event,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+    SeriesStart,
+)
 from .compression import BLOCK_BYTES, HEADER, decompress
 
 TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
@@ -42,8 +50,9 @@ def _json(part: Any) -> dict | None:
         return None
     try:
         obj = json.loads(bytes(buf))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+
     return obj if isinstance(obj, dict) else None
 
 
@@ -54,10 +63,11 @@ def _int(d: dict, key: str, low: int = 0, high: int = 1 << 62) -> int:
     return v
 
 
-class DectrisV1Decoder:
+class DectrisV1Decoder(CollectsErrors):
     protocol = "dectris-v1"
 
     def __init__(self):
+        self._init_errors()
         self.series: SeriesInfo | None = None
         self._state = "idle"  # idle | config | header_extra | header_blob | image_d | blob | ...
         self._series_id: int | None = None
@@ -69,12 +79,22 @@ class DectrisV1Decoder:
         self._images = 0
 
     def decode(self, parts: list[Any]) -> list[Event]:
+        """Events of these parts; a bad part is recorded and the rest still decoded, so a
+        series start or frames before it are never lost (see `CollectsErrors`)."""
         events: list[Event] = []
         for part in parts:
-            event = self._part(part)
+            try:
+                event = self._part(part)
+            except DecodeError as err:
+                self._errors.append(err)
+                continue
+            except (RecursionError, TypeError, ValueError, OverflowError) as exc:
+                self._state = "skip_image" if self._state in ("image_d", "blob") else "idle"
+                self._errors.append(DecodeError("bad_header", f"{type(exc).__name__}: {exc}"))
+                continue
             if event is not None:
                 events.extend(event if isinstance(event, list) else [event])
-        return events
+        return self._finish(events)
 
     # ------------------------------------------------------------------ state machine
     def _part(self, part: Any):
@@ -114,17 +134,19 @@ class DectrisV1Decoder:
         if htype == "dseries_end-1.0":
             series = _int(msg, "series")
             self._state = "idle"
-            if self.series is None or series != self._series_id:
+            if series != self._series_id:
                 raise DecodeError("wrong_series", f"end of series {series} never started here")
+            if self.series is None:  # disarmed before any image: start and end it empty
+                try:
+                    return [self._start(), SeriesEnd(series, 0)]
+                except DecodeError:
+                    return None
             return SeriesEnd(series, self._images)
         if htype == "dconfig-1.0" and state == "dconfig":
             self._state = "after_image"
             return None
         if state == "header_extra" and htype is None:  # the header appendix
-            try:
-                appendix = json.loads(bytes(memoryview(part)))
-            except (ValueError, UnicodeDecodeError):
-                appendix = {}
+            appendix = _json(part) or {}  # size-capped, and never a recursion error
             self._appendix = appendix if isinstance(appendix, dict) else {}
             return None
         if state == "after_image" and htype is None:  # an image appendix: not used
@@ -154,10 +176,13 @@ class DectrisV1Decoder:
         if width * height > MAX_PIXELS:
             raise DecodeError("oversized", f"{height}x{width} detector")
         bits = c.get("bit_depth_image", 16)
-        dtype = {8: "|u1", 16: "<u2", 32: "<u4"}.get(bits)
+        dtype = {8: "|u1", 16: "<u2", 32: "<u4"}.get(bits) if type(bits) is int else None
         if dtype is None:
             raise DecodeError("bad_header", f"bit_depth_image {bits!r}")
-        frames = _int(c, "nimages", 1, 1 << 31) * c.get("ntrigger", 1)
+        nimages = _int(c, "nimages", 1, 1 << 31)
+        ntrigger = _int(c, "ntrigger", 1, 1 << 31) if "ntrigger" in c else 1
+        # exte/inte: one frame per trigger; exts/ints: nimages per trigger
+        frames = ntrigger if c.get("trigger_mode") in ("exte", "inte") else nimages * ntrigger
         a = self._appendix
         scan = a.get("scan_shape")
         scan = (tuple(int(n) for n in scan) if isinstance(scan, list) and len(scan) == 2
@@ -195,7 +220,11 @@ class DectrisV1Decoder:
             self._state = "skip_image"
             raise DecodeError("no_start", f"image of series {series} without its header")
         if not self._started:
-            return self._start()
+            try:
+                return self._start()
+            except DecodeError:
+                self._state = "skip_image"  # unusable header: skip this image's parts
+                raise
         return None
 
     def _image(self, blob: Any) -> FrameBatch:
@@ -247,7 +276,8 @@ def encode_header(info: SeriesInfo) -> list[list[bytes]]:
     config = {
         "x_pixels_in_detector": width, "y_pixels_in_detector": height,
         "bit_depth_image": bits, "bit_depth_readout": bits,
-        "nimages": int(info.frames_expected or 0), "ntrigger": 1, "trigger_mode": "exte",
+        "nimages": 1, "ntrigger": int(info.frames_expected or 1), "trigger_mode": "exte",
+
         "count_time": info.dwell_s or 0.0, "frame_time": info.dwell_s or 0.0,
         "compression": "bslz4", "description": "tcbf-live simulator (DECTRIS stream V1 format)",
     }  # fmt: skip

@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cbor2
 import numpy as np
 
-from .base import DecodeError, Event, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from .base import (
+    CollectsErrors,
+    DecodeError,
+    Event,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+    SeriesStart,
+)
 from .compression import compress_bslz4, decompress
 
 TYPED = {64: "|u1", 69: "<u2", 70: "<u4"}
@@ -95,12 +103,15 @@ def _user_float(user: Any, key: str) -> float | None:
     return float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None
 
 
-class DectrisV2Decoder:
+class DectrisV2Decoder(CollectsErrors):
     """State machine for one stream: series from `start`, frames checked against it."""
 
     protocol = "dectris-v2"
 
     def __init__(self, channel: str | None = None):
+        self._init_errors()
+        self._announced = True
+
         self.channel = channel  # None: the first announced channel
         self.series: SeriesInfo | None = None
         self._channel: str | None = None
@@ -143,7 +154,11 @@ class DectrisV2Decoder:
         channel = self.channel or channels[0]
         if channel not in channels:
             raise DecodeError("bad_header", f"channel {channel!r} not in {list(channels)}")
-        dtype = DTYPES.get(m.get("image_dtype"), "<u2")  # absent before firmware 2024.2
+        announced = m.get("image_dtype")
+        if announced is not None and announced not in DTYPES:
+            raise DecodeError("bad_dtype", f"image_dtype {announced!r}")
+        # absent before firmware 2024.2: then the first image's typed array says it
+        dtype = DTYPES.get(announced, "<u2")
         bits = np.dtype(dtype).itemsize * 8
         user = m.get("user_data")
         self._channel = channel
@@ -165,6 +180,10 @@ class DectrisV2Decoder:
             if isinstance(user, Mapping) and isinstance(user.get("ground_truth"), Mapping)
             else None,
         )
+        if announced is None:  # wait for the first image to know the pixel type
+            self._announced = False
+            return []
+        self._announced = True
         return SeriesStart(self.series, repeat=False)
 
     def _image(self, m: dict) -> FrameBatch:
@@ -181,9 +200,25 @@ class DectrisV2Decoder:
         data = m.get("data")
         if not isinstance(data, Mapping) or self._channel not in data:
             raise DecodeError("bad_payload", f"no {self._channel!r} data in the image")
-        frame = self._array(data[self._channel], info)
+        events: list[Event] = []
+        if not self._announced:  # dtype from this image's typed array, then start the series
+            arr = data[self._channel]
+            if isinstance(arr, _MultiDim) and isinstance(arr.array, _Typed):
+                bits = np.dtype(arr.array.dtype).itemsize * 8
+                info = self.series = replace(info, dtype=arr.array.dtype,
+                                             mask_value=(1 << bits) - 1)  # fmt: skip
+            self._announced = True
+            events.append(SeriesStart(info, repeat=False))
+        try:
+            frame = self._array(data[self._channel], info)
+        except DecodeError:
+            if not events:
+                raise
+            self._errors.append(DecodeError("bad_payload", "first image unusable"))
+            return events  # the series start is not lost
         self._images += 1
-        return FrameBatch(series, image_id, frame[None])
+        events.append(FrameBatch(series, image_id, frame[None]))
+        return events if len(events) > 1 else events[0]
 
     @staticmethod
     def _array(arr: Any, info: SeriesInfo) -> np.ndarray:
@@ -196,6 +231,10 @@ class DectrisV2Decoder:
         nbytes = info.frame_nbytes
         payload = arr.array.payload
         if isinstance(payload, _Compressed):
+            size = np.dtype(info.dtype).itemsize
+            if payload.algorithm == "bslz4" and payload.element_size != size:
+                raise DecodeError("bad_payload", f"bslz4 element size {payload.element_size} "
+                                  f"for {size}-byte pixels")  # fmt: skip
             if not isinstance(payload.data, bytes | bytearray | memoryview):
                 raise DecodeError("bad_payload", "compressed data is not a byte string")
             raw = decompress(payload.algorithm, payload.element_size, payload.data, nbytes)

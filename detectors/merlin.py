@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from .base import DecodeError, Event, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from .base import (
+    CollectsErrors,
+    DecodeError,
+    Event,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+    SeriesStart,
+)
 
 PREFIX = b"MPX,"
 PREFIX_LEN = 15  # "MPX," + 10 digits + ","
@@ -37,47 +45,45 @@ def _header_fields(text: str) -> dict[str, str]:
     return out
 
 
-class MerlinDecoder:
+class MerlinDecoder(CollectsErrors):
     """Byte-stream decoder: MPX framing -> HDR (series start) / MQ1 (frames) -> series end."""
 
     protocol = "merlin"
 
     def __init__(self):
+        self._init_errors()
         self._buf = bytearray()
         self._series_id = 0
         self.series: SeriesInfo | None = None
         self._frames = 0
         self._expected = 0
-        self._dtype: str | None = None
-        self._pending_error: DecodeError | None = None
+        self._hdr: dict | None = None
+
+    def reset(self) -> list[Event]:
+        """A new TCP connection: stale bytes are dropped and an open acquisition ends here
+        (the detector does not resume one across connections)."""
+        self._buf.clear()
+        events: list[Event] = []
+        if self.series is not None:
+            events.append(SeriesEnd(self.series.series_id, self._frames))
+        self.series, self._hdr = None, None
+        return events
 
     def decode(self, parts: list[Any]) -> list[Event]:
-        """Feed raw bytes; returns the events completed so far. A malformed message raises
-        DecodeError *after* the events before it have been returned on the next call."""
+        """Feed raw bytes; returns every event completed so far. Bad messages are recorded
+        (`drain_errors`) and skipped; parsing goes on with the rest of the buffer."""
         for p in parts:
             self._buf += memoryview(p).cast("B")
         events: list[Event] = []
         while True:
             try:
                 payload = self._next_payload()
-            except DecodeError as err:
-                if events:  # hand over what was good; report the error on the next call
-                    self._pending_error = err
-                    return events
-                raise
-            if payload is None:
-                break
-            try:
+                if payload is None:
+                    break
                 events.extend(self._message(payload))
             except DecodeError as err:
-                if events:
-                    self._pending_error = err
-                    return events
-                raise
-        if self._pending_error is not None and not events:
-            err, self._pending_error = self._pending_error, None
-            raise err
-        return events
+                self._errors.append(err)
+        return self._finish(events)
 
     def _next_payload(self) -> bytes | None:
         buf = self._buf
@@ -112,19 +118,21 @@ class MerlinDecoder:
     def _header(self, payload: bytes) -> list[Event]:
         fields = _header_fields(payload[4:].decode("latin-1"))
         events: list[Event] = []
-        if self.series is not None and self._frames < self._expected:  # aborted acquisition
-            events.append(SeriesEnd(self.series.series_id, self._frames))
+        if self.series is not None:  # a new acquisition ends the open one (continuous mode,
+            events.append(SeriesEnd(self.series.series_id, self._frames))  # or an abort)
+            self.series = None
         try:
             expected = int(fields.get("Frames in Acquisition (Number)", "0"))
             scan_x = int(fields["ScanX"]) if "ScanX" in fields else None
             scan_y = int(fields["ScanY"]) if "ScanY" in fields else None
         except ValueError:
             raise DecodeError("bad_header", "non-numeric frame count or scan size") from None
+        if not 0 <= expected <= 1 << 31 or (scan_x or 0) < 0 or (scan_y or 0) < 0:
+            raise DecodeError("bad_header", f"frame count {expected} / scan size out of range")
         scan = (scan_y, scan_x) if scan_x and scan_y else None  # rows = ScanY
         self._series_id += 1
         self._frames = 0
         self._expected = expected
-        self._dtype = None
         self._hdr = {"scan": scan, "expected": expected or None}
         self.series = None  # geometry comes with the first frame's MQ1 header
         return events
@@ -138,8 +146,10 @@ class MerlinDecoder:
             ptype = head[6].decode("ascii")
         except (IndexError, ValueError, UnicodeDecodeError):
             raise DecodeError("bad_header", "unreadable MQ1 header") from None
-        if not hasattr(self, "_hdr"):
+        if self._hdr is None:
             raise DecodeError("no_start", "frame before any acquisition header")
+        if seq < 1:
+            raise DecodeError("index_out_of_range", f"MQ1 sequence number {seq}")
         if ptype not in PIXEL_TYPES:
             raise DecodeError("bad_encoding", f"pixel type {ptype!r} (raw R64 is not decoded)")
         if not (0 < width * height <= MAX_PIXELS) or not 0 < offset < len(payload):
@@ -163,8 +173,6 @@ class MerlinDecoder:
             events.append(SeriesStart(self.series, repeat=False))
         elif (height, width) != self.series.detector_shape:
             raise DecodeError("size_mismatch", "frame size changed within the acquisition")
-        if seq < 1:
-            raise DecodeError("index_out_of_range", f"MQ1 sequence number {seq}")
         frame = np.frombuffer(payload, dtype=dtype, count=width * height, offset=offset)
         frame = frame.astype(self.series.dtype).reshape(height, width)  # to little-endian
         events.append(FrameBatch(self.series.series_id, seq - 1, frame[None]))
@@ -172,7 +180,7 @@ class MerlinDecoder:
         if self._expected and self._frames >= self._expected:
             events.append(SeriesEnd(self.series.series_id, self._frames))
             self.series = None
-            del self._hdr
+            self._hdr = None
         return events
 
 

@@ -9,6 +9,7 @@ one clear `SimplonError` for anything that goes wrong (no connection, HTTP error
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import urllib.error
@@ -24,7 +25,7 @@ class SimplonError(RuntimeError):
 
 class SimplonClient:
     def __init__(self, host: str, port: int = 80, version: str = "1.8.0", timeout_s: float = 5.0):
-        if not HOST.match(host):
+        if not HOST.fullmatch(host):
             raise ValueError(f"bad detector host {host!r}")
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
@@ -35,17 +36,18 @@ class SimplonClient:
     def _url(self, module: str, task: str, param: str) -> str:
         return f"{self.base}/{module}/api/{self.version}/{task}/{param}"
 
-    def _request(self, method: str, url: str, body: Any = None) -> Any:
+    def _request(self, method: str, url: str, body: Any = None, timeout_s: float | None = None
+                 ) -> Any:  # fmt: skip
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 text = resp.read(1 << 20)
         except urllib.error.HTTPError as exc:
             raise SimplonError(f"{method} {url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             raise SimplonError(f"{method} {url}: {reason}") from None
         if not text.strip():
             return None
@@ -63,8 +65,8 @@ class SimplonClient:
         reply = self._request("PUT", self._url(module, "config", param), {"value": value})
         return reply if isinstance(reply, list) else []
 
-    def command(self, name: str, module: str = "detector") -> Any:
-        return self._request("PUT", self._url(module, "command", name), {})
+    def command(self, name: str, module: str = "detector", timeout_s: float | None = None) -> Any:
+        return self._request("PUT", self._url(module, "command", name), {}, timeout_s)
 
     # ------------------------------------------------------------------ workflow
     def configure_stream(self, fmt: str, header_detail: str = "basic",
@@ -93,8 +95,9 @@ class SimplonClient:
             raise SimplonError(f"arm: unexpected reply {reply!r}")
         return reply["sequence id"]
 
-    def trigger(self) -> None:
-        self.command("trigger")
+    def trigger(self, timeout_s: float = 24 * 3600.0) -> None:
+        """In `ints` the call returns when the triggered images are taken: a long wait."""
+        self.command("trigger", timeout_s=timeout_s)
 
     def disarm(self) -> None:
         self.command("disarm")

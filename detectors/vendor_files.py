@@ -143,6 +143,8 @@ class MibFile:
         dtype = {"U08": ">u1", "U16": ">u2", "U32": ">u4"}.get(ptype)
         if dtype is None:
             raise DatasetError(f"{path}: pixel type {ptype} not supported (raw R64)")
+        if offset <= 0 or width <= 0 or height <= 0:
+            raise DatasetError(f"{path}: MQ1 header with offset {offset}, {width}x{height}")
         self.frame_bytes = offset + width * height * np.dtype(dtype).itemsize
         if data.size % self.frame_bytes:
             raise DatasetError(f"{path}: size is not a whole number of {self.frame_bytes}-byte "
@@ -159,7 +161,10 @@ class MibFile:
 
             f = _header_fields(self.header_text)
             if "ScanX" in f and "ScanY" in f:
-                scan = (int(f["ScanY"]), int(f["ScanX"]))
+                try:
+                    scan = (int(f["ScanY"]), int(f["ScanX"]))
+                except ValueError:
+                    raise DatasetError(f"{hdr}: ScanX/ScanY are not integers") from None
         if scan is None:
             raise DatasetError(f"{path}: no ScanX/ScanY in a .hdr sidecar: pass --scan")
         if scan[0] * scan[1] != self.n_frames:

@@ -160,6 +160,11 @@ class Engine:
             if self._current is not None:  # timed out or stopped mid-series
                 log.warning("stream idle or stopped before the series ended")
                 self._finish(complete=False)
+        except Exception:  # the receiver failed: keep what arrived
+            log.exception("receiving failed")
+            if self._current is not None:
+                self._finish(complete=False)
+
         finally:
             if self._sock is not None:
                 self._sock.close()

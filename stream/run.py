@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from dataclasses import replace
 
 from .cliutil import UsageError, parse_finite
-from .engine import DECODERS, Engine, EngineSettings
+from .engine import DECODERS, TCP_PROTOCOLS, Engine, EngineSettings
 from .options import add_processing_args, processing_from_args, report
 from .subscriber import SubscriberSettings
 
@@ -25,7 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--connect", metavar="ENDPOINT", default="tcp://127.0.0.1:5555")
     where.add_argument("--bind", metavar="ENDPOINT", help="bind instead of connecting")
-    p.add_argument("--socket", default="sub", choices=["sub", "pull"])
+    p.add_argument(
+        "--socket",
+        default=None,
+        choices=["sub", "pull"],
+        help="default: pull for DECTRIS (they PUSH), sub for the native protocol",
+    )
     p.add_argument("--protocol", default="native", choices=sorted(DECODERS))
     p.add_argument(
         "--channel",
@@ -58,8 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--trigger-mode",
         default="exte",
-        choices=["exte", "exts", "inte", "ints"],
-        help="SIMPLON trigger mode in active mode (internal modes are triggered here)",
+        choices=["exte", "exts", "ints"],
+        help="SIMPLON trigger mode in active mode: external per frame (exte) or series (exts), "
+        "or internal series (ints, triggered here)",
     )
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="publish the result stream (for tcbf-live view)")  # fmt: skip
@@ -83,9 +90,14 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless or args.publish:  # a viewer will show the axial-radius control
         processing = replace(processing, tcbf=replace(processing.tcbf, ring_images=True))
     endpoint = args.bind or args.connect
+    if args.protocol in TCP_PROTOCOLS:
+        if args.bind or not re.fullmatch(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}", endpoint):
+            raise UsageError(f"--protocol {args.protocol} connects to the detector's data port: "
+                             "--connect tcp://HOST:PORT")  # fmt: skip
+    socket_type = args.socket or ("pull" if args.protocol.startswith("dectris") else "sub")
     return EngineSettings(
         subscriber=SubscriberSettings(
-            endpoint=endpoint, socket_type=args.socket, bind=args.bind is not None
+            endpoint=endpoint, socket_type=socket_type, bind=args.bind is not None
         ),
         processing=processing,
         protocol=args.protocol,
@@ -186,9 +198,17 @@ def arm_detector(args: argparse.Namespace, settings: EngineSettings):
         client.configure_stream("legacy" if v1 else "cbor", "all" if v1 else "basic", appendix)
         client.configure_scan(args.scan[0] * args.scan[1], args.trigger_mode)
         series = client.arm()
-        if args.trigger_mode in ("ints", "inte"):
-            client.trigger()
     except SimplonError as exc:
         raise UsageError(f"detector: {exc}") from None
+    if args.trigger_mode == "ints":  # returns when the images are taken: in a thread
+        import threading
+
+        def trigger():
+            try:
+                client.trigger()
+            except SimplonError as exc:
+                log.error("trigger failed: %s", exc)
+
+        threading.Thread(target=trigger, name="simplon-trigger", daemon=True).start()
     log.info("armed %s: series %d", client.base, series)
     return client

@@ -93,18 +93,7 @@ def receive_event_batches(
             except zmq.Again:
                 break
             counters.messages += 1
-            try:
-                out = decoder.decode([p.buffer for p in parts])
-                if isinstance(out, list):  # part-wise decoders: zero or more events
-                    events.extend(out)
-                elif out is not None:
-                    events.append(out)
-
-            except DecodeError as err:
-                counters.reject(err)
-            except Exception as exc:  # a decoder bug must not take the receiver down
-                log.exception("decoder failed on a message")
-                counters.reject(DecodeError("decoder_error", repr(exc)))
+            events.extend(decode_counted(decoder, [p.buffer for p in parts], counters))
         if events:
             yield events
 
@@ -113,6 +102,27 @@ def receive_events(sock: zmq.Socket, decoder, counters, **kwargs) -> Iterator[Ev
     """One decoded event at a time (see `receive_event_batches` for the arguments)."""
     for events in receive_event_batches(sock, decoder, counters, **kwargs):
         yield from events
+
+
+def decode_counted(decoder, parts: list, counters: StreamCounters) -> list[Event]:
+    """Events of one message; every rejection counted (also those a multi-event decoder
+    recorded while keeping the good events); a decoder bug never escapes."""
+    events: list[Event] = []
+    try:
+        out = decoder.decode(parts)
+        if isinstance(out, list):  # part-wise decoders: zero or more events
+            events.extend(out)
+        elif out is not None:
+            events.append(out)
+    except DecodeError as err:
+        counters.reject(err)
+    except Exception as exc:  # a decoder bug must not take the receiver down
+        if sum(counters.rejected.values()) < 10:
+            log.exception("decoder failed on a message")
+        counters.reject(DecodeError("decoder_error", repr(exc)))
+    for err in getattr(decoder, "drain_errors", list)():
+        counters.reject(err)
+    return events
 
 
 def receive_tcp_batches(
@@ -134,7 +144,9 @@ def receive_tcp_batches(
         raise ValueError(f"raw TCP needs tcp://HOST:PORT, got {endpoint!r}")
     host, port = match.group(1).strip("[]"), int(match.group(2))
     sock = None
+    warned = False
     idle_since = time.monotonic()
+
     try:
         while not should_stop():
             if timeout_s is not None and time.monotonic() - idle_since > timeout_s:
@@ -143,27 +155,29 @@ def receive_tcp_batches(
                 try:
                     sock = socket.create_connection((host, port), timeout=0.5)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-                except OSError:
+                except OSError as exc:
+                    if not warned:
+                        log.info("waiting for the detector at %s:%d (%s)", host, port, exc)
+                        warned = True
                     time.sleep(0.1)
                     continue
+                log.info("connected to %s:%d", host, port)
+                stale = decoder.reset() if hasattr(decoder, "reset") else []
+                if stale:  # an acquisition left open by the previous connection ends here
+                    yield stale
             if not select.select([sock], [], [], 0.1)[0]:
                 continue
-            data = sock.recv(chunk_bytes)
+            try:
+                data = sock.recv(chunk_bytes)
+            except OSError:  # reset by the peer: like a close
+                data = b""
             if not data:  # the detector closed the connection: wait for the next one
                 sock.close()
                 sock = None
                 continue
             idle_since = time.monotonic()
             counters.messages += 1
-            events: list[Event] = []
-            feed: list = [data]
-            for _ in range(10_000):  # after an error, go on with the rest of the buffer
-                try:
-                    events.extend(decoder.decode(feed))
-                    break
-                except DecodeError as err:
-                    counters.reject(err)
-                    feed = []
+            events = decode_counted(decoder, [data], counters)
             if events:
                 yield events
     finally:
