@@ -42,6 +42,8 @@ class AlignmentSettings:
     bins: tuple[int, ...] | None = None  # explicit schedule, one iteration per entry
     min_tile_electrons: float = DEFAULT_MIN_TILE_ELECTRONS
     iterations_per_level: int = 2
+    live_iterations_per_level: int = 1  # warm live updates refine from the last model
+
     upsample: int = 8  # DFT upsampling of the cross-correlation peak
     edge_blend_px: float | None = None  # None: 1/6 of the acquired field, within [2, 16]
     min_rows: int = 8  # rows acquired before the first alignment

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -94,6 +94,7 @@ class TcbfResult:
     target_resolution_A: float | None = None
     dose_for_target_e_per_A2: float | None = None  # estimate from the power-law fit
     trust: tuple[LevelTrust, ...] = ()
+    alignment_s: float = 0.0  # of `latency_s`: the alignment alone (tiles, registration, fit)
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -252,6 +253,11 @@ class TcbfProcessor:
         # fast, and independent of when the live updates ran, so a live run ends with exactly
         # what `reconstruct` gives for the same frames. Live updates warm-start.
         self._regroup_px = FINAL_REGROUP_PX if final else REGROUP_PX
+        warm = not final and self.matrix_px is not None
+        if warm:  # a live update refines the last model: each trusted level once
+            st = replace(st, iterations_per_level=st.live_iterations_per_level)
+
+        t_align = time.perf_counter()
         try:
             result = align(
                 levels,
@@ -261,6 +267,7 @@ class TcbfProcessor:
             )
         finally:
             self._groups = None  # release the grouped sums (and never reuse them)
+        align_s = time.perf_counter() - t_align
 
         result = AlignmentResult(result.matrix_px, result.iterations, rows, result.converged)
         if not result.converged and self.matrix_px is None:
@@ -334,6 +341,7 @@ class TcbfProcessor:
             target_resolution_A=target,
             dose_for_target_e_per_A2=needed,
             trust=self.last_trust,
+            alignment_s=align_s,
         )
         return self.last
 
