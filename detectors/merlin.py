@@ -138,7 +138,7 @@ class MerlinDecoder(CollectsErrors):
         return events
 
     def _frame(self, payload: bytes) -> list[Event]:
-        head = payload[:64].split(b",")
+        head = payload[:128].split(b",")
         try:
             seq = int(head[1])
             offset = int(head[2])
@@ -169,7 +169,9 @@ class MerlinDecoder(CollectsErrors):
                 counts_per_electron=1.0,
                 mask_value=None,  # Medipix has no NODATA value
                 frames_expected=self._hdr["expected"],
+                dwell_s=_shutter_s(head),  # the frame's shutter time: beam current in the dose
             )
+
             events.append(SeriesStart(self.series, repeat=False))
         elif (height, width) != self.series.detector_shape:
             raise DecodeError("size_mismatch", "frame size changed within the acquisition")
@@ -231,3 +233,12 @@ def encode_frame(seq: int, frame: np.ndarray) -> bytes:
     ]
     header = ",".join(fields).encode("ascii").ljust(384, b" ")
     return mpx(header + frame.astype(frame.dtype.newbyteorder(">")).tobytes())
+
+
+def _shutter_s(head: list[bytes]) -> float | None:
+    """MQ1 field 10, the shutter (exposure) time in seconds, if readable and positive."""
+    try:
+        value = float(head[10])
+    except (IndexError, ValueError):
+        return None
+    return value if 0 < value < 1e3 else None

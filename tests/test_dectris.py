@@ -307,6 +307,8 @@ def test_merlin_stream_split_anywhere_decodes_the_same(sim):
                   for e in dec.decode([stream[a:b]])]  # fmt: skip
         assert isinstance(events[0], SeriesStart) and events[0].info.scan_shape == (1, 5)
         assert events[0].info.dtype == "<u2" and events[0].info.frames_expected == 5
+        assert events[0].info.dwell_s == pytest.approx(1e-4)  # MQ1 shutter time
+
         got = [e for e in events if isinstance(e, FrameBatch)]
         assert [b.first for b in got] == [0, 1, 2, 3, 4]
         for b, f in zip(got, frames, strict=True):
