@@ -79,17 +79,18 @@ def test_encoder_round_trip_and_blob_readable_by_dectris_compression(sim):
     assert dec.decode(encode_end(5)) == SeriesEnd(5, 12)
 
 
-def test_pipeline_over_dectris_v2_equals_the_native_result(sim, endpoint):
+@pytest.mark.parametrize("protocol", ["dectris-v2", "dectris-v1"])
+def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol):
     engine = Engine(EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
-        protocol="dectris-v2", idle_timeout_s=10.0, max_series=1,
+        protocol=protocol, idle_timeout_s=10.0, max_series=1,
     )).start()  # fmt: skip
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(endpoint)
     frames = sim.frames(0, sim.n_frames)
     batches = ((f, frames[f : f + 8]) for f in range(0, len(frames), 8))
     try:
-        stream_series(push, sim, SendSettings(protocol="dectris-v2", encoding="bslz4"), 9,
+        stream_series(push, sim, SendSettings(protocol=protocol, encoding="bslz4"), 9,
                       batches)  # fmt: skip
     finally:
         push.close(linger=2000)
@@ -231,30 +232,6 @@ def test_v1_zeroed_bslz4_header_and_bad_input(sim):
     # header_detail none carries no geometry: refused with a clear reason
     with pytest.raises(DecodeError, match="header_detail"):
         v1.DectrisV1Decoder().decode([b'{"htype":"dheader-1.0","series":1,"header_detail":"none"}'])
-
-
-def test_pipeline_over_dectris_v1_equals_the_native_result(sim, endpoint):
-    engine = Engine(EngineSettings(
-        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
-        protocol="dectris-v1", idle_timeout_s=10.0, max_series=1,
-    )).start()  # fmt: skip
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(endpoint)
-    frames = sim.frames(0, sim.n_frames)
-    batches = ((f, frames[f : f + 8]) for f in range(0, len(frames), 8))
-    try:
-        stream_series(push, sim, SendSettings(protocol="dectris-v1", encoding="bslz4"), 11,
-                      batches)  # fmt: skip
-    finally:
-        push.close(linger=2000)
-    assert engine.join(timeout=20)
-    live = engine.last_result
-    proc = SeriesProcessor(sim.series_info(11), ProcessingSettings())
-    proc.add(FrameBatch(11, 0, frames))
-    native = proc.result(final=True)
-    assert live.complete and live.frames_received == sim.n_frames
-    for name in ("incoherent_bf", "axial_bf", "total_counts", "hits"):
-        np.testing.assert_array_equal(getattr(live, name), getattr(native, name))
 
 
 @settings(max_examples=150, deadline=None,
