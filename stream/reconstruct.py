@@ -51,17 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from .results import write_result
 
     settings = processing_from_args(args)
-    overrides = {
-        "scan_shape": args.scan,
-        "energy_eV": args.energy,
-        "step_A": args.step,
-        "semiangle_mrad": args.semiangle,
-        "angular_sampling_mrad": args.angular_sampling,
-        "counts_per_electron": args.counts_per_electron,
-    }
     t0 = time.perf_counter()
-    with RecordedDataset(args.input, overrides) as data:
-        info = data.series_info(series_id=1)
+    # the scan shape is needed to open a 3D stack; the other flags override the file's
+    # metadata through the processing settings, as for a live stream
+    with RecordedDataset(args.input, {"scan_shape": args.scan}) as data:
+        info = settings.resolve(data.series_info(series_id=1))
+
         missing = [flag for flag, value in (("--energy", info.energy_eV),
                                             ("--step", info.step_A)) if not value]  # fmt: skip
         if missing:
