@@ -42,6 +42,15 @@ class CollectsErrors:
         return events
 
 
+def header_int(d: Any, key: str, low: int = 0, high: int = 1 << 62) -> int:
+    """An integer header field within [low, high] (bools and floats refused), else
+    DecodeError: the shared check of every decoder's numeric header fields."""
+    v = d.get(key)
+    if type(v) is not int or not low <= v <= high:
+        raise DecodeError("bad_header", f"{key} must be an integer in [{low}, {high}]")
+    return v
+
+
 def scan_position(
     frame_index: np.ndarray, scan_shape: tuple[int, int], order: str = "raster"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,9 @@ from .base import (
     SeriesInfo,
     SeriesStart,
 )
+from .base import (
+    header_int as _int,
+)
 from .compression import BLOCK_BYTES, HEADER, decompress
 
 TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
@@ -54,13 +57,6 @@ def _json(part: Any) -> dict | None:
         return None
 
     return obj if isinstance(obj, dict) else None
-
-
-def _int(d: dict, key: str, low: int = 0, high: int = 1 << 62) -> int:
-    v = d.get(key)
-    if type(v) is not int or not low <= v <= high:
-        raise DecodeError("bad_header", f"{key} must be an integer in [{low}, {high}]")
-    return v
 
 
 class DectrisV1Decoder(CollectsErrors):

@@ -30,6 +30,9 @@ from .base import (
     SeriesInfo,
     SeriesStart,
 )
+from .base import (
+    header_int as _int,
+)
 from .compression import compress_bslz4, decompress
 
 TYPED = {64: "|u1", 69: "<u2", 70: "<u4"}
@@ -77,13 +80,6 @@ def _tag_hook(*args):
     if tag.tag == 55799:  # self-described CBOR
         return value
     return tag  # dates (0), others: left as they are
-
-
-def _int(m: dict, key: str, low: int = 0, high: int = MAX_IMAGES) -> int:
-    v = m.get(key)
-    if type(v) is not int or not low <= v <= high:
-        raise DecodeError("bad_header", f"{key} must be an integer in [{low}, {high}]")
-    return v
 
 
 def _scan_shape(user: Any) -> tuple[int, int] | None:
@@ -194,7 +190,7 @@ class DectrisV2Decoder(CollectsErrors):
         if series != info.series_id:
             raise DecodeError("wrong_series", f"image of series {series}, expected "
                               f"{info.series_id}")  # fmt: skip
-        image_id = _int(m, "image_id")
+        image_id = _int(m, "image_id", 0, MAX_IMAGES)
         if image_id >= info.frames_expected:
             raise DecodeError("index_out_of_range", f"image {image_id} of {info.frames_expected}")
         data = m.get("data")

@@ -13,7 +13,7 @@ import threading
 
 import zmq
 
-from .snapshot import encode_state, view_state
+from .snapshot import encode_state, state_key, view_state
 
 log = logging.getLogger("tcbf.publish")
 
@@ -50,9 +50,7 @@ class SnapshotPublisher:
                 result = self.engine.snapshot()
                 if result is None:
                     continue
-                tcbf = result.tcbf
-                key = (result.info.series_id, result.frames_received, result.complete,
-                       None if tcbf is None else (tcbf.frames, tcbf.latency_s))  # fmt: skip
+                key = state_key(result)
                 if key == last:
                     continue
                 rejected = sum(self.engine.counters.rejected.values())

@@ -299,9 +299,6 @@ class ShiftAndAdd:
         return (_ratio(num[0] + num[1], den[0] + den[1]), _ratio(num[0], den[0]),
                 _ratio(num[1], den[1]))  # fmt: skip
 
-    def image(self) -> np.ndarray:
-        return self.images()[0]
-
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     good = den > 1e-3 * max(float(den.max()), 1e-30)

@@ -307,8 +307,13 @@ class SeriesProcessor:
         bins = s.bins or default_bins(cal.radius_px)
         anchor = (round(cal.center_px[0]), round(cal.center_px[1]))
         layout = TileLevels.build(cal.bf_pixels, anchor, bins)
-        # BF pixels in tile-contiguous order from here on (stack columns, result file)
-        cal = replace(cal, bf_pixels=cal.bf_pixels[layout.order])
+        # BF pixels in tile-contiguous order from here on (stack columns, result file); the
+        # angular sampling: the stream's / the flags', else the calibration's, else the
+        # semi-angle over the measured disk radius (one value for aberrations and the file)
+        sampling = self.info.angular_sampling_mrad or cal.angular_sampling_mrad
+        if not sampling and self.info.semiangle_mrad:
+            sampling = self.info.semiangle_mrad / cal.radius_px
+        cal = replace(cal, bf_pixels=cal.bf_pixels[layout.order], angular_sampling_mrad=sampling)
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
         self.acc = Accumulators(

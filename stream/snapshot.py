@@ -121,6 +121,13 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
     return s
 
 
+def state_key(result: SeriesResult) -> tuple:
+    """Changes whenever a view state built from `result` would: publish/redraw only then."""
+    t = result.tcbf
+    return (result.info.series_id, result.frames_received, result.complete,
+            None if t is None else (t.frames, t.latency_s))  # fmt: skip
+
+
 def encode_state(state: dict[str, Any]) -> list[bytes | memoryview]:
     meta, arrays, parts = {}, [], []
     for name, value in state.items():

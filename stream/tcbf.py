@@ -159,9 +159,7 @@ class TcbfProcessor:
         self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
         # angular sampling: the stream's / the flags', else the calibration's, else semiangle
         # over the measured disk radius
-        self.sampling_mrad = info.angular_sampling_mrad or calibration.angular_sampling_mrad
-        if not self.sampling_mrad and info.semiangle_mrad:
-            self.sampling_mrad = info.semiangle_mrad / calibration.radius_px
+        self.sampling_mrad = calibration.angular_sampling_mrad  # resolved by SeriesProcessor
         self.wavelength_A = wavelength_A(info.energy_eV) if info.energy_eV else None
         self.upsampling = settings.upsample or default_upsampling(
             info.step_A, self.wavelength_A, info.semiangle_mrad,

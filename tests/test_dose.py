@@ -208,4 +208,3 @@ def test_target_resolution_projection_live():
     # measured: ~2.7e4 e/A^2 projected for 8 A, beyond the 100 e/A^2 spent (an estimate)
     assert r.dose_for_target_e_per_A2 is not None and r.dose_for_target_e_per_A2 > doses[-1]
     assert "8 A needs ~" in r.summary() and "(estimate)" in r.summary()
-

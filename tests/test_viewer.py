@@ -155,10 +155,10 @@ def test_viewer_joining_mid_scan_sees_the_current_state(qtbot, tutorial, endpoin
 def test_a_stalled_viewer_does_not_slow_ingest(tutorial):
     """Ingest frames/s with a subscriber that never reads vs none (same messages, best of 3)."""
     sim, frames = tutorial
-    many = np.concatenate([frames] * 4)  # 4608 frames: 48 x 96 scan
+    many = np.concatenate([frames] * 8)  # 9216 frames: 96 x 96 scan
     from dataclasses import replace
 
-    info = replace(sim.series_info(8), scan_shape=(48, 96), frames_expected=len(many))
+    info = replace(sim.series_info(8), scan_shape=(96, 96), frames_expected=len(many))
 
     def rate(stalled: bool) -> float:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -184,10 +184,11 @@ def test_a_stalled_viewer_does_not_slow_ingest(tutorial):
         return engine.last_result.frames_per_s
 
     free, stalled = [], []
-    for _ in range(4):  # interleaved, so a noisy moment on the shared machine hits both
+    for _ in range(5):  # interleaved, so a noisy moment on the shared machine hits both
         free.append(rate(False))
         stalled.append(rate(True))
-    assert max(stalled) >= 0.9 * max(free), (free, stalled)
+    # medians: single runs on this shared 2-core machine scatter by +-30 %
+    assert np.median(stalled) >= 0.9 * np.median(free), (free, stalled)
 
 
 def test_demo_headless_writes_a_screenshot_and_a_sharp_result(tmp_path):

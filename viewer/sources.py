@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from stream.snapshot import StateError, decode_state, view_state
+from stream.snapshot import StateError, decode_state, state_key, view_state
 
 log = logging.getLogger("tcbf.viewer")
 
@@ -27,9 +27,7 @@ class EngineSource:
         result = self.engine.snapshot()
         if result is None:
             return None
-        tcbf = result.tcbf
-        key = (result.info.series_id, result.frames_received, result.complete,
-               None if tcbf is None else (tcbf.frames, tcbf.latency_s))  # fmt: skip
+        key = state_key(result)
         if key == self._last:
             return None
         self._last = key
