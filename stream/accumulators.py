@@ -4,8 +4,10 @@ Per frame (no Python per frame; the kernel releases the GIL):
 - total counts (masked pixels excluded), BF counts (= incoherent BF), axial virtual BF;
   DF = total - BF;
 - the frame's BF-pixel values into a per-BF-pixel stack (for the final reconstruction);
-- binned virtual-BF tile sums for every alignment bin level: each BF pixel adds into its tile at
-  the finest level, and coarser levels are summed from the finest tiles, so the frame is read once.
+- binned virtual-BF tile sums for every alignment bin level. The BF pixels are ordered so that
+  every tile, at every level, is one contiguous run; one running (prefix) sum of the frame's BF
+  values then gives every tile of every level as a difference of two entries, so each BF pixel
+  is read once and short per-tile loops are avoided (27 % of the kernel's time at 96x96).
 
 Arrays are position-major ((positions, ...)), so a frame's writes are contiguous.
 
@@ -54,8 +56,8 @@ class TileLevels:
     """BF pixel -> tile maps for nested bin levels (coarse to fine).
 
     `order` sorts the BF pixels so that every tile, at every level, is one contiguous run: the
-    kernel then sums tiles as segments (no scattered writes). All other arrays refer to the
-    BF pixels *in that order*.
+    kernel then gets tile sums from a prefix sum (no scattered writes). All other arrays refer
+    to the BF pixels *in that order*.
     """
 
     bins: tuple[int, ...]
@@ -64,9 +66,8 @@ class TileLevels:
     labels: tuple[np.ndarray, ...]  # per level (n_tiles, 2) integer tile coordinates
     order: np.ndarray  # (N_bf,) permutation of the input BF pixels
     member_tile: tuple[np.ndarray, ...]  # per level (N_bf,) tile of each (ordered) BF pixel
-    bf_bounds: np.ndarray  # (n_finest + 1,) finest tile t = ordered BF pixels [b[t], b[t+1])
-    child_bounds: np.ndarray  # (levels - 1, max tiles + 1) tile t of level l = tiles
-    #                           [c[l, t], c[l, t+1]) of level l + 1
+    tile_start: np.ndarray  # (total_tiles,) accumulator column c = ordered BF pixels
+    tile_stop: np.ndarray  # (total_tiles,)   [tile_start[c], tile_stop[c])
 
     @property
     def total_tiles(self) -> int:
@@ -90,13 +91,10 @@ class TileLevels:
             starts.append(np.flatnonzero(new))
         n_tiles = tuple(len(lab) for lab in labels)
         offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(n_tiles)[:-1]]))
-        bf_bounds = np.append(starts[-1], n).astype(np.int32)
-        child = np.zeros((len(levels) - 1, max(n_tiles) + 1), np.int32)
-        for lvl in range(len(levels) - 1):
-            first_child = members[lvl + 1][starts[lvl]]
-            child[lvl, : n_tiles[lvl] + 1] = np.append(first_child, n_tiles[lvl + 1])
+        tile_start = np.concatenate(starts).astype(np.int32)
+        tile_stop = np.concatenate([np.append(s[1:], n) for s in starts]).astype(np.int32)
         return cls(levels, n_tiles, offsets, tuple(labels), order.astype(np.int32),
-                   tuple(members), bf_bounds, child)  # fmt: skip
+                   tuple(members), tile_start, tile_stop)  # fmt: skip
 
 
 # stats slots of the kernel
@@ -111,10 +109,8 @@ def accumulate_frames(
     cols: int,
     serpentine: bool,
     bf_index: np.ndarray,  # (N_bf,) flat detector index, tile-contiguous order
-    bf_bounds: np.ndarray,  # (n_finest + 1,) BF runs of the finest tiles
-    child_bounds: np.ndarray,  # (L-1, max tiles + 1) finer-tile runs of each coarser tile
-    offsets: np.ndarray,  # (L,) first accumulator column of each level
-    n_tiles: np.ndarray,  # (L,) tiles per level
+    tile_start: np.ndarray,  # (total_tiles,) BF run [start, stop) of each accumulator column
+    tile_stop: np.ndarray,
     axial_index: np.ndarray,  # BF-pixel indices inside the axial radius
     masked_index: np.ndarray,  # flat indices excluded from totals
     stack_max: float,
@@ -128,10 +124,10 @@ def accumulate_frames(
     seen: np.ndarray,  # (frame limit,) uint8
     stats: np.ndarray,  # int64[5]
 ) -> None:
-    n_levels = offsets.shape[0]
     n_bf = bf_index.shape[0]
-    vals = np.zeros(n_bf, np.float64)  # this frame's BF values
-    tmp = np.zeros(tiles.shape[1], np.float64)  # this frame's tile sums, all levels
+    vals = np.zeros(n_bf, type(zero))  # this frame's BF values
+    cum = np.zeros(n_bf + 1, type(zero))  # their running sum (exact for integer frames)
+    cap = type(zero)(stack_max)
     for b in range(frames.shape[0]):
         idx = indices[b]
         if idx < 0 or idx >= seen.shape[0]:
@@ -157,37 +153,24 @@ def accumulate_frames(
             tot += f[p]
         for m in masked_index:
             tot -= f[m]
+        run = zero
         for i in range(n_bf):
-            vals[i] = f[bf_index[i]]
+            v = f[bf_index[i]]
+            vals[i] = v
+            run += v
+            cum[i + 1] = run
         srow = stack[j]
-        for i in range(n_bf):
+        for i in range(n_bf):  # separate loop: vectorises
             s = srow[i] + vals[i]
-            srow[i] = s if s < stack_max else stack_max
-        fine = offsets[n_levels - 1]
-        for t in range(n_tiles[n_levels - 1]):
-            acc = 0.0
-            for i in range(bf_bounds[t], bf_bounds[t + 1]):
-                acc += vals[i]
-            tmp[fine + t] = acc
-        for lvl in range(n_levels - 2, -1, -1):  # coarser tiles from the next finer level
-            src = offsets[lvl + 1]
-            dst = offsets[lvl]
-            for t in range(n_tiles[lvl]):
-                acc = 0.0
-                for c in range(child_bounds[lvl, t], child_bounds[lvl, t + 1]):
-                    acc += tmp[src + c]
-                tmp[dst + t] = acc
-        bfs = 0.0
-        for t in range(n_tiles[0]):
-            bfs += tmp[t]
-        ax = 0.0
+            srow[i] = s if s < cap else cap
+        ax = zero
         for i in axial_index:
             ax += vals[i]
         trow = tiles[j]
-        for t in range(tmp.shape[0]):
-            trow[t] += tmp[t]
+        for t in range(tile_start.shape[0]):
+            trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
         totals[j] += tot
-        bf_sum[j] += bfs
+        bf_sum[j] += run
         axial_sum[j] += ax
         hits[j] += 1
         stats[ACCEPTED] += 1
@@ -233,8 +216,6 @@ class Accumulators:
         self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
         self._axial_index = np.flatnonzero(self.axial).astype(np.int32)
         self._masked = cal.masked_flat_index
-        self._offsets = np.asarray(self.tiles_layout.offsets, np.int64)
-        self._n_tiles = np.asarray(self.tiles_layout.n_tiles, np.int64)
         self._zero = np.int64(0) if self.integer_stack else 0.0
         self._stack_max = float(np.iinfo(np.uint16).max if self.integer_stack else np.inf)
 
@@ -256,7 +237,7 @@ class Accumulators:
         lay = self.tiles_layout
         accumulate_frames(
             flat, indices, self.n_positions, self.scan_shape[1], self.serpentine,
-            self._bf_index, lay.bf_bounds, lay.child_bounds, self._offsets, self._n_tiles,
+            self._bf_index, lay.tile_start, lay.tile_stop,
             self._axial_index, self._masked, self._stack_max, self._zero, self.totals, self.bf_sum,
             self.axial_sum, self.hits, self.stack, self.tiles, self.seen, self.stats,
         )  # fmt: skip

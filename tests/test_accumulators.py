@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import stream.series as series_module
 from detectors.base import FrameBatch, scan_position
 from simulators import Simulator, tutorial_config
 from stream.accumulators import TileLevels, default_bins, validate_bins
@@ -187,9 +188,17 @@ def test_bin_levels():
             assert len(np.unique(coarse[fine == t])) == 1
 
 
-def test_staged_small_messages_match_reference(sim, frames):
-    """1-3 frame messages are gathered into one kernel call: same sums, same counters."""
+@pytest.mark.parametrize("staging", ["default", "three-frame buffer", "frames too large"])
+def test_staged_small_messages_match_reference(sim, frames, monkeypatch, staging):
+    """1-3 frame messages are gathered into one kernel call (or, for large frames, not staged
+    at all): same sums, same counters."""
+    frame_bytes = frames[0].nbytes
+    if staging == "three-frame buffer":
+        monkeypatch.setattr(series_module, "STAGE_BYTES", 3 * frame_bytes)
+    elif staging == "frames too large":
+        monkeypatch.setattr(series_module, "STAGE_MAX_FRAME_BYTES", frame_bytes - 1)
     rng = np.random.default_rng(2)
+
     proc = feed(sim, batches_of(frames, 1)[:64])  # calibrate on the first 64
     rest, i = [], 64
     while i < len(frames):  # messages of 1, 2, 3, 1, 2, 3, ... frames
@@ -197,9 +206,17 @@ def test_staged_small_messages_match_reference(sim, frames):
         rest.append(FrameBatch(1, i, frames[i : i + k]))
         i += k
     rest.insert(5, rest[3])  # a 1-frame duplicate inside a staged run
+    messages, calls = len(rest), []
+    kernel = proc.acc.add_indexed
+    monkeypatch.setattr(proc.acc, "add_indexed", lambda *a: (calls.append(1), kernel(*a)))
     while rest:
         n = int(rng.integers(1, 40))
         proc.add_many(rest[:n])
         rest = rest[n:]
     assert proc.result().duplicates == 1
+    if staging == "frames too large":
+        assert len(calls) == messages
+    else:
+        assert len(calls) < messages / (3 if staging == "default" else 1.5)
+
     check_against_reference(proc, sim.datacube(), np.ones(sim.cfg.scan_shape, bool))
