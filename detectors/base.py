@@ -51,6 +51,18 @@ def header_int(d: Any, key: str, low: int = 0, high: int = 1 << 62) -> int:
     return v
 
 
+def defect_mask(raw: Any, detector_shape: tuple[int, int]) -> np.ndarray:
+    """The detector's own pixel mask (DECTRIS: uint32 LE bit flags per pixel; gap, dead,
+    under/over-responding, noisy...) as bool (True = exclude): any flag set excludes the pixel.
+    DecodeError if the blob does not hold one uint32 per detector pixel."""
+    data = memoryview(raw).cast("B")
+    expected = 4 * detector_shape[0] * detector_shape[1]
+    if data.nbytes != expected:
+        raise DecodeError("size_mismatch", f"pixel mask of {data.nbytes} bytes, detector "
+                          f"needs {expected}")  # fmt: skip
+    return np.frombuffer(data, "<u4").reshape(detector_shape) != 0
+
+
 def scan_position(
     frame_index: np.ndarray, scan_shape: tuple[int, int], order: str = "raster"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +90,10 @@ class SeriesInfo:
     transpose: bool | None = None
     counts_per_electron: float = 1.0
     mask_value: int | None = None  # pixels carrying this value are dead/hot (2**bits - 1)
+    # pixels the detector flags as defective (True = exclude), e.g. a DECTRIS pixel mask sent
+    # with header_detail "all": needed when the detector does not apply it to the images
+    pixel_mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+
     frames_expected: int | None = None
     dwell_s: float | None = None
     ground_truth: dict[str, Any] | None = field(default=None, compare=False)

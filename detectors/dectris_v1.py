@@ -6,7 +6,10 @@ messages), so the decoder consumes *parts* one by one through a state machine:
 
 - `dheader-1.0` (series, header_detail) then, for basic/all, the detector config dict; for `all`
   the flatfield / pixel-mask / count-rate pairs (header + blob) and an optional header appendix
-  (JSON text: our `scan_shape` [rows, cols] and optics, as a SIMPLON header_appendix can carry);
+  (JSON text: our `scan_shape` [rows, cols] and optics, as a SIMPLON header_appendix can carry).
+  The pixel mask becomes `SeriesInfo.pixel_mask` (flagged pixels are excluded even when the
+  detector did not set them to 2^bits - 1, i.e. `pixel_mask_applied` false); the flatfield and
+  count-rate table describe corrections the detector itself applies, so they are not used;
 - per image: `dimage-1.0` (series, frame), `dimage_d-1.0` (shape [x, y], type, encoding, size),
   the blob, `dconfig-1.0`, optionally an image appendix;
 - `dseries_end-1.0`.
@@ -34,6 +37,7 @@ from .base import (
     SeriesEnd,
     SeriesInfo,
     SeriesStart,
+    defect_mask,
 )
 from .base import (
     header_int as _int,
@@ -69,6 +73,8 @@ class DectrisV1Decoder(CollectsErrors):
         self._series_id: int | None = None
         self._config: dict | None = None
         self._appendix: dict = {}
+        self._blob_header: dict | None = None  # the header of the blob that comes next
+        self._pixel_mask: tuple[dict, bytes] | None = None  # (its header, the blob)
         self._started = False
         self._frame: int | None = None
         self._image_d: dict | None = None
@@ -97,6 +103,10 @@ class DectrisV1Decoder(CollectsErrors):
         state = self._state
         if state == "header_blob":  # the blob after a flatfield/mask/count-rate header
             self._state = "header_extra"
+            if self._blob_header.get("htype") == "dpixelmask-1.0":
+                if memoryview(part).nbytes > 4 * MAX_PIXELS:
+                    raise DecodeError("oversized", "pixel mask larger than any detector")
+                self._pixel_mask = (self._blob_header, bytes(part))
             return None
         if state == "blob":
             self._state = "dconfig"
@@ -124,6 +134,7 @@ class DectrisV1Decoder(CollectsErrors):
             return self._header(msg)
         if htype in HEADER_BLOBS and state == "header_extra":
             self._state = "header_blob"
+            self._blob_header = msg
             return None
         if htype == "dimage-1.0":
             return self._image_header(msg)
@@ -161,6 +172,7 @@ class DectrisV1Decoder(CollectsErrors):
             raise DecodeError("bad_header", f"header_detail {detail!r} carries no geometry: arm "
                               "with header_detail basic or all")  # fmt: skip
         self._config, self._appendix, self._started, self._images = None, {}, False, 0
+        self._pixel_mask = None
         self.series = None
         self._state = "config"
         return None
@@ -204,9 +216,28 @@ class DectrisV1Decoder(CollectsErrors):
             dwell_s=float(frame_time) if isinstance(frame_time, int | float) else None,
             ground_truth=a.get("ground_truth") if isinstance(a.get("ground_truth"), dict)
             else None,
+            pixel_mask=self._mask((height, width)),
         )  # fmt: skip
         self._started = True
         return SeriesStart(self.series, repeat=False)
+
+    def _mask(self, detector_shape: tuple[int, int]) -> np.ndarray | None:
+        """The header's pixel mask, if it came and fits the detector; a bad one is recorded
+        (and the series goes on with the masked-value rule only)."""
+        if self._pixel_mask is None:
+            return None
+        head, blob = self._pixel_mask
+        try:
+            if head.get("shape") != list(detector_shape[::-1]) or head.get("type") != "uint32":
+                raise DecodeError(
+                    "bad_header",
+                    f"pixel mask {head.get('shape')} {head.get('type')} for {detector_shape}",
+                )
+
+            return defect_mask(blob, detector_shape)
+        except DecodeError as err:
+            self._errors.append(err)
+            return None
 
     def _image_header(self, msg: dict):
         series = _int(msg, "series")
@@ -284,7 +315,10 @@ def encode_header(info: SeriesInfo) -> list[list[bytes]]:
         "angular_sampling_mrad": info.angular_sampling_mrad, "ground_truth": info.ground_truth,
     }  # fmt: skip
     shape = [width, height]
-    mask = np.zeros((height, width), np.uint32)
+    # the detector's flags: sent with pixel_mask_applied false when the frames keep raw values
+    flagged = info.pixel_mask is not None
+    mask = (info.pixel_mask if flagged else np.zeros((height, width))).astype("<u4")
+    config["pixel_mask_applied"] = not flagged
     return [
         [_j({"htype": "dheader-1.0", "series": int(info.series_id), "header_detail": "all"})],
         [

@@ -29,6 +29,7 @@ from .base import (
     SeriesEnd,
     SeriesInfo,
     SeriesStart,
+    defect_mask,
 )
 from .base import (
     header_int as _int,
@@ -175,12 +176,26 @@ class DectrisV2Decoder(CollectsErrors):
             ground_truth=dict(user["ground_truth"])
             if isinstance(user, Mapping) and isinstance(user.get("ground_truth"), Mapping)
             else None,
+            pixel_mask=self._mask(m.get("pixel_mask"), channel, (height, width)),
         )
         if announced is None:  # wait for the first image to know the pixel type
             self._announced = False
             return []
         self._announced = True
         return SeriesStart(self.series, repeat=False)
+
+    def _mask(self, masks: Any, channel: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """The channel's pixel mask (header_detail "all"). Anything but a tagged array, e.g.
+        the 4-byte placeholders of an edited start, counts as absent; a malformed array is
+        recorded and the series goes on with the masked-value rule only."""
+        arr = masks.get(channel) if isinstance(masks, Mapping) else None
+        if not isinstance(arr, _MultiDim):
+            return None
+        try:
+            return defect_mask(_array(arr, shape, "<u4"), shape)
+        except DecodeError as err:
+            self._errors.append(err)
+            return None
 
     def _image(self, m: dict) -> FrameBatch:
         info = self.series
@@ -206,7 +221,7 @@ class DectrisV2Decoder(CollectsErrors):
             self._announced = True
             events.append(SeriesStart(info, repeat=False))
         try:
-            frame = self._array(data[self._channel], info)
+            frame = _array(data[self._channel], info.detector_shape, info.dtype)
         except DecodeError:
             if not events:
                 raise
@@ -216,31 +231,33 @@ class DectrisV2Decoder(CollectsErrors):
         events.append(FrameBatch(series, image_id, frame[None]))
         return events if len(events) > 1 else events[0]
 
-    @staticmethod
-    def _array(arr: Any, info: SeriesInfo) -> np.ndarray:
-        if not isinstance(arr, _MultiDim) or not isinstance(arr.array, _Typed):
-            raise DecodeError("bad_payload", "frame is not a tagged multi-dimensional array")
-        if tuple(arr.dims) != tuple(info.detector_shape):
-            raise DecodeError("size_mismatch", f"frame {arr.dims} != {info.detector_shape}")
-        if arr.array.dtype != info.dtype:
-            raise DecodeError("bad_dtype", f"frame dtype {arr.array.dtype} != {info.dtype}")
-        nbytes = info.frame_nbytes
-        payload = arr.array.payload
-        if isinstance(payload, _Compressed):
-            size = np.dtype(info.dtype).itemsize
-            if payload.algorithm == "bslz4" and payload.element_size != size:
-                raise DecodeError("bad_payload", f"bslz4 element size {payload.element_size} "
-                                  f"for {size}-byte pixels")  # fmt: skip
-            if not isinstance(payload.data, bytes | bytearray | memoryview):
-                raise DecodeError("bad_payload", "compressed data is not a byte string")
-            raw = decompress(payload.algorithm, payload.element_size, payload.data, nbytes)
-        elif isinstance(payload, bytes | bytearray | memoryview):
-            raw = payload
-        else:
-            raise DecodeError("bad_payload", "typed array holds no byte string")
-        if len(raw) != nbytes:
-            raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, frame is {nbytes}")
-        return np.frombuffer(raw, dtype=info.dtype).reshape(info.detector_shape)
+
+def _array(arr: Any, shape: tuple[int, int], dtype: str) -> np.ndarray:
+    """A tagged multi-dimensional array (an image, a pixel mask) of this shape and dtype,
+    decompressed if it is; DecodeError for anything else."""
+    if not isinstance(arr, _MultiDim) or not isinstance(arr.array, _Typed):
+        raise DecodeError("bad_payload", "frame is not a tagged multi-dimensional array")
+    if tuple(arr.dims) != tuple(shape):
+        raise DecodeError("size_mismatch", f"array {arr.dims} != {shape}")
+    if arr.array.dtype != dtype:
+        raise DecodeError("bad_dtype", f"array dtype {arr.array.dtype} != {dtype}")
+    nbytes = np.dtype(dtype).itemsize * shape[0] * shape[1]
+    payload = arr.array.payload
+    if isinstance(payload, _Compressed):
+        size = np.dtype(dtype).itemsize
+        if payload.algorithm == "bslz4" and payload.element_size != size:
+            raise DecodeError("bad_payload", f"bslz4 element size {payload.element_size} "
+                              f"for {size}-byte pixels")  # fmt: skip
+        if not isinstance(payload.data, bytes | bytearray | memoryview):
+            raise DecodeError("bad_payload", "compressed data is not a byte string")
+        raw = decompress(payload.algorithm, payload.element_size, payload.data, nbytes)
+    elif isinstance(payload, bytes | bytearray | memoryview):
+        raw = payload
+    else:
+        raise DecodeError("bad_payload", "typed array holds no byte string")
+    if len(raw) != nbytes:
+        raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, frame is {nbytes}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 # ------------------------------------------------------------------------------- encoder
@@ -275,6 +292,11 @@ def encode_start(info: SeriesInfo, unique_id: str = "", channels=("threshold_1",
         "detector_description": "tcbf-live simulator (DECTRIS stream V2 format)",
         "user_data": {k: v for k, v in user.items() if v is not None},
     }
+    if info.pixel_mask is not None:  # header_detail all; the frames keep raw values there
+        flags = np.ascontiguousarray(info.pixel_mask, "<u4")
+        array = cbor2.CBORTag(40, [[height, width], cbor2.CBORTag(TYPED_TAG["<u4"],
+                                                                 flags.tobytes())])  # fmt: skip
+        msg.update(pixel_mask={c: array for c in channels}, pixel_mask_enabled=False)
     return [_dumps(msg, prefix=False)]  # like the real capture: start without the prefix
 
 

@@ -37,6 +37,22 @@ def is_dectris_master(path: str | Path) -> bool:
         return False
 
 
+def _bslz4_filter(d: h5py.Dataset, itemsize: int) -> bool:
+    """The dataset's bitshuffle filter (32008) compresses with LZ4, so its chunks are the
+    bslz4 blobs a stream carries. The filter values are stored either as the writer gave them,
+    (block size, compression), or as the plugin completes them, (version, version, element
+    size, block size, compression); compression 2 is LZ4, 3 zstd, 0 none."""
+    plist = d.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code, _, values, _ = plist.get_filter(i)
+        if code != BITSHUFFLE_FILTER:
+            continue
+        if len(values) >= 5:
+            return values[4] == 2 and values[2] in (0, itemsize)
+        return len(values) == 2 and values[1] == 2
+    return False
+
+
 class DectrisMaster:
     """A DECTRIS FileWriter series (master file + linked data files)."""
 
@@ -65,12 +81,11 @@ class DectrisMaster:
         if scan[0] * scan[1] != self.n_frames:
             raise DatasetError(f"{path}: scan {scan[0]}x{scan[1]} != {self.n_frames} frames")
         self.scan_shape = (int(scan[0]), int(scan[1]))
+        itemsize = np.dtype(self.dtype).itemsize
         self._compressed = all(
-            BITSHUFFLE_FILTER in (d.id.get_create_plist().get_filter(i)[0]
-                                  for i in range(d.id.get_create_plist().get_nfilters()))
-            and d.chunks == (1, *self.detector_shape)
+            d.chunks == (1, *self.detector_shape) and _bslz4_filter(d, itemsize)
             for d in self._datasets
-        )  # fmt: skip
+        )
 
     def series_info(self, series_id: int) -> SeriesInfo:
         bits = np.dtype(self.dtype).itemsize * 8
@@ -111,7 +126,12 @@ class DectrisMaster:
                 raw = decompress("bslz4", np.dtype(self.dtype).itemsize, blob, nbytes)
                 out[k] = np.frombuffer(raw, self.dtype).reshape(self.detector_shape)
             else:
-                out[k] = d[j]
+                try:
+                    out[k] = d[j]
+                except OSError as exc:  # e.g. bitshuffle/zstd without its HDF5 plugin
+                    raise DatasetError(
+                        f"{self.path}: cannot read frame {first + k}: {exc}"
+                    ) from None
         return out
 
     def iter_batches(self, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,12 @@ class EngineSettings:
     max_series: int | None = None  # stop after this many finished series
     align_interval_s: float | None = 0.5  # live alignment cadence; None: only at series end
     channel: str | None = None  # DECTRIS stream V2 threshold channel (None: the first)
+    # active mode: accept only the series whose id `expect_series` gives (the SIMPLON arm's
+    # sequence id); any other series on the socket is counted as foreign and not processed
+    armed: bool = False
+
+
+ARM_WAIT_S = 10.0  # how long a series start waits for the arm's reply (active mode)
 
 
 class Engine:
@@ -66,6 +73,8 @@ class Engine:
         self._lock = threading.Lock()  # ingest state (accumulators)
         self._align_lock = threading.Lock()  # alignment state (TcbfProcessor) of the series
         self._stop = threading.Event()
+        self._armed = threading.Event()
+        self._expected_series: int | None = None
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
         # bound/connected before start(); raw-TCP detectors (Merlin) connect in the thread
@@ -84,6 +93,11 @@ class Engine:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def expect_series(self, series_id: int) -> None:
+        """Active mode (`settings.armed`): the series id the detector's arm returned."""
+        self._expected_series = series_id
+        self._armed.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the ingest thread; True when it has ended."""
@@ -172,6 +186,12 @@ class Engine:
     def _on_start(self, event: SeriesStart) -> None:
         if self._current is not None and self._current.info.series_id == event.info.series_id:
             return  # periodic re-announcement
+        if self.settings.armed and not self._is_armed_series(event.info.series_id):
+            self.counters.reject(DecodeError("foreign_series", f"series {event.info.series_id}"
+                                             f", armed {self._expected_series}"))  # fmt: skip
+            log.warning("series %d is not the armed series %s: ignored", event.info.series_id,
+                        self._expected_series)  # fmt: skip
+            return
         if self._current is not None:
             log.warning("series %d never ended; a new one started", self._current.info.series_id)
             self._finish(complete=False)
@@ -184,6 +204,15 @@ class Engine:
             self._current = proc
         late = " (joined mid-series)" if event.repeat else ""
         log.info("series %d started%s", event.info.series_id, late)
+
+    def _is_armed_series(self, series_id: int) -> bool:
+        """The header can arrive before the arm's HTTP reply: wait for it (bounded; a stop
+        or a failed arm ends the wait and the series is not taken)."""
+        deadline = time.monotonic() + ARM_WAIT_S
+        while not self._armed.wait(0.05):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return False
+        return series_id == self._expected_series
 
     def _on_frames(self, batches: list[FrameBatch]) -> None:
         if not batches:

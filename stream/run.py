@@ -105,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         max_series=1,
         align_interval_s=args.align_interval or None,
         channel=args.channel,
+        armed=args.simplon is not None,
     )
 
 
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = Engine(settings, on_series_end=finished).start()
     try:
-        detector = arm_detector(args, settings) if args.simplon else None
+        detector = arm_detector(args, engine) if args.simplon else None
     except UsageError:
         engine.stop()
         engine.join()
@@ -178,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def arm_detector(args: argparse.Namespace, settings: EngineSettings):
+def arm_detector(args: argparse.Namespace, engine: Engine):
     """Active mode: configure and arm a DECTRIS detector over SIMPLON REST (the receiver is
-    already connected, so the header cannot be missed). Returns the client (for disarm)."""
+    already connected, so the header cannot be missed) and tell the engine which series to
+    take. Returns the client (for disarm)."""
     import json
 
     from detectors.simplon import SimplonClient, SimplonError
@@ -200,6 +202,7 @@ def arm_detector(args: argparse.Namespace, settings: EngineSettings):
         series = client.arm()
     except SimplonError as exc:
         raise UsageError(f"detector: {exc}") from None
+    engine.expect_series(series)
     if args.trigger_mode == "ints":  # returns when the images are taken: in a thread
         import threading
 

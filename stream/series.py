@@ -281,11 +281,19 @@ class SeriesProcessor:
             return
         # exactly the first N frames that arrived, however they were batched
         frames = np.concatenate([f for _, f in self._pending])[: self.settings.calibration_frames]
+        supplied, flagged = self.settings.mask, self.info.pixel_mask  # the user's, the detector's
+        if flagged is not None:
+            if supplied is None:
+                supplied = flagged
+            elif np.shape(supplied) == flagged.shape:
+                supplied = np.asarray(supplied, bool) | flagged
+            # else: calibrate refuses the user's mask, naming its shape
+
         try:
             cal = calibrate(
                 frames,
                 mask_value=self.info.mask_value,
-                supplied_mask=self.settings.mask,
+                supplied_mask=supplied,
                 threshold=self.settings.bf_threshold,
                 semiangle_mrad=self.info.semiangle_mrad,
                 angular_sampling_mrad=self.info.angular_sampling_mrad,

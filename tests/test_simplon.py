@@ -114,3 +114,40 @@ def test_run_active_mode_needs_a_scan_and_a_dectris_protocol(expect_usage_error)
     assert "DECTRIS" in expect_usage_error(
         ["run", "--headless", "--scan", "2x2", "--simplon", "127.0.0.1:1", "--output", "x.h5"]
     )
+
+
+@pytest.mark.parametrize("protocol", ["dectris-v2", "dectris-v1"])
+def test_armed_engine_takes_only_the_armed_series(endpoint, protocol):
+    """Active mode: a foreign series on the socket (armed by someone else, or left over) is
+    counted and ignored, also when its header arrives before the arm's reply."""
+    import time
+
+    import zmq
+
+    from simulators import Simulator, tutorial_config
+    from simulators.sender import SendSettings, stream_series
+    from stream.engine import Engine, EngineSettings
+    from stream.subscriber import SubscriberSettings
+
+    sim = Simulator(tutorial_config(scan_shape=(4, 6)))
+    engine = Engine(EngineSettings(
+        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+        protocol=protocol, idle_timeout_s=10.0, max_series=1, armed=True,
+    )).start()  # fmt: skip
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    frames = sim.frames(0, sim.n_frames)
+    try:
+        for series in (7, 42):  # the foreign series first
+            stream_series(push, sim, SendSettings(protocol=protocol, encoding="bslz4"), series,
+                          iter([(0, frames)]))  # fmt: skip
+    finally:
+        push.close(linger=2000)
+    time.sleep(0.3)  # the headers are in before the arm's reply
+    engine.expect_series(42)
+    assert engine.join(timeout=20)
+    result = engine.last_result
+    assert result.info.series_id == 42 and result.complete
+    assert result.frames_received == sim.n_frames
+    assert engine.counters.rejected["foreign_series"] == 1
+    assert engine.counters.rejected["no_series"] == sim.n_frames  # its frames: counted only
