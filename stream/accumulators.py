@@ -34,7 +34,8 @@ def default_bins(radius_px: float) -> tuple[int, ...]:
 
     Finer levels (2, 1) hold a few pixels per tile: they are cheaper to form from the
     per-BF-pixel stack when (rarely) the dose makes them usable than to maintain per frame
-    (maintaining bin 2 as well costs ~25 % of the kernel's time for the tutorial disk).
+    (maintaining bin 2 as well costs ~16 % of the kernel's time for the tutorial disk).
+
     """
     top = max(1, math.ceil(math.log2(max(2.0 * radius_px, 2.0))) - 1)
     return tuple(2**k for k in range(top, 0, -1) if 2**k >= min(FINEST_DEFAULT_BIN, 2**top))
