@@ -124,9 +124,33 @@ class FrameBatch:
 
 
 @dataclass(frozen=True)
+class CompressedFrame:
+    """One DECTRIS frame left bslz4-compressed by a decoder asked to (`defer_bslz4`): the
+    accumulate kernel decompresses it straight into its cache-resident buffer, which saves a
+    bytes object and a staging copy per frame. The decoder has checked everything but the
+    blob's contents; `decoded()` gives the FrameBatch for every other use."""
+
+    series_id: int
+    first: int
+    blob: Any  # bytes-like: the bslz4 header and blocks, as received
+    element_size: int
+    shape: tuple[int, int]
+    dtype: str
+
+    def decoded(self) -> FrameBatch:
+        """DecodeError if the blob does not decompress to exactly one frame."""
+        from .compression import decompress
+
+        nbytes = np.dtype(self.dtype).itemsize * self.shape[0] * self.shape[1]
+        raw = decompress("bslz4", self.element_size, self.blob, nbytes)
+        frames = np.frombuffer(raw, self.dtype).reshape(1, *self.shape)
+        return FrameBatch(self.series_id, self.first, frames)
+
+
+@dataclass(frozen=True)
 class SeriesEnd:
     series_id: int
     frames_sent: int
 
 
-Event = SeriesStart | FrameBatch | SeriesEnd
+Event = SeriesStart | FrameBatch | CompressedFrame | SeriesEnd

@@ -16,15 +16,25 @@ LZ4 path trusts its input and segfaulted on corrupted blobs in our fuzzing (that
 receiver down), while dectris-compression raised an exception on each of 9,000 of them.
 bitshuffle only *encodes* (the simulator's own frames), with
 its OpenMP threads pinned to one (they are pathologically slow on busy 2-core machines).
+
+Inside numba kernels, `bslz4_into` decompresses a blob straight into a caller's buffer through
+the library's C entry point `compression_decompress_buffer` (its public C API, exported by the
+same extension module): the accumulate kernel then folds each frame in while it is still in the
+L1 cache, with no bytes object and no staging copy per frame. `native_bslz4()` says whether
+that entry point was found and decodes a reference blob exactly like `decompress` (checked once);
+if not, everything goes through `decompress`.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import struct
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .base import DecodeError  # noqa: E402
@@ -81,3 +91,74 @@ def compress_bslz4(frame: np.ndarray) -> bytes:
     flat = np.ascontiguousarray(frame).ravel()
     body = bitshuffle.compress_lz4(flat, BLOCK_BYTES // flat.itemsize)
     return HEADER.pack(flat.nbytes, BLOCK_BYTES) + body.tobytes()
+
+
+# ----------------------------------------------------------------- in-kernel decompression
+MAX_BLOCK_BYTES = 1 << 24
+_BSLZ4 = 0  # CompressionAlgorithm COMPRESSION_BSLZ4_HDF5
+_ERROR = np.uint64(2**64 - 1)  # COMPRESSION_ERROR (SIZE_MAX)
+
+
+def _load_native() -> numba.types.ExternalFunction | None:
+    """The C entry point, declared for numba; None when the library does not export it."""
+    try:
+        import ctypes
+
+        import llvmlite.binding
+        from dectris import compression as library
+
+        ctypes.CDLL(library.__file__).compression_decompress_buffer  # noqa: B018 (exists?)
+        llvmlite.binding.load_library_permanently(library.__file__)
+    except (ImportError, OSError, AttributeError) as exc:
+        logging.getLogger("tcbf.compression").info("no in-kernel bslz4 (%s)", exc)
+        return None
+    t = numba.types
+    signature = t.uintp(t.intc, t.voidptr, t.uintp, t.voidptr, t.uintp, t.uintp)
+    return t.ExternalFunction("compression_decompress_buffer", signature)
+
+
+_native = _load_native()
+
+
+@numba.njit(nogil=True, cache=True)
+def bslz4_into(blob: np.ndarray, start: int, stop: int, out: np.ndarray, element_size: int) -> bool:
+    """Decompress the bslz4 blob `blob[start:stop]` (uint8) into `out` (C-contiguous; its byte
+    size is the frame's). The header must declare exactly that size, a sane block size and a
+    blob no larger than LZ4 can produce, as in `decompress`; the library checks the rest.
+    False for anything that does not decode to exactly `out.nbytes` bytes."""
+    n = stop - start
+    if n < 12 or start < 0 or stop > blob.shape[0]:
+        return False
+    size = 0
+    for k in range(8):
+        size = (size << 8) | np.int64(blob[start + k])
+    block = 0
+    for k in range(8, 12):
+        block = (block << 8) | np.int64(blob[start + k])
+    expected = out.nbytes
+    if size != expected or block == 0 or block > MAX_BLOCK_BYTES:
+        return False
+    if n > expected + expected // 255 + 16 * (size // block + 2) + 64:
+        return False
+    got = _native(_BSLZ4, out.ctypes.data, expected, blob[start:].ctypes.data, n, element_size)
+    return got != _ERROR and got == expected
+
+
+@functools.cache
+def native_bslz4() -> bool:
+    """Whether kernels may call `bslz4_into`: the entry point exists, decodes a reference frame
+    exactly like `decompress` and refuses a corrupt one (guards against an incompatible library
+    version). Checked once, on first use."""
+    if _native is None:
+        return False
+    try:
+        frame = (np.arange(64 * 64, dtype=np.uint32) * 2654435761 % 7).astype(np.uint16)
+        blob = np.frombuffer(compress_bslz4(frame), np.uint8)
+        out = np.zeros_like(frame)
+        ok = bslz4_into(blob, 0, blob.shape[0], out, 2) and np.array_equal(out, frame)
+        bad = blob.copy()
+        bad[20:60] = 255
+        return bool(ok and not bslz4_into(bad, 0, bad.shape[0], np.zeros_like(frame), 2))
+    except Exception as exc:  # an incompatible build: use the Python path
+        logging.getLogger("tcbf.compression").warning("in-kernel bslz4 disabled: %s", exc)
+        return False

@@ -31,6 +31,7 @@ import numpy as np
 
 from .base import (
     CollectsErrors,
+    CompressedFrame,
     DecodeError,
     Event,
     FrameBatch,
@@ -79,6 +80,8 @@ class DectrisV1Decoder(CollectsErrors):
         self._frame: int | None = None
         self._image_d: dict | None = None
         self._images = 0
+        # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
+        self.defer_bslz4 = False
 
     def decode(self, parts: list[Any]) -> list[Event]:
         """Events of these parts; a bad part is recorded and the rest still decoded, so a
@@ -254,7 +257,7 @@ class DectrisV1Decoder(CollectsErrors):
                 raise
         return None
 
-    def _image(self, blob: Any) -> FrameBatch:
+    def _image(self, blob: Any) -> FrameBatch | CompressedFrame:
         info, d = self.series, self._image_d
         shape = d.get("shape")
         if not (isinstance(shape, list) and len(shape) == 2 and shape[::-1] ==
@@ -263,12 +266,19 @@ class DectrisV1Decoder(CollectsErrors):
         if TYPES.get(d.get("type")) != info.dtype:
             raise DecodeError("bad_dtype", f"frame type {d.get('type')!r} != {info.dtype}")
         nbytes = info.frame_nbytes
+        if info.frames_expected is not None and self._frame >= info.frames_expected:
+            raise DecodeError("index_out_of_range", f"frame {self._frame}")
         data = memoryview(blob).cast("B")
         encoding = d.get("encoding", "<")
         if encoding in ("bs8-lz4<", "bs16-lz4<", "bs32-lz4<"):
             if data.nbytes >= HEADER.size and not any(bytes(data[: HEADER.size])):
                 data = memoryview(HEADER.pack(nbytes, BLOCK_BYTES) + bytes(data[HEADER.size :]))
-            raw = decompress("bslz4", np.dtype(info.dtype).itemsize, data, nbytes)
+            size = np.dtype(info.dtype).itemsize
+            if self.defer_bslz4:  # the kernel decompresses it (CompressedFrame)
+                self._images += 1
+                return CompressedFrame(info.series_id, self._frame, data, size,
+                                       info.detector_shape, info.dtype)  # fmt: skip
+            raw = decompress("bslz4", size, data, nbytes)
         elif encoding == "lz4<":
             if data.nbytes > nbytes + nbytes // 255 + 64:
                 raise DecodeError("size_mismatch", "lz4 blob larger than possible")
@@ -283,8 +293,6 @@ class DectrisV1Decoder(CollectsErrors):
         size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
         if size != nbytes:
             raise DecodeError("size_mismatch", f"decoded {size} bytes, frame is {nbytes}")
-        if info.frames_expected is not None and self._frame >= info.frames_expected:
-            raise DecodeError("index_out_of_range", f"frame {self._frame}")
         self._images += 1
         frame = np.frombuffer(raw, dtype=info.dtype).reshape(info.detector_shape)
         return FrameBatch(info.series_id, self._frame, frame[None])

@@ -23,6 +23,7 @@ import numpy as np
 
 from .base import (
     CollectsErrors,
+    CompressedFrame,
     DecodeError,
     Event,
     FrameBatch,
@@ -110,6 +111,8 @@ class DectrisV2Decoder(CollectsErrors):
         self._announced = True
 
         self.channel = channel  # None: the first announced channel
+        # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
+        self.defer_bslz4 = False
         self.series: SeriesInfo | None = None
         self._channel: str | None = None
         self._images = 0
@@ -221,27 +224,51 @@ class DectrisV2Decoder(CollectsErrors):
             self._announced = True
             events.append(SeriesStart(info, repeat=False))
         try:
-            frame = _array(data[self._channel], info.detector_shape, info.dtype)
+            events.append(self._frame(data[self._channel], info, image_id))
         except DecodeError:
             if not events:
                 raise
             self._errors.append(DecodeError("bad_payload", "first image unusable"))
             return events  # the series start is not lost
         self._images += 1
-        events.append(FrameBatch(series, image_id, frame[None]))
         return events if len(events) > 1 else events[0]
+
+    def _frame(self, arr: Any, info: SeriesInfo, image_id: int) -> FrameBatch | CompressedFrame:
+        """The image, decoded, or (`defer_bslz4`) its bslz4 blob left for the kernel."""
+        if self.defer_bslz4:
+            payload = _payload(arr, info.detector_shape, info.dtype)
+            if isinstance(payload, _Compressed) and payload.algorithm == "bslz4":
+                size, shape = payload.element_size, info.detector_shape
+                return CompressedFrame(info.series_id, image_id, payload.data, size, shape,
+                                       info.dtype)  # fmt: skip
+
+        frame = _array(arr, info.detector_shape, info.dtype)
+        return FrameBatch(info.series_id, image_id, frame[None])
 
 
 def _array(arr: Any, shape: tuple[int, int], dtype: str) -> np.ndarray:
     """A tagged multi-dimensional array (an image, a pixel mask) of this shape and dtype,
     decompressed if it is; DecodeError for anything else."""
+    payload = _payload(arr, shape, dtype)
+    nbytes = np.dtype(dtype).itemsize * shape[0] * shape[1]
+    if isinstance(payload, _Compressed):
+        raw = decompress(payload.algorithm, payload.element_size, payload.data, nbytes)
+    else:
+        raw = payload
+    if len(raw) != nbytes:
+        raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, frame is {nbytes}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _payload(arr: Any, shape: tuple[int, int], dtype: str) -> _Compressed | bytes:
+    """The checked payload of a tagged array: compressed (with a byte string and the element
+    size of `dtype` for bslz4) or raw bytes."""
     if not isinstance(arr, _MultiDim) or not isinstance(arr.array, _Typed):
         raise DecodeError("bad_payload", "frame is not a tagged multi-dimensional array")
     if tuple(arr.dims) != tuple(shape):
         raise DecodeError("size_mismatch", f"array {arr.dims} != {shape}")
     if arr.array.dtype != dtype:
         raise DecodeError("bad_dtype", f"array dtype {arr.array.dtype} != {dtype}")
-    nbytes = np.dtype(dtype).itemsize * shape[0] * shape[1]
     payload = arr.array.payload
     if isinstance(payload, _Compressed):
         size = np.dtype(dtype).itemsize
@@ -250,14 +277,10 @@ def _array(arr: Any, shape: tuple[int, int], dtype: str) -> np.ndarray:
                               f"for {size}-byte pixels")  # fmt: skip
         if not isinstance(payload.data, bytes | bytearray | memoryview):
             raise DecodeError("bad_payload", "compressed data is not a byte string")
-        raw = decompress(payload.algorithm, payload.element_size, payload.data, nbytes)
-    elif isinstance(payload, bytes | bytearray | memoryview):
-        raw = payload
-    else:
-        raise DecodeError("bad_payload", "typed array holds no byte string")
-    if len(raw) != nbytes:
-        raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, frame is {nbytes}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return payload
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return payload
+    raise DecodeError("bad_payload", "typed array holds no byte string")
 
 
 # ------------------------------------------------------------------------------- encoder

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from detectors.compression import bslz4_into
+
 from .calibration import Calibration
 
 FINEST_DEFAULT_BIN = 4
@@ -102,6 +104,62 @@ class TileLevels:
 ACCEPTED, DUPLICATE, OUT_OF_RANGE, OUT_OF_ORDER, NEXT_INDEX = range(5)
 
 
+@numba.njit(nogil=True, cache=True)
+def _claim(idx, n_pos, cols, serpentine, seen, stats) -> int:
+    """Scan position (flat, raster) of acquisition index `idx`, or -1 for an index out of range
+    or already seen; counts it in `stats`."""
+    if idx < 0 or idx >= seen.shape[0]:
+        stats[OUT_OF_RANGE] += 1
+        return -1
+    if seen[idx]:
+        stats[DUPLICATE] += 1
+        return -1
+    seen[idx] = 1
+    if idx < stats[NEXT_INDEX]:
+        stats[OUT_OF_ORDER] += 1
+    else:
+        stats[NEXT_INDEX] = idx + 1
+    k = idx % n_pos
+    row = k // cols
+    col = k - row * cols
+    if serpentine and (row & 1) == 1:
+        col = cols - 1 - col
+    return row * cols + col
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, vals, cum,
+          totals, bf_sum, axial_sum, hits, stack, tiles, stats) -> None:  # fmt: skip
+    """Add one flat frame `f` into position `j` of every accumulator."""
+    n_bf = bf_index.shape[0]
+    tot = zero
+    for p in range(f.shape[0]):
+        tot += f[p]
+    for m in masked_index:
+        tot -= f[m]
+    run = zero
+    for i in range(n_bf):
+        v = f[bf_index[i]]
+        vals[i] = v
+        run += v
+        cum[i + 1] = run
+    srow = stack[j]
+    for i in range(n_bf):  # separate loop: vectorises
+        s = srow[i] + vals[i]
+        srow[i] = s if s < cap else cap
+    ax = zero
+    for i in axial_index:
+        ax += vals[i]
+    trow = tiles[j]
+    for t in range(tile_start.shape[0]):
+        trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
+    totals[j] += tot
+    bf_sum[j] += run
+    axial_sum[j] += ax
+    hits[j] += 1
+    stats[ACCEPTED] += 1
+
+
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def accumulate_frames(
     frames: np.ndarray,  # (B, Qx*Qy) any numeric dtype
@@ -125,56 +183,60 @@ def accumulate_frames(
     seen: np.ndarray,  # (frame limit,) uint8
     stats: np.ndarray,  # int64[5]
 ) -> None:
-    n_bf = bf_index.shape[0]
-    vals = np.zeros(n_bf, type(zero))  # this frame's BF values
-    cum = np.zeros(n_bf + 1, type(zero))  # their running sum (exact for integer frames)
+    vals = np.zeros(bf_index.shape[0], type(zero))  # a frame's BF values
+    cum = np.zeros(bf_index.shape[0] + 1, type(zero))  # their running sum (exact for integers)
     cap = type(zero)(stack_max)
     for b in range(frames.shape[0]):
-        idx = indices[b]
-        if idx < 0 or idx >= seen.shape[0]:
-            stats[OUT_OF_RANGE] += 1
+        j = _claim(indices[b], n_pos, cols, serpentine, seen, stats)
+        if j >= 0:
+            _fold(frames[b], j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
+                  zero, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
+                  stats)  # fmt: skip
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def accumulate_compressed(
+    blobs: np.ndarray,  # uint8: the bslz4 blobs back to back
+    offsets: np.ndarray,  # (B + 1,) blob b = blobs[offsets[b]:offsets[b + 1]]
+    element_size: int,
+    scratch: np.ndarray,  # (Qx*Qy,) one frame of the detector's dtype (stays in L1/L2)
+    indices: np.ndarray,
+    n_pos: int,
+    cols: int,
+    serpentine: bool,
+    bf_index: np.ndarray,
+    tile_start: np.ndarray,
+    tile_stop: np.ndarray,
+    axial_index: np.ndarray,
+    masked_index: np.ndarray,
+    stack_max: float,
+    zero,
+    totals: np.ndarray,
+    bf_sum: np.ndarray,
+    axial_sum: np.ndarray,
+    hits: np.ndarray,
+    stack: np.ndarray,
+    tiles: np.ndarray,
+    seen: np.ndarray,
+    stats: np.ndarray,
+) -> int:
+    """`accumulate_frames` for bslz4-compressed frames: each is decompressed into `scratch` and
+    folded in while it is still in cache. A blob that does not decompress to exactly one frame
+    is skipped (its position stays empty, it is not marked seen); returns how many were."""
+    vals = np.zeros(bf_index.shape[0], type(zero))
+    cum = np.zeros(bf_index.shape[0] + 1, type(zero))
+    cap = type(zero)(stack_max)
+    failed = 0
+    for b in range(indices.shape[0]):
+        if not bslz4_into(blobs, offsets[b], offsets[b + 1], scratch, element_size):
+            failed += 1
             continue
-        if seen[idx]:
-            stats[DUPLICATE] += 1
-            continue
-        seen[idx] = 1
-        if idx < stats[NEXT_INDEX]:
-            stats[OUT_OF_ORDER] += 1
-        else:
-            stats[NEXT_INDEX] = idx + 1
-        k = idx % n_pos
-        row = k // cols
-        col = k - row * cols
-        if serpentine and (row & 1) == 1:
-            col = cols - 1 - col
-        j = row * cols + col
-        f = frames[b]
-        tot = zero
-        for p in range(f.shape[0]):
-            tot += f[p]
-        for m in masked_index:
-            tot -= f[m]
-        run = zero
-        for i in range(n_bf):
-            v = f[bf_index[i]]
-            vals[i] = v
-            run += v
-            cum[i + 1] = run
-        srow = stack[j]
-        for i in range(n_bf):  # separate loop: vectorises
-            s = srow[i] + vals[i]
-            srow[i] = s if s < cap else cap
-        ax = zero
-        for i in axial_index:
-            ax += vals[i]
-        trow = tiles[j]
-        for t in range(tile_start.shape[0]):
-            trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
-        totals[j] += tot
-        bf_sum[j] += run
-        axial_sum[j] += ax
-        hits[j] += 1
-        stats[ACCEPTED] += 1
+        j = _claim(indices[b], n_pos, cols, serpentine, seen, stats)
+        if j >= 0:
+            _fold(scratch, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
+                  zero, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
+                  stats)  # fmt: skip
+    return failed
 
 
 @dataclass
@@ -219,6 +281,7 @@ class Accumulators:
         self._masked = cal.masked_flat_index
         self._zero = np.int64(0) if self.integer_stack else 0.0
         self._stack_max = float(np.iinfo(np.uint16).max if self.integer_stack else np.inf)
+        self._scratch: np.ndarray | None = None  # one decompressed frame (add_compressed)
 
     @property
     def n_positions(self) -> int:
@@ -235,12 +298,28 @@ class Accumulators:
     def add_indexed(self, indices: np.ndarray, frames: np.ndarray) -> None:
         """Fold frames (B, Qx, Qy) with arbitrary acquisition indices (B,) into the sums."""
         flat = frames.reshape(frames.shape[0], -1)
+        accumulate_frames(flat, indices, *self._kernel_args())
+
+    def add_compressed(self, blobs: list, indices: np.ndarray, element_size: int,
+                       dtype: str) -> int:  # fmt: skip
+        """Fold bslz4 blobs (one frame of `dtype` each) with acquisition indices (B,) into the
+        sums, decompressing each inside the kernel (`detectors.compression.bslz4_into`).
+        Returns how many blobs did not decompress (skipped, their positions left empty)."""
+        joined = np.frombuffer(b"".join(blobs), np.uint8)
+        offsets = np.zeros(len(blobs) + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        if self._scratch is None or self._scratch.dtype != np.dtype(dtype):
+            self._scratch = np.empty(self.calibration.mask.size, dtype)
+        return accumulate_compressed(joined, offsets, element_size, self._scratch, indices,
+                                     *self._kernel_args())  # fmt: skip
+
+    def _kernel_args(self) -> tuple:
         lay = self.tiles_layout
-        accumulate_frames(
-            flat, indices, self.n_positions, self.scan_shape[1], self.serpentine,
-            self._bf_index, lay.tile_start, lay.tile_stop,
-            self._axial_index, self._masked, self._stack_max, self._zero, self.totals, self.bf_sum,
-            self.axial_sum, self.hits, self.stack, self.tiles, self.seen, self.stats,
+        return (
+            self.n_positions, self.scan_shape[1], self.serpentine, self._bf_index,
+            lay.tile_start, lay.tile_stop, self._axial_index, self._masked, self._stack_max,
+            self._zero, self.totals, self.bf_sum, self.axial_sum, self.hits, self.stack,
+            self.tiles, self.seen, self.stats,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- read-outs (copies)

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.compression import native_bslz4
 from detectors.dectris_v1 import DectrisV1Decoder
 from detectors.dectris_v2 import DectrisV2Decoder
 from detectors.merlin import MerlinDecoder
@@ -144,6 +145,8 @@ class Engine:
     # ------------------------------------------------------------------ ingest thread
     def _run(self) -> None:
         decoder = DECODERS[self.settings.protocol]()
+        if hasattr(decoder, "defer_bslz4"):  # DECTRIS: bslz4 frames decompressed in the kernel
+            decoder.defer_bslz4 = native_bslz4()
         if self.settings.channel is not None and hasattr(decoder, "channel"):
             decoder.channel = self.settings.channel
 
@@ -159,9 +162,9 @@ class Engine:
                     timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
                 )  # fmt: skip
             for events in drained:
-                frames: list[FrameBatch] = []  # consecutive frame messages go in together
-                for event in events:
-                    if isinstance(event, FrameBatch):
+                frames: list[FrameBatch | CompressedFrame] = []  # consecutive frame messages
+                for event in events:  # go in together
+                    if isinstance(event, FrameBatch | CompressedFrame):
                         frames.append(event)
                         continue
                     self._on_frames(frames)
@@ -214,7 +217,7 @@ class Engine:
                 return False
         return series_id == self._expected_series
 
-    def _on_frames(self, batches: list[FrameBatch]) -> None:
+    def _on_frames(self, batches: list[FrameBatch | CompressedFrame]) -> None:
         if not batches:
             return
         proc = self._current
@@ -227,12 +230,11 @@ class Engine:
                 self._on_frames_new_series(batch)
             return
         with self._lock:
-            proc.add_many(batches)
-        self.counters.frames += sum(len(b.frames) for b in batches)
+            self._fold(proc, batches)
         if proc.done:
             self._finish(complete=True)
 
-    def _on_frames_new_series(self, batch: FrameBatch) -> None:
+    def _on_frames_new_series(self, batch: FrameBatch | CompressedFrame) -> None:
         """Repeat scans as separate series: a frame of the next pass closes the current one."""
         proc = self._current
         if proc is None:
@@ -245,8 +247,17 @@ class Engine:
             with self._lock:
                 self._current = proc
         with self._lock:
-            proc.add(batch)
-        self.counters.frames += len(batch.frames)
+            self._fold(proc, [batch])
+
+    def _fold(self, proc: SeriesProcessor, batches: list[FrameBatch | CompressedFrame]) -> None:
+        """Accumulate; frames whose pixels did not decode (in-kernel bslz4) are rejections."""
+        failed = proc.decode_failures
+        proc.add_many(batches)
+        failed = proc.decode_failures - failed
+        for _ in range(failed):
+            self.counters.reject(DecodeError("bad_payload", "bslz4 frame does not decompress"))
+        n = sum(len(b.frames) if isinstance(b, FrameBatch) else 1 for b in batches)
+        self.counters.frames += n - failed
 
     def _finish(self, complete: bool) -> None:
         proc = self._current

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from detectors.base import FrameBatch, SeriesInfo
+from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 
 from .accumulators import Accumulators, TileLevels, default_bins
 from .calibration import DEFAULT_BF_THRESHOLD, Calibration, CalibrationError, calibrate
@@ -194,6 +194,7 @@ class SeriesProcessor:
         self.calibration: Calibration | None = settings.calibration
         self.acc: Accumulators | None = None
         self.calibration_error: str | None = None
+        self.decode_failures = 0  # frames skipped because their pixels did not decode
 
         self.tcbf: TcbfProcessor | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
@@ -206,12 +207,19 @@ class SeriesProcessor:
             self._build(self.calibration)
 
     # ------------------------------------------------------------------ ingest
-    def add(self, batch: FrameBatch) -> None:
+    def add(self, batch: FrameBatch | CompressedFrame) -> None:
         """Fold one batch in (indices relative to the series start)."""
+        if isinstance(batch, CompressedFrame):
+            if self.acc is not None:
+                self._flush_compressed([batch])
+                return
+            try:  # calibration needs the pixels
+                batch = batch.decoded()
+            except DecodeError as err:
+                self._failed(1, str(err))
+                return
         first = batch.first - self.index_offset
-        now = time.perf_counter()
-        self._t_first = self._t_first or now
-        self._t_last = now
+        self._touch()
         if self.acc is not None:
             self.acc.add(first, batch.frames)
             return
@@ -224,44 +232,56 @@ class SeriesProcessor:
         if self._pending_frames >= self.settings.calibration_frames:
             self.calibrate_now()
 
-    def add_many(self, batches: list[FrameBatch]) -> None:
+    def add_many(self, batches: list[FrameBatch | CompressedFrame]) -> None:
         """Fold several batches in order. Runs of small ones (< STAGE_SMALL frames) are copied
         into a reusable staging buffer and share one kernel call: for 1-frame messages the
-        per-call overhead would otherwise dominate."""
-        frame_bytes = math.prod(self.info.detector_shape) * np.dtype(self.info.dtype).itemsize
-        if self.acc is None or frame_bytes > STAGE_MAX_FRAME_BYTES:
+        per-call overhead would otherwise dominate. Runs of compressed frames share one kernel
+        call that decompresses each frame in cache (no staging copy)."""
+        if self.acc is None:
             for b in batches:
                 self.add(b)
             return
+        frame_bytes = math.prod(self.info.detector_shape) * np.dtype(self.info.dtype).itemsize
+        staged = frame_bytes <= STAGE_MAX_FRAME_BYTES
         capacity = max(1, min(STAGE_FRAMES, STAGE_BYTES // frame_bytes))
-        if self._stage is None:
-            self._stage = np.empty((capacity + STAGE_SMALL, *self.info.detector_shape),
-                                   self.info.dtype)  # fmt: skip
-            self._stage_index = np.empty(self._stage.shape[0], np.int64)
         small: list[FrameBatch] = []
+        packed: list[CompressedFrame] = []
         count = 0
         for b in batches:
+            if isinstance(b, CompressedFrame):
+                self._flush_stage(small, count, capacity)
+                small, count = [], 0
+                packed.append(b)
+                if len(packed) >= STAGE_FRAMES:
+                    self._flush_compressed(packed)
+                    packed = []
+                continue
+            self._flush_compressed(packed)
+            packed = []
             m = len(b.frames)
-            if m >= STAGE_SMALL:
-                self._flush_stage(small, count)
+            if m >= STAGE_SMALL or not staged:
+                self._flush_stage(small, count, capacity)
                 small, count = [], 0
                 self.add(b)
                 continue
             small.append(b)
             count += m
             if count >= capacity:
-                self._flush_stage(small, count)
+                self._flush_stage(small, count, capacity)
                 small, count = [], 0
-        self._flush_stage(small, count)
+        self._flush_stage(small, count, capacity)
+        self._flush_compressed(packed)
 
-    def _flush_stage(self, small: list[FrameBatch], count: int) -> None:
+    def _flush_stage(self, small: list[FrameBatch], count: int, capacity: int) -> None:
         """Copy a run of small batches into the staging buffer with one concatenate (no Python
         per frame) and accumulate them in one kernel call."""
         if not small:
             return
-        now = time.perf_counter()
-        self._t_first = self._t_first or now
-        self._t_last = now
+        if self._stage is None:
+            self._stage = np.empty((capacity + STAGE_SMALL, *self.info.detector_shape),
+                                   self.info.dtype)  # fmt: skip
+            self._stage_index = np.empty(self._stage.shape[0], np.int64)
+        self._touch()
         frames = self._stage[:count]
         index = self._stage_index[:count]
         np.concatenate([b.frames for b in small], axis=0, out=frames)
@@ -272,6 +292,30 @@ class SeriesProcessor:
                                        for b in small])  # fmt: skip
         index -= self.index_offset
         self.acc.add_indexed(index, frames)
+
+    def _flush_compressed(self, packed: list[CompressedFrame]) -> None:
+        """One kernel call for a run of bslz4 frames, decompressed inside it."""
+        if not packed:
+            return
+        self._touch()
+        index = np.fromiter((c.first for c in packed), np.int64, len(packed))
+        index -= self.index_offset
+        size = np.dtype(self.info.dtype).itemsize
+        failed = self.acc.add_compressed([c.blob for c in packed], index, size, self.info.dtype)
+        if failed:
+            self._failed(failed, "bslz4 blob does not decompress to one frame")
+
+    def _failed(self, count: int, why: str) -> None:
+        """Frames whose pixels could not be decoded: counted (`decode_failures`) and logged;
+        the receiver reports them with its other rejections."""
+        self.decode_failures += count
+        if self.decode_failures <= 10:
+            log.warning("series %d: %d frame(s) skipped: %s", self.info.series_id, count, why)
+
+    def _touch(self) -> None:
+        now = time.perf_counter()
+        self._t_first = self._t_first or now
+        self._t_last = now
 
     def calibrate_now(self) -> None:
         """Calibrate from the frames held so far and fold them in. If the frames show no

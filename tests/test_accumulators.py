@@ -1,12 +1,16 @@
 """Accumulators against a plain numpy reference on the full 4D array; gaps; calibration."""
 
+import struct
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import stream.series as series_module
-from detectors.base import FrameBatch, scan_position
+from detectors.base import CompressedFrame, FrameBatch, scan_position
+from detectors.compression import compress_bslz4, native_bslz4
 from simulators import Simulator, tutorial_config
 from stream.accumulators import TileLevels, default_bins, validate_bins
 from stream.calibration import CalibrationError, calibrate
@@ -220,3 +224,51 @@ def test_staged_small_messages_match_reference(sim, frames, monkeypatch, staging
         assert len(calls) < messages / (3 if staging == "default" else 1.5)
 
     check_against_reference(proc, sim.datacube(), np.ones(sim.cfg.scan_shape, bool))
+
+
+def _compressed(frames, first=0):
+    return [CompressedFrame(1, first + i, compress_bslz4(f), 2, f.shape, "<u2")
+            for i, f in enumerate(frames)]  # fmt: skip
+
+
+def test_in_kernel_bslz4_matches_the_reference_and_skips_bad_blobs(sim, frames):
+    """Compressed frames decompressed inside the kernel give the numpy reference; a corrupt or
+    truncated blob is skipped and counted, its position left free for a good copy."""
+    assert native_bslz4()
+    proc = feed(sim, batches_of(frames[:64], 64))  # calibrated on decoded frames
+    rest = _compressed(frames[64:], 64)
+    truncated = replace(rest[3], blob=rest[3].blob[:-7])
+    damaged = replace(rest[5], blob=rest[5].blob[:30] + bytes(40) + rest[5].blob[70:])
+    liar = replace(rest[6], blob=struct.pack(">QI", 1 << 40, 8192) + rest[6].blob[12:])
+    stream = [*rest[:3], truncated, rest[4], damaged, liar, rest[8], rest[8], *rest[9:]]
+    stream += [rest[3], rest[5], rest[6], rest[7]]  # late good copies (7: never came before)
+    proc.add_many(stream)
+    assert proc.decode_failures == 3
+    r = proc.result()
+    assert r.duplicates == 1 and r.frames_received == len(frames)
+    check_against_reference(proc, sim.datacube(), np.ones(sim.cfg.scan_shape, bool))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_in_kernel_bslz4_never_crashes_on_garbage(sim, frames, data):
+    proc = feed(sim, batches_of(frames[:64], 64))
+    blob = bytearray(compress_bslz4(frames[70]))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "header", "random"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 20))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif kind == "extend":
+        blob += data.draw(st.binary(min_size=1, max_size=200))
+    elif kind == "header":
+        blob[:12] = struct.pack(">QI", data.draw(st.integers(0, 2**64 - 1)),
+                                data.draw(st.integers(0, 2**32 - 1)))  # fmt: skip
+    else:
+        blob = bytearray(data.draw(st.binary(max_size=4000)))
+    c = CompressedFrame(1, 70, bytes(blob), 2, frames[70].shape, "<u2")
+    proc.add_many([c])
+    # either a clean rejection, or (a flip in a spot LZ4 cannot check) one frame accepted
+    assert proc.decode_failures + proc.result().frames_received == 65

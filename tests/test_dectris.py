@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
-from detectors.compression import compress_bslz4, decompress
+from detectors.compression import compress_bslz4, decompress, native_bslz4
 from detectors.dectris_v2 import DectrisV2Decoder, encode_end, encode_image, encode_start
 from simulators import Simulator, tutorial_config
 from simulators.sender import SendSettings, stream_series
@@ -81,8 +81,22 @@ def test_encoder_round_trip_and_blob_readable_by_dectris_compression(sim):
     assert dec.decode(encode_end(5)) == SeriesEnd(5, 12)
 
 
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["bslz4 in kernel", "bslz4 in decoder"])
 @pytest.mark.parametrize("protocol", ["dectris-v2", "dectris-v1"])
-def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol):
+def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol, in_kernel,
+                                                        monkeypatch):  # fmt: skip
+    """Per protocol, with bslz4 decompressed inside the accumulate kernel (the default where
+    the library allows) or by the decoder: the same maps as the native run. A corrupt image
+    in the stream is one counted rejection, its position stays empty, the rest is kept."""
+    import stream.engine
+    from stream.accumulators import Accumulators
+
+    assert native_bslz4()  # the installed dectris-compression exports its C entry point
+    monkeypatch.setattr(stream.engine, "native_bslz4", lambda: in_kernel)
+    fused_calls = []
+    fused = Accumulators.add_compressed
+    monkeypatch.setattr(Accumulators, "add_compressed",
+                        lambda self, *a: (fused_calls.append(1), fused(self, *a))[1])  # fmt: skip
     engine = Engine(EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
         protocol=protocol, idle_timeout_s=10.0, max_series=1,
@@ -91,6 +105,14 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol)
     push.connect(endpoint)
     frames = sim.frames(0, sim.n_frames)
     batches = ((f, frames[f : f + 8]) for f in range(0, len(frames), 8))
+    corrupt = 70  # after the 64 calibration frames
+
+    def compress(f):  # the simulator's encoder, with one image's LZ4 blocks damaged
+        blob = compress_bslz4(f)
+        return blob[:40] + bytes(24) + blob[64:] if np.array_equal(f, frames[corrupt]) else blob
+
+    monkeypatch.setattr("detectors.compression.compress_bslz4", compress)
+    monkeypatch.setattr("detectors.dectris_v2.compress_bslz4", compress)
     try:
         stream_series(push, sim, SendSettings(protocol=protocol, encoding="bslz4"), 9,
                       batches)  # fmt: skip
@@ -98,14 +120,20 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol)
         push.close(linger=2000)
     assert engine.join(timeout=20)
     live = engine.last_result
+    kept = np.ones(len(frames), bool)
+    kept[corrupt] = False
     proc = SeriesProcessor(sim.series_info(9), ProcessingSettings())
-    proc.add(FrameBatch(9, 0, frames))
+    proc.add_many([FrameBatch(9, i, frames[i : i + 1]) for i in np.flatnonzero(kept)])
     native = proc.result(final=True)
-    assert live.complete and live.frames_received == sim.n_frames
+    assert live.complete  # the series ended; one frame is missing
+    assert live.frames_received == sim.n_frames - 1 and live.hits.ravel()[corrupt] == 0
+
+    assert engine.counters.rejected == {"bad_payload": 1}
     for name in ("incoherent_bf", "axial_bf", "total_counts", "hits"):
         np.testing.assert_array_equal(getattr(live, name), getattr(native, name))
     assert live.dose_e_per_A2 == pytest.approx(native.dose_e_per_A2)
     assert live.calibration.mask.sum() == 4  # the hot pixels, from 2^16 - 1
+    assert bool(fused_calls) == in_kernel
 
 
 def _decode_series(protocol: str, info, frames) -> list:
@@ -504,7 +532,6 @@ def test_dectris_files_replay_stored_chunks_only_when_they_are_bslz4(sim, tmp_pa
     import h5py
 
     from detectors.vendor_files import DatasetError, DectrisMaster
-
 
     frames = sim.frames(0, 4)
     for values, direct in (
