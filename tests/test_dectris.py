@@ -14,7 +14,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesEnd, SeriesStart
 from detectors.compression import compress_bslz4, decompress, native_bslz4
 from detectors.dectris_v2 import DectrisV2Decoder, encode_end, encode_image, encode_start
 from simulators import Simulator, tutorial_config
@@ -268,6 +268,7 @@ def test_fuzzed_v2_messages_only_ever_raise_decode_errors(sim, data):
     """Truncated, corrupted and random messages: a counted DecodeError, never anything else."""
     msgs = _messages(sim)
     dec = DectrisV2Decoder()
+    dec.defer_bslz4 = data.draw(st.booleans())  # the engine's in-kernel path too
     dec.decode([msgs[0]])
     which = data.draw(st.integers(0, 3))
     msg = bytearray(msgs[which])
@@ -289,8 +290,19 @@ def test_fuzzed_v2_messages_only_ever_raise_decode_errors(sim, data):
         out = dec.decode([bytes(msg)])
     except DecodeError:
         return
-    events = out if isinstance(out, list) else [out]
-    assert all(isinstance(e, SeriesStart | FrameBatch | SeriesEnd) for e in events)
+    _check_events(out if isinstance(out, list) else [out])
+
+
+def _check_events(events: list) -> None:
+    """Only events; a frame left compressed decodes, or fails with a DecodeError."""
+    assert all(isinstance(e, SeriesStart | FrameBatch | CompressedFrame | SeriesEnd)
+               for e in events)  # fmt: skip
+    for e in events:
+        if isinstance(e, CompressedFrame):
+            try:
+                assert e.decoded().frames.shape == (1, *e.shape)
+            except DecodeError:
+                pass
 
 
 # ------------------------------------------------------------------------------ stream V1
@@ -351,6 +363,7 @@ def test_fuzzed_v1_parts_only_ever_raise_decode_errors(sim, data):
     info = sim.series_info(3)
     frame = sim.frames(0, 1)[0]
     dec = v1.DectrisV1Decoder()
+    dec.defer_bslz4 = data.draw(st.booleans())
     for m in v1.encode_header(info):
         dec.decode(m)
     parts = v1.encode_image(3, 0, frame) + v1.encode_end(3)
@@ -373,7 +386,7 @@ def test_fuzzed_v1_parts_only_ever_raise_decode_errors(sim, data):
             events = dec.decode([p])
         except DecodeError:
             continue
-        assert all(isinstance(e, SeriesStart | FrameBatch | SeriesEnd) for e in events)
+        _check_events(events)
 
 
 # ------------------------------------------------------------------------------ Merlin
