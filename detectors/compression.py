@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from dectris.compression import decompress as dectris_decompress  # noqa: E402
 
 from .base import DecodeError  # noqa: E402
 
@@ -66,19 +67,15 @@ def decompress(algorithm: str, element_size: int, blob, expected_nbytes: int) ->
         if element_size not in (1, 2, 4):
             raise DecodeError("bad_payload", f"bslz4 element size {element_size}")
         _header(view, expected_nbytes, algorithm)
-        from dectris.compression import decompress as dectris_decompress
-
         try:
-            return dectris_decompress(bytes(view), "bslz4", elem_size=element_size)
+            return dectris_decompress(view, "bslz4", elem_size=element_size)
         except Exception as exc:  # corrupt blocks are reported as exceptions
             raise DecodeError("bad_payload", f"bslz4: {exc}") from None
 
     if algorithm == "lz4":
         _header(view, expected_nbytes, algorithm)
-        from dectris.compression import decompress as dectris_decompress
-
         try:
-            return dectris_decompress(bytes(view), "lz4")
+            return dectris_decompress(view, "lz4")
         except Exception as exc:
             raise DecodeError("bad_payload", f"lz4: {exc}") from None
     raise DecodeError("bad_encoding", f"unsupported compression {algorithm!r}")

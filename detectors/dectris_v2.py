@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import cbor2
@@ -46,23 +46,25 @@ MAX_IMAGES = 1 << 31
 SELF_DESCRIBED = b"\xd9\xd9\xf7"
 
 
-@dataclass(frozen=True)
-class _Compressed:
-    algorithm: str
-    element_size: int
-    data: Any
+class _Compressed:  # tag 56500 (plain slotted classes: built three times per image)
+    __slots__ = ("algorithm", "element_size", "data")
+
+    def __init__(self, algorithm: str, element_size: int, data: Any):
+        self.algorithm, self.element_size, self.data = algorithm, element_size, data
 
 
-@dataclass(frozen=True)
-class _Typed:
-    dtype: str
-    payload: Any  # bytes or _Compressed
+class _Typed:  # typed-array tags 64/69/70
+    __slots__ = ("dtype", "payload")
+
+    def __init__(self, dtype: str, payload: Any):  # payload: bytes or _Compressed
+        self.dtype, self.payload = dtype, payload
 
 
-@dataclass(frozen=True)
-class _MultiDim:
-    dims: tuple
-    array: Any  # _Typed
+class _MultiDim:  # tag 40
+    __slots__ = ("dims", "array")
+
+    def __init__(self, dims: tuple, array: Any):  # array: _Typed
+        self.dims, self.array = dims, array
 
 
 def _tag_hook(*args):
