@@ -141,21 +141,42 @@ def bslz4_into(blob: np.ndarray, start: int, stop: int, out: np.ndarray, element
     return got != _ERROR and got == expected
 
 
+# versions whose C entry point has the signature declared above (read in their sources)
+NATIVE_VERSIONS = ((0, 3), (0, 4))
+
+
 @functools.cache
 def native_bslz4() -> bool:
-    """Whether kernels may call `bslz4_into`: the entry point exists, decodes a reference frame
-    exactly like `decompress` and refuses a corrupt one (guards against an incompatible library
-    version). Checked once, on first use."""
-    if _native is None:
+    """Whether kernels may call `bslz4_into`: a dectris-compression version known to export
+    the entry point with this signature, which then decodes reference frames (1-, 2- and 4-byte
+    pixels, several blocks) exactly like `decompress` and refuses a lying and a truncated one.
+    Checked once, on first use; otherwise everything goes through `decompress`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    log = logging.getLogger("tcbf.compression")
+    try:
+        release = tuple(int(x) for x in version("dectris-compression").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        release = None
+    if _native is None or release not in NATIVE_VERSIONS:
+        log.info("in-kernel bslz4 not used (dectris-compression %s)", release)
         return False
     try:
-        frame = (np.arange(64 * 64, dtype=np.uint32) * 2654435761 % 7).astype(np.uint16)
-        blob = np.frombuffer(compress_bslz4(frame), np.uint8)
-        out = np.zeros_like(frame)
-        ok = bslz4_into(blob, 0, blob.shape[0], out, 2) and np.array_equal(out, frame)
-        bad = blob.copy()
-        bad[20:60] = 255
-        return bool(ok and not bslz4_into(bad, 0, bad.shape[0], np.zeros_like(frame), 2))
+        rng = np.random.default_rng(7)
+        for dtype in ("u1", "<u2", "<u4"):
+            frame = rng.poisson(2.0, 96 * 96).astype(dtype)  # 9 KiB .. 36 KiB: several blocks
+            blob = np.frombuffer(compress_bslz4(frame), np.uint8)
+            size = frame.itemsize
+            out = np.zeros_like(frame)
+            if not (bslz4_into(blob, 0, len(blob), out, size) and np.array_equal(out, frame)):
+                return False
+            bad = blob.copy()
+            bad[12:16] = 255  # the first block claims 4 GiB
+
+            if bslz4_into(bad, 0, len(bad), out, size) or bslz4_into(blob, 0, len(blob) - 9,
+                                                                      out, size):  # fmt: skip
+                return False
+        return True
     except Exception as exc:  # an incompatible build: use the Python path
-        logging.getLogger("tcbf.compression").warning("in-kernel bslz4 disabled: %s", exc)
+        log.warning("in-kernel bslz4 disabled: %s", exc)
         return False

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from .base import SeriesInfo
-from .compression import decompress
+from .compression import compress_bslz4, decompress
 from .files import DatasetError
 
 BITSHUFFLE_FILTER = 32008
@@ -43,14 +43,14 @@ def _bslz4_filter(d: h5py.Dataset, itemsize: int) -> bool:
     (block size, compression), or as the plugin completes them, (version, version, element
     size, block size, compression); compression 2 is LZ4, 3 zstd, 0 none."""
     plist = d.id.get_create_plist()
-    for i in range(plist.get_nfilters()):
-        code, _, values, _ = plist.get_filter(i)
-        if code != BITSHUFFLE_FILTER:
-            continue
-        if len(values) >= 5:
-            return values[4] == 2 and values[2] in (0, itemsize)
-        return len(values) == 2 and values[1] == 2
-    return False
+    if plist.get_nfilters() != 1:  # bitshuffle alone, or the chunk is not what a stream carries
+        return False
+    code, _, values, _ = plist.get_filter(0)
+    if code != BITSHUFFLE_FILTER:
+        return False
+    if len(values) >= 5:
+        return values[4] == 2 and values[2] in (0, itemsize)
+    return len(values) == 2 and values[1] == 2
 
 
 class DectrisMaster:
@@ -111,7 +111,9 @@ class DectrisMaster:
         def chunks():
             for i in range(self.n_frames):
                 d, j = self._locate(i)
-                _, blob = d.id.read_direct_chunk((j, 0, 0))
+                skipped, blob = d.id.read_direct_chunk((j, 0, 0))
+                if skipped:  # HDF5 stored this chunk unfiltered: compress it for the stream
+                    blob = compress_bslz4(self._unfiltered(blob, i))
                 yield i, bytes(blob)
 
         return chunks()
@@ -122,7 +124,10 @@ class DectrisMaster:
         for k in range(count):
             d, j = self._locate(first + k)
             if self._compressed:  # decode the stored chunk (no HDF5 filter plugin needed)
-                _, blob = d.id.read_direct_chunk((j, 0, 0))
+                skipped, blob = d.id.read_direct_chunk((j, 0, 0))
+                if skipped:  # filter mask set: HDF5 stored this chunk as it is
+                    out[k] = self._unfiltered(blob, first + k)
+                    continue
                 raw = decompress("bslz4", np.dtype(self.dtype).itemsize, blob, nbytes)
                 out[k] = np.frombuffer(raw, self.dtype).reshape(self.detector_shape)
             else:
@@ -133,6 +138,14 @@ class DectrisMaster:
                         f"{self.path}: cannot read frame {first + k}: {exc}"
                     ) from None
         return out
+
+    def _unfiltered(self, chunk: bytes, index: int) -> np.ndarray:
+        """A chunk HDF5 stored without its filter (the filter mask says so): raw pixels."""
+        nbytes = int(np.prod(self.detector_shape)) * np.dtype(self.dtype).itemsize
+        if len(chunk) != nbytes:
+            raise DatasetError(f"{self.path}: frame {index}: unfiltered chunk of {len(chunk)} "
+                               f"bytes, a frame has {nbytes}")  # fmt: skip
+        return np.frombuffer(chunk, self.dtype).reshape(self.detector_shape)
 
     def iter_batches(self, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]:
         for first in range(0, self.n_frames, batch):

@@ -128,9 +128,11 @@ def _claim(idx, n_pos, cols, serpentine, seen, stats) -> int:
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, vals, cum,
-          totals, bf_sum, axial_sum, hits, stack, tiles, stats) -> None:  # fmt: skip
-    """Add one flat frame `f` into position `j` of every accumulator."""
+def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, exact,
+          vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats) -> None:  # fmt: skip
+    """Add one flat frame `f` into position `j` of every accumulator. Tile sums are prefix-sum
+    differences for integer frames (exact in int64); float frames sum each tile, so that one
+    non-finite pixel spoils only its own tiles."""
     n_bf = bf_index.shape[0]
     tot = zero
     for p in range(f.shape[0]):
@@ -151,8 +153,15 @@ def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
     for i in axial_index:
         ax += vals[i]
     trow = tiles[j]
-    for t in range(tile_start.shape[0]):
-        trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
+    if exact:
+        for t in range(tile_start.shape[0]):
+            trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
+    else:
+        for t in range(tile_start.shape[0]):
+            acc = zero
+            for i in range(tile_start[t], tile_stop[t]):
+                acc += vals[i]
+            trow[t] += acc
     totals[j] += tot
     bf_sum[j] += run
     axial_sum[j] += ax
@@ -174,6 +183,7 @@ def accumulate_frames(
     masked_index: np.ndarray,  # flat indices excluded from totals
     stack_max: float,
     zero,  # 0 of the frame-sum type: int64 for integer frames (vectorises), float64 otherwise
+    exact: bool,  # integer frames: tile sums from prefix sums
     totals: np.ndarray,  # (n_pos,) float64
     bf_sum: np.ndarray,  # (n_pos,) float64
     axial_sum: np.ndarray,  # (n_pos,) float64
@@ -190,7 +200,7 @@ def accumulate_frames(
         j = _claim(indices[b], n_pos, cols, serpentine, seen, stats)
         if j >= 0:
             _fold(frames[b], j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
-                  zero, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
+                  zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
                   stats)  # fmt: skip
 
 
@@ -211,6 +221,7 @@ def accumulate_compressed(
     masked_index: np.ndarray,
     stack_max: float,
     zero,
+    exact: bool,
     totals: np.ndarray,
     bf_sum: np.ndarray,
     axial_sum: np.ndarray,
@@ -234,7 +245,7 @@ def accumulate_compressed(
         j = _claim(indices[b], n_pos, cols, serpentine, seen, stats)
         if j >= 0:
             _fold(scratch, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
-                  zero, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
+                  zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
                   stats)  # fmt: skip
     return failed
 
@@ -253,7 +264,7 @@ class Accumulators:
     axial_radius_px: float
     serpentine: bool = False
     frame_limit: int | None = None  # frames accepted (repeat scans: several passes)
-    integer_stack: bool = True
+    integer_stack: bool = True  # unsigned integer frames: uint16 stack, exact int64 sums
     totals: np.ndarray = field(init=False)
     bf_sum: np.ndarray = field(init=False)
     axial_sum: np.ndarray = field(init=False)
@@ -318,8 +329,9 @@ class Accumulators:
         return (
             self.n_positions, self.scan_shape[1], self.serpentine, self._bf_index,
             lay.tile_start, lay.tile_stop, self._axial_index, self._masked, self._stack_max,
-            self._zero, self.totals, self.bf_sum, self.axial_sum, self.hits, self.stack,
-            self.tiles, self.seen, self.stats,
+            self._zero, self.integer_stack, self.totals, self.bf_sum, self.axial_sum, self.hits,
+            self.stack, self.tiles, self.seen, self.stats,
+
         )  # fmt: skip
 
     # ---------------------------------------------------------------- read-outs (copies)

@@ -9,7 +9,7 @@ maximum of the 3x3-median-filtered mean pattern, so isolated hot pixels cannot s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,13 @@ class Calibration:
     @property
     def masked_flat_index(self) -> np.ndarray:
         return np.flatnonzero(self.mask.ravel()).astype(np.int32)
+
+    def excluding(self, pixels: np.ndarray) -> Calibration:
+        """This calibration with `pixels` (bool, detector shape) excluded too: masked, and no
+        longer BF pixels (e.g. a detector's pixel mask applied to a calibration from a file)."""
+        flagged = np.asarray(pixels, bool)
+        keep = ~flagged[self.bf_pixels[:, 0], self.bf_pixels[:, 1]]
+        return replace(self, mask=self.mask | flagged, bf_pixels=self.bf_pixels[keep])
 
     def to_dict(self) -> dict:
         """JSON form for a calibration file (mean pattern and mask as nested lists)."""

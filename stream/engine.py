@@ -54,7 +54,8 @@ class EngineSettings:
     armed: bool = False
 
 
-ARM_WAIT_S = 10.0  # how long a series start waits for the arm's reply (active mode)
+ARM_WAIT_S = 10.0  # how long a series start waits for the arm's reply (active mode; longer
+#                    than the SIMPLON client's 5 s timeout, after which the run stops anyway)
 
 
 class Engine:
@@ -172,7 +173,7 @@ class Engine:
                     if isinstance(event, SeriesStart):
                         self._on_start(event)
                     elif isinstance(event, SeriesEnd):
-                        self._finish(complete=True)
+                        self._on_end(event)
                 self._on_frames(frames)
             if self._current is not None:  # timed out or stopped mid-series
                 log.warning("stream idle or stopped before the series ended")
@@ -217,6 +218,14 @@ class Engine:
                 return False
         return series_id == self._expected_series
 
+    def _on_end(self, event: SeriesEnd) -> None:
+        proc = self._current
+        if proc is not None and proc.info.series_id != event.series_id:
+            self.counters.reject(DecodeError("wrong_series", f"end of series {event.series_id} "
+                                             f"during series {proc.info.series_id}"))  # fmt: skip
+            return
+        self._finish(complete=True)
+
     def _on_frames(self, batches: list[FrameBatch | CompressedFrame]) -> None:
         if not batches:
             return
@@ -225,6 +234,15 @@ class Engine:
             for b in batches:
                 self.counters.reject(DecodeError("no_series", f"frames of series {b.series_id}"))
             return
+        series = proc.info.series_id
+        if any(b.series_id != series for b in batches):  # e.g. a foreign series (active mode)
+            for b in batches:
+                if b.series_id != series:
+                    self.counters.reject(DecodeError("wrong_series", f"frames of series "
+                                                     f"{b.series_id} during {series}"))  # fmt: skip
+            batches = [b for b in batches if b.series_id == series]
+            if not batches:
+                return
         if self.settings.processing.repeat_scans == "new-series":
             for batch in batches:
                 self._on_frames_new_series(batch)

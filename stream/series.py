@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
+from detectors.compression import native_bslz4
 
 from .accumulators import Accumulators, TileLevels, default_bins
 from .calibration import DEFAULT_BF_THRESHOLD, Calibration, CalibrationError, calibrate
@@ -204,7 +205,10 @@ class SeriesProcessor:
         self._t_last = 0.0
         self._pending_frames = 0
         if self.calibration is not None:
-            self._build(self.calibration)
+            cal, flagged = self.calibration, self.info.pixel_mask
+            if flagged is not None and flagged.shape == cal.detector_shape:
+                cal = cal.excluding(flagged)  # the detector's mask applies to a given one too
+            self._build(cal)
 
     # ------------------------------------------------------------------ ingest
     def add(self, batch: FrameBatch | CompressedFrame) -> None:
@@ -294,8 +298,18 @@ class SeriesProcessor:
         self.acc.add_indexed(index, frames)
 
     def _flush_compressed(self, packed: list[CompressedFrame]) -> None:
-        """One kernel call for a run of bslz4 frames, decompressed inside it."""
+        """One kernel call for a run of bslz4 frames, decompressed inside it (or, where the
+        library offers no in-kernel entry point, decoded here first)."""
         if not packed:
+            return
+        if not native_bslz4():
+            for c in packed:
+                try:
+                    b = c.decoded()
+                except DecodeError as err:
+                    self._failed(1, str(err))
+                    continue
+                self.acc.add(b.first - self.index_offset, b.frames)
             return
         self._touch()
         index = np.fromiter((c.first for c in packed), np.int64, len(packed))
@@ -382,7 +396,8 @@ class SeriesProcessor:
             axial_radius_px=axial,
             serpentine=self.info.scan_order == "serpentine",
             frame_limit=self.frame_limit,
-            integer_stack=np.dtype(self.info.dtype).kind in "ui",
+            integer_stack=np.dtype(self.info.dtype).kind == "u",  # signed: float32 stack
+
         )
         self.tcbf = TcbfProcessor(self.info, cal, layout, s.tcbf)
 

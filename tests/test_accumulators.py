@@ -272,3 +272,51 @@ def test_in_kernel_bslz4_never_crashes_on_garbage(sim, frames, data):
     proc.add_many([c])
     # either a clean rejection, or (a flip in a spot LZ4 cannot check) one frame accepted
     assert proc.decode_failures + proc.result().frames_received == 65
+
+
+def test_float_frames_a_non_finite_pixel_spoils_only_its_own_tiles(sim, frames):
+    info = replace(sim.series_info(1), dtype="<f4")
+    proc = SeriesProcessor(info, ProcessingSettings())
+    f = frames.astype(np.float32)
+    proc.add(FrameBatch(1, 0, f[:64]))
+    bad = f[64:65].copy()
+    pixel = proc.calibration.bf_pixels[0]
+    bad[0, pixel[0], pixel[1]] = np.inf
+    proc.add(FrameBatch(1, 64, bad))
+    proc.add(FrameBatch(1, 65, f[65:]))
+    row, col = scan_position(64, sim.cfg.scan_shape, sim.cfg.scan_order)
+    j = int(row) * sim.cfg.scan_shape[1] + int(col)
+    assert (~np.isfinite(proc.acc.tiles[j])).sum() == len(proc.acc.tiles_layout.bins)
+    assert np.isfinite(np.delete(proc.acc.tiles, j, axis=0)).all()
+
+
+def test_signed_frames_keep_negative_values(sim, frames):
+    """Signed detectors (e.g. dark-subtracted int16) accumulate in float: no wrap-around."""
+    signed = frames.astype(np.int16) - (frames == 0)  # empty pixels read -1
+    cube = np.empty((*sim.cfg.scan_shape, *signed.shape[1:]), signed.dtype)
+    cube[scan_position(np.arange(len(signed)), sim.cfg.scan_shape, sim.cfg.scan_order)] = signed
+
+    proc = SeriesProcessor(replace(sim.series_info(1), dtype="<i2"), ProcessingSettings())
+    proc.add(FrameBatch(1, 0, signed))
+    assert proc.acc.stack.dtype == np.float32 and proc.acc.stack.min() < 0
+    check_against_reference(proc, cube, np.ones(sim.cfg.scan_shape, bool))
+
+
+def test_compressed_frames_without_the_in_kernel_entry_point(sim, frames, monkeypatch):
+    monkeypatch.setattr(series_module, "native_bslz4", lambda: False)
+    proc = feed(sim, batches_of(frames[:64], 64))
+    rest = _compressed(frames[64:], 64)
+    rest[2] = replace(rest[2], blob=rest[2].blob[:-7])  # truncated: counted, skipped
+    proc.add_many(rest + _compressed(frames[66:67], 66))  # and its good copy
+    assert proc.decode_failures == 1
+    check_against_reference(proc, sim.datacube(), np.ones(sim.cfg.scan_shape, bool))
+
+
+def test_detector_pixel_mask_applies_to_a_given_calibration(sim, frames):
+    first = feed(sim, batches_of(frames, 64))
+    cal = first.calibration
+    flags = np.zeros(cal.detector_shape, bool)
+    flags[tuple(cal.bf_pixels[10])] = True
+    info = replace(sim.series_info(1), pixel_mask=flags)
+    proc = SeriesProcessor(info, ProcessingSettings(calibration=cal))
+    assert proc.calibration.n_bf == cal.n_bf - 1 and proc.calibration.mask[flags].all()

@@ -567,6 +567,37 @@ def test_dectris_files_replay_stored_chunks_only_when_they_are_bslz4(sim, tmp_pa
         data.close()
 
 
+def test_dectris_files_with_unfiltered_chunks_or_extra_filters(sim, tmp_path):
+    """A chunk HDF5 stored without the filter (filter mask set) is read raw and recompressed
+    for the stream; a filter pipeline beyond bitshuffle is never sent as stored."""
+    import h5py
+
+    from detectors.vendor_files import DectrisMaster
+
+    frames = sim.frames(0, 4)
+    master = write_dectris_series(tmp_path, frames, per_file=4)
+    with h5py.File(tmp_path / "series_7_data_000001.h5", "r+") as f:
+        f["entry/data/data"].id.write_direct_chunk((2, 0, 0), frames[2].tobytes(), filter_mask=1)
+    data = DectrisMaster(master, {"scan_shape": (2, 2)})
+    np.testing.assert_array_equal(data.frames(0, 4), frames)
+    blobs = dict(data.iter_compressed())
+    assert decompress("bslz4", 2, blobs[2], frames[2].nbytes) == frames[2].tobytes()
+    data.close()
+    with h5py.File(tmp_path / "two_filters.h5", "w") as f:
+        ds = f.create_dataset(
+            "entry/data/data", shape=frames.shape, dtype=frames.dtype,
+            chunks=(1, *frames.shape[1:]), compression=32008, compression_opts=(0, 2),
+            fletcher32=True, allow_unknown_filter=True,
+        )  # fmt: skip
+
+        assert ds.id.get_create_plist().get_nfilters() == 2
+    with h5py.File(tmp_path / "two_master.h5", "w") as m:
+        m["entry/data/data_000001"] = h5py.ExternalLink("two_filters.h5", "entry/data/data")
+    assert (
+        DectrisMaster(tmp_path / "two_master.h5", {"scan_shape": (2, 2)}).iter_compressed() is None
+    )
+
+
 def test_replay_of_a_mib_recording_over_merlin(sim, tmp_path):
     from detectors import merlin
     from detectors.vendor_files import MibFile

@@ -151,3 +151,40 @@ def test_armed_engine_takes_only_the_armed_series(endpoint, protocol):
     assert result.frames_received == sim.n_frames
     assert engine.counters.rejected["foreign_series"] == 1
     assert engine.counters.rejected["no_series"] == sim.n_frames  # its frames: counted only
+
+
+def test_armed_series_cut_short_takes_nothing_from_a_foreign_one(endpoint):
+    """The armed series loses its end, then a foreign series streams: its start, frames and
+    end are counted, and none of it reaches (or ends) the armed series."""
+    import zmq
+
+    from detectors.dectris_v2 import encode_end, encode_image, encode_start
+    from simulators import Simulator, tutorial_config
+    from stream.engine import Engine, EngineSettings
+    from stream.subscriber import SubscriberSettings
+
+    sim = Simulator(tutorial_config(scan_shape=(4, 6)))
+    engine = Engine(EngineSettings(
+        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+        protocol="dectris-v2", idle_timeout_s=1.5, max_series=1, armed=True,
+    )).start()  # fmt: skip
+    engine.expect_series(42)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    frames = sim.frames(0, sim.n_frames)
+    try:
+        push.send_multipart(encode_start(sim.series_info(42)))
+        for i in range(12):  # half of the armed series, no end
+            push.send_multipart(encode_image(42, i, frames[i]))
+        push.send_multipart(encode_start(sim.series_info(7)))
+        for i, f in enumerate(frames):
+            push.send_multipart(encode_image(7, i, f // 2))
+        push.send_multipart(encode_end(7))
+    finally:
+        push.close(linger=2000)
+    assert engine.join(timeout=20)
+    result = engine.last_result
+    assert result.info.series_id == 42 and not result.complete
+    assert result.frames_received == 12 and result.duplicates == 0
+    rejected = engine.counters.rejected
+    assert rejected["foreign_series"] == 1 and rejected["wrong_series"] == sim.n_frames + 1
