@@ -24,10 +24,9 @@ from .tcbf import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
 log = logging.getLogger("tcbf.series")
 
 STAGE_SMALL = 4  # messages with fewer frames than this are gathered ...
-STAGE_FRAMES = 32  # ... into one kernel call of up to this many frames, ...
-STAGE_BYTES = 1 << 20  # ... and at most this many bytes (a cache-sized buffer).
-# Larger frames are not staged: copying one costs more than a kernel call (~3 us); measured
-# with benchmarks/decode_speed.py, this took the 512x512 overhead from 128 % to 106-115 %.
+STAGE_FRAMES = 32  # ... into one kernel call of up to this many frames (<= 1 MiB, see below).
+# Larger frames are not staged: copying one costs more than a kernel call (~3 us). Measured on
+# the decoder path of benchmarks/decode_speed.py: 512x512 overhead 128 % -> 106-115 %.
 STAGE_MAX_FRAME_BYTES = 32 << 10
 
 
@@ -247,13 +246,12 @@ class SeriesProcessor:
             return
         frame_bytes = math.prod(self.info.detector_shape) * np.dtype(self.info.dtype).itemsize
         staged = frame_bytes <= STAGE_MAX_FRAME_BYTES
-        capacity = max(1, min(STAGE_FRAMES, STAGE_BYTES // frame_bytes))
         small: list[FrameBatch] = []
         packed: list[CompressedFrame] = []
         count = 0
         for b in batches:
             if isinstance(b, CompressedFrame):
-                self._flush_stage(small, count, capacity)
+                self._flush_stage(small, count)
                 small, count = [], 0
                 packed.append(b)
                 if len(packed) >= STAGE_FRAMES:
@@ -264,25 +262,25 @@ class SeriesProcessor:
             packed = []
             m = len(b.frames)
             if m >= STAGE_SMALL or not staged:
-                self._flush_stage(small, count, capacity)
+                self._flush_stage(small, count)
                 small, count = [], 0
                 self.add(b)
                 continue
             small.append(b)
             count += m
-            if count >= capacity:
-                self._flush_stage(small, count, capacity)
+            if count >= STAGE_FRAMES:
+                self._flush_stage(small, count)
                 small, count = [], 0
-        self._flush_stage(small, count, capacity)
+        self._flush_stage(small, count)
         self._flush_compressed(packed)
 
-    def _flush_stage(self, small: list[FrameBatch], count: int, capacity: int) -> None:
+    def _flush_stage(self, small: list[FrameBatch], count: int) -> None:
         """Copy a run of small batches into the staging buffer with one concatenate (no Python
         per frame) and accumulate them in one kernel call."""
         if not small:
             return
         if self._stage is None:
-            self._stage = np.empty((capacity + STAGE_SMALL, *self.info.detector_shape),
+            self._stage = np.empty((STAGE_FRAMES + STAGE_SMALL, *self.info.detector_shape),
                                    self.info.dtype)  # fmt: skip
             self._stage_index = np.empty(self._stage.shape[0], np.int64)
         self._touch()
@@ -397,7 +395,6 @@ class SeriesProcessor:
             serpentine=self.info.scan_order == "serpentine",
             frame_limit=self.frame_limit,
             integer_stack=np.dtype(self.info.dtype).kind == "u",  # signed: float32 stack
-
         )
         self.tcbf = TcbfProcessor(self.info, cal, layout, s.tcbf)
 

@@ -198,7 +198,7 @@ def test_staged_small_messages_match_reference(sim, frames, monkeypatch, staging
     at all): same sums, same counters."""
     frame_bytes = frames[0].nbytes
     if staging == "three-frame buffer":
-        monkeypatch.setattr(series_module, "STAGE_BYTES", 3 * frame_bytes)
+        monkeypatch.setattr(series_module, "STAGE_FRAMES", 3)
     elif staging == "frames too large":
         monkeypatch.setattr(series_module, "STAGE_MAX_FRAME_BYTES", frame_bytes - 1)
     rng = np.random.default_rng(2)
