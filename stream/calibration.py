@@ -34,6 +34,8 @@ class Calibration:
     mean_pattern: np.ndarray  # (Qx, Qy) float32, masked pixels 0
     threshold: float = DEFAULT_BF_THRESHOLD
     angular_sampling_mrad: float | None = None
+    hot_pixels: int = 0  # found persistently far above all their neighbours (masked)
+    dead_pixels: int = 0  # found persistently far below all their neighbours (masked)
 
     @property
     def n_bf(self) -> int:
@@ -95,6 +97,46 @@ class Calibration:
         )
 
 
+HOT_DEAD_SIGMA = 8.0  # Poisson sigmas of the mean pattern beyond every neighbour ...
+HOT_DEAD_FRACTION = 0.5  # ... and at least this fraction of the neighbours' level
+
+
+def hot_and_dead(mean: np.ndarray, usable: np.ndarray, n_frames: int,
+                 counts_per_electron: float = 1.0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Persistent hot and dead pixels of a mean pattern (counts per frame over `n_frames`):
+    a pixel above the *largest* (below the *smallest*) of its 8 usable neighbours by more than
+    HOT_DEAD_SIGMA Poisson sigmas of that neighbour's mean and by HOT_DEAD_FRACTION of its
+    level. Comparing with the extreme neighbour keeps the disk's edge (where a pixel differs
+    from some neighbours but not from all) from being flagged."""
+    big = np.finfo(np.float64).max
+    lo = np.where(usable, mean, big)
+    hi = np.where(usable, mean, -big)
+    fp = np.ones((3, 3), bool)
+    fp[1, 1] = False
+    nb_max = ndi.maximum_filter(hi, footprint=fp, mode="constant", cval=-big)
+    nb_min = ndi.minimum_filter(lo, footprint=fp, mode="constant", cval=big)
+    gain = counts_per_electron if counts_per_electron > 0 else 1.0
+    n = max(n_frames, 1)
+
+    def sigma(level):
+        return np.sqrt(gain * np.maximum(level, 1.0 / n) / n)
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        hot = (
+            usable
+            & (nb_max > -big)
+            & (
+                mean - nb_max
+                > np.maximum(
+                    HOT_DEAD_SIGMA * sigma(nb_max), HOT_DEAD_FRACTION * np.maximum(nb_max, 0)
+                )
+            )
+        )
+        dead = usable & (nb_min < big) & (nb_min > 0) & (nb_min - mean > np.maximum(
+            HOT_DEAD_SIGMA * sigma(nb_min), HOT_DEAD_FRACTION * nb_min))  # fmt: skip
+    return hot, dead
+
+
 def calibrate(
     frames: np.ndarray,
     mask_value: int | None = None,
@@ -102,11 +144,15 @@ def calibrate(
     threshold: float = DEFAULT_BF_THRESHOLD,
     semiangle_mrad: float | None = None,
     angular_sampling_mrad: float | None = None,
+    counts_per_electron: float = 1.0,
 ) -> Calibration:
     """Calibrate from frames (N, Qx, Qy).
 
-    Masked pixels: those carrying `mask_value` in any frame, plus `supplied_mask`. The angular
-    sampling is taken as given, else derived as semiangle / radius when the semiangle is known.
+    Masked pixels: those carrying `mask_value` in any frame, plus `supplied_mask`, plus
+    persistent hot and dead pixels found in the mean pattern (`hot_and_dead`), plus pixels
+    never finite (float frames; a non-finite value in some frames is left out of the mean). The
+    angular sampling is taken as given, else derived as semiangle / radius when the semiangle
+    is known.
     """
     if frames.ndim != 3 or frames.shape[0] < 1:
         raise CalibrationError(f"need frames (N, Qx, Qy), got shape {frames.shape}")
@@ -118,7 +164,15 @@ def calibrate(
         raise CalibrationError(f"mask shape {mask.shape} != detector {shape}")
     if mask_value is not None:
         mask = mask | np.any(frames == mask_value, axis=0)
-    mean = frames.mean(axis=0, dtype=np.float64)
+    if frames.dtype.kind == "f":
+        finite = np.isfinite(frames)
+        count = finite.sum(axis=0)
+        mean = np.where(finite, frames, 0).sum(axis=0, dtype=np.float64) / np.maximum(count, 1)
+        mask = mask | (count == 0)
+    else:
+        mean = frames.mean(axis=0, dtype=np.float64)
+    hot, dead = hot_and_dead(mean, ~mask, frames.shape[0], counts_per_electron)
+    mask = mask | hot | dead
     mean[mask] = 0.0
     plateau = float(ndi.median_filter(mean, size=3).max())
     if not plateau > 0:
@@ -146,4 +200,6 @@ def calibrate(
         mean_pattern=mean.astype(np.float32),
         threshold=threshold,
         angular_sampling_mrad=angular_sampling_mrad,
+        hot_pixels=int(hot.sum()),
+        dead_pixels=int(dead.sum()),
     )

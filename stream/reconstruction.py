@@ -56,7 +56,7 @@ def splat_weights(shifts_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def deposit(
     stack: np.ndarray,  # (n_pos, N_bf) per-BF-pixel values
-    hits: np.ndarray,  # (n_pos,) frames per position
+    hits: np.ndarray,  # (n_pos,) exposure per position (frames x relative dose; 0: none)
     positions: np.ndarray,  # (M,) flat positions to deposit
     cols: int,
     factor: int,
@@ -201,9 +201,9 @@ def ring_sums(stack, hits, positions, ring_of, out) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _column_sums(stack, hits, out) -> int:
-    """out[i] = sum of stack[p, i] over positions with hits; returns the frames summed."""
-    frames = 0
+def _column_sums(stack, hits, out) -> float:
+    """out[i] = sum of stack[p, i] over positions with exposure; returns the exposure summed."""
+    frames = 0.0
     for p in range(stack.shape[0]):
         if hits[p] == 0:
             continue
@@ -224,6 +224,16 @@ def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
     return np.maximum(total / frames, 1e-12)
 
 
+EXPOSURE_TOLERANCE = 0.02  # relative change of a position's exposure that re-deposits it
+
+
+def exposure_changed(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Positions whose exposure (frames x relative dose) appeared, vanished or changed by more
+    than EXPOSURE_TOLERANCE: the dose model is refined at every update by tiny amounts, which
+    must not force a rebuild each time."""
+    return np.abs(new - old) > EXPOSURE_TOLERANCE * np.maximum(np.abs(old), 1e-12)
+
+
 class ShiftAndAdd:
     """Upsampled shift-and-add accumulator for one series (num / den, incremental).
 
@@ -241,7 +251,7 @@ class ShiftAndAdd:
         self.num = np.zeros(shape)
         self.den = np.zeros(shape)
         self.shifts_px: np.ndarray | None = None
-        self.deposited = np.zeros(scan_shape[0] * scan_shape[1], np.uint32)
+        self.deposited = np.zeros(scan_shape[0] * scan_shape[1])  # exposure deposited
         self.rebuilds = 0
         self._inv_gain: np.ndarray | None = None
         self._splat: tuple[np.ndarray, np.ndarray] | None = None
@@ -257,8 +267,8 @@ class ShiftAndAdd:
         (default the instance's) / f scan px, or when already deposited positions received
         more frames (repeat scans)."""
         tol = self.tolerance_px if tolerance_px is None else tolerance_px
-        hits = np.asarray(hits).ravel()
-        changed = hits != self.deposited
+        hits = np.asarray(hits, np.float64).ravel()
+        changed = exposure_changed(hits, self.deposited)
         stale = (
             self.shifts_px is None
             or self.shifts_px.shape != shifts_px.shape

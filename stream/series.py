@@ -17,8 +17,10 @@ from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 from detectors.compression import native_bslz4
 
 from .accumulators import Accumulators, TileLevels, default_bins
+from .budget import BudgetExceeded, check_info
 from .calibration import DEFAULT_BF_THRESHOLD, Calibration, CalibrationError, calibrate
 from .dose import beam_current_pA
+from .screening import slip_suspected
 from .tcbf import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
 
 log = logging.getLogger("tcbf.series")
@@ -52,6 +54,9 @@ class ProcessingSettings:
     axial_radius_px: float | None = None  # None: 25 % of the BF radius
     repeat_scans: str = "accumulate"  # frames beyond one pass: "accumulate" | "new-series"
     tcbf: TcbfSettings = field(default_factory=TcbfSettings)
+    # bytes the series may allocate (stream.budget); None: not checked. Checked again with
+    # the calibrated BF pixel count before the stack is allocated (BudgetExceeded)
+    memory_budget_bytes: int | None = None
 
     def resolve(self, info: SeriesInfo) -> SeriesInfo:
         """Stream metadata with explicit settings taking precedence."""
@@ -87,6 +92,24 @@ class SeriesResult:
     tcbf: TcbfResult | None = None  # latest alignment/reconstruction (final when complete)
     tile_members: tuple[np.ndarray, ...] = ()  # per bin level: tile of each BF pixel
     axial_radius_px: float = 0.0
+    # frames screened out (stream.screening): treated as missing, still counted as received
+    excluded: np.ndarray | None = None  # (rows, cols) bool
+    excluded_reasons: dict[str, int] = field(default_factory=dict)
+    # why this result must not be presented as a good one (missed trigger, sheared lines)
+    suspect: tuple[str, ...] = ()
+
+    @property
+    def frames_excluded(self) -> int:
+        return int(self.excluded.sum()) if self.excluded is not None else 0
+
+    def screening_summary(self) -> str:
+        """One line: excluded frames and pixels, and any reason for suspicion."""
+        cal = self.calibration
+        why = ", ".join(f"{k} {v}" for k, v in sorted(self.excluded_reasons.items()))
+        text = (f"screening: {self.frames_excluded} frame(s) excluded{f' ({why})' if why else ''}"
+                f"; {cal.hot_pixels if cal else 0} hot and {cal.dead_pixels if cal else 0} dead "
+                "pixel(s) masked")  # fmt: skip
+        return text + "".join(f"; SUSPECT: {s}" for s in self.suspect)
 
     @property
     def frames_per_s(self) -> float:
@@ -173,6 +196,11 @@ class SeriesResult:
         )
 
 
+def _finite(a: np.ndarray) -> np.ndarray:
+    """Non-finite values (a float stream's NaN/inf frames, excluded by screening) read as 0."""
+    return np.where(np.isfinite(a), a, 0.0) if a.dtype.kind == "f" else a
+
+
 class SeriesProcessor:
     """Calibrates on the first frames, then accumulates every frame of one series."""
 
@@ -184,6 +212,11 @@ class SeriesProcessor:
                 f"series {info.series_id}: the stream does not give the scan shape; "
                 "pass --scan ROWSxCOLS"
             )
+        mask, detector = settings.mask, tuple(self.info.detector_shape)
+        if mask is not None and np.shape(mask) != detector:  # refused now, not at calibration
+            raise SeriesError(f"series {info.series_id}: --mask is {np.shape(mask)[0]}x"
+                              f"{np.shape(mask)[1]} but the detector is {detector[0]}x"
+                              f"{detector[1]} px")  # fmt: skip
         self.scan_shape = self.info.scan_shape
         self.n_positions = self.scan_shape[0] * self.scan_shape[1]
         if self.info.frames_expected is None or settings.repeat_scans == "new-series":
@@ -353,6 +386,7 @@ class SeriesProcessor:
                 threshold=self.settings.bf_threshold,
                 semiangle_mrad=self.info.semiangle_mrad,
                 angular_sampling_mrad=self.info.angular_sampling_mrad,
+                counts_per_electron=self.info.counts_per_electron,
             )
         except CalibrationError as err:
             self.calibration_error = str(err)
@@ -384,6 +418,13 @@ class SeriesProcessor:
         sampling = self.info.angular_sampling_mrad or cal.angular_sampling_mrad
         if not sampling and self.info.semiangle_mrad:
             sampling = self.info.semiangle_mrad / cal.radius_px
+        if s.memory_budget_bytes is not None:  # the stack and tile sums are sized now
+            why = check_info(self.info, s.memory_budget_bytes, n_bf=cal.n_bf,
+                             n_tiles=layout.total_tiles, frame_limit=self.frame_limit,
+                             upsample=s.tcbf.upsample, angular_sampling_mrad=sampling,
+                             calibration_frames=s.calibration_frames)  # fmt: skip
+            if why is not None:
+                raise BudgetExceeded(f"series {self.info.series_id}, calibrated: {why}")
         cal = replace(cal, bf_pixels=cal.bf_pixels[layout.order], angular_sampling_mrad=sampling)
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
@@ -417,8 +458,10 @@ class SeriesProcessor:
         window = self.tcbf.window(hits.reshape(self.scan_shape) > 0)
         (r0, r1), (c0, c1) = window
         tiles = acc.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()  # the window only
-        electrons = float(acc.totals.sum()) / self.info.counts_per_electron
-        return AlignmentInputs(hits, electrons, window, tiles, acc.stack, acc.frames_accepted)
+        totals = acc.totals.copy()
+        electrons = float(totals[np.isfinite(totals)].sum()) / self.info.counts_per_electron
+        return AlignmentInputs(hits, electrons, window, tiles, acc.stack, acc.frames_accepted,
+                               totals, acc.bf_sum.copy())  # fmt: skip
 
     def update_tcbf(self, final: bool = False) -> TcbfResult | None:
         """One alignment + reconstruction update on everything accumulated (single-threaded
@@ -445,14 +488,17 @@ class SeriesProcessor:
                 self.frames_received, self.frame_limit, 0, 0, 0, complete,
             )  # fmt: skip
         lay = acc.tiles_layout
+        last = self.tcbf.last if self.tcbf is not None else None
+        screen = last.screen if last is not None else None
+        excluded = screen.excluded.reshape(self.scan_shape).copy() if screen else None
         return SeriesResult(
             info=self.info,
             calibration=self.calibration,
             bins=lay.bins,
             n_tiles=lay.n_tiles,
-            incoherent_bf=acc.as_image(acc.bf_sum),
-            axial_bf=acc.as_image(acc.axial_sum),
-            total_counts=acc.as_image(acc.totals),
+            incoherent_bf=_finite(acc.as_image(acc.bf_sum)),
+            axial_bf=_finite(acc.as_image(acc.axial_sum)),
+            total_counts=_finite(acc.as_image(acc.totals)),
             hits=acc.as_image(acc.hits),
             frames_received=acc.frames_accepted,
             frames_expected=self.frame_limit,
@@ -461,7 +507,24 @@ class SeriesProcessor:
             out_of_range=acc.out_of_range,
             complete=complete,
             elapsed_s=self._t_last - (self._t_first or self._t_last),
-            tcbf=self.tcbf.last if self.tcbf is not None else None,
+            tcbf=last,
             tile_members=lay.member_tile,
             axial_radius_px=acc.axial_radius_px,
+            excluded=excluded,
+            excluded_reasons=dict(screen.reasons) if screen else {},
+            suspect=self.suspicions(complete),
         )
+
+    def suspicions(self, complete: bool) -> tuple[str, ...]:
+        """Reasons not to trust the image: frames missing from the end of a series that ended
+        normally with no other gap (the detector took fewer frames than triggers: every frame
+        after a missed trigger sits one position early)."""
+        out = []
+        if complete and self.acc is not None and self.frame_limit == self.n_positions:
+            short = slip_suspected(self.acc.seen, self.frame_limit)
+            if short:
+                out.append(
+                    f"missed trigger suspected: the series ended {short} frame(s) short with "
+                    "no gap before; later frames may sit one position early"
+                )
+        return tuple(out)

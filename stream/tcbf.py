@@ -33,9 +33,11 @@ from .reconstruction import (
     PixelGroups,
     ShiftAndAdd,
     default_upsampling,
+    exposure_changed,
     phase_flip,
     ring_sums,
 )
+from .screening import FrameScreen, screen_frames
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class AlignmentInputs:
     tiles: np.ndarray  # (window rows, window cols, total tiles) copy of that block
     stack: np.ndarray  # (n_pos, N_bf) live view
     frames: int  # frames accumulated when taken
+    totals: np.ndarray | None = None  # (n_pos,) copy: counts of all unmasked pixels
+    bf_sum: np.ndarray | None = None  # (n_pos,) copy: counts of the BF pixels
+    # (n_pos,) frames x relative dose of each position, 0 where missing or excluded: what every
+    # per-position value is divided by (set by `TcbfProcessor.update` from the frame screen)
+    exposure: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class TcbfResult:
     dose_for_target_e_per_A2: float | None = None  # estimate from the power-law fit
     trust: tuple[LevelTrust, ...] = ()
     alignment_s: float = 0.0  # of `latency_s`: the alignment alone (tiles, registration, fit)
+    screen: FrameScreen | None = None  # dose model and excluded frames this update used
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -192,11 +200,13 @@ class TcbfProcessor:
 
     def tile_sets(self, inputs: AlignmentInputs) -> dict[int, TileSet]:
         """Accumulated tile images of every level over the window, per frame (repeat passes
-        leave some positions with more frames than others); electrons are the raw sums."""
+        leave some positions with more frames than others) and relative dose, excluded frames
+        left out; electrons are the raw sums over the positions kept."""
         (r0, r1), (c0, c1) = inputs.window
-        hits = inputs.hits.reshape(-1, self.scan_shape[1])[r0:r1, c0:c1]
-        valid = hits > 0
-        per_frame = 1.0 / np.maximum(hits, 1).astype(np.float32)
+        exposure = self.exposure(inputs).reshape(-1, self.scan_shape[1])[r0:r1, c0:c1]
+        valid = exposure > 0
+        per_frame = np.divide(1.0, exposure, out=np.zeros(exposure.shape), where=valid)
+        per_frame = per_frame.astype(np.float32)
         block = inputs.tiles
         lay, geo = self.layout, self.geometry
         gain = self.info.counts_per_electron
@@ -204,7 +214,8 @@ class TcbfProcessor:
         for lvl, b in enumerate(lay.bins):
             sub = block[:, :, lay.offsets[lvl] : lay.offsets[lvl] + lay.n_tiles[lvl]]
             images = np.ascontiguousarray(np.moveaxis(sub, 2, 0)) * per_frame
-            electrons = sub.sum(axis=(0, 1), dtype=np.float64) / gain
+            images[:, ~valid] = 0.0  # excluded frames: no signal (and no non-finite values)
+            electrons = sub[valid].sum(axis=0, dtype=np.float64) / gain
 
             out[b] = TileSet(b, images, valid, geo.k_px[b], electrons, geo.n_pixels[b],
                              lay.labels[lvl], self.radius_px)  # fmt: skip
@@ -224,7 +235,7 @@ class TcbfProcessor:
             or np.abs(shifts - self.k_px @ cached[1].matrix_px.T).max() > self._regroup_px
         ):
             move = np.rint(shifts).astype(np.int64)
-            groups = PixelGroups(inputs.stack, inputs.hits, window[0], window[1],
+            groups = PixelGroups(inputs.stack, self.exposure(inputs), window[0], window[1],
                                  self.scan_shape[1], self.layout.member_tile[-1], move,
                                  matrix_px.copy())  # fmt: skip
             self._groups = cached = ((id(inputs), window), groups)
@@ -243,6 +254,8 @@ class TcbfProcessor:
         cols = window[1][1] - window[1][0]
         if min(rows[1] - rows[0], cols) < st.min_rows:  # too small a field to align on
             return None
+        screen = self.screen(inputs)
+        inputs = replace(inputs, exposure=screen.exposure)
         levels = self.tile_sets(inputs)
         dose = self.scan_dose(inputs.electrons_total)
         self.last_trust = level_trust(levels, st.min_tile_electrons, dose)
@@ -287,7 +300,10 @@ class TcbfProcessor:
         # few hundredths of a scan pixel per update); final: a tenth, so the end result is
         # the shift-and-add of its own shifts
         rebuilt = self.shift_and_add.update(
-            inputs.stack, inputs.hits, shifts, FINAL_REBUILD_PX if final else LIVE_REBUILD_PX
+            inputs.stack,
+            self.exposure(inputs),
+            shifts,
+            FINAL_REBUILD_PX if final else LIVE_REBUILD_PX,
         )
         saa, half0, half1 = self.shift_and_add.images()
         sampling = self.info.step_A / self.upsampling if self.info.step_A else None
@@ -340,8 +356,27 @@ class TcbfProcessor:
             dose_for_target_e_per_A2=needed,
             trust=self.last_trust,
             alignment_s=align_s,
+            screen=screen,
         )
         return self.last
+
+    def screen(self, inputs: AlignmentInputs) -> FrameScreen:
+        """Dose model and excluded frames over everything acquired (`stream.screening`); the
+        pattern test runs on the finest tiles of the alignment window (fewest electrons per
+        tile: a zinger stands out most)."""
+        n0 = self.layout.n_tiles[-1]
+        totals = inputs.totals if inputs.totals is not None else inputs.hits.astype(float)
+        bf = inputs.bf_sum if inputs.bf_sum is not None else totals
+        return screen_frames(inputs.hits, totals, bf, self.scan_shape,
+                             self.info.counts_per_electron, inputs.tiles[..., -n0:],
+                             inputs.window)  # fmt: skip
+
+    @staticmethod
+    def exposure(inputs: AlignmentInputs) -> np.ndarray:
+        """Per-position divisor: the screened exposure, else the frame count."""
+        if inputs.exposure is not None:
+            return inputs.exposure
+        return inputs.hits.astype(np.float64)
 
     def scan_dose(self, electrons_total: float) -> float:
         """Scan-average dose so far (e/A^2): all electrons over the whole scan's area; it grows
@@ -358,9 +393,10 @@ class TcbfProcessor:
             radius = np.hypot(*self.k_px.T)
             self._ring_of = np.minimum(np.searchsorted(edges, radius), n_rings - 1)
             self._rings = np.zeros((n_rings, inputs.stack.shape[0]), np.float32)
-            self._ring_hits = np.zeros(inputs.stack.shape[0], inputs.hits.dtype)
-        changed = np.flatnonzero(inputs.hits != self._ring_hits)  # only what arrived since
-        ring_sums(inputs.stack, inputs.hits, changed.astype(np.int64),
+            self._ring_hits = np.zeros(inputs.stack.shape[0])
+        exposure = self.exposure(inputs)
+        changed = np.flatnonzero(exposure_changed(exposure, self._ring_hits))
+        ring_sums(inputs.stack, exposure, changed.astype(np.int64),
                   self._ring_of.astype(np.int64), self._rings)  # fmt: skip
-        self._ring_hits[changed] = inputs.hits[changed]
+        self._ring_hits[changed] = exposure[changed]
         return edges, self._rings.reshape(n_rings, *self.scan_shape).copy()

@@ -1,0 +1,224 @@
+"""Frame screening: a smooth dose model, anomalous frames and row shear, from the data alone.
+
+Pure numerics (per-position sums in, masks and factors out). Why it exists: the alignment
+cross-correlates virtual-BF images of BF-pixel groups. Anything that is the same, unshifted, in
+every one of them (a blank frame, a flat frame, a hot pixel's position, a dimmer line start, a
+beam-current ramp) is a *common-mode* feature that pulls every correlation peak to zero shift
+and silently wrecks the fit. A missing frame is harmless (it carries no signal), so:
+
+1. **Dose model.** The electrons delivered per frame are modelled as a separable product
+   `D[row, col] = R[row] * C[col]` fitted by medians in the log domain: `R` follows the beam
+   current over the scan (one value per line, milliseconds apart), `C` the line-start
+   (flyback) behaviour common to all lines. Medians over a whole line or column average the
+   sample's own contrast out, where raw per-frame sums would carry it (limited detector
+   coverage). Every per-position value is divided by `D` (as a relative exposure), so dose
+   fluctuations are not features.
+2. **Anomalous frames** are positions whose frame disagrees with that model far beyond its
+   noise: the dose residual `log(total / D)`, the BF fraction `bf / total`, and the pattern of
+   electrons over the coarsest tiles (a chi-square against the median pattern, cube-root
+   transformed to near-normal, Wilson & Hilferty 1931). Each is scored in robust units (1.4826
+   x MAD over the scan, floored by its Poisson width) and a frame is excluded at
+   `OUTLIER_SIGMA` or beyond: a zero or flat frame, a zinger or overload pixel, a non-finite
+   value. An excluded frame is treated exactly as a missing one (exposure 0).
+3. **Missed triggers.** A detector that skips a trigger records one frame fewer and every
+   later frame lands one position early (the image shears). At the series end this shows as
+   frames missing from the end of an acquisition that has no other gap (`slip_suspected`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OUTLIER_SIGMA = 8.0  # robust sigmas: a Gaussian tail of 1e-15, so no frame is flagged by noise
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class FrameScreen:
+    """What screening found on the positions acquired so far (flat arrays, scan order)."""
+
+    exposure: np.ndarray  # (n_pos,) float64 frames x relative dose; 0 = missing or excluded
+    excluded: np.ndarray  # (n_pos,) bool: acquired but excluded
+    reasons: dict[str, int] = field(default_factory=dict)  # excluded frames by first reason
+    dose_rows: np.ndarray | None = None  # (rows,) relative dose per line (R)
+    dose_cols: np.ndarray | None = None  # (cols,) relative dose per column (C)
+
+    @property
+    def n_excluded(self) -> int:
+        return int(self.excluded.sum())
+
+
+def _robust_scale(x: np.ndarray, floor: float = 0.0) -> float:
+    """1.4826 x median absolute deviation of the finite values, at least `floor`."""
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return max(floor, 1e-12)
+    mad = float(np.median(np.abs(x - np.median(x))))
+    return max(MAD_TO_SIGMA * mad, floor, 1e-12)
+
+
+def dose_model(per_frame: np.ndarray, use: np.ndarray, rounds: int = 3):
+    """Separable relative dose `R[row] * C[col]` of per-frame totals (rows, cols) over the
+    positions `use`, by alternating medians of log values. Returns (R, C), normalised so the
+    median of R * C over `use` is 1; lines or columns without data get 1."""
+    rows, cols = per_frame.shape
+    log_t = np.full(per_frame.shape, np.nan)
+    good = use & (per_frame > 0) & np.isfinite(per_frame)
+    log_t[good] = np.log(per_frame[good])
+    r = np.zeros(rows)
+    c = np.zeros(cols)
+    if not good.any():
+        return np.ones(rows), np.ones(cols)
+    with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN lines: handled below
+            for _ in range(rounds):
+                r = np.nanmedian(log_t - c[None, :], axis=1)
+                r = np.where(np.isfinite(r), r, np.nanmedian(r) if np.isfinite(r).any() else 0)
+                c = np.nanmedian(log_t - r[:, None], axis=0)
+                c = np.where(np.isfinite(c), c, 0.0)
+                c -= np.median(c[np.isfinite(log_t).any(axis=0)])
+    centre = np.median((r[:, None] + c[None, :])[good])
+    return np.exp(r - centre), np.exp(c)
+
+
+def screen_frames(
+    hits: np.ndarray,
+    totals: np.ndarray,
+    bf_sum: np.ndarray,
+    scan_shape: tuple[int, int],
+    counts_per_electron: float = 1.0,
+    tiles: np.ndarray | None = None,
+    tiles_window: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> FrameScreen:
+    """Dose model and excluded frames of one series.
+
+    `hits`, `totals`, `bf_sum`: (n_pos,) frames per position and their summed counts (all
+    unmasked pixels; BF pixels). `tiles` (window rows, window cols, n_tiles): the coarsest
+    level's tile sums over the scan block `tiles_window` ((r0, r1), (c0, c1)), for the
+    pattern test (optional)."""
+    n_pos = scan_shape[0] * scan_shape[1]
+    hits = np.asarray(hits, np.float64).reshape(n_pos)
+    acquired = hits > 0
+    gain = counts_per_electron if counts_per_electron and counts_per_electron > 0 else 1.0
+    with np.errstate(all="ignore"):
+        tot = np.where(acquired, np.asarray(totals, np.float64) / np.maximum(hits, 1), np.nan)
+        bf = np.where(acquired, np.asarray(bf_sum, np.float64) / np.maximum(hits, 1), np.nan)
+    finite = np.isfinite(tot) & np.isfinite(bf)
+    reasons: dict[str, int] = {}
+    excluded = acquired & ~finite
+    _count(reasons, "non_finite", excluded)
+
+    # dose model on the frames that are not obviously broken; then the residual test
+    r_fac, c_fac = dose_model(tot.reshape(scan_shape), (acquired & finite).reshape(scan_shape))
+    model = (r_fac[:, None] * c_fac[None, :]).ravel()
+    scale_ref = float(np.median(tot[acquired & finite & (tot > 0)])) if np.any(
+        acquired & finite & (tot > 0)) else 0.0  # fmt: skip
+    expected = model * scale_ref  # counts per frame
+    ok = acquired & finite
+    with np.errstate(all="ignore"):
+        resid = np.log(np.where(ok & (tot > 0), tot, np.nan) / expected)
+    poisson = 1.0 / np.sqrt(max(scale_ref / gain, 1.0))
+    z = resid / _robust_scale(resid[ok], poisson)
+    dark = ok & (tot <= 0)  # no electrons: the beam was not there (blanked, missed)
+    lone = _unsupported(z, scan_shape)
+    dark |= ok & lone & (z < 0)
+    bright = ok & ~dark & lone & (z > 0)
+    _count(reasons, "dark", dark)
+    _count(reasons, "bright", bright)
+    excluded |= dark | bright
+
+    # BF fraction: a flat or otherwise foreign frame puts its counts in the wrong places
+    ok = acquired & ~excluded
+    with np.errstate(all="ignore"):
+        frac = np.where(ok, bf / tot, np.nan)
+    if ok.sum() >= 8:
+        f0 = float(np.median(frac[ok]))
+        binomial = np.sqrt(max(f0 * (1 - f0), 1e-6) / max(scale_ref / gain, 1.0))
+        zf = np.where(ok, frac - f0, np.nan) / _robust_scale(frac[ok], binomial)
+        odd = ok & _unsupported(zf, scan_shape)
+        _count(reasons, "bf_fraction", odd)
+        excluded |= odd
+
+    if tiles is not None and tiles_window is not None:
+        odd = _pattern_outliers(tiles, tiles_window, hits, excluded, scan_shape, gain)
+        _count(reasons, "pattern", odd & ~excluded)
+        excluded |= odd
+
+    exposure = np.where(acquired & ~excluded, hits * model, 0.0)
+    return FrameScreen(exposure, excluded, reasons, r_fac, c_fac)
+
+
+def _count(reasons: dict[str, int], key: str, mask: np.ndarray) -> None:
+    n = int(np.count_nonzero(mask))
+    if n:
+        reasons[key] = reasons.get(key, 0) + n
+
+
+def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain) -> np.ndarray:
+    """Positions whose electrons spread over the coarse tiles unlike the scan's median pattern:
+    a Poisson chi-square of the tile fractions, cube-root transformed (Wilson-Hilferty) and
+    scored in robust units. Catches a zinger or overload pixel too small to move the total."""
+    (r0, r1), (c0, c1) = window
+    out = np.zeros(scan_shape[0] * scan_shape[1], bool)
+    n_t = tiles.shape[-1]
+    if n_t < 2:
+        return out
+    h = hits.reshape(scan_shape)[r0:r1, c0:c1].ravel()
+    ex = excluded.reshape(scan_shape)[r0:r1, c0:c1].ravel()
+    t = np.asarray(tiles, np.float64).reshape(-1, n_t)
+    ok = (h > 0) & ~ex & np.all(np.isfinite(t), axis=1)
+    if ok.sum() < 8:
+        return out
+    t = np.where(ok[:, None], t, 0.0)
+    total = t.sum(axis=1)
+    ok &= total > 0
+    frac = np.divide(t, total[:, None], out=np.zeros_like(t), where=total[:, None] > 0)
+    ref = np.median(frac[ok], axis=0)
+    keep = ref > 0
+    electrons = total / gain
+    chi = np.sum((frac[:, keep] - ref[keep]) ** 2 / ref[keep], axis=1) * electrons
+    root = np.cbrt(chi)
+    z = np.where(ok, root - float(np.median(root[ok])), np.nan) / _robust_scale(root[ok])
+    z = np.maximum(z, 0.0)  # one-sided: only an excess of chi-square is anomalous
+    grid = out.reshape(scan_shape)
+    grid[r0:r1, c0:c1] = _unsupported(z, (r1 - r0, c1 - c0)).reshape(r1 - r0, c1 - c0)
+    return out
+
+
+def _unsupported(z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Positions beyond OUTLIER_SIGMA (robust z-scores `z`, flat, NaN = no data) that no
+    position of the line above or below (the three nearest) supports with the same sign at half
+    that level. Real sample features extend over neighbouring lines; a glitch lives in the
+    time of one frame (or a few consecutive ones), i.e. within one line. This keeps strong
+    genuine contrast (a gold particle at high dose, hundreds of Poisson sigmas) from being
+    excluded while any lone frame, or burst of frames, beyond the limit is."""
+    grid = np.nan_to_num(np.asarray(z, np.float64).reshape(shape), nan=0.0)
+    big = np.abs(grid) > OUTLIER_SIGMA
+    half = 0.5 * OUTLIER_SIGMA
+    support = np.zeros(shape, bool)
+    for dr in (-1, 1):
+        for dc in (-1, 0, 1):
+            nb = np.zeros(shape)
+            rs = slice(max(dr, 0), shape[0] + min(dr, 0))
+            rd = slice(max(-dr, 0), shape[0] + min(-dr, 0))
+            cs = slice(max(dc, 0), shape[1] + min(dc, 0))
+            cd = slice(max(-dc, 0), shape[1] + min(-dc, 0))
+            nb[rd, cd] = grid[rs, cs]
+            support |= (np.abs(nb) > half) & (np.sign(nb) == np.sign(grid))
+    return (big & ~support).ravel()
+
+
+# ---------------------------------------------------------------------------- missed triggers
+def slip_suspected(seen: np.ndarray, frames_expected: int) -> int:
+    """Frames missing from the *end* of an acquisition that otherwise has no gap: what a
+    detector that recorded fewer frames than triggers (missed triggers) leaves. 0 if the
+    missing frames are anywhere else (dropped in transport) or none are missing."""
+    seen = np.asarray(seen[:frames_expected], bool)
+    got = int(seen.sum())
+    if got == 0 or got == frames_expected:
+        return 0
+    return frames_expected - got if seen[:got].all() else 0

@@ -1,0 +1,230 @@
+"""Trust under the faults of a live session (issue 12, the science): outlier frames and pixels,
+beam-current drift, line starts and missed triggers, found from the data and excluded, counted,
+live and offline alike. The faults are injected here into the simulator's tutorial series."""
+
+import math
+
+import numpy as np
+import pytest
+import zmq
+
+from detectors.base import FrameBatch
+from simulators.sender import SendSettings, stream_series
+from simulators.simulate import Simulator, tutorial_config
+from stream.alignment import AlignmentSettings
+from stream.calibration import calibrate, hot_and_dead
+from stream.engine import Engine, EngineSettings
+from stream.screening import dose_model, screen_frames, slip_suspected
+from stream.series import ProcessingSettings, SeriesProcessor
+from stream.subscriber import SubscriberSettings
+from stream.tcbf import TcbfSettings
+
+ZERO, FLAT, HOT = 500, 700, 300  # injected positions (acquisition index = raster position)
+
+
+@pytest.fixture(scope="module")
+def tutorial():
+    sim = Simulator(tutorial_config())
+    return sim, sim.frames(0, sim.n_frames)
+
+
+def with_drift(frames: np.ndarray, amplitude: float = 0.10, seed: int = 0) -> np.ndarray:
+    """Beam current ramping by +-`amplitude` across the scan: counts thinned binomially
+    (relative dose 1 - 2a ... 1 over the scan, i.e. +-a about its middle)."""
+    n = len(frames)
+    keep = (1 - amplitude * (1 - np.linspace(-1, 1, n))) / (1 + amplitude)
+    rng = np.random.default_rng(seed)
+    return rng.binomial(frames.astype(np.int64), keep[:, None, None]).astype(frames.dtype)
+
+
+def with_faults(frames: np.ndarray) -> np.ndarray:
+    """One zero frame, one flat frame, one 60,000-count pixel inside the BF disk, +-10 % drift."""
+    f = with_drift(frames)
+    f[ZERO] = 0
+    f[FLAT] = 1
+    f[HOT, 64, 64] = 60000
+    return f
+
+
+def offline(sim, frames, batch=64):
+    settings = ProcessingSettings(tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=1)))
+    proc = SeriesProcessor(sim.series_info(1), settings)
+    for first in range(0, len(frames), batch):
+        proc.add(FrameBatch(1, first, frames[first : first + batch]))
+    proc.update_tcbf(final=True)
+    return proc.result(final=True, complete=True)
+
+
+def fit(result):
+    ab = result.tcbf.aberrations
+    return ab.defocus_A, math.degrees(ab.rotation_rad)
+
+
+@pytest.fixture(scope="module")
+def clean_fit(tutorial):
+    return fit(offline(*tutorial))
+
+
+# ------------------------------------------------------------------------- pure functions
+def test_dose_model_recovers_drift_and_line_starts_through_sample_contrast():
+    rng = np.random.default_rng(1)
+    rows, cols = 32, 40
+    r_true = 1 + 0.1 * np.linspace(-1, 1, rows)
+    c_true = np.ones(cols)
+    c_true[:3] = [0.5, 0.7, 0.9]  # dimmed line starts after flyback
+    contrast = 1 - 0.3 * (rng.random((rows, cols)) < 0.1)  # 10 % dark sample spots
+    counts = rng.poisson(1e4 * r_true[:, None] * c_true[None, :] * contrast).astype(float)
+    r, c = dose_model(counts, np.ones((rows, cols), bool))
+    model = r[:, None] * c[None, :]
+    truth = r_true[:, None] * c_true[None, :]
+    ratio = model / truth
+    assert np.ptp(ratio) / ratio.mean() < 0.02  # same shape as the truth, within 2 %
+
+
+def test_only_injected_frames_are_excluded_each_with_its_reason(tutorial):
+    sim, frames = tutorial
+    clean = offline(sim, frames)
+    assert clean.frames_excluded == 0 and clean.excluded_reasons == {}
+    f = frames.copy()
+    f[ZERO] = 0
+    f[FLAT] = 1
+    f[HOT, 64, 64] = 60000
+    f[901, 64, 70] = 65535  # a DECTRIS overload value (2^16 - 1) in a single frame
+    f[1000, 60, 66] += 200  # a zinger too small to move the frame total much
+    r = offline(sim, f)
+    assert set(np.flatnonzero(r.excluded.ravel())) == {ZERO, FLAT, HOT, 901, 1000}
+    assert r.excluded_reasons == {"dark": 1, "bright": 3, "pattern": 1}
+    # excluded frames still count as received, and the series is not incomplete
+    assert r.frames_received == len(frames) and r.frames_missing == 0 and r.complete
+    assert r.hits.ravel()[ZERO] == 1
+    assert "5 frame(s) excluded" in r.screening_summary()
+
+
+def test_strong_genuine_contrast_is_not_excluded():
+    """Gold particles at 10^4 e/A^2 differ from the carbon by hundreds of Poisson sigmas in
+    BF fraction and tile pattern, but extend over neighbouring lines: none is excluded."""
+    sim = Simulator(tutorial_config(sample="gold-fiducials", scan_shape=(32, 32),
+                                    dose_e_per_A2=1e4))  # fmt: skip
+    frames = sim.frames(0, sim.n_frames)
+    r = offline(sim, frames)
+    assert r.frames_excluded == 0, r.excluded_reasons
+    f = frames.copy()
+    f[400] = 0
+    f[401, 64, 64] = 60000
+    assert set(np.flatnonzero(offline(sim, f).excluded.ravel())) == {400, 401}
+
+
+def test_blanked_line_starts_are_excluded_and_dimmed_ones_normalised(tutorial, clean_fit):
+    sim, frames = tutorial
+    f = frames.copy()
+    grid = f.reshape(24, 48, *f.shape[1:])
+    grid[:, :3] = 0  # the first three positions of every line blanked
+    grid[:, 3:5] = np.random.default_rng(2).binomial(grid[:, 3:5], 0.5)  # the next two dimmed
+    r = offline(sim, f)
+    assert r.excluded_reasons == {"dark": 72}
+    assert r.excluded.reshape(24, 48)[:, :3].all() and not r.excluded.reshape(24, 48)[:, 3:].any()
+    defocus, rotation = fit(r)
+    assert defocus == pytest.approx(clean_fit[0], rel=0.03)
+    assert rotation == pytest.approx(clean_fit[1], abs=1.0)
+
+
+def test_persistent_hot_and_dead_pixels_are_masked_at_calibration(tutorial):
+    _, frames = tutorial
+    f = frames[:64].copy()
+    f[:, 64, 64] = 3000  # hot inside the disk
+    f[:, 60, 70] = 0  # dead inside the disk
+    f[:, 5, 5] = 400  # hot far outside the disk
+    cal = calibrate(f)
+    assert cal.mask[64, 64] and cal.mask[60, 70] and cal.mask[5, 5]
+    assert (cal.hot_pixels, cal.dead_pixels) == (2, 1)
+    assert cal.mask.sum() == 3  # the disk's soft edge is not flagged
+    clean = calibrate(frames[:64])
+    assert (clean.hot_pixels, clean.dead_pixels) == (0, 0)
+    hot, dead = hot_and_dead(np.ones((8, 8)), np.ones((8, 8), bool), 64)
+    assert not hot.any() and not dead.any()
+
+
+def test_non_finite_values_in_a_float_stream_are_excluded_not_propagated(tutorial, clean_fit):
+    sim, frames = tutorial
+    f = frames.astype(np.float32)
+    f[3, 60, 60] = np.inf  # inside the calibration frames
+    f[600, 64, 64] = np.nan
+    f[601, 10, 10] = -np.inf  # outside the disk: only the total is spoiled
+    r = offline(sim, f)
+    assert r.excluded_reasons == {"non_finite": 3}
+    assert np.isfinite(r.total_counts).all() and np.isfinite(r.incoherent_bf).all()
+    assert np.isfinite(r.tcbf.image).all() and np.isfinite(r.tcbf.errors_px).all()
+    assert fit(r)[0] == pytest.approx(clean_fit[0], rel=0.03)
+
+
+# ------------------------------------------------------------------ the issue's must-show
+def test_combined_faults_leave_the_fit_offline(tutorial, clean_fit):
+    """One zero frame, one flat frame, one hot pixel and +-10 % drift together: defocus within
+    3 % and rotation within 1 deg of the clean run (measured: 0.1 %, 0.15 deg)."""
+    sim, frames = tutorial
+    r = offline(sim, with_faults(frames))
+    defocus, rotation = fit(r)
+    assert defocus == pytest.approx(clean_fit[0], rel=0.03)
+    assert rotation == pytest.approx(clean_fit[1], abs=1.0)
+    assert set(np.flatnonzero(r.excluded.ravel())) == {ZERO, FLAT, HOT}
+    assert np.isfinite(r.tcbf.errors_px).all()
+    # the dose model follows the drift: first line ~0.82, last ~1.0 of the scan's middle
+    rows = r.tcbf.screen.dose_rows
+    assert rows[-1] / rows[0] == pytest.approx(1.0 / 0.8, rel=0.03)
+
+
+def test_combined_faults_leave_the_fit_live(tutorial, clean_fit, endpoint):
+    sim, frames = tutorial
+    faulty = with_faults(frames)
+    settings = EngineSettings(
+        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
+        processing=ProcessingSettings(
+            tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=1))),
+        max_series=1, idle_timeout_s=20.0, align_interval_s=0.05,
+    )  # fmt: skip
+    engine = Engine(settings).start()
+    live_fits = []
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    try:
+        batches = ((i, faulty[i : i + 16]) for i in range(0, len(faulty), 16))
+        stream_series(push, sim, SendSettings(rate_fps=3000.0), 7, batches)
+    finally:
+        push.close(linger=2000)
+    while not engine.join(timeout=0.02):
+        snap = engine.snapshot()
+        if snap is not None and snap.tcbf is not None and not snap.tcbf.final:
+            live_fits.append(fit(snap))
+    r = engine.last_result
+    assert r.complete and r.frames_received == len(frames)
+    defocus, rotation = fit(r)
+    assert defocus == pytest.approx(clean_fit[0], rel=0.03)
+    assert rotation == pytest.approx(clean_fit[1], abs=1.0)
+    assert set(np.flatnonzero(r.excluded.ravel())) == {ZERO, FLAT, HOT}
+    assert r.suspect == ()
+
+
+# -------------------------------------------------------------------------- missed trigger
+def test_missed_trigger_is_flagged_and_a_clean_series_is_not(tutorial):
+    sim, frames = tutorial
+    assert offline(sim, frames).suspect == ()
+    slipped = np.delete(frames, 500, axis=0)  # the detector skipped one trigger
+    r = offline(sim, slipped)
+    assert len(r.suspect) == 1 and "missed trigger" in r.suspect[0]
+    assert "SUSPECT" in r.screening_summary()
+    seen = np.ones(10, bool)
+    assert slip_suspected(seen, 10) == 0
+    seen[7:] = False
+    assert slip_suspected(seen, 10) == 3
+    seen[2] = False  # a gap in the middle: lost in transport, not a slip
+    assert slip_suspected(seen, 10) == 0
+
+
+def test_screen_frames_without_tiles_and_with_missing_positions():
+    rng = np.random.default_rng(4)
+    hits = np.ones(20 * 30)
+    hits[::7] = 0  # missing frames are not excluded, only absent
+    totals = rng.poisson(5000, hits.size) * hits
+    s = screen_frames(hits, totals, 0.9 * totals, (20, 30))
+    assert s.n_excluded == 0 and (s.exposure[hits == 0] == 0).all()
+    assert s.exposure[hits > 0] == pytest.approx(1.0, abs=0.03)
