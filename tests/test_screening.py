@@ -228,3 +228,23 @@ def test_screen_frames_without_tiles_and_with_missing_positions():
     s = screen_frames(hits, totals, 0.9 * totals, (20, 30))
     assert s.n_excluded == 0 and (s.exposure[hits == 0] == 0).all()
     assert s.exposure[hits > 0] == pytest.approx(1.0, abs=0.03)
+
+
+def test_the_result_file_records_what_was_excluded_and_why(tutorial, tmp_path):
+    import json
+
+    import h5py
+
+    from stream.results import write_result
+
+    sim, frames = tutorial
+    r = offline(sim, np.delete(with_faults(frames), -1, axis=0))  # ended one frame short
+    path = write_result(tmp_path / "r.h5", r, "native")
+    with h5py.File(path) as f:
+        acq = f["acquisition"]
+        assert acq.attrs["frames_excluded"] == 3
+        assert json.loads(acq.attrs["frames_excluded_by_reason"]) == {"dark": 1, "bright": 2}
+        assert acq.attrs["frames_received"] == len(frames) - 1  # excluded still count
+        assert set(np.flatnonzero(acq["excluded"][()].ravel())) == {ZERO, FLAT, HOT}
+        assert "missed trigger" in json.loads(acq.attrs["suspect"])[0]
+        assert np.isfinite(f["alignment/error"][()]).all()
