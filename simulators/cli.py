@@ -7,9 +7,11 @@ import math
 import re
 import sys
 from dataclasses import replace
+from pathlib import Path
 
-from detectors.files import RecordedDataset, write_dataset
+from detectors.files import DatasetError, RecordedDataset, split_dataset_spec, write_dataset
 from stream.cliutil import UsageError, parse_finite, parse_pair
+from stream.outputs import atomic_output, check_output
 
 from .samples import SAMPLES
 from .sender import SOCKET_TYPES, SendSettings, run_sender
@@ -84,7 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("source")
     src.add_argument("--preset", choices=sorted(PRESETS), default=None)
     src.add_argument("--replay", metavar="FILE", help="stream FILE.npy or FILE.h5[:/dataset]")
-    src.add_argument("--save", metavar="FILE", help="write the dataset to .npy or .h5")
+    src.add_argument("--save", metavar="FILE",
+                     help="write the dataset to .npy (+ .json) or .h5[:/dataset]")  # fmt: skip
+    src.add_argument("--overwrite", action="store_true", help="replace an existing --save file")
 
     opt = p.add_argument_group("optics and scan")
     opt.add_argument("--scan", type=parse_pair, metavar="RxC", help="scan shape rows x cols")
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if args.replay:
-        bad = _given(args, PHYSICS_FLAGS + ("save",))
+        bad = _given(args, PHYSICS_FLAGS + ("save", "overwrite"))
         if bad:
             raise UsageError(f"--{bad[0].replace('_', '-')} cannot be combined with --replay")
         overrides = {
@@ -221,6 +225,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"replaying {args.replay}: {data.n_frames} frames {data.detector_shape}\n")
     else:
         cfg = config_from_args(args)
+        if args.save:
+            save_path, _ = split_dataset_spec(args.save)
+            sidecar = [save_path.with_suffix(".json")] if save_path.suffix == ".npy" else []
+            if save_path.suffix not in (".npy", ".h5", ".hdf5"):
+                raise UsageError(f"--save {args.save}: save to .npy or .h5[:/dataset]")
+            check_output(save_path, args.overwrite, flag="--save", companions=sidecar)
         sim = Simulator(cfg)
         g = sim.grid
         sys.stderr.write(
@@ -234,10 +244,9 @@ def run(args: argparse.Namespace) -> int:
             truth = sim.ground_truth()
             phase = (sim.phase, {"pixel_A": g.pixel_A, "scan_origin_px": g.window_px // 2,
                                  "fine_per_step": g.fine_per_step})  # fmt: skip
-            path = write_dataset(
-                args.save, cfg.scan_shape, cfg.detector_shape, cfg.dtype, truth,
-                sim.iter_batches(64), cfg.scan_order, {"/ground_truth/phase": phase},
-            )  # fmt: skip
+            path = save_dataset(args.save, args.overwrite, cfg.scan_shape, cfg.detector_shape,
+                                cfg.dtype, truth, sim.iter_batches(64), cfg.scan_order,
+                                {"/ground_truth/phase": phase})  # fmt: skip
             sys.stderr.write(f"saved {path}\n")
             if args.no_stream:
                 return 0
@@ -266,6 +275,20 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(source, RecordedDataset):
             source.close()
     return 0 if sent else 1
+
+
+def save_dataset(spec: str, overwrite: bool, *args) -> Path:
+    """`write_dataset(spec, *args)` atomically: into a temporary file beside the target (and
+    its .json sidecar for .npy), flushed, then moved into place; an existing file is replaced
+    only with `overwrite`. A failure leaves neither a half file nor the temporary one."""
+    path, inner = split_dataset_spec(spec)
+    sidecar = (".json",) if path.suffix == ".npy" else ()
+    with atomic_output(path, overwrite, sidecar) as tmp:
+        try:
+            write_dataset(f"{tmp}:{inner}" if inner is not None else str(tmp), *args)
+        except DatasetError as exc:  # name the file asked for, not the temporary one
+            raise DatasetError(str(exc).replace(str(tmp), str(path))) from None
+    return path
 
 
 def open_recording(spec: str, overrides: dict):

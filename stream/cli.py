@@ -1,6 +1,7 @@
 """`tcbf-live` console script: one parser, one subcommand per job.
 
-Errors in flags or inputs are one line on stderr and exit code 2, never a traceback.
+Errors in flags or inputs are one line on stderr and exit code 2, never a traceback; the other
+exit codes of `run` and `reconstruct` are in `stream.exitcodes`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from detectors.files import DatasetError
 from simulators.simulate import SimulationError
 
 from .cliutil import OneLineParser, UsageError
+from .exitcodes import ExitCode
 from .series import SeriesError
 
 
@@ -48,14 +50,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except (UsageError, DatasetError, SimulationError, SeriesError) as exc:
         sys.stderr.write(f"tcbf-live {args.command}: error: {exc}\n")
-        return 2
+        return ExitCode.USAGE
     except (OSError, ValueError, zmq.ZMQError) as exc:  # e.g. port in use, unreadable file
         msg = " ".join(str(exc).split()) or type(exc).__name__
         sys.stderr.write(f"tcbf-live {args.command}: error: {msg}\n")
-        return 2
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"tcbf-live {args.command}: interrupted\n")
         return 130
+    except Exception as exc:  # a bug: one line (the traceback with -v), exit code 1
+        logging.getLogger("tcbf").debug("internal error", exc_info=True)
+        msg = " ".join(str(exc).split())
+        sys.stderr.write(f"tcbf-live {args.command}: internal error: {type(exc).__name__}"
+                         f"{': ' + msg if msg else ''}{'' if args.verbose else ' (-v: traceback)'}"
+                         "\n")  # fmt: skip
+        return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

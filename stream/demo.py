@@ -3,23 +3,27 @@
 Read top to bottom: a sender thread streams the tutorial preset in a loop over a loopback
 PUSH/PULL socket, the live engine receives, accumulates and aligns it, and the viewer polls the
 engine (or, `--headless`, renders offscreen for `--seconds` and saves a screenshot). At the end
-the newest finished series (else the one in progress) goes to `--output`.
+the newest finished series (else the one in progress) goes to `--output`. Existing files are
+replaced only with `--overwrite` (checked before the demo starts, and again when writing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import socket
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 from simulators.sender import SendSettings, run_sender
 from simulators.simulate import PRESETS, Simulator
 
 from .cliutil import UsageError, parse_finite
 from .engine import Engine, EngineSettings
+from .outputs import atomic_output, check_output, same_file
 from .series import ProcessingSettings
 from .subscriber import SubscriberSettings
 from .tcbf import TcbfSettings
@@ -42,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--headless", action="store_true", help="no window (offscreen rendering)")
     p.add_argument("--screenshot", metavar="PNG", help="save the window at the end")
     p.add_argument("--output", metavar="FILE.h5", help="write the newest result at the end")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output or --screenshot"
+    )
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="also publish the result stream here (for tcbf-live view)")  # fmt: skip
     p.set_defaults(run=run)
@@ -65,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.rate >= 0:
         raise UsageError("--rate must be >= 0")
+    if args.output:
+        check_output(args.output, args.overwrite)
+    if args.screenshot:
+        check_output(args.screenshot, args.overwrite, flag="--screenshot")
+        if args.output and same_file(Path(args.screenshot), Path(args.output)):
+            raise UsageError("--screenshot and --output name the same file")
     cfg = PRESETS[args.preset]()
     if args.scan:
         try:
@@ -104,36 +117,42 @@ def run(args: argparse.Namespace) -> int:
     )
     sender.start()
 
-    # 3. the viewer (this thread), until closed / Ctrl-C / --seconds
-    try:
-        from viewer.app import qt_app, run_window, shutdown
-        from viewer.sources import EngineSource
-        from viewer.window import ViewerWindow
+    # 3. the viewer (this thread), until closed / Ctrl-C / --seconds; the screenshot is saved
+    # under a temporary name and moved into place at the end, after the result
+    with contextlib.ExitStack() as outputs:
+        png = (outputs.enter_context(atomic_output(args.screenshot, args.overwrite))
+               if args.screenshot else None)  # fmt: skip
+        try:
+            from viewer.app import qt_app, run_window, shutdown
+            from viewer.sources import EngineSource
+            from viewer.window import ViewerWindow
 
-        app = qt_app(args.headless)
-        window = ViewerWindow(
-            EngineSource(engine),
-            save_result=lambda path: write_result(path, engine.snapshot(), "native"),
-            title="tcbf-live demo",
-        )
-        run_window(window, app, args.seconds, args.screenshot)
-        del window
-        shutdown(app)
-    finally:
-        stop.set()
-        sender.join(5.0)
-        engine.stop()
-        engine.join(10.0)
-        if publisher is not None:
-            publisher.close()
-    result = finished[-1] if finished else engine.last_result
+            app = qt_app(args.headless)
+            window = ViewerWindow(  # the save dialog has asked before replacing a file
+                EngineSource(engine),
+                save_result=lambda path: write_result(path, engine.snapshot(), "native", True),
+                title="tcbf-live demo",
+            )
+            run_window(window, app, args.seconds, str(png) if png else None)
+            del window
+            shutdown(app)
+        finally:
+            stop.set()
+            sender.join(5.0)
+            engine.stop()
+            engine.join(10.0)
+            if publisher is not None:
+                publisher.close()
+        result = finished[-1] if finished else engine.last_result
 
-    if args.output and result is not None:
-        write_result(args.output, result, "native")
-        sys.stderr.write(f"{result.summary()}\n")
-        if result.tcbf is not None:
-            sys.stderr.write(f"{result.tcbf.summary()}\n")
-        sys.stderr.write(f"wrote {args.output}\n")
+        if args.output and result is not None:
+            write_result(args.output, result, "native", args.overwrite)
+            sys.stderr.write(f"{result.summary()}\n")
+            if result.tcbf is not None:
+                sys.stderr.write(f"{result.tcbf.summary()}\n")
+            sys.stderr.write(f"wrote {args.output}\n")
+        elif args.output:
+            sys.stderr.write(f"no series received: nothing written to {args.output}\n")
     if args.screenshot:
         sys.stderr.write(f"wrote {args.screenshot}\n")
     return 0

@@ -46,6 +46,17 @@ def series_code(result) -> ExitCode:
     return ExitCode.INCOMPLETE
 
 
+def incomplete_reasons(result) -> str:
+    """Why a written result is not complete (the INCOMPLETE exit code), in words."""
+    reasons = []
+    if not result.complete:
+        reasons.append("the series ended before its end message or last frame")
+    if result.frames_missing:
+        reasons.append(f"{result.frames_missing} of {result.frames_expected} frames missing")
+    reasons += [f"suspect: {s}" for s in getattr(result, "suspect", ()) or ()]
+    return "; ".join(reasons)
+
+
 def run_code(written: list[ExitCode], refused: int) -> ExitCode:
     """A run's code from the codes of the results it wrote and the series it refused or could
     not process: the best outcome (a complete result beats an incomplete one, e.g. a restarted

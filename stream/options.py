@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
+from simulators.optics import wavelength_A
+
 from .accumulators import validate_bins
 from .alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
+from .budget import BudgetError, check_series, memory_budget_bytes, parse_bytes
 from .calibration import Calibration, CalibrationError
 from .cliutil import UsageError, parse_finite, parse_pair
+from .reconstruction import default_upsampling
 from .series import ProcessingSettings
 from .tcbf import TcbfSettings
 
@@ -48,7 +51,9 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf-threshold", type=parse_finite, default=0.5, metavar="T",
                    help="BF disk = mean pattern >= T x plateau (default 0.5)")  # fmt: skip
     p.add_argument("--calibration", metavar="FILE", help="fixed calibration (JSON) to use")
-    p.add_argument("--mask", metavar="FILE.npy", help="bool array of pixels to exclude")
+    p.add_argument("--mask", metavar="FILE.npy",
+                   help="bool (Qx, Qy) array of detector pixels to exclude; its shape is "
+                   "checked against the detector before any frame is used")  # fmt: skip
     p.add_argument("--axial-radius", type=parse_finite, metavar="PX", help="axial vBF radius")
     a = p.add_argument_group("alignment and reconstruction")
     a.add_argument(
@@ -81,6 +86,88 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                    "ambiguity (default: rotation folded into (-90, 90] deg)")  # fmt: skip
 
 
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--output, --overwrite and --memory-budget (run, reconstruct)."""
+    p.add_argument("--output", required=True, metavar="FILE.h5")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing result files (default: refuse, exit code 2)")  # fmt: skip
+    p.add_argument("--memory-budget", type=parse_memory_budget, metavar="BYTES",
+                   help="memory one series may use, e.g. 8G or 512MiB (default: half this "
+                   "machine's memory, or $TCBF_MEMORY_BUDGET); a larger scan, detector or "
+                   "--upsample is refused before anything is allocated")  # fmt: skip
+
+
+def parse_memory_budget(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except BudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def budget_from_args(args: argparse.Namespace) -> int:
+    """--memory-budget, else $TCBF_MEMORY_BUDGET, else half the machine's memory (bytes)."""
+    try:
+        return memory_budget_bytes(args.memory_budget)
+    except BudgetError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_memory(
+    args: argparse.Namespace,
+    scan_shape: tuple[int, int] | None = None,
+    detector_shape: tuple[int, int] | None = None,
+    dtype: str | None = None,
+    frames_expected: int | None = None,
+    optics: tuple[float | None, float | None, float | None] | None = None,
+) -> int:
+    """The memory budget (bytes); UsageError (one line) when the series the flags describe
+    (--scan or `scan_shape`, --upsample, --calibration-frames, the detector when known) cannot
+    fit it. Without the detector only the scan's share is checked (a lower bound); the engine
+    checks the whole series at its start. The upsampling factor is --upsample, else the
+    default from the optics (`optics`: energy eV, step A, semi-angle mrad; else the flags'),
+    else 1: only what certainly cannot fit is refused here."""
+    budget = budget_from_args(args)
+    scan = scan_shape or args.scan
+    if scan is None:
+        return budget
+    energy, step, semiangle = optics or (args.energy, args.step, args.semiangle)
+    upsample = args.upsample
+    if upsample is None and energy and step and semiangle:
+        upsample = default_upsampling(step, wavelength_A(energy), semiangle)
+    kind = np.dtype(dtype).kind if dtype is not None else "u"
+    reason = check_series(
+        scan, detector_shape, np.dtype(dtype or "<u2").itemsize, budget,
+        upsample=upsample or 1, frames_expected=frames_expected,
+        calibration_frames=args.calibration_frames, integer_stack=kind == "u",
+    )  # fmt: skip
+    if reason is not None:
+        raise UsageError(f"refused before acquisition: {reason}")
+    return budget
+
+
+def load_mask(path: str) -> np.ndarray:
+    """The --mask file as a 2D bool array; UsageError (one line) if it cannot be one."""
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read --mask {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.size == 0:
+        raise UsageError(f"--mask {path}: expected a 2D (Qx, Qy) array, got shape "
+                         f"{getattr(mask, 'shape', None)}")  # fmt: skip
+    if mask.dtype.kind not in "biuf" or (mask.dtype.kind == "f" and not np.isfinite(mask).all()):
+        raise UsageError(f"--mask {path}: expected bool or 0/1 numbers, got {mask.dtype}")
+    return mask.astype(bool)
+
+
+def check_mask_shape(
+    mask: np.ndarray | None, detector_shape: tuple[int, int], where: str = "the detector"
+) -> None:
+    """UsageError naming both shapes when --mask does not fit the detector."""
+    if mask is not None and tuple(mask.shape) != tuple(detector_shape):
+        raise UsageError(f"--mask is {mask.shape[0]}x{mask.shape[1]} but {where} is "
+                         f"{detector_shape[0]}x{detector_shape[1]} px")  # fmt: skip
+
+
 def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
     """ProcessingSettings from the shared flags; UsageError for impossible values."""
     if args.calibration_frames < 1 or not 0 < args.bf_threshold < 1:
@@ -101,16 +188,15 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         raise UsageError("--target-resolution must be positive")
     if args.upsample is not None and not 1 <= args.upsample <= 16:
         raise UsageError("--upsample must be between 1 and 16")
-    calibration = mask = None
+    calibration = None
     try:
         if args.calibration:
             calibration = Calibration.load(args.calibration)
-        if args.mask:
-            mask = np.load(args.mask, allow_pickle=False).astype(bool)
     except (OSError, ValueError, KeyError, CalibrationError) as exc:
-        raise UsageError(f"cannot read {args.calibration or args.mask}: {exc}") from None
-    if not Path(args.output).parent.exists():
-        raise UsageError(f"output folder {Path(args.output).parent} does not exist")
+        raise UsageError(f"cannot read {args.calibration}: {exc}") from None
+    mask = load_mask(args.mask) if args.mask else None
+    if calibration is not None:
+        check_mask_shape(mask, calibration.detector_shape, f"--calibration {args.calibration}")
     alignment = AlignmentSettings(
         bins=args.bins,
         min_tile_electrons=args.min_tile_electrons,
@@ -130,6 +216,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         bins=validate_bins(args.bins) if args.bins else None,
         axial_radius_px=args.axial_radius,
         repeat_scans=getattr(args, "repeat", "accumulate"),
+        memory_budget_bytes=budget_from_args(args),
         tcbf=TcbfSettings(
             alignment=alignment,
             upsample=args.upsample,
@@ -146,4 +233,5 @@ def report(result, output: str) -> str:
         if result.tcbf is not None
         else ("tcBF: no shift model (too few rows or electrons for any trusted bin level)")
     )
-    return f"{result.summary()}\n{tcbf}\n{result.dose_summary()}\nwrote {output}\n"
+    return (f"{result.summary()}\n{tcbf}\n{result.dose_summary()}\n"
+            f"{result.screening_summary()}\nwrote {output}\n")  # fmt: skip

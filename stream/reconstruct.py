@@ -15,8 +15,18 @@ import time
 from detectors.base import FrameBatch
 from detectors.files import RecordedDataset
 
+from .budget import BudgetExceeded
 from .cliutil import UsageError
-from .options import add_processing_args, processing_from_args, report
+from .exitcodes import EPILOG, ExitCode, incomplete_reasons, series_code
+from .options import (
+    add_output_args,
+    add_processing_args,
+    check_mask_shape,
+    check_memory,
+    processing_from_args,
+    report,
+)
+from .outputs import check_output, input_path
 from .series import SeriesProcessor, SeriesResult
 
 log = logging.getLogger("tcbf.reconstruct")
@@ -30,11 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="align and reconstruct a recorded 4D-STEM dataset (offline, same engine)",
         description="Process INPUT (a 4D .npy (rows, cols, Qx, Qy) or 3D frame stack with "
         "--scan, an HDF5 FILE.h5:/path dataset, or a `simulate --save` file) with the live "
-        "engine's code path and write the HDF5 result.",
+        "engine's code path and write the HDF5 result (never over the input; over an existing "
+        "file only with --overwrite).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="FILE.npy, FILE.h5[:/dataset]")
     add_processing_args(p)
-    p.add_argument("--output", required=True, metavar="FILE.h5")
+    add_output_args(p)
     p.set_defaults(run=run)
 
 
@@ -51,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from .results import write_result
 
     settings = processing_from_args(args)
+    source = input_path(args.input)
+    sidecar = [source.with_suffix(".json")] if source.suffix == ".npy" else []
+    inputs = [source, *sidecar, *(p for p in (args.mask, args.calibration) if p)]
+    check_output(args.output, args.overwrite, inputs)
     t0 = time.perf_counter()
     # the scan shape is needed to open a 3D stack; the other flags override the file's
     # metadata through the processing settings, as for a live stream
@@ -61,17 +78,28 @@ def run(args: argparse.Namespace) -> int:
                                             ("--step", info.step_A)) if not value]  # fmt: skip
         if missing:
             raise UsageError(f"{args.input} does not give {' and '.join(missing)}: pass them")
+        check_mask_shape(settings.mask, data.detector_shape, f"the detector of {args.input}")
+        check_memory(args, info.scan_shape, data.detector_shape, info.dtype, data.n_frames,
+                     (info.energy_eV, info.step_A, info.semiangle_mrad))  # fmt: skip
         if not (info.semiangle_mrad or info.angular_sampling_mrad):
             log.warning("no --semiangle or --angular-sampling: shifts only, no aberrations")
-        processor = SeriesProcessor(info, settings)
-        result = reconstruct_dataset(data, processor)
+        try:
+            processor = SeriesProcessor(info, settings)
+            result = reconstruct_dataset(data, processor)
+        except BudgetExceeded as exc:  # found at calibration: the BF disk is too large
+            sys.stderr.write(f"tcbf-live reconstruct: {args.input}: {exc}; no file written\n")
+            return int(ExitCode.UNUSABLE)
     if processor.calibration_error:
         sys.stderr.write(f"tcbf-live reconstruct: {args.input}: no usable bright-field disk "
-                         f"({processor.calibration_error})\n")  # fmt: skip
-        return 1
+                         f"({processor.calibration_error}); no file written\n")  # fmt: skip
+        return int(ExitCode.UNUSABLE)
 
-    write_result(args.output, result, "file")
+    write_result(args.output, result, "file", args.overwrite)
     sys.stderr.write(report(result, args.output))
     sys.stderr.write(f"reconstructed {result.frames_received} frames in "
                      f"{time.perf_counter() - t0:.2f} s\n")  # fmt: skip
-    return 0
+    code = series_code(result)
+    if code is ExitCode.INCOMPLETE:
+        sys.stderr.write(f"tcbf-live reconstruct: the result is incomplete: "
+                         f"{incomplete_reasons(result)}\n")  # fmt: skip
+    return int(code)

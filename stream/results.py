@@ -2,7 +2,9 @@
 
 /                 attrs software, software_version, created
 /acquisition      attrs scan_shape, step_A, energy_eV, frames_received, frames_missing,
-                  frames_duplicate, frames_out_of_order, protocol, series_id, ...
+                  frames_duplicate, frames_out_of_order, protocol, series_id, frames_excluded,
+                  frames_excluded_by_reason (JSON), hot_pixels, dead_pixels, suspect (JSON
+                  list), ...; /acquisition/excluded (rows, cols) bool: frames screened out
 /bf/incoherent    (rows, cols) BF counts per position
 /bf/axial         (rows, cols) axial virtual BF
 /bf/dark_field    (rows, cols) counts outside the BF disk
@@ -31,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .outputs import atomic_output
 from .series import SeriesResult
 
 SOFTWARE = "tcbf-live"
@@ -47,12 +50,16 @@ def _attr(value):
     return np.nan if value is None else value
 
 
-def write_result(path: str | Path, result: SeriesResult, protocol: str) -> Path:
-    """Write one series' result; replaces an existing file at `path`."""
+def write_result(
+    path: str | Path, result: SeriesResult, protocol: str, overwrite: bool = False
+) -> Path:
+    """Write one series' result atomically: to a temporary file beside `path`, flushed, then
+    moved into place, so `path` never holds half a file. An existing `path` is replaced only
+    with `overwrite`; else `outputs.OutputExists` and nothing is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = result.info
-    with h5py.File(path, "w") as f:
+    with atomic_output(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["software"] = SOFTWARE
         f.attrs["software_version"] = software_version()
         f.attrs["created"] = datetime.datetime.now(datetime.UTC).isoformat()
@@ -73,6 +80,7 @@ def write_result(path: str | Path, result: SeriesResult, protocol: str) -> Path:
         acq.attrs["frames_out_of_order"] = result.out_of_order
         acq.attrs["frames_out_of_range"] = result.out_of_range
         acq.attrs["complete"] = result.complete
+        write_screening(acq, result)
         acq.attrs["protocol"] = protocol
         acq.attrs["series_id"] = info.series_id
         if info.ground_truth:
@@ -103,6 +111,19 @@ def write_result(path: str | Path, result: SeriesResult, protocol: str) -> Path:
 
         write_dose(f.create_group("dose"), result)
     return path
+
+
+def write_screening(acq: h5py.Group, result: SeriesResult) -> None:
+    """What screening excluded and why (docs/reliability.md): excluded frames still count as
+    received; `suspect` lists reasons not to trust the image (e.g. a missed trigger)."""
+    acq.attrs["frames_excluded"] = result.frames_excluded
+    acq.attrs["frames_excluded_by_reason"] = json.dumps(result.excluded_reasons)
+    cal = result.calibration
+    acq.attrs["hot_pixels"] = cal.hot_pixels if cal is not None else 0
+    acq.attrs["dead_pixels"] = cal.dead_pixels if cal is not None else 0
+    acq.attrs["suspect"] = json.dumps(list(result.suspect))
+    if result.excluded is not None:
+        acq["excluded"] = result.excluded
 
 
 def write_dose(dose: h5py.Group, result: SeriesResult) -> None:

@@ -1,19 +1,50 @@
-"""`tcbf-live run`: receive one series, accumulate it, write the HDF5 result."""
+"""`tcbf-live run`: receive one series, accumulate it, write the HDF5 result.
+
+Every series the run sees goes to its own file (`SeriesFiles`): `--output r.h5` names the first
+result written, the next ones go beside it as r.series-2.h5, r.series-3.h5 ... A series with no
+frames, or one that could not be processed, writes no file; no file is ever replaced without
+--overwrite. The exit code (`stream.exitcodes`) says what the run ended with.
+"""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import re
 import sys
+import threading
 from dataclasses import replace
+from pathlib import Path
 
 from .cliutil import UsageError, parse_finite
 from .engine import DECODERS, TCP_PROTOCOLS, Engine, EngineSettings
-from .options import add_processing_args, processing_from_args, report
+from .exitcodes import EPILOG, ExitCode, incomplete_reasons, run_code, series_code
+from .options import (
+    add_output_args,
+    add_processing_args,
+    check_memory,
+    processing_from_args,
+    report,
+)
+from .outputs import OutputExists, check_output, series_output
 from .subscriber import SubscriberSettings
 
 log = logging.getLogger("tcbf.run")
+
+FILES_EPILOG = """result files:
+  --output r.h5 names the first result written; each further series the run
+  sees (e.g. a restarted sender's partial series beside its complete one) goes
+  to its own file beside it, numbered in the order the series end:
+  r.series-2.h5, r.series-3.h5 ... A series with no frames, or one that was
+  refused or could not be processed, writes no file. Existing files are never
+  replaced unless --overwrite is given (a file that appears during the run is
+  kept and the result goes to r.kept-1.h5, exit code 2); results are written to
+  a temporary file and renamed, so a crash never leaves half a file. With
+  several series the exit code is the best outcome: 0 if a file holds a
+  complete series (its `wrote` line and /acquisition attrs say which).
+
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="receive a live series, accumulate it and write the result file",
         description="Receive one series over ZeroMQ until its end message, its expected frame "
         "count or --timeout seconds without data; write the HDF5 result.",
+        epilog=FILES_EPILOG + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--connect", metavar="ENDPOINT", default="tcp://127.0.0.1:5555")
@@ -49,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="re-align every S seconds while frames arrive (0: only at the end)",
     )
-    p.add_argument("--output", required=True, metavar="FILE.h5")
+    add_output_args(p)
     p.add_argument("--headless", action="store_true", help="no viewer window")
     d = p.add_argument_group(
         "detector control (DECTRIS SIMPLON REST; default: passive, attach "
@@ -73,6 +106,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def check_outputs(args: argparse.Namespace) -> Path:
+    """Refuse, before anything is received, an --output that is a directory, in a missing or
+    read-only folder, one of the inputs, or (without --overwrite) an existing result of this
+    name, including the series files an earlier run left beside it."""
+    inputs = [p for p in (args.mask, args.calibration) if p]
+    output = check_output(args.output, args.overwrite, inputs)
+    if not args.overwrite:
+        pattern = f"{glob.escape(output.stem)}.series-*{glob.escape(output.suffix)}"
+        earlier = sorted(output.parent.glob(pattern))
+        if earlier:
+            raise UsageError(f"--output {earlier[0]} exists (series files of an earlier run): "
+                             "pass --overwrite or another name")  # fmt: skip
+    return output
+
+
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless:
         from viewer.app import check_display
@@ -82,6 +130,8 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         raise UsageError("need 0 < --timeout <= 1e6 s and 0 <= --align-interval <= 3600 s")
 
     processing = processing_from_args(args)
+    check_outputs(args)
+    check_memory(args)
     if args.simplon and args.protocol not in ("dectris-v1", "dectris-v2"):
         raise UsageError("--simplon controls DECTRIS detectors: use --protocol dectris-v1/-v2")
     if args.simplon and args.scan is None:
@@ -109,20 +159,85 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     )
 
 
+class SeriesFiles:
+    """`on_series_end` of a run: each finished series with frames to its own file (the n-th
+    written to `series_output(output, n)`), and the outcome of each for the exit code.
+    Called on the ingest thread; `run` reads it once the engine has stopped."""
+
+    def __init__(self, output: str | Path, protocol: str, overwrite: bool):
+        self.output = Path(output)
+        self.output_text = str(output)  # as given: the `wrote` line of the first file
+        self.protocol = protocol
+        self.overwrite = overwrite
+        self.written: list[tuple[Path, ExitCode]] = []
+        self.unusable = 0  # series with frames but no calibration: no file
+        self.empty = 0  # series without frames: no file
+        self.errors: list[str] = []  # a file that could not be written where asked
+        self._lock = threading.Lock()
+
+    def __call__(self, result) -> None:
+        with self._lock:
+            self._take(result)
+
+    def _take(self, result) -> None:
+        from .results import write_result
+
+        sid = result.info.series_id
+        if not result.frames_received:
+            self.empty += 1
+            sys.stderr.write(f"series {sid}: no frames received: no file written\n")
+            return
+        if result.calibration is None:  # the reason was logged when calibration failed
+            self.unusable += 1
+            sys.stderr.write(f"series {sid}: {result.frames_received} frames but no usable "
+                             "bright-field disk (see above): no file written\n")  # fmt: skip
+            return
+        target = series_output(self.output, len(self.written) + 1)
+        try:
+            try:
+                path = write_result(target, result, self.protocol, self.overwrite)
+            except OutputExists:  # created while the run went on: keep both
+                path = write_result(kept_name(target), result, self.protocol)
+                self.errors.append(f"{target} appeared during the run and was not replaced; "
+                                   f"series {sid} went to {path}")  # fmt: skip
+        except OSError as exc:
+            self.errors.append(f"cannot write {target}: {' '.join(str(exc).split())}")
+            return
+        code = series_code(result)
+        self.written.append((path, code))
+        sys.stderr.write(report(result, self.output_text if path == self.output else str(path)))
+        if code is ExitCode.INCOMPLETE:
+            sys.stderr.write(f"series {sid} is incomplete: {incomplete_reasons(result)}\n")
+
+    def exit_code(self, refused: int) -> ExitCode:
+        """USAGE if a file could not go where asked; else the best series outcome."""
+        if self.errors:
+            return ExitCode.USAGE
+        return run_code([code for _, code in self.written], refused + self.unusable)
+
+
+def kept_name(target: Path) -> Path:
+    """A free name beside `target` for a result that must not replace it: r.kept-1.h5 ..."""
+    n = 1
+    while (path := target.with_name(f"{target.stem}.kept-{n}{target.suffix}")).exists():
+        n += 1
+    return path
+
+
+def series_refused(engine: Engine) -> int:
+    """Series the engine refused (unusable metadata, over the memory budget, failed)."""
+    refused = getattr(engine, "series_refused", None)  # a Counter of reasons
+    if refused is None:  # an engine without the tally counts refusals as rejections
+        return int(engine.counters.rejected.get("unusable_series", 0))
+    return sum(refused.values())
+
+
 def run(args: argparse.Namespace) -> int:
     from .results import write_result
 
     settings = settings_from_args(args)
-    failures: list[str] = []
-
-    def finished(result) -> None:  # ingest thread: write as soon as the series ends
-        try:
-            write_result(args.output, result, args.protocol)
-            sys.stderr.write(report(result, args.output))
-        except OSError as exc:
-            failures.append(f"cannot write {args.output}: {exc}")
-
-    engine = Engine(settings, on_series_end=finished).start()
+    files = SeriesFiles(args.output, args.protocol, args.overwrite)
+    engine = Engine(settings, on_series_end=files).start()
     try:
         detector = arm_detector(args, engine) if args.simplon else None
     except UsageError:
@@ -145,9 +260,11 @@ def run(args: argparse.Namespace) -> int:
             from viewer.window import ViewerWindow
 
             app = qt_app()
-            window = ViewerWindow(
+            window = ViewerWindow(  # the save dialog has asked before replacing a file
                 EngineSource(engine),
-                save_result=lambda path: write_result(path, engine.snapshot(), args.protocol),
+                save_result=lambda path: write_result(
+                    path, engine.snapshot(), args.protocol, overwrite=True
+                ),  # fmt: skip
                 title=f"tcbf-live run {settings.subscriber.endpoint}",
             )
             run_window(window, app)
@@ -167,16 +284,20 @@ def run(args: argparse.Namespace) -> int:
             except Exception as exc:  # report, but the result is what matters now
                 sys.stderr.write(f"tcbf-live run: disarm failed: {exc}\n")
 
-    result = engine.last_result
     if engine.counters.rejected:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(engine.counters.rejected.items()))
         sys.stderr.write(f"rejected messages: {reasons}\n")
-    if failures:
-        raise UsageError(failures[0])
-    if result is None:
+    for error in files.errors:
+        sys.stderr.write(f"tcbf-live run: error: {error}\n")
+    refused = series_refused(engine)
+    code = files.exit_code(refused)
+    if code is ExitCode.EMPTY:
         sys.stderr.write(f"tcbf-live run: no series received within {args.timeout:g} s\n")
-        return 1
-    return 0
+    elif code is ExitCode.UNUSABLE:
+        n = refused + files.unusable
+        sys.stderr.write(f"tcbf-live run: {n} series refused or not processable (see above); "
+                         "no result written\n")  # fmt: skip
+    return int(code)
 
 
 def arm_detector(args: argparse.Namespace, engine: Engine):

@@ -40,6 +40,12 @@ SMALL = ["--scan", "4x5", "--quiet"]
         ["simulate", "--phase-rms", "-1"],
         ["simulate", "--bind", "tcp://nonsense"],
         ["simulate", "--bad-pixels", "20000"],
+        ["simulate", "--save", "data.txt", "--no-stream"],
+        ["simulate", "--replay", "missing.npy", "--overwrite"],
+        ["run", "--headless", "--output", "x.h5", "--memory-budget", "lots"],
+        ["run", "--headless", "--output", "x.h5", "--memory-budget", "10"],
+        ["run", "--headless", "--output", "x.h5", "--mask", "missing.npy"],
+        ["reconstruct", "missing.npy", "--output", "x.h5", "--memory-budget", "-1G"],
         ["frobnicate"],
     ],
 )
@@ -190,3 +196,24 @@ def test_reconstruct_and_alignment_flags_give_one_line_errors(tmp_path, expect_u
                 ["--step", "1e300"], ["--energy", "nan"], ["--axial-radius", "-5"],
                 ["--timeout", "inf"]):  # fmt: skip
         expect_usage_error(["run", "--headless", "--output", out, *bad])
+
+
+def test_an_internal_error_is_one_line_and_exit_code_1(tmp_path, capsys, monkeypatch):
+    """A bug (not a bad input) exits 1 with one line; -v adds the traceback to the log."""
+    from stream import reconstruct
+
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((2, 3, 16, 16), np.uint16))
+
+    def broken(*_):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(reconstruct, "reconstruct_dataset", broken)
+    argv = ["reconstruct", str(data), "--energy", "3e5", "--step", "1", "--output",
+            str(tmp_path / "r.h5")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "tcbf-live reconstruct: internal error: RuntimeError: boom (-v: traceback)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy"]

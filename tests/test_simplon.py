@@ -92,7 +92,7 @@ def test_run_active_mode_configures_arms_and_disarms(dcu, tmp_path, capsys):
     code = main(["run", "--protocol", "dectris-v2", "--socket", "pull", "--connect",
                  f"tcp://127.0.0.1:{dcu + 1}", "--headless", "--scan", "4x5", "--timeout", "1",
                  "--simplon", f"127.0.0.1:{dcu}", "--output", str(out)])  # fmt: skip
-    assert code == 1  # nothing was streamed by the fake detector
+    assert code == 4  # EMPTY: nothing was streamed by the fake detector
     commands = [p.rsplit("/", 1)[-1] for m, p, _ in FakeDCU.requests if "/command/" in p]
     assert commands == ["arm", "disarm"]
     assert "no series received" in capsys.readouterr().err
