@@ -173,6 +173,7 @@ class SeriesFiles:
         self.unusable = 0  # series with frames but no calibration: no file
         self.empty = 0  # series without frames: no file
         self.errors: list[str] = []  # a file that could not be written where asked
+        self.internal: list[str] = []  # a result that could not be written at all (a bug)
         self._lock = threading.Lock()
 
     def __call__(self, result) -> None:
@@ -203,6 +204,11 @@ class SeriesFiles:
         except OSError as exc:
             self.errors.append(f"cannot write {target}: {' '.join(str(exc).split())}")
             return
+        except Exception as exc:  # a bug: the run must still end with a code saying so
+            log.exception("series %d: writing %s failed", sid, target)
+            self.internal.append(f"series {sid}: writing {target} failed: "
+                                 f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return
         code = series_code(result)
         self.written.append((path, code))
         sys.stderr.write(report(result, self.output_text if path == self.output else str(path)))
@@ -210,7 +216,10 @@ class SeriesFiles:
             sys.stderr.write(f"series {sid} is incomplete: {incomplete_reasons(result)}\n")
 
     def exit_code(self, refused: int) -> ExitCode:
-        """USAGE if a file could not go where asked; else the best series outcome."""
+        """INTERNAL if a result could not be written (a bug), USAGE if a file could not go
+        where asked; else the best series outcome."""
+        if self.internal:
+            return ExitCode.INTERNAL
         if self.errors:
             return ExitCode.USAGE
         return run_code([code for _, code in self.written], refused + self.unusable)
@@ -289,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"rejected messages: {reasons}\n")
     for error in files.errors:
         sys.stderr.write(f"tcbf-live run: error: {error}\n")
+    for error in files.internal:
+        sys.stderr.write(f"tcbf-live run: internal error: {error}\n")
     refused = series_refused(engine)
     code = files.exit_code(refused)
     if code is ExitCode.EMPTY:

@@ -471,3 +471,20 @@ def test_run_help_documents_the_exit_codes_and_file_names(capsys):
     for line in ("0  complete", "2  refused input", "3  incomplete", "4  empty", "5  unusable",
                  "r.series-2.h5", "--overwrite", "--memory-budget"):  # fmt: skip
         assert line in text
+
+
+@pytest.mark.parametrize(("error", "code"), [(OSError("disk full"), ExitCode.USAGE),
+                                             (RuntimeError("bug"), ExitCode.INTERNAL)])  # fmt: skip
+def test_run_whose_result_cannot_be_written_says_so(sim, tmp_path, endpoint, capsys,
+                                                    monkeypatch, error, code):  # fmt: skip
+    """A write that fails mid-file: no file, no temporary file, and not exit code 0 or 4."""
+    from stream import results
+
+    def broken(*_):
+        raise error
+
+    monkeypatch.setattr(results, "write_dose", broken)
+    out = tmp_path / "r.h5"
+    assert run_cli(endpoint, out, series(sim, 9)) == code
+    assert list(tmp_path.iterdir()) == []
+    assert str(error) in capsys.readouterr().err
