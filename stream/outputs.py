@@ -133,7 +133,9 @@ def atomic_output(
     done: list[Path] = []
     try:
         yield tmp
-        for t, _ in pairs:
+        for t, final in pairs:
+            if not t.exists():  # the writer reported no error but wrote nothing
+                raise OSError(f"{final} was not written")
             _fsync(t)
         for t, final in pairs:
             commit(t, final, overwrite)

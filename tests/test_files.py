@@ -97,6 +97,9 @@ def test_a_file_created_while_writing_is_not_replaced(tmp_path):
     with atomic_output(target, overwrite=True) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and leftovers(tmp_path) == []
+    with pytest.raises(OSError, match="was not written"), atomic_output(tmp_path / "x.png"):
+        pass  # e.g. Qt failing to save a screenshot without an error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
 
 
 def test_series_files_are_numbered_beside_the_output():
