@@ -30,6 +30,8 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 ENV_VAR = "TCBF_MEMORY_BUDGET"
 RAM_FRACTION = 0.5  # default budget: this fraction of the machine's memory
 FALLBACK_BYTES = 4 << 30  # when the machine's memory cannot be read
@@ -43,6 +45,10 @@ _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
 
 class BudgetError(ValueError):
     """A memory budget that is not a positive size (bad flag or environment value)."""
+
+
+class BudgetExceeded(ValueError):
+    """A series whose allocations would not fit the memory budget (the message says why)."""
 
 
 def parse_bytes(text: str) -> int:
@@ -192,3 +198,35 @@ def check_series(
     return (f"a {rows}x{cols} scan{det}{bf} needs {fp.describe()}, over the "
             f"memory budget of {format_bytes(budget_bytes)} (set --memory-budget or "
             f"{ENV_VAR})")  # fmt: skip
+
+
+def upsampling_bound(info, upsample: int | None = None,
+                     angular_sampling_mrad: float | None = None) -> int:  # fmt: skip
+    """The shift-and-add factor of a series (`info`: detectors.base.SeriesInfo), by the tcBF
+    processor's rule: `upsample` when set, else from the optics. Before calibration (no angular
+    sampling) an upper bound: the calibrated sampling can only lower it."""
+    if upsample:
+        return int(upsample)
+    from simulators.optics import wavelength_A
+
+    from .reconstruction import default_upsampling
+
+    sampling = angular_sampling_mrad or info.angular_sampling_mrad
+    wavelength = wavelength_A(info.energy_eV) if info.energy_eV else None
+    return default_upsampling(info.step_A, wavelength, info.semiangle_mrad,
+                              max(info.detector_shape), sampling)  # fmt: skip
+
+
+def check_info(info, budget_bytes: int, *, n_bf: int | None = None, n_tiles: int | None = None,
+               frame_limit: int | None = None, upsample: int | None = None,
+               angular_sampling_mrad: float | None = None,
+               calibration_frames: int = CALIBRATION_FRAMES) -> str | None:  # fmt: skip
+    """`check_series` for an announced series (SeriesInfo with its scan shape): pixel size,
+    stack type and upsampling factor from its metadata. None if it fits."""
+    kind = np.dtype(info.dtype)
+    return check_series(
+        info.scan_shape, info.detector_shape, kind.itemsize, budget_bytes, n_bf,
+        upsampling_bound(info, upsample, angular_sampling_mrad),
+        frames_expected=frame_limit, n_tiles=n_tiles, calibration_frames=calibration_frames,
+        integer_stack=kind.kind == "u",
+    )  # fmt: skip
