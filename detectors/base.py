@@ -6,7 +6,7 @@ reason. Sockets, counting and logging live in `stream/`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ class DecodeError(ValueError):
 
 
 SCAN_ORDERS = ("raster", "serpentine")
+LZ4_MAX_RATIO = 256  # an LZ4 block never decompresses to more than ~255x its size
 
 
 class CollectsErrors:
@@ -105,6 +106,15 @@ class SeriesInfo:
     @property
     def frame_nbytes(self) -> int:
         return int(np.dtype(self.dtype).itemsize * self.detector_shape[0] * self.detector_shape[1])
+
+
+def describe_change(old: SeriesInfo, new: SeriesInfo) -> str:
+    """'detector_shape (128, 128) -> (64, 64), dtype <u2 -> <f4': what a repeated start
+    changes (fields compared by SeriesInfo equality only)."""
+    changes = [f"{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+               for f in fields(SeriesInfo)
+               if f.compare and getattr(old, f.name) != getattr(new, f.name)]  # fmt: skip
+    return ", ".join(changes) or "other metadata"
 
 
 @dataclass(frozen=True)

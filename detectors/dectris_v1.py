@@ -30,6 +30,7 @@ import lz4.block
 import numpy as np
 
 from .base import (
+    LZ4_MAX_RATIO,
     CollectsErrors,
     CompressedFrame,
     DecodeError,
@@ -39,6 +40,7 @@ from .base import (
     SeriesInfo,
     SeriesStart,
     defect_mask,
+    describe_change,
 )
 from .base import (
     header_int as _int,
@@ -49,6 +51,9 @@ TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
 MAX_JSON_BYTES = 1 << 20
 MAX_PIXELS = 1 << 26
 HEADER_BLOBS = {"dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0"}
+HTYPES = {"dheader-1.0", "dimage-1.0", "dimage_d-1.0", "dconfig-1.0", "dseries_end-1.0",
+          *HEADER_BLOBS}  # fmt: skip
+KNOWN_SERIES = 8  # series whose header is remembered (images of any of them decode)
 
 
 def _json(part: Any) -> dict | None:
@@ -64,22 +69,44 @@ def _json(part: Any) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+class _Series:
+    """Decode state of one started series."""
+
+    __slots__ = ("info", "images")
+
+    def __init__(self, info: SeriesInfo):
+        self.info, self.images = info, 0
+
+
 class DectrisV1Decoder(CollectsErrors):
+    """Part-wise state machine. Every part is either used or counted: the parts of a header
+    and of an image are consumed in their order, and a part that is not what its position
+    needs (garbage) is recorded as an error without losing the state around it. Started
+    series are remembered (KNOWN_SERIES), images decoded against their own series' header, so
+    a foreign or bad header arriving mid-series never costs the open series its images."""
+
     protocol = "dectris-v1"
 
     def __init__(self):
         self._init_errors()
-        self.series: SeriesInfo | None = None
-        self._state = "idle"  # idle | config | header_extra | header_blob | image_d | blob | ...
+        self.series: SeriesInfo | None = None  # the latest series started
+        self._known: dict[int, _Series] = {}  # started series, oldest first
+        self._state = "idle"  # idle | config | header_extra | header_blob | image_d | blob |
+        #                       dconfig | after_image
+        # the header being collected (its series id None when the dheader was unusable)
         self._series_id: int | None = None
         self._config: dict | None = None
-        self._appendix: dict = {}
+        self._appendix: dict | None = None
         self._blob_header: dict | None = None  # the header of the blob that comes next
         self._pixel_mask: tuple[dict, bytes] | None = None  # (its header, the blob)
-        self._started = False
+        self._header_used = False  # the collected header has started (or checked) a series
+        # the image being read (its series None: the image is consumed and dropped)
+        self._image_series: _Series | None = None
         self._frame: int | None = None
         self._image_d: dict | None = None
-        self._images = 0
+        self._candidate: memoryview | None = None  # a blob-like part of the wrong size
+        self._message = 0  # decode() calls so far
+        self._after_dconfig: tuple[int, int] | None = None  # (message, part) of the last dconfig
         # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
         self.defer_bslz4 = False
 
@@ -87,14 +114,16 @@ class DectrisV1Decoder(CollectsErrors):
         """Events of these parts; a bad part is recorded and the rest still decoded, so a
         series start or frames before it are never lost (see `CollectsErrors`)."""
         events: list[Event] = []
-        for part in parts:
+        self._message += 1
+        for index, part in enumerate(parts):
             try:
-                event = self._part(part)
+                event = self._part(part, index)
             except DecodeError as err:
                 self._errors.append(err)
                 continue
             except (RecursionError, TypeError, ValueError, OverflowError) as exc:
-                self._state = "skip_image" if self._state in ("image_d", "blob") else "idle"
+                if self._state in ("image_d", "blob"):
+                    self._image_series = None  # the rest of this image is dropped
                 self._errors.append(DecodeError("bad_header", f"{type(exc).__name__}: {exc}"))
                 continue
             if event is not None:
@@ -102,85 +131,143 @@ class DectrisV1Decoder(CollectsErrors):
         return self._finish(events)
 
     # ------------------------------------------------------------------ state machine
-    def _part(self, part: Any):
-        state = self._state
-        if state == "header_blob":  # the blob after a flatfield/mask/count-rate header
+    def _blob(self, part: Any):
+        """Take `part` as the blob the state expects (header blob or image)."""
+        if self._state == "header_blob":
             self._state = "header_extra"
             if self._blob_header.get("htype") == "dpixelmask-1.0":
                 if memoryview(part).nbytes > 4 * MAX_PIXELS:
                     raise DecodeError("oversized", "pixel mask larger than any detector")
                 self._pixel_mask = (self._blob_header, bytes(part))
             return None
-        if state == "blob":
-            self._state = "dconfig"
+        self._state = "dconfig"
+        if self._image_series is None:  # an image of an unknown series: dropped
+            return None
+        try:
             return self._image(part)
+        except DecodeError as err:
+            self._errors.append(err)
+            return None
+
+    def _part(self, part: Any, index: int):
+        state = self._state
+        if state in ("header_blob", "blob"):
+            # a blob of the announced size is taken; another part that is no JSON part is
+            # held (`_candidate`): it is the blob, damaged, if a JSON part follows, and
+            # garbage if another blob-like part does. One part of look-ahead: a damaged blob
+            # and a garbage part are each counted once, and neither costs the other its use
+            header = state == "header_blob"
+            fits = _fits(part, self._blob_header) if header else _fits_image(part, self._image_d)
+            if fits or _json(part) is None:
+                if self._candidate is not None:
+                    held, self._candidate = self._candidate, None
+                    self._errors.append(DecodeError("size_mismatch", f"{held.nbytes}-byte "
+                                                    f"part where a blob belongs"))  # fmt: skip
+                if not fits:
+                    self._candidate = memoryview(part)
+                    return None
+                return self._blob(part)
+            events = self._blob(self._candidate) if self._candidate is not None else None
+            if self._candidate is None:
+                self._errors.append(DecodeError("bad_framing", "a blob never came"))
+                self._state = "header_extra" if header else "idle"
+            self._candidate = None
+            more = self._part(part, index)  # the part after the (damaged) blob
+            return [*_listed(events), *_listed(more)] or None
         msg = _json(part)
         htype = msg.get("htype") if msg is not None else None
-        if state == "skip_image":  # rest of an image we could not use: skip to the next one
-            if htype not in ("dheader-1.0", "dimage-1.0", "dseries_end-1.0"):
-                return None
         if state == "config":
-            if msg is None or htype is not None:
-                raise self._fail("bad_header", "expected the detector config after dheader")
-            self._config = msg
-            self._state = "header_extra"
-            return None
+            if msg is not None and htype is None:
+                self._config = msg
+                self._state = "header_extra"
+                return None
+            if htype not in HTYPES:
+                raise DecodeError("bad_header", "expected the detector config after dheader")
+            self._state = state = "idle"
+            self._errors.append(DecodeError("bad_header", "dheader without its config"))
         if state == "image_d":
-            if htype != "dimage_d-1.0":
-                self._state = "skip_image"
-                raise DecodeError("bad_framing", f"expected dimage_d-1.0, got {htype!r}")
-
-            self._image_d = msg
-            self._state = "blob"
-            return None
+            if htype == "dimage_d-1.0":
+                self._image_d = msg
+                self._state = "blob"
+                return None
+            if htype not in HTYPES:
+                raise DecodeError("bad_framing", "expected dimage_d-1.0 after dimage-1.0")
+            self._state = state = "idle"
+            self._errors.append(DecodeError("bad_framing", "image without its dimage_d"))
         if htype == "dheader-1.0":
             return self._header(msg)
+        if htype == "dimage-1.0":
+            return self._image_header(msg)
+        if htype == "dseries_end-1.0":
+            return self._end(msg)
         if htype in HEADER_BLOBS and state == "header_extra":
             self._state = "header_blob"
             self._blob_header = msg
             return None
-        if htype == "dimage-1.0":
-            return self._image_header(msg)
-        if htype == "dseries_end-1.0":
-            series = _int(msg, "series")
-            self._state = "idle"
-            if series != self._series_id:
-                raise DecodeError("wrong_series", f"end of series {series} never started here")
-            if self.series is None:  # disarmed before any image: start and end it empty
-                try:
-                    return [self._start(), SeriesEnd(series, 0)]
-                except DecodeError:
-                    return None
-            return SeriesEnd(series, self._images)
         if htype == "dconfig-1.0" and state == "dconfig":
             self._state = "after_image"
+            self._after_dconfig = (self._message, index)
             return None
-        if state == "header_extra" and htype is None:  # the header appendix
-            appendix = _json(part) or {}  # size-capped, and never a recursion error
-            self._appendix = appendix if isinstance(appendix, dict) else {}
+        if htype is None and state == "header_extra":
+            if msg is None or self._appendix is not None:
+                raise DecodeError("bad_appendix", "header appendix is not one JSON object")
+            self._appendix = msg
             return None
-        if state == "after_image" and htype is None:  # an image appendix: not used
-            return None
-        raise DecodeError("bad_framing", f"unexpected part {htype or 'blob'!r} in state {state}")
+        if htype is None and state == "after_image" and self._image_appendix(part, index):
+            return None  # an image appendix: not used
+        where = "blob" if msg is None else repr(htype)
+        raise DecodeError("bad_framing", f"unexpected part {where} in state {state}")
 
-    def _fail(self, reason: str, detail: str) -> DecodeError:
-        self._state = "idle"  # resynchronise on the next recognisable part
-        return DecodeError(reason, detail)
+    def _image_appendix(self, part: Any, index: int) -> bool:
+        """The part straight after an image's dconfig in the same message, as text, is that
+        image's appendix (SIMPLON `image_appendix`); anything else there is garbage."""
+        if self._after_dconfig != (self._message, index - 1):
+            return False
+        self._after_dconfig = None  # one appendix per image
+        try:
+            bytes(memoryview(part)).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
 
     def _header(self, msg: dict):
-        self._series_id = _int(msg, "series")
+        self._state = "config"  # its parts are consumed (and checked) even if it is unusable
+        self._config, self._appendix, self._pixel_mask = None, None, None
+        self._header_used = False
+        self._series_id = None
+        series = _int(msg, "series")
         detail = msg.get("header_detail", "basic")
         if detail not in ("basic", "all"):
-            self._state = "idle"
+            self._state = "idle"  # header_detail none: nothing follows the dheader
             raise DecodeError("bad_header", f"header_detail {detail!r} carries no geometry: arm "
                               "with header_detail basic or all")  # fmt: skip
-        self._config, self._appendix, self._started, self._images = None, {}, False, 0
-        self._pixel_mask = None
-        self.series = None
-        self._state = "config"
+        self._series_id = series
         return None
 
+    def _end(self, msg: dict):
+        self._state = "idle"
+        series = _int(msg, "series")
+        known = self._known.get(series)
+        if known is not None:
+            return SeriesEnd(series, known.images)
+        if series == self._series_id and self._config is not None and not self._header_used:
+            try:  # disarmed before any image: start and end it empty
+                return [self._start(), SeriesEnd(series, 0)]
+            except DecodeError:
+                return None
+        raise DecodeError("wrong_series", f"end of series {series} never started here")
+
     def _start(self) -> SeriesStart:
+        """Start the collected header's series (DecodeError if the header is unusable)."""
+        info = self._info()
+        self._header_used = True
+        self._known[info.series_id] = _Series(info)
+        while len(self._known) > KNOWN_SERIES:
+            self._known.pop(next(iter(self._known)))
+        self.series = info
+        return SeriesStart(info, repeat=False)
+
+    def _info(self) -> SeriesInfo:
         c = self._config or {}
         width = _int(c, "x_pixels_in_detector", 1, 1 << 16)
         height = _int(c, "y_pixels_in_detector", 1, 1 << 16)
@@ -194,7 +281,7 @@ class DectrisV1Decoder(CollectsErrors):
         ntrigger = _int(c, "ntrigger", 1, 1 << 31) if "ntrigger" in c else 1
         # exte/inte: one frame per trigger; exts/ints: nimages per trigger
         frames = ntrigger if c.get("trigger_mode") in ("exte", "inte") else nimages * ntrigger
-        a = self._appendix
+        a = self._appendix or {}
         scan = a.get("scan_shape")
         scan = (tuple(int(n) for n in scan) if isinstance(scan, list) and len(scan) == 2
                 and all(type(n) is int and 0 < n <= 1 << 16 for n in scan) else None)  # fmt: skip
@@ -204,7 +291,7 @@ class DectrisV1Decoder(CollectsErrors):
             return float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None
 
         frame_time = c.get("frame_time")
-        self.series = SeriesInfo(
+        return SeriesInfo(
             series_id=self._series_id,
             scan_shape=scan,
             detector_shape=(height, width),
@@ -221,8 +308,6 @@ class DectrisV1Decoder(CollectsErrors):
             else None,
             pixel_mask=self._mask((height, width)),
         )  # fmt: skip
-        self._started = True
-        return SeriesStart(self.series, repeat=False)
 
     def _mask(self, detector_shape: tuple[int, int]) -> np.ndarray | None:
         """The header's pixel mask, if it came and fits the detector; a bad one is recorded
@@ -243,22 +328,33 @@ class DectrisV1Decoder(CollectsErrors):
             return None
 
     def _image_header(self, msg: dict):
+        """An image starts: its parts are consumed in order; decoded if its series started
+        (or starts now, from the collected header), else dropped after one 'no_start'."""
+        self._state = "image_d"
+        self._image_series, self._image_d = None, None
         series = _int(msg, "series")
         self._frame = _int(msg, "frame", 0, 1 << 31)
-        self._state = "image_d"
-        if self._series_id is None or series != self._series_id or self._config is None:
-            self._state = "skip_image"
+        collected = series == self._series_id and self._config is not None
+        known = self._known.get(series)
+        if known is not None:
+            self._image_series = known
+            if collected and not self._header_used:  # a repeated header of a running series
+                self._header_used = True
+                info = self._info()
+                if info != known.info:
+                    raise DecodeError("metadata_changed", f"header of series {series} "
+                                      f"announces {describe_change(known.info, info)}: the "
+                                      "first header holds")  # fmt: skip
+            return None
+        if not collected or self._header_used:
             raise DecodeError("no_start", f"image of series {series} without its header")
-        if not self._started:
-            try:
-                return self._start()
-            except DecodeError:
-                self._state = "skip_image"  # unusable header: skip this image's parts
-                raise
-        return None
+        start = self._start()  # DecodeError: unusable header, this image is dropped
+        self._image_series = self._known[series]
+        return start
 
     def _image(self, blob: Any) -> FrameBatch | CompressedFrame:
-        info, d = self.series, self._image_d
+        state, d = self._image_series, self._image_d
+        info = state.info
         shape = d.get("shape")
         if not (isinstance(shape, list) and len(shape) == 2 and shape[::-1] ==
                 list(info.detector_shape)):  # fmt: skip
@@ -275,13 +371,15 @@ class DectrisV1Decoder(CollectsErrors):
                 data = memoryview(HEADER.pack(nbytes, BLOCK_BYTES) + bytes(data[HEADER.size :]))
             size = np.dtype(info.dtype).itemsize
             if self.defer_bslz4:  # the kernel decompresses it (CompressedFrame)
-                self._images += 1
+                state.images += 1
                 return CompressedFrame(info.series_id, self._frame, data, size,
                                        info.detector_shape, info.dtype)  # fmt: skip
             raw = decompress("bslz4", size, data, nbytes)
         elif encoding == "lz4<":
             if data.nbytes > nbytes + nbytes // 255 + 64:
                 raise DecodeError("size_mismatch", "lz4 blob larger than possible")
+            if nbytes > LZ4_MAX_RATIO * data.nbytes + 1024:  # checked before allocating nbytes
+                raise DecodeError("bad_payload", f"{data.nbytes} bytes of lz4 cannot hold {nbytes}")
             try:
                 raw = lz4.block.decompress(data, uncompressed_size=nbytes)
             except Exception as exc:
@@ -293,9 +391,38 @@ class DectrisV1Decoder(CollectsErrors):
         size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
         if size != nbytes:
             raise DecodeError("size_mismatch", f"decoded {size} bytes, frame is {nbytes}")
-        self._images += 1
+        state.images += 1
         frame = np.frombuffer(raw, dtype=info.dtype).reshape(info.detector_shape)
         return FrameBatch(info.series_id, self._frame, frame[None])
+
+
+def _listed(events) -> list:
+    return [] if events is None else events if isinstance(events, list) else [events]
+
+
+def _htype(part: Any) -> str | None:
+    """The part's htype if it is a JSON object of a known one, else None."""
+    msg = _json(part)
+    htype = msg.get("htype") if msg is not None else None
+    return htype if htype in HTYPES else None
+
+
+def _fits(blob: Any, head: dict | None) -> bool:
+    """The blob has the size its header (shape [x, y], type) says; any size if it says none."""
+    shape, kind = (head or {}).get("shape"), (head or {}).get("type")
+    itemsize = {"float32": 4, "uint32": 4, "uint16": 2, "uint8": 1, "float64": 8}.get(kind)
+    if not (isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)
+            and itemsize):  # fmt: skip
+        return _json(blob) is None
+    return memoryview(blob).nbytes == math.prod(shape) * itemsize
+
+
+def _fits_image(blob: Any, d: dict | None) -> bool:
+    """The blob has the byte count its dimage_d `size` says (any blob when it says none)."""
+    size = (d or {}).get("size")
+    if type(size) is not int:
+        return _json(blob) is None
+    return memoryview(blob).nbytes == size
 
 
 # ------------------------------------------------------------------------------- encoder

@@ -31,6 +31,7 @@ from .base import (
     SeriesInfo,
     SeriesStart,
     defect_mask,
+    describe_change,
 )
 from .base import (
     header_int as _int,
@@ -43,6 +44,7 @@ DTYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
 MAX_MESSAGE_BYTES = 1 << 30
 MAX_PIXELS = 1 << 26  # 8192^2: larger than any DECTRIS detector
 MAX_IMAGES = 1 << 31
+KNOWN_SERIES = 8  # series whose start is remembered (images of any of them decode)
 SELF_DESCRIBED = b"\xd9\xd9\xf7"
 
 
@@ -103,21 +105,31 @@ def _user_float(user: Any, key: str) -> float | None:
     return float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None
 
 
+class _Series:
+    """Decode state of one started series."""
+
+    __slots__ = ("info", "channel", "announced", "images")
+
+    def __init__(self, info: SeriesInfo, channel: str, announced: bool):
+        self.info, self.channel, self.announced, self.images = info, channel, announced, 0
+
+
 class DectrisV2Decoder(CollectsErrors):
-    """State machine for one stream: series from `start`, frames checked against it."""
+    """State machine for one stream: series from `start`, frames checked against it.
+
+    Several series are remembered (KNOWN_SERIES), each image decoded against the start of its
+    own series id: a foreign or repeated `start` never costs the open series its images, and a
+    `start` that changes the metadata of a known series is refused ('metadata_changed')."""
 
     protocol = "dectris-v2"
 
     def __init__(self, channel: str | None = None):
         self._init_errors()
-        self._announced = True
-
         self.channel = channel  # None: the first announced channel
         # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
         self.defer_bslz4 = False
-        self.series: SeriesInfo | None = None
-        self._channel: str | None = None
-        self._images = 0
+        self.series: SeriesInfo | None = None  # the latest series started
+        self._known: dict[int, _Series] = {}  # oldest first
 
     def decode(self, parts: list[Any]) -> Event:
         if len(parts) != 1:
@@ -140,12 +152,13 @@ class DectrisV2Decoder(CollectsErrors):
             return self._image(m)
         if kind == "end":
             series = _int(m, "series_id", 0, 1 << 62)
-            if self.series is None or self.series.series_id != series:
+            state = self._known.get(series)
+            if state is None:
                 raise DecodeError("wrong_series", f"end of series {series} never started here")
-            return SeriesEnd(series, self._images)
+            return SeriesEnd(series, state.images)
         raise DecodeError("bad_header", f"unknown message type {kind!r}")
 
-    def _start(self, m: dict) -> SeriesStart:
+    def _start(self, m: dict) -> SeriesStart | list:
         width = _int(m, "image_size_x", 1, 1 << 16)
         height = _int(m, "image_size_y", 1, 1 << 16)
         if width * height > MAX_PIXELS:
@@ -163,10 +176,9 @@ class DectrisV2Decoder(CollectsErrors):
         dtype = DTYPES.get(announced, "<u2")
         bits = np.dtype(dtype).itemsize * 8
         user = m.get("user_data")
-        self._channel = channel
-        self._images = 0
-        self.series = SeriesInfo(
-            series_id=_int(m, "series_id", 0, 1 << 62),
+        series_id = _int(m, "series_id", 0, 1 << 62)
+        info = SeriesInfo(
+            series_id=series_id,
             scan_shape=_scan_shape(user),
             detector_shape=(height, width),
             dtype=dtype,
@@ -183,11 +195,22 @@ class DectrisV2Decoder(CollectsErrors):
             else None,
             pixel_mask=self._mask(m.get("pixel_mask"), channel, (height, width)),
         )
+        known = self._known.get(series_id)
+        if known is not None:  # the same start again: a repeat, or refused if it differs
+            if announced is None:  # the pixel type came with the first image
+                info = replace(info, dtype=known.info.dtype, mask_value=known.info.mask_value)
+            if info != known.info or channel != known.channel:
+                raise DecodeError("metadata_changed", f"start of series {series_id} "
+                                  f"announces {describe_change(known.info, info)}: the first "
+                                  "start holds")  # fmt: skip
+            return SeriesStart(known.info, repeat=True) if known.announced else []
+        self._known[series_id] = _Series(info, channel, announced is not None)
+        while len(self._known) > KNOWN_SERIES:
+            self._known.pop(next(iter(self._known)))
+        self.series = info
         if announced is None:  # wait for the first image to know the pixel type
-            self._announced = False
             return []
-        self._announced = True
-        return SeriesStart(self.series, repeat=False)
+        return SeriesStart(info, repeat=False)
 
     def _mask(self, masks: Any, channel: str, shape: tuple[int, int]) -> np.ndarray | None:
         """The channel's pixel mask (header_detail "all"). Anything but a tagged array, e.g.
@@ -203,36 +226,39 @@ class DectrisV2Decoder(CollectsErrors):
             return None
 
     def _image(self, m: dict) -> FrameBatch:
-        info = self.series
         series = _int(m, "series_id", 0, 1 << 62)
-        if info is None:
-            raise DecodeError("no_start", f"image of series {series} before its start")
-        if series != info.series_id:
-            raise DecodeError("wrong_series", f"image of series {series}, expected "
-                              f"{info.series_id}")  # fmt: skip
+        state = self._known.get(series)
+        if state is None:
+            if not self._known:
+                raise DecodeError("no_start", f"image of series {series} before its start")
+            raise DecodeError("wrong_series", f"image of series {series}, whose start never "
+                              f"came (known: {', '.join(map(str, self._known))})")  # fmt: skip
+        info = state.info
         image_id = _int(m, "image_id", 0, MAX_IMAGES)
         if image_id >= info.frames_expected:
             raise DecodeError("index_out_of_range", f"image {image_id} of {info.frames_expected}")
         data = m.get("data")
-        if not isinstance(data, Mapping) or self._channel not in data:
-            raise DecodeError("bad_payload", f"no {self._channel!r} data in the image")
+        if not isinstance(data, Mapping) or state.channel not in data:
+            raise DecodeError("bad_payload", f"no {state.channel!r} data in the image")
         events: list[Event] = []
-        if not self._announced:  # dtype from this image's typed array, then start the series
-            arr = data[self._channel]
+        if not state.announced:  # dtype from this image's typed array, then start the series
+            arr = data[state.channel]
             if isinstance(arr, _MultiDim) and isinstance(arr.array, _Typed):
                 bits = np.dtype(arr.array.dtype).itemsize * 8
-                info = self.series = replace(info, dtype=arr.array.dtype,
-                                             mask_value=(1 << bits) - 1)  # fmt: skip
-            self._announced = True
+                info = state.info = replace(info, dtype=arr.array.dtype,
+                                            mask_value=(1 << bits) - 1)  # fmt: skip
+                if self.series is not None and self.series.series_id == series:
+                    self.series = info
+            state.announced = True
             events.append(SeriesStart(info, repeat=False))
         try:
-            events.append(self._frame(data[self._channel], info, image_id))
+            events.append(self._frame(data[state.channel], info, image_id))
         except DecodeError:
             if not events:
                 raise
             self._errors.append(DecodeError("bad_payload", "first image unusable"))
             return events  # the series start is not lost
-        self._images += 1
+        state.images += 1
         return events if len(events) > 1 else events[0]
 
     def _frame(self, arr: Any, info: SeriesInfo, image_id: int) -> FrameBatch | CompressedFrame:

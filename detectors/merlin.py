@@ -6,7 +6,10 @@ acquisition header payload starts `HDR,` (latin-1 `Key:<TAB>value` lines, `End`)
 payload is an ASCII MQ1 header (comma-separated, space-padded to its `data offset`) followed by
 big-endian pixels (U08/U16/U32, already in image layout, quads with gaps included). There is no
 end message: the series ends after `Frames in Acquisition` frames (0: continuous, until the next
-HDR). The scan shape comes from the header's ScanX/ScanY when present, else `--scan`.
+HDR). The scan shape comes from the header's ScanX/ScanY when present, else `--scan`. An HDR
+during an open acquisition is held until the next frame: one numbered 1 starts the new
+acquisition (ending the open one), any other continues the open one and the header is counted
+('foreign_header') and ignored; a header that does not parse is counted and changes nothing.
 
 The decoder is fed raw TCP chunks (`decode([chunk])`): it re-frames the byte stream itself, so
 messages split or coalesced by TCP are handled; a corrupt prefix is skipped to the next `MPX,`.
@@ -58,6 +61,7 @@ class MerlinDecoder(CollectsErrors):
         self._frames = 0
         self._expected = 0
         self._hdr: dict | None = None
+        self._next_hdr: dict | None = None  # a header that came during an open acquisition
 
     def reset(self) -> list[Event]:
         """A new TCP connection: stale bytes are dropped and an open acquisition ends here
@@ -66,7 +70,7 @@ class MerlinDecoder(CollectsErrors):
         events: list[Event] = []
         if self.series is not None:
             events.append(SeriesEnd(self.series.series_id, self._frames))
-        self.series, self._hdr = None, None
+        self.series, self._hdr, self._next_hdr = None, None, None
         return events
 
     def decode(self, parts: list[Any]) -> list[Event]:
@@ -116,11 +120,9 @@ class MerlinDecoder(CollectsErrors):
         raise DecodeError("bad_header", f"unknown Merlin message {payload[:4]!r}")
 
     def _header(self, payload: bytes) -> list[Event]:
+        """An acquisition header: checked first (a bad one is counted and changes nothing).
+        While an acquisition is open it is held: the next frame decides (see `_frame`)."""
         fields = _header_fields(payload[4:].decode("latin-1"))
-        events: list[Event] = []
-        if self.series is not None:  # a new acquisition ends the open one (continuous mode,
-            events.append(SeriesEnd(self.series.series_id, self._frames))  # or an abort)
-            self.series = None
         try:
             expected = int(fields.get("Frames in Acquisition (Number)", "0"))
             scan_x = int(fields["ScanX"]) if "ScanX" in fields else None
@@ -130,12 +132,23 @@ class MerlinDecoder(CollectsErrors):
         if not 0 <= expected <= 1 << 31 or (scan_x or 0) < 0 or (scan_y or 0) < 0:
             raise DecodeError("bad_header", f"frame count {expected} / scan size out of range")
         scan = (scan_y, scan_x) if scan_x and scan_y else None  # rows = ScanY
+        hdr = {"scan": scan, "expected": expected or None}
+        if self.series is not None:
+            if self._next_hdr is not None:
+                self._errors.append(DecodeError("foreign_header", "acquisition header never "
+                                                "followed by its frames"))  # fmt: skip
+            self._next_hdr = hdr
+            return []
+        self._begin(hdr)
+        return []
+
+    def _begin(self, hdr: dict) -> None:
         self._series_id += 1
         self._frames = 0
-        self._expected = expected
-        self._hdr = {"scan": scan, "expected": expected or None}
+        self._expected = hdr["expected"] or 0
+        self._hdr = hdr
+        self._next_hdr = None
         self.series = None  # geometry comes with the first frame's MQ1 header
-        return events
 
     def _frame(self, payload: bytes) -> list[Event]:
         head = payload[:128].split(b",")
@@ -146,8 +159,6 @@ class MerlinDecoder(CollectsErrors):
             ptype = head[6].decode("ascii")
         except (IndexError, ValueError, UnicodeDecodeError):
             raise DecodeError("bad_header", "unreadable MQ1 header") from None
-        if self._hdr is None:
-            raise DecodeError("no_start", "frame before any acquisition header")
         if seq < 1:
             raise DecodeError("index_out_of_range", f"MQ1 sequence number {seq}")
         if ptype not in PIXEL_TYPES:
@@ -160,6 +171,17 @@ class MerlinDecoder(CollectsErrors):
             raise DecodeError("size_mismatch", f"{len(payload) - offset} pixel bytes for "
                               f"{width}x{height} {ptype}")  # fmt: skip
         events: list[Event] = []
+        if self._next_hdr is not None:  # a header came while an acquisition was open
+            if seq == 1:  # a new acquisition (continuous mode, an abort): the open one ends
+                events.append(SeriesEnd(self.series.series_id, self._frames))
+                self._begin(self._next_hdr)
+            else:  # the open acquisition goes on: that header was not the detector's
+                self._next_hdr = None
+                self._errors.append(DecodeError("foreign_header", "acquisition header in the "
+                                                f"middle of acquisition {self._series_id}, "
+                                                "whose frames go on: ignored"))  # fmt: skip
+        if self._hdr is None:
+            raise DecodeError("no_start", "frame before any acquisition header")
         if self.series is None:
             self.series = SeriesInfo(
                 series_id=self._series_id,
@@ -174,7 +196,9 @@ class MerlinDecoder(CollectsErrors):
 
             events.append(SeriesStart(self.series, repeat=False))
         elif (height, width) != self.series.detector_shape:
-            raise DecodeError("size_mismatch", "frame size changed within the acquisition")
+            self._errors.append(DecodeError("size_mismatch", "frame size changed within the "
+                                            "acquisition"))  # fmt: skip
+            return events
         frame = np.frombuffer(payload, dtype=dtype, count=width * height, offset=offset)
         frame = frame.astype(self.series.dtype).reshape(height, width)  # to little-endian
         events.append(FrameBatch(self.series.series_id, seq - 1, frame[None]))

@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 
 from .base import (
+    LZ4_MAX_RATIO,
     SCAN_ORDERS,
     DecodeError,
     Event,
@@ -21,6 +22,7 @@ from .base import (
     SeriesEnd,
     SeriesInfo,
     SeriesStart,
+    describe_change,
 )
 
 PROTOCOL = "tcbf-live"
@@ -29,6 +31,8 @@ ENCODINGS = ("raw", "lz4")
 ALLOWED_DTYPES = {"|u1", "<u2", ">u2", "<u4", ">u4", "<i2", "<i4", "<f4", ">f4"}
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: ground truth included, a header is a few kB
 MAX_FRAMES = 1 << 28  # frames per series / scan positions accepted from a header
+MAX_PIXELS = 1 << 26  # detector pixels accepted from a header (8192^2, as for DECTRIS)
+KNOWN_SERIES = 8  # series whose start is remembered (frames of any of them decode)
 DEFAULT_MAX_BATCH_BYTES = 512 << 20
 
 
@@ -142,13 +146,16 @@ def parse_start(h: dict) -> SeriesInfo:
     mask_value = h.get("mask_value")
     if mask_value is not None and not isinstance(mask_value, int):
         raise DecodeError("bad_start", f"bad mask_value {mask_value!r}")
+    detector_shape = _shape2(h.get("detector_shape"), "detector_shape")
+    if detector_shape[0] * detector_shape[1] > MAX_PIXELS:
+        raise DecodeError("oversized", f"detector of {detector_shape} pixels is implausible")
     scan_shape = _shape2(h.get("scan_shape"), "scan_shape", allow_none=True)
     if scan_shape is not None and scan_shape[0] * scan_shape[1] > MAX_FRAMES:
         raise DecodeError("bad_start", f"scan of {scan_shape} positions is implausible")
     return SeriesInfo(
         series_id=h["series"],
         scan_shape=scan_shape,
-        detector_shape=_shape2(h.get("detector_shape"), "detector_shape"),
+        detector_shape=detector_shape,
         dtype=dtype,
         scan_order=order,
         energy_eV=_number(h, "energy_eV"),
@@ -166,17 +173,20 @@ def parse_start(h: dict) -> SeriesInfo:
 
 
 class NativeDecoder:
-    """State machine for one native stream: remembers the series it is decoding.
+    """State machine for one native stream: remembers the series it has seen start.
 
     Frames are only decoded against the `start` of the *same* series id, so a subscriber that
     joined mid-series rejects frames ('no_start') until the sender's periodic repeat of `start`
-    arrives, and never misreads them.
+    arrives, and never misreads them. Several series are remembered, so the start of another
+    one (a stray or restarted sender) never costs the open series its frames; a start that
+    changes the metadata of a known series is refused ('metadata_changed').
     """
 
     protocol = "native"
 
     def __init__(self, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES):
-        self.series: SeriesInfo | None = None
+        self.series: SeriesInfo | None = None  # the latest series started
+        self._known: dict[int, SeriesInfo] = {}  # started series, oldest first
         self.max_batch_bytes = max_batch_bytes
 
     def decode(self, parts: list[Any]) -> Event:
@@ -199,27 +209,40 @@ class NativeDecoder:
             raise DecodeError("bad_header", "missing series id")
         kind = h.get("kind")
         if kind == "start":
-            self.series = parse_start(h)
-            return SeriesStart(self.series, repeat=bool(h.get("repeat", False)))
+            return self._start(h, series)
         if kind == "frames":
             return self._frames(h, series, parts[1])
         if kind == "end":
             sent = h.get("frames_sent")
             if not isinstance(sent, int) or sent < 0:
                 raise DecodeError("bad_header", "end without frames_sent")
-            if self.series is None or self.series.series_id != series:
+            if series not in self._known:
                 raise DecodeError("wrong_series", f"end of series {series} never started here")
             return SeriesEnd(series, sent)
         raise DecodeError("bad_header", f"unknown kind {kind!r}")
 
+    def _start(self, h: dict, series: int) -> SeriesStart:
+        """A new series is remembered beside the others (the oldest forgotten beyond
+        KNOWN_SERIES); a start under a known id must repeat its metadata exactly."""
+        info = parse_start(h)
+        known = self._known.get(series)
+        if known is not None and known != info:
+            raise DecodeError("metadata_changed", f"start of series {series} announces "
+                              f"{describe_change(known, info)}: the first start holds")  # fmt: skip
+        self._known.pop(series, None)
+        self._known[series] = info
+        while len(self._known) > KNOWN_SERIES:
+            self._known.pop(next(iter(self._known)))
+        self.series = info
+        return SeriesStart(info, repeat=bool(h.get("repeat", False)))
+
     def _frames(self, h: dict, series: int, payload: Any) -> FrameBatch:
-        info = self.series
+        info = self._known.get(series)
         if info is None:
-            raise DecodeError("no_start", f"frames of series {series} before its start")
-        if info.series_id != series:
-            raise DecodeError(
-                "wrong_series", f"frames of series {series}, expected {info.series_id}"
-            )
+            if not self._known:
+                raise DecodeError("no_start", f"frames of series {series} before its start")
+            raise DecodeError("wrong_series", f"frames of series {series}, whose start never "
+                              f"came (known: {', '.join(map(str, self._known))})")  # fmt: skip
         first, count, nbytes = h.get("first"), h.get("count"), h.get("nbytes")
         if type(first) is not int or type(count) is not int or type(nbytes) is not int:
             raise DecodeError("bad_header", "first/count/nbytes must be integers")
@@ -239,6 +262,8 @@ class NativeDecoder:
         elif encoding == "lz4":
             if buf.nbytes > nbytes + nbytes // 255 + 64:  # LZ4 worst-case expansion bound
                 raise DecodeError("size_mismatch", "compressed payload larger than possible")
+            if nbytes > LZ4_MAX_RATIO * buf.nbytes + 1024:  # checked before allocating nbytes
+                raise DecodeError("bad_payload", f"{buf.nbytes} bytes of LZ4 cannot hold {nbytes}")
             try:
                 data = lz4.block.decompress(buf, uncompressed_size=nbytes)
             except Exception as exc:

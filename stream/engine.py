@@ -3,6 +3,15 @@
 Read top to bottom: socket -> decoder -> SeriesProcessor (calibration + numba accumulators)
 -> SeriesResult. The receive thread never waits for consumers: the accumulate kernel releases the
 GIL, and `snapshot()` only holds the ingest lock while it copies the small per-position maps.
+
+Series lifecycle (docs/reliability.md): every series that starts is accumulated on its own until
+it ends (end message, last frame), goes quiet while another one receives (`stale_series_s`), or
+the stream stops; each ends in its own `on_series_end` call, so a stray or restarted sender's
+series never replaces the open one. A series is refused (counted in `series_refused` by reason,
+logged, its frames counted and skipped; the engine goes on) when its metadata is unusable, it
+does not fit the memory budget (`stream.budget`), or processing it raised. A start that changes
+the metadata of an open series is refused and the series keeps its geometry; a frame whose
+shape or dtype is not the series' never reaches a kernel.
 """
 
 from __future__ import annotations
@@ -10,16 +19,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesEnd, SeriesStart
+import numpy as np
+
+from detectors.base import (
+    CompressedFrame,
+    DecodeError,
+    Event,
+    FrameBatch,
+    SeriesEnd,
+    SeriesStart,
+)
 from detectors.compression import native_bslz4
 from detectors.dectris_v1 import DectrisV1Decoder
 from detectors.dectris_v2 import DectrisV2Decoder
 from detectors.merlin import MerlinDecoder
 from detectors.native import NativeDecoder
 
+from .budget import BudgetExceeded, check_info, memory_budget_bytes, series_footprint
+from .budget import upsampling_bound as _upsampling
 from .series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
 from .subscriber import (
     StreamCounters,
@@ -46,20 +67,33 @@ class EngineSettings:
     processing: ProcessingSettings = field(default_factory=ProcessingSettings)
     protocol: str = "native"
     idle_timeout_s: float | None = None  # stop after this long without a message
-    max_series: int | None = None  # stop after this many finished series
+    max_series: int | None = None  # stop after this many series ended normally, with frames
     align_interval_s: float | None = 0.5  # live alignment cadence; None: only at series end
     channel: str | None = None  # DECTRIS stream V2 threshold channel (None: the first)
     # active mode: accept only the series whose id `expect_series` gives (the SIMPLON arm's
     # sequence id); any other series on the socket is counted as foreign and not processed
     armed: bool = False
+    memory_budget_bytes: int | None = None  # None: stream.budget.memory_budget_bytes()
+    max_open_series: int = 3  # series accumulated at once; beyond, the quietest one ends
+    # an open series that received nothing for this long while another one did ends
+    # (incomplete); None: the idle timeout, else 30 s
+    stale_series_s: float | None = None
 
 
 ARM_WAIT_S = 10.0  # how long a series start waits for the arm's reply (active mode; longer
 #                    than the SIMPLON client's 5 s timeout, after which the run stops anyway)
+STALE_DEFAULT_S = 30.0
+REMEMBERED_SERIES = 64  # ids of ended / refused series remembered (to name their stragglers)
 
 
 class Engine:
-    """Receive + accumulate in a background thread; results via `snapshot()` and callbacks."""
+    """Receive + accumulate in a background thread; results via `snapshot()` and callbacks.
+
+    Tallies for the caller's exit code, final once `join()` returned True:
+    `series_complete` (ended normally, nothing missing), `series_incomplete` (frames missing or
+    ended early), `series_empty` (started, no frame), `series_refused` (Counter of reasons:
+    unusable_series, over_budget, series_failed); `series_finished` counts every result handed
+    to `on_series_end`, empty ones included (`frames_received == 0`: nothing to write)."""
 
     def __init__(
         self,
@@ -69,9 +103,21 @@ class Engine:
         self.settings = settings
         self.on_series_end = on_series_end
         self.counters = StreamCounters()
-        self.last_result: SeriesResult | None = None
+        self.last_result: SeriesResult | None = None  # the last finished series with frames
         self.series_finished = 0
-        self._current: SeriesProcessor | None = None
+        self.series_complete = 0
+        self.series_incomplete = 0
+        self.series_empty = 0
+        self.series_ended = 0  # ended normally with frames: what `max_series` counts
+        self.series_refused: Counter = Counter()
+        budget = settings.memory_budget_bytes or settings.processing.memory_budget_bytes
+        self.budget_bytes = memory_budget_bytes(budget)
+        self._open: dict[int, SeriesProcessor] = {}  # series being accumulated, by id
+        self._announced: dict[int, object] = {}  # their SeriesInfo as first announced
+        self._active: dict[int, float] = {}  # when each last received frames (or started)
+        self._reserved: dict[int, int] = {}  # bytes each holds or will hold (budget)
+        self._ended: dict[int, str] = {}  # recently ended or refused ids -> why (bounded)
+        self._current: SeriesProcessor | None = None  # the one snapshots show (latest frames)
         self._lock = threading.Lock()  # ingest state (accumulators)
         self._align_lock = threading.Lock()  # alignment state (TcbfProcessor) of the series
         self._stop = threading.Event()
@@ -163,51 +209,134 @@ class Engine:
                     timeout_s=self.settings.idle_timeout_s, should_stop=self._stop.is_set,
                 )  # fmt: skip
             for events in drained:
-                frames: list[FrameBatch | CompressedFrame] = []  # consecutive frame messages
-                for event in events:  # go in together
-                    if isinstance(event, FrameBatch | CompressedFrame):
-                        frames.append(event)
-                        continue
-                    self._on_frames(frames)
-                    frames = []
-                    if isinstance(event, SeriesStart):
-                        self._on_start(event)
-                    elif isinstance(event, SeriesEnd):
-                        self._on_end(event)
-                self._on_frames(frames)
-            if self._current is not None:  # timed out or stopped mid-series
+                self.process(events)
+            if self._open:  # timed out or stopped mid-series
                 log.warning("stream idle or stopped before the series ended")
-                self._finish(complete=False)
         except Exception:  # the receiver failed: keep what arrived
             log.exception("receiving failed")
-            if self._current is not None:
-                self._finish(complete=False)
-
         finally:
+            self.close_series()
             if self._sock is not None:
                 self._sock.close()
 
+    def process(self, events: list[Event]) -> None:
+        """Handle decoded events in order (the ingest thread's step; also for feeding an
+        engine that was not started, e.g. offline or in tests): consecutive frame events go
+        to the kernel together. Never raises for a series' sake: a series whose processing
+        fails is refused."""
+        frames: list[FrameBatch | CompressedFrame] = []
+        for event in events:
+            if isinstance(event, FrameBatch | CompressedFrame):
+                frames.append(event)
+                continue
+            self._on_frames(frames)
+            frames = []
+            if isinstance(event, SeriesStart):
+                self._on_start(event)
+            elif isinstance(event, SeriesEnd):
+                self._on_end(event)
+        self._on_frames(frames)
+        self._end_stale()
+
+    def close_series(self) -> None:
+        """End every open series (incomplete): the stream stopped."""
+        for sid in list(self._open):
+            self._finish(sid, complete=False)
+
     def _on_start(self, event: SeriesStart) -> None:
-        if self._current is not None and self._current.info.series_id == event.info.series_id:
-            return  # periodic re-announcement
-        if self.settings.armed and not self._is_armed_series(event.info.series_id):
-            self.counters.reject(DecodeError("foreign_series", f"series {event.info.series_id}"
+        info, sid = event.info, event.info.series_id
+        proc = self._open.get(sid)
+        if proc is not None:
+            if info != self._announced[sid]:  # the decoders refuse these too
+                self._reject("metadata_changed", f"start of series {sid} changes its metadata "
+                             "(the first start holds)")  # fmt: skip
+                return
+            if event.repeat or proc.frames_received == 0:
+                return  # periodic re-announcement
+            log.warning("series %d started again (sender restarted?): its first run ends "
+                        "here", sid)  # fmt: skip
+            self._finish(sid, complete=False)
+        elif event.repeat and sid in self._ended:
+            return  # a re-announcement of a series already ended or refused
+        if self.settings.armed and not self._is_armed_series(sid):
+            self.counters.reject(DecodeError("foreign_series", f"series {sid}"
                                              f", armed {self._expected_series}"))  # fmt: skip
-            log.warning("series %d is not the armed series %s: ignored", event.info.series_id,
+            log.warning("series %d is not the armed series %s: ignored", sid,
                         self._expected_series)  # fmt: skip
             return
-        if self._current is not None:
-            log.warning("series %d never ended; a new one started", self._current.info.series_id)
-            self._finish(complete=False)
+        if len(self._open) >= self.settings.max_open_series:
+            quietest = min(self._open, key=self._active.__getitem__)
+            log.warning("series %d starts while %d are open: series %d (the quietest) ends",
+                        sid, len(self._open), quietest)  # fmt: skip
+            self._finish(quietest, complete=False)
         try:
-            proc = SeriesProcessor(event.info, self.settings.processing)
-        except SeriesError as err:
-            self.counters.reject(DecodeError("unusable_series", str(err)))
+            proc = self._open_series(info)
+        except BudgetExceeded as err:
+            self._refuse(sid, "over_budget", str(err))
             return
+        except SeriesError as err:
+            self._refuse(sid, "unusable_series", str(err))
+            return
+        except Exception as exc:  # e.g. a fixed calibration that does not fit the stream
+            log.exception("series %d cannot be set up", sid)
+            self._refuse(sid, "series_failed", repr(exc))
+            return
+        self._ended.pop(sid, None)
+        self._open[sid] = proc
+        self._announced[sid] = info
+        self._active[sid] = time.monotonic()
+        self._rebudget()
         with self._lock:
-            self._current = proc
+            if self._current is None:
+                self._current = proc
         late = " (joined mid-series)" if event.repeat else ""
-        log.info("series %d started%s", event.info.series_id, late)
+        others = f"; {len(self._open) - 1} other series open" if len(self._open) > 1 else ""
+        log.info("series %d started%s%s", sid, late, others)
+
+    def _open_series(self, info, pass_index: int = 0) -> SeriesProcessor:
+        """A processor for the series, once what it will allocate before calibration (and
+        after, when the calibration is given) fits what the open series leave of the budget
+        (BudgetExceeded otherwise; nothing allocated)."""
+        processing = self.settings.processing
+        resolved = processing.resolve(info)
+        if resolved.scan_shape is None:
+            return SeriesProcessor(info, processing, pass_index)  # SeriesError: says why
+        limit = resolved.frames_expected
+        if limit is None or processing.repeat_scans == "new-series":
+            limit = resolved.scan_shape[0] * resolved.scan_shape[1]
+        cal = processing.calibration
+        left = self.budget_bytes - sum(self._reserved.values())
+        reason = check_info(resolved, left, n_bf=cal.n_bf if cal is not None else None,
+                            frame_limit=limit, upsample=processing.tcbf.upsample,
+                            calibration_frames=processing.calibration_frames)  # fmt: skip
+        if reason is not None:
+            raise BudgetExceeded(f"series {info.series_id}: {reason}")
+        # the calibrated size is checked again when the stack is allocated (SeriesProcessor)
+        proc = SeriesProcessor(info, replace(processing, memory_budget_bytes=left), pass_index)
+        self._reserved[info.series_id] = self._footprint(proc)
+        return proc
+
+    def _footprint(self, proc: SeriesProcessor) -> int:
+        """Bytes the series holds: exact once calibrated, else what it will at least hold."""
+        info, s = proc.info, proc.settings
+        acc = proc.acc
+        kind = np.dtype(info.dtype)
+        return series_footprint(
+            info.scan_shape, info.detector_shape, kind.itemsize,
+            acc.stack.shape[1] if acc is not None else None,
+            _upsampling(info, s.tcbf.upsample,
+                        proc.calibration.angular_sampling_mrad if proc.calibration else None),
+            frames_expected=proc.frame_limit,
+            n_tiles=acc.tiles.shape[1] if acc is not None else None,
+            calibration_frames=s.calibration_frames, integer_stack=kind.kind == "u",
+        ).total  # fmt: skip
+
+    def _rebudget(self) -> None:
+        """Each open series may grow into what the others leave of the budget."""
+        total = sum(self._reserved.values())
+        for sid, proc in self._open.items():
+            left = self.budget_bytes - total + self._reserved.get(sid, 0)
+            proc.settings = replace(proc.settings, memory_budget_bytes=left)
 
     def _is_armed_series(self, series_id: int) -> bool:
         """The header can arrive before the arm's HTTP reply: wait for it (bounded; a stop
@@ -219,86 +348,210 @@ class Engine:
         return series_id == self._expected_series
 
     def _on_end(self, event: SeriesEnd) -> None:
-        proc = self._current
-        if proc is not None and proc.info.series_id != event.series_id:
-            self.counters.reject(DecodeError("wrong_series", f"end of series {event.series_id} "
-                                             f"during series {proc.info.series_id}"))  # fmt: skip
-            return
-        self._finish(complete=True)
+        sid = event.series_id
+        if sid in self._open:
+            self._finish(sid, complete=True)
+        elif sid not in self._ended:  # ended ones: e.g. all frames came before the end
+            self._reject("wrong_series", f"end of series {sid}, which is not open")
 
     def _on_frames(self, batches: list[FrameBatch | CompressedFrame]) -> None:
         if not batches:
             return
-        proc = self._current
-        if proc is None:
-            for b in batches:
-                self.counters.reject(DecodeError("no_series", f"frames of series {b.series_id}"))
+        sid = batches[0].series_id
+        if len(self._open) == 1 and sid in self._open and all(b.series_id == sid
+                                                                for b in batches):  # fmt: skip
+            self._on_series_frames(sid, batches)  # the usual case: one series
             return
-        series = proc.info.series_id
-        if any(b.series_id != series for b in batches):  # e.g. a foreign series (active mode)
-            for b in batches:
-                if b.series_id != series:
-                    self.counters.reject(DecodeError("wrong_series", f"frames of series "
-                                                     f"{b.series_id} during {series}"))  # fmt: skip
-            batches = [b for b in batches if b.series_id == series]
-            if not batches:
-                return
-        if self.settings.processing.repeat_scans == "new-series":
-            for batch in batches:
-                self._on_frames_new_series(batch)
-            return
-        with self._lock:
-            self._fold(proc, batches)
-        if proc.done:
-            self._finish(complete=True)
+        groups: dict[int, list[FrameBatch | CompressedFrame]] = {}
+        for b in batches:
+            groups.setdefault(b.series_id, []).append(b)
+        for sid, group in groups.items():
+            if sid in self._open:
+                self._on_series_frames(sid, group)
+                continue
+            why = self._ended.get(sid)
+            for _ in group:
+                if why == "refused":
+                    self._reject("series_refused", f"frames of refused series {sid}")
+                elif not self._open:
+                    self._reject("no_series", f"frames of series {sid}")
+                else:
+                    self._reject("wrong_series", f"frames of series {sid}, which is not open")
 
-    def _on_frames_new_series(self, batch: FrameBatch | CompressedFrame) -> None:
-        """Repeat scans as separate series: a frame of the next pass closes the current one."""
-        proc = self._current
-        if proc is None:
+    def _on_series_frames(self, sid: int, batches: list[FrameBatch | CompressedFrame]) -> None:
+        proc = self._open[sid]
+        batches = self._matching(proc, batches)
+        if not batches:
             return
-        pass_index = batch.first // proc.n_positions
-        if pass_index > proc.index_offset // proc.n_positions:
-            info = proc.info
-            self._finish(complete=True)
-            proc = SeriesProcessor(info, self.settings.processing, pass_index)
+        self._active[sid] = time.monotonic()
+        if self._current is not proc:
             with self._lock:
                 self._current = proc
-        with self._lock:
-            self._fold(proc, [batch])
+        if self.settings.processing.repeat_scans == "new-series":  # a pass ends at the
+            for batch in batches:  # next pass's first frame or the end message
+                if not self._on_frames_new_series(sid, batch):
+                    return
+            return
+        if self._fold(sid, proc, batches) and proc.done:
+            self._finish(sid, complete=True)
 
-    def _fold(self, proc: SeriesProcessor, batches: list[FrameBatch | CompressedFrame]) -> None:
-        """Accumulate; frames whose pixels did not decode (in-kernel bslz4) are rejections."""
+    def _matching(self, proc: SeriesProcessor, batches: list) -> list:
+        """The batches whose frames have the series' shape and dtype; the others are counted
+        ('wrong_geometry') and never reach a kernel (which trusts the shape it was built
+        for)."""
+        shape, dtype = tuple(proc.info.detector_shape), proc.info.dtype
+        kind = np.dtype(dtype)
+        good = []
+        for b in batches:
+            if isinstance(b, FrameBatch):
+                ok = b.frames.ndim == 3 and b.frames.shape[1:] == shape and b.frames.dtype == kind
+            else:
+                ok = tuple(b.shape) == shape and (b.dtype == dtype or np.dtype(b.dtype) == kind)
+            if ok:
+                good.append(b)
+            else:
+                got = b.frames.shape[1:] if isinstance(b, FrameBatch) else b.shape
+                self._reject("wrong_geometry", f"frames {got} for series {proc.info.series_id} "
+                             f"of {shape} {dtype}")  # fmt: skip
+        return good
+
+    def _on_frames_new_series(self, sid: int, batch: FrameBatch | CompressedFrame) -> bool:
+        """Repeat scans as separate series: a frame of the next pass closes the current one.
+        False when the series is no longer open (refused)."""
+        proc = self._open[sid]
+        pass_index = batch.first // proc.n_positions
+        if pass_index > proc.index_offset // proc.n_positions:
+            info = self._announced[sid]
+            self._finish(sid, complete=True)
+            try:
+                proc = self._open_series(info, pass_index)
+            except BudgetExceeded as err:
+                self._refuse(sid, "over_budget", str(err))
+                return False
+            self._open[sid] = proc
+            self._announced[sid] = info
+            self._active[sid] = time.monotonic()
+            self._rebudget()
+            with self._lock:
+                self._current = proc
+        return self._fold(sid, proc, [batch])
+
+    def _fold(self, sid: int, proc: SeriesProcessor,
+              batches: list[FrameBatch | CompressedFrame]) -> bool:  # fmt: skip
+        """Accumulate; frames whose pixels did not decode (in-kernel bslz4) are rejections.
+        A series whose processing raises is refused (False), the engine goes on."""
         failed = proc.decode_failures
-        proc.add_many(batches)
+        calibrated = proc.acc is not None
+        try:
+            with self._lock:
+                proc.add_many(batches)
+        except BudgetExceeded as err:
+            self._refuse(sid, "over_budget", str(err), batches)
+            return False
+        except Exception as exc:
+            log.exception("series %d: processing failed", sid)
+            self._refuse(sid, "series_failed", f"{type(exc).__name__}: {exc}", batches)
+            return False
         failed = proc.decode_failures - failed
         for _ in range(failed):
             self.counters.reject(DecodeError("bad_payload", "bslz4 frame does not decompress"))
         n = sum(len(b.frames) if isinstance(b, FrameBatch) else 1 for b in batches)
         self.counters.frames += n - failed
+        if not calibrated and proc.acc is not None:  # sized now: reserve what it holds
+            self._reserved[sid] = self._footprint(proc)
+            self._rebudget()
+        return True
 
-    def _finish(self, complete: bool) -> None:
-        proc = self._current
+    def _end_stale(self) -> None:
+        """End (incomplete) open series that received nothing for `stale_series_s` while
+        another one did: a restarted sender's first run, a stray start."""
+        if len(self._open) < 2:
+            return
+        s = self.settings
+        stale = s.stale_series_s or s.idle_timeout_s or STALE_DEFAULT_S
+        now = time.monotonic()
+        latest = max(self._active.values())
+        for sid in [k for k, t in self._active.items() if now - t > stale and latest > t]:
+            log.warning("series %d received nothing for %.0f s while another series did: it "
+                        "ends here", sid, now - self._active[sid])  # fmt: skip
+            self._finish(sid, complete=False)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.counters.reject(DecodeError(reason, detail))
+
+    def _forget(self, sid: int, why: str) -> SeriesProcessor | None:
+        """Take the series out of the open set (and out of the snapshots)."""
+        proc = self._open.pop(sid, None)
+        for book in (self._announced, self._active, self._reserved):
+            book.pop(sid, None)
+        self._ended[sid] = why
+        while len(self._ended) > REMEMBERED_SERIES:
+            self._ended.pop(next(iter(self._ended)))
+        self._rebudget()
+        if proc is not None and self._current is proc:
+            with self._lock:
+                latest = max(self._active, key=self._active.__getitem__, default=None)
+                self._current = self._open.get(latest) if latest is not None else None
+        return proc
+
+    def _refuse(self, sid: int, reason: str, detail: str, batches: list = ()) -> None:
+        """The series is not processed (or no longer): counted, logged; the frame messages in
+        hand (`batches`) and its later ones are counted as 'series_refused'. The engine goes
+        on with the next series."""
+        self._forget(sid, "refused")
+        self.series_refused[reason] += 1
+        self._reject(reason, detail)
+        log.error("series %d refused (%s): %s", sid, reason, detail)
+        for _ in batches:
+            self._reject("series_refused", f"frames of refused series {sid}")
+
+    def _finish(self, sid: int, complete: bool) -> None:
+        proc = self._open.get(sid)
         if proc is None:
             return
-        with self._lock:  # a series shorter than the calibration frames calibrates on them
-            proc.calibrate_now()
-        calibrated = proc.calibration_error is None
-        if calibrated:
-            try:  # final alignment on everything that arrived (waits for a running update)
-                with self._align_lock:
-                    proc.update_tcbf(final=True)
-            except Exception:
-                log.exception("final alignment failed; writing the result without tcBF")
-        with self._lock:
-            result = proc.result(final=calibrated, complete=complete)
-
-            self._current = None
-            self.last_result = result
-        self.series_finished += 1
+        try:
+            with self._lock:  # a series shorter than the calibration frames calibrates on them
+                proc.calibrate_now()
+            calibrated = proc.calibration_error is None
+            if calibrated:
+                try:  # final alignment on everything that arrived (waits for a running update)
+                    with self._align_lock:
+                        proc.update_tcbf(final=True)
+                except Exception:
+                    log.exception("final alignment failed; writing the result without tcBF")
+            with self._lock:
+                result = proc.result(final=calibrated, complete=complete)
+        except BudgetExceeded as err:
+            self._refuse(sid, "over_budget", str(err))
+            return
+        except Exception as exc:
+            log.exception("series %d: the result cannot be read out", sid)
+            self._refuse(sid, "series_failed", f"{type(exc).__name__}: {exc}")
+            return
+        self._forget(sid, "ended")
+        self._tally(result)
+        last = self.last_result  # an incomplete series never hides a complete one
+        if result.frames_received and (last is None or result.complete or not last.complete):
+            with self._lock:
+                self.last_result = result
         log.info("%s%s", result.summary(), "" if complete else " (incomplete)")
         if self.on_series_end is not None:
-            self.on_series_end(result)
+            try:
+                self.on_series_end(result)
+            except Exception:  # the consumer's failure must not stop ingest
+                log.exception("series %d: on_series_end failed", sid)
         limit = self.settings.max_series
-        if limit is not None and self.series_finished >= limit:
+        if limit is not None and self.series_ended >= limit:
             self._stop.set()
+
+    def _tally(self, result: SeriesResult) -> None:
+        self.series_finished += 1
+        if not result.frames_received:
+            self.series_empty += 1
+            return
+        if result.complete:
+            self.series_ended += 1
+        if result.complete and not result.frames_missing:
+            self.series_complete += 1
+        else:
+            self.series_incomplete += 1
