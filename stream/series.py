@@ -512,13 +512,14 @@ class SeriesProcessor:
             axial_radius_px=acc.axial_radius_px,
             excluded=excluded,
             excluded_reasons=dict(screen.reasons) if screen else {},
-            suspect=self.suspicions(complete),
+            suspect=self.suspicions(last, complete),
         )
 
-    def suspicions(self, complete: bool) -> tuple[str, ...]:
+    def suspicions(self, last: TcbfResult | None, complete: bool) -> tuple[str, ...]:
         """Reasons not to trust the image: frames missing from the end of a series that ended
         normally with no other gap (the detector took fewer frames than triggers: every frame
-        after a missed trigger sits one position early)."""
+        after a missed trigger sits one position early), and a slip of the frames by one
+        position seen in the parallax of the tile images (`screening.slip_lines`)."""
         out = []
         if complete and self.acc is not None and self.frame_limit == self.n_positions:
             short = slip_suspected(self.acc.seen, self.frame_limit)
@@ -527,4 +528,8 @@ class SeriesProcessor:
                     f"missed trigger suspected: the series ended {short} frame(s) short with "
                     "no gap before; later frames may sit one position early"
                 )
+        for line, step in last.slips if last is not None else ():
+            kind = "missed trigger" if step < 0 else "extra frame"
+            out.append(f"frames land one position off from scan line {line} on ({kind}?): "
+                       "the image is sheared there")  # fmt: skip
         return tuple(out)

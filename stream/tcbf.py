@@ -37,7 +37,7 @@ from .reconstruction import (
     phase_flip,
     ring_sums,
 )
-from .screening import FrameScreen, screen_frames
+from .screening import FrameScreen, screen_frames, slip_lines
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class TcbfResult:
     trust: tuple[LevelTrust, ...] = ()
     alignment_s: float = 0.0  # of `latency_s`: the alignment alone (tiles, registration, fit)
     screen: FrameScreen | None = None  # dose model and excluded frames this update used
+    slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -288,6 +289,7 @@ class TcbfProcessor:
         else:  # nothing trusted this time: keep the previous model
             result = AlignmentResult(self.matrix_px, result.iterations, rows, False)
         shifts = result.shifts_px(self.k_px)
+        slips = self.slips(levels, result)
         aberrations = None
         if self.sampling_mrad and self.info.step_A:
             # s_A = alpha M_A^T with alpha = k x sampling: M_A = M_px x step / sampling
@@ -357,8 +359,19 @@ class TcbfProcessor:
             trust=self.last_trust,
             alignment_s=align_s,
             screen=screen,
+            slips=slips,
         )
         return self.last
+
+    @staticmethod
+    def slips(levels: dict[int, TileSet], result: AlignmentResult) -> tuple:
+        """Missed-trigger check (`screening.slip_lines`) on the finest level the alignment
+        used, with the fitted model's tile shifts; lines as scan rows."""
+        if not result.schedule:
+            return ()
+        tiles = levels[result.schedule[-1]]
+        found = slip_lines(tiles.images, result.shifts_px(tiles.k_px), tiles.valid, result.rows[0])
+        return tuple(found)
 
     def screen(self, inputs: AlignmentInputs) -> FrameScreen:
         """Dose model and excluded frames over everything acquired (`stream.screening`); the
