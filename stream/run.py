@@ -29,6 +29,7 @@ from .options import (
 )
 from .outputs import OutputExists, check_output, series_output
 from .subscriber import SubscriberSettings
+from .transport import add_curve_args, curve_from_args, link_curve
 
 log = logging.getLogger("tcbf.run")
 
@@ -103,6 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="publish the result stream (for tcbf-live view)")  # fmt: skip
+    add_curve_args(p, server=True, client=True)
     p.set_defaults(run=run)
 
 
@@ -145,9 +147,11 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
             raise UsageError(f"--protocol {args.protocol} connects to the detector's data port: "
                              "--connect tcp://HOST:PORT")  # fmt: skip
     socket_type = args.socket or ("pull" if args.protocol.startswith("dectris") else "sub")
+    curve = link_curve(args, connects=args.bind is None, detector=args.protocol != "native",
+                       publishes=args.publish is not None)  # fmt: skip
     return EngineSettings(
         subscriber=SubscriberSettings(
-            endpoint=endpoint, socket_type=socket_type, bind=args.bind is not None
+            endpoint=endpoint, socket_type=socket_type, bind=args.bind is not None, curve=curve
         ),
         processing=processing,
         protocol=args.protocol,
@@ -235,10 +239,7 @@ def kept_name(target: Path) -> Path:
 
 def series_refused(engine: Engine) -> int:
     """Series the engine refused (unusable metadata, over the memory budget, failed)."""
-    refused = getattr(engine, "series_refused", None)  # a Counter of reasons
-    if refused is None:  # an engine without the tally counts refusals as rejections
-        return int(engine.counters.rejected.get("unusable_series", 0))
-    return sum(refused.values())
+    return sum(engine.series_refused.values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     if args.publish:
         from .publisher import SnapshotPublisher
 
-        publisher = SnapshotPublisher(engine, args.publish).start()
+        publisher = SnapshotPublisher(engine, args.publish, curve=curve_from_args(args)).start()
     try:
         if args.headless:
             while not engine.join(timeout=0.5):

@@ -282,7 +282,9 @@ def push_series(endpoint: str, messages, before_send=None) -> threading.Thread:
         sock.setsockopt(zmq.LINGER, 5000)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once connected
         sock.connect(endpoint)
-        assert sock.poll(20_000, zmq.POLLOUT)  # the run has bound: its checks are done
+        if not sock.poll(20_000, zmq.POLLOUT):  # writable once the run has bound (after
+            sock.close(linger=0)  # its checks); never bound: the run's code says why
+            return
         if before_send is not None:
             before_send()
         for parts in messages:
@@ -297,7 +299,10 @@ def push_series(endpoint: str, messages, before_send=None) -> threading.Thread:
     return thread
 
 
-def run_cli(endpoint, out, messages, *extra, before_send=None) -> int:
+def run_cli(out, messages, *extra, before_send=None) -> int:
+    """`tcbf-live run` on a fresh port (a port just closed may still be held) while
+    `messages` are pushed to it."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     sender = push_series(endpoint, messages, before_send)
     code = main(["run", "--headless", "--bind", endpoint, "--socket", "pull", "--output",
                  str(out), "--timeout", "1.5", "--align-interval", "0", *extra])  # fmt: skip
@@ -313,9 +318,9 @@ def series(sim, sid, first=0, stop=None, end=True, frames=None):
     return msgs + ([encode_end(sid, stop - first)] if end else [])
 
 
-def test_run_exit_codes(sim, tmp_path, endpoint, capsys):
+def test_run_exit_codes(sim, tmp_path, capsys):
     out = tmp_path / "r.h5"
-    assert run_cli(endpoint, out, series(sim, 9)) == ExitCode.COMPLETE
+    assert run_cli(out, series(sim, 9)) == ExitCode.COMPLETE
     err = capsys.readouterr().err
     assert f"series 9: {sim.n_frames}/{sim.n_frames} frames, 0 missing" in err
     assert f"wrote {out}" in err
@@ -326,14 +331,14 @@ def test_run_exit_codes(sim, tmp_path, endpoint, capsys):
     out = tmp_path / "missing.h5"
     msgs = series(sim, 10)
     del msgs[3]
-    assert run_cli(endpoint, out, msgs) == ExitCode.INCOMPLETE
+    assert run_cli(out, msgs) == ExitCode.INCOMPLETE
     assert "8 of 96 frames missing" in capsys.readouterr().err
     with h5py.File(out) as f:
         assert f["acquisition"].attrs["frames_missing"] == 8
 
     # the sender stopped mid-series: no end, idle timeout
     out = tmp_path / "partial.h5"
-    assert run_cli(endpoint, out, series(sim, 11, stop=40, end=False)) == ExitCode.INCOMPLETE
+    assert run_cli(out, series(sim, 11, stop=40, end=False)) == ExitCode.INCOMPLETE
     assert "ended before its end message" in capsys.readouterr().err
     with h5py.File(out) as f:
         assert not f["acquisition"].attrs["complete"]
@@ -341,23 +346,22 @@ def test_run_exit_codes(sim, tmp_path, endpoint, capsys):
     # nothing at all; a series without frames: no file
     for msgs in ([], [encode_start(sim.series_info(12)), encode_end(12, 0)]):
         out = tmp_path / "empty.h5"
-        assert run_cli(endpoint, out, msgs) == ExitCode.EMPTY
+        assert run_cli(out, msgs) == ExitCode.EMPTY
         assert not out.exists()
     assert "no series received" in capsys.readouterr().err
 
     # frames without a bright-field disk: not processable, no file
     out = tmp_path / "blank.h5"
     blank = np.zeros((sim.n_frames, *sim.cfg.detector_shape), np.uint16)
-    assert run_cli(endpoint, out, series(sim, 13, frames=blank)) == ExitCode.UNUSABLE
+    assert run_cli(out, series(sim, 13, frames=blank)) == ExitCode.UNUSABLE
     assert not out.exists() and "no usable bright-field disk" in capsys.readouterr().err
 
 
-def test_run_refuses_a_mask_that_does_not_fit_the_streamed_detector(sim, tmp_path, endpoint,
-                                                                    caplog):  # fmt: skip
+def test_run_refuses_a_mask_that_does_not_fit_the_streamed_detector(sim, tmp_path, caplog):
     mask = tmp_path / "mask.npy"
     np.save(mask, np.zeros((64, 64), bool))
     out = tmp_path / "r.h5"
-    code = run_cli(endpoint, out, series(sim, 9), "--mask", str(mask))
+    code = run_cli(out, series(sim, 9), "--mask", str(mask))
     assert code == ExitCode.UNUSABLE and not out.exists()
     assert "--mask is 64x64 but the detector is 128x128 px" in caplog.text
 
@@ -379,9 +383,9 @@ def test_run_output_checks_happen_before_acquisition(tmp_path, expect_usage_erro
     assert mask.stat().st_size > 0
 
 
-def test_run_keeps_a_result_whose_output_appeared_meanwhile(sim, tmp_path, endpoint, capsys):
+def test_run_keeps_a_result_whose_output_appeared_meanwhile(sim, tmp_path, capsys):
     out = tmp_path / "r.h5"
-    code = run_cli(endpoint, out, series(sim, 9), before_send=lambda: out.write_bytes(b"other"))
+    code = run_cli(out, series(sim, 9), before_send=lambda: out.write_bytes(b"other"))
     err = capsys.readouterr().err
     assert code == ExitCode.USAGE and out.read_bytes() == b"other"
     kept = tmp_path / "r.kept-1.h5"
@@ -391,12 +395,12 @@ def test_run_keeps_a_result_whose_output_appeared_meanwhile(sim, tmp_path, endpo
     assert leftovers(tmp_path) == []
 
 
-def test_each_series_goes_to_its_own_file(sim, tmp_path, endpoint, capsys):
+def test_each_series_goes_to_its_own_file(sim, tmp_path, capsys):
     """A sender restarted mid-series: the partial series and the complete one each in their
     own file; the complete one in full, nothing replaced."""
     out = tmp_path / "r.h5"
     msgs = series(sim, 9, stop=40, end=False) + ["pause"] + series(sim, 10)
-    assert run_cli(endpoint, out, msgs) == ExitCode.COMPLETE
+    assert run_cli(out, msgs) == ExitCode.COMPLETE
     err = capsys.readouterr().err
     second = tmp_path / "r.series-2.h5"
     assert f"wrote {out}" in err and f"wrote {second}" in err
@@ -414,7 +418,7 @@ def test_each_series_goes_to_its_own_file(sim, tmp_path, endpoint, capsys):
     folder.mkdir()
     good = series(sim, 11)
     msgs = good[:4] + [encode_start(sim.series_info(77))] + good[4:]
-    assert run_cli(endpoint, folder / "r.h5", msgs) == ExitCode.COMPLETE
+    assert run_cli(folder / "r.h5", msgs) == ExitCode.COMPLETE
     assert [p.name for p in folder.iterdir()] == ["r.h5"]
     with h5py.File(folder / "r.h5") as f:
         a = f["acquisition"].attrs
@@ -443,12 +447,13 @@ def test_readme_demo_command_runs_twice(tmp_path):
     png, out = tmp_path / "demo.png", tmp_path / "result.h5"
     png.write_bytes(b"first run")
     out.write_bytes(b"first run")
-    cmd = [sys.executable, "-m", "stream.cli", "demo", "--headless", "--seconds", "6",
+    cmd = [sys.executable, "-m", "stream.cli", "demo", "--headless", "--seconds", "8",
            "--screenshot", str(png), "--output", str(out), "--overwrite"]  # fmt: skip
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stderr, proc.stderr[-2000:]
     with h5py.File(out) as f:
         assert f.attrs["software"] == "tcbf-live"
     assert leftovers(tmp_path) == []
@@ -478,7 +483,7 @@ def test_run_help_documents_the_exit_codes_and_file_names(capsys):
 
 @pytest.mark.parametrize(("error", "code"), [(OSError("disk full"), ExitCode.USAGE),
                                              (RuntimeError("bug"), ExitCode.INTERNAL)])  # fmt: skip
-def test_run_whose_result_cannot_be_written_says_so(sim, tmp_path, endpoint, capsys,
+def test_run_whose_result_cannot_be_written_says_so(sim, tmp_path, capsys,
                                                     monkeypatch, error, code):  # fmt: skip
     """A write that fails mid-file: no file, no temporary file, and not exit code 0 or 4."""
     from stream import results
@@ -488,6 +493,6 @@ def test_run_whose_result_cannot_be_written_says_so(sim, tmp_path, endpoint, cap
 
     monkeypatch.setattr(results, "write_dose", broken)
     out = tmp_path / "r.h5"
-    assert run_cli(endpoint, out, series(sim, 9)) == code
+    assert run_cli(out, series(sim, 9)) == code
     assert list(tmp_path.iterdir()) == []
     assert str(error) in capsys.readouterr().err
