@@ -37,11 +37,7 @@ EPILOG = """exit codes:
 def series_code(result) -> ExitCode:
     """COMPLETE or INCOMPLETE for one written result: complete means the series ended normally,
     no expected frame is missing and nothing makes it suspect (`result.suspect`)."""
-    if (
-        result.complete
-        and not result.frames_missing
-        and not tuple(getattr(result, "suspect", ()) or ())
-    ):
+    if result.complete and not result.frames_missing and not result.suspect:
         return ExitCode.COMPLETE
     return ExitCode.INCOMPLETE
 
@@ -53,7 +49,7 @@ def incomplete_reasons(result) -> str:
         reasons.append("the series ended before its end message or last frame")
     if result.frames_missing:
         reasons.append(f"{result.frames_missing} of {result.frames_expected} frames missing")
-    reasons += [f"suspect: {s}" for s in getattr(result, "suspect", ()) or ()]
+    reasons += [f"suspect: {s}" for s in result.suspect]
     return "; ".join(reasons)
 
 

@@ -336,6 +336,11 @@ def test_run_exit_codes(sim, tmp_path, capsys):
     with h5py.File(out) as f:
         assert f["acquisition"].attrs["frames_missing"] == 8
 
+    # one frame short with no gap: a suspected missed trigger, never presented as good
+    out = tmp_path / "short.h5"
+    assert run_cli(out, series(sim, 14, stop=sim.n_frames - 1)) == ExitCode.INCOMPLETE
+    assert "suspect: missed trigger" in capsys.readouterr().err
+
     # the sender stopped mid-series: no end, idle timeout
     out = tmp_path / "partial.h5"
     assert run_cli(out, series(sim, 11, stop=40, end=False)) == ExitCode.INCOMPLETE
@@ -460,12 +465,13 @@ def test_readme_demo_command_runs_twice(tmp_path):
 
 
 def test_exit_code_of_a_result_and_of_a_run():
-    good = SimpleNamespace(complete=True, frames_missing=0)
-    assert series_code(good) == ExitCode.COMPLETE
-    assert series_code(SimpleNamespace(complete=False, frames_missing=0)) == ExitCode.INCOMPLETE
-    assert series_code(SimpleNamespace(complete=True, frames_missing=2)) == ExitCode.INCOMPLETE
-    suspect = SimpleNamespace(complete=True, frames_missing=0, suspect=("missed trigger",))
-    assert series_code(suspect) == ExitCode.INCOMPLETE
+    def result(complete=True, frames_missing=0, suspect=()):
+        return SimpleNamespace(complete=complete, frames_missing=frames_missing, suspect=suspect)
+
+    assert series_code(result()) == ExitCode.COMPLETE
+    assert series_code(result(complete=False)) == ExitCode.INCOMPLETE
+    assert series_code(result(frames_missing=2)) == ExitCode.INCOMPLETE
+    assert series_code(result(suspect=("missed trigger",))) == ExitCode.INCOMPLETE
     assert run_code([ExitCode.INCOMPLETE, ExitCode.COMPLETE], 0) == ExitCode.COMPLETE
     assert run_code([ExitCode.INCOMPLETE], 3) == ExitCode.INCOMPLETE
     assert run_code([], 1) == ExitCode.UNUSABLE and run_code([], 0) == ExitCode.EMPTY
