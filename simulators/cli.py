@@ -12,6 +12,7 @@ from pathlib import Path
 from detectors.files import DatasetError, RecordedDataset, split_dataset_spec, write_dataset
 from stream.cliutil import UsageError, parse_finite, parse_pair
 from stream.outputs import atomic_output, check_output
+from stream.transport import add_curve_args, curve_from_args
 
 from .samples import SAMPLES
 from .sender import SOCKET_TYPES, SendSettings, run_sender
@@ -82,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="PUB: wait up to S seconds for a first subscriber")  # fmt: skip
     net.add_argument("--no-stream", action="store_true", help="only --save, do not stream")
     net.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_curve_args(p, server=True, client=False)
 
     src = p.add_argument_group("source")
     src.add_argument("--preset", choices=sorted(PRESETS), default=None)
@@ -205,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {args.bind!r}"
         )
+    curve = curve_from_args(args)
+    if curve is not None and args.protocol != "native":
+        raise UsageError(f"--protocol {args.protocol} speaks as the detector, which cannot be "
+                         "authenticated: --curve-* needs --protocol native")  # fmt: skip
 
     if args.replay:
         bad = _given(args, PHYSICS_FLAGS + ("save", "overwrite"))
@@ -268,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         loop=args.loop,
         wait_subscriber_s=args.wait_subscriber,
+        curve=curve,
     )
     try:
         sent = run_sender(source, settings, show_progress=False if args.quiet else None)

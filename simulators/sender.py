@@ -1,13 +1,20 @@
-"""Stream a frame source (simulator or recorded file) over ZeroMQ in the native protocol."""
+"""Stream a frame source (simulator or recorded file) over ZeroMQ in the native protocol.
+
+Each `run_sender` call owns its ZeroMQ context and terminates it at the end: every queued
+message (zero-copy frames included) is sent, or dropped after `linger_s`, while its buffers
+are alive, before the call returns (a process exiting with queued zero-copy frames crashes and
+loses the end of the series).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TextIO
 
 import numpy as np
@@ -16,6 +23,17 @@ import zmq
 from detectors import dectris_v1, dectris_v2, merlin
 from detectors.base import SeriesInfo
 from detectors.native import encode_end, encode_frames, encode_start
+from stream.transport import (
+    CURVE_HINT,
+    DETECTOR_HINT,
+    MAX_MESSAGE_BYTES,
+    CurveKeys,
+    bind,
+    release_context,
+    warn_if_exposed,
+)
+
+logger = logging.getLogger("tcbf.sender")
 
 SOCKET_TYPES = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
 
@@ -43,6 +61,10 @@ class SendSettings:
     join_wait_s: float = 0.5  # PUB: give subscribers time to connect before the first message
     wait_subscriber_s: float = 0.0  # PUB: wait up to this long for a first subscription
     cache_bytes: int = 512 << 20  # loop from memory when the whole series fits
+    queue_bytes: int = 256 << 20  # send queue bound (SNDHWM from the message size)
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # native batches shrink to stay under it
+    linger_s: float = 30.0  # at the end: how long queued messages may take to go out
+    curve: CurveKeys | None = None  # CURVE server keys; None: plain text
 
 
 def new_series_id() -> int:
@@ -165,25 +187,33 @@ def run_sender(
     should_stop: Callable[[], bool] = lambda: False,
     show_progress: bool | None = None,
 ) -> int:
-    """Bind, stream one series (or loop with `settings.loop`), close. Returns frames sent."""
+    """Bind, stream one series (or loop with `settings.loop`), close. Returns frames sent.
+    Returns when every message went out (or `settings.linger_s` passed: logged)."""
     log = log or sys.stderr
     if settings.protocol == "merlin":
         return run_merlin_sender(source, settings, log, should_stop)
-    ctx = zmq.Context.instance()
-
+    frame_nbytes = source.series_info(0).frame_nbytes
+    if settings.protocol == "native":  # one message per batch: under the receivers' cap
+        batch = max(1, min(settings.batch, settings.max_message_bytes // max(frame_nbytes, 1)))
+        settings = replace(settings, batch=batch)
+    message_nbytes = frame_nbytes * (settings.batch if settings.protocol == "native" else 1)
+    ctx = zmq.Context()  # this call's own: terminated below, after the queue is sent
     sock = ctx.socket(SOCKET_TYPES[settings.socket_type])
-    sock.setsockopt(zmq.SNDHWM, 10_000)
-    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.SNDHWM, send_hwm(settings.queue_bytes, message_nbytes))
+    sock.setsockopt(zmq.LINGER, int(settings.linger_s * 1000))
+    sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # XPUB receives subscriptions (a few bytes) only
     total = 0
+    finished = False
     try:
-        sock.bind(settings.bind)
+        bind(sock, settings.bind, "the sender", settings.curve,
+             CURVE_HINT if settings.protocol == "native" else DETECTOR_HINT)  # fmt: skip
         if settings.socket_type == "pub":
             if settings.wait_subscriber_s > 0 and sock.poll(int(settings.wait_subscriber_s * 1e3)):
                 sock.recv()  # the subscription message; slow joiners still get `start` repeats
                 log.write("subscriber connected\n")
             time.sleep(settings.join_wait_s)
         cached: list[tuple[int, np.ndarray]] | None = None
-        fits = source.n_frames * source.series_info(0).frame_nbytes <= settings.cache_bytes
+        fits = source.n_frames * frame_nbytes <= settings.cache_bytes
         while True:
             series_id = new_series_id()
             progress = Progress(source.n_frames, f"series {series_id}", enabled=show_progress)
@@ -195,9 +225,27 @@ def run_sender(
             total += n
             if not settings.loop or should_stop():
                 break
+        finished = True
     finally:
-        sock.close()
+        close_and_flush(ctx, sock, settings.linger_s if finished else 0.0)
     return total
+
+
+def send_hwm(queue_bytes: int, message_nbytes: int) -> int:
+    """Messages the send queue may hold: `queue_bytes` of them (4 to 10,000). Zero-copy
+    frames pin their batch until sent, so this bounds the sender's memory."""
+    return int(max(4, min(10_000, queue_bytes // max(message_nbytes, 1))))
+
+
+def close_and_flush(ctx: zmq.Context, sock: zmq.Socket, linger_s: float) -> None:
+    """Close `sock` and terminate `ctx`: returns once the queued messages are sent, or after
+    `linger_s` (then they are dropped: logged)."""
+    sock.close(linger=int(linger_s * 1000))
+    t0 = time.monotonic()
+    release_context(ctx)
+    if linger_s > 0 and time.monotonic() - t0 >= linger_s - 0.05:
+        logger.warning("the receiver did not take the last messages within %g s: they may be "
+                     "lost (the series end included)", linger_s)  # fmt: skip
 
 
 def stream_merlin(conn, source: FrameSource, settings: SendSettings, series_id: int,
@@ -247,6 +295,7 @@ def run_merlin_sender(source: FrameSource, settings: SendSettings, log: TextIO,
         raise ValueError(f"merlin needs --bind tcp://HOST:PORT, got {settings.bind!r}")
     server = socket.create_server((match.group(1), int(match.group(2))))
     server.settimeout(0.5)
+    warn_if_exposed(settings.bind, "the Merlin sender", False, DETECTOR_HINT)
     total = 0
     try:
         conn = None

@@ -27,6 +27,7 @@ from .outputs import atomic_output, check_output, same_file
 from .series import ProcessingSettings
 from .subscriber import SubscriberSettings
 from .tcbf import TcbfSettings
+from .transport import add_curve_args, curve_from_args
 
 log = logging.getLogger("tcbf.demo")
 
@@ -51,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="also publish the result stream here (for tcbf-live view)")  # fmt: skip
+    add_curve_args(p, server=True, client=False)
     p.set_defaults(run=run)
 
 
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.rate >= 0:
         raise UsageError("--rate must be >= 0")
+    curve = curve_from_args(args)
+    if curve is not None and not args.publish:
+        raise UsageError("--curve-secret protects --publish (the demo's own link is loopback)")
     if args.output:
         check_output(args.output, args.overwrite)
     if args.screenshot:
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.publish:
         from .publisher import SnapshotPublisher
 
-        publisher = SnapshotPublisher(engine, args.publish).start()
+        publisher = SnapshotPublisher(engine, args.publish, curve=curve).start()
 
     # 2. the simulator, looping, in a thread
     stop = threading.Event()

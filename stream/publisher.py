@@ -3,7 +3,8 @@
 A background thread takes `Engine.snapshot()` at most `rate_hz` times a second (only when
 something changed), encodes it (`stream.snapshot`) and sends it without ever blocking: PUB drops
 messages for subscribers whose queue (SNDHWM 2) is full, so a slow or stalled viewer costs the
-engine nothing, and a viewer can join or leave at any time. Binds to loopback by default.
+engine nothing, and a viewer can join or leave at any time. Binds to loopback by default (a
+warning when bound beyond it); CURVE-authenticated when given keys (`stream.transport`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import zmq
 
 from .snapshot import encode_state, state_key, view_state
+from .transport import CurveKeys, bind
 
 log = logging.getLogger("tcbf.publish")
 
@@ -21,7 +23,8 @@ DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 
 
 class SnapshotPublisher:
-    def __init__(self, engine, endpoint: str = DEFAULT_PUBLISH, rate_hz: float = 10.0):
+    def __init__(self, engine, endpoint: str = DEFAULT_PUBLISH, rate_hz: float = 10.0,
+                 curve: CurveKeys | None = None):  # fmt: skip
         self.engine = engine
         self.interval_s = 1.0 / rate_hz
         self.sent = 0
@@ -29,7 +32,11 @@ class SnapshotPublisher:
         self._sock = zmq.Context.instance().socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, 2)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint)
+        try:
+            bind(self._sock, endpoint, "the result stream (--publish)", curve)
+        except Exception:
+            self._sock.close()
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcbf-publish", daemon=True)
 

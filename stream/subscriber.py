@@ -1,7 +1,9 @@
 """ZeroMQ subscriber: receive native-protocol messages, decode, count and skip bad ones.
 
-Safe by default: connects (or binds) where told, caps message size with ZMQ_MAXMSGSIZE,
-never unpickles. Bad messages are counted per reason, logged (rate-limited) and skipped.
+Safe by default: connects (or binds) where told, warns when bound beyond loopback, caps every
+whole message (not only each part) at `max_message_bytes`, authenticates with CURVE when given
+keys (`stream.transport`), never unpickles. Bad messages are counted per reason, logged
+(rate-limited) and skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ import zmq
 from detectors.base import DecodeError, Event
 from detectors.native import NativeDecoder
 
+from .transport import (
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_PARTS,
+    CurveKeys,
+    OversizedMessage,
+    bind,
+    connect,
+    recv_capped,
+    set_receive_cap,
+)
+
 log = logging.getLogger("tcbf.stream")
 
 
@@ -27,7 +40,8 @@ class SubscriberSettings:
     socket_type: str = "sub"  # or "pull"
     bind: bool = False  # connect by default
     rcvhwm: int = 10_000  # messages queued before PUB drops / PUSH blocks (memory bound)
-    max_message_bytes: int = 512 << 20
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # one whole multipart message, all parts
+    curve: CurveKeys | None = None  # CURVE server (bind) or client (connect); None: plain
 
 
 @dataclass
@@ -49,22 +63,29 @@ def open_socket(settings: SubscriberSettings, ctx: zmq.Context | None = None) ->
     sock = ctx.socket(kind)
     try:
         _configure(sock, kind, settings)
-    except zmq.ZMQError:
+    except Exception:  # a bad endpoint or key: no socket left behind
         sock.close()
         raise
     return sock
 
 
+def receive_cap(sock: zmq.Socket) -> int:
+    """The whole-message cap of a socket: its ZMQ_MAXMSGSIZE, or the default if unset."""
+    cap = sock.getsockopt(zmq.MAXMSGSIZE)
+    return cap if cap > 0 else MAX_MESSAGE_BYTES
+
+
 def _configure(sock: zmq.Socket, kind: int, settings: SubscriberSettings) -> None:
     sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    set_receive_cap(sock, settings.max_message_bytes)
     sock.setsockopt(zmq.LINGER, 0)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if settings.bind:
-        sock.bind(settings.endpoint)
+        bind(sock, settings.endpoint, f"the receiver ({settings.socket_type.upper()})",
+             settings.curve)  # fmt: skip
     else:
-        sock.connect(settings.endpoint)
+        connect(sock, settings.endpoint, settings.curve)
 
 
 def receive_event_batches(
@@ -75,10 +96,17 @@ def receive_event_batches(
     poll_ms: int = 100,
     should_stop: Callable[[], bool] = lambda: False,
     max_messages: int = 64,
+    max_message_bytes: int | None = None,
+    max_message_parts: int = MAX_MESSAGE_PARTS,
 ) -> Iterator[list[Event]]:
     """Yield lists of decoded events: everything already queued (up to `max_messages`) at once,
     so consumers can hand many small messages to one kernel call. Stops after `timeout_s`
-    without a message (None: never) or when `should_stop()` turns true."""
+    without a message (None: never) or when `should_stop()` turns true. A message over
+    `max_message_bytes` (all parts together; default: the socket's ZMQ_MAXMSGSIZE, which
+    `open_socket` sets to the settings' cap) or `max_message_parts` is counted as "oversized"
+    and skipped whole."""
+    if max_message_bytes is None:
+        max_message_bytes = receive_cap(sock)
     idle_since = time.monotonic()
     while not should_stop():
         if not sock.poll(poll_ms):
@@ -89,9 +117,13 @@ def receive_event_batches(
         events: list[Event] = []
         for _ in range(max_messages):
             try:
-                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                parts = recv_capped(sock, max_message_bytes, max_message_parts)
             except zmq.Again:
                 break
+            except OversizedMessage as exc:
+                counters.messages += 1
+                counters.reject(DecodeError("oversized", str(exc)))
+                continue
             counters.messages += 1
             events.extend(decode_counted(decoder, [p.buffer for p in parts], counters))
         if events:

@@ -6,6 +6,7 @@ import argparse
 import re
 
 from stream.cliutil import UsageError, parse_finite
+from stream.transport import add_curve_args, link_curve
 
 ENDPOINT = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[\w./\-]+)$")
 
@@ -21,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=parse_finite, metavar="S", help="close after S seconds")
     p.add_argument("--screenshot", metavar="PNG", help="save the window when closing")
     p.add_argument("--headless", action="store_true", help="render offscreen (needs --seconds)")
+    add_curve_args(p, server=False, client=True)
     p.set_defaults(run=run)
 
 
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--headless needs --seconds")
     if args.seconds is not None and not 0 < args.seconds <= 1e6:
         raise UsageError("--seconds must be positive (at most 1e6)")
+    curve = link_curve(args, connects=True)
 
     from .app import check_display, qt_app, run_window, shutdown
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from .window import ViewerWindow
 
     app = qt_app(args.headless)
-    source = SocketSource(args.connect)
+    source = SocketSource(args.connect, curve=curve)
     window = ViewerWindow(source, title=f"tcbf-live view {args.connect}")
     try:
         run_window(window, app, args.seconds, args.screenshot)

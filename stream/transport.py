@@ -1,0 +1,319 @@
+"""ZeroMQ socket safety shared by every link: exposure warning, message caps, IPv6, CURVE.
+
+- A socket bound beyond loopback (anything but 127.0.0.0/8, ::1, localhost, ipc://, inproc://)
+  logs a warning (stderr for the command line), saying whether the link is authenticated.
+- `recv_capped` receives one multipart message part by part and drops the whole message when its
+  total size or part count exceeds the cap (ZMQ_MAXMSGSIZE only bounds a single part).
+- `tcp://[::1]:PORT` and other IPv6 literals get ZMQ_IPV6 (libzmq refuses them otherwise).
+- CURVE (`CurveKeys`): keys from `zmq.auth.create_certificates` files (`NAME.key` public,
+  `NAME.key_secret` both). A binding socket is the CURVE server; it accepts the clients whose
+  public keys lie in `--curve-clients DIR`, or, without it, any client that knows its public key.
+  A connecting socket is a client and needs the server's public key. Detector links (DECTRIS
+  PUSH, Merlin raw TCP) cannot do CURVE: they need an isolated network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import itertools
+import logging
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+log = logging.getLogger("tcbf.transport")
+
+MAX_MESSAGE_BYTES = 256 << 20  # default cap on one whole multipart message
+MAX_MESSAGE_PARTS = 256  # DECTRIS V1 headers have ~10 parts, everything else 1-4
+
+_TCP = re.compile(r"tcp://(?:[^;]*;)?(\[[^\]]*\]|[^:]*):(\d+|\*)")
+
+
+# ---------------------------------------------------------------------------- endpoints
+def endpoint_host(endpoint: str) -> str | None:
+    """The host of a tcp:// endpoint (brackets stripped); None for other transports."""
+    m = _TCP.fullmatch(endpoint)
+    return m.group(1).strip("[]") if m else None
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on 127.0.0.0/8, ::1 or localhost."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint_host(endpoint)
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # *, an interface name or a host name: beyond loopback
+        return False
+
+
+def is_ipv6(endpoint: str) -> bool:
+    host = endpoint_host(endpoint)
+    return host is not None and ":" in host
+
+
+CURVE_HINT = "--curve-secret authenticates and encrypts ZeroMQ links"
+DETECTOR_HINT = "detector protocols cannot be authenticated: use an isolated network"
+
+
+def warn_if_exposed(endpoint: str, role: str, authenticated: bool, hint: str = CURVE_HINT) -> bool:
+    """Log a warning when `role` binds beyond loopback; True when it did."""
+    if is_loopback(endpoint):
+        return False
+    how = ("CURVE-authenticated and encrypted" if authenticated else
+           f"unauthenticated and unencrypted: anyone who can reach this host can connect "
+           f"({hint})")  # fmt: skip
+    log.warning("%s is bound to %s, beyond loopback; the link is %s", role, endpoint, how)
+    return True
+
+
+# ---------------------------------------------------------------------------- CURVE
+class CurveError(ValueError):
+    """A key file or key folder that cannot be used."""
+
+
+def _z85_key(key: bytes | None, path: str, what: str) -> bytes:
+    if key is None or len(key) != 40:
+        raise CurveError(f"{path}: no {what} (a 40-character Z85 key) in this file")
+    try:
+        z85.decode(key)
+    except (ValueError, KeyError):
+        raise CurveError(f"{path}: the {what} is not Z85") from None
+    return key
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """One side's CURVE key pair, the server key it trusts (clients) and the client keys it
+    accepts (servers; None: any client that knows the server's public key)."""
+
+    public_key: bytes
+    secret_key: bytes
+    server_key: bytes | None = None
+    client_keys: frozenset[bytes] | None = None
+
+    @classmethod
+    def load(cls, secret_file: str, server_key_file: str | None = None,
+             clients_dir: str | None = None) -> CurveKeys:  # fmt: skip
+        """Keys from `zmq.auth` certificate files; CurveError (one line) when unusable."""
+        try:
+            public, secret = zmq.auth.load_certificate(secret_file)
+        except (OSError, ValueError) as exc:
+            raise CurveError(f"cannot read {secret_file}: {exc}") from None
+        secret = _z85_key(secret, secret_file, "secret key (give the .key_secret file)")
+        public = _z85_key(public, secret_file, "public key")
+        mode = os.stat(secret_file).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s is readable by other users: chmod 600 it", secret_file)
+        server = None
+        if server_key_file is not None:
+            try:
+                server, _ = zmq.auth.load_certificate(server_key_file)
+            except (OSError, ValueError) as exc:
+                raise CurveError(f"cannot read {server_key_file}: {exc}") from None
+            server = _z85_key(server, server_key_file, "public key")
+        clients = None
+        if clients_dir is not None:
+            if not Path(clients_dir).is_dir():
+                raise CurveError(f"{clients_dir} is not a folder of client public keys (*.key)")
+            try:
+                found = zmq.auth.load_certificates(clients_dir)
+            except (OSError, ValueError) as exc:
+                raise CurveError(f"cannot read the client keys in {clients_dir}: {exc}") from None
+            clients = frozenset(_z85_key(k, clients_dir, "public key") for k in found)
+            if not clients:
+                raise CurveError(f"no client public keys (*.key) in {clients_dir}")
+        return cls(public, secret, server, clients)
+
+
+_domains = itertools.count(1)
+_auth_lock = threading.Lock()
+_authenticators: dict[int, tuple[zmq.Context, object]] = {}  # id(context): (it, handler)
+
+
+class _Allowed:
+    """ZAP credentials provider of one server socket (its own ZAP domain)."""
+
+    def __init__(self, keys: frozenset[bytes] | None):
+        self.keys = keys
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = self.keys is None or key in self.keys
+        if not allowed:
+            self.refused += 1  # a refused client retries every ~0.1 s: log a few, then rarely
+            if self.refused <= 3 or self.refused % 1000 == 0:
+                log.warning("refused a CURVE client with an unknown key %s (%d refusals)",
+                            key.decode(), self.refused)  # fmt: skip
+        return allowed
+
+
+def _authenticator(ctx: zmq.Context):
+    """The context's ZAP handler (one per context, started on first use)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    with _auth_lock:
+        entry = _authenticators.get(id(ctx))
+        if entry is None:
+            entry = (ctx, ThreadAuthenticator(ctx, log=logging.getLogger("tcbf.transport.zap")))
+            entry[1].start()
+            _authenticators[id(ctx)] = entry
+        return entry[1]
+
+
+def release_context(ctx: zmq.Context) -> None:
+    """Stop the context's ZAP handler (if any) and terminate it: waits for every socket's
+    linger, so queued messages are sent (or dropped at linger) before the process goes on."""
+    with _auth_lock:
+        entry = _authenticators.pop(id(ctx), None)
+    if entry is not None:
+        entry[1].stop()
+    ctx.term()
+
+
+def _apply_server(sock: zmq.Socket, curve: CurveKeys) -> None:
+    domain = f"tcbf-{next(_domains)}"
+    _authenticator(sock.context).configure_curve_callback(domain, _Allowed(curve.client_keys))
+    sock.zap_domain = domain.encode()
+    sock.curve_secretkey = curve.secret_key
+    sock.curve_publickey = curve.public_key
+    sock.curve_server = True
+
+
+def _apply_client(sock: zmq.Socket, curve: CurveKeys) -> None:
+    if curve.server_key is None:
+        raise CurveError("a connecting socket needs the server's public key (--curve-server-key)")
+    sock.curve_secretkey = curve.secret_key
+    sock.curve_publickey = curve.public_key
+    sock.curve_serverkey = curve.server_key
+
+
+# ---------------------------------------------------------------------------- sockets
+def _prepare(sock: zmq.Socket, endpoint: str) -> None:
+    if is_ipv6(endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
+def bind(sock: zmq.Socket, endpoint: str, role: str, curve: CurveKeys | None = None,
+         hint: str = CURVE_HINT) -> None:  # fmt: skip
+    """Bind (as the CURVE server when `curve`); warn when beyond loopback."""
+    _prepare(sock, endpoint)
+    if curve is not None:
+        _apply_server(sock, curve)
+    sock.bind(endpoint)
+    warn_if_exposed(endpoint, role, curve is not None, hint)
+
+
+def connect(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None = None) -> None:
+    """Connect (as a CURVE client when `curve`)."""
+    _prepare(sock, endpoint)
+    if curve is not None:
+        _apply_client(sock, curve)
+    sock.connect(endpoint)
+
+
+def set_receive_cap(sock: zmq.Socket, max_message_bytes: int) -> None:
+    """libzmq's per-part cap (a peer exceeding it is disconnected); `recv_capped` adds the
+    whole-message cap."""
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+
+
+class OversizedMessage(Exception):
+    """A whole multipart message over the cap (already drained from the socket)."""
+
+
+def recv_capped(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_MESSAGE_PARTS,
+                flags: int = zmq.NOBLOCK) -> list[zmq.Frame]:  # fmt: skip
+    """One multipart message as zero-copy frames, counted as the parts arrive (RCVMORE). Over
+    `max_bytes` in total or `max_parts` parts: the rest is drained, every part released, and
+    OversizedMessage raised. zmq.Again when nothing is queued (with NOBLOCK)."""
+    frame = sock.recv(flags, copy=False)
+    parts: list[zmq.Frame] | None = [frame]
+    total, count = len(frame), 1
+    while frame.more:  # libzmq delivers a multipart message whole: the rest is queued
+        frame = sock.recv(0, copy=False)
+        total += len(frame)
+        count += 1
+        if parts is not None:
+            if total > max_bytes or count > max_parts:
+                parts = None  # release what was kept; keep draining
+            else:
+                parts.append(frame)
+    if parts is None:
+        raise OversizedMessage(
+            f"message of {count} parts, {total} bytes (cap {max_parts} parts, {max_bytes} bytes)"
+        )
+    return parts
+
+
+# ---------------------------------------------------------------------------- command line
+def add_curve_args(p: argparse.ArgumentParser, server: bool, client: bool) -> None:
+    """--curve-* flags for a command whose sockets bind (`server`) and/or connect (`client`)."""
+    g = p.add_argument_group(
+        "authentication (ZeroMQ CURVE, for links beyond one machine; keys from "
+        "zmq.auth.create_certificates: NAME.key public, NAME.key_secret private)"
+    )
+    g.add_argument("--curve-secret", metavar="FILE",
+                   help="this side's key pair (a .key_secret file): every ZeroMQ link of this "
+                   "command is authenticated and encrypted")  # fmt: skip
+    if client:
+        g.add_argument("--curve-server-key", metavar="FILE",
+                       help="public key (.key) of the server this command connects to")  # fmt: skip
+    if server:
+        g.add_argument("--curve-clients", metavar="DIR",
+                       help="accept only the clients whose public keys (*.key) are in DIR "
+                       "(default: any client that knows this side's public key)")  # fmt: skip
+
+
+def curve_from_args(args: argparse.Namespace) -> CurveKeys | None:
+    """CurveKeys from the --curve-* flags (None without --curve-secret); UsageError if bad."""
+    from .cliutil import UsageError
+
+    secret = getattr(args, "curve_secret", None)
+    server_key = getattr(args, "curve_server_key", None)
+    clients = getattr(args, "curve_clients", None)
+    if secret is None:
+        if server_key is not None or clients is not None:
+            raise UsageError("--curve-server-key and --curve-clients need --curve-secret FILE")
+        return None
+    try:
+        return CurveKeys.load(secret, server_key, clients)
+    except CurveError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def link_curve(args: argparse.Namespace, connects: bool, detector: bool = False,
+               publishes: bool = False) -> CurveKeys | None:  # fmt: skip
+    """The CURVE keys of a command's data link (None: plain), checked against its role:
+    a connecting link needs --curve-server-key, a binding one must not have it. A detector
+    link cannot be authenticated: the flags then only serve --publish (`publishes`)."""
+    from .cliutil import UsageError
+
+    curve = curve_from_args(args)
+    if curve is None:
+        return None
+    if detector:
+        if curve.server_key is not None or not publishes:
+            raise UsageError("detector links cannot be authenticated (keep them on an isolated "
+                             "network): --curve-* only applies to --publish here")  # fmt: skip
+        log.info("the detector link is plain text; CURVE protects --publish only")
+        return None
+    if connects and curve.server_key is None:
+        raise UsageError("--curve-secret on a connecting link needs --curve-server-key FILE "
+                         "(the public key of the side that binds)")  # fmt: skip
+    if not connects and curve.server_key is not None:
+        raise UsageError("--curve-server-key is for connecting links; a binding one is the "
+                         "server (its clients: --curve-clients DIR)")  # fmt: skip
+    return curve
