@@ -181,9 +181,10 @@ def test_detector_pixel_mask_excludes_flagged_pixels(sim, protocol):
         cal, r = proc.calibration, proc.result()
         in_bf = any(tuple(p) == noisy for p in cal.bf_pixels)
         excluded = cal.mask | (frames == 65535).any(axis=0)
-        if mask is None:  # without the detector's mask the noisy pixel is used
-            assert in_bf and not cal.mask[noisy]
+        if mask is None:  # without the detector's mask, calibration finds the pixel hot itself
+            assert not in_bf and cal.mask[noisy] and cal.hot_pixels == 1
             continue
+        assert cal.hot_pixels == 0  # flagged by the detector: not counted again
         assert not in_bf and cal.mask[noisy] and cal.mask[0, 1]
         np.testing.assert_array_equal(cal.mask, excluded)  # flagged | 2^16 - 1 pixels
         expected = np.where(excluded, 0, frames).sum(axis=(1, 2), dtype=np.int64)
