@@ -104,3 +104,9 @@ class SimplonClient:
 
     def stream_state(self) -> str | None:
         return self.get("stream", "state", task="status")
+
+    def dropped(self) -> int | None:
+        """Images the detector's stream dropped since the last arm (status `dropped`), or None
+        when the detector does not report a count."""
+        value = self.get("stream", "dropped", task="status")
+        return int(value) if isinstance(value, int | float) and value >= 0 else None

@@ -122,6 +122,7 @@ def write_screening(acq: h5py.Group, result: SeriesResult) -> None:
     acq.attrs["hot_pixels"] = cal.hot_pixels if cal is not None else 0
     acq.attrs["dead_pixels"] = cal.dead_pixels if cal is not None else 0
     acq.attrs["suspect"] = json.dumps(list(result.suspect))
+    acq.attrs["frames_dropped_by_detector"] = _attr(result.detector_dropped)  # NaN: unknown
     if result.excluded is not None:
         acq["excluded"] = result.excluded
 

@@ -178,6 +178,7 @@ class SeriesFiles:
         self.empty = 0  # series without frames: no file
         self.errors: list[str] = []  # a file that could not be written where asked
         self.internal: list[str] = []  # a result that could not be written at all (a bug)
+        self.detector = None  # active mode: the SIMPLON client, asked for its dropped count
         self._lock = threading.Lock()
 
     def __call__(self, result) -> None:
@@ -187,6 +188,7 @@ class SeriesFiles:
     def _take(self, result) -> None:
         from .results import write_result
 
+        result = self.with_detector_counts(result)
         sid = result.info.series_id
         if not result.frames_received:
             self.empty += 1
@@ -219,6 +221,18 @@ class SeriesFiles:
         if code is ExitCode.INCOMPLETE:
             sys.stderr.write(f"series {sid} is incomplete: {incomplete_reasons(result)}\n")
 
+    def with_detector_counts(self, result):
+        """Active mode: the detector's own dropped-image count beside ours, so missing frames
+        can be told apart (dropped in the detector vs lost between it and us)."""
+        if self.detector is None:
+            return result
+        try:
+            dropped = self.detector.dropped()
+        except Exception as exc:  # the count is a bonus: never lose the result over it
+            log.warning("detector dropped-image count unavailable: %s", exc)
+            return result
+        return replace(result, detector_dropped=dropped)
+
     def exit_code(self, refused: int) -> ExitCode:
         """INTERNAL if a result could not be written (a bug), USAGE if a file could not go
         where asked; else the best series outcome."""
@@ -250,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(settings, on_series_end=files).start()
     try:
         detector = arm_detector(args, engine) if args.simplon else None
+        files.detector = detector
     except UsageError:
         engine.stop()
         engine.join()

@@ -97,6 +97,7 @@ class SeriesResult:
     excluded_reasons: dict[str, int] = field(default_factory=dict)
     # why this result must not be presented as a good one (missed trigger, sheared lines)
     suspect: tuple[str, ...] = ()
+    detector_dropped: int | None = None  # images the detector says it dropped (SIMPLON)
 
     @property
     def frames_excluded(self) -> int:
@@ -109,6 +110,11 @@ class SeriesResult:
         text = (f"screening: {self.frames_excluded} frame(s) excluded{f' ({why})' if why else ''}"
                 f"; {cal.hot_pixels if cal else 0} hot and {cal.dead_pixels if cal else 0} dead "
                 "pixel(s) masked")  # fmt: skip
+        if self.detector_dropped is not None:
+            lost = self.frames_missing - self.detector_dropped
+            text += (f"; the detector dropped {self.detector_dropped} image(s), "
+                     f"{self.frames_missing} missing here"
+                     f"{f' ({lost} lost on the way)' if lost > 0 else ''}")  # fmt: skip
         return text + "".join(f"; SUSPECT: {s}" for s in self.suspect)
 
     @property

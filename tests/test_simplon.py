@@ -188,3 +188,47 @@ def test_armed_series_cut_short_takes_nothing_from_a_foreign_one(endpoint):
     assert result.frames_received == 12 and result.duplicates == 0
     rejected = engine.counters.rejected
     assert rejected["foreign_series"] == 1 and rejected["wrong_series"] == sim.n_frames + 1
+
+
+def test_the_detectors_dropped_count_is_reconciled_with_ours(dcu, tmp_path):
+    """Active mode: the SIMPLON stream status `dropped` goes into the result beside
+    frames_missing, so images dropped in the detector are told from those lost on the way."""
+    import h5py
+    import numpy as np
+
+    from detectors.base import FrameBatch, SeriesInfo
+    from stream.run import SeriesFiles
+    from stream.series import ProcessingSettings, SeriesProcessor
+
+    class Dropping(FakeDCU):
+        def do_GET(self):  # noqa: N802
+            if self.path.endswith("status/dropped"):
+                return self._reply(200, {"value": 2, "value_type": "uint", "access_mode": "r"})
+            return super().do_GET()
+
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dropping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = SimplonClient("127.0.0.1", server.server_address[1])
+        assert client.dropped() == 2
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[:32, :32]
+        disk = ((yy - 16) ** 2 + (xx - 16) ** 2 < 64) * 20.0
+        info = SeriesInfo(series_id=3, detector_shape=(32, 32), dtype="uint16", scan_shape=(8, 8))
+        proc = SeriesProcessor(info, ProcessingSettings(calibration_frames=8))
+        frames = rng.poisson(disk, (61, 32, 32)).astype(np.uint16)  # 3 of 64 never came
+        proc.add(FrameBatch(3, 0, frames))
+        result = proc.result(final=True, complete=True)
+        files = SeriesFiles(tmp_path / "r.h5", "dectris-v2", overwrite=False)
+        files.detector = client
+        files(result)
+        with h5py.File(tmp_path / "r.h5") as f:
+            assert f["acquisition"].attrs["frames_dropped_by_detector"] == 2
+            assert f["acquisition"].attrs["frames_missing"] == 3
+        line = files.with_detector_counts(result).screening_summary()
+        assert "the detector dropped 2 image(s), 3 missing here (1 lost on the way)" in line
+    finally:
+        server.shutdown()
+        server.server_close()
