@@ -114,6 +114,7 @@ class Engine:
         self.budget_bytes = memory_budget_bytes(budget)
         self._open: dict[int, SeriesProcessor] = {}  # series being accumulated, by id
         self._announced: dict[int, object] = {}  # their SeriesInfo as first announced
+        self._geometry: dict[int, tuple] = {}  # their frames' (shape, numpy dtype)
         self._active: dict[int, float] = {}  # when each last received frames (or started)
         self._reserved: dict[int, int] = {}  # bytes each holds or will hold (budget)
         self._ended: dict[int, str] = {}  # recently ended or refused ids -> why (bounded)
@@ -284,6 +285,7 @@ class Engine:
         self._ended.pop(sid, None)
         self._open[sid] = proc
         self._announced[sid] = info
+        self._geometry[sid] = (tuple(proc.info.detector_shape), np.dtype(proc.info.dtype))
         self._active[sid] = time.monotonic()
         self._rebudget()
         with self._lock:
@@ -399,21 +401,18 @@ class Engine:
         """The batches whose frames have the series' shape and dtype; the others are counted
         ('wrong_geometry') and never reach a kernel (which trusts the shape it was built
         for)."""
-        shape, dtype = tuple(proc.info.detector_shape), proc.info.dtype
-        kind = np.dtype(dtype)
-        good = []
-        for b in batches:
-            if isinstance(b, FrameBatch):
-                ok = b.frames.ndim == 3 and b.frames.shape[1:] == shape and b.frames.dtype == kind
-            else:
-                ok = tuple(b.shape) == shape and (b.dtype == dtype or np.dtype(b.dtype) == kind)
-            if ok:
-                good.append(b)
-            else:
-                got = b.frames.shape[1:] if isinstance(b, FrameBatch) else b.shape
+        shape, kind = self._geometry[proc.info.series_id]
+        ok = [b.frames.shape[1:] == shape and b.frames.dtype == kind
+              if type(b) is FrameBatch else tuple(b.shape) == shape and np.dtype(b.dtype) == kind
+              for b in batches]  # fmt: skip
+        if all(ok):
+            return batches
+        for b, good in zip(batches, ok, strict=True):
+            if not good:
+                got = b.frames.shape[1:] if type(b) is FrameBatch else b.shape
                 self._reject("wrong_geometry", f"frames {got} for series {proc.info.series_id} "
-                             f"of {shape} {dtype}")  # fmt: skip
-        return good
+                             f"of {shape} {kind.str}")  # fmt: skip
+        return [b for b, good in zip(batches, ok, strict=True) if good]
 
     def _on_frames_new_series(self, sid: int, batch: FrameBatch | CompressedFrame) -> bool:
         """Repeat scans as separate series: a frame of the next pass closes the current one.
@@ -430,6 +429,7 @@ class Engine:
                 return False
             self._open[sid] = proc
             self._announced[sid] = info
+            self._geometry[sid] = (tuple(proc.info.detector_shape), np.dtype(proc.info.dtype))
             self._active[sid] = time.monotonic()
             self._rebudget()
             with self._lock:
@@ -482,7 +482,7 @@ class Engine:
     def _forget(self, sid: int, why: str) -> SeriesProcessor | None:
         """Take the series out of the open set (and out of the snapshots)."""
         proc = self._open.pop(sid, None)
-        for book in (self._announced, self._active, self._reserved):
+        for book in (self._announced, self._geometry, self._active, self._reserved):
             book.pop(sid, None)
         self._ended[sid] = why
         while len(self._ended) > REMEMBERED_SERIES:

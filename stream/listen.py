@@ -14,7 +14,7 @@ from typing import TextIO
 
 import numpy as np
 
-from detectors.base import FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
 from detectors.native import NativeDecoder
 
 from .cliutil import UsageError
@@ -98,7 +98,11 @@ def listen(
                 late = " (announcement repeat: joined mid-series)" if event.repeat else ""
                 print(describe(event.info) + late, file=out, flush=True)
             elif isinstance(event, FrameBatch):
-                assert tally is not None  # the decoder only yields frames after a start
+                if tally is None or event.series_id != tally.info.series_id:
+                    # the decoder remembers several series: frames of one not shown here
+                    counters.reject(DecodeError("wrong_series", f"frames of series "
+                                                f"{event.series_id}"))  # fmt: skip
+                    continue
                 tally.add(event)
                 counters.frames += len(event.frames)
             elif isinstance(event, SeriesEnd):
