@@ -687,3 +687,55 @@ def test_review_regressions_start_kept_reset_and_dtype(sim):
     d.decode(encode_start(info))
     with pytest.raises(DecodeError, match="element size"):
         d.decode([cbor2.dumps(message)])
+
+
+def test_v2_foreign_and_changed_starts_mid_series(sim):
+    """Images decode against the start of their own series: a foreign `start` mid-series
+    costs the open series nothing; a `start` of the same id with another geometry is refused
+    (the series keeps its own); the same start again is a repeat."""
+    info, frame = sim.series_info(5), sim.frames(0, 1)[0]
+    dec = DectrisV2Decoder()
+    dec.decode(encode_start(info))
+    foreign = dec.decode(encode_start(replace(info, series_id=6, detector_shape=(64, 64))))
+    assert isinstance(foreign, SeriesStart) and foreign.info.series_id == 6
+    np.testing.assert_array_equal(dec.decode(encode_image(5, 0, frame)).frames[0], frame)
+    for change in ({"detector_shape": (64, 64)}, {"dtype": "<u4"}, {"scan_shape": (4, 24)}):
+        with pytest.raises(DecodeError) as err:
+            dec.decode(encode_start(replace(info, **change)))
+        assert err.value.reason == "metadata_changed" and next(iter(change)) in str(err.value)
+    again = dec.decode(encode_start(info))
+    assert isinstance(again, SeriesStart) and again.repeat and again.info.series_id == 5
+    assert dec.decode(encode_image(5, 1, frame)).first == 1
+    assert dec.decode(encode_image(6, 0, np.ones((64, 64), np.uint16))).frames.shape == (1, 64, 64)
+    assert dec.decode(encode_end(5)) == SeriesEnd(5, 2)
+    assert dec.decode(encode_end(6)) == SeriesEnd(6, 1)
+
+
+def test_v1_headers_mid_series(sim):
+    """A foreign header (another series), a header that cannot be used and a repeated header
+    of the open series with other metadata, all between two images: each counted once (the
+    foreign one not at all: it is a good header of a series that never sends images), and the
+    open series' images keep decoding against its first header."""
+    from detectors import dectris_v1 as v1
+
+    info, frames = sim.series_info(5), sim.frames(0, 3)
+    dec = v1.DectrisV1Decoder()
+    messages = [*v1.encode_header(info), v1.encode_image(5, 0, frames[0]),
+                *v1.encode_header(replace(info, series_id=6, detector_shape=(64, 64))),
+                [b'{"htype":"dheader-1.0","series":7,"header_detail":"none"}'],
+                v1.encode_image(5, 1, frames[1]),
+                *v1.encode_header(replace(info, detector_shape=(64, 64))),
+                v1.encode_image(5, 2, frames[2]), v1.encode_end(5)]  # fmt: skip
+    events, errors = [], []
+    for m in messages:
+        try:
+            events += dec.decode(m)
+        except DecodeError as err:
+            errors.append(err)
+        errors += dec.drain_errors()
+    assert sorted(e.reason for e in errors) == ["bad_header", "metadata_changed"]
+    assert [type(e).__name__ for e in events] == ["SeriesStart", *["FrameBatch"] * 3,
+                                                  "SeriesEnd"]  # fmt: skip
+    got = np.concatenate([e.frames for e in events if isinstance(e, FrameBatch)])
+    np.testing.assert_array_equal(got, frames)
+    assert events[-1] == SeriesEnd(5, 3)

@@ -140,6 +140,56 @@ def test_malformed_messages_are_rejected_and_stream_continues(stream):
         assert np.array_equal(ok.frames, frames[3:5])
 
 
+def test_several_series_side_by_side_and_changed_starts_refused(stream):
+    """Frames decode against the start of their own series, so another series' start (a stray
+    or restarted sender) costs the open one nothing; a start changing a known series' metadata
+    is refused, naming the change, and the series keeps its geometry."""
+    from dataclasses import replace
+
+    from detectors.native import KNOWN_SERIES
+
+    info, frames = stream
+    dec = NativeDecoder()
+    dec.decode(encode_start(info))
+    dec.decode(encode_start(replace(info, series_id=43, detector_shape=(64, 64))))
+    small = np.ones((2, 64, 64), np.uint16)
+    assert np.array_equal(dec.decode(encode_frames(42, 0, frames[:2])).frames, frames[:2])
+    assert dec.decode(encode_frames(43, 0, small)).frames.shape == (2, 64, 64)
+    for change in ({"detector_shape": (64, 64)}, {"dtype": "<f4"}, {"scan_shape": (5, 12)}):
+        with pytest.raises(DecodeError) as err:
+            dec.decode(encode_start(replace(info, **change), repeat=True))
+        assert err.value.reason == "metadata_changed" and next(iter(change)) in str(err.value)
+    with pytest.raises(DecodeError) as err:  # frames matching the refused claim
+        dec.decode(encode_frames(42, 2, small))
+    assert err.value.reason == "size_mismatch"
+    assert dec.decode(encode_frames(42, 2, frames[2:4])).first == 2
+    assert dec.decode(encode_start(info, repeat=True)).repeat  # the same start: a repeat
+    assert dec.decode(encode_end(42, 4)) == SeriesEnd(42, 4)
+    for k in range(KNOWN_SERIES - 1):  # remembered: a bounded number, the oldest forgotten
+        dec.decode(encode_start(replace(info, series_id=100 + k)))
+    assert dec.decode(encode_frames(42, 4, frames[4:5])).first == 4
+    dec.decode(encode_start(replace(info, series_id=99)))
+    with pytest.raises(DecodeError, match="wrong_series"):
+        dec.decode(encode_frames(43, 2, small))
+
+
+def test_impossible_sizes_are_refused_before_anything_is_allocated(stream, monkeypatch):
+    """A detector of 10^6 x 10^6 pixels, and an LZ4 payload claiming more than LZ4 can expand
+    to: refused from the numbers, before a buffer of the claimed size exists."""
+    info, frames = stream
+    head = msgpack.unpackb(encode_start(info)[0])
+    with pytest.raises(DecodeError, match="oversized"):
+        NativeDecoder().decode([msgpack.packb({**head, "detector_shape": [10**6, 10**6]}), b""])
+    dec = NativeDecoder()
+    dec.decode(encode_start(info))
+    calls = []
+    monkeypatch.setattr(lz4.block, "decompress", lambda *a, **k: calls.append(1))
+    lz = encode_frames(42, 0, frames[:8], encoding="lz4")
+    with pytest.raises(DecodeError, match="cannot hold"):
+        dec.decode([lz[0], b"\x00" * 64])  # 64 bytes cannot hold 8 frames of 32 kB
+    assert not calls
+
+
 def test_bad_messages_on_the_wire_are_counted_and_valid_frames_kept(endpoint, stream):
     import zmq
 
