@@ -38,7 +38,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from dectris.compression import decompress as dectris_decompress  # noqa: E402
 
-from .base import DecodeError  # noqa: E402
+from .base import LZ4_MAX_RATIO, DecodeError  # noqa: E402
 
 HEADER = struct.Struct(">QI")
 BLOCK_BYTES = 8192  # DECTRIS' block size
@@ -57,6 +57,9 @@ def _header(blob: memoryview, expected_nbytes: int, algorithm: str) -> int:
     # truncated; a blob larger than the worst-case expansion is corrupt
     if blob.nbytes > expected_nbytes + expected_nbytes // 255 + 16 * (size // block + 2) + 64:
         raise DecodeError("size_mismatch", f"{algorithm} blob larger than possible")
+    if expected_nbytes > LZ4_MAX_RATIO * blob.nbytes + 1024:  # before allocating the frame
+        raise DecodeError("truncated", f"{algorithm} blob of {blob.nbytes} bytes cannot hold "
+                          f"{expected_nbytes}")  # fmt: skip
     return block
 
 

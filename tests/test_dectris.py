@@ -252,6 +252,13 @@ def test_oversized_lz4_claims_are_rejected_before_decompressing():
         decompress("bslz4", 2, bytes(blob[:20]), f.nbytes)
     with pytest.raises(DecodeError):
         decompress("zstd-of-doom", 2, bytes(blob), f.nbytes)
+    # a short blob whose header claims a whole (large) frame: more than LZ4 can expand to,
+    # refused before the frame's buffer is allocated
+    big = np.zeros((4096, 4096), np.uint32)
+    head = bytes(compress_bslz4(np.zeros((96, 96), np.uint16)))
+    short = struct.pack(">QI", big.nbytes, 8192) + head[12:]
+    with pytest.raises(DecodeError, match="cannot hold"):
+        decompress("bslz4", 4, short, big.nbytes)
 
 
 def _messages(sim):
