@@ -214,7 +214,8 @@ class TcbfProcessor:
         out = {}
         for lvl, b in enumerate(lay.bins):
             sub = block[:, :, lay.offsets[lvl] : lay.offsets[lvl] + lay.n_tiles[lvl]]
-            images = np.ascontiguousarray(np.moveaxis(sub, 2, 0)) * per_frame
+            with np.errstate(invalid="ignore"):  # inf x 0 at excluded non-finite frames
+                images = np.ascontiguousarray(np.moveaxis(sub, 2, 0)) * per_frame
             images[:, ~valid] = 0.0  # excluded frames: no signal (and no non-finite values)
             electrons = sub[valid].sum(axis=0, dtype=np.float64) / gain
 
