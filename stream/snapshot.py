@@ -56,6 +56,8 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
         "frames_missing": int(result.frames_missing),
         "frames_per_s": float(result.frames_per_s),
         "rejected": int(rejected),
+        "frames_excluded": int(result.frames_excluded),
+        "suspect": [str(x) for x in result.suspect],
         "complete": bool(result.complete),
         "dose_e_per_A2": float(result.dose_e_per_A2),
         "electrons_total": float(result.electrons_total),
@@ -242,6 +244,9 @@ SCALARS = {
     "frames_missing": _is_int,
     "frames_per_s": _is_num,
     "rejected": lambda v: _is_int(v) and v >= 0,
+    "frames_excluded": lambda v: _is_int(v) and v >= 0,
+    "suspect": lambda v: isinstance(v, list) and len(v) <= 16
+    and all(isinstance(x, str) and len(x) <= 1000 for x in v),
     "complete": lambda v: isinstance(v, bool),
     "dose_e_per_A2": _is_num,
     "electrons_total": _is_num,

@@ -247,3 +247,34 @@ def test_run_with_the_in_process_viewer_writes_the_result_and_stops_on_ctrl_c(tm
     with h5py.File(out) as f:
         assert f["acquisition"].attrs["frames_received"] == len(frames)
         assert "tcbf/image" in f
+
+
+def test_the_status_bar_says_when_a_result_is_suspect(qtbot, tutorial):
+    """A missed trigger (the series ended a frame short) and excluded frames are in the view
+    state and shown in red in the status bar: a sheared image is never shown as a good one."""
+    sim, frames = tutorial
+    faulty = np.delete(frames, 500, axis=0)
+    faulty[100] = 0  # one blank frame: excluded
+    proc = SeriesProcessor(sim.series_info(3), ProcessingSettings())
+    proc.add(FrameBatch(3, 0, faulty))
+    proc.update_tcbf(final=True)
+    state = decode_state([bytes(p) for p in encode_state(view_state(
+        proc.result(final=True, complete=True)))])  # fmt: skip
+    assert state["frames_excluded"] == 1 and "missed trigger" in state["suspect"][0]
+
+    class Fixed:
+        def latest(self):
+            return state
+
+        def close(self):
+            pass
+
+    window = ViewerWindow(Fixed(), refresh_hz=20)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.state is not None, timeout=5000)
+    assert "excluded 1" in window.status.text() and "SUSPECT: missed trigger" in window.status.text()
+    assert "d03030" in window.status.styleSheet()
+    for hostile in ([1] * 3, ["x" * 5000]):
+        with pytest.raises(StateError):
+            decode_state([bytes(p) for p in encode_state(dict(state, suspect=hostile))])

@@ -412,12 +412,16 @@ class ViewerWindow(QtWidgets.QMainWindow):
         s = self.state
         latency = s.get("alignment_latency_s")
         lat = f"{latency * 1e3:.0f} ms" if latency is not None else "-"
+        suspect = s.get("suspect") or []
         self.status.setText(
             f"series {s.get('series_id')}  |  {s.get('frames_received')}/"
             f"{s.get('frames_expected')} frames  |  {s.get('frames_per_s', 0):.0f} frames/s  |  "
-            f"missing {s.get('frames_missing')}  |  rejected messages {s.get('rejected', 0)}  |  "
+            f"missing {s.get('frames_missing')}  |  excluded {s.get('frames_excluded', 0)}  |  "
+            f"rejected messages {s.get('rejected', 0)}  |  "
             f"alignment update {lat}{'  |  complete' if s.get('complete') else ''}"
-        )
+            + "".join(f"  |  SUSPECT: {x}" for x in suspect)
+        )  # a result not to be trusted (e.g. a missed trigger) is said in red
+        self.status.setStyleSheet("color: #d03030;" if suspect else "")
 
     # ------------------------------------------------------------------ saving
     def save_png(self, path: str) -> bool:
