@@ -245,8 +245,11 @@ SCALARS = {
     "frames_per_s": _is_num,
     "rejected": lambda v: _is_int(v) and v >= 0,
     "frames_excluded": lambda v: _is_int(v) and v >= 0,
-    "suspect": lambda v: isinstance(v, list) and len(v) <= 16
-    and all(isinstance(x, str) and len(x) <= 1000 for x in v),
+    "suspect": lambda v: (
+        isinstance(v, list)
+        and len(v) <= 16
+        and all(isinstance(x, str) and len(x) <= 1000 for x in v)
+    ),
     "complete": lambda v: isinstance(v, bool),
     "dose_e_per_A2": _is_num,
     "electrons_total": _is_num,

@@ -273,7 +273,8 @@ def test_the_status_bar_says_when_a_result_is_suspect(qtbot, tutorial):
     qtbot.addWidget(window)
     window.show()
     qtbot.waitUntil(lambda: window.state is not None, timeout=5000)
-    assert "excluded 1" in window.status.text() and "SUSPECT: missed trigger" in window.status.text()
+    text = window.status.text()
+    assert "excluded 1" in text and "SUSPECT: missed trigger" in text
     assert "d03030" in window.status.styleSheet()
     for hostile in ([1] * 3, ["x" * 5000]):
         with pytest.raises(StateError):
