@@ -137,6 +137,24 @@ def hot_and_dead(mean: np.ndarray, usable: np.ndarray, n_frames: int,
     return hot, dead
 
 
+def typical_frames(frames: np.ndarray) -> np.ndarray:
+    """The calibration frames without the anomalous ones (a blank frame, a flat frame, one with
+    a zinger): frames whose total is more than HOT_DEAD_SIGMA robust sigmas (1.4826 MAD,
+    floored by the Poisson width) from the median total. One 60,000-count pixel in 64 frames
+    would otherwise raise that pixel's mean ~900 counts and mark it persistently hot, and pull
+    the disk centre. At least half the frames are always kept."""
+    n = frames.shape[0]
+    if n < 8:
+        return frames
+    flat = frames.reshape(n, -1)
+    totals = (np.where(np.isfinite(flat), flat, 0) if flat.dtype.kind == "f" else flat).sum(
+        axis=1, dtype=np.float64)  # fmt: skip
+    med = float(np.median(totals))
+    scale = max(1.4826 * float(np.median(np.abs(totals - med))), np.sqrt(max(med, 1.0)))
+    keep = np.abs(totals - med) <= HOT_DEAD_SIGMA * scale
+    return frames[keep] if keep.sum() >= n // 2 else frames
+
+
 def calibrate(
     frames: np.ndarray,
     mask_value: int | None = None,
@@ -148,11 +166,12 @@ def calibrate(
 ) -> Calibration:
     """Calibrate from frames (N, Qx, Qy).
 
-    Masked pixels: those carrying `mask_value` in any frame, plus `supplied_mask`, plus
+    Masked pixels: those carrying `mask_value` in most frames, plus `supplied_mask`, plus
     persistent hot and dead pixels found in the mean pattern (`hot_and_dead`), plus pixels
-    never finite (float frames; a non-finite value in some frames is left out of the mean). The
-    angular sampling is taken as given, else derived as semiangle / radius when the semiangle
-    is known.
+    never finite (float frames; a non-finite value in some frames is left out of the mean).
+    Anomalous frames are left out (`typical_frames`), as are single `mask_value` (overload)
+    values. The angular sampling is taken as given, else derived as semiangle / radius when the
+    semiangle is known.
     """
     if frames.ndim != 3 or frames.shape[0] < 1:
         raise CalibrationError(f"need frames (N, Qx, Qy), got shape {frames.shape}")
@@ -162,8 +181,12 @@ def calibrate(
     mask = np.zeros(shape, bool) if supplied_mask is None else np.asarray(supplied_mask, bool)
     if mask.shape != shape:
         raise CalibrationError(f"mask shape {mask.shape} != detector {shape}")
-    if mask_value is not None:
-        mask = mask | np.any(frames == mask_value, axis=0)
+    if mask_value is not None:  # masked pixels carry it always; an overload only now and then
+        mask = mask | (np.mean(frames == mask_value, axis=0) > 0.5)
+        frames = (
+            np.where(frames == mask_value, 0, frames) if np.any(frames == mask_value) else frames
+        )
+    frames = typical_frames(frames)
     if frames.dtype.kind == "f":
         finite = np.isfinite(frames)
         count = finite.sum(axis=0)

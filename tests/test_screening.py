@@ -302,3 +302,20 @@ def test_the_result_file_records_what_was_excluded_and_why(tutorial, tmp_path):
         assert set(np.flatnonzero(acq["excluded"][()].ravel())) == {ZERO, FLAT, HOT}
         assert "missed trigger" in json.loads(acq.attrs["suspect"])[0]
         assert np.isfinite(f["alignment/error"][()]).all()
+
+
+def test_a_zinger_among_the_calibration_frames_is_not_a_hot_pixel(tutorial):
+    """One 60,000-count pixel (and one overload value 2^16 - 1, the DECTRIS mask value) inside
+    the first 64 frames: the calibration leaves that frame out and masks nothing, and screening
+    excludes the frame like any other."""
+    sim, frames = tutorial
+    f = frames.copy()
+    f[10, 64, 64] = 60000
+    f[20, 60, 66] = 65535
+    cal = calibrate(f[:64], mask_value=65535)
+    assert (cal.hot_pixels, cal.dead_pixels) == (0, 0) and not cal.mask.any()
+    ref = calibrate(frames[:64], mask_value=65535)
+    assert cal.center_px == pytest.approx(ref.center_px, abs=0.05)
+    r = offline(sim, f)
+    assert set(np.flatnonzero(r.excluded.ravel())) == {10, 20}
+    assert r.calibration.hot_pixels == 0 and not r.calibration.mask[64, 64]
