@@ -134,8 +134,20 @@ class SeriesResult:
         return self.total_counts / self.info.counts_per_electron
 
     @property
+    def kept(self) -> np.ndarray:
+        """(rows, cols) bool: positions acquired and not excluded by screening."""
+        kept = self.hits > 0
+        return kept & ~self.excluded if self.excluded is not None else kept
+
+    @property
+    def frames_kept(self) -> int:
+        return int(self.hits[self.kept].sum())
+
+    @property
     def electrons_total(self) -> float:
-        return float(self.electrons.sum())
+        """Electrons in the frames kept (an excluded frame's counts are not dose: a blank
+        frame had none, a hot pixel's are not electrons)."""
+        return float(self.electrons[self.kept].sum())
 
     @property
     def dose_map(self) -> np.ndarray:
@@ -145,28 +157,32 @@ class SeriesResult:
 
     @property
     def dose_e_per_A2(self) -> float:
-        """Mean dose over positions acquired so far."""
-        acquired = int(np.count_nonzero(self.hits))
+        """Mean dose over the positions acquired (and kept) so far."""
+        kept = int(np.count_nonzero(self.kept))
         step = self.info.step_A or float("nan")
-        return self.electrons_total / max(acquired, 1) / step**2 if acquired else 0.0
+        return self.electrons_total / kept / step**2 if kept else 0.0
+
+    @property
+    def electrons_per_frame(self) -> float:
+        frames = self.frames_kept
+        return self.electrons_total / frames if frames else 0.0
 
     @property
     def projected_dose_e_per_A2(self) -> float:
         """Mean dose per position when every expected frame has arrived (repeat passes add),
         at the electrons per frame measured so far."""
-        if not self.frames_received:
+        if not self.frames_kept:
             return 0.0
         step = self.info.step_A or float("nan")
         n_pos = self.hits.size
-        per_frame = self.electrons_total / self.frames_received
-        return per_frame * self.frames_expected / n_pos / step**2
+        return self.electrons_per_frame * self.frames_expected / n_pos / step**2
 
     @property
     def beam_current_pA(self) -> float | None:
         """From the mean electrons per frame and the announced dwell time (None if unknown)."""
-        if not self.frames_received:
+        if not self.frames_kept:
             return None
-        return beam_current_pA(self.electrons_total / self.frames_received, self.info.dwell_s)
+        return beam_current_pA(self.electrons_per_frame, self.info.dwell_s)
 
     @property
     def bf_fraction(self) -> np.ndarray:

@@ -319,3 +319,18 @@ def test_a_zinger_among_the_calibration_frames_is_not_a_hot_pixel(tutorial):
     r = offline(sim, f)
     assert set(np.flatnonzero(r.excluded.ravel())) == {10, 20}
     assert r.calibration.hot_pixels == 0 and not r.calibration.mask[64, 64]
+
+
+def test_dose_counts_only_the_frames_kept(tutorial):
+    """A hot pixel's or overload's counts are not electrons, nor is a blank frame a dose of 0:
+    the dose figures come from the frames kept."""
+    sim, frames = tutorial
+    clean = offline(sim, frames)
+    f = frames.copy()
+    f[300, 64, 64] = 60000
+    f[301, 64, 70] = 65535
+    f[500] = 0
+    r = offline(sim, f)
+    assert r.dose_e_per_A2 == pytest.approx(clean.dose_e_per_A2, rel=1e-3)
+    assert r.electrons_per_frame == pytest.approx(clean.electrons_per_frame, rel=1e-3)
+    assert r.frames_kept == len(frames) - 3
