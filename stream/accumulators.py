@@ -100,6 +100,10 @@ class TileLevels:
                    tuple(members), tile_start, tile_stop)  # fmt: skip
 
 
+# fast-math without "no NaN / no inf": sums may be reordered (vectorised), but a float frame's
+# non-finite values are still seen as such (screening excludes that frame, not its neighbours)
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
 # stats slots of the kernel
 ACCEPTED, DUPLICATE, OUT_OF_RANGE, OUT_OF_ORDER, NEXT_INDEX = range(5)
 
@@ -127,7 +131,7 @@ def _claim(idx, n_pos, cols, serpentine, seen, stats) -> int:
     return row * cols + col
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, exact,
           vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats) -> None:  # fmt: skip
     """Add one flat frame `f` into position `j` of every accumulator. Tile sums are prefix-sum
@@ -137,8 +141,17 @@ def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
     tot = zero
     for p in range(f.shape[0]):
         tot += f[p]
-    for m in masked_index:
-        tot -= f[m]
+    if exact or np.isfinite(tot):
+        for m in masked_index:
+            tot -= f[m]
+    else:  # a float frame with a non-finite value: sum again around the masked pixels
+        tot = zero
+        k = 0
+        for p in range(f.shape[0]):
+            if k < masked_index.shape[0] and masked_index[k] == p:
+                k += 1
+                continue
+            tot += f[p]
     run = zero
     for i in range(n_bf):
         v = f[bf_index[i]]
@@ -169,7 +182,7 @@ def _fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
     stats[ACCEPTED] += 1
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def accumulate_frames(
     frames: np.ndarray,  # (B, Qx*Qy) any numeric dtype
     indices: np.ndarray,  # (B,) acquisition index of each frame
@@ -204,7 +217,7 @@ def accumulate_frames(
                   stats)  # fmt: skip
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def accumulate_compressed(
     blobs: np.ndarray,  # uint8: the bslz4 blobs back to back
     offsets: np.ndarray,  # (B + 1,) blob b = blobs[offsets[b]:offsets[b + 1]]

@@ -119,7 +119,7 @@ def hot_and_dead(mean: np.ndarray, usable: np.ndarray, n_frames: int,
     n = max(n_frames, 1)
 
     def sigma(level):
-        return np.sqrt(gain * np.maximum(level, 1.0 / n) / n)
+        return np.sqrt(gain * np.maximum(level, gain / n) / n)  # at least one electron
 
     with np.errstate(invalid="ignore", over="ignore"):
         hot = (
@@ -168,7 +168,7 @@ def calibrate(
 
     Masked pixels: those carrying `mask_value` in most frames, plus `supplied_mask`, plus
     persistent hot and dead pixels found in the mean pattern (`hot_and_dead`), plus pixels
-    never finite (float frames; a non-finite value in some frames is left out of the mean).
+    non-finite in any calibration frame (float frames).
     Anomalous frames are left out (`typical_frames`), as are single `mask_value` (overload)
     values. The angular sampling is taken as given, else derived as semiangle / radius when the
     semiangle is known.
@@ -191,7 +191,7 @@ def calibrate(
         finite = np.isfinite(frames)
         count = finite.sum(axis=0)
         mean = np.where(finite, frames, 0).sum(axis=0, dtype=np.float64) / np.maximum(count, 1)
-        mask = mask | (count == 0)
+        mask = mask | (count < frames.shape[0])  # non-finite in any: not to be trusted
     else:
         mean = frames.mean(axis=0, dtype=np.float64)
     hot, dead = hot_and_dead(mean, ~mask, frames.shape[0], counts_per_electron)

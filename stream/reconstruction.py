@@ -56,7 +56,7 @@ def splat_weights(shifts_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def deposit(
     stack: np.ndarray,  # (n_pos, N_bf) per-BF-pixel values
-    hits: np.ndarray,  # (n_pos,) exposure per position (frames x relative dose; 0: none)
+    exposure: np.ndarray,  # (n_pos,) exposure per position (frames x relative dose; 0: none)
     positions: np.ndarray,  # (M,) flat positions to deposit
     cols: int,
     factor: int,
@@ -70,7 +70,7 @@ def deposit(
     n_bf = stack.shape[1]
     h_max, w_max = num.shape[0], num.shape[1]
     for j in positions:
-        h = hits[j]
+        h = exposure[j]
         if h == 0:
             continue
         r = j // cols
@@ -101,14 +101,15 @@ def deposit(
 
 
 @numba.njit(nogil=True, cache=True)
-def _group_sums(stack, hits, rows, cols, scan_cols, group_of, out):
-    """out[p, g] = sum over BF pixels i of group g of stack[p, i] / hits[p], for the positions
+def _group_sums(stack, exposure, rows, cols, scan_cols, group_of, out):
+    """out[p, g] = sum over BF pixels i of group g of stack[p, i] / exposure[p] (frames x
+    relative dose), for the positions
     p of the window rows [rows[0], rows[1]) x cols [cols[0], cols[1]) (row-major)."""
     width = cols[1] - cols[0]
     for r in range(rows[0], rows[1]):
         for c in range(cols[0], cols[1]):
             p = r * scan_cols + c
-            h = hits[p]
+            h = exposure[p]
             if h == 0:
                 continue
             scale = 1.0 / h
@@ -157,7 +158,7 @@ class PixelGroups:
     group lies in one tile of every level), and each level then moves a few hundred group
     images instead of thousands of pixel images."""
 
-    def __init__(self, stack, hits, rows, cols, scan_cols, finest_tile, move, matrix_px=None):
+    def __init__(self, stack, exposure, rows, cols, scan_cols, finest_tile, move, matrix_px=None):
         self.matrix_px = matrix_px  # the model the integer shifts came from
         keys = np.column_stack([finest_tile, move])
         uniq, first, group_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
@@ -166,11 +167,11 @@ class PixelGroups:
         self.members = np.bincount(group_of.ravel(), minlength=len(uniq)).astype(np.float32)
         self.shape = (rows[1] - rows[0], cols[1] - cols[0])
         self.sums = np.zeros((self.shape[0] * self.shape[1], len(uniq)), np.float32)
-        _group_sums(stack, hits, np.asarray(rows, np.int64), np.asarray(cols, np.int64),
+        _group_sums(stack, exposure, np.asarray(rows, np.int64), np.asarray(cols, np.int64),
                     scan_cols, group_of.ravel().astype(np.int64), self.sums)  # fmt: skip
         self.sums_t = np.ascontiguousarray(self.sums.T)  # (groups, positions) for the scatter
         del self.sums
-        window = hits.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
+        window = exposure.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
         self.valid = np.ascontiguousarray(window.ravel() > 0)
 
     def tile_images(self, pixel_tile: np.ndarray, n_tiles: int) -> np.ndarray:
@@ -184,14 +185,14 @@ class PixelGroups:
 
 
 @numba.njit(nogil=True, cache=True)
-def ring_sums(stack, hits, positions, ring_of, out) -> None:
+def ring_sums(stack, exposure, positions, ring_of, out) -> None:
     """out[r, p] = counts per frame at position p of the BF pixels in ring r (annuli of the
     disk), recomputed for the given positions: virtual-BF images of any radius are cumulative
     sums of these."""
     for p in positions:
         for r in range(out.shape[0]):
             out[r, p] = 0.0
-        h = hits[p]
+        h = exposure[p]
         if h == 0:
             continue
         row = stack[p]
@@ -201,24 +202,24 @@ def ring_sums(stack, hits, positions, ring_of, out) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _column_sums(stack, hits, out) -> float:
+def _column_sums(stack, exposure, out) -> float:
     """out[i] = sum of stack[p, i] over positions with exposure; returns the exposure summed."""
     frames = 0.0
     for p in range(stack.shape[0]):
-        if hits[p] == 0:
+        if exposure[p] == 0:
             continue
-        frames += hits[p]
+        frames += exposure[p]
         row = stack[p]
         for i in range(row.shape[0]):
             out[i] += row[i]
     return frames
 
 
-def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
+def pixel_gains(stack: np.ndarray, exposure: np.ndarray) -> np.ndarray:
     """Mean value per frame of each BF pixel over the acquired positions (N_bf,), in one pass
     without copying the stack."""
     total = np.zeros(stack.shape[1])
-    frames = _column_sums(stack, np.asarray(hits), total)
+    frames = _column_sums(stack, np.asarray(exposure), total)
     if frames == 0:
         return np.ones(stack.shape[1])
     return np.maximum(total / frames, 1e-12)
@@ -227,11 +228,12 @@ def pixel_gains(stack: np.ndarray, hits: np.ndarray) -> np.ndarray:
 EXPOSURE_TOLERANCE = 0.02  # relative change of a position's exposure that re-deposits it
 
 
-def exposure_changed(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+def exposure_changed(new: np.ndarray, old: np.ndarray,
+                     tolerance: float = EXPOSURE_TOLERANCE) -> np.ndarray:  # fmt: skip
     """Positions whose exposure (frames x relative dose) appeared, vanished or changed by more
     than EXPOSURE_TOLERANCE: the dose model is refined at every update by tiny amounts, which
     must not force a rebuild each time."""
-    return np.abs(new - old) > EXPOSURE_TOLERANCE * np.maximum(np.abs(old), 1e-12)
+    return np.abs(new - old) > tolerance * np.maximum(np.abs(old), 1e-12)
 
 
 class ShiftAndAdd:
@@ -257,18 +259,19 @@ class ShiftAndAdd:
         self._splat: tuple[np.ndarray, np.ndarray] | None = None
 
     def update(
-        self, stack: np.ndarray, hits: np.ndarray, shifts_px: np.ndarray,
-        tolerance_px: float | None = None,
+        self, stack: np.ndarray, exposure: np.ndarray, shifts_px: np.ndarray,
+        tolerance_px: float | None = None, exposure_tolerance: float = EXPOSURE_TOLERANCE,
     ) -> bool:  # fmt: skip
-        """Bring the image up to date with `stack`/`hits`; True if it was rebuilt.
+        """Bring the image up to date with `stack`/`exposure`; True if it was rebuilt.
 
         New positions are deposited with the shifts in use. A rebuild (from the whole stack,
         with fresh per-pixel gains) happens when the shifts moved by more than `tolerance_px`
         (default the instance's) / f scan px, or when already deposited positions received
-        more frames (repeat scans)."""
+        more frames (repeat scans) or a changed exposure (more than `exposure_tolerance`
+        relative; 0 at the final update, so it ends exactly where an offline run does)."""
         tol = self.tolerance_px if tolerance_px is None else tolerance_px
-        hits = np.asarray(hits, np.float64).ravel()
-        changed = exposure_changed(hits, self.deposited)
+        exposure = np.asarray(exposure, np.float64).ravel()
+        changed = exposure_changed(exposure, self.deposited, exposure_tolerance)
         stale = (
             self.shifts_px is None
             or self.shifts_px.shape != shifts_px.shape
@@ -279,18 +282,18 @@ class ShiftAndAdd:
             self.num[:] = 0.0
             self.den[:] = 0.0
             self.shifts_px = np.array(shifts_px, float)
-            self._inv_gain = 1.0 / pixel_gains(stack, hits)
+            self._inv_gain = 1.0 / pixel_gains(stack, exposure)
             self._splat = splat_weights(self.shifts_px * self.factor)
-            positions = np.flatnonzero(hits)
+            positions = np.flatnonzero(exposure)
             self.rebuilds += 1
         else:
             positions = np.flatnonzero(changed)
         if positions.size:
             offsets, weights = self._splat
             half = self.half if self.half is not None else np.zeros(stack.shape[1], np.int64)
-            deposit(stack, hits, positions.astype(np.int64), self.scan_shape[1], self.factor,
+            deposit(stack, exposure, positions.astype(np.int64), self.scan_shape[1], self.factor,
                     offsets, weights, self._inv_gain, half, self.num, self.den)  # fmt: skip
-        self.deposited[positions] = hits[positions]
+        self.deposited[positions] = exposure[positions]
         return stale
 
     def coverage(self) -> np.ndarray:

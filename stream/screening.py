@@ -116,9 +116,9 @@ def screen_frames(
     """Dose model and excluded frames of one series.
 
     `hits`, `totals`, `bf_sum`: (n_pos,) frames per position and their summed counts (all
-    unmasked pixels; BF pixels). `tiles` (window rows, window cols, n_tiles): the coarsest
-    level's tile sums over the scan block `tiles_window` ((r0, r1), (c0, c1)), for the
-    pattern test (optional)."""
+    unmasked pixels; BF pixels). `tiles` (window rows, window cols, n_tiles): one level's tile
+    sums over the scan block `tiles_window` ((r0, r1), (c0, c1)), for the pattern test
+    (optional; the live engine passes the finest level of its alignment window)."""
     n_pos = scan_shape[0] * scan_shape[1]
     hits = np.asarray(hits, np.float64).reshape(n_pos)
     acquired = hits > 0
@@ -132,32 +132,36 @@ def screen_frames(
     _count(reasons, "non_finite", excluded)
 
     # dose model on the frames that are not obviously broken; then the residual test
-    r_fac, c_fac = dose_model(tot.reshape(scan_shape), (acquired & finite).reshape(scan_shape))
-    model = (r_fac[:, None] * c_fac[None, :]).ravel()
-    scale_ref = float(np.median(tot[acquired & finite & (tot > 0)])) if np.any(
-        acquired & finite & (tot > 0)) else 0.0  # fmt: skip
-    expected = model * scale_ref  # counts per frame
     ok = acquired & finite
+    r_fac, c_fac = dose_model(tot.reshape(scan_shape), ok.reshape(scan_shape))
+    model = (r_fac[:, None] * c_fac[None, :]).ravel()
+    counted = ok & (tot > 0)
+    scale_ref = float(np.median(tot[counted])) if counted.any() else 0.0
+    expected_e = model * scale_ref / gain * hits  # electrons expected at each position
     with np.errstate(all="ignore"):
-        resid = np.log(np.where(ok & (tot > 0), tot, np.nan) / expected)
+        resid = np.log(np.where(counted, tot, np.nan) / (model * scale_ref))
     poisson = 1.0 / np.sqrt(max(scale_ref / gain, 1.0))
     z = resid / _robust_scale(resid[ok], poisson)
-    dark = ok & (tot <= 0)  # no electrons: the beam was not there (blanked, missed)
+    # no counts where that is improbable (P(0) = exp(-expected) < 1e-3 / n_pos): the beam was
+    # not there (blanked, missed); at a few electrons per frame an empty frame is just Poisson
+    dark = ok & (tot <= 0) & (expected_e > np.log(n_pos) + 7.0)
     lone = _unsupported(z, scan_shape)
-    dark |= ok & lone & (z < 0)
-    bright = ok & ~dark & lone & (z > 0)
+    dark |= counted & lone & (z < 0)
+    bright = counted & ~dark & lone & (z > 0)
     _count(reasons, "dark", dark)
     _count(reasons, "bright", bright)
     excluded |= dark | bright
 
-    # BF fraction: a flat or otherwise foreign frame puts its counts in the wrong places
-    ok = acquired & ~excluded
+    # BF fraction: a flat or otherwise foreign frame puts its counts in the wrong places; each
+    # frame's own binomial width floors the scale (few electrons, or nearly all in the BF disk)
+    ok = counted & ~excluded
     with np.errstate(all="ignore"):
         frac = np.where(ok, bf / tot, np.nan)
     if ok.sum() >= 8:
         f0 = float(np.median(frac[ok]))
-        binomial = np.sqrt(max(f0 * (1 - f0), 1e-6) / max(scale_ref / gain, 1.0))
-        zf = np.where(ok, frac - f0, np.nan) / _robust_scale(frac[ok], binomial)
+        n_e = np.maximum(tot * hits / gain, 1.0)
+        binomial = np.sqrt(np.maximum(f0 * (1 - f0), 1.0 / n_e) / n_e)
+        zf = np.where(ok, frac - f0, np.nan) / np.maximum(_robust_scale(frac[ok]), binomial)
         odd = ok & _unsupported(zf, scan_shape)
         _count(reasons, "bf_fraction", odd)
         excluded |= odd

@@ -512,6 +512,8 @@ class SeriesProcessor:
         lay = acc.tiles_layout
         last = self.tcbf.last if self.tcbf is not None else None
         screen = last.screen if last is not None else None
+        if final and screen is None and self.tcbf is not None:  # no model: still say why
+            screen = self.tcbf.screen(self.alignment_inputs())
         excluded = screen.excluded.reshape(self.scan_shape).copy() if screen else None
         return SeriesResult(
             info=self.info,
@@ -543,12 +545,17 @@ class SeriesProcessor:
         after a missed trigger sits one position early), and a slip of the frames by one
         position seen in the parallax of the tile images (`screening.slip_lines`)."""
         out = []
-        if complete and self.acc is not None and self.frame_limit == self.n_positions:
+        if complete and self.acc is not None:
             short = slip_suspected(self.acc.seen, self.frame_limit)
             if short:
                 out.append(
                     f"missed trigger suspected: the series ended {short} frame(s) short with "
                     "no gap before; later frames may sit one position early"
+                )
+            if self.acc.out_of_range:
+                out.append(
+                    f"{self.acc.out_of_range} frame(s) beyond the expected count: extra "
+                    "triggers? earlier frames may sit one position late"
                 )
         for line, step in last.slips if last is not None else ():
             kind = "missed trigger" if step < 0 else "extra frame"

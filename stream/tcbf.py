@@ -30,6 +30,7 @@ from .alignment import (
 from .calibration import Calibration
 from .dose import FRC, LevelTrust, dose_for_resolution, fourier_ring_correlation
 from .reconstruction import (
+    EXPOSURE_TOLERANCE,
     PixelGroups,
     ShiftAndAdd,
     default_upsampling,
@@ -185,6 +186,7 @@ class TcbfProcessor:
         self._regroup_px = REGROUP_PX
         self._rings: np.ndarray | None = None  # ring images, updated where hits changed
         self.last: TcbfResult | None = None
+        self._slips: set[tuple[int, int]] = set()
 
     def window(self, valid: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
         """Scan rows and columns the alignment uses: the acquired rows, at most
@@ -290,7 +292,7 @@ class TcbfProcessor:
         else:  # nothing trusted this time: keep the previous model
             result = AlignmentResult(self.matrix_px, result.iterations, rows, False)
         shifts = result.shifts_px(self.k_px)
-        slips = self.slips(levels, result)
+        slips = self.all_slips(self.slips(levels, result))
         aberrations = None
         if self.sampling_mrad and self.info.step_A:
             # s_A = alpha M_A^T with alpha = k x sampling: M_A = M_px x step / sampling
@@ -307,6 +309,7 @@ class TcbfProcessor:
             self.exposure(inputs),
             shifts,
             FINAL_REBUILD_PX if final else LIVE_REBUILD_PX,
+            exposure_tolerance=0.0 if final else EXPOSURE_TOLERANCE,
         )
         saa, half0, half1 = self.shift_and_add.images()
         sampling = self.info.step_A / self.upsampling if self.info.step_A else None
@@ -373,6 +376,12 @@ class TcbfProcessor:
         tiles = levels[result.schedule[-1]]
         found = slip_lines(tiles.images, result.shifts_px(tiles.k_px), tiles.valid, result.rows[0])
         return tuple(found)
+
+    def all_slips(self, found: tuple) -> tuple:
+        """Slips found by this update or any earlier one (the window and the dose change
+        between updates: a slip seen once stays reported)."""
+        self._slips.update(found)
+        return tuple(sorted(self._slips))
 
     def screen(self, inputs: AlignmentInputs) -> FrameScreen:
         """Dose model and excluded frames over everything acquired (`stream.screening`); the

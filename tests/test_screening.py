@@ -4,6 +4,7 @@ live and offline alike. The faults are injected here into the simulator's tutori
 
 import math
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def with_faults(frames: np.ndarray) -> np.ndarray:
 
 def offline(sim, frames, batch=64):
     settings = ProcessingSettings(tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=1)))
-    proc = SeriesProcessor(sim.series_info(1), settings)
+    info = replace(sim.series_info(1), dtype=str(frames.dtype))  # float faults: float stream
+    proc = SeriesProcessor(info, settings)
     for first in range(0, len(frames), batch):
         proc.add(FrameBatch(1, first, frames[first : first + batch]))
     proc.update_tcbf(final=True)
@@ -148,14 +150,23 @@ def test_persistent_hot_and_dead_pixels_are_masked_at_calibration(tutorial):
 def test_non_finite_values_in_a_float_stream_are_excluded_not_propagated(tutorial, clean_fit):
     sim, frames = tutorial
     f = frames.astype(np.float32)
-    f[3, 60, 60] = np.inf  # inside the calibration frames
+    f[3, 60, 60] = np.inf  # inside the calibration frames: that pixel is not to be trusted
     f[600, 64, 64] = np.nan
     f[601, 10, 10] = -np.inf  # outside the disk: only the total is spoiled
     r = offline(sim, f)
-    assert r.excluded_reasons == {"non_finite": 3}
+    assert r.calibration.mask[60, 60]
+    assert r.excluded_reasons == {"non_finite": 2}
+    assert set(np.flatnonzero(r.excluded.ravel())) == {600, 601}
     assert np.isfinite(r.total_counts).all() and np.isfinite(r.incoherent_bf).all()
     assert np.isfinite(r.tcbf.image).all() and np.isfinite(r.tcbf.errors_px).all()
     assert fit(r)[0] == pytest.approx(clean_fit[0], rel=0.03)
+    # a pixel that is NaN in every other frame (inside or outside the disk) costs no frame
+    for px in ((5, 5), (64, 64)):
+        g = frames.astype(np.float32)
+        g[::2, px[0], px[1]] = np.nan
+        r = offline(sim, g)
+        assert r.frames_excluded == 0 and r.calibration.mask[px]
+        assert fit(r)[0] == pytest.approx(clean_fit[0], rel=0.01)
 
 
 # ------------------------------------------------------------------ the issue's must-show
@@ -187,17 +198,25 @@ def test_combined_faults_leave_the_fit_live(tutorial, clean_fit, endpoint):
     live_fits = []
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(endpoint)
-    try:
+
+    def send():
         batches = ((i, faulty[i : i + 16]) for i in range(0, len(faulty), 16))
-        stream_series(push, sim, SendSettings(rate_fps=3000.0), 7, batches)
-    finally:
-        push.close(linger=2000)
+        stream_series(push, sim, SendSettings(rate_fps=2000.0), 7, batches)
+
+    sender = threading.Thread(target=send)
+    sender.start()
     while not engine.join(timeout=0.02):
         snap = engine.snapshot()
         if snap is not None and snap.tcbf is not None and not snap.tcbf.final:
             live_fits.append(fit(snap))
+    sender.join()
+    push.close(linger=2000)
     r = engine.last_result
     assert r.complete and r.frames_received == len(frames)
+    # the live estimates were right too, not only the (cold) final one
+    assert live_fits, "no live estimate during the scan"
+    assert live_fits[-1][0] == pytest.approx(clean_fit[0], rel=0.03)
+    assert live_fits[-1][1] == pytest.approx(clean_fit[1], abs=1.0)
     defocus, rotation = fit(r)
     assert defocus == pytest.approx(clean_fit[0], rel=0.03)
     assert rotation == pytest.approx(clean_fit[1], abs=1.0)
@@ -334,3 +353,47 @@ def test_dose_counts_only_the_frames_kept(tutorial):
     assert r.dose_e_per_A2 == pytest.approx(clean.dose_e_per_A2, rel=1e-3)
     assert r.electrons_per_frame == pytest.approx(clean.electrons_per_frame, rel=1e-3)
     assert r.frames_kept == len(frames) - 3
+
+
+def test_clean_low_count_data_loses_no_frame_and_faults_show_where_they_can():
+    """At a few electrons per frame an empty frame is just Poisson, and with nearly all
+    electrons in the BF disk one scattered electron is no anomaly: nothing is excluded. From
+    ~20 electrons per frame a blank and a flat frame are found."""
+    rng = np.random.default_rng(6)
+    for electrons, bf_share in ((2, 0.9), (5, 0.9), (20, 0.97), (100, 0.995), (1e4, 0.999)):
+        bf = rng.poisson(electrons * bf_share, 64 * 64).astype(float)
+        total = bf + rng.poisson(electrons * (1 - bf_share), 64 * 64)
+        assert screen_frames(np.ones(64 * 64), total, bf, (64, 64)).n_excluded == 0
+        total[100] = bf[100] = 0  # blank
+        total[200], bf[200] = electrons, 0.13 * electrons  # flat: no disk
+        found = set(np.flatnonzero(screen_frames(np.ones(64 * 64), total, bf, (64, 64)).excluded))
+        assert found == (set() if electrons < 20 else {100, 200})
+
+
+def test_exclusions_are_reported_when_no_model_can_be_fitted(tutorial):
+    sim = Simulator(tutorial_config(dose_e_per_A2=10.0))  # below the tile pipeline's reach
+    frames = sim.frames(0, sim.n_frames)
+    frames[500] = 0
+    r = offline(sim, frames)
+    assert r.tcbf is None or r.tcbf.aberrations is None or not r.tcbf.alignment.converged
+    assert r.excluded_reasons == {"dark": 1} and r.excluded.ravel()[500]
+
+
+def test_repeat_passes_and_extra_frames_are_checked_too(tutorial):
+    sim, frames = tutorial
+    n = len(frames)
+    info = replace(sim.series_info(1), frames_expected=2 * n)
+    two_passes = np.concatenate([frames, frames])
+
+    def run(stack):
+        proc = SeriesProcessor(info, ProcessingSettings())
+        for first in range(0, len(stack), 64):
+            proc.add(FrameBatch(1, first, stack[first : first + 64]))
+        proc.update_tcbf(final=True)
+        return proc.result(final=True, complete=True)
+
+    assert run(two_passes).suspect == ()
+    short = run(np.delete(two_passes, n + 300, axis=0))  # a trigger missed in pass 2
+    assert any("missed trigger" in s for s in short.suspect)
+    extra = offline(sim, np.insert(frames, 300, frames[300], axis=0))  # one trigger too many
+    assert extra.out_of_range == 1 and any("beyond the expected" in s for s in extra.suspect)
