@@ -182,9 +182,11 @@ def _count(reasons: dict[str, int], key: str, mask: np.ndarray) -> None:
 
 
 def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain) -> np.ndarray:
-    """Positions whose electrons spread over the coarse tiles unlike the scan's median pattern:
-    a Poisson chi-square of the tile fractions, cube-root transformed (Wilson-Hilferty) and
-    scored in robust units. Catches a zinger or overload pixel too small to move the total."""
+    """Positions whose electrons spread over the tiles unlike the scan's pattern (the tiles'
+    summed shares over the positions kept): a Poisson chi-square, sum_t (n_t - N r_t)^2 /
+    (N r_t) = sum_t n_t^2 / (N r_t) - N in electrons, cube-root transformed (Wilson-Hilferty)
+    and scored in robust units. Catches a zinger or overload pixel too small to move the
+    total."""
     (r0, r1), (c0, c1) = window
     out = np.zeros(scan_shape[0] * scan_shape[1], bool)
     n_t = tiles.shape[-1]
@@ -192,19 +194,17 @@ def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain) -> np.nda
         return out
     h = hits.reshape(scan_shape)[r0:r1, c0:c1].ravel()
     ex = excluded.reshape(scan_shape)[r0:r1, c0:c1].ravel()
-    t = np.asarray(tiles, np.float64).reshape(-1, n_t)
-    ok = (h > 0) & ~ex & np.all(np.isfinite(t), axis=1)
+    t = np.asarray(tiles, np.float32).reshape(-1, n_t) / np.float32(gain)  # electrons
+    total = t.sum(axis=1, dtype=np.float64)
+    ok = (h > 0) & ~ex & np.isfinite(total) & (total > 0)
     if ok.sum() < 8:
         return out
-    t = np.where(ok[:, None], t, 0.0)
-    total = t.sum(axis=1)
-    ok &= total > 0
-    frac = np.divide(t, total[:, None], out=np.zeros_like(t), where=total[:, None] > 0)
-    ref = np.median(frac[ok], axis=0)
-    keep = ref > 0
-    electrons = total / gain
-    chi = np.sum((frac[:, keep] - ref[keep]) ** 2 / ref[keep], axis=1) * electrons
-    root = np.cbrt(chi)
+    ref = t[ok].sum(axis=0, dtype=np.float64)
+    ref /= ref.sum()
+    inv = np.where(ref > 0, 1.0 / np.maximum(ref, 1e-30), 0.0).astype(np.float32)
+    with np.errstate(all="ignore"):
+        chi = np.where(ok, (t * t) @ inv / total - total, 0.0)
+    root = np.cbrt(np.maximum(chi, 0.0))
     z = np.where(ok, root - float(np.median(root[ok])), np.nan) / _robust_scale(root[ok])
     z = np.maximum(z, 0.0)  # one-sided: only an excess of chi-square is anomalous
     grid = out.reshape(scan_shape)
@@ -274,7 +274,7 @@ def slip_lines(
     if t_idx.size == 0:
         return []
     pick = np.linspace(0, t_idx.size - 1, min(t_idx.size, MAX_SLIP_PAIRS)).astype(int)
-    q = np.fft.fftfreq(cols)
+    q = np.fft.rfftfreq(cols)
     acc = np.zeros((5, rows + 2))  # per hypothesis L: sums and squares of both votes, count
     for t, u in zip(t_idx[pick], u_idx[pick], strict=True):
         dr, dc = d[t, u]
@@ -283,7 +283,7 @@ def slip_lines(
         m = rows - n0 - 1
         a = img[t, :m]
         b = (1 - w) * img[u, n0 : n0 + m] + w * img[u, n0 + 1 : n0 + 1 + m]
-        b = np.fft.ifft(np.fft.fft(b, axis=1) * np.exp(2j * np.pi * q * dc), axis=1).real
+        b = np.fft.irfft(np.fft.rfft(b, axis=1) * np.exp(2j * np.pi * q * dc), cols, axis=1)
         cc = [(a[:, max(0, -k) : cols - max(0, k)] * b[:, max(0, k) : cols + min(0, k)]).mean(1)
               for k in (-1, 0, 1)]  # fmt: skip
         # a missed trigger moves later content one column left (lag -1); an extra frame right
