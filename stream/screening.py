@@ -100,8 +100,26 @@ def dose_model(per_frame: np.ndarray, use: np.ndarray, rounds: int = 3, sample: 
             c = _nanmedian(by_row - r[::step_r, None], axis=0)
             c = np.where(np.isfinite(c), c, 0.0)
             c -= np.median(c[np.isfinite(log_t).any(axis=0)])
+    r = _steady_lines(r)
     centre = np.median((r[:, None] + c[None, :])[good])
     return np.exp(r - centre), np.exp(c)
+
+
+def _steady_lines(log_r: np.ndarray, half: int = 4) -> np.ndarray:
+    """Per-line log dose with lines that jump away from their neighbours (the running median
+    of 2 * half + 1 lines) by more than OUTLIER_SIGMA robust sigmas of such jumps replaced by
+    that median: a burst of bad frames filling most of a line must not become the line's
+    dose, which would make its good frames look anomalous. Drift and smooth fluctuation move
+    neighbouring lines alike and stay."""
+    n = len(log_r)
+    if n < 2 * half + 3:
+        return log_r
+    padded = np.pad(log_r, half, mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1)
+    smooth = np.median(windows, axis=1)
+    jump = log_r - smooth
+    odd = np.abs(jump) > OUTLIER_SIGMA * _robust_scale(jump)
+    return np.where(odd, smooth, log_r)
 
 
 def screen_frames(
@@ -112,13 +130,15 @@ def screen_frames(
     counts_per_electron: float = 1.0,
     tiles: np.ndarray | None = None,
     tiles_window: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    serpentine: bool = False,
 ) -> FrameScreen:
     """Dose model and excluded frames of one series.
 
     `hits`, `totals`, `bf_sum`: (n_pos,) frames per position and their summed counts (all
     unmasked pixels; BF pixels). `tiles` (window rows, window cols, n_tiles): one level's tile
     sums over the scan block `tiles_window` ((r0, r1), (c0, c1)), for the pattern test
-    (optional; the live engine passes the finest level of its alignment window)."""
+    (optional; the live engine passes the finest level of its alignment window).
+    `serpentine`: odd lines are acquired right to left (for bursts in time)."""
     n_pos = scan_shape[0] * scan_shape[1]
     hits = np.asarray(hits, np.float64).reshape(n_pos)
     acquired = hits > 0
@@ -145,7 +165,7 @@ def screen_frames(
     # no counts where that is improbable (P(0) = exp(-expected) < 1e-3 / n_pos): the beam was
     # not there (blanked, missed); at a few electrons per frame an empty frame is just Poisson
     dark = ok & (tot <= 0) & (expected_e > np.log(n_pos) + 7.0)
-    lone = _unsupported(z, scan_shape)
+    lone = _anomalous(z, scan_shape, serpentine)
     dark |= counted & lone & (z < 0)
     bright = counted & ~dark & lone & (z > 0)
     _count(reasons, "dark", dark)
@@ -162,7 +182,7 @@ def screen_frames(
         n_e = np.maximum(tot * hits / gain, 1.0)
         binomial = np.sqrt(np.maximum(f0 * (1 - f0), 1.0 / n_e) / n_e)
         zf = np.where(ok, frac - f0, np.nan) / np.maximum(_robust_scale(frac[ok]), binomial)
-        odd = ok & _unsupported(zf, scan_shape)
+        odd = ok & _anomalous(zf, scan_shape, serpentine)
         _count(reasons, "bf_fraction", odd)
         excluded |= odd
 
@@ -210,6 +230,46 @@ def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain) -> np.nda
     grid = out.reshape(scan_shape)
     grid[r0:r1, c0:c1] = _unsupported(z, (r1 - r0, c1 - c0)).reshape(r1 - r0, c1 - c0)
     return out
+
+
+def _line_crossing_runs(big: np.ndarray, sign: np.ndarray, shape: tuple[int, int],
+                        serpentine: bool) -> np.ndarray:  # fmt: skip
+    """Candidates (`big`, flat) that belong to a run of consecutive frames *in acquisition
+    order* with one sign that crosses from one line into the next: a burst in time (a glitch
+    lasting a while), which no sample feature is. Such frames need no support test: within a
+    burst, neighbouring lines support each other."""
+    rows, cols = shape
+    order = np.arange(rows * cols).reshape(rows, cols)
+    if serpentine:
+        order[1::2] = order[1::2, ::-1]
+    order = order.ravel()  # acquisition index -> flat position
+    b = big[order]
+    sg = sign[order]
+    if not b.any():
+        return np.zeros_like(big)
+    # runs: consecutive acquisition indices, all big, one sign
+    brk = np.ones(len(b), bool)
+    brk[1:] = ~(b[1:] & b[:-1] & (sg[1:] == sg[:-1]))
+    run_id = np.cumsum(brk)
+    line = np.arange(len(b)) // cols
+    first_line = np.full(run_id[-1] + 1, rows)
+    last_line = np.full(run_id[-1] + 1, -1)
+    idx = np.flatnonzero(b)
+    np.minimum.at(first_line, run_id[idx], line[idx])
+    np.maximum.at(last_line, run_id[idx], line[idx])
+    crossing = b & (first_line[run_id] != last_line[run_id])
+    out = np.zeros_like(big)
+    out[order] = crossing
+    return out
+
+
+def _anomalous(z: np.ndarray, shape: tuple[int, int], serpentine: bool) -> np.ndarray:
+    """Frames beyond OUTLIER_SIGMA that are either unsupported by the neighbouring lines
+    (`_unsupported`) or part of a burst in time (`_line_crossing_runs`)."""
+    zz = np.nan_to_num(np.asarray(z, np.float64), nan=0.0)
+    big = np.abs(zz) > OUTLIER_SIGMA
+    return big & (_unsupported(zz, shape) | _line_crossing_runs(big, np.sign(zz), shape,
+                                                                 serpentine))  # fmt: skip
 
 
 def _unsupported(z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

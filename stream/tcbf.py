@@ -392,7 +392,7 @@ class TcbfProcessor:
         bf = inputs.bf_sum if inputs.bf_sum is not None else totals
         return screen_frames(inputs.hits, totals, bf, self.scan_shape,
                              self.info.counts_per_electron, inputs.tiles[..., -n0:],
-                             inputs.window)  # fmt: skip
+                             inputs.window, self.info.scan_order == "serpentine")  # fmt: skip
 
     @staticmethod
     def exposure(inputs: AlignmentInputs) -> np.ndarray:

@@ -397,3 +397,23 @@ def test_repeat_passes_and_extra_frames_are_checked_too(tutorial):
     assert any("missed trigger" in s for s in short.suspect)
     extra = offline(sim, np.insert(frames, 300, frames[300], axis=0))  # one trigger too many
     assert extra.out_of_range == 1 and any("beyond the expected" in s for s in extra.suspect)
+
+
+@pytest.mark.parametrize("length", [30, 100])
+def test_bursts_of_bad_frames_over_line_ends_are_excluded_whole(tutorial, clean_fit, length):
+    """A glitch lasting longer than part of a line (flat frames, a hot pixel, a blank beam)
+    must neither become the line's dose (making its good frames look anomalous) nor protect
+    itself as a sample feature would (neighbouring lines of the burst support each other):
+    exactly the burst is excluded, and the fit stays (measured up to 100 frames: <= 1 %)."""
+    sim, frames = tutorial
+    for value, pixel in ((1, None), (60000, (64, 64)), (0, None)):
+        f = frames.copy()
+        if pixel is None:
+            f[500 : 500 + length] = value
+        else:
+            f[500 : 500 + length, pixel[0], pixel[1]] = value
+        r = offline(sim, f)
+        assert set(np.flatnonzero(r.excluded.ravel())) == set(range(500, 500 + length))
+        defocus, rotation = fit(r)
+        assert defocus == pytest.approx(clean_fit[0], rel=0.03)
+        assert rotation == pytest.approx(clean_fit[1], abs=1.0)
