@@ -268,7 +268,7 @@ class ShiftAndAdd:
         with fresh per-pixel gains) happens when the shifts moved by more than `tolerance_px`
         (default the instance's) / f scan px, or when already deposited positions received
         more frames (repeat scans) or a changed exposure (more than `exposure_tolerance`
-        relative; 0 at the final update, so it ends exactly where an offline run does)."""
+        relative)."""
         tol = self.tolerance_px if tolerance_px is None else tolerance_px
         exposure = np.asarray(exposure, np.float64).ravel()
         changed = exposure_changed(exposure, self.deposited, exposure_tolerance)
