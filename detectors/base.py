@@ -52,6 +52,18 @@ def header_int(d: Any, key: str, low: int = 0, high: int = 1 << 62) -> int:
     return v
 
 
+def known_series(known: dict, series: int, what: str):
+    """The state a decoder remembers for `series` (its start), or the DecodeError that says why
+    `what` (e.g. "frames", "image") of it cannot be decoded."""
+    state = known.get(series)
+    if state is not None:
+        return state
+    if not known:
+        raise DecodeError("no_start", f"{what} of series {series} before its start")
+    raise DecodeError("wrong_series", f"{what} of series {series}, whose start never came "
+                      f"(known: {', '.join(map(str, known))})")  # fmt: skip
+
+
 def defect_mask(raw: Any, detector_shape: tuple[int, int]) -> np.ndarray:
     """The detector's own pixel mask (DECTRIS: uint32 LE bit flags per pixel; gap, dead,
     under/over-responding, noisy...) as bool (True = exclude): any flag set excludes the pixel.

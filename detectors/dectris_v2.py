@@ -32,6 +32,7 @@ from .base import (
     SeriesStart,
     defect_mask,
     describe_change,
+    known_series,
 )
 from .base import (
     header_int as _int,
@@ -227,12 +228,7 @@ class DectrisV2Decoder(CollectsErrors):
 
     def _image(self, m: dict) -> FrameBatch:
         series = _int(m, "series_id", 0, 1 << 62)
-        state = self._known.get(series)
-        if state is None:
-            if not self._known:
-                raise DecodeError("no_start", f"image of series {series} before its start")
-            raise DecodeError("wrong_series", f"image of series {series}, whose start never "
-                              f"came (known: {', '.join(map(str, self._known))})")  # fmt: skip
+        state = known_series(self._known, series, "image")
         info = state.info
         image_id = _int(m, "image_id", 0, MAX_IMAGES)
         if image_id >= info.frames_expected:

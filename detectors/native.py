@@ -23,6 +23,7 @@ from .base import (
     SeriesInfo,
     SeriesStart,
     describe_change,
+    known_series,
 )
 
 PROTOCOL = "tcbf-live"
@@ -237,12 +238,7 @@ class NativeDecoder:
         return SeriesStart(info, repeat=bool(h.get("repeat", False)))
 
     def _frames(self, h: dict, series: int, payload: Any) -> FrameBatch:
-        info = self._known.get(series)
-        if info is None:
-            if not self._known:
-                raise DecodeError("no_start", f"frames of series {series} before its start")
-            raise DecodeError("wrong_series", f"frames of series {series}, whose start never "
-                              f"came (known: {', '.join(map(str, self._known))})")  # fmt: skip
+        info = known_series(self._known, series, "frames")
         first, count, nbytes = h.get("first"), h.get("count"), h.get("nbytes")
         if type(first) is not int or type(count) is not int or type(nbytes) is not int:
             raise DecodeError("bad_header", "first/count/nbytes must be integers")
