@@ -185,9 +185,9 @@ def test_combined_faults_leave_the_fit_offline(tutorial, clean_fit):
     assert rows[-1] / rows[0] == pytest.approx(1.0 / 0.8, rel=0.03)
 
 
-def test_combined_faults_leave_the_fit_live(tutorial, clean_fit, endpoint):
-    sim, frames = tutorial
-    faulty = with_faults(frames)
+def live(sim, frames, endpoint, rate_fps=2000.0, batch=16):
+    """Stream `frames` into a live engine (PUSH on loopback) while watching its snapshots;
+    returns the final result and the live (non-final) tcBF results seen during the scan."""
     settings = EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
         processing=ProcessingSettings(
@@ -195,23 +195,30 @@ def test_combined_faults_leave_the_fit_live(tutorial, clean_fit, endpoint):
         max_series=1, idle_timeout_s=20.0, align_interval_s=0.05,
     )  # fmt: skip
     engine = Engine(settings).start()
-    live_fits = []
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(endpoint)
 
     def send():
-        batches = ((i, faulty[i : i + 16]) for i in range(0, len(faulty), 16))
-        stream_series(push, sim, SendSettings(rate_fps=2000.0), 7, batches)
+        batches = ((i, frames[i : i + batch]) for i in range(0, len(frames), batch))
+        stream_series(push, sim, SendSettings(rate_fps=rate_fps), 7, batches)
 
     sender = threading.Thread(target=send)
     sender.start()
+    seen = []
     while not engine.join(timeout=0.02):
         snap = engine.snapshot()
         if snap is not None and snap.tcbf is not None and not snap.tcbf.final:
-            live_fits.append(fit(snap))
+            seen.append(snap.tcbf)
     sender.join()
     push.close(linger=2000)
-    r = engine.last_result
+    return engine.last_result, seen
+
+
+def test_combined_faults_leave_the_fit_live(tutorial, clean_fit, endpoint):
+    sim, frames = tutorial
+    r, seen = live(sim, with_faults(frames), endpoint)
+    live_fits = [(t.aberrations.defocus_A, math.degrees(t.aberrations.rotation_rad))
+                 for t in seen if t.aberrations is not None]  # fmt: skip
     assert r.complete and r.frames_received == len(frames)
     # the live estimates were right too, not only the (cold) final one
     assert live_fits, "no live estimate during the scan"
@@ -264,32 +271,9 @@ def test_a_missed_trigger_is_located_from_the_parallax(gold):
 def test_a_missed_trigger_is_flagged_while_the_scan_runs(gold, endpoint):
     sim, frames = gold
     slipped = np.delete(frames, 10 * 48 + 20, axis=0)  # a trigger missed in line 10
-    settings = EngineSettings(
-        subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
-        processing=ProcessingSettings(
-            tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=1))),
-        max_series=1, idle_timeout_s=20.0, align_interval_s=0.05,
-    )  # fmt: skip
-    engine = Engine(settings).start()
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(endpoint)
-
-    def send():
-        batches = ((i, slipped[i : i + 24]) for i in range(0, len(slipped), 24))
-        stream_series(push, sim, SendSettings(rate_fps=1500.0), 7, batches)
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    live = []
-    while not engine.join(timeout=0.02):
-        snap = engine.snapshot()
-        if snap is not None and snap.tcbf is not None and not snap.tcbf.final:
-            live.append((snap.tcbf.frames, snap.tcbf.slips))
-    sender.join()
-    push.close(linger=2000)
-    flagged = [n for n, slips in live if slips == ((10, -1),)]
-    assert flagged and min(flagged) < 0.9 * len(frames), live[-5:]
-    r = engine.last_result
+    r, seen = live(sim, slipped, endpoint, rate_fps=1500.0, batch=24)
+    flagged = [t.frames for t in seen if t.slips == ((10, -1),)]
+    assert flagged and min(flagged) < 0.9 * len(frames), [(t.frames, t.slips) for t in seen][-5:]
     assert any("scan line 10" in s for s in r.suspect)
 
 
