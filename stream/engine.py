@@ -535,6 +535,8 @@ class Engine:
             with self._lock:
                 self.last_result = result
         log.info("%s%s", result.summary(), "" if complete else " (incomplete)")
+        if result.frames_excluded or result.suspect:
+            log.warning("series %d %s", sid, result.screening_summary())
         if self.on_series_end is not None:
             try:
                 self.on_series_end(result)
