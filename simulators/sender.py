@@ -35,6 +35,8 @@ from stream.transport import (
 
 logger = logging.getLogger("tcbf.sender")
 
+HEADER_ROOM_BYTES = 64 << 10  # a native message's msgpack header is < 1 KiB: ample room
+
 SOCKET_TYPES = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
 
 
@@ -193,8 +195,9 @@ def run_sender(
     if settings.protocol == "merlin":
         return run_merlin_sender(source, settings, log, should_stop)
     frame_nbytes = source.series_info(0).frame_nbytes
-    if settings.protocol == "native":  # one message per batch: under the receivers' cap
-        batch = max(1, min(settings.batch, settings.max_message_bytes // max(frame_nbytes, 1)))
+    if settings.protocol == "native":  # one message per batch, header included: under the cap
+        room = settings.max_message_bytes - HEADER_ROOM_BYTES
+        batch = max(1, min(settings.batch, room // max(frame_nbytes, 1)))
         settings = replace(settings, batch=batch)
     message_nbytes = frame_nbytes * (settings.batch if settings.protocol == "native" else 1)
     ctx = zmq.Context()  # this call's own: terminated below, after the queue is sent

@@ -108,7 +108,9 @@ class Engine:
         self.series_complete = 0
         self.series_incomplete = 0
         self.series_empty = 0
-        self.series_ended = 0  # ended normally with frames: what `max_series` counts
+        # ended normally with every frame: what `max_series` counts (an incomplete series
+        # never does, so a restarted sender's complete series is still received in full)
+        self.series_ended = 0
         self.series_refused: Counter = Counter()
         budget = settings.memory_budget_bytes or settings.processing.memory_budget_bytes
         self.budget_bytes = memory_budget_bytes(budget)
@@ -266,7 +268,9 @@ class Engine:
                         self._expected_series)  # fmt: skip
             return
         if len(self._open) >= self.settings.max_open_series:
-            quietest = min(self._open, key=self._active.__getitem__)
+            # a series without frames ends first (stray starts never evict one receiving)
+            quietest = min(self._open, key=lambda k: (self._open[k].frames_received > 0,
+                                                      self._active[k]))  # fmt: skip
             log.warning("series %d starts while %d are open: series %d (the quietest) ends",
                         sid, len(self._open), quietest)  # fmt: skip
             self._finish(quietest, complete=False)
@@ -307,7 +311,7 @@ class Engine:
         if limit is None or processing.repeat_scans == "new-series":
             limit = resolved.scan_shape[0] * resolved.scan_shape[1]
         cal = processing.calibration
-        left = self.budget_bytes - sum(self._reserved.values())
+        left = self.budget_bytes - self._held()
         reason = check_info(resolved, left, n_bf=cal.n_bf if cal is not None else None,
                             frame_limit=limit, upsample=processing.tcbf.upsample,
                             calibration_frames=processing.calibration_frames)  # fmt: skip
@@ -333,11 +337,16 @@ class Engine:
             calibration_frames=s.calibration_frames, integer_stack=kind.kind == "u",
         ).total  # fmt: skip
 
+    def _held(self, but: int | None = None) -> int:
+        """Bytes reserved by the open series that hold frames (but `but`): a start with no
+        frames yet (a stray or hostile one) never takes budget from a series receiving."""
+        return sum(n for k, n in self._reserved.items()
+                   if k != but and k in self._open and self._open[k].frames_received)  # fmt: skip
+
     def _rebudget(self) -> None:
-        """Each open series may grow into what the others leave of the budget."""
-        total = sum(self._reserved.values())
+        """Each open series may grow into what the others (with frames) leave of the budget."""
         for sid, proc in self._open.items():
-            left = self.budget_bytes - total + self._reserved.get(sid, 0)
+            left = self.budget_bytes - self._held(but=sid)
             proc.settings = replace(proc.settings, memory_budget_bytes=left)
 
     def _is_armed_series(self, series_id: int) -> bool:
@@ -422,6 +431,8 @@ class Engine:
         if pass_index > proc.index_offset // proc.n_positions:
             info = self._announced[sid]
             self._finish(sid, complete=True)
+            if self._stop.is_set():  # that pass was the last the run takes: no stub of the next
+                return False
             try:
                 proc = self._open_series(info, pass_index)
             except BudgetExceeded as err:
@@ -442,6 +453,7 @@ class Engine:
         A series whose processing raises is refused (False), the engine goes on."""
         failed = proc.decode_failures
         calibrated = proc.acc is not None
+        fresh = proc.frames_received == 0  # its first frames: its reservation now counts
         try:
             with self._lock:
                 proc.add_many(batches)
@@ -459,6 +471,7 @@ class Engine:
         self.counters.frames += n - failed
         if not calibrated and proc.acc is not None:  # sized now: reserve what it holds
             self._reserved[sid] = self._footprint(proc)
+        if fresh or (not calibrated and proc.acc is not None):
             self._rebudget()
         return True
 
@@ -551,9 +564,8 @@ class Engine:
         if not result.frames_received:
             self.series_empty += 1
             return
-        if result.complete:
-            self.series_ended += 1
         if result.complete and not result.frames_missing:
+            self.series_ended += 1
             self.series_complete += 1
         else:
             self.series_incomplete += 1

@@ -550,7 +550,8 @@ class SeriesProcessor:
             if short:
                 out.append(
                     f"missed trigger suspected: the series ended {short} frame(s) short with "
-                    "no gap before; later frames may sit one position early"
+                    "no gap before (missed triggers, or a scan stopped early); after a missed "
+                    "trigger every later frame sits one position early"
                 )
             if self.acc.out_of_range:
                 out.append(

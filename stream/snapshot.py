@@ -296,7 +296,10 @@ NEEDS = {
     "tile_members": ("bf_pixels", "bins"),
     "tcbf_image": ("tcbf_upsampling",),
     "bf_k_px": ("shifts_px",),
+    "shifts_px": ("bf_k_px",),  # drawn together: each needs the other
     "tile_k_px": ("tile_shifts_px", "tile_used"),
+    "tile_shifts_px": ("tile_k_px",),
+    "tile_used": ("tile_k_px",),
     "ring_bf": ("ring_radii_px",),
     "ring_radii_px": ("ring_bf",),
     "resolution_A": ("resolution_half_bit_A", "frc_q_per_A", "frc", "frc_half_bit"),

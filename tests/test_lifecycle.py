@@ -513,3 +513,60 @@ def test_non_finite_pixels_in_a_float_stream_never_stop_ingest(endpoint, sim, fr
             assert np.isfinite(getattr(r, name)).all(), name
     else:
         assert sum(eng.series_refused.values()) == 1
+
+
+# ------------------------------------------------- stray starts never cost a receiving series
+def engine_for(**kw):
+    """An engine fed events directly (`Engine.process`), and the list its series end in."""
+    results = []
+    settings = EngineSettings(
+        subscriber=SubscriberSettings(endpoint=f"tcp://127.0.0.1:{free_port()}",
+                                      socket_type="pull", bind=True),
+        align_interval_s=None, **kw)  # fmt: skip
+    return Engine(settings, on_series_end=results.append), results
+
+
+def test_stray_starts_never_evict_the_series_receiving(sim, frames):
+    eng, results = engine_for(max_series=None)
+    eng.process([SeriesStart(sim.series_info(9), False)]
+                + [FrameBatch(9, i, frames[i : i + 8]) for i in range(0, 40, 8)])  # fmt: skip
+    eng.process([SeriesStart(sim.series_info(s), False) for s in (20, 21, 22)])  # 3 strays
+    eng.process([FrameBatch(9, i, frames[i : i + 8]) for i in range(40, 96, 8)]
+                + [SeriesEnd(9, 96)])  # fmt: skip
+    eng.close_series()
+    done = {r.info.series_id: r for r in results}
+    assert done[9].complete and done[9].frames_received == 96 and not done[9].frames_missing
+    assert not eng.counters.rejected  # not one frame of series 9 lost
+
+
+def test_a_frameless_start_takes_no_budget_from_a_series_receiving():
+    sim = Simulator(tutorial_config(scan_shape=(64, 64)))
+    frames = sim.frames(0, 128)
+    total = 2 * GiB
+    eng, results = engine_for(max_series=None, memory_budget_bytes=total)
+    info = sim.series_info(9)
+    eng.process([SeriesStart(info, False), FrameBatch(9, 0, frames[:32])])
+    # a stray start whose scan claims nearly everything the good series leaves
+    left = total - eng._reserved[9]
+    side = 1400
+    while budget.check_info(replace(info, scan_shape=(side + 10,) * 2, frames_expected=None),
+                            left - 5_000_000, frame_limit=(side + 10) ** 2) is None:  # fmt: skip
+        side += 10
+    eng.process([SeriesStart(replace(info, series_id=20, scan_shape=(side, side),
+                                     frames_expected=None), False)])  # fmt: skip
+    eng.process([FrameBatch(9, 32, frames[32:128])])  # the good series calibrates now
+    assert not eng.series_refused and eng._open[9].acc is not None
+
+
+def test_a_run_that_took_its_last_pass_opens_no_stub_of_the_next():
+    sim = Simulator(tutorial_config(scan_shape=(8, 12)))
+    frames = sim.frames(0, sim.n_frames)
+    n = sim.n_frames
+    eng, results = engine_for(processing=ProcessingSettings(repeat_scans="new-series"),
+                              max_series=1)  # fmt: skip
+    info = replace(sim.series_info(5), frames_expected=2 * n)
+    eng.process([SeriesStart(info, False)]
+                + [FrameBatch(5, i, frames[i : i + 8]) for i in range(0, n, 8)]
+                + [FrameBatch(5, n + i, frames[i : i + 8]) for i in range(0, 16, 8)])  # fmt: skip
+    eng.close_series()
+    assert [(r.frames_received, r.complete) for r in results] == [(n, True)]

@@ -181,11 +181,13 @@ def test_recv_capped_counts_the_whole_message(endpoint):
 
 
 def test_sender_batches_stay_under_the_message_cap(endpoint, sim):
-    frame_bytes = 32 * 32 * 2
+    from simulators.sender import HEADER_ROOM_BYTES
+
+    cap = HEADER_ROOM_BYTES + 3 * 32 * 32 * 2 + 100  # the same cap on both ends: header counts
     sock = open_socket(SubscriberSettings(endpoint=endpoint, socket_type="pull",
-                                          max_message_bytes=3 * frame_bytes + 1024))  # fmt: skip
+                                          max_message_bytes=cap))  # fmt: skip
     settings = SendSettings(bind=endpoint, socket_type="push", batch=16, join_wait_s=0.0,
-                            max_message_bytes=3 * frame_bytes)  # fmt: skip
+                            max_message_bytes=cap)  # fmt: skip
     t = threading.Thread(target=run_sender, args=(sim, settings), kwargs={"show_progress": False})
     t.start()
     counters = StreamCounters()
@@ -412,6 +414,8 @@ HOSTILE = {
     "no BF pixels": lambda s: _with(s, bf_pixels=s["bf_pixels"][:0], tile_members=None),
     "float BF pixels": lambda s: _with(s, bf_pixels=s["bf_pixels"].astype("<f4")),
     "scan claim 10^5 squared": lambda s: _with(s, scan_shape=[100_000, 100_000]),
+    "shifts without their pixels": lambda s: _with(s, bf_k_px=None),
+    "tile shifts without their tiles": lambda s: _with(s, tile_k_px=None),
     "scan as text": lambda s: _with(s, scan_shape="16x24"),
     "map off the scan": lambda s: _with(s, dose_map=np.zeros((16, 25), "<f4")),
     "no ring images": lambda s: _with(
