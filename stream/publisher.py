@@ -62,7 +62,9 @@ class SnapshotPublisher:
                     continue
                 rejected = sum(self.engine.counters.rejected.values())
                 parts = encode_state(view_state(result, rejected))
-                self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                # copied: the socket lingers 0 on a shared context that is never terminated,
+                # so a zero-copy buffer could be freed by libzmq after the interpreter is gone
+                self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
                 self.sent += 1
                 last = key
             except zmq.Again:

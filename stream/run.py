@@ -251,6 +251,30 @@ def kept_name(target: Path) -> Path:
     return path
 
 
+def stop_on_signals(engine: Engine, headless: bool) -> None:
+    """Ctrl-C (SIGINT) and a facility script's `kill` (SIGTERM) end the run with the series in
+    progress written (incomplete), never lost. Headless, the handler only asks the engine to
+    stop: raising KeyboardInterrupt inside `Thread.join` (CPython 3.11) can mark the ingest
+    thread as ended while it still runs, and the process would then exit before the series is
+    written. A second signal interrupts at once. With a window, SIGTERM acts as Ctrl-C."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    asked = []
+
+    def stop(signum, frame):
+        if headless and not asked:
+            asked.append(signum)
+            engine.stop()
+            return
+        raise KeyboardInterrupt
+
+    if headless:
+        signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def series_refused(engine: Engine) -> int:
     """Series the engine refused (unusable metadata, over the memory budget, failed)."""
     return sum(engine.series_refused.values())
@@ -262,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
     engine = Engine(settings, on_series_end=files).start()
+    stop_on_signals(engine, args.headless)
     try:
         detector = arm_detector(args, engine) if args.simplon else None
         files.detector = detector
