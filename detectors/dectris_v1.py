@@ -400,13 +400,6 @@ def _listed(events) -> list:
     return [] if events is None else events if isinstance(events, list) else [events]
 
 
-def _htype(part: Any) -> str | None:
-    """The part's htype if it is a JSON object of a known one, else None."""
-    msg = _json(part)
-    htype = msg.get("htype") if msg is not None else None
-    return htype if htype in HTYPES else None
-
-
 def _fits(blob: Any, head: dict | None) -> bool:
     """The blob has the size its header (shape [x, y], type) says; any size if it says none."""
     shape, kind = (head or {}).get("shape"), (head or {}).get("type")

@@ -151,7 +151,11 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
                        publishes=args.publish is not None)  # fmt: skip
     return EngineSettings(
         subscriber=SubscriberSettings(
-            endpoint=endpoint, socket_type=socket_type, bind=args.bind is not None, curve=curve
+            endpoint=endpoint,
+            socket_type=socket_type,
+            bind=args.bind is not None,
+            curve=curve,
+            detector=args.protocol != "native",
         ),
         processing=processing,
         protocol=args.protocol,

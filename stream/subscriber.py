@@ -21,6 +21,8 @@ from detectors.base import DecodeError, Event
 from detectors.native import NativeDecoder
 
 from .transport import (
+    CURVE_HINT,
+    DETECTOR_HINT,
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_PARTS,
     CurveKeys,
@@ -42,6 +44,7 @@ class SubscriberSettings:
     rcvhwm: int = 10_000  # messages queued before PUB drops / PUSH blocks (memory bound)
     max_message_bytes: int = MAX_MESSAGE_BYTES  # one whole multipart message, all parts
     curve: CurveKeys | None = None  # CURVE server (bind) or client (connect); None: plain
+    detector: bool = False  # a detector's link (DECTRIS, Merlin): cannot be authenticated
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _configure(sock: zmq.Socket, kind: int, settings: SubscriberSettings) -> Non
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if settings.bind:
         bind(sock, settings.endpoint, f"the receiver ({settings.socket_type.upper()})",
-             settings.curve)  # fmt: skip
+             settings.curve, DETECTOR_HINT if settings.detector else CURVE_HINT)  # fmt: skip
     else:
         connect(sock, settings.endpoint, settings.curve)
 
