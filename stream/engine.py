@@ -108,8 +108,10 @@ class Engine:
         self.series_complete = 0
         self.series_incomplete = 0
         self.series_empty = 0
-        # ended normally with every frame: what `max_series` counts (an incomplete series
-        # never does, so a restarted sender's complete series is still received in full)
+        # ended by the detector's end message or the last frame: what `max_series` counts (a
+        # series cut short by a restart, a quiet spell or the stream stopping never does, so a
+        # restarted sender's complete series is still received in full; one that the detector
+        # itself ended with frames missing does, else the run would wait out its idle timeout)
         self.series_ended = 0
         self.series_refused: Counter = Counter()
         budget = settings.memory_budget_bytes or settings.processing.memory_budget_bytes
@@ -564,8 +566,9 @@ class Engine:
         if not result.frames_received:
             self.series_empty += 1
             return
-        if result.complete and not result.frames_missing:
+        if result.complete:  # ended by its end message or last frame (not idle, not replaced)
             self.series_ended += 1
+        if result.complete and not result.frames_missing:
             self.series_complete += 1
         else:
             self.series_incomplete += 1
