@@ -115,6 +115,24 @@ def temporary_name(target: Path, suffix: str | None = None) -> Path:
     return target.with_name(f".{target.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
+def remove_stale_temporaries(target: Path) -> int:
+    """Remove the temporary files a killed writer left beside `target` (SIGKILL, power loss:
+    no `finally` ran): hidden `.<stem>.tmp-<pid>-*` names whose process is gone. Returns how
+    many. A live process's temporary file is never touched."""
+    removed = 0
+    for path in target.parent.glob(f".{target.stem}.tmp-*"):
+        try:
+            pid = int(path.name.split(".tmp-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        except (ValueError, IndexError, PermissionError):
+            continue  # not one of ours, or another user's live process
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(
     target: str | Path,
@@ -128,6 +146,7 @@ def atomic_output(
     `companions`: suffixes of files written beside the temporary one (`.json` for a .npy's
     sidecar); they are moved to `target.with_suffix(...)` first, the main file last."""
     target = Path(target)
+    remove_stale_temporaries(target)
     tmp = temporary_name(target)
     pairs = [(tmp.with_suffix(s), target.with_suffix(s)) for s in companions] + [(tmp, target)]
     done: list[Path] = []

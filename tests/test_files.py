@@ -553,3 +553,23 @@ def test_a_signal_mid_series_writes_the_series_in_progress(sim, tmp_path, signam
         assert f["acquisition"].attrs["frames_received"] == half
         assert not f["acquisition"].attrs["complete"]
     assert leftovers(tmp_path) == []
+
+
+def test_temporary_files_of_a_killed_writer_are_removed(tmp_path):
+    """A writer killed mid-write (SIGKILL: no `finally`) leaves a hidden temporary file; the
+    next write beside the same output removes it. A live process's temporary file stays."""
+    import subprocess
+
+    from stream.outputs import remove_stale_temporaries
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f".r.tmp-{int(gone.stdout)}-abcd1234.h5"
+    alive = tmp_path / f".r.tmp-{os.getpid()}-abcd1234.h5"
+    dead.write_bytes(b"half a file")
+    alive.write_bytes(b"being written")
+    with atomic_output(tmp_path / "r.h5") as tmp:
+        tmp.write_bytes(b"result")
+    assert not dead.exists() and alive.exists()
+    assert (tmp_path / "r.h5").read_bytes() == b"result"
+    assert remove_stale_temporaries(tmp_path / "r.h5") == 0
