@@ -1,4 +1,4 @@
-"""Frame screening: a smooth dose model, anomalous frames and row shear, from the data alone.
+"""Frame screening: a dose model, anomalous frames and missed triggers, from the data alone.
 
 Pure numerics (per-position sums in, masks and factors out). Why it exists: the alignment
 cross-correlates virtual-BF images of BF-pixel groups. Anything that is the same, unshifted, in
@@ -15,11 +15,14 @@ and silently wrecks the fit. A missing frame is harmless (it carries no signal),
    fluctuations are not features.
 2. **Anomalous frames** are positions whose frame disagrees with that model far beyond its
    noise: the dose residual `log(total / D)`, the BF fraction `bf / total`, and the pattern of
-   electrons over the coarsest tiles (a chi-square against the median pattern, cube-root
-   transformed to near-normal, Wilson & Hilferty 1931). Each is scored in robust units (1.4826
-   x MAD over the scan, floored by its Poisson width) and a frame is excluded at
-   `OUTLIER_SIGMA` or beyond: a zero or flat frame, a zinger or overload pixel, a non-finite
-   value. An excluded frame is treated exactly as a missing one (exposure 0).
+   electrons over the finest tiles of the alignment window (a chi-square against the scan's
+   summed pattern, cube-root transformed to near-normal, Wilson & Hilferty 1931). Each is
+   scored in robust units (1.4826 x MAD over the scan, floored by its Poisson or binomial
+   width); a frame is excluded at `OUTLIER_SIGMA` or beyond unless the neighbouring lines
+   support the deviation (a sample feature spans lines, a glitch lives in the time of a frame),
+   or at once when it belongs to a run that crosses a line end in acquisition order (a burst in
+   time): a zero or flat frame, a zinger or overload pixel, a non-finite value. An excluded
+   frame is treated exactly as a missing one (exposure 0).
 3. **Missed triggers.** A detector that skips a trigger records one frame fewer and every
    later frame lands one position early (the image shears). Live, `slip_lines` finds the line
    from the parallax (tile images are shifted copies of one object, so line r of one tile and
@@ -65,7 +68,8 @@ def _robust_scale(x: np.ndarray, floor: float = 0.0) -> float:
 def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
     """Median along `axis` ignoring NaN, fast: the NaNs of each line are replaced by +inf and
     -inf in equal numbers (one more +inf when odd, which moves the median by at most half an
-    order statistic), so a plain partition-based median applies. All-NaN lines give NaN."""
+    order statistic), so a plain partition-based median applies. All-NaN lines give NaN; lines
+    with more NaNs than values may give +-inf, which callers treat as no data."""
     a = np.array(a, np.float64, copy=True)
     nan = np.isnan(a)
     rank = np.cumsum(nan, axis=axis)
@@ -88,14 +92,14 @@ def dose_model(per_frame: np.ndarray, use: np.ndarray, rounds: int = 3, sample: 
     log_t[good] = np.log(per_frame[good])
     if not good.any():
         return np.ones(rows), np.ones(cols)
-    by_col = log_t[:, :: max(1, cols // sample)]
-    by_row = log_t[:: max(1, rows // sample)]
-    step_r = max(1, rows // sample)
+    step_r, step_c = max(1, rows // sample), max(1, cols // sample)
+    by_col = log_t[:, ::step_c]
+    by_row = log_t[::step_r]
     r = np.zeros(rows)
     c = np.zeros(cols)
     with np.errstate(all="ignore"):
         for _ in range(rounds):
-            r = _nanmedian(by_col - c[None, :: max(1, cols // sample)], axis=1)
+            r = _nanmedian(by_col - c[None, ::step_c], axis=1)
             r = np.where(np.isfinite(r), r, np.median(r[np.isfinite(r)]))
             c = _nanmedian(by_row - r[::step_r, None], axis=0)
             c = np.where(np.isfinite(c), c, 0.0)
