@@ -15,8 +15,8 @@ and silently wrecks the fit. A missing frame is harmless (it carries no signal),
    fluctuations are not features.
 2. **Anomalous frames** are positions whose frame disagrees with that model far beyond its
    noise: the dose residual `log(total / D)`, the BF fraction `bf / total`, and the pattern of
-   electrons over the finest tiles of the alignment window (a chi-square against the scan's
-   summed pattern, cube-root transformed to near-normal, Wilson & Hilferty 1931). Each is
+   electrons over the finest tiles of the alignment window (a chi-square against the tiles'
+   median shares, cube-root transformed to near-normal, Wilson & Hilferty 1931). Each is
    scored in robust units (1.4826 x MAD over the scan, floored by its Poisson or binomial
    width); a frame is excluded at `OUTLIER_SIGMA` or beyond unless the neighbouring lines
    support the deviation (a sample feature spans lines, a glitch lives in the time of a frame),
@@ -191,7 +191,8 @@ def screen_frames(
         excluded |= odd
 
     if tiles is not None and tiles_window is not None:
-        odd = _pattern_outliers(tiles, tiles_window, hits, excluded, scan_shape, gain)
+        odd = _pattern_outliers(tiles, tiles_window, hits, excluded, scan_shape, gain,
+                                serpentine)  # fmt: skip
         _count(reasons, "pattern", odd & ~excluded)
         excluded |= odd
 
@@ -205,9 +206,10 @@ def _count(reasons: dict[str, int], key: str, mask: np.ndarray) -> None:
         reasons[key] = reasons.get(key, 0) + n
 
 
-def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain) -> np.ndarray:
-    """Positions whose electrons spread over the tiles unlike the scan's pattern (the tiles'
-    summed shares over the positions kept): a Poisson chi-square, sum_t (n_t - N r_t)^2 /
+def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain,
+                      serpentine: bool = False) -> np.ndarray:  # fmt: skip
+    """Positions whose electrons spread over the tiles unlike the scan's pattern (each tile's
+    median share): a Poisson chi-square, sum_t (n_t - N r_t)^2 /
     (N r_t) = sum_t n_t^2 / (N r_t) - N in electrons, cube-root transformed (Wilson-Hilferty)
     and scored in robust units. Catches a zinger or overload pixel too small to move the
     total."""
@@ -223,16 +225,27 @@ def _pattern_outliers(tiles, window, hits, excluded, scan_shape, gain) -> np.nda
     ok = (h > 0) & ~ex & np.isfinite(total) & (total > 0)
     if ok.sum() < 8:
         return out
-    ref = t[ok].sum(axis=0, dtype=np.float64)
-    ref /= ref.sum()
+    # the typical pattern: the median share of each tile over up to 2048 positions kept (robust
+    # to a pixel that turns hot for a large part of the scan, unlike the summed pattern)
+    rows_ok = np.flatnonzero(ok)
+    pick = rows_ok[np.linspace(0, rows_ok.size - 1, min(rows_ok.size, 2048)).astype(int)]
+    ref = np.median(t[pick] / total[pick, None].astype(np.float32), axis=0).astype(np.float64)
+    ref /= max(ref.sum(), 1e-30)
     inv = np.where(ref > 0, 1.0 / np.maximum(ref, 1e-30), 0.0).astype(np.float32)
     with np.errstate(all="ignore"):
         chi = np.where(ok, (t * t) @ inv / total - total, 0.0)
     root = np.cbrt(np.maximum(chi, 0.0))
     z = np.where(ok, root - float(np.median(root[ok])), np.nan) / _robust_scale(root[ok])
     z = np.maximum(z, 0.0)  # one-sided: only an excess of chi-square is anomalous
-    grid = out.reshape(scan_shape)
-    grid[r0:r1, c0:c1] = _unsupported(z, (r1 - r0, c1 - c0)).reshape(r1 - r0, c1 - c0)
+    shape = (r1 - r0, c1 - c0)
+    if c0 == 0 and c1 == scan_shape[1]:  # whole lines: bursts in time can be told too
+        flip = serpentine and r0 % 2 == 1  # the window's first line runs right to left
+        zz = z.reshape(shape)[:, ::-1].ravel() if flip else z
+        odd = _anomalous(zz, shape, serpentine)
+        odd = odd.reshape(shape)[:, ::-1].ravel() if flip else odd
+    else:
+        odd = _unsupported(z, shape)
+    out.reshape(scan_shape)[r0:r1, c0:c1] = odd.reshape(shape)
     return out
 
 
