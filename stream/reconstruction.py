@@ -215,6 +215,33 @@ def _column_sums(stack, exposure, out) -> float:
     return frames
 
 
+@numba.njit(nogil=True, cache=True)
+def _window_column_sums(stack, exposure, rows, cols, scan_cols, out) -> float:
+    """out[i] = sum of stack[p, i] over the window's positions with exposure; returns the
+    exposure summed."""
+    total = 0.0
+    for r in range(rows[0], rows[1]):
+        for c in range(cols[0], cols[1]):
+            p = r * scan_cols + c
+            if exposure[p] == 0:
+                continue
+            total += exposure[p]
+            row = stack[p]
+            for i in range(row.shape[0]):
+                out[i] += row[i]
+    return total
+
+
+def window_pixel_means(stack: np.ndarray, exposure: np.ndarray, window, scan_cols: int):
+    """(mean per unit exposure of each BF pixel over the window (N_bf,), exposure summed)."""
+    (r0, r1), (c0, c1) = window
+    out = np.zeros(stack.shape[1])
+    total = _window_column_sums(stack, np.asarray(exposure, np.float64),
+                                np.array([r0, r1], np.int64), np.array([c0, c1], np.int64),
+                                scan_cols, out)  # fmt: skip
+    return out / max(total, 1e-12), total
+
+
 def pixel_gains(stack: np.ndarray, exposure: np.ndarray) -> np.ndarray:
     """Mean value per frame of each BF pixel over the acquired positions (N_bf,), in one pass
     without copying the stack."""
@@ -257,10 +284,12 @@ class ShiftAndAdd:
         self.rebuilds = 0
         self._inv_gain: np.ndarray | None = None
         self._splat: tuple[np.ndarray, np.ndarray] | None = None
+        self.excluded_px: np.ndarray | None = None  # BF pixels left out of the image
 
     def update(
         self, stack: np.ndarray, exposure: np.ndarray, shifts_px: np.ndarray,
         tolerance_px: float | None = None, exposure_tolerance: float = EXPOSURE_TOLERANCE,
+        excluded_px: np.ndarray | None = None,
     ) -> bool:  # fmt: skip
         """Bring the image up to date with `stack`/`exposure`; True if it was rebuilt.
 
@@ -268,22 +297,30 @@ class ShiftAndAdd:
         with fresh per-pixel gains) happens when the shifts moved by more than `tolerance_px`
         (default the instance's) / f scan px, or when already deposited positions received
         more frames (repeat scans) or a changed exposure (more than `exposure_tolerance`
-        relative)."""
+        relative), or when the BF pixels left out (`excluded_px`, bool (N_bf,): e.g. a pixel
+        that turned hot) changed."""
         tol = self.tolerance_px if tolerance_px is None else tolerance_px
         exposure = np.asarray(exposure, np.float64).ravel()
+        excluded = (np.zeros(stack.shape[1], bool) if excluded_px is None
+                    else np.asarray(excluded_px, bool))  # fmt: skip
         changed = exposure_changed(exposure, self.deposited, exposure_tolerance)
         stale = (
             self.shifts_px is None
             or self.shifts_px.shape != shifts_px.shape
             or np.max(np.abs(shifts_px - self.shifts_px)) * self.factor > tol
             or bool(np.any(self.deposited[changed] > 0))
+            or not np.array_equal(excluded, self._excluded_or_none(excluded))
         )
         if stale:
             self.num[:] = 0.0
             self.den[:] = 0.0
             self.shifts_px = np.array(shifts_px, float)
+            self.excluded_px = excluded
             self._inv_gain = 1.0 / pixel_gains(stack, exposure)
-            self._splat = splat_weights(self.shifts_px * self.factor)
+            offsets, weights = splat_weights(self.shifts_px * self.factor)
+            self._inv_gain[excluded] = 0.0  # left out: no value and no weight
+            weights[excluded] = 0.0
+            self._splat = (offsets, weights)
             positions = np.flatnonzero(exposure)
             self.rebuilds += 1
         else:
@@ -295,6 +332,10 @@ class ShiftAndAdd:
                     offsets, weights, self._inv_gain, half, self.num, self.den)  # fmt: skip
         self.deposited[positions] = exposure[positions]
         return stale
+
+    def _excluded_or_none(self, like: np.ndarray) -> np.ndarray:
+        """The pixels left out so far (none before the first exclusion)."""
+        return self.excluded_px if self.excluded_px is not None else np.zeros_like(like)
 
     def coverage(self) -> np.ndarray:
         """Smooth weight (0..1) of where data landed: 1 inside the acquired area, falling to 0

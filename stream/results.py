@@ -121,6 +121,7 @@ def write_screening(acq: h5py.Group, result: SeriesResult) -> None:
     cal = result.calibration
     acq.attrs["hot_pixels"] = cal.hot_pixels if cal is not None else 0
     acq.attrs["dead_pixels"] = cal.dead_pixels if cal is not None else 0
+    acq.attrs["pixels_excluded_mid_scan"] = result.pixels_excluded  # turned hot/dead later
     acq.attrs["suspect"] = json.dumps(list(result.suspect))
     acq.attrs["frames_dropped_by_detector"] = _attr(result.detector_dropped)  # NaN: unknown
     if result.excluded is not None:

@@ -100,6 +100,12 @@ class SeriesResult:
     detector_dropped: int | None = None  # images the detector says it dropped (SIMPLON)
 
     @property
+    def pixels_excluded(self) -> int:
+        """BF pixels that turned hot or dead during the scan, left out of the alignment and
+        the image (persistent ones from the start are the calibration's `hot_pixels` ...)."""
+        return self.tcbf.pixels_excluded if self.tcbf is not None else 0
+
+    @property
     def frames_excluded(self) -> int:
         return int(self.excluded.sum()) if self.excluded is not None else 0
 
@@ -110,6 +116,8 @@ class SeriesResult:
         text = (f"screening: {self.frames_excluded} frame(s) excluded{f' ({why})' if why else ''}"
                 f"; {cal.hot_pixels if cal else 0} hot and {cal.dead_pixels if cal else 0} dead "
                 "pixel(s) masked")  # fmt: skip
+        if self.pixels_excluded:
+            text += f", {self.pixels_excluded} more left out mid-scan"
         if self.detector_dropped is not None:
             lost = self.frames_missing - self.detector_dropped
             text += (f"; the detector dropped {self.detector_dropped} image(s), "

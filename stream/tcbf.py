@@ -27,7 +27,7 @@ from .alignment import (
     acquired_rows,
     align,
 )
-from .calibration import Calibration
+from .calibration import Calibration, hot_and_dead
 from .dose import FRC, LevelTrust, dose_for_resolution, fourier_ring_correlation
 from .reconstruction import (
     EXPOSURE_TOLERANCE,
@@ -37,6 +37,7 @@ from .reconstruction import (
     exposure_changed,
     phase_flip,
     ring_sums,
+    window_pixel_means,
 )
 from .screening import FrameScreen, screen_frames, slip_lines
 
@@ -104,6 +105,7 @@ class TcbfResult:
     trust: tuple[LevelTrust, ...] = ()
     alignment_s: float = 0.0  # of `latency_s`: the alignment alone (tiles, registration, fit)
     screen: FrameScreen | None = None  # dose model and excluded frames this update used
+    pixels_excluded: int = 0  # BF pixels that turned hot or dead during the scan, left out
     slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
 
     @property
@@ -132,6 +134,7 @@ class TcbfResult:
 
 
 RINGS = 8  # annuli of the BF disk for the axial-radius control
+OUTSIDE_PX = 1 << 30  # a pixel group moved this far lands on no tile (left out)
 REGROUP_PX = 0.5
 # live updates re-form the pixel groups when a pixel's shift moved this much
 FINAL_REGROUP_PX = 0.25  # the final update, tighter
@@ -167,6 +170,9 @@ class TcbfProcessor:
         self.layout = layout
         self.scan_shape = info.scan_shape
         self.k_px = calibration.bf_pixels - np.asarray(calibration.center_px)
+        self.bf_pixels = calibration.bf_pixels
+        self.detector_shape = tuple(calibration.detector_shape)
+        self.bad_px = np.zeros(len(self.k_px), bool)  # BF pixels that turned hot or dead
         self.radius_px = float(np.hypot(*self.k_px.T).max())
         mp = calibration.mean_pattern
         weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
@@ -214,7 +220,7 @@ class TcbfProcessor:
         valid = exposure > 0
         per_frame = np.divide(1.0, exposure, out=np.zeros(exposure.shape), where=valid)
         per_frame = per_frame.astype(np.float32)
-        block = inputs.tiles
+        block = self.without_bad_pixels(inputs)
         lay, geo = self.layout, self.geometry
         gain = self.info.counts_per_electron
         out = {}
@@ -243,6 +249,7 @@ class TcbfProcessor:
             or np.abs(shifts - self.k_px @ cached[1].matrix_px.T).max() > self._regroup_px
         ):
             move = np.rint(shifts).astype(np.int64)
+            move[self.bad_px] = OUTSIDE_PX  # left out: moved off every tile
             groups = PixelGroups(inputs.stack, self.exposure(inputs), window[0], window[1],
                                  self.scan_shape[1], self.layout.member_tile[-1], move,
                                  matrix_px.copy())  # fmt: skip
@@ -264,6 +271,7 @@ class TcbfProcessor:
             return None
         screen = self.screen(inputs)
         inputs = replace(inputs, exposure=screen.exposure)
+        self.find_bad_pixels(inputs)
         levels = self.tile_sets(inputs)
         dose = self.scan_dose(inputs.electrons_total)
         self.last_trust = level_trust(levels, st.min_tile_electrons, dose)
@@ -314,6 +322,7 @@ class TcbfProcessor:
             shifts,
             FINAL_REBUILD_PX if final else LIVE_REBUILD_PX,
             exposure_tolerance=FINAL_EXPOSURE_TOLERANCE if final else EXPOSURE_TOLERANCE,
+            excluded_px=self.bad_px,
         )
         saa, half0, half1 = self.shift_and_add.images()
         sampling = self.info.step_A / self.upsampling if self.info.step_A else None
@@ -368,6 +377,7 @@ class TcbfProcessor:
             alignment_s=align_s,
             screen=screen,
             slips=slips,
+            pixels_excluded=int(self.bad_px.sum()),
         )
         return self.last
 
@@ -386,6 +396,36 @@ class TcbfProcessor:
         between updates: a slip seen once stays reported)."""
         self._slips.update(found)
         return tuple(sorted(self._slips))
+
+    def find_bad_pixels(self, inputs: AlignmentInputs) -> None:
+        """BF pixels that turned hot or dead during the scan (after calibration), from their
+        mean over the alignment window against their neighbours (`hot_and_dead`); once found,
+        left out of the tiles, the pixel groups and the image for the rest of the series."""
+        means, exposure = window_pixel_means(inputs.stack, self.exposure(inputs), inputs.window,
+                                             self.scan_shape[1])  # fmt: skip
+        if exposure <= 0:
+            return
+        rows, cols = self.bf_pixels[:, 0], self.bf_pixels[:, 1]
+        grid = np.zeros(self.detector_shape)
+        grid[rows, cols] = means
+        usable = np.zeros(self.detector_shape, bool)
+        usable[rows, cols] = ~self.bad_px
+        hot, dead = hot_and_dead(grid, usable, int(exposure), self.info.counts_per_electron)
+        self.bad_px |= (hot | dead)[rows, cols]
+
+    def without_bad_pixels(self, inputs: AlignmentInputs) -> np.ndarray:
+        """The window's tile sums with the bad BF pixels' values taken out (every level)."""
+        if not self.bad_px.any():
+            return inputs.tiles
+        (r0, r1), (c0, c1) = inputs.window
+        block = inputs.tiles.astype(np.float32, copy=True)
+        stack = inputs.stack.reshape(*self.scan_shape, -1)
+        lay = self.layout
+        for i in np.flatnonzero(self.bad_px):
+            values = stack[r0:r1, c0:c1, i].astype(np.float32)
+            for lvl in range(len(lay.bins)):
+                block[:, :, lay.offsets[lvl] + lay.member_tile[lvl][i]] -= values
+        return block
 
     def screen(self, inputs: AlignmentInputs) -> FrameScreen:
         """Dose model and excluded frames over everything acquired (`stream.screening`); the
