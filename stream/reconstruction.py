@@ -202,20 +202,6 @@ def ring_sums(stack, exposure, positions, ring_of, out) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _column_sums(stack, exposure, out) -> float:
-    """out[i] = sum of stack[p, i] over positions with exposure; returns the exposure summed."""
-    frames = 0.0
-    for p in range(stack.shape[0]):
-        if exposure[p] == 0:
-            continue
-        frames += exposure[p]
-        row = stack[p]
-        for i in range(row.shape[0]):
-            out[i] += row[i]
-    return frames
-
-
-@numba.njit(nogil=True, cache=True)
 def _window_column_sums(stack, exposure, rows, cols, scan_cols, out) -> float:
     """out[i] = sum of stack[p, i] over the window's positions with exposure; returns the
     exposure summed."""
@@ -244,12 +230,11 @@ def window_pixel_means(stack: np.ndarray, exposure: np.ndarray, window, scan_col
 
 def pixel_gains(stack: np.ndarray, exposure: np.ndarray) -> np.ndarray:
     """Mean value per frame of each BF pixel over the acquired positions (N_bf,), in one pass
-    without copying the stack."""
-    total = np.zeros(stack.shape[1])
-    frames = _column_sums(stack, np.asarray(exposure), total)
+    without copying the stack (the whole scan as one window of a single column)."""
+    means, frames = window_pixel_means(stack, exposure, ((0, stack.shape[0]), (0, 1)), 1)
     if frames == 0:
         return np.ones(stack.shape[1])
-    return np.maximum(total / frames, 1e-12)
+    return np.maximum(means, 1e-12)
 
 
 EXPOSURE_TOLERANCE = 0.02  # relative change of a position's exposure that re-deposits it
