@@ -15,9 +15,9 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from detectors.base import FrameBatch  # noqa: E402
-from simulators import Simulator, tutorial_config  # noqa: E402
-from stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
+from tcbf_live.detectors.base import FrameBatch  # noqa: E402
+from tcbf_live.simulators import Simulator, tutorial_config  # noqa: E402
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
 
 
 def processor_for(detector: int, scan: tuple[int, int], sample_frames: np.ndarray, info):

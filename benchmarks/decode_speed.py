@@ -22,10 +22,10 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from detectors.base import SeriesInfo  # noqa: E402
-from detectors.compression import compress_bslz4, native_bslz4  # noqa: E402
-from detectors.dectris_v2 import DectrisV2Decoder, encode_image, encode_start  # noqa: E402
-from stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
+from tcbf_live.detectors.base import SeriesInfo  # noqa: E402
+from tcbf_live.detectors.compression import compress_bslz4, native_bslz4  # noqa: E402
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder, encode_image, encode_start  # noqa: E402
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
 
 
 def frames_for(size: int, n: int, rng) -> np.ndarray:

@@ -41,10 +41,10 @@ import h5py
 import numpy as np
 import zmq
 
-from detectors.base import FrameBatch, SeriesInfo
-from detectors.files import write_dataset
-from simulators import Simulator, faults, tutorial_config
-from stream.exitcodes import ExitCode
+from tcbf_live.detectors.base import FrameBatch, SeriesInfo
+from tcbf_live.detectors.files import write_dataset
+from tcbf_live.simulators import Simulator, faults, tutorial_config
+from tcbf_live.stream.cli.exitcodes import ExitCode
 
 DEFOCUS_TOL_PCT = 3.0
 ROTATION_TOL_DEG = 1.0
@@ -350,7 +350,7 @@ def run_cli(argv: list[str], timeout_s: float) -> tuple[int | None, list[str], f
     """`tcbf-live ARGV` in a subprocess: (exit code or None on a hang, stderr tail, seconds)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QT_QPA_PLATFORM": "offscreen"}
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "stream.cli", *argv]
+    cmd = [sys.executable, "-m", "tcbf_live", *argv]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     try:

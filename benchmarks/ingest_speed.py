@@ -39,8 +39,8 @@ def sender(endpoint: str, n_frames: int, batch: int, n_series: int, scan: tuple[
     """Child process: pre-encode, then push n_series series back to back (paced if rate_fps)."""
     from dataclasses import replace
 
-    from detectors.native import encode_end, encode_frames, encode_start
-    from simulators import Simulator, tutorial_config
+    from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
+    from tcbf_live.simulators import Simulator, tutorial_config
 
     sim = Simulator(tutorial_config(scan_shape=(8, 8), rotation_deg=0.0))
     pool = sim.frames(0, 64)
@@ -108,8 +108,8 @@ def bare(n_frames: int, batch: int) -> float:
 
 
 def engine(n_frames: int, batch: int) -> float:
-    from stream.engine import Engine, EngineSettings
-    from stream.subscriber import SubscriberSettings
+    from tcbf_live.stream.engine import Engine, EngineSettings
+    from tcbf_live.stream.receiver import SubscriberSettings
 
     endpoint = free_endpoint()
     proc = start_sender(endpoint, n_frames, batch)
@@ -131,8 +131,8 @@ def engine(n_frames: int, batch: int) -> float:
 
 
 def rss_over_series(n_series: int = 10, scan=(64, 64)) -> list[float]:
-    from stream.engine import Engine, EngineSettings
-    from stream.subscriber import SubscriberSettings
+    from tcbf_live.stream.engine import Engine, EngineSettings
+    from tcbf_live.stream.receiver import SubscriberSettings
 
     endpoint = free_endpoint()
     n = scan[0] * scan[1]
@@ -152,7 +152,7 @@ def rss_over_series(n_series: int = 10, scan=(64, 64)) -> list[float]:
 
 
 def main() -> None:
-    from stream.accumulators import accumulate_frames  # noqa: F401  (JIT cache warm)
+    from tcbf_live.stream.tcbf.accumulators import accumulate_frames  # noqa: F401  (JIT cache warm)
 
     n_frames = 20_000
     print("128x128 uint16 frames, raw payloads, tcp loopback, PUSH -> PULL")

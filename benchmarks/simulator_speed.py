@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 from common import rss_mb  # noqa: E402
-from simulators import Simulator, tutorial_config  # noqa: E402
+from tcbf_live.simulators import Simulator, tutorial_config  # noqa: E402
 
 
 def time_full_scan(label: str, **kw) -> tuple[str, int, float, float, int]:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tcbf-soak-") as tmp:
         log_path = Path(tmp) / "demo.log"
         out = str(Path(tmp) / "soak.h5")
-        cmd = [sys.executable, "-m", "stream.cli", "demo", "--headless", "--seconds",
+        cmd = [sys.executable, "-m", "tcbf_live", "demo", "--headless", "--seconds",
                f"{seconds:g}", "--rate", f"{args.rate:g}", "--output", out]  # fmt: skip
         print(f"soak: {' '.join(cmd[2:])}", flush=True)
         print(f"{'minute':>6} {'RSS MB':>9} {'series':>7}", flush=True)

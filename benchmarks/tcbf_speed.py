@@ -28,11 +28,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from common import rss_mb  # noqa: E402
-from detectors.base import FrameBatch  # noqa: E402
-from detectors.files import RecordedDataset, write_dataset  # noqa: E402
-from simulators import Simulator, tutorial_config  # noqa: E402
-from stream.reconstruct import reconstruct_dataset  # noqa: E402
-from stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
+from tcbf_live.detectors.base import FrameBatch  # noqa: E402
+from tcbf_live.detectors.files import RecordedDataset, write_dataset  # noqa: E402
+from tcbf_live.simulators import Simulator, tutorial_config  # noqa: E402
+from tcbf_live.stream.cli.reconstruct import reconstruct_dataset  # noqa: E402
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "tcbf-bench"
 

@@ -1,7 +1,14 @@
 """Detector stream decoders: wire messages in, series metadata and frame batches out."""
 
-from .base import DecodeError, Event, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
-from .native import NativeDecoder
+from tcbf_live.detectors.base import (
+    DecodeError,
+    Event,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+    SeriesStart,
+)
+from tcbf_live.detectors.native import NativeDecoder
 
 __all__ = [
     "DecodeError",

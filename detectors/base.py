@@ -161,7 +161,7 @@ class CompressedFrame:
 
     def decoded(self) -> FrameBatch:
         """DecodeError if the blob does not decompress to exactly one frame."""
-        from .compression import decompress
+        from tcbf_live.detectors.compression import decompress
 
         nbytes = np.dtype(self.dtype).itemsize * self.shape[0] * self.shape[1]
         raw = decompress("bslz4", self.element_size, self.blob, nbytes)

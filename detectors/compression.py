@@ -38,7 +38,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from dectris.compression import decompress as dectris_decompress  # noqa: E402
 
-from .base import LZ4_MAX_RATIO, DecodeError  # noqa: E402
+from tcbf_live.detectors.base import LZ4_MAX_RATIO, DecodeError  # noqa: E402
 
 HEADER = struct.Struct(">QI")
 BLOCK_BYTES = 8192  # DECTRIS' block size

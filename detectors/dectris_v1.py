@@ -29,7 +29,7 @@ from typing import Any
 import lz4.block
 import numpy as np
 
-from .base import (
+from tcbf_live.detectors.base import (
     LZ4_MAX_RATIO,
     CollectsErrors,
     CompressedFrame,
@@ -42,10 +42,10 @@ from .base import (
     defect_mask,
     describe_change,
 )
-from .base import (
+from tcbf_live.detectors.base import (
     header_int as _int,
 )
-from .compression import BLOCK_BYTES, HEADER, decompress
+from tcbf_live.detectors.compression import BLOCK_BYTES, HEADER, decompress
 
 TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
 MAX_JSON_BYTES = 1 << 20
@@ -466,7 +466,7 @@ def encode_image(series_id: int, frame_id: int, frame: np.ndarray, encoding: str
                  time_ns: int = 0, blob: bytes | None = None) -> list[bytes]:  # fmt: skip
     """One image as its 4 parts; encoding "bslz4" (bsNN-lz4<), "lz4" (lz4<) or "raw" (<).
     `blob`: an already bslz4-compressed frame (a stored file chunk), sent as it is."""
-    from .compression import compress_bslz4
+    from tcbf_live.detectors.compression import compress_bslz4
 
     frame = np.asarray(frame) if blob is not None else np.ascontiguousarray(frame)
     bits = frame.itemsize * 8

@@ -21,7 +21,7 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from .base import (
+from tcbf_live.detectors.base import (
     CollectsErrors,
     CompressedFrame,
     DecodeError,
@@ -34,10 +34,10 @@ from .base import (
     describe_change,
     known_series,
 )
-from .base import (
+from tcbf_live.detectors.base import (
     header_int as _int,
 )
-from .compression import compress_bslz4, decompress
+from tcbf_live.detectors.compression import compress_bslz4, decompress
 
 TYPED = {64: "|u1", 69: "<u2", 70: "<u4"}
 TYPED_TAG = {v: k for k, v in TYPED.items()}

@@ -15,8 +15,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .base import SeriesInfo, scan_position
-from .native import ALLOWED_DTYPES
+from tcbf_live.detectors.base import SeriesInfo, scan_position
+from tcbf_live.detectors.native import ALLOWED_DTYPES
 
 META_ATTR = "tcbf_meta"
 DEFAULT_H5_DATASET = "/data"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
+from tcbf_live.detectors.base import (
     CollectsErrors,
     DecodeError,
     Event,

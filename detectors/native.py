@@ -13,7 +13,7 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from .base import (
+from tcbf_live.detectors.base import (
     LZ4_MAX_RATIO,
     SCAN_ORDERS,
     DecodeError,

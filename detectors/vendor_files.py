@@ -22,9 +22,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .base import SeriesInfo
-from .compression import compress_bslz4, decompress
-from .files import DatasetError
+from tcbf_live.detectors.base import SeriesInfo
+from tcbf_live.detectors.compression import compress_bslz4, decompress
+from tcbf_live.detectors.files import DatasetError
 
 BITSHUFFLE_FILTER = 32008
 
@@ -190,7 +190,7 @@ class MibFile:
         self.header_text = hdr.read_text("latin-1") if hdr.is_file() else None
         scan = self.overrides.get("scan_shape")
         if scan is None and self.header_text:
-            from .merlin import _header_fields
+            from tcbf_live.detectors.merlin import _header_fields
 
             f = _header_fields(self.header_text)
             if "ScanX" in f and "ScanY" in f:

@@ -1,7 +1,7 @@
 """Physics-based 4D-STEM detector simulator and stream senders."""
 
-from .optics import Aberrations, interaction_constant, wavelength_A
-from .simulate import (
+from tcbf_live.simulators.optics import Aberrations, interaction_constant, wavelength_A
+from tcbf_live.simulators.simulate import (
     PRESETS,
     SimulationConfig,
     SimulationError,

@@ -23,8 +23,8 @@ import cbor2
 import msgpack
 import numpy as np
 
-from detectors import dectris_v1, dectris_v2, native
-from detectors.base import FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from tcbf_live.detectors import dectris_v1, dectris_v2, native
+from tcbf_live.detectors.base import FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
 
 HOT_PIXEL_COUNTS = 60_000  # a cosmic-ray zinger or hot pixel (fits uint16)
 BF_PLATEAU_FRACTION = 0.5  # BF disk: mean pattern >= this fraction of its plateau

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.fft as sfft
 
-from .optics import interaction_constant
+from tcbf_live.simulators.optics import interaction_constant
 
 SAMPLES: dict[str, Callable[..., np.ndarray]] = {}
 

@@ -20,10 +20,10 @@ from typing import Protocol, TextIO
 import numpy as np
 import zmq
 
-from detectors import dectris_v1, dectris_v2, merlin
-from detectors.base import SeriesInfo
-from detectors.native import encode_end, encode_frames, encode_start
-from stream.transport import (
+from tcbf_live.detectors import dectris_v1, dectris_v2, merlin
+from tcbf_live.detectors.base import SeriesInfo
+from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
+from tcbf_live.stream.transport import (
     CURVE_HINT,
     DETECTOR_HINT,
     MAX_MESSAGE_BYTES,

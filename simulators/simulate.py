@@ -21,11 +21,10 @@ import numpy as np
 import scipy.fft as sfft
 import scipy.ndimage as ndi
 
-from detectors.base import SCAN_ORDERS, SeriesInfo, scan_position
-
-from .detector import build_detector_lut, detect_batch
-from .optics import Aberrations, aperture, detector_to_scan_matrix, wavelength_A
-from .samples import SAMPLES, band_limit, make_phase
+from tcbf_live.detectors.base import SCAN_ORDERS, SeriesInfo, scan_position
+from tcbf_live.simulators.detector import build_detector_lut, detect_batch
+from tcbf_live.simulators.optics import Aberrations, aperture, detector_to_scan_matrix, wavelength_A
+from tcbf_live.simulators.samples import SAMPLES, band_limit, make_phase
 
 DTYPE_BY_BITS = {8: np.uint8, 16: np.uint16, 32: np.uint32}
 

@@ -207,9 +207,8 @@ def upsampling_bound(info, upsample: int | None = None,
     sampling) an upper bound: the calibrated sampling can only lower it."""
     if upsample:
         return int(upsample)
-    from simulators.optics import wavelength_A
-
-    from .reconstruction import default_upsampling
+    from tcbf_live.simulators.optics import wavelength_A
+    from tcbf_live.stream.tcbf.reconstruction import default_upsampling
 
     sampling = angular_sampling_mrad or info.angular_sampling_mrad
     wavelength = wavelength_A(info.energy_eV) if info.energy_eV else None

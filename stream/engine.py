@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from detectors.base import (
+from tcbf_live.detectors.base import (
     CompressedFrame,
     DecodeError,
     Event,
@@ -33,22 +33,26 @@ from detectors.base import (
     SeriesEnd,
     SeriesStart,
 )
-from detectors.compression import native_bslz4
-from detectors.dectris_v1 import DectrisV1Decoder
-from detectors.dectris_v2 import DectrisV2Decoder
-from detectors.merlin import MerlinDecoder
-from detectors.native import NativeDecoder
-
-from .budget import BudgetExceeded, check_info, memory_budget_bytes, series_footprint
-from .budget import upsampling_bound as _upsampling
-from .series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
-from .subscriber import (
+from tcbf_live.detectors.compression import native_bslz4
+from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder
+from tcbf_live.detectors.merlin import MerlinDecoder
+from tcbf_live.detectors.native import NativeDecoder
+from tcbf_live.stream.budget import (
+    BudgetExceeded,
+    check_info,
+    memory_budget_bytes,
+    series_footprint,
+)
+from tcbf_live.stream.budget import upsampling_bound as _upsampling
+from tcbf_live.stream.receiver import (
     StreamCounters,
     SubscriberSettings,
     open_socket,
     receive_event_batches,
     receive_tcp_batches,
 )
+from tcbf_live.stream.series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
 
 log = logging.getLogger("tcbf.engine")
 

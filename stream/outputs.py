@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .cliutil import UsageError
+from tcbf_live.stream.cli.common import UsageError
 
 
 class OutputExists(FileExistsError):
@@ -25,7 +25,7 @@ class OutputExists(FileExistsError):
 
 def input_path(spec: str) -> Path:
     """The file behind an input spec (`FILE.h5:/dataset` -> FILE.h5)."""
-    from detectors.files import split_dataset_spec
+    from tcbf_live.detectors.files import split_dataset_spec
 
     return split_dataset_spec(spec)[0]
 

@@ -14,8 +14,8 @@ import threading
 
 import zmq
 
-from .snapshot import encode_state, state_key, view_state
-from .transport import CurveKeys, bind
+from tcbf_live.stream.transport import CurveKeys, bind
+from tcbf_live.stream.view_state import encode_state, state_key, view_state
 
 log = logging.getLogger("tcbf.publish")
 

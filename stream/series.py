@@ -13,15 +13,19 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
-from detectors.compression import native_bslz4
-
-from .accumulators import Accumulators, TileLevels, default_bins
-from .budget import BudgetExceeded, check_info
-from .calibration import DEFAULT_BF_THRESHOLD, Calibration, CalibrationError, calibrate
-from .dose import beam_current_pA
-from .screening import slip_suspected
-from .tcbf import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
+from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
+from tcbf_live.detectors.compression import native_bslz4
+from tcbf_live.stream.budget import BudgetExceeded, check_info
+from tcbf_live.stream.tcbf.accumulators import Accumulators, TileLevels, default_bins
+from tcbf_live.stream.tcbf.calibration import (
+    DEFAULT_BF_THRESHOLD,
+    Calibration,
+    CalibrationError,
+    calibrate,
+)
+from tcbf_live.stream.tcbf.dose import beam_current_pA
+from tcbf_live.stream.tcbf.pipeline import AlignmentInputs, TcbfProcessor, TcbfResult, TcbfSettings
+from tcbf_live.stream.tcbf.screening import slip_suspected
 
 log = logging.getLogger("tcbf.series")
 

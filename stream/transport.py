@@ -279,7 +279,7 @@ def add_curve_args(p: argparse.ArgumentParser, server: bool, client: bool) -> No
 
 def curve_from_args(args: argparse.Namespace) -> CurveKeys | None:
     """CurveKeys from the --curve-* flags (None without --curve-secret); UsageError if bad."""
-    from .cliutil import UsageError
+    from tcbf_live.stream.cli.common import UsageError
 
     secret = getattr(args, "curve_secret", None)
     server_key = getattr(args, "curve_server_key", None)
@@ -299,7 +299,7 @@ def link_curve(args: argparse.Namespace, connects: bool, detector: bool = False,
     """The CURVE keys of a command's data link (None: plain), checked against its role:
     a connecting link needs --curve-server-key, a binding one must not have it. A detector
     link cannot be authenticated: the flags then only serve --publish (`publishes`)."""
-    from .cliutil import UsageError
+    from tcbf_live.stream.cli.common import UsageError
 
     curve = curve_from_args(args)
     if curve is None:

@@ -22,7 +22,7 @@ def endpoint() -> str:
 @pytest.fixture
 def expect_usage_error(capsys):
     """Run `tcbf-live ARGV...`; assert exit code 2 and exactly one stderr line, no traceback."""
-    from stream.cli import main
+    from tcbf_live.stream.cli.main import main
 
     def check(argv: list[str]) -> str:
         with pytest.raises(SystemExit) as exc:

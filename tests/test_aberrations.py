@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from simulators import Aberrations, Simulator, tutorial_config
-from stream.aberrations import decompose, fit_aberrations
-from stream.registration import register_shift
+from tcbf_live.simulators import Aberrations, Simulator, tutorial_config
+from tcbf_live.stream.tcbf.aberrations import decompose, fit_aberrations
+from tcbf_live.stream.tcbf.registration import register_shift
 
 
 def analytic_field(sim, radius_px=24):

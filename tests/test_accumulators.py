@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import stream.series as series_module
-from detectors.base import CompressedFrame, FrameBatch, scan_position
-from detectors.compression import compress_bslz4, native_bslz4
-from simulators import Simulator, tutorial_config
-from stream.accumulators import TileLevels, default_bins, validate_bins
-from stream.calibration import CalibrationError, calibrate
-from stream.series import ProcessingSettings, SeriesProcessor
+import tcbf_live.stream.series as series_module
+from tcbf_live.detectors.base import CompressedFrame, FrameBatch, scan_position
+from tcbf_live.detectors.compression import compress_bslz4, native_bslz4
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.accumulators import TileLevels, default_bins, validate_bins
+from tcbf_live.stream.tcbf.calibration import CalibrationError, calibrate
 
 
 @pytest.fixture(scope="module", params=["raster", "serpentine"])

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import scipy.fft as sfft
 
-from stream.alignment import (
+from tcbf_live.stream.tcbf.alignment import (
     AlignmentSettings,
     TileSet,
     align,
     choose_schedule,
     robust_fit,
 )
-from stream.reconstruction import (
+from tcbf_live.stream.tcbf.reconstruction import (
     PixelGroups,
     ShiftAndAdd,
     default_upsampling,
@@ -128,7 +128,7 @@ def test_warm_start_refines_a_perturbed_model():
 
 
 def test_two_tiles_or_collinear_tiles_never_give_a_model():
-    from stream.alignment import fit_matrix
+    from tcbf_live.stream.tcbf.alignment import fit_matrix
 
     k = np.array([[10.0, 10.0], [-10.0, -10.0], [5.0, 5.1]])
     s = k @ rotation(10, -0.2).T

@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from detectors.files import RecordedDataset
-from stream.cli import main
-from stream.listen import listen
-from stream.subscriber import SubscriberSettings
+from tcbf_live.detectors.files import RecordedDataset
+from tcbf_live.stream.cli.listen import listen
+from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.receiver import SubscriberSettings
 
 SMALL = ["--scan", "4x5", "--quiet"]
 
@@ -81,9 +81,9 @@ def test_replay_rejects_non_4d_and_physics_flags(tmp_path, capsys):
 
 
 def test_module_entry_point_gives_one_line_errors():
-    """`python -m stream.cli` must behave like the console script."""
+    """`python -m tcbf_live` must behave like the console script."""
     out = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "simulate", "--batch", "0"],
+        [sys.executable, "-m", "tcbf_live", "simulate", "--batch", "0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
@@ -103,15 +103,15 @@ def test_save_then_replay_streams_identical_frames(tmp_path, endpoint, suffix):
             assert f["ground_truth/phase"].attrs["pixel_A"] > 0
     else:
         assert json.loads(path.with_suffix(".json").read_text())["dose_e_per_A2"] == 100.0
-    from simulators import Simulator, tutorial_config
+    from tcbf_live.simulators import Simulator, tutorial_config
 
     sim = Simulator(tutorial_config(scan_shape=(4, 5), scan_order="serpentine", seed=3))
     np.testing.assert_array_equal(np.asarray(data.array), sim.datacube())
 
     received = {}
-    from detectors.base import FrameBatch
-    from detectors.native import NativeDecoder
-    from stream.subscriber import StreamCounters, open_socket, receive_events
+    from tcbf_live.detectors.base import FrameBatch
+    from tcbf_live.detectors.native import NativeDecoder
+    from tcbf_live.stream.receiver import StreamCounters, open_socket, receive_events
 
     sock = open_socket(SubscriberSettings(endpoint=endpoint))
     t = threading.Thread(
@@ -133,7 +133,7 @@ def test_save_then_replay_streams_identical_frames(tmp_path, endpoint, suffix):
 
 def test_listen_and_simulate_end_to_end(endpoint):
     """The README's main job, as two processes."""
-    cmd = [sys.executable, "-m", "stream.cli"]
+    cmd = [sys.executable, "-m", "tcbf_live"]
     listener = subprocess.Popen(
         [*cmd, "listen", "--connect", endpoint, "--timeout", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -165,7 +165,7 @@ def test_listener_reports_late_join(endpoint):
     )  # fmt: skip
     sender.start()
     # wait until frames are flowing, then join
-    from stream.subscriber import open_socket
+    from tcbf_live.stream.receiver import open_socket
 
     spy = open_socket(settings)
     while not spy.poll(10_000) or b"frames" not in spy.recv_multipart()[0]:
@@ -200,7 +200,7 @@ def test_reconstruct_and_alignment_flags_give_one_line_errors(tmp_path, expect_u
 
 def test_an_internal_error_is_one_line_and_exit_code_1(tmp_path, capsys, monkeypatch):
     """A bug (not a bad input) exits 1 with one line; -v adds the traceback to the log."""
-    from stream import reconstruct
+    from tcbf_live.stream.cli import reconstruct
 
     data = tmp_path / "d.npy"
     np.save(data, np.zeros((2, 3, 16, 16), np.uint16))

@@ -14,14 +14,20 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesEnd, SeriesStart
-from detectors.compression import compress_bslz4, decompress, native_bslz4
-from detectors.dectris_v2 import DectrisV2Decoder, encode_end, encode_image, encode_start
-from simulators import Simulator, tutorial_config
-from simulators.sender import SendSettings, stream_series
-from stream.engine import Engine, EngineSettings
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.subscriber import SubscriberSettings
+from tcbf_live.detectors.base import (
+    CompressedFrame,
+    DecodeError,
+    FrameBatch,
+    SeriesEnd,
+    SeriesStart,
+)
+from tcbf_live.detectors.compression import compress_bslz4, decompress, native_bslz4
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder, encode_end, encode_image, encode_start
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.simulators.sender import SendSettings, stream_series
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 
 CAPTURES = next(
     (p for p in (Path(os.environ.get("TCBF_SHARED_DATA", "/nonexistent")) / "dectris-stream-v2",
@@ -88,11 +94,10 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
     """Per protocol, with bslz4 decompressed inside the accumulate kernel (the default where
     the library allows) or by the decoder: the same maps as the native run. A corrupt image
     in the stream is one counted rejection, its position stays empty, the rest is kept."""
-    import stream.engine
-    from stream.accumulators import Accumulators
+    from tcbf_live.stream.tcbf.accumulators import Accumulators
 
     assert native_bslz4()  # the installed dectris-compression exports its C entry point
-    monkeypatch.setattr(stream.engine, "native_bslz4", lambda: in_kernel)
+    monkeypatch.setattr("tcbf_live.stream.engine.native_bslz4", lambda: in_kernel)
     fused_calls = []
     fused = Accumulators.add_compressed
     monkeypatch.setattr(Accumulators, "add_compressed",
@@ -111,8 +116,8 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
         blob = compress_bslz4(f)
         return blob[:40] + bytes(24) + blob[64:] if np.array_equal(f, frames[corrupt]) else blob
 
-    monkeypatch.setattr("detectors.compression.compress_bslz4", compress)
-    monkeypatch.setattr("detectors.dectris_v2.compress_bslz4", compress)
+    monkeypatch.setattr("tcbf_live.detectors.compression.compress_bslz4", compress)
+    monkeypatch.setattr("tcbf_live.detectors.dectris_v2.compress_bslz4", compress)
     try:
         stream_series(push, sim, SendSettings(protocol=protocol, encoding="bslz4"), 9,
                       batches)  # fmt: skip
@@ -138,8 +143,8 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
 
 def _decode_series(protocol: str, info, frames) -> list:
     """Every event of one series sent through the protocol's encoder and decoder."""
-    from detectors import dectris_v1 as v1
-    from detectors import dectris_v2 as v2
+    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v2 as v2
 
     if protocol == "dectris-v1":
         dec = v1.DectrisV1Decoder()
@@ -192,7 +197,7 @@ def test_detector_pixel_mask_excludes_flagged_pixels(sim, protocol):
 
 
 def test_bad_pixel_masks_are_counted_and_the_series_goes_on(sim):
-    from detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1 as v1
 
     frames = sim.frames(0, 2)
     info = replace(sim.series_info(7), pixel_mask=np.ones(sim.cfg.detector_shape, bool))
@@ -315,7 +320,7 @@ def _check_events(events: list) -> None:
 
 # ------------------------------------------------------------------------------ stream V1
 def test_v1_round_trip_every_encoding_and_any_part_boundaries(sim):
-    from detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1 as v1
 
     info = sim.series_info(6)
     frames = sim.frames(0, 3)
@@ -342,7 +347,7 @@ def test_v1_round_trip_every_encoding_and_any_part_boundaries(sim):
 
 
 def test_v1_zeroed_bslz4_header_and_bad_input(sim):
-    from detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1 as v1
 
     info = sim.series_info(2)
     frame = sim.frames(0, 1)[0]
@@ -366,7 +371,7 @@ def test_v1_zeroed_bslz4_header_and_bad_input(sim):
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(data=st.data())
 def test_fuzzed_v1_parts_only_ever_raise_decode_errors(sim, data):
-    from detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1 as v1
 
     info = sim.series_info(3)
     frame = sim.frames(0, 1)[0]
@@ -399,7 +404,7 @@ def test_fuzzed_v1_parts_only_ever_raise_decode_errors(sim, data):
 
 # ------------------------------------------------------------------------------ Merlin
 def test_merlin_stream_split_anywhere_decodes_the_same(sim):
-    from detectors import merlin
+    from tcbf_live.detectors import merlin
 
     frames = sim.frames(0, 5).astype(np.uint16)
     stream = merlin.encode_header(5, (1, 5)) + b"".join(
@@ -423,7 +428,7 @@ def test_merlin_stream_split_anywhere_decodes_the_same(sim):
 
 
 def test_merlin_corrupt_prefix_is_skipped_and_the_stream_goes_on(sim):
-    from detectors import merlin
+    from tcbf_live.detectors import merlin
 
     f = sim.frames(0, 2).astype(np.uint16)
     dec = merlin.MerlinDecoder()
@@ -443,7 +448,7 @@ def test_pipeline_over_merlin_tcp_equals_the_native_result(sim):
     import threading
 
     from conftest import free_port
-    from simulators.sender import run_merlin_sender
+    from tcbf_live.simulators.sender import run_merlin_sender
 
     port = free_port()
     engine = Engine(EngineSettings(
@@ -471,7 +476,7 @@ def test_pipeline_over_merlin_tcp_equals_the_native_result(sim):
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(data=st.data())
 def test_fuzzed_merlin_bytes_only_ever_raise_decode_errors(sim, data):
-    from detectors import merlin
+    from tcbf_live.detectors import merlin
 
     f = sim.frames(0, 1)[0]
     stream = bytearray(merlin.encode_header(1, (1, 1)) + merlin.encode_frame(1, f))
@@ -517,7 +522,7 @@ def write_dectris_series(tmp_path, frames, per_file=5, filter_values=(0, 2)):
 
 
 def test_replay_of_dectris_files_streams_the_stored_chunks(sim, tmp_path):
-    from detectors.vendor_files import DectrisMaster
+    from tcbf_live.detectors.vendor_files import DectrisMaster
 
     frames = sim.frames(0, 12)
     master = write_dectris_series(tmp_path, frames)
@@ -537,7 +542,7 @@ def test_replay_of_dectris_files_streams_the_stored_chunks(sim, tmp_path):
         stream_series(Sink(), data, SendSettings(protocol=protocol, encoding="bslz4"), 7)
         wire = b"".join(p for m in Sink.parts for p in m)
         assert all(blob in wire for _, blob in blobs)  # the stored chunks, byte for byte
-        from detectors import dectris_v1
+        from tcbf_live.detectors import dectris_v1
 
         dec = DectrisV2Decoder() if protocol == "dectris-v2" else dectris_v1.DectrisV1Decoder()
         events = []
@@ -552,7 +557,7 @@ def test_replay_of_dectris_files_streams_the_stored_chunks(sim, tmp_path):
 def test_dectris_files_replay_stored_chunks_only_when_they_are_bslz4(sim, tmp_path):
     import h5py
 
-    from detectors.vendor_files import DatasetError, DectrisMaster
+    from tcbf_live.detectors.vendor_files import DatasetError, DectrisMaster
 
     frames = sim.frames(0, 4)
     for values, direct in (
@@ -580,7 +585,7 @@ def test_dectris_files_with_unfiltered_chunks_or_extra_filters(sim, tmp_path):
     for the stream; a filter pipeline beyond bitshuffle is never sent as stored."""
     import h5py
 
-    from detectors.vendor_files import DectrisMaster
+    from tcbf_live.detectors.vendor_files import DectrisMaster
 
     frames = sim.frames(0, 4)
     master = write_dectris_series(tmp_path, frames, per_file=4)
@@ -607,8 +612,8 @@ def test_dectris_files_with_unfiltered_chunks_or_extra_filters(sim, tmp_path):
 
 
 def test_replay_of_a_mib_recording_over_merlin(sim, tmp_path):
-    from detectors import merlin
-    from detectors.vendor_files import MibFile
+    from tcbf_live.detectors import merlin
+    from tcbf_live.detectors.vendor_files import MibFile
 
     frames = sim.frames(0, 6).astype(np.uint16)
     mib = tmp_path / "scan.mib"
@@ -619,7 +624,7 @@ def test_replay_of_a_mib_recording_over_merlin(sim, tmp_path):
     rec = MibFile(mib)
     assert rec.scan_shape == (2, 3) and rec.n_frames == 6
     np.testing.assert_array_equal(rec.frames(0, 6), frames)
-    from simulators.sender import stream_merlin
+    from tcbf_live.simulators.sender import stream_merlin
 
     class Conn:
         data = b""
@@ -658,8 +663,8 @@ def test_v2_threshold_channel_choice(sim):
 def test_review_regressions_start_kept_reset_and_dtype(sim):
     """A bad first image keeps the series start (V1, V2, Merlin); a reconnect ends the open
     Merlin acquisition; V2 takes the dtype from the first image when start lacks it."""
-    from detectors import dectris_v1 as v1
-    from detectors import merlin
+    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import merlin
 
     info = sim.series_info(5)
     frame = sim.frames(0, 1)[0]
@@ -723,7 +728,7 @@ def test_v1_headers_mid_series(sim):
     of the open series with other metadata, all between two images: each counted once (the
     foreign one not at all: it is a good header of a series that never sends images), and the
     open series' images keep decoding against its first header."""
-    from detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1 as v1
 
     info, frames = sim.series_info(5), sim.frames(0, 3)
     dec = v1.DectrisV1Decoder()

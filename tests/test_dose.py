@@ -6,11 +6,12 @@ import h5py
 import numpy as np
 import pytest
 
-from detectors.base import FrameBatch
-from simulators.simulate import Simulator, tutorial_config
-from stream.alignment import AlignmentSettings
-from stream.cli import main
-from stream.dose import (
+from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.simulators.simulate import Simulator, tutorial_config
+from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.alignment import AlignmentSettings
+from tcbf_live.stream.tcbf.dose import (
     FRC_THRESHOLD,
     MIN_RING_PIXELS,
     beam_current_pA,
@@ -18,8 +19,7 @@ from stream.dose import (
     fourier_ring_correlation,
     half_bit_threshold,
 )
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.tcbf import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
 
 
 def feed(info, frames, prior=None, settings=None, batch=64):
@@ -81,7 +81,7 @@ def test_frc_of_independent_noise_stays_below_threshold():
 
 
 def test_frc_crossing_and_half_bit():
-    from stream.dose import FRC
+    from tcbf_live.stream.tcbf.dose import FRC
 
     q = np.arange(1, 11) / 20.0
     frc = FRC(q, np.linspace(1.0, 0.0, 10), np.full(10, 1e6))
@@ -169,7 +169,7 @@ def test_trust_switches_on_coarse_levels_first():
 
 
 def test_run_summary_and_result_file_dose_group(tmp_path, capsys, high_dose):
-    from detectors.files import write_dataset
+    from tcbf_live.detectors.files import write_dataset
 
     sim, frames, _ = high_dose
     data = tmp_path / "d.npy"

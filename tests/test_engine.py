@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import zmq
 
-from detectors.native import encode_end, encode_frames, encode_start
-from simulators import Simulator, tutorial_config
-from simulators.sender import SendSettings, run_sender
-from stream.engine import Engine, EngineSettings
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.subscriber import SubscriberSettings
+from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def sim():
 
 
 def offline(sim, settings=None):
-    from detectors.base import FrameBatch
+    from tcbf_live.detectors.base import FrameBatch
 
     proc = SeriesProcessor(sim.series_info(9), settings or ProcessingSettings())
     proc.add(FrameBatch(9, 0, sim.frames(0, sim.n_frames)))
@@ -134,7 +134,7 @@ def test_snapshots_during_ingest_are_consistent(endpoint):
 
 def test_run_cli_writes_result_file(endpoint, tmp_path):
     out = tmp_path / "result.h5"
-    cmd = [sys.executable, "-m", "stream.cli"]
+    cmd = [sys.executable, "-m", "tcbf_live"]
     run = subprocess.Popen(
         [*cmd, "run", "--connect", endpoint, "--headless", "--output", str(out), "--timeout", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
-from detectors.dectris_v1 import DectrisV1Decoder
-from detectors.dectris_v2 import DectrisV2Decoder
-from detectors.native import NativeDecoder
-from simulators import Simulator, faults, tutorial_config
+from tcbf_live.detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesStart
+from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder
+from tcbf_live.detectors.native import NativeDecoder
+from tcbf_live.simulators import Simulator, faults, tutorial_config
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import pytest
 import zmq
 
 from conftest import free_port
-from detectors.native import encode_end, encode_frames, encode_start
-from simulators import Simulator, tutorial_config
-from stream.cli import main
-from stream.exitcodes import ExitCode, run_code, series_code
-from stream.outputs import OutputExists, atomic_output, series_output
+from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream.cli.exitcodes import ExitCode, run_code, series_code
+from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.outputs import OutputExists, atomic_output, series_output
 
 SCAN = (8, 12)
 
@@ -55,12 +55,12 @@ def recon(dataset, out, *extra) -> list[str]:
 
 
 def test_a_failing_writer_leaves_neither_the_target_nor_a_temporary_file(tmp_path, monkeypatch):
-    from stream import results
-    from stream.series import ProcessingSettings, SeriesProcessor
+    from tcbf_live.stream import hdf5 as results
+    from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 
     s = Simulator(tutorial_config(scan_shape=(4, 5)))
     proc = SeriesProcessor(s.series_info(1), ProcessingSettings())
-    from detectors.base import FrameBatch
+    from tcbf_live.detectors.base import FrameBatch
 
     proc.add(FrameBatch(1, 0, s.frames(0, s.n_frames)))
     result = proc.result(final=True, complete=True)
@@ -131,7 +131,7 @@ def test_simulate_save_never_replaces_without_overwrite(tmp_path, name, expect_u
 
 
 def test_simulate_save_failing_midway_leaves_no_file(tmp_path, monkeypatch):
-    from simulators import simulate
+    from tcbf_live.simulators import simulate
 
     real = simulate.Simulator.iter_batches
 
@@ -194,7 +194,7 @@ def test_reconstruct_output_checks_and_exit_codes(dataset, tmp_path, expect_usag
 
 def test_reconstruct_over_the_budget_once_calibrated_is_unusable(dataset, tmp_path, capsys):
     """The BF disk (known at calibration) makes the series too large: exit 5, no file."""
-    from stream.budget import series_bytes
+    from tcbf_live.stream.budget import series_bytes
 
     lower = series_bytes((4, 5), (128, 128), 2, None, 4, frames_expected=20)  # before it
     out = tmp_path / "r.h5"
@@ -452,7 +452,7 @@ def test_readme_demo_command_runs_twice(tmp_path):
     png, out = tmp_path / "demo.png", tmp_path / "result.h5"
     png.write_bytes(b"first run")
     out.write_bytes(b"first run")
-    cmd = [sys.executable, "-m", "stream.cli", "demo", "--headless", "--seconds", "8",
+    cmd = [sys.executable, "-m", "tcbf_live", "demo", "--headless", "--seconds", "8",
            "--screenshot", str(png), "--output", str(out), "--overwrite"]  # fmt: skip
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
@@ -492,7 +492,7 @@ def test_run_help_documents_the_exit_codes_and_file_names(capsys):
 def test_run_whose_result_cannot_be_written_says_so(sim, tmp_path, capsys,
                                                     monkeypatch, error, code):  # fmt: skip
     """A write that fails mid-file: no file, no temporary file, and not exit code 0 or 4."""
-    from stream import results
+    from tcbf_live.stream import hdf5 as results
 
     def broken(*_):
         raise error
@@ -519,7 +519,7 @@ def test_a_signal_mid_series_writes_the_series_in_progress(sim, tmp_path, signam
     argv = [
         sys.executable,
         "-m",
-        "stream.cli",
+        "tcbf_live",
         "run",
         "--socket",
         "pull",
@@ -560,7 +560,7 @@ def test_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     next write beside the same output removes it. A live process's temporary file stays."""
     import subprocess
 
-    from stream.outputs import remove_stale_temporaries
+    from tcbf_live.stream.outputs import remove_stale_temporaries
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip

@@ -14,16 +14,22 @@ import pytest
 import zmq
 
 from conftest import free_port
-from detectors import dectris_v1 as v1
-from detectors import dectris_v2 as v2
-from detectors import merlin
-from detectors import native as nat
-from detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesEnd, SeriesStart
-from simulators import Simulator, tutorial_config
-from stream import budget
-from stream.engine import Engine, EngineSettings
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.subscriber import SubscriberSettings
+from tcbf_live.detectors import dectris_v1 as v1
+from tcbf_live.detectors import dectris_v2 as v2
+from tcbf_live.detectors import merlin
+from tcbf_live.detectors import native as nat
+from tcbf_live.detectors.base import (
+    CompressedFrame,
+    DecodeError,
+    FrameBatch,
+    SeriesEnd,
+    SeriesStart,
+)
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream import budget
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 
 GiB = 1 << 30
 PROTOCOLS = ["native", "dectris-v1", "dectris-v2"]

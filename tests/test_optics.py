@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from simulators.optics import Aberrations, interaction_constant, wavelength_A
+from tcbf_live.simulators.optics import Aberrations, interaction_constant, wavelength_A
 
 
 def test_wavelength_and_interaction_constant_at_300kV():

@@ -7,11 +7,16 @@ import msgpack
 import numpy as np
 import pytest
 
-from detectors import DecodeError, FrameBatch, NativeDecoder, SeriesEnd, SeriesStart
-from detectors.native import encode_end, encode_frames, encode_start
-from simulators import Simulator, tutorial_config
-from simulators.sender import SendSettings, run_sender
-from stream.subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
+from tcbf_live.detectors import DecodeError, FrameBatch, NativeDecoder, SeriesEnd, SeriesStart
+from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.stream.receiver import (
+    StreamCounters,
+    SubscriberSettings,
+    open_socket,
+    receive_events,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +151,7 @@ def test_several_series_side_by_side_and_changed_starts_refused(stream):
     is refused, naming the change, and the series keeps its geometry."""
     from dataclasses import replace
 
-    from detectors.native import KNOWN_SERIES
+    from tcbf_live.detectors.native import KNOWN_SERIES
 
     info, frames = stream
     dec = NativeDecoder()

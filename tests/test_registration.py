@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.fft as sfft
 
-from stream.registration import correlation_peak, register_shift
+from tcbf_live.stream.tcbf.registration import correlation_peak, register_shift
 
 
 def fourier_shift(img, shift):

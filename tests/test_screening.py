@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import zmq
 
-from detectors.base import FrameBatch
-from simulators.sender import SendSettings, stream_series
-from simulators.simulate import Simulator, tutorial_config
-from stream.alignment import AlignmentSettings
-from stream.calibration import calibrate, hot_and_dead
-from stream.engine import Engine, EngineSettings
-from stream.screening import dose_model, screen_frames, slip_suspected
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.subscriber import SubscriberSettings
-from stream.tcbf import TcbfSettings
+from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.simulators.sender import SendSettings, stream_series
+from tcbf_live.simulators.simulate import Simulator, tutorial_config
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.alignment import AlignmentSettings
+from tcbf_live.stream.tcbf.calibration import calibrate, hot_and_dead
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.screening import dose_model, screen_frames, slip_suspected
 
 ZERO, FLAT, HOT = 500, 700, 300  # injected positions (acquisition index = raster position)
 
@@ -292,7 +292,7 @@ def test_the_result_file_records_what_was_excluded_and_why(tutorial, tmp_path):
 
     import h5py
 
-    from stream.results import write_result
+    from tcbf_live.stream.hdf5 import write_result
 
     sim, frames = tutorial
     r = offline(sim, np.delete(with_faults(frames), -1, axis=0))  # ended one frame short

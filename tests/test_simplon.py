@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from detectors.simplon import SimplonClient, SimplonError
+from tcbf_live.detectors.simplon import SimplonClient, SimplonError
 
 
 class FakeDCU(BaseHTTPRequestHandler):
@@ -86,7 +86,7 @@ def test_errors_are_one_clear_exception(dcu):
 
 
 def test_run_active_mode_configures_arms_and_disarms(dcu, tmp_path, capsys):
-    from stream.cli import main
+    from tcbf_live.stream.cli.main import main
 
     out = tmp_path / "r.h5"
     code = main(["run", "--protocol", "dectris-v2", "--socket", "pull", "--connect",
@@ -124,10 +124,10 @@ def test_armed_engine_takes_only_the_armed_series(endpoint, protocol):
 
     import zmq
 
-    from simulators import Simulator, tutorial_config
-    from simulators.sender import SendSettings, stream_series
-    from stream.engine import Engine, EngineSettings
-    from stream.subscriber import SubscriberSettings
+    from tcbf_live.simulators import Simulator, tutorial_config
+    from tcbf_live.simulators.sender import SendSettings, stream_series
+    from tcbf_live.stream.engine import Engine, EngineSettings
+    from tcbf_live.stream.receiver import SubscriberSettings
 
     sim = Simulator(tutorial_config(scan_shape=(4, 6)))
     engine = Engine(EngineSettings(
@@ -158,10 +158,10 @@ def test_armed_series_cut_short_takes_nothing_from_a_foreign_one(endpoint):
     end are counted, and none of it reaches (or ends) the armed series."""
     import zmq
 
-    from detectors.dectris_v2 import encode_end, encode_image, encode_start
-    from simulators import Simulator, tutorial_config
-    from stream.engine import Engine, EngineSettings
-    from stream.subscriber import SubscriberSettings
+    from tcbf_live.detectors.dectris_v2 import encode_end, encode_image, encode_start
+    from tcbf_live.simulators import Simulator, tutorial_config
+    from tcbf_live.stream.engine import Engine, EngineSettings
+    from tcbf_live.stream.receiver import SubscriberSettings
 
     sim = Simulator(tutorial_config(scan_shape=(4, 6)))
     engine = Engine(EngineSettings(
@@ -196,9 +196,9 @@ def test_the_detectors_dropped_count_is_reconciled_with_ours(dcu, tmp_path):
     import h5py
     import numpy as np
 
-    from detectors.base import FrameBatch, SeriesInfo
-    from stream.run import SeriesFiles
-    from stream.series import ProcessingSettings, SeriesProcessor
+    from tcbf_live.detectors.base import FrameBatch, SeriesInfo
+    from tcbf_live.stream.cli.run import SeriesFiles
+    from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 
     class Dropping(FakeDCU):
         def do_GET(self):  # noqa: N802

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from simulators import Aberrations, SimulationError, Simulator, tutorial_config
-from stream.registration import register_shift
+from tcbf_live.simulators import Aberrations, SimulationError, Simulator, tutorial_config
+from tcbf_live.stream.tcbf.registration import register_shift
 
 # noise-free, periodic, band-limited sample: vBF images are exact translated copies
 EXACT = dict(
@@ -195,7 +195,7 @@ def test_impossible_settings_are_rejected(kw):
 
 
 def test_sample_presets_have_expected_character():
-    from simulators.samples import make_phase
+    from tcbf_live.simulators.samples import make_phase
 
     gold = make_phase("gold-fiducials", (600, 600), 1.0, 300e3, seed=1)
     apo = make_phase("apoferritin-like", (600, 600), 1.0, 300e3, seed=1)

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import zmq
 
-from detectors.base import FrameBatch
-from detectors.files import write_dataset
-from simulators.optics import Aberrations
-from simulators.sender import SendSettings, stream_series
-from simulators.simulate import SimulationConfig, Simulator, tutorial_config
-from stream.alignment import AlignmentSettings
-from stream.cli import main
-from stream.engine import Engine, EngineSettings
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.subscriber import SubscriberSettings
-from stream.tcbf import TcbfSettings
+from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.detectors.files import write_dataset
+from tcbf_live.simulators.optics import Aberrations
+from tcbf_live.simulators.sender import SendSettings, stream_series
+from tcbf_live.simulators.simulate import SimulationConfig, Simulator, tutorial_config
+from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.alignment import AlignmentSettings
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
 
 
 def simulate(cfg):
@@ -250,7 +250,7 @@ def test_repeat_scans_accumulated_mid_pass(tutorial):
 def test_calibration_file_with_sampling_from_the_flags(tutorial, tmp_path, capsys):
     from dataclasses import replace
 
-    from stream.calibration import calibrate
+    from tcbf_live.stream.tcbf.calibration import calibrate
 
     sim, frames = tutorial
     cal = replace(calibrate(frames[:64]), angular_sampling_mrad=None)

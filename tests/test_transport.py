@@ -14,21 +14,26 @@ import pytest
 import zmq
 
 from conftest import free_port
-from detectors import dectris_v1
-from detectors.base import FrameBatch, SeriesEnd, SeriesStart
-from detectors.dectris_v1 import DectrisV1Decoder
-from detectors.native import NativeDecoder, encode_end, encode_frames, encode_start
-from simulators import Simulator, tutorial_config
-from simulators.sender import SendSettings, run_sender
-from stream.cli import main
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.snapshot import StateError, decode_state, encode_state, view_state
-from stream.subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
-from stream.tcbf import TcbfSettings
-from stream.transport import CurveKeys, bind, connect, is_loopback, recv_capped
-from viewer.sources import SocketSource
+from tcbf_live.detectors import dectris_v1
+from tcbf_live.detectors.base import FrameBatch, SeriesEnd, SeriesStart
+from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
+from tcbf_live.detectors.native import NativeDecoder, encode_end, encode_frames, encode_start
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.receiver import (
+    StreamCounters,
+    SubscriberSettings,
+    open_socket,
+    receive_events,
+)
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.transport import CurveKeys, bind, connect, is_loopback, recv_capped
+from tcbf_live.stream.view_state import StateError, decode_state, encode_state, view_state
+from tcbf_live.viewer.sources import SocketSource
 
-CLI = [sys.executable, "-m", "stream.cli"]
+CLI = [sys.executable, "-m", "tcbf_live"]
 SMALL_DETECTOR = {"detector_shape": (32, 32), "angular_sampling_mrad": 0.6}  # BF radius 6.7 px
 SMALL = ["--detector", "32", "--angular-sampling", "0.6", "--quiet"]
 
@@ -181,7 +186,7 @@ def test_recv_capped_counts_the_whole_message(endpoint):
 
 
 def test_sender_batches_stay_under_the_message_cap(endpoint, sim):
-    from simulators.sender import HEADER_ROOM_BYTES
+    from tcbf_live.simulators.sender import HEADER_ROOM_BYTES
 
     cap = HEADER_ROOM_BYTES + 3 * 32 * 32 * 2 + 100  # the same cap on both ends: header counts
     sock = open_socket(SubscriberSettings(endpoint=endpoint, socket_type="pull",

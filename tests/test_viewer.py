@@ -11,17 +11,17 @@ import pytest
 import zmq
 
 from conftest import free_port
-from detectors.base import FrameBatch
-from detectors.native import encode_end, encode_frames, encode_start
-from simulators.simulate import Simulator, tutorial_config
-from stream.engine import Engine, EngineSettings
-from stream.publisher import SnapshotPublisher
-from stream.series import ProcessingSettings, SeriesProcessor
-from stream.snapshot import StateError, decode_state, encode_state, view_state
-from stream.subscriber import SubscriberSettings
-from stream.tcbf import TcbfSettings
-from viewer.sources import SocketSource
-from viewer.window import ViewerWindow
+from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
+from tcbf_live.simulators.simulate import Simulator, tutorial_config
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.publisher import SnapshotPublisher
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.view_state import StateError, decode_state, encode_state, view_state
+from tcbf_live.viewer.sources import SocketSource
+from tcbf_live.viewer.window import ViewerWindow
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_a_stalled_viewer_does_not_slow_ingest(tutorial):
 
 def test_demo_headless_writes_a_screenshot_and_a_sharp_result(tmp_path):
     png, out = tmp_path / "demo.png", tmp_path / "demo.h5"
-    cmd = [sys.executable, "-m", "stream.cli", "demo", "--headless", "--seconds", "20",
+    cmd = [sys.executable, "-m", "tcbf_live", "demo", "--headless", "--seconds", "20",
            "--screenshot", str(png), "--output", str(out)]  # fmt: skip
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
@@ -225,7 +225,7 @@ def test_run_with_the_in_process_viewer_writes_the_result_and_stops_on_ctrl_c(tm
     port = free_port()
     out = tmp_path / "live.h5"
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "run", "--socket", "pull",
+    proc = subprocess.Popen([sys.executable, "-m", "tcbf_live", "run", "--socket", "pull",
                              "--bind", f"tcp://127.0.0.1:{port}", "--output", str(out)],
                             env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:

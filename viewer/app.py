@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 def check_display() -> None:
     """A clear error instead of Qt aborting the process when there is no screen."""
-    from stream.cliutil import UsageError
+    from tcbf_live.stream.cli.common import UsageError
 
     if os.environ.get("QT_QPA_PLATFORM") or sys.platform != "linux":
         return

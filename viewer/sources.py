@@ -14,7 +14,14 @@ from typing import Any
 
 import zmq
 
-from stream.snapshot import (
+from tcbf_live.stream.transport import (
+    CurveKeys,
+    OversizedMessage,
+    connect,
+    recv_capped,
+    set_receive_cap,
+)
+from tcbf_live.stream.view_state import (
     MAX_HEADER_BYTES,
     MAX_STATE_ARRAYS,
     MAX_STATE_BYTES,
@@ -23,7 +30,6 @@ from stream.snapshot import (
     state_key,
     view_state,
 )
-from stream.transport import CurveKeys, OversizedMessage, connect, recv_capped, set_receive_cap
 
 log = logging.getLogger("tcbf.viewer")
 

@@ -12,13 +12,12 @@ import logging
 import sys
 import time
 
-from detectors.base import FrameBatch
-from detectors.files import RecordedDataset
-
-from .budget import BudgetExceeded
-from .cliutil import UsageError
-from .exitcodes import EPILOG, ExitCode, incomplete_reasons, series_code
-from .options import (
+from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.detectors.files import RecordedDataset
+from tcbf_live.stream.budget import BudgetExceeded
+from tcbf_live.stream.cli.common import UsageError
+from tcbf_live.stream.cli.exitcodes import EPILOG, ExitCode, incomplete_reasons, series_code
+from tcbf_live.stream.cli.options import (
     add_output_args,
     add_processing_args,
     check_mask_shape,
@@ -26,8 +25,8 @@ from .options import (
     processing_from_args,
     report,
 )
-from .outputs import check_output, input_path
-from .series import SeriesProcessor, SeriesResult
+from tcbf_live.stream.outputs import check_output, input_path
+from tcbf_live.stream.series import SeriesProcessor, SeriesResult
 
 log = logging.getLogger("tcbf.reconstruct")
 
@@ -61,7 +60,7 @@ def reconstruct_dataset(data: RecordedDataset, processor: SeriesProcessor) -> Se
 
 
 def run(args: argparse.Namespace) -> int:
-    from .results import write_result
+    from tcbf_live.stream.hdf5 import write_result
 
     settings = processing_from_args(args)
     source = input_path(args.input)

@@ -12,19 +12,17 @@ from collections.abc import Sequence
 
 import zmq
 
-from detectors.files import DatasetError
-from simulators.simulate import SimulationError
-
-from .cliutil import OneLineParser, UsageError
-from .exitcodes import ExitCode
-from .series import SeriesError
+from tcbf_live.detectors.files import DatasetError
+from tcbf_live.simulators.simulate import SimulationError
+from tcbf_live.stream.cli.common import OneLineParser, UsageError
+from tcbf_live.stream.cli.exitcodes import ExitCode
+from tcbf_live.stream.series import SeriesError
 
 
 def build_parser() -> OneLineParser:
-    from simulators import cli as sim_cli
-    from viewer import cli as viewer_cli
-
-    from . import demo, listen, reconstruct, run
+    from tcbf_live.stream.cli import demo, listen, reconstruct, run
+    from tcbf_live.stream.cli import simulate as sim_cli
+    from tcbf_live.stream.cli import view as viewer_cli
 
     parser = OneLineParser(prog="tcbf-live", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

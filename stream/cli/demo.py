@@ -19,16 +19,15 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from simulators.sender import SendSettings, run_sender
-from simulators.simulate import PRESETS, Simulator
-
-from .cliutil import UsageError, parse_finite
-from .engine import Engine, EngineSettings
-from .outputs import atomic_output, check_output, same_file
-from .series import ProcessingSettings
-from .subscriber import SubscriberSettings
-from .tcbf import TcbfSettings
-from .transport import add_curve_args, curve_from_args
+from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.simulators.simulate import PRESETS, Simulator
+from tcbf_live.stream.cli.common import UsageError, parse_finite
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.outputs import atomic_output, check_output, same_file
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.transport import add_curve_args, curve_from_args
 
 log = logging.getLogger("tcbf.demo")
 
@@ -64,9 +63,8 @@ def _free_loopback_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.cliutil import parse_pair
-
-    from .results import write_result
+    from tcbf_live.stream.cli.common import parse_pair
+    from tcbf_live.stream.hdf5 import write_result
 
     if args.headless and not args.seconds:
         raise UsageError("--headless needs --seconds")
@@ -105,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     publisher = None
     if args.publish:
-        from .publisher import SnapshotPublisher
+        from tcbf_live.stream.publisher import SnapshotPublisher
 
         publisher = SnapshotPublisher(engine, args.publish, curve=curve).start()
 
@@ -129,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
         png = (outputs.enter_context(atomic_output(args.screenshot, args.overwrite))
                if args.screenshot else None)  # fmt: skip
         try:
-            from viewer.app import qt_app, run_window, shutdown
-            from viewer.sources import EngineSource
-            from viewer.window import ViewerWindow
+            from tcbf_live.viewer.app import qt_app, run_window, shutdown
+            from tcbf_live.viewer.sources import EngineSource
+            from tcbf_live.viewer.window import ViewerWindow
 
             app = qt_app(args.headless)
             window = ViewerWindow(  # the save dialog has asked before replacing a file

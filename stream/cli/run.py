@@ -17,19 +17,25 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from .cliutil import UsageError, parse_finite
-from .engine import DECODERS, TCP_PROTOCOLS, Engine, EngineSettings
-from .exitcodes import EPILOG, ExitCode, incomplete_reasons, run_code, series_code
-from .options import (
+from tcbf_live.stream.cli.common import UsageError, parse_finite
+from tcbf_live.stream.cli.exitcodes import (
+    EPILOG,
+    ExitCode,
+    incomplete_reasons,
+    run_code,
+    series_code,
+)
+from tcbf_live.stream.cli.options import (
     add_output_args,
     add_processing_args,
     check_memory,
     processing_from_args,
     report,
 )
-from .outputs import OutputExists, check_output, series_output
-from .subscriber import SubscriberSettings
-from .transport import add_curve_args, curve_from_args, link_curve
+from tcbf_live.stream.engine import DECODERS, TCP_PROTOCOLS, Engine, EngineSettings
+from tcbf_live.stream.outputs import OutputExists, check_output, series_output
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.transport import add_curve_args, curve_from_args, link_curve
 
 log = logging.getLogger("tcbf.run")
 
@@ -125,7 +131,7 @@ def check_outputs(args: argparse.Namespace) -> Path:
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless:
-        from viewer.app import check_display
+        from tcbf_live.viewer.app import check_display
 
         check_display()
     if not 0 < args.timeout <= 1e6 or not 0 <= args.align_interval <= 3600:
@@ -190,7 +196,7 @@ class SeriesFiles:
             self._take(result)
 
     def _take(self, result) -> None:
-        from .results import write_result
+        from tcbf_live.stream.hdf5 import write_result
 
         result = self.with_detector_counts(result)
         sid = result.info.series_id
@@ -285,7 +291,7 @@ def series_refused(engine: Engine) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .results import write_result
+    from tcbf_live.stream.hdf5 import write_result
 
     settings = settings_from_args(args)
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
@@ -301,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
 
     publisher = None
     if args.publish:
-        from .publisher import SnapshotPublisher
+        from tcbf_live.stream.publisher import SnapshotPublisher
 
         publisher = SnapshotPublisher(engine, args.publish, curve=curve_from_args(args)).start()
     try:
@@ -309,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
             while not engine.join(timeout=0.5):
                 pass
         else:  # the window stays open on the final result until it is closed (or Ctrl-C)
-            from viewer.app import qt_app, run_window, shutdown
-            from viewer.sources import EngineSource
-            from viewer.window import ViewerWindow
+            from tcbf_live.viewer.app import qt_app, run_window, shutdown
+            from tcbf_live.viewer.sources import EngineSource
+            from tcbf_live.viewer.window import ViewerWindow
 
             app = qt_app()
             window = ViewerWindow(  # the save dialog has asked before replacing a file
@@ -362,7 +368,7 @@ def arm_detector(args: argparse.Namespace, engine: Engine):
     take. Returns the client (for disarm)."""
     import json
 
-    from detectors.simplon import SimplonClient, SimplonError
+    from tcbf_live.detectors.simplon import SimplonClient, SimplonError
 
     host, _, port = args.simplon.rpartition(":") if ":" in args.simplon else (args.simplon, "", "")
     try:

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from detectors.base import SeriesInfo
-from simulators.optics import wavelength_A
-
-from .aberrations import AberrationFit, decompose
-from .accumulators import TileLevels
-from .alignment import (
+from tcbf_live.detectors.base import SeriesInfo
+from tcbf_live.simulators.optics import wavelength_A
+from tcbf_live.stream.tcbf.aberrations import AberrationFit, decompose
+from tcbf_live.stream.tcbf.accumulators import TileLevels
+from tcbf_live.stream.tcbf.alignment import (
     AlignmentResult,
     AlignmentSettings,
     TileGeometry,
@@ -27,9 +26,14 @@ from .alignment import (
     acquired_rows,
     align,
 )
-from .calibration import Calibration, hot_and_dead
-from .dose import FRC, LevelTrust, dose_for_resolution, fourier_ring_correlation
-from .reconstruction import (
+from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
+from tcbf_live.stream.tcbf.dose import (
+    FRC,
+    LevelTrust,
+    dose_for_resolution,
+    fourier_ring_correlation,
+)
+from tcbf_live.stream.tcbf.reconstruction import (
     EXPOSURE_TOLERANCE,
     PixelGroups,
     ShiftAndAdd,
@@ -39,7 +43,7 @@ from .reconstruction import (
     ring_sums,
     window_pixel_means,
 )
-from .screening import FrameScreen, screen_frames, slip_lines
+from tcbf_live.stream.tcbf.screening import FrameScreen, screen_frames, slip_lines
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .dose import half_bit_threshold
-from .series import SeriesResult
+from tcbf_live.stream.series import SeriesResult
+from tcbf_live.stream.tcbf.dose import half_bit_threshold
 
 KIND = "tcbf-view"
 VERSION = 1

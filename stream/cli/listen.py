@@ -14,11 +14,15 @@ from typing import TextIO
 
 import numpy as np
 
-from detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
-from detectors.native import NativeDecoder
-
-from .cliutil import UsageError
-from .subscriber import StreamCounters, SubscriberSettings, open_socket, receive_events
+from tcbf_live.detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
+from tcbf_live.detectors.native import NativeDecoder
+from tcbf_live.stream.cli.common import UsageError
+from tcbf_live.stream.receiver import (
+    StreamCounters,
+    SubscriberSettings,
+    open_socket,
+    receive_events,
+)
 
 
 @dataclass

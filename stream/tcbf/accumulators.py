@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from detectors.compression import bslz4_into
-
-from .calibration import Calibration
+from tcbf_live.detectors.compression import bslz4_into
+from tcbf_live.stream.tcbf.calibration import Calibration
 
 FINEST_DEFAULT_BIN = 4
 

@@ -9,14 +9,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from detectors.files import DatasetError, RecordedDataset, split_dataset_spec, write_dataset
-from stream.cliutil import UsageError, parse_finite, parse_pair
-from stream.outputs import atomic_output, check_output
-from stream.transport import add_curve_args, curve_from_args
-
-from .samples import SAMPLES
-from .sender import SOCKET_TYPES, SendSettings, run_sender
-from .simulate import PRESETS, SimulationConfig, SimulationError, Simulator
+from tcbf_live.detectors.files import (
+    DatasetError,
+    RecordedDataset,
+    split_dataset_spec,
+    write_dataset,
+)
+from tcbf_live.simulators.samples import SAMPLES
+from tcbf_live.simulators.sender import SOCKET_TYPES, SendSettings, run_sender
+from tcbf_live.simulators.simulate import PRESETS, SimulationConfig, SimulationError, Simulator
+from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
+from tcbf_live.stream.outputs import atomic_output, check_output
+from tcbf_live.stream.transport import add_curve_args, curve_from_args
 
 ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:]+\]|[^:/\s\[\]]+):\d{1,5}|ipc://\S+|inproc://\S+")
 
@@ -300,7 +304,7 @@ def save_dataset(spec: str, overwrite: bool, *args) -> Path:
 
 def open_recording(spec: str, overrides: dict):
     """A .mib (Merlin), a DECTRIS master file, or a 4D .npy / HDF5 dataset."""
-    from detectors.vendor_files import DectrisMaster, MibFile, is_dectris_master
+    from tcbf_live.detectors.vendor_files import DectrisMaster, MibFile, is_dectris_master
 
     if spec.endswith(".mib"):
         return MibFile(spec, overrides)

@@ -6,16 +6,15 @@ import argparse
 
 import numpy as np
 
-from simulators.optics import wavelength_A
-
-from .accumulators import validate_bins
-from .alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
-from .budget import BudgetError, check_series, memory_budget_bytes, parse_bytes
-from .calibration import Calibration, CalibrationError
-from .cliutil import UsageError, parse_finite, parse_pair
-from .reconstruction import default_upsampling
-from .series import ProcessingSettings
-from .tcbf import TcbfSettings
+from tcbf_live.simulators.optics import wavelength_A
+from tcbf_live.stream.budget import BudgetError, check_series, memory_budget_bytes, parse_bytes
+from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
+from tcbf_live.stream.series import ProcessingSettings
+from tcbf_live.stream.tcbf.accumulators import validate_bins
+from tcbf_live.stream.tcbf.alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
+from tcbf_live.stream.tcbf.calibration import Calibration, CalibrationError
+from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.reconstruction import default_upsampling
 
 
 def parse_bins(text: str) -> tuple[int, ...]:

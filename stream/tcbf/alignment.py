@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.fft as sfft
 
-from .registration import correlation_peak
+from tcbf_live.stream.tcbf.registration import correlation_peak
 
 DEFAULT_MIN_TILE_ELECTRONS = 2.5e5  # Yu et al.: electrons per binned vBF image to trust it
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from stream.cliutil import UsageError, parse_finite
-from stream.transport import add_curve_args, link_curve
+from tcbf_live.stream.cli.common import UsageError, parse_finite
+from tcbf_live.stream.transport import add_curve_args, link_curve
 
 ENDPOINT = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[\w./\-]+)$")
 
@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--seconds must be positive (at most 1e6)")
     curve = link_curve(args, connects=True)
 
-    from .app import check_display, qt_app, run_window, shutdown
+    from tcbf_live.viewer.app import check_display, qt_app, run_window, shutdown
 
     if not args.headless:
         check_display()
-    from .sources import SocketSource
-    from .window import ViewerWindow
+    from tcbf_live.viewer.sources import SocketSource
+    from tcbf_live.viewer.window import ViewerWindow
 
     app = qt_app(args.headless)
     source = SocketSource(args.connect, curve=curve)

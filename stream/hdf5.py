@@ -33,8 +33,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .outputs import atomic_output
-from .series import SeriesResult
+from tcbf_live.stream.outputs import atomic_output
+from tcbf_live.stream.series import SeriesResult
 
 SOFTWARE = "tcbf-live"
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from detectors.base import DecodeError, Event
-from detectors.native import NativeDecoder
-
-from .transport import (
+from tcbf_live.detectors.base import DecodeError, Event
+from tcbf_live.detectors.native import NativeDecoder
+from tcbf_live.stream.transport import (
     CURVE_HINT,
     DETECTOR_HINT,
     MAX_MESSAGE_BYTES,

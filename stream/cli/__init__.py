@@ -1,0 +1,1 @@
+"""Every `tcbf-live` command: argparse lives here and nowhere else (`main.main` is the entry)."""

@@ -1,0 +1,1 @@
+"""The science core: calibration, accumulators, alignment, aberrations, image, dose (pure)."""
