@@ -27,23 +27,16 @@ from __future__ import annotations
 
 import datetime
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from tcbf_live import __version__
 from tcbf_live.stream.outputs import atomic_output
 from tcbf_live.stream.series import SeriesResult
 
 SOFTWARE = "tcbf-live"
-
-
-def software_version() -> str:
-    try:
-        return version("tcbf-live")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _attr(value):
@@ -61,7 +54,7 @@ def write_result(
     info = result.info
     with atomic_output(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["software"] = SOFTWARE
-        f.attrs["software_version"] = software_version()
+        f.attrs["software_version"] = __version__
         f.attrs["created"] = datetime.datetime.now(datetime.UTC).isoformat()
         acq = f.create_group("acquisition")
         acq.attrs["scan_shape"] = np.asarray(info.scan_shape, np.int64)

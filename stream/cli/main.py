@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import zmq
 
+from tcbf_live import __version__
 from tcbf_live.detectors.files import DatasetError
 from tcbf_live.simulators.simulate import SimulationError
 from tcbf_live.stream.cli.common import OneLineParser, UsageError
@@ -26,6 +27,7 @@ def build_parser() -> OneLineParser:
 
     parser = OneLineParser(prog="tcbf-live", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"tcbf-live {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sim_cli.add_parser(sub)
     run.add_parser(sub)
