@@ -207,7 +207,7 @@ def upsampling_bound(info, upsample: int | None = None,
     sampling) an upper bound: the calibrated sampling can only lower it."""
     if upsample:
         return int(upsample)
-    from tcbf_live.simulators.optics import wavelength_A
+    from tcbf_live.stream.tcbf.optics import wavelength_A
     from tcbf_live.stream.tcbf.reconstruction import default_upsampling
 
     sampling = angular_sampling_mrad or info.angular_sampling_mrad

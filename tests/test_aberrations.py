@@ -74,3 +74,36 @@ def test_measured_vbf_shifts_give_defocus_and_rotation():
     assert fit.defocus_A == pytest.approx(15000.0, rel=0.005)
     assert math.degrees(fit.rotation_rad) == pytest.approx(-15.0, abs=0.1)
     assert not fit.transpose and fit.C12_A < 0.005 * 15000
+
+
+def test_one_shift_model_fit_in_px_and_in_A_per_rad():
+    """The alignment's fit (scan px per detector px) converted to A per rad is the fit in A
+    per rad: one model, one fit, two unit systems (`optics.matrix_A_per_rad`)."""
+    from tcbf_live.stream.tcbf.aberrations import fit_shift_matrix
+    from tcbf_live.stream.tcbf.optics import alpha_rad, matrix_A_per_rad
+    from tcbf_live.stream.tcbf.shift_model import fit_matrix
+
+    rng = np.random.default_rng(2)
+    k_px = rng.uniform(-20, 20, (60, 2))
+    m_px = np.array([[0.3, -0.08], [0.1, 0.28]])
+    shifts = k_px @ m_px.T + rng.normal(0, 0.01, (60, 2))
+    step, sampling = 0.6, 0.25
+    fit_px = fit_matrix(k_px, shifts, np.ones(60))
+    m_a, resid = fit_shift_matrix(alpha_rad(k_px, sampling) * 1e3, shifts, step)
+    np.testing.assert_allclose(matrix_A_per_rad(fit_px, step, sampling), m_a, rtol=1e-10)
+    assert 0.005 < resid < 0.03
+    with pytest.raises(ValueError):  # collinear tilts determine no model
+        fit_shift_matrix(np.outer(np.arange(1.0, 6.0), [1.0, 2.0]), np.ones((5, 2)), step)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_polar_decomposition_recovers_rotation_and_symmetric_part(transpose):
+    from tcbf_live.stream.tcbf.shift_model import TRANSPOSE, polar_decomposition
+
+    theta = math.radians(-33.0)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    p = np.array([[1.2e4 + 300.0, 150.0], [150.0, 1.2e4 - 300.0]])
+    m = p @ rot @ (TRANSPOSE if transpose else np.eye(2))
+    got_theta, got_p = polar_decomposition(m, transpose)
+    assert got_theta == pytest.approx(theta, abs=1e-12)
+    np.testing.assert_allclose(got_p, p, rtol=1e-12)

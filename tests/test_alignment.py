@@ -4,22 +4,17 @@ import numpy as np
 import pytest
 import scipy.fft as sfft
 
-from tcbf_live.stream.tcbf.alignment import (
-    AlignmentSettings,
-    TileSet,
-    align,
-    choose_schedule,
-    robust_fit,
-)
+from tcbf_live.stream.tcbf.alignment import AlignmentSettings, align, choose_schedule
+from tcbf_live.stream.tcbf.kernels import deposit
+from tcbf_live.stream.tcbf.optics import quadratic_chi
 from tcbf_live.stream.tcbf.reconstruction import (
-    PixelGroups,
     ShiftAndAdd,
     default_upsampling,
-    deposit,
     phase_flip,
-    quadratic_chi,
     splat_weights,
 )
+from tcbf_live.stream.tcbf.shift_model import fit_matrix, robust_fit
+from tcbf_live.stream.tcbf.tiles import PixelGroups, TileSet
 
 
 def smooth_field(shape, length_px, rng):
@@ -80,21 +75,31 @@ def test_transposed_detector_gives_a_negative_determinant():
     assert np.linalg.det(res.matrix_px) < 0
 
 
+class Moved:
+    """A tile source as from per-pixel data: every tile image moved by its model shift."""
+
+    def __init__(self, move):
+        self.move = move
+
+    def tile_images(self, bin_px, model):
+        return self.move(model), model
+
+
 def test_partial_scan_uses_only_the_acquired_rows():
     m = rotation(-15.0, -0.22)
     tiles = tile_set(m, rows=30)  # 30 of 48 rows acquired, the rest zeros
 
-    def regroup(bin_px, model):  # as from per-pixel data: each image moved by its model shift,
-        out = []  # positions nothing moved into hold the mean (see regroup_tiles)
+    def move(model):  # positions nothing moved into hold the mean (see tiles.PixelGroups)
+        out = []
         for img, k in zip(tiles.images, tiles.k_px, strict=True):
             filled = img.copy()
             filled[30:] = img[:30].mean()
             out.append(fourier_shift(filled, model @ k))
         moved = np.stack(out)
         moved[:, 30:] = 0
-        return moved, model
+        return moved
 
-    res = align({8: tiles}, AlignmentSettings(bins=(8, 8, 8)), regroup=regroup)
+    res = align({8: tiles}, AlignmentSettings(bins=(8, 8, 8)), pixels=Moved(move))
     np.testing.assert_allclose(res.matrix_px, m, atol=0.005)
     # tile sums moved by Fourier ramps carry their window along: pulled toward zero shift
     plain = align({8: tiles}, AlignmentSettings(bins=(8, 8, 8)))
@@ -115,11 +120,11 @@ def test_warm_start_refines_a_perturbed_model():
     start = m * 1.05 + np.array([[0.0, 0.01], [-0.01, 0.0]])  # 0.3 px off at the disk edge
     tiles = tile_set(m)
 
-    def regroup(bin_px, model):  # tiles re-formed with every image moved by the model
+    def move(model):  # tiles re-formed with every image moved by the model
         return np.stack([fourier_shift(img, model @ k) for img, k in
-                         zip(tiles.images, tiles.k_px, strict=True)]), model  # fmt: skip
+                         zip(tiles.images, tiles.k_px, strict=True)])  # fmt: skip
 
-    res = align({8: tiles}, AlignmentSettings(bins=(8, 8)), matrix_px=start, regroup=regroup)
+    res = align({8: tiles}, AlignmentSettings(bins=(8, 8)), matrix_px=start, pixels=Moved(move))
 
     assert [it.bin_px for it in res.iterations] == [8, 8]  # no pair estimate: model known
     assert res.iterations[-1].used.sum() >= 10
@@ -128,8 +133,6 @@ def test_warm_start_refines_a_perturbed_model():
 
 
 def test_two_tiles_or_collinear_tiles_never_give_a_model():
-    from tcbf_live.stream.tcbf.alignment import fit_matrix
-
     k = np.array([[10.0, 10.0], [-10.0, -10.0], [5.0, 5.1]])
     s = k @ rotation(10, -0.2).T
     assert fit_matrix(k[:2], s[:2], np.ones(2)) is None  # exactly determined: unchecked
@@ -283,3 +286,57 @@ def test_default_upsampling_follows_the_information_limit():
     assert default_upsampling(0.5, 0.019687, 20.0) == 1
     assert default_upsampling(40.0, 0.019687, 20.0) == 8  # capped
     assert default_upsampling(None, 0.019687, 4.0) == 2  # optics unknown
+
+
+def test_regrouped_tiles_reuse_their_groups_until_a_pixel_moves_too_far():
+    from tcbf_live.stream.tcbf.tiles import RegroupedTiles, TileLevels
+
+    rng = np.random.default_rng(6)
+    rows, cols = 6, 7
+    bf = np.array([(r, c) for r in range(-4, 4) for c in range(-4, 4)]) + 10
+    layout = TileLevels.build(bf, (10, 10), (4, 2))
+    k = (bf[layout.order] - 10).astype(float)
+    stack = rng.integers(0, 9, (rows * cols, len(k))).astype(np.uint16)
+    exposure = np.ones(rows * cols)
+    excluded = np.zeros(len(k), bool)
+    excluded[5] = True
+    source = RegroupedTiles(stack, exposure, ((0, rows), (0, cols)), cols, layout, k, excluded,
+                            0.5)  # fmt: skip
+    m = np.array([[0.1, 0.0], [0.0, 0.1]])
+    images, used = source.tile_images(4, m)
+    first = source.groups
+    move = np.rint(k @ m.T).astype(np.int64)
+    move[5] = 1 << 30  # left out: lands on no tile
+    ref = PixelGroups(stack, exposure, (0, rows), (0, cols), cols, layout.member_tile[-1], move)
+    np.testing.assert_array_equal(images, ref.tile_images(layout.member_tile[0], 4))
+    assert used is m or np.array_equal(used, m)
+    source.tile_images(2, m * 2.0)  # edge pixels (|k| <= 4 px) move by 0.4 px: same groups
+    assert source.groups is first
+    fine, used = source.tile_images(2, m * 3.0)  # by 0.8 px: re-formed with the new model
+    assert source.groups is not first and np.array_equal(used, m * 3.0)
+    assert fine.shape == (layout.n_tiles[1], rows, cols)
+
+
+def test_every_core_kernel_lives_in_kernels_and_releases_the_gil():
+    import importlib
+    import pkgutil
+
+    import numba
+
+    import tcbf_live.stream.tcbf as core
+    from tcbf_live.stream.tcbf import kernels
+
+    found = [name for name, f in vars(kernels).items() if isinstance(f, numba.core.registry.
+             CPUDispatcher)]  # fmt: skip
+    assert {"deposit", "group_sums", "scatter_groups", "ring_sums"} <= set(found)
+    for name in found:
+        f = getattr(kernels, name)
+        assert f.targetoptions.get("nogil") is True, name
+        assert type(f._cache).__name__ != "NullCache", name  # cache=True
+    for mod in pkgutil.iter_modules(core.__path__):
+        if mod.name == "kernels" or mod.name.startswith("accumulat"):  # ingest: its own kernels
+            continue
+        m = importlib.import_module(f"{core.__name__}.{mod.name}")
+        own = [n for n, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)
+               and f.py_func.__module__ == m.__name__]  # fmt: skip
+        assert not own, (mod.name, own)

@@ -1,4 +1,4 @@
-"""Aberrations from parallax shifts: linear shift model s = M alpha and its polar decomposition.
+"""Aberrations from parallax shifts: defocus, astigmatism and geometry of the shift model.
 
 Pure numerics. Conventions (docs/simulator.md, shared/reference/tcbf-physics.md sect. 3-5):
 - `alpha_mrad` (N, 2): detector-frame tilt of each BF pixel, (row, col) relative to the disk
@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
+
+from tcbf_live.stream.tcbf.shift_model import fit_matrix, polar_decomposition
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,15 @@ class AberrationFit:
 
 def fit_shift_matrix(alpha_mrad: np.ndarray, shifts_px: np.ndarray, step_A: float,
                      weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Least-squares M (A per rad) with shifts_A = M alpha; returns (M, rms residual in px)."""
+    """Least-squares M (A per rad) with shifts_A = M alpha (`shift_model.fit_matrix`); returns
+    (M, rms residual in px)."""
     a = np.asarray(alpha_mrad, float) * 1e-3
     s = np.asarray(shifts_px, float) * step_A
     if a.shape[0] < 3 or a.shape != s.shape or a.shape[1] != 2:
         raise ValueError("need at least 3 (alpha, shift) pairs of shape (N, 2)")
-    w = np.ones(len(a)) if weights is None else np.sqrt(np.asarray(weights, float))
-    mt, *_ = np.linalg.lstsq(a * w[:, None], s * w[:, None], rcond=None)
-    m = mt.T
+    m = fit_matrix(a, s, np.ones(len(a)) if weights is None else np.asarray(weights, float))
+    if m is None:
+        raise ValueError("the tilts are too nearly collinear to determine the shift model")
     resid = (s - a @ m.T) / step_A
     return m, float(np.sqrt(np.mean(np.sum(resid**2, axis=1))))
 
@@ -68,7 +70,7 @@ def decompose(
     defocus_sign: int | None = None,
     residual_px: float = 0.0,
     transpose: bool | None = None,
-):
+) -> AberrationFit:
     """Split M = P R(theta) T into C10, C12, phi12, theta and the transpose flag.
 
     The transpose is taken as given (the detector's wiring, when the stream announces it), else
@@ -76,11 +78,7 @@ def decompose(
     m = np.asarray(m, float)
     if transpose is None:
         transpose = bool(np.linalg.det(m) < 0)
-
-    t = np.array([[0.0, 1.0], [1.0, 0.0]]) if transpose else np.eye(2)
-    mr = m @ t  # = P R(theta)
-    u, p = scipy.linalg.polar(mr, side="left")  # mr = p @ u, p symmetric PSD, u a rotation
-    theta = math.atan2(u[1, 0], u[0, 0])
+    theta, p = polar_decomposition(m, transpose)
     c10 = 0.5 * float(np.trace(p))
     flip = False
     if defocus_sign is None:

@@ -24,13 +24,14 @@ moving an image's content by +s aligns it. M is in scan px per detector px.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.fft as sfft
 
 from tcbf_live.stream.tcbf.registration import correlation_peak
+from tcbf_live.stream.tcbf.shift_model import robust_fit
+from tcbf_live.stream.tcbf.tiles import TileSet, TileSource
 
 DEFAULT_MIN_TILE_ELECTRONS = 2.5e5  # Yu et al.: electrons per binned vBF image to trust it
 
@@ -59,39 +60,6 @@ class AlignmentSettings:
             raise ValueError("upsample, iterations_per_level and min_rows must be >= 1")
         if self.defocus_sign not in (None, 1, -1):
             raise ValueError("defocus_sign must be +1, -1 or None")
-
-
-@dataclass(frozen=True)
-class TileSet:
-    """The binned virtual-BF images of one bin level over the acquired region."""
-
-    bin_px: int
-    images: np.ndarray  # (n_tiles, rows, cols) counts
-    valid: np.ndarray  # (rows, cols) bool: positions acquired
-    k_px: np.ndarray  # (n_tiles, 2) intensity-weighted tile centre rel. to the disk centre
-    electrons: np.ndarray  # (n_tiles,) electrons in each tile image
-    n_pixels: np.ndarray  # (n_tiles,) BF pixels per tile
-    labels: np.ndarray | None = None  # (n_tiles, 2) integer tile coordinates (grid position)
-    disk_radius_px: float | None = None  # BF disk radius; None: the farthest tile centre
-
-    @property
-    def radius_px(self) -> float:
-        if self.disk_radius_px:
-            return float(self.disk_radius_px)
-        return float(np.hypot(*self.k_px.T).max())
-
-    def within(self, fraction: float) -> np.ndarray:
-        """Tiles whose centre lies within `fraction` of the disk radius."""
-        return np.hypot(*self.k_px.T) <= fraction * self.radius_px
-
-    def trusted_tiles(self, min_electrons: float) -> np.ndarray:
-        return self.electrons >= min_electrons
-
-    def is_trusted(self, min_electrons: float) -> bool:
-        """Every tile holding at least half as many pixels as the largest one has enough
-        electrons (small rim tiles may lag; they are then simply left out)."""
-        full = self.n_pixels >= 0.5 * self.n_pixels.max()
-        return bool(np.all(self.electrons[full] >= min_electrons))
 
 
 @dataclass(frozen=True)
@@ -184,58 +152,6 @@ def tile_spectra(
     return sfft.fft2(canvas, axes=(1, 2), workers=1)
 
 
-# ---------------------------------------------------------------------------------- model fit
-MIN_FIT_POINTS = 3  # with 2 points the 4 unknowns fit exactly: no check of anything
-MAX_CONDITION = 100.0  # positions this close to collinear do not determine M
-
-
-def fit_matrix(k_px: np.ndarray, shifts_px: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
-    """Weighted least-squares M with shifts = k @ M.T (no constant); None if underdetermined
-    (fewer than 3 points, or positions nearly collinear)."""
-    use = weights > 0
-    if use.sum() < MIN_FIT_POINTS:
-        return None
-    w = np.sqrt(weights[use])[:, None]
-    a = k_px[use] * w
-    if not np.linalg.cond(a) < MAX_CONDITION:
-        return None
-    mt, *_ = np.linalg.lstsq(a, shifts_px[use] * w, rcond=None)
-    return mt.T
-
-
-def robust_fit(
-    k_px: np.ndarray,
-    shifts_px: np.ndarray,
-    weights: np.ndarray,
-    fallback: np.ndarray,
-    rounds: int = 3,
-    floor_px: float = 0.25,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """`fit_matrix` with outlier rejection: tiles further than max(3 x rms, `floor_px`) from the
-    model are dropped and the fit repeated. Returns (M, used, rms misfit of the used tiles);
-    M = `fallback` and nothing used when the data cannot determine it."""
-    use = weights > 0
-    m = fit_matrix(k_px, shifts_px, weights)
-    if m is None:
-        return fallback, np.zeros_like(use), float("nan")
-    for _ in range(rounds):
-        dist = np.hypot(*(shifts_px - k_px @ m.T).T)
-        rms = _weighted_rms(shifts_px - k_px @ m.T, np.where(use, weights, 0.0))
-        keep = use & (dist <= max(3.0 * rms, floor_px))
-        refit = fit_matrix(k_px, shifts_px, np.where(keep, weights, 0.0))
-        if np.array_equal(keep, use) or refit is None:
-            break  # converged, or rejecting more would leave too little: keep the last fit
-        use, m = keep, refit
-    rms = _weighted_rms(shifts_px - k_px @ m.T, np.where(use, weights, 0.0))
-    return m, use, rms
-
-
-def _weighted_rms(resid: np.ndarray, weights: np.ndarray) -> float:
-    if not np.any(weights > 0):
-        return float("nan")
-    return float(np.sqrt(np.sum(weights * np.sum(resid**2, axis=1)) / np.sum(weights)))
-
-
 def align_iteration(
     spectra: np.ndarray,
     tiles: TileSet,
@@ -246,8 +162,8 @@ def align_iteration(
 ) -> IterationResult:
     """One pass over the tiles of one level, warm-started from `matrix_px` (see module doc).
 
-    `applied_px` (n_tiles, 2): shifts already applied to the images before tapering (by
-    `regroup`); only the rest of the model shift is applied here, as a Fourier ramp."""
+    `applied_px` (n_tiles, 2): shifts already applied to the images before tapering (re-formed
+    from per-pixel data); only the rest of the model shift is applied here, as a Fourier ramp."""
     model = tiles.k_px @ matrix_px.T
     done = np.zeros_like(model) if applied_px is None else applied_px
     shifted = spectra * ramps(spectra.shape[1:], model - done)
@@ -376,16 +292,16 @@ def align(
     settings: AlignmentSettings,
     matrix_px: np.ndarray | None = None,
     schedule: tuple[int, ...] | None = None,
-    regroup: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    pixels: TileSource | None = None,
 ) -> AlignmentResult:
     """Run the schedule (default `choose_schedule`) from `matrix_px` (default 0: cold start).
 
-    `regroup(bin, M)`, when given, returns a level's tile images re-formed from per-pixel data
-    with each pixel moved by its own shift under a model close to M (and that model), before
-    the taper: tiles are then not blurred by
-    the shift spread inside them (|M| x bin px), and every tile shares one fixed window, so the
-    window does not pull the shifts toward zero on small fields. Without it the accumulated
-    tile sums are used and moved by Fourier ramps (window included)."""
+    With `pixels` (e.g. `tiles.RegroupedTiles`), each level's tile images are re-formed from
+    per-pixel data when the schedule first reaches it, each pixel moved by its own shift under
+    the model at that point, before the taper: tiles are then not blurred by the shift spread
+    inside them (|M| x bin px), and every tile shares one fixed window, so the window does not
+    pull the shifts toward zero on small fields. Without it the accumulated tile sums are used
+    and moved by Fourier ramps (window included)."""
     matrix = np.zeros((2, 2)) if matrix_px is None else np.asarray(matrix_px, float)
     if schedule is None:
         schedule = choose_schedule(levels, settings)
@@ -413,8 +329,8 @@ def align(
         if b not in spectra:
             applied[b] = np.zeros_like(tiles.k_px)
             margin = None
-            if regroup is not None:  # already moved: only residuals remain, a thin margin does
-                images, moved_by = regroup(b, matrix)
+            if pixels is not None:  # already moved: only residuals remain, a thin margin does
+                images, moved_by = pixels.tile_images(b, matrix)
                 tiles = replace(tiles, images=images)
                 applied[b] = tiles.k_px @ moved_by.T
                 margin = 4 + int(np.ceil(settings.max_residual_px))
@@ -426,27 +342,3 @@ def align(
         matrix = it.matrix_px
         iterations.append(it)
     return AlignmentResult(matrix, tuple(iterations), converged=converged)
-
-
-@dataclass
-class TileGeometry:
-    """Per-level tile centres and sizes from the BF pixels (fixed for a series)."""
-
-    bins: tuple[int, ...]
-    k_px: dict[int, np.ndarray] = field(default_factory=dict)
-    n_pixels: dict[int, np.ndarray] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, bins, member_tile, bf_k_px: np.ndarray, pixel_weight: np.ndarray):
-        """`member_tile[l]` (N_bf,) tile of each BF pixel at level l; weights ~ mean intensity."""
-        geo = cls(tuple(bins))
-        w = np.asarray(pixel_weight, float)
-        if not np.any(w > 0):
-            w = np.ones(len(bf_k_px))
-        for b, members in zip(bins, member_tile, strict=True):
-            n = int(members.max()) + 1
-            wsum = np.bincount(members, w, n)
-            k = np.stack([np.bincount(members, w * bf_k_px[:, c], n) for c in (0, 1)], axis=1)
-            geo.k_px[b] = k / np.maximum(wsum, 1e-30)[:, None]
-            geo.n_pixels[b] = np.bincount(members, minlength=n)
-        return geo

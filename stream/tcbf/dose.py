@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft as sfft
 
+from tcbf_live.stream.tcbf.tiles import TileSet
+
 FRC_THRESHOLD = 0.143
 ELEMENTARY_CHARGE_C = 1.602176634e-19
 MIN_RING_PIXELS = 500  # below this a ring's FRC of pure noise exceeds 0.143 too often (> 3 sd)
@@ -139,3 +141,18 @@ class LevelTrust:
     threshold: float
     trusted: bool
     dose_needed_e_per_A2: float | None  # scan-average dose at which it will be (estimate)
+
+
+def level_trust(levels: dict[int, TileSet], threshold: float, dose: float) -> tuple:
+    """Electrons per tile of every bin level against the schedule's threshold (full tiles:
+    those holding at least half as many pixels as the largest, as `TileSet.is_trusted`), and
+    the dose at which each level will reach it (tile electrons grow with the dose)."""
+    out = []
+    for b in sorted(levels, reverse=True):
+        t = levels[b]
+        full = t.electrons[t.n_pixels >= 0.5 * t.n_pixels.max()]
+        lowest = float(full.min()) if full.size else 0.0
+        needed = dose * threshold / lowest if lowest > 0 and math.isfinite(dose) else None
+        out.append(LevelTrust(b, len(t.electrons), lowest, float(np.median(full)) if full.size
+                              else 0.0, threshold, t.is_trusted(threshold), needed))  # fmt: skip
+    return tuple(out)

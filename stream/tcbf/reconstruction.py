@@ -13,12 +13,12 @@ rebuilds from the stored per-pixel stack only when the shifts change by more tha
 
 from __future__ import annotations
 
-import math
-
-import numba
 import numpy as np
 import scipy.fft as sfft
 import scipy.ndimage as ndi
+
+from tcbf_live.stream.tcbf.kernels import deposit, ring_sums, window_column_sums
+from tcbf_live.stream.tcbf.optics import quadratic_chi
 
 KDE_SIGMA_SCAN_PX = 0.125  # Gaussian smoothing of the splat, in scan pixels
 MAX_UPSAMPLING = 8
@@ -53,176 +53,11 @@ def splat_weights(shifts_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return base.astype(np.int64), w
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
-def deposit(
-    stack: np.ndarray,  # (n_pos, N_bf) per-BF-pixel values
-    exposure: np.ndarray,  # (n_pos,) exposure per position (frames x relative dose; 0: none)
-    positions: np.ndarray,  # (M,) flat positions to deposit
-    cols: int,
-    factor: int,
-    offsets: np.ndarray,  # (N_bf, 2) int64 from splat_weights
-    weights: np.ndarray,  # (N_bf, 4)
-    inv_gain: np.ndarray,  # (N_bf,) 1 / mean value of each BF pixel
-    half: np.ndarray,  # (N_bf,) int: which half-set accumulator the pixel feeds (0 or 1)
-    num: np.ndarray,  # (rows f, cols f, 2) float64: the halves interleaved (cache locality)
-    den: np.ndarray,  # (rows f, cols f, 2) float64
-) -> None:
-    n_bf = stack.shape[1]
-    h_max, w_max = num.shape[0], num.shape[1]
-    for j in positions:
-        h = exposure[j]
-        if h == 0:
-            continue
-        r = j // cols
-        c = j - r * cols
-        scale = 1.0 / h
-        row = stack[j]
-        for i in range(n_bf):
-            v = row[i] * inv_gain[i] * scale
-            pr = r * factor + offsets[i, 0]
-            pc = c * factor + offsets[i, 1]
-            hh = half[i]
-            if 0 <= pr and pr + 1 < h_max and 0 <= pc and pc + 1 < w_max:
-                num[pr, pc, hh] += weights[i, 0] * v
-                den[pr, pc, hh] += weights[i, 0]
-                num[pr, pc + 1, hh] += weights[i, 1] * v
-                den[pr, pc + 1, hh] += weights[i, 1]
-                num[pr + 1, pc, hh] += weights[i, 2] * v
-                den[pr + 1, pc, hh] += weights[i, 2]
-                num[pr + 1, pc + 1, hh] += weights[i, 3] * v
-                den[pr + 1, pc + 1, hh] += weights[i, 3]
-            else:
-                for q in range(4):
-                    rr = pr + q // 2
-                    cc = pc + q % 2
-                    if 0 <= rr < h_max and 0 <= cc < w_max:
-                        num[rr, cc, hh] += weights[i, q] * v
-                        den[rr, cc, hh] += weights[i, q]
-
-
-@numba.njit(nogil=True, cache=True)
-def _group_sums(stack, exposure, rows, cols, scan_cols, group_of, out):
-    """out[p, g] = sum over BF pixels i of group g of stack[p, i] / exposure[p] (frames x
-    relative dose), for the positions
-    p of the window rows [rows[0], rows[1]) x cols [cols[0], cols[1]) (row-major)."""
-    width = cols[1] - cols[0]
-    for r in range(rows[0], rows[1]):
-        for c in range(cols[0], cols[1]):
-            p = r * scan_cols + c
-            h = exposure[p]
-            if h == 0:
-                continue
-            scale = 1.0 / h
-            dst = out[(r - rows[0]) * width + (c - cols[0])]
-            row = stack[p]
-            for i in range(row.shape[0]):
-                dst[group_of[i]] += row[i] * scale
-
-
-@numba.njit(nogil=True, cache=True)
-def _scatter_groups(groups_t, valid, tile_of_group, move, members, out, count):
-    """Add every group image (groups_t[g], row-major over the window) moved by its integer
-    shift into its tile; then mean per member, and the tile's mean where nothing landed."""
-    n_tiles, n_rows, width = out.shape
-    for g in range(groups_t.shape[0]):
-        t = tile_of_group[g]
-        dr = move[g, 0]
-        dc = move[g, 1]
-        m = members[g]
-        src = groups_t[g]
-        for r in range(max(0, -dr), min(n_rows, n_rows - dr)):
-            base = r * width
-            for c in range(max(0, -dc), min(width, width - dc)):
-                if valid[base + c]:
-                    out[t, r + dr, c + dc] += src[base + c]
-                    count[t, r + dr, c + dc] += m
-    for t in range(n_tiles):
-        total = 0.0
-        covered = 0
-        for r in range(n_rows):
-            for c in range(width):
-                if count[t, r, c] > 0:
-                    out[t, r, c] /= count[t, r, c]
-                    total += out[t, r, c]
-                    covered += 1
-        fill = total / covered if covered else 0.0
-        for r in range(n_rows):
-            for c in range(width):
-                if count[t, r, c] == 0:
-                    out[t, r, c] = fill
-
-
-class PixelGroups:
-    """BF pixels grouped by (finest tile, integer shift), with their summed images over a scan
-    window: one pass over the per-pixel stack serves every bin level (levels nest, so each
-    group lies in one tile of every level), and each level then moves a few hundred group
-    images instead of thousands of pixel images."""
-
-    def __init__(self, stack, exposure, rows, cols, scan_cols, finest_tile, move, matrix_px=None):
-        self.matrix_px = matrix_px  # the model the integer shifts came from
-        keys = np.column_stack([finest_tile, move])
-        uniq, first, group_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        self.first_pixel = first
-        self.move = np.ascontiguousarray(uniq[:, 1:], dtype=np.int64)
-        self.members = np.bincount(group_of.ravel(), minlength=len(uniq)).astype(np.float32)
-        self.shape = (rows[1] - rows[0], cols[1] - cols[0])
-        self.sums = np.zeros((self.shape[0] * self.shape[1], len(uniq)), np.float32)
-        _group_sums(stack, exposure, np.asarray(rows, np.int64), np.asarray(cols, np.int64),
-                    scan_cols, group_of.ravel().astype(np.int64), self.sums)  # fmt: skip
-        self.sums_t = np.ascontiguousarray(self.sums.T)  # (groups, positions) for the scatter
-        del self.sums
-        window = exposure.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
-        self.valid = np.ascontiguousarray(window.ravel() > 0)
-
-    def tile_images(self, pixel_tile: np.ndarray, n_tiles: int) -> np.ndarray:
-        """(n_tiles, rows, cols): mean per member of each tile, every pixel moved by its shift."""
-        out = np.zeros((n_tiles, *self.shape), np.float32)
-        count = np.zeros_like(out)
-        tile_of_group = pixel_tile[self.first_pixel].astype(np.int64)
-        _scatter_groups(self.sums_t, self.valid, tile_of_group, self.move, self.members, out,
-                        count)  # fmt: skip
-        return out
-
-
-@numba.njit(nogil=True, cache=True)
-def ring_sums(stack, exposure, positions, ring_of, out) -> None:
-    """out[r, p] = counts per frame at position p of the BF pixels in ring r (annuli of the
-    disk), recomputed for the given positions: virtual-BF images of any radius are cumulative
-    sums of these."""
-    for p in positions:
-        for r in range(out.shape[0]):
-            out[r, p] = 0.0
-        h = exposure[p]
-        if h == 0:
-            continue
-        row = stack[p]
-        scale = 1.0 / h
-        for i in range(row.shape[0]):
-            out[ring_of[i], p] += row[i] * scale
-
-
-@numba.njit(nogil=True, cache=True)
-def _window_column_sums(stack, exposure, rows, cols, scan_cols, out) -> float:
-    """out[i] = sum of stack[p, i] over the window's positions with exposure; returns the
-    exposure summed."""
-    total = 0.0
-    for r in range(rows[0], rows[1]):
-        for c in range(cols[0], cols[1]):
-            p = r * scan_cols + c
-            if exposure[p] == 0:
-                continue
-            total += exposure[p]
-            row = stack[p]
-            for i in range(row.shape[0]):
-                out[i] += row[i]
-    return total
-
-
 def window_pixel_means(stack: np.ndarray, exposure: np.ndarray, window, scan_cols: int):
     """(mean per unit exposure of each BF pixel over the window (N_bf,), exposure summed)."""
     (r0, r1), (c0, c1) = window
     out = np.zeros(stack.shape[1])
-    total = _window_column_sums(stack, np.asarray(exposure, np.float64),
+    total = window_column_sums(stack, np.asarray(exposure, np.float64),
                                 np.array([r0, r1], np.int64), np.array([c0, c1], np.int64),
                                 scan_cols, out)  # fmt: skip
     return out / max(total, 1e-12), total
@@ -339,24 +174,34 @@ class ShiftAndAdd:
                 _ratio(num[1], den[1]))  # fmt: skip
 
 
+class RingImages:
+    """Virtual-BF images of `n_rings` equal-width annuli of the BF disk, per unit exposure (for
+    a live axial-radius control: the vBF of radius r is the sum of the rings inside r),
+    recomputed only where a position's exposure changed."""
+
+    def __init__(self, k_px: np.ndarray, radius_px: float, n_rings: int):
+        self.edges_px = radius_px * np.arange(1, n_rings + 1) / n_rings  # outer radii
+        ring_of = np.minimum(np.searchsorted(self.edges_px, np.hypot(*k_px.T)), n_rings - 1)
+        self._ring_of = ring_of.astype(np.int64)
+        self._rings: np.ndarray | None = None  # (n_rings, n_pos)
+        self._exposure: np.ndarray | None = None  # what each position was computed with
+
+    def update(self, stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[int, int]):
+        """(outer radii (n_rings,), images (n_rings, rows, cols)), a copy."""
+        if self._rings is None:
+            self._rings = np.zeros((len(self.edges_px), stack.shape[0]), np.float32)
+            self._exposure = np.zeros(stack.shape[0])
+        changed = np.flatnonzero(exposure_changed(exposure, self._exposure))
+        ring_sums(stack, exposure, changed.astype(np.int64), self._ring_of, self._rings)
+        self._exposure[changed] = exposure[changed]
+        return self.edges_px, self._rings.reshape(len(self.edges_px), *scan_shape).copy()
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     good = den > 1e-3 * max(float(den.max()), 1e-30)
     out = np.ones_like(num)
     np.divide(num, den, out=out, where=good)
     return out.astype(np.float32)
-
-
-def quadratic_chi(
-    shape: tuple[int, int], sampling_A: float, wavelength_A: float, p_A: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """chi(q) = pi lambda q^T P q on the FFT grid of an image (scan frame, rows/cols); and |q|.
-
-    P (A, symmetric) is the defocus + 2-fold astigmatism matrix of the shift model, scan frame:
-    P = [[C10 + C12a, C12b], [C12b, C10 - C12a]]."""
-    q0 = sfft.fftfreq(shape[0], sampling_A)[:, None]
-    q1 = sfft.fftfreq(shape[1], sampling_A)[None, :]
-    quad = p_A[0, 0] * q0**2 + (p_A[0, 1] + p_A[1, 0]) * q0 * q1 + p_A[1, 1] * q1**2
-    return math.pi * wavelength_A * quad, np.hypot(q0, q1)
 
 
 def phase_flip(

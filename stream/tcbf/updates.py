@@ -1,0 +1,127 @@
+"""What one tcBF update reads and returns: the series' acquisition, settings, inputs, result.
+
+Plain frozen records, shared by the pipeline (`pipeline.TcbfProcessor`) and the series side
+that builds the inputs and publishes the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from tcbf_live.stream.tcbf.aberrations import AberrationFit
+from tcbf_live.stream.tcbf.alignment import AlignmentResult, AlignmentSettings
+from tcbf_live.stream.tcbf.dose import FRC, LevelTrust
+from tcbf_live.stream.tcbf.screening import FrameScreen
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """What the core needs of a series' metadata (field names as `detectors.base.SeriesInfo`,
+    whose resolved values the series side passes: `Acquisition.of(info)`)."""
+
+    scan_shape: tuple[int, int]  # (rows, cols)
+    detector_shape: tuple[int, int]
+    scan_order: str = "raster"  # or "serpentine"
+    energy_eV: float | None = None
+    step_A: float | None = None
+    semiangle_mrad: float | None = None
+    counts_per_electron: float = 1.0
+    transpose: bool | None = None  # detector wiring, when announced
+
+    @classmethod
+    def of(cls, metadata: object) -> Acquisition:
+        """From any object carrying these fields (e.g. a `SeriesInfo`)."""
+        return cls(**{f.name: getattr(metadata, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TcbfSettings:
+    alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
+    upsample: int | None = None  # None: round(2 alpha dx / lambda), capped
+    phase_flip: bool = True
+    target_resolution_A: float | None = None  # report the dose projected to reach it
+    rebuild_tolerance_px: float = 0.1  # shift change (upsampled px) that forces a rebuild
+    ring_images: bool = False  # also keep annular vBF images (the viewer's axial-radius slider)
+
+
+@dataclass(frozen=True)
+class AlignmentInputs:
+    """What one update reads, taken under the ingest lock (copies, except `stack`).
+
+    `stack` is the live per-BF-pixel array: rows of positions counted in `hits` are complete
+    (the kernel fills a row before counting it), so reading them without the lock is safe for
+    a single pass. During a repeat pass (`--repeat accumulate`) a position being written while
+    an update reads it can be off by one frame in that update; the final update runs after
+    ingest and is exact."""
+
+    hits: np.ndarray  # (n_pos,) copy
+    electrons_total: float  # electrons in the whole scan so far (dose)
+    window: tuple[tuple[int, int], tuple[int, int]]  # scan rows, cols the alignment uses
+    tiles: np.ndarray  # (window rows, window cols, total tiles) copy of that block
+    stack: np.ndarray  # (n_pos, N_bf) live view
+    frames: int  # frames accumulated when taken
+    totals: np.ndarray | None = None  # (n_pos,) copy: counts of all unmasked pixels
+    bf_sum: np.ndarray | None = None  # (n_pos,) copy: counts of the BF pixels
+    # (n_pos,) frames x relative dose of each position, 0 where missing or excluded: what every
+    # per-position value is divided by (set by `TcbfProcessor.update` from the frame screen)
+    exposure: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TcbfResult:
+    """One alignment + reconstruction update (arrays are owned copies)."""
+
+    image: np.ndarray  # tcBF image (phase-flipped when enabled and possible), (rows f, cols f)
+    shift_and_add: np.ndarray  # the image before phase flipping (mean ~1)
+    phase_flipped: bool
+    upsampling_factor: int
+    sampling_A: float | None  # pixel size of `image`
+    bf_k_px: np.ndarray  # (N_bf, 2) BF pixel positions rel. to the disk centre (det px)
+    shifts_px: np.ndarray  # (N_bf, 2) model correction shifts (scan px, row/col)
+    alignment: AlignmentResult
+    aberrations: AberrationFit | None
+    rows: tuple[int, int]  # scan rows the alignment used
+    frames: int  # frames accumulated when the update started
+    latency_s: float  # wall time of the update
+    rebuilt: bool  # image rebuilt from the stack (else only new positions deposited)
+    final: bool = False
+    ring_radii_px: np.ndarray | None = None  # (n_rings,) outer radius of each annulus
+    ring_bf: np.ndarray | None = None  # (n_rings, rows, cols) vBF per annulus, per frame
+    frc: FRC | None = None  # of the two checkerboard half reconstructions
+    resolution_A: float | None = None  # FRC 0.143 crossing (None: unknown)
+    resolution_limited: bool = False  # never crossed: the grid's Nyquist limit, not the data
+    resolution_half_bit_A: float | None = None
+    resolution_vs_dose: np.ndarray | None = None  # (updates, 2): scan-average dose, resolution
+    target_resolution_A: float | None = None
+    dose_for_target_e_per_A2: float | None = None  # estimate from the power-law fit
+    trust: tuple[LevelTrust, ...] = ()
+    alignment_s: float = 0.0  # of `latency_s`: the alignment alone (tiles, registration, fit)
+    screen: FrameScreen | None = None  # dose model and excluded frames this update used
+    pixels_excluded: int = 0  # BF pixels that turned hot or dead during the scan, left out
+    slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
+
+    @property
+    def errors_px(self) -> np.ndarray:
+        return self.alignment.errors_px
+
+    def summary(self) -> str:
+        ab = self.aberrations
+        fit = (
+            f"defocus {ab.defocus_A:.4g} A, C12 {ab.C12_A:.3g} A at "
+            f"{np.degrees(ab.phi12_rad):.1f} deg, rotation {np.degrees(ab.rotation_rad):.2f} deg"
+            f"{', transposed' if ab.transpose else ''}"
+            if ab is not None
+            else "aberrations need --energy/--step and an angular sampling"
+        )
+        levels = ",".join(str(b) for b in self.alignment.schedule) or "none"
+        res = ""
+        if self.resolution_A is not None:
+            bound = "better than " if self.resolution_limited else ""
+            res = (f"; resolution {bound}{self.resolution_A:.3g} A (FRC 0.143), "
+                   f"{self.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+        if self.dose_for_target_e_per_A2 is not None:
+            res += (f"; {self.target_resolution_A:g} A needs ~{self.dose_for_target_e_per_A2:.3g}"
+                    " e/A^2 (estimate)")  # fmt: skip
+        return f"tcBF: bins {levels}; {fit}{res}; update {self.latency_s * 1e3:.0f} ms"
