@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 from tcbf_live.detectors.base import SeriesInfo  # noqa: E402
 from tcbf_live.detectors.compression import compress_bslz4, native_bslz4  # noqa: E402
-from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder, encode_image, encode_start  # noqa: E402
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder  # noqa: E402
+from tcbf_live.detectors.dectris_v2_encoder import encode_image, encode_start  # noqa: E402
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor  # noqa: E402
 
 

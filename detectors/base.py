@@ -1,46 +1,23 @@
-"""What every detector decoder produces: series metadata, frame batches, series ends.
+"""What every detector codec speaks: series metadata, frame batches, series ends, and the
+typed `Decoder` / `Encoder` protocols that `detectors.registry` records for each wire format.
 
 Decoders are pure: wire message parts in, one of these events out, or `DecodeError` with a
-reason. Sockets, counting and logging live in `stream/`.
+reason. Encoders are their mirror for the simulator's sender. Sockets, counting and logging
+live in `stream/`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-
-class DecodeError(ValueError):
-    """A message that cannot be used. `reason` is a short stable key for counters."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
+from tcbf_live.detectors.compression import decompress
+from tcbf_live.detectors.errors import DecodeError  # also imported from here by many callers
 
 SCAN_ORDERS = ("raster", "serpentine")
-LZ4_MAX_RATIO = 256  # an LZ4 block never decompresses to more than ~255x its size
-
-
-class CollectsErrors:
-    """For decoders that turn one input into several events: a bad part is recorded instead
-    of discarding the good events decoded before it. `decode` raises the first error only
-    when nothing else came out; receivers count the rest with `drain_errors()`."""
-
-    def _init_errors(self) -> None:
-        self._errors: list[DecodeError] = []
-
-    def drain_errors(self) -> list[DecodeError]:
-        errors, self._errors = self._errors, []
-        return errors
-
-    def _finish(self, events: list) -> list:
-        if self._errors and not events:
-            first = self._errors.pop(0)
-            raise first
-        return events
 
 
 def header_int(d: Any, key: str, low: int = 0, high: int = 1 << 62) -> int:
@@ -161,8 +138,6 @@ class CompressedFrame:
 
     def decoded(self) -> FrameBatch:
         """DecodeError if the blob does not decompress to exactly one frame."""
-        from tcbf_live.detectors.compression import decompress
-
         nbytes = np.dtype(self.dtype).itemsize * self.shape[0] * self.shape[1]
         raw = decompress("bslz4", self.element_size, self.blob, nbytes)
         frames = np.frombuffer(raw, self.dtype).reshape(1, *self.shape)
@@ -176,3 +151,55 @@ class SeriesEnd:
 
 
 Event = SeriesStart | FrameBatch | CompressedFrame | SeriesEnd
+
+
+Message = list[Any]
+"""One wire message: its parts (bytes-like). Byte-stream protocols send the parts joined."""
+
+
+class Decoder(Protocol):
+    """What the receivers call on a decoder (`stream.receiver`): one decoder per stream."""
+
+    def decode(self, parts: list[Any]) -> Event | list[Event] | None:
+        """Events of one message (or, for a byte stream, one received chunk); DecodeError
+        when nothing in it can be used."""
+        ...
+
+    def drain_errors(self) -> list[DecodeError]:
+        """The errors recorded (not raised) since the last call, for the counters."""
+        ...
+
+    def reset(self) -> list[Event]:
+        """Forget the stream state (a new connection); the events that closes (e.g. the end
+        of an acquisition left open)."""
+        ...
+
+
+class Replay(NamedTuple):
+    """A recording's own wire data for one protocol, sent unchanged: the start messages, then
+    one message per frame."""
+
+    start: list[Message]
+    frames: Iterator[Message]
+
+
+class Encoder(Protocol):
+    """What the simulator's sender calls to put a series on the wire (`simulators.sender`)."""
+
+    def start(self, info: SeriesInfo, repeat: bool = False) -> list[Message]:
+        """The messages that announce a series (`repeat`: a re-announcement)."""
+        ...
+
+    def frames(self, series_id: int, first: int, frames: np.ndarray, seq: int,
+               encoding: str) -> list[Message]:  # fmt: skip
+        """The messages of frames `first`, `first + 1`, ... (`seq`: the batch's 1-based number)."""
+        ...
+
+    def end(self, series_id: int, frames_sent: int) -> list[Message]:
+        """The messages that end a series (none where the protocol has no end message)."""
+        ...
+
+    def replay(self, source: Any, info: SeriesInfo, encoding: str) -> Replay | None:
+        """`source`'s own wire data in this protocol and encoding (a vendor recording), or
+        None: then its frames are encoded."""
+        ...

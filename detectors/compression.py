@@ -34,14 +34,16 @@ import struct
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import lz4.block  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from dectris.compression import decompress as dectris_decompress  # noqa: E402
 
-from tcbf_live.detectors.base import LZ4_MAX_RATIO, DecodeError  # noqa: E402
+from tcbf_live.detectors.errors import DecodeError  # noqa: E402
 
 HEADER = struct.Struct(">QI")
 BLOCK_BYTES = 8192  # DECTRIS' block size
+LZ4_MAX_RATIO = 256  # an LZ4 block never decompresses to more than ~255x its size
 
 
 def _header(blob: memoryview, expected_nbytes: int, algorithm: str) -> int:
@@ -82,6 +84,22 @@ def decompress(algorithm: str, element_size: int, blob, expected_nbytes: int) ->
         except Exception as exc:
             raise DecodeError("bad_payload", f"lz4: {exc}") from None
     raise DecodeError("bad_encoding", f"unsupported compression {algorithm!r}")
+
+
+def decompress_lz4_block(data: memoryview, nbytes: int) -> bytes:
+    """One bare LZ4 block (no header: native `lz4`, DECTRIS V1 `lz4<`) that must decompress to
+    exactly `nbytes`. Sizes LZ4 cannot produce are refused before anything is allocated."""
+    if data.nbytes > nbytes + nbytes // 255 + 64:  # LZ4 worst-case expansion bound
+        raise DecodeError("size_mismatch", "lz4 payload larger than possible")
+    if nbytes > LZ4_MAX_RATIO * data.nbytes + 1024:
+        raise DecodeError("bad_payload", f"{data.nbytes} bytes of lz4 cannot hold {nbytes}")
+    try:
+        raw = lz4.block.decompress(data, uncompressed_size=nbytes)
+    except Exception as exc:
+        raise DecodeError("bad_payload", f"lz4: {exc}") from None
+    if len(raw) != nbytes:
+        raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, expected {nbytes}")
+    return raw
 
 
 def compress_bslz4(frame: np.ndarray) -> bytes:

@@ -1,4 +1,5 @@
-"""DECTRIS SIMPLON stream V1 ("legacy"): pure decoder keyed on `htype`, and an encoder.
+"""DECTRIS SIMPLON stream V1 ("legacy"): pure decoder keyed on `htype` (the encoder:
+`dectris_v1_encoder`).
 
 Wire format (detector-protocols.md sect. 2): JSON parts and binary blobs over ZeroMQ PUSH/PULL.
 Multipart boundaries are not reliable in practice (simulators send header parts as separate
@@ -22,16 +23,12 @@ series starts (SeriesStart) when its first image arrives, once the whole header 
 
 from __future__ import annotations
 
-import json
-import math
+from dataclasses import replace
 from typing import Any
 
-import lz4.block
 import numpy as np
 
 from tcbf_live.detectors.base import (
-    LZ4_MAX_RATIO,
-    CollectsErrors,
     CompressedFrame,
     DecodeError,
     Event,
@@ -45,28 +42,26 @@ from tcbf_live.detectors.base import (
 from tcbf_live.detectors.base import (
     header_int as _int,
 )
-from tcbf_live.detectors.compression import BLOCK_BYTES, HEADER, decompress
+from tcbf_live.detectors.compression import (
+    BLOCK_BYTES,
+    HEADER,
+    decompress,
+    decompress_lz4_block,
+)
+from tcbf_live.detectors.dectris_v1_fields import (
+    MAX_PIXELS,
+    fits_blob,
+    fits_image,
+    header_info,
+    json_part,
+)
+from tcbf_live.detectors.errors import CollectsErrors
 
 TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
-MAX_JSON_BYTES = 1 << 20
-MAX_PIXELS = 1 << 26
 HEADER_BLOBS = {"dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0"}
 HTYPES = {"dheader-1.0", "dimage-1.0", "dimage_d-1.0", "dconfig-1.0", "dseries_end-1.0",
           *HEADER_BLOBS}  # fmt: skip
 KNOWN_SERIES = 8  # series whose header is remembered (images of any of them decode)
-
-
-def _json(part: Any) -> dict | None:
-    """The part as a JSON object, or None if it is not one (a blob or an appendix)."""
-    buf = memoryview(part)
-    if buf.nbytes > MAX_JSON_BYTES or buf.nbytes < 2 or bytes(buf[:1]) != b"{":
-        return None
-    try:
-        obj = json.loads(bytes(buf))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-
-    return obj if isinstance(obj, dict) else None
 
 
 class _Series:
@@ -87,7 +82,7 @@ class DectrisV1Decoder(CollectsErrors):
 
     protocol = "dectris-v1"
 
-    def __init__(self):
+    def __init__(self, defer_bslz4: bool = False):
         self._init_errors()
         self.series: SeriesInfo | None = None  # the latest series started
         self._known: dict[int, _Series] = {}  # started series, oldest first
@@ -108,7 +103,12 @@ class DectrisV1Decoder(CollectsErrors):
         self._message = 0  # decode() calls so far
         self._after_dconfig: tuple[int, int] | None = None  # (message, part) of the last dconfig
         # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
-        self.defer_bslz4 = False
+        self.defer_bslz4 = defer_bslz4
+
+    def reset(self) -> list[Event]:
+        """Forget every series and the message being read (nothing to close: no events)."""
+        self.__init__(self.defer_bslz4)
+        return []
 
     def decode(self, parts: list[Any]) -> list[Event]:
         """Events of these parts; a bad part is recorded and the rest still decoded, so a
@@ -157,8 +157,8 @@ class DectrisV1Decoder(CollectsErrors):
             # garbage if another blob-like part does. One part of look-ahead: a damaged blob
             # and a garbage part are each counted once, and neither costs the other its use
             header = state == "header_blob"
-            fits = _fits(part, self._blob_header) if header else _fits_image(part, self._image_d)
-            if fits or _json(part) is None:
+            fits = fits_blob(part, self._blob_header) if header else fits_image(part, self._image_d)
+            if fits or json_part(part) is None:
                 if self._candidate is not None:
                     held, self._candidate = self._candidate, None
                     self._errors.append(DecodeError("size_mismatch", f"{held.nbytes}-byte "
@@ -174,7 +174,7 @@ class DectrisV1Decoder(CollectsErrors):
             self._candidate = None
             more = self._part(part, index)  # the part after the (damaged) blob
             return [*_listed(events), *_listed(more)] or None
-        msg = _json(part)
+        msg = json_part(part)
         htype = msg.get("htype") if msg is not None else None
         if state == "config":
             if msg is not None and htype is None:
@@ -268,46 +268,9 @@ class DectrisV1Decoder(CollectsErrors):
         return SeriesStart(info, repeat=False)
 
     def _info(self) -> SeriesInfo:
-        c = self._config or {}
-        width = _int(c, "x_pixels_in_detector", 1, 1 << 16)
-        height = _int(c, "y_pixels_in_detector", 1, 1 << 16)
-        if width * height > MAX_PIXELS:
-            raise DecodeError("oversized", f"{height}x{width} detector")
-        bits = c.get("bit_depth_image", 16)
-        dtype = {8: "|u1", 16: "<u2", 32: "<u4"}.get(bits) if type(bits) is int else None
-        if dtype is None:
-            raise DecodeError("bad_header", f"bit_depth_image {bits!r}")
-        nimages = _int(c, "nimages", 1, 1 << 31)
-        ntrigger = _int(c, "ntrigger", 1, 1 << 31) if "ntrigger" in c else 1
-        # exte/inte: one frame per trigger; exts/ints: nimages per trigger
-        frames = ntrigger if c.get("trigger_mode") in ("exte", "inte") else nimages * ntrigger
-        a = self._appendix or {}
-        scan = a.get("scan_shape")
-        scan = (tuple(int(n) for n in scan) if isinstance(scan, list) and len(scan) == 2
-                and all(type(n) is int and 0 < n <= 1 << 16 for n in scan) else None)  # fmt: skip
-
-        def opt(key):
-            v = a.get(key)
-            return float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None
-
-        frame_time = c.get("frame_time")
-        return SeriesInfo(
-            series_id=self._series_id,
-            scan_shape=scan,
-            detector_shape=(height, width),
-            dtype=dtype,
-            energy_eV=opt("energy_eV"),
-            step_A=opt("step_A"),
-            semiangle_mrad=opt("semiangle_mrad"),
-            angular_sampling_mrad=opt("angular_sampling_mrad"),
-            counts_per_electron=1.0,
-            mask_value=(1 << bits) - 1,
-            frames_expected=int(frames) if type(frames) is int else None,
-            dwell_s=float(frame_time) if isinstance(frame_time, int | float) else None,
-            ground_truth=a.get("ground_truth") if isinstance(a.get("ground_truth"), dict)
-            else None,
-            pixel_mask=self._mask((height, width)),
-        )  # fmt: skip
+        """The collected header's SeriesInfo (DecodeError if it is unusable)."""
+        info = header_info(self._series_id, self._config or {}, self._appendix or {})
+        return replace(info, pixel_mask=self._mask(info.detector_shape))
 
     def _mask(self, detector_shape: tuple[int, int]) -> np.ndarray | None:
         """The header's pixel mask, if it came and fits the detector; a bad one is recorded
@@ -376,14 +339,7 @@ class DectrisV1Decoder(CollectsErrors):
                                        info.detector_shape, info.dtype)  # fmt: skip
             raw = decompress("bslz4", size, data, nbytes)
         elif encoding == "lz4<":
-            if data.nbytes > nbytes + nbytes // 255 + 64:
-                raise DecodeError("size_mismatch", "lz4 blob larger than possible")
-            if nbytes > LZ4_MAX_RATIO * data.nbytes + 1024:  # checked before allocating nbytes
-                raise DecodeError("bad_payload", f"{data.nbytes} bytes of lz4 cannot hold {nbytes}")
-            try:
-                raw = lz4.block.decompress(data, uncompressed_size=nbytes)
-            except Exception as exc:
-                raise DecodeError("bad_payload", f"lz4: {exc}") from None
+            raw = decompress_lz4_block(data, nbytes)
         elif encoding == "<":
             raw = data
         else:
@@ -398,104 +354,3 @@ class DectrisV1Decoder(CollectsErrors):
 
 def _listed(events) -> list:
     return [] if events is None else events if isinstance(events, list) else [events]
-
-
-def _fits(blob: Any, head: dict | None) -> bool:
-    """The blob has the size its header (shape [x, y], type) says; any size if it says none."""
-    shape, kind = (head or {}).get("shape"), (head or {}).get("type")
-    itemsize = {"float32": 4, "uint32": 4, "uint16": 2, "uint8": 1, "float64": 8}.get(kind)
-    if not (isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)
-            and itemsize):  # fmt: skip
-        return _json(blob) is None
-    return memoryview(blob).nbytes == math.prod(shape) * itemsize
-
-
-def _fits_image(blob: Any, d: dict | None) -> bool:
-    """The blob has the byte count its dimage_d `size` says (any blob when it says none)."""
-    size = (d or {}).get("size")
-    if type(size) is not int:
-        return _json(blob) is None
-    return memoryview(blob).nbytes == size
-
-
-# ------------------------------------------------------------------------------- encoder
-def _j(obj: dict) -> bytes:
-    return json.dumps(obj).encode()
-
-
-def encode_header(info: SeriesInfo) -> list[list[bytes]]:
-    """The header as two messages (dheader alone, then the rest), as LiberTEM's simulator
-    sends it: receivers must not rely on multipart boundaries."""
-    height, width = info.detector_shape
-    bits = np.dtype(info.dtype).itemsize * 8
-    config = {
-        "x_pixels_in_detector": width, "y_pixels_in_detector": height,
-        "bit_depth_image": bits, "bit_depth_readout": bits,
-        "nimages": 1, "ntrigger": int(info.frames_expected or 1), "trigger_mode": "exte",
-
-        "count_time": info.dwell_s or 0.0, "frame_time": info.dwell_s or 0.0,
-        "compression": "bslz4", "description": "tcbf-live simulator (DECTRIS stream V1 format)",
-    }  # fmt: skip
-    appendix = {
-        "scan_shape": list(info.scan_shape) if info.scan_shape else None,
-        "energy_eV": info.energy_eV, "step_A": info.step_A,
-        "semiangle_mrad": info.semiangle_mrad,
-        "angular_sampling_mrad": info.angular_sampling_mrad, "ground_truth": info.ground_truth,
-    }  # fmt: skip
-    shape = [width, height]
-    # the detector's flags: sent with pixel_mask_applied false when the frames keep raw values
-    flagged = info.pixel_mask is not None
-    mask = (info.pixel_mask if flagged else np.zeros((height, width))).astype("<u4")
-    config["pixel_mask_applied"] = not flagged
-    return [
-        [_j({"htype": "dheader-1.0", "series": int(info.series_id), "header_detail": "all"})],
-        [
-            _j(config),
-            _j({"htype": "dflatfield-1.0", "shape": shape, "type": "float32"}),
-            np.ones((height, width), np.float32).tobytes(),
-            _j({"htype": "dpixelmask-1.0", "shape": shape, "type": "uint32"}),
-            mask.tobytes(),
-            _j({"htype": "dcountrate_table-1.0", "shape": [2, 1], "type": "float32"}),
-            np.zeros(2, np.float32).tobytes(),
-            _j({k: v for k, v in appendix.items() if v is not None}),
-        ],
-    ]
-
-
-def encode_image(series_id: int, frame_id: int, frame: np.ndarray, encoding: str = "bslz4",
-                 time_ns: int = 0, blob: bytes | None = None) -> list[bytes]:  # fmt: skip
-    """One image as its 4 parts; encoding "bslz4" (bsNN-lz4<), "lz4" (lz4<) or "raw" (<).
-    `blob`: an already bslz4-compressed frame (a stored file chunk), sent as it is."""
-    from tcbf_live.detectors.compression import compress_bslz4
-
-    frame = np.asarray(frame) if blob is not None else np.ascontiguousarray(frame)
-    bits = frame.itemsize * 8
-    if blob is not None:
-        enc = f"bs{bits}-lz4<"
-    elif encoding == "bslz4":
-        blob, enc = compress_bslz4(frame), f"bs{bits}-lz4<"
-    elif encoding == "lz4":
-        blob, enc = lz4.block.compress(frame.tobytes(), store_size=False), "lz4<"
-    else:
-        blob, enc = frame.tobytes(), "<"
-    rows, cols = frame.shape
-    return [
-        _j({"htype": "dimage-1.0", "series": int(series_id), "frame": int(frame_id), "hash": ""}),
-        _j(
-            {
-                "htype": "dimage_d-1.0",
-                "shape": [cols, rows],
-                "type": f"uint{bits}",
-                "encoding": enc,
-                "size": len(blob),
-            }
-        ),  # fmt: skip
-        blob,
-        _j(
-            {"htype": "dconfig-1.0", "start_time": time_ns, "stop_time": time_ns, "real_time": 0}
-        ),  # fmt: skip
-    ]
-
-
-def encode_end(series_id: int) -> list[bytes]:
-    return [_j({"htype": "dseries_end-1.0", "series": int(series_id)})]

@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 
 from tcbf_live.detectors.base import (
-    CollectsErrors,
     DecodeError,
     Event,
     FrameBatch,
+    Message,
+    Replay,
     SeriesEnd,
     SeriesInfo,
     SeriesStart,
 )
+from tcbf_live.detectors.errors import CollectsErrors
 
 PREFIX = b"MPX,"
 PREFIX_LEN = 15  # "MPX," + 10 digits + ","
@@ -257,6 +259,30 @@ def encode_frame(seq: int, frame: np.ndarray) -> bytes:
     ]
     header = ",".join(fields).encode("ascii").ljust(384, b" ")
     return mpx(header + frame.astype(frame.dtype.newbyteorder(">")).tobytes())
+
+
+class MerlinEncoder:
+    """The Merlin data port for the sender: HDR, then MQ1 frames (one message per batch), no
+    end message. A .mib recording's own header and frames go out unchanged."""
+
+    def start(self, info: SeriesInfo, repeat: bool = False) -> list[Message]:
+        return [[encode_header(info.frames_expected or 0, info.scan_shape)]]
+
+    def frames(self, series_id: int, first: int, frames: np.ndarray, seq: int,
+               encoding: str) -> list[Message]:  # fmt: skip
+        return [[b"".join(encode_frame(first + k + 1, f) for k, f in enumerate(frames))]]
+
+    def end(self, series_id: int, frames_sent: int) -> list[Message]:
+        return []
+
+    def replay(self, source: Any, info: SeriesInfo, encoding: str) -> Replay | None:
+        """A .mib recording (`raw_frame(i)`: its MQ1 messages; `header_text`: its .hdr)."""
+        raw = getattr(source, "raw_frame", None)
+        if raw is None:
+            return None
+        text = getattr(source, "header_text", None)
+        start = [[mpx(b"HDR," + text.encode("latin-1"))]] if text else self.start(info)
+        return Replay(start, ([mpx(raw(i))] for i in range(info.frames_expected or 0)))
 
 
 def _shutter_s(head: list[bytes]) -> float | None:

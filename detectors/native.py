@@ -14,17 +14,19 @@ import msgpack
 import numpy as np
 
 from tcbf_live.detectors.base import (
-    LZ4_MAX_RATIO,
     SCAN_ORDERS,
     DecodeError,
     Event,
     FrameBatch,
+    Message,
+    Replay,
     SeriesEnd,
     SeriesInfo,
     SeriesStart,
     describe_change,
     known_series,
 )
+from tcbf_live.detectors.compression import decompress_lz4_block
 
 PROTOCOL = "tcbf-live"
 VERSION = 1
@@ -104,6 +106,23 @@ def encode_end(series_id: int, frames_sent: int) -> list[bytes]:
         "frames_sent": int(frames_sent),
     }
     return [msgpack.packb(header, use_bin_type=True), b""]
+
+
+class NativeEncoder:
+    """The native protocol for the sender: one message per batch, `start` repeated."""
+
+    def start(self, info: SeriesInfo, repeat: bool = False) -> list[Message]:
+        return [encode_start(info, repeat)]
+
+    def frames(self, series_id: int, first: int, frames: np.ndarray, seq: int,
+               encoding: str) -> list[Message]:  # fmt: skip
+        return [encode_frames(series_id, first, frames, seq, encoding)]
+
+    def end(self, series_id: int, frames_sent: int) -> list[Message]:
+        return [encode_end(series_id, frames_sent)]
+
+    def replay(self, source: Any, info: SeriesInfo, encoding: str) -> Replay | None:
+        return None  # no recording format carries native messages
 
 
 def _shape2(value: Any, name: str, allow_none: bool = False) -> tuple[int, int] | None:
@@ -190,6 +209,16 @@ class NativeDecoder:
         self._known: dict[int, SeriesInfo] = {}  # started series, oldest first
         self.max_batch_bytes = max_batch_bytes
 
+    def drain_errors(self) -> list[DecodeError]:
+        """None recorded: one message is one event, a bad one raises."""
+        return []
+
+    def reset(self) -> list[Event]:
+        """Forget every series (a native series has no state to close: nothing returned)."""
+        self.series = None
+        self._known.clear()
+        return []
+
     def decode(self, parts: list[Any]) -> Event:
         """Decode one multipart message (list of bytes-like). Raises DecodeError."""
         if len(parts) != 2:
@@ -256,14 +285,7 @@ class NativeDecoder:
         if encoding == "raw":
             data = buf
         elif encoding == "lz4":
-            if buf.nbytes > nbytes + nbytes // 255 + 64:  # LZ4 worst-case expansion bound
-                raise DecodeError("size_mismatch", "compressed payload larger than possible")
-            if nbytes > LZ4_MAX_RATIO * buf.nbytes + 1024:  # checked before allocating nbytes
-                raise DecodeError("bad_payload", f"{buf.nbytes} bytes of LZ4 cannot hold {nbytes}")
-            try:
-                data = lz4.block.decompress(buf, uncompressed_size=nbytes)
-            except Exception as exc:
-                raise DecodeError("bad_payload", f"lz4: {exc}") from None
+            data = decompress_lz4_block(buf, nbytes)
         else:
             raise DecodeError("bad_encoding", f"unknown encoding {encoding!r}")
         size = data.nbytes if isinstance(data, memoryview) else len(data)

@@ -23,7 +23,7 @@ import cbor2
 import msgpack
 import numpy as np
 
-from tcbf_live.detectors import dectris_v1, dectris_v2, native
+from tcbf_live.detectors import native, registry
 from tcbf_live.detectors.base import FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
 
 HOT_PIXEL_COUNTS = 60_000  # a cosmic-ray zinger or hot pixel (fits uint16)
@@ -317,38 +317,21 @@ def foreign_messages(events: Sequence[StreamEvent], frame: int,
 # -------------------------------------------------------------------------------- encoding
 def encode_events(events: Sequence[StreamEvent], protocol: str = "native",
                   encoding: str | None = None) -> Iterator[list]:  # fmt: skip
-    """Wire messages (lists of parts) for `events`: native (one message per batch; encoding
-    raw | lz4), DECTRIS stream V1 or V2 (one message per frame; bslz4 by default). A
-    `ForeignMessage` goes out as it is, in any protocol."""
-    if protocol not in ("native", "dectris-v1", "dectris-v2"):
-        raise ValueError(f"unknown protocol {protocol!r}")
+    """Wire messages (lists of parts) for `events` in any registered protocol, by its encoder
+    (native: one message per batch, raw | lz4; DECTRIS stream V1 or V2: one message per frame,
+    bslz4 by default). A `ForeignMessage` goes out as it is, in any protocol."""
+    proto = registry.protocol(protocol)
+    encoder = proto.encoder
     if encoding is None:
-        encoding = "raw" if protocol == "native" else "bslz4"
+        encoding = proto.encodings[0]
     for e in events:
         if isinstance(e, ForeignMessage):
             yield list(e.parts)
         elif isinstance(e, SeriesStart):
-            if protocol == "native":
-                yield native.encode_start(e.info, repeat=e.repeat)
-            elif protocol == "dectris-v1":
-                yield from dectris_v1.encode_header(e.info)
-            else:
-                yield dectris_v2.encode_start(e.info)
+            yield from encoder.start(e.info, repeat=e.repeat)
         elif isinstance(e, FrameBatch):
-            if protocol == "native":
-                yield native.encode_frames(e.series_id, e.first, e.frames, e.seq or 0, encoding)
-                continue
-            encode = (
-                dectris_v1.encode_image if protocol == "dectris-v1" else dectris_v2.encode_image
-            )
-            for k, frame in enumerate(e.frames):
-                yield encode(e.series_id, e.first + k, frame, encoding)
+            yield from encoder.frames(e.series_id, e.first, e.frames, e.seq or 0, encoding)
         elif isinstance(e, SeriesEnd):
-            if protocol == "native":
-                yield native.encode_end(e.series_id, e.frames_sent)
-            elif protocol == "dectris-v1":
-                yield dectris_v1.encode_end(e.series_id)
-            else:
-                yield dectris_v2.encode_end(e.series_id)
+            yield from encoder.end(e.series_id, e.frames_sent)
         else:
             raise TypeError(f"not a stream event: {type(e).__name__}")

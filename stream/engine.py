@@ -34,10 +34,7 @@ from tcbf_live.detectors.base import (
     SeriesStart,
 )
 from tcbf_live.detectors.compression import native_bslz4
-from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
-from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder
-from tcbf_live.detectors.merlin import MerlinDecoder
-from tcbf_live.detectors.native import NativeDecoder
+from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.stream.budget import (
     BudgetExceeded,
     check_info,
@@ -55,14 +52,6 @@ from tcbf_live.stream.receiver import (
 from tcbf_live.stream.series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
 
 log = logging.getLogger("tcbf.engine")
-
-TCP_PROTOCOLS = {"merlin"}  # raw TCP, not ZeroMQ
-DECODERS = {
-    "native": NativeDecoder,
-    "dectris-v1": DectrisV1Decoder,
-    "dectris-v2": DectrisV2Decoder,
-    "merlin": MerlinDecoder,
-}
 
 
 @dataclass(frozen=True)
@@ -135,7 +124,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
         # bound/connected before start(); raw-TCP detectors (Merlin) connect in the thread
-        self._tcp = settings.protocol in TCP_PROTOCOLS
+        self._protocol = protocol(settings.protocol)  # UnknownProtocol lists the choices
+        self._tcp = self._protocol.transport == "tcp"
         self._sock = None if self._tcp else open_socket(settings.subscriber)
 
     # ------------------------------------------------------------------ control
@@ -200,11 +190,10 @@ class Engine:
 
     # ------------------------------------------------------------------ ingest thread
     def _run(self) -> None:
-        decoder = DECODERS[self.settings.protocol]()
-        if hasattr(decoder, "defer_bslz4"):  # DECTRIS: bslz4 frames decompressed in the kernel
-            decoder.defer_bslz4 = native_bslz4()
-        if self.settings.channel is not None and hasattr(decoder, "channel"):
-            decoder.channel = self.settings.channel
+        proto = self._protocol  # DECTRIS: bslz4 frames decompressed in the kernel
+        decoder = proto.decoder(DecoderOptions(
+            defer_bslz4=proto.bslz4_frames and native_bslz4(), channel=self.settings.channel,
+        ))  # fmt: skip
 
         try:
             if self._tcp:

@@ -9,7 +9,6 @@ keys (`stream.transport`), never unpickles. Bad messages are counted per reason,
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,8 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from tcbf_live.detectors.base import DecodeError, Event
-from tcbf_live.detectors.native import NativeDecoder
+from tcbf_live.detectors.base import DecodeError, Decoder, Event
 from tcbf_live.stream.transport import (
     CURVE_HINT,
     DETECTOR_HINT,
@@ -30,6 +28,7 @@ from tcbf_live.stream.transport import (
     connect,
     recv_capped,
     set_receive_cap,
+    tcp_host_port,
 )
 
 log = logging.getLogger("tcbf.stream")
@@ -92,7 +91,7 @@ def _configure(sock: zmq.Socket, kind: int, settings: SubscriberSettings) -> Non
 
 def receive_event_batches(
     sock: zmq.Socket,
-    decoder: NativeDecoder,
+    decoder: Decoder,
     counters: StreamCounters,
     timeout_s: float | None = None,
     poll_ms: int = 100,
@@ -132,13 +131,13 @@ def receive_event_batches(
             yield events
 
 
-def receive_events(sock: zmq.Socket, decoder, counters, **kwargs) -> Iterator[Event]:
+def receive_events(sock: zmq.Socket, decoder: Decoder, counters, **kwargs) -> Iterator[Event]:
     """One decoded event at a time (see `receive_event_batches` for the arguments)."""
     for events in receive_event_batches(sock, decoder, counters, **kwargs):
         yield from events
 
 
-def decode_counted(decoder, parts: list, counters: StreamCounters) -> list[Event]:
+def decode_counted(decoder: Decoder, parts: list, counters: StreamCounters) -> list[Event]:
     """Events of one message; every rejection counted (also those a multi-event decoder
     recorded while keeping the good events); a decoder bug never escapes."""
     events: list[Event] = []
@@ -154,14 +153,14 @@ def decode_counted(decoder, parts: list, counters: StreamCounters) -> list[Event
         if sum(counters.rejected.values()) < 10:
             log.exception("decoder failed on a message")
         counters.reject(DecodeError("decoder_error", repr(exc)))
-    for err in getattr(decoder, "drain_errors", list)():
+    for err in decoder.drain_errors():
         counters.reject(err)
     return events
 
 
 def receive_tcp_batches(
     endpoint: str,
-    decoder,
+    decoder: Decoder,
     counters: StreamCounters,
     timeout_s: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
@@ -173,10 +172,7 @@ def receive_tcp_batches(
     import select
     import socket
 
-    match = re.fullmatch(r"tcp://([^:]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", endpoint)
-    if match is None:
-        raise ValueError(f"raw TCP needs tcp://HOST:PORT, got {endpoint!r}")
-    host, port = match.group(1).strip("[]"), int(match.group(2))
+    host, port = tcp_host_port(endpoint)
     sock = None
     warned = False
     idle_since = time.monotonic()
@@ -196,7 +192,7 @@ def receive_tcp_batches(
                     time.sleep(0.1)
                     continue
                 log.info("connected to %s:%d", host, port)
-                stale = decoder.reset() if hasattr(decoder, "reset") else []
+                stale = decoder.reset()
                 if stale:  # an acquisition left open by the previous connection ends here
                     yield stale
             if not select.select([sock], [], [], 0.1)[0]:

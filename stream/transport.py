@@ -230,6 +230,39 @@ def set_receive_cap(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
 
 
+SENDER_SOCKETS = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
+
+
+def open_sender(ctx: zmq.Context, endpoint: str, socket_type: str, role: str, send_hwm: int,
+                linger_s: float, curve: CurveKeys | None = None,
+                hint: str = CURVE_HINT) -> zmq.Socket:  # fmt: skip
+    """A bound sending socket ("pub" or "push"): `send_hwm` messages queued, `linger_s` to
+    send them at close, a 4 KiB receive cap (an XPUB receives a few-byte subscription only).
+    No socket is left behind when binding fails."""
+    sock = ctx.socket(SENDER_SOCKETS[socket_type])
+    try:
+        sock.setsockopt(zmq.SNDHWM, send_hwm)
+        sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+        bind(sock, endpoint, role, curve, hint)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+_RAW_TCP = re.compile(r"tcp://([^:\[\]]+|\[[0-9a-fA-F:]+\]):(\d{1,5})")
+
+
+def tcp_host_port(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a raw TCP link's tcp://HOST:PORT (an IPv6 host in brackets);
+    ValueError for anything else."""
+    match = _RAW_TCP.fullmatch(endpoint)
+    if match is None:
+        raise ValueError(f"raw TCP needs tcp://HOST:PORT, got {endpoint!r}")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
 class OversizedMessage(Exception):
     """A whole multipart message over the cap (already drained from the socket)."""
 

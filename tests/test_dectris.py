@@ -22,7 +22,9 @@ from tcbf_live.detectors.base import (
     SeriesStart,
 )
 from tcbf_live.detectors.compression import compress_bslz4, decompress, native_bslz4
-from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder, encode_end, encode_image, encode_start
+from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder
+from tcbf_live.detectors.dectris_v2_encoder import encode_end, encode_image, encode_start
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.simulators.sender import SendSettings, stream_series
 from tcbf_live.stream.engine import Engine, EngineSettings
@@ -116,8 +118,8 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
         blob = compress_bslz4(f)
         return blob[:40] + bytes(24) + blob[64:] if np.array_equal(f, frames[corrupt]) else blob
 
-    monkeypatch.setattr("tcbf_live.detectors.compression.compress_bslz4", compress)
-    monkeypatch.setattr("tcbf_live.detectors.dectris_v2.compress_bslz4", compress)
+    monkeypatch.setattr("tcbf_live.detectors.dectris_v1_encoder.compress_bslz4", compress)
+    monkeypatch.setattr("tcbf_live.detectors.dectris_v2_encoder.compress_bslz4", compress)
     try:
         stream_series(push, sim, SendSettings(protocol=protocol, encoding="bslz4"), 9,
                       batches)  # fmt: skip
@@ -143,15 +145,15 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
 
 def _decode_series(protocol: str, info, frames) -> list:
     """Every event of one series sent through the protocol's encoder and decoder."""
-    from tcbf_live.detectors import dectris_v1 as v1
-    from tcbf_live.detectors import dectris_v2 as v2
+    from tcbf_live.detectors import dectris_v1_encoder as v1
+    from tcbf_live.detectors import dectris_v2_encoder as v2
 
     if protocol == "dectris-v1":
-        dec = v1.DectrisV1Decoder()
+        dec = DectrisV1Decoder()
         messages = [*v1.encode_header(info), *(v1.encode_image(info.series_id, i, f)
                                                for i, f in enumerate(frames))]  # fmt: skip
     else:
-        dec = v2.DectrisV2Decoder()
+        dec = DectrisV2Decoder()
         messages = [v2.encode_start(info), *(v2.encode_image(info.series_id, i, f)
                                              for i, f in enumerate(frames))]  # fmt: skip
     events = []
@@ -197,13 +199,13 @@ def test_detector_pixel_mask_excludes_flagged_pixels(sim, protocol):
 
 
 def test_bad_pixel_masks_are_counted_and_the_series_goes_on(sim):
-    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1_encoder as v1
 
     frames = sim.frames(0, 2)
     info = replace(sim.series_info(7), pixel_mask=np.ones(sim.cfg.detector_shape, bool))
     header = v1.encode_header(info)
     header[1][4] = header[1][4][:-4]  # one pixel short
-    dec = v1.DectrisV1Decoder()
+    dec = DectrisV1Decoder()
     events = [e for m in [*header, v1.encode_image(7, 0, frames[0])] for e in dec.decode(m)]
     assert isinstance(events[0], SeriesStart) and events[0].info.pixel_mask is None
     assert isinstance(events[1], FrameBatch)
@@ -320,7 +322,7 @@ def _check_events(events: list) -> None:
 
 # ------------------------------------------------------------------------------ stream V1
 def test_v1_round_trip_every_encoding_and_any_part_boundaries(sim):
-    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1_encoder as v1
 
     info = sim.series_info(6)
     frames = sim.frames(0, 3)
@@ -329,7 +331,7 @@ def test_v1_round_trip_every_encoding_and_any_part_boundaries(sim):
               enumerate(zip(frames, ("bslz4", "lz4", "raw"), strict=True))]  # fmt: skip
     parts = [p for m in header for p in m] + [p for m in images for p in m] + v1.encode_end(6)
     for grouping in ("as sent", "one part per message", "all in one message"):
-        dec = v1.DectrisV1Decoder()
+        dec = DectrisV1Decoder()
         if grouping == "as sent":
             messages = [*header, *images, v1.encode_end(6)]
         elif grouping == "one part per message":
@@ -347,11 +349,11 @@ def test_v1_round_trip_every_encoding_and_any_part_boundaries(sim):
 
 
 def test_v1_zeroed_bslz4_header_and_bad_input(sim):
-    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1_encoder as v1
 
     info = sim.series_info(2)
     frame = sim.frames(0, 1)[0]
-    dec = v1.DectrisV1Decoder()
+    dec = DectrisV1Decoder()
     for m in v1.encode_header(info):
         dec.decode(m)
     image = v1.encode_image(2, 0, frame)
@@ -364,18 +366,18 @@ def test_v1_zeroed_bslz4_header_and_bad_input(sim):
     assert dec.decode(v1.encode_image(2, 2, frame))[0].first == 2
     # header_detail none carries no geometry: refused with a clear reason
     with pytest.raises(DecodeError, match="header_detail"):
-        v1.DectrisV1Decoder().decode([b'{"htype":"dheader-1.0","series":1,"header_detail":"none"}'])
+        DectrisV1Decoder().decode([b'{"htype":"dheader-1.0","series":1,"header_detail":"none"}'])
 
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(data=st.data())
 def test_fuzzed_v1_parts_only_ever_raise_decode_errors(sim, data):
-    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1_encoder as v1
 
     info = sim.series_info(3)
     frame = sim.frames(0, 1)[0]
-    dec = v1.DectrisV1Decoder()
+    dec = DectrisV1Decoder()
     dec.defer_bslz4 = data.draw(st.booleans())
     for m in v1.encode_header(info):
         dec.decode(m)
@@ -448,16 +450,16 @@ def test_pipeline_over_merlin_tcp_equals_the_native_result(sim):
     import threading
 
     from conftest import free_port
-    from tcbf_live.simulators.sender import run_merlin_sender
+    from tcbf_live.stream.cli.sending import LinkSettings, serve
 
     port = free_port()
     engine = Engine(EngineSettings(
         subscriber=SubscriberSettings(endpoint=f"tcp://127.0.0.1:{port}"),
         protocol="merlin", idle_timeout_s=10.0, max_series=1,
     )).start()  # fmt: skip
-    sender = threading.Thread(target=run_merlin_sender, args=(
-        sim, SendSettings(bind=f"tcp://127.0.0.1:{port}", protocol="merlin", batch=16),
-        __import__("io").StringIO()))  # fmt: skip
+    sender = threading.Thread(target=serve, args=(
+        sim, SendSettings(protocol="merlin", batch=16), LinkSettings(f"tcp://127.0.0.1:{port}"),
+        __import__("io").StringIO()), kwargs={"show_progress": False})  # fmt: skip
     sender.start()
     sender.join(30)
     assert engine.join(timeout=20)
@@ -542,9 +544,7 @@ def test_replay_of_dectris_files_streams_the_stored_chunks(sim, tmp_path):
         stream_series(Sink(), data, SendSettings(protocol=protocol, encoding="bslz4"), 7)
         wire = b"".join(p for m in Sink.parts for p in m)
         assert all(blob in wire for _, blob in blobs)  # the stored chunks, byte for byte
-        from tcbf_live.detectors import dectris_v1
-
-        dec = DectrisV2Decoder() if protocol == "dectris-v2" else dectris_v1.DectrisV1Decoder()
+        dec = DectrisV2Decoder() if protocol == "dectris-v2" else DectrisV1Decoder()
         events = []
         for m in Sink.parts:
             out = dec.decode(m)
@@ -624,7 +624,7 @@ def test_replay_of_a_mib_recording_over_merlin(sim, tmp_path):
     rec = MibFile(mib)
     assert rec.scan_shape == (2, 3) and rec.n_frames == 6
     np.testing.assert_array_equal(rec.frames(0, 6), frames)
-    from tcbf_live.simulators.sender import stream_merlin
+    from tcbf_live.simulators.sender import ByteStream
 
     class Conn:
         data = b""
@@ -632,7 +632,7 @@ def test_replay_of_a_mib_recording_over_merlin(sim, tmp_path):
         def sendall(self, b):
             Conn.data += b
 
-    stream_merlin(Conn(), rec, SendSettings(protocol="merlin"), 1)
+    stream_series(ByteStream(Conn()), rec, SendSettings(protocol="merlin"), 1)
     events = merlin.MerlinDecoder().decode([Conn.data])
     assert events[0].info.scan_shape == (2, 3)
     got = np.concatenate([e.frames for e in events if isinstance(e, FrameBatch)])
@@ -663,12 +663,12 @@ def test_v2_threshold_channel_choice(sim):
 def test_review_regressions_start_kept_reset_and_dtype(sim):
     """A bad first image keeps the series start (V1, V2, Merlin); a reconnect ends the open
     Merlin acquisition; V2 takes the dtype from the first image when start lacks it."""
-    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1_encoder as v1
     from tcbf_live.detectors import merlin
 
     info = sim.series_info(5)
     frame = sim.frames(0, 1)[0]
-    dec = v1.DectrisV1Decoder()
+    dec = DectrisV1Decoder()
     for m in v1.encode_header(info):
         dec.decode(m)
     bad = v1.encode_image(5, 0, frame)
@@ -728,10 +728,10 @@ def test_v1_headers_mid_series(sim):
     of the open series with other metadata, all between two images: each counted once (the
     foreign one not at all: it is a good header of a series that never sends images), and the
     open series' images keep decoding against its first header."""
-    from tcbf_live.detectors import dectris_v1 as v1
+    from tcbf_live.detectors import dectris_v1_encoder as v1
 
     info, frames = sim.series_info(5), sim.frames(0, 3)
-    dec = v1.DectrisV1Decoder()
+    dec = DectrisV1Decoder()
     messages = [*v1.encode_header(info), v1.encode_image(5, 0, frames[0]),
                 *v1.encode_header(replace(info, series_id=6, detector_shape=(64, 64))),
                 [b'{"htype":"dheader-1.0","series":7,"header_detail":"none"}'],

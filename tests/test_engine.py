@@ -13,7 +13,8 @@ import zmq
 
 from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
 from tcbf_live.simulators import Simulator, tutorial_config
-from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.simulators.sender import SendSettings
+from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
@@ -110,8 +111,9 @@ def test_snapshots_during_ingest_are_consistent(endpoint):
         )  # fmt: skip
     ).start()
     sender = threading.Thread(
-        target=run_sender,
-        args=(sim, SendSettings(bind=endpoint, rate_fps=600, batch=8, wait_subscriber_s=5)),
+        target=serve,
+        args=(sim, SendSettings(rate_fps=600, batch=8),
+              LinkSettings(bind=endpoint, wait_subscriber_s=5)),  # fmt: skip
         kwargs={"show_progress": False},
     )
     sender.start()

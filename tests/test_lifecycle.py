@@ -14,8 +14,8 @@ import pytest
 import zmq
 
 from conftest import free_port
-from tcbf_live.detectors import dectris_v1 as v1
-from tcbf_live.detectors import dectris_v2 as v2
+from tcbf_live.detectors import dectris_v1_encoder as v1
+from tcbf_live.detectors import dectris_v2_encoder as v2
 from tcbf_live.detectors import merlin
 from tcbf_live.detectors import native as nat
 from tcbf_live.detectors.base import (
@@ -25,6 +25,7 @@ from tcbf_live.detectors.base import (
     SeriesEnd,
     SeriesStart,
 )
+from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.stream import budget
 from tcbf_live.stream.engine import Engine, EngineSettings
@@ -318,7 +319,7 @@ def test_v1_every_garbage_part_is_counted(sim, frames):
     for k in where[::-1]:
         parts.insert(int(k), garbage.pop())
     for grouping in ("one part per message", "one message"):
-        dec = v1.DectrisV1Decoder()
+        dec = DectrisV1Decoder()
         messages = [[p] for p in parts] if grouping != "one message" else [parts]
         events, errors = [], []
         for m in messages:

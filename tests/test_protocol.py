@@ -10,7 +10,8 @@ import pytest
 from tcbf_live.detectors import DecodeError, FrameBatch, NativeDecoder, SeriesEnd, SeriesStart
 from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
 from tcbf_live.simulators import Simulator, tutorial_config
-from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.simulators.sender import SendSettings
+from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.receiver import (
     StreamCounters,
     SubscriberSettings,
@@ -27,11 +28,10 @@ def sim():
 def collect(endpoint, socket_type, sim, **send):
     """Run the sender in a thread and decode everything a subscriber receives."""
     sock = open_socket(SubscriberSettings(endpoint=endpoint, socket_type=socket_type))
-    settings = SendSettings(
-        bind=endpoint, socket_type="pub" if socket_type == "sub" else "push",
-        wait_subscriber_s=5.0, join_wait_s=0.2, **send,
-    )  # fmt: skip
-    t = threading.Thread(target=run_sender, args=(sim, settings), kwargs={"show_progress": False})
+    link = LinkSettings(bind=endpoint, socket_type="pub" if socket_type == "sub" else "push",
+                        wait_subscriber_s=5.0, join_wait_s=0.2)  # fmt: skip
+    t = threading.Thread(target=serve, args=(sim, SendSettings(**send), link),
+                         kwargs={"show_progress": False})  # fmt: skip
     t.start()
     counters = StreamCounters()
     events = []
@@ -249,10 +249,10 @@ def test_oversized_messages_are_dropped_by_the_socket(endpoint, stream):
 
 def test_loop_sends_new_series_ids(endpoint, sim):
     done = threading.Event()
-    settings = SendSettings(bind=endpoint, loop=True, wait_subscriber_s=5.0, join_wait_s=0.2,
-                            batch=20)  # fmt: skip
+    settings = SendSettings(loop=True, batch=20)
+    link = LinkSettings(bind=endpoint, wait_subscriber_s=5.0, join_wait_s=0.2)
     t = threading.Thread(
-        target=run_sender, args=(sim, settings),
+        target=serve, args=(sim, settings, link),
         kwargs={"show_progress": False, "should_stop": done.is_set},
     )  # fmt: skip
     sock = open_socket(SubscriberSettings(endpoint=endpoint))

@@ -158,7 +158,7 @@ def test_armed_series_cut_short_takes_nothing_from_a_foreign_one(endpoint):
     end are counted, and none of it reaches (or ends) the armed series."""
     import zmq
 
-    from tcbf_live.detectors.dectris_v2 import encode_end, encode_image, encode_start
+    from tcbf_live.detectors.dectris_v2_encoder import encode_end, encode_image, encode_start
     from tcbf_live.simulators import Simulator, tutorial_config
     from tcbf_live.stream.engine import Engine, EngineSettings
     from tcbf_live.stream.receiver import SubscriberSettings

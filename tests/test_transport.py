@@ -14,13 +14,14 @@ import pytest
 import zmq
 
 from conftest import free_port
-from tcbf_live.detectors import dectris_v1
+from tcbf_live.detectors import dectris_v1_encoder as dectris_v1
 from tcbf_live.detectors.base import FrameBatch, SeriesEnd, SeriesStart
 from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
 from tcbf_live.detectors.native import NativeDecoder, encode_end, encode_frames, encode_start
 from tcbf_live.simulators import Simulator, tutorial_config
-from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.receiver import (
     StreamCounters,
     SubscriberSettings,
@@ -191,9 +192,9 @@ def test_sender_batches_stay_under_the_message_cap(endpoint, sim):
     cap = HEADER_ROOM_BYTES + 3 * 32 * 32 * 2 + 100  # the same cap on both ends: header counts
     sock = open_socket(SubscriberSettings(endpoint=endpoint, socket_type="pull",
                                           max_message_bytes=cap))  # fmt: skip
-    settings = SendSettings(bind=endpoint, socket_type="push", batch=16, join_wait_s=0.0,
-                            max_message_bytes=cap)  # fmt: skip
-    t = threading.Thread(target=run_sender, args=(sim, settings), kwargs={"show_progress": False})
+    settings = SendSettings(batch=16, max_message_bytes=cap)
+    link = LinkSettings(bind=endpoint, socket_type="push", join_wait_s=0.0)
+    t = threading.Thread(target=serve, args=(sim, settings, link), kwargs={"show_progress": False})
     t.start()
     counters = StreamCounters()
     sizes, ended = [], False
@@ -236,8 +237,9 @@ def test_curve_pair_exchanges_a_series_and_nobody_else_receives_anything(keys, e
     socks = {name: open_socket(SubscriberSettings(endpoint=endpoint, curve=c))
              for name, c in outsiders.items()}  # fmt: skip
     sock = open_socket(SubscriberSettings(endpoint=endpoint, curve=reader))
-    settings = SendSettings(bind=endpoint, curve=server, wait_subscriber_s=5.0, join_wait_s=0.3)
-    t = threading.Thread(target=run_sender, args=(sim, settings), kwargs={"show_progress": False})
+    link = LinkSettings(bind=endpoint, curve=server, wait_subscriber_s=5.0, join_wait_s=0.3)
+    t = threading.Thread(target=serve, args=(sim, SendSettings(), link),
+                         kwargs={"show_progress": False})  # fmt: skip
     t.start()
     got, seen, ended, counters = collect(sock)
     t.join()
@@ -320,8 +322,9 @@ def test_ipv6_loopback_links_work(sim):
     port = free_port()
     endpoint = f"tcp://[::1]:{port}"
     sock = open_socket(SubscriberSettings(endpoint=endpoint))
-    settings = SendSettings(bind=endpoint, wait_subscriber_s=5.0, join_wait_s=0.2)
-    t = threading.Thread(target=run_sender, args=(sim, settings), kwargs={"show_progress": False})
+    link = LinkSettings(bind=endpoint, wait_subscriber_s=5.0, join_wait_s=0.2)
+    t = threading.Thread(target=serve, args=(sim, SendSettings(), link),
+                         kwargs={"show_progress": False})  # fmt: skip
     t.start()
     got, seen, ended, _ = collect(sock)
     t.join()

@@ -19,9 +19,10 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from tcbf_live.simulators.sender import SendSettings, run_sender
+from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.simulators.simulate import PRESETS, Simulator
 from tcbf_live.stream.cli.common import UsageError, parse_finite
+from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.outputs import atomic_output, check_output, same_file
 from tcbf_live.stream.receiver import SubscriberSettings
@@ -110,11 +111,9 @@ def run(args: argparse.Namespace) -> int:
     # 2. the simulator, looping, in a thread
     stop = threading.Event()
     sender = threading.Thread(
-        target=run_sender,
-        args=(
-            simulator,
-            SendSettings(bind=endpoint, socket_type="push", rate_fps=args.rate, loop=True),
-        ),  # fmt: skip
+        target=serve,
+        args=(simulator, SendSettings(rate_fps=args.rate, loop=True),
+              LinkSettings(bind=endpoint, socket_type="push")),  # fmt: skip
         kwargs={"should_stop": stop.is_set, "show_progress": False, "log": sys.stderr},
         name="tcbf-sender",
         daemon=True,

@@ -14,8 +14,8 @@ from typing import TextIO
 
 import numpy as np
 
+from tcbf_live.detectors import registry
 from tcbf_live.detectors.base import DecodeError, FrameBatch, SeriesEnd, SeriesInfo, SeriesStart
-from tcbf_live.detectors.native import NativeDecoder
 from tcbf_live.stream.cli.common import UsageError
 from tcbf_live.stream.receiver import (
     StreamCounters,
@@ -83,11 +83,14 @@ def describe(info: SeriesInfo) -> str:
 
 
 def listen(
-    settings: SubscriberSettings, n_series: int, timeout_s: float, out: TextIO = sys.stdout
+    settings: SubscriberSettings, n_series: int, timeout_s: float, out: TextIO = sys.stdout,
+    protocol: str = "native",
 ) -> int:
-    """Print series seen on the socket; return how many complete series ended."""
+    """Print series seen on the socket (a ZeroMQ `protocol` of the registry); return how many
+    complete series ended."""
+    options = registry.DecoderOptions(max_batch_bytes=settings.max_message_bytes)
+    decoder = registry.protocol(protocol).decoder(options)
     sock = open_socket(settings)
-    decoder = NativeDecoder(max_batch_bytes=settings.max_message_bytes)
     counters = StreamCounters()
     tally: SeriesTally | None = None
     ended = 0
@@ -132,8 +135,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("listen", help="subscribe to a stream and print what arrives")
     p.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="ENDPOINT")
     p.add_argument("--bind", action="store_true", help="bind ENDPOINT instead of connecting")
-    p.add_argument("--socket", default="sub", choices=["sub", "pull"])
-    p.add_argument("--protocol", default="native", choices=["native"])
+    p.add_argument("--socket", default=None, choices=registry.receiver_socket_types(),
+                   help="default: the protocol's (sub for native, pull for DECTRIS)")  # fmt: skip
+    p.add_argument("--protocol", default="native", choices=registry.names(transport="zmq"))
     p.add_argument("--series", type=int, default=1, metavar="N", help="stop after N (0: never)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="idle timeout")
     p.set_defaults(run=run)
@@ -142,6 +146,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.series < 0 or not args.timeout > 0:
         raise UsageError("--series must be >= 0 and --timeout > 0")
-    settings = SubscriberSettings(endpoint=args.connect, socket_type=args.socket, bind=args.bind)
-    ended = listen(settings, args.series, args.timeout)
+    proto = registry.protocol(args.protocol)
+    settings = SubscriberSettings(endpoint=args.connect, bind=args.bind, detector=proto.detector,
+                                  socket_type=args.socket or proto.receiver_sockets[0])  # fmt: skip
+    ended = listen(settings, args.series, args.timeout, protocol=args.protocol)
     return 0 if ended >= max(args.series, 1) or args.series == 0 else 1

@@ -17,6 +17,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from tcbf_live.detectors import registry
 from tcbf_live.stream.cli.common import UsageError, parse_finite
 from tcbf_live.stream.cli.exitcodes import (
     EPILOG,
@@ -32,7 +33,7 @@ from tcbf_live.stream.cli.options import (
     processing_from_args,
     report,
 )
-from tcbf_live.stream.engine import DECODERS, TCP_PROTOCOLS, Engine, EngineSettings
+from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.outputs import OutputExists, check_output, series_output
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.transport import add_curve_args, curve_from_args, link_curve
@@ -69,10 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--socket",
         default=None,
-        choices=["sub", "pull"],
+        choices=registry.receiver_socket_types(),
         help="default: pull for DECTRIS (they PUSH), sub for the native protocol",
     )
-    p.add_argument("--protocol", default="native", choices=sorted(DECODERS))
+    p.add_argument("--protocol", default="native", choices=sorted(registry.names()))
     p.add_argument(
         "--channel",
         metavar="NAME",
@@ -140,7 +141,8 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     processing = processing_from_args(args)
     check_outputs(args)
     check_memory(args)
-    if args.simplon and args.protocol not in ("dectris-v1", "dectris-v2"):
+    proto = registry.protocol(args.protocol)
+    if args.simplon and not proto.simplon:
         raise UsageError("--simplon controls DECTRIS detectors: use --protocol dectris-v1/-v2")
     if args.simplon and args.scan is None:
         raise UsageError("--simplon needs --scan ROWSxCOLS (one frame per scan position)")
@@ -148,12 +150,12 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless or args.publish:  # a viewer will show the axial-radius control
         processing = replace(processing, tcbf=replace(processing.tcbf, ring_images=True))
     endpoint = args.bind or args.connect
-    if args.protocol in TCP_PROTOCOLS:
+    if proto.transport == "tcp":
         if args.bind or not re.fullmatch(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}", endpoint):
             raise UsageError(f"--protocol {args.protocol} connects to the detector's data port: "
                              "--connect tcp://HOST:PORT")  # fmt: skip
-    socket_type = args.socket or ("pull" if args.protocol.startswith("dectris") else "sub")
-    curve = link_curve(args, connects=args.bind is None, detector=args.protocol != "native",
+    socket_type = args.socket or (proto.receiver_sockets or ("sub",))[0]
+    curve = link_curve(args, connects=args.bind is None, detector=proto.detector,
                        publishes=args.publish is not None)  # fmt: skip
     return EngineSettings(
         subscriber=SubscriberSettings(
@@ -161,7 +163,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
             socket_type=socket_type,
             bind=args.bind is not None,
             curve=curve,
-            detector=args.protocol != "native",
+            detector=proto.detector,
         ),
         processing=processing,
         protocol=args.protocol,

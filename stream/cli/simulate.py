@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from tcbf_live.detectors import registry
 from tcbf_live.detectors.files import (
     DatasetError,
     RecordedDataset,
@@ -16,9 +17,10 @@ from tcbf_live.detectors.files import (
     write_dataset,
 )
 from tcbf_live.simulators.samples import SAMPLES
-from tcbf_live.simulators.sender import SOCKET_TYPES, SendSettings, run_sender
+from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.simulators.simulate import PRESETS, SimulationConfig, SimulationError, Simulator
 from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
+from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.outputs import atomic_output, check_output
 from tcbf_live.stream.transport import add_curve_args, curve_from_args
 
@@ -62,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument(
         "--protocol",
         default="native",
-        choices=["native", "dectris-v1", "dectris-v2", "merlin"],
+        choices=registry.names(),
         help="dectris-v1 / dectris-v2: SIMPLON stream V1 (JSON parts) or V2 (CBOR), one image "
         "per message, PUSH as the detector; merlin: raw TCP server (MPX framing, as the Merlin "
         "data port 6342)",
@@ -70,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument(
         "--socket",
         default=None,
-        choices=sorted(SOCKET_TYPES),
+        choices=registry.sender_socket_types(),
         help="default: pub (native), push (dectris-v2, as the detector)",
     )
     net.add_argument("--rate", type=parse_finite, default=0.0, metavar="FPS", help="0 = max speed")
@@ -78,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument(
         "--compression",
         default=None,
-        choices=["raw", "lz4", "bslz4", "none"],
+        choices=registry.encodings(),
         help="native: raw (default) | lz4; dectris-v1: bslz4 (default) | lz4 | raw; "
         "dectris-v2: bslz4 (default) | none",
     )
@@ -212,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
             f"--bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {args.bind!r}"
         )
     curve = curve_from_args(args)
-    if curve is not None and args.protocol != "native":
+    proto = registry.protocol(args.protocol)
+    if curve is not None and proto.detector:
         raise UsageError(f"--protocol {args.protocol} speaks as the detector, which cannot be "
                          "authenticated: --curve-* needs --protocol native")  # fmt: skip
 
@@ -262,26 +265,16 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             source = RecordedDataset(args.save)  # stream the saved frames, do not re-simulate
 
-    v2 = args.protocol.startswith("dectris")
-    encoding = args.compression or ("bslz4" if v2 else "raw")  # merlin: raw big-endian
-    allowed = {"native": ("raw", "lz4"), "dectris-v1": ("bslz4", "lz4", "raw"),
-               "dectris-v2": ("bslz4", "none"), "merlin": ("raw",)}[args.protocol]  # fmt: skip
-    if encoding not in allowed:
+    encoding = args.compression or proto.encodings[0]  # merlin: raw big-endian
+    if encoding not in proto.encodings:
         raise UsageError(f"--compression {encoding} is not available for --protocol "
                          f"{args.protocol}")  # fmt: skip
-    settings = SendSettings(
-        bind=args.bind,
-        socket_type=args.socket or ("push" if v2 else "pub"),
-        batch=args.batch,
-        rate_fps=args.rate,
-        encoding=encoding,
-        protocol=args.protocol,
-        loop=args.loop,
-        wait_subscriber_s=args.wait_subscriber,
-        curve=curve,
-    )
+    settings = SendSettings(protocol=args.protocol, encoding=encoding, batch=args.batch,
+                            rate_fps=args.rate, loop=args.loop)  # fmt: skip
+    link = LinkSettings(bind=args.bind, socket_type=args.socket,
+                        wait_subscriber_s=args.wait_subscriber, curve=curve)  # fmt: skip
     try:
-        sent = run_sender(source, settings, show_progress=False if args.quiet else None)
+        sent = serve(source, settings, link, show_progress=False if args.quiet else None)
     finally:
         if isinstance(source, RecordedDataset):
             source.close()
