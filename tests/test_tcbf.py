@@ -287,3 +287,13 @@ def test_the_science_core_imports_nothing_impure():
                 assert top in allowed or top in sys.stdlib_module_names, (path.name, name)
                 if top == "tcbf_live":
                     assert name.startswith("tcbf_live.stream.tcbf."), (path.name, name)
+
+
+def test_acquisition_takes_the_series_metadata():
+    from tcbf_live.detectors.base import SeriesInfo
+    from tcbf_live.stream.tcbf.pipeline import Acquisition
+
+    info = SeriesInfo(3, (4, 5), (16, 16), "<u2", scan_order="serpentine", energy_eV=3e5,
+                      step_A=0.5, semiangle_mrad=20.0, counts_per_electron=2.0, transpose=True)
+    acq = Acquisition.of(info)
+    assert acq == Acquisition((4, 5), (16, 16), "serpentine", 3e5, 0.5, 20.0, 2.0, True)
