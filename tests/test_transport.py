@@ -21,6 +21,7 @@ from tcbf_live.detectors.native import NativeDecoder, encode_end, encode_frames,
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.stream.cli.main import main
+from tcbf_live.stream.publisher import subscribe_states
 from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.receiver import (
     StreamCounters,
@@ -32,7 +33,6 @@ from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.pipeline import TcbfSettings
 from tcbf_live.stream.transport import CurveKeys, bind, connect, is_loopback, recv_capped
 from tcbf_live.stream.view_state import StateError, decode_state, encode_state, view_state
-from tcbf_live.viewer.sources import SocketSource
 
 CLI = [sys.executable, "-m", "tcbf_live"]
 SMALL_DETECTOR = {"detector_shape": (32, 32), "angular_sampling_mrad": 0.6}  # BF radius 6.7 px
@@ -477,7 +477,7 @@ def test_result_stream_skips_oversized_and_hostile_states_and_keeps_going(state,
     bind(pub, endpoint, "test")
     good = encode_state(state)
     nbytes = sum(memoryview(p).nbytes for p in good)
-    source = SocketSource(endpoint, max_message_bytes=nbytes + 10)
+    source = subscribe_states(endpoint, max_message_bytes=nbytes + 10)
 
     def deliver(parts, resend=False):
         """Send `parts` (again and again while the subscription settles, with `resend`) and

@@ -15,12 +15,20 @@ from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.detectors.native import encode_end, encode_frames, encode_start
 from tcbf_live.simulators.simulate import Simulator, tutorial_config
 from tcbf_live.stream.engine import Engine, EngineSettings
-from tcbf_live.stream.publisher import SnapshotPublisher
+from tcbf_live.stream.publisher import SnapshotPublisher, subscribe_states
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.pipeline import TcbfSettings
-from tcbf_live.stream.view_state import StateError, decode_state, encode_state, view_state
-from tcbf_live.viewer.sources import SocketSource
+from tcbf_live.stream.view_state import view_state
+from tcbf_live.viewer.panels import (
+    BfPanel,
+    DosePanel,
+    ErrorPanel,
+    ShiftPanel,
+    TcbfPanel,
+    TilesPanel,
+)
+from tcbf_live.viewer.state import StateError, decode_state, encode_state
 from tcbf_live.viewer.window import ViewerWindow
 
 
@@ -92,7 +100,7 @@ def test_viewer_renders_every_panel_from_a_live_engine(qtbot, tutorial, endpoint
     engine = start_engine(endpoint, align_interval_s=0.1)
     publish = f"tcp://127.0.0.1:{free_port()}"
     publisher = SnapshotPublisher(engine, publish, rate_hz=20).start()
-    source = SocketSource(publish)
+    source = subscribe_states(publish)
     window = ViewerWindow(source, refresh_hz=20)
     qtbot.addWidget(window)
     window.show()
@@ -108,18 +116,19 @@ def test_viewer_renders_every_panel_from_a_live_engine(qtbot, tutorial, endpoint
     assert s["frames_received"] == len(frames) and s["series_id"] == 5
     assert window.updates >= 2  # it updated during the scan, not only at the end
     # every panel holds data
-    for item in (window.dp_image, window.axial_image, window.inc_image, window.tiles_image,
-                 window.dose_image, window.tcbf_view.getImageItem()):  # fmt: skip
+    bf, tcbf, shifts = window.panel(BfPanel), window.panel(TcbfPanel), window.panel(ShiftPanel)
+    for item in (bf.dp_image, bf.axial_image, bf.inc_image, window.panel(TilesPanel).image,
+                 window.panel(DosePanel).image, tcbf.view.getImageItem()):  # fmt: skip
         assert item.image is not None and item.image.size > 0
-    assert window.model_curve.getData()[0].size > 0
-    assert window.tile_curve.getData()[0].size > 0
-    assert window.error_curve.getData()[0].size == len(s["errors_px"]) > 0
-    assert "defocus 1.4" in window.fit_label.text() or "defocus 1.5" in window.fit_label.text()
+    assert shifts.model_curve.getData()[0].size > 0
+    assert shifts.tile_curve.getData()[0].size > 0
+    assert window.panel(ErrorPanel).curve.getData()[0].size == len(s["errors_px"]) > 0
+    assert "defocus 1.4" in shifts.fit_label.text() or "defocus 1.5" in shifts.fit_label.text()
     assert "1152/1152 frames" in window.status.text()
-    assert window.progress.value() == 100
+    assert tcbf.progress.value() == 100
     # the slider re-draws the axial vBF from the ring images
-    window.axial_slider.setValue(6)
-    assert "axial radius 2.9" in window.axial_label.text()
+    bf.axial_slider.setValue(6)
+    assert "axial radius 2.9" in bf.axial_label.text()
     png = tmp_path / "viewer.png"
     assert window.save_png(str(png)) and png.stat().st_size > 10_000
     pixels = window.panel_pixels()
@@ -138,7 +147,7 @@ def test_viewer_joining_mid_scan_sees_the_current_state(qtbot, tutorial, endpoin
     sender.start()
     try:
         time.sleep(1.0)  # about half the scan has been sent
-        source = SocketSource(publish)
+        source = subscribe_states(publish)
         window = ViewerWindow(source, refresh_hz=20)
         qtbot.addWidget(window)
         qtbot.waitUntil(lambda: window.state is not None, timeout=5000)

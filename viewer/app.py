@@ -1,28 +1,49 @@
-"""Run a viewer window: Qt application setup, Ctrl-C, timed runs and screenshots.
+"""The one Qt lifecycle of `run`, `demo` and `view`: check, create (or reuse) the QApplication,
+show the window until it is closed, Ctrl-C, `seconds` elapse or `should_stop()`, draw the newest
+state, save the screenshot, close the window and tear Qt down.
 
-`headless=True` uses Qt's offscreen platform, so the same window renders (and saves PNGs) on a
-machine without a display.
+`check_window` (re-exported from `viewer.display`) is called by each command before it starts
+anything, and again here: Qt is imported only inside `show_viewer`, so importing this module
+costs no Qt. `headless=True` uses Qt's offscreen platform: the same window renders (and saves
+PNGs) on a machine without a display.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
-import sys
 from collections.abc import Callable
 
+from tcbf_live.viewer.display import WindowUnavailable, check_window
+from tcbf_live.viewer.sources import Source
 
-def check_display() -> None:
-    """A clear error instead of Qt aborting the process when there is no screen."""
-    from tcbf_live.stream.cli.common import UsageError
-
-    if os.environ.get("QT_QPA_PLATFORM") or sys.platform != "linux":
-        return
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise UsageError("no display for the viewer window: pass --headless")
+__all__ = ["WindowUnavailable", "check_window", "show_viewer"]
 
 
-def qt_app(headless: bool = False):
+def show_viewer(source: Source, *, title: str, headless: bool = False,
+                seconds: float | None = None, screenshot: str | None = None,
+                save_result: Callable[[str], None] | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
+    """Show a `ViewerWindow` on `source` for as long as asked (see the module docstring), then
+    save `screenshot` (a PNG) and tear Qt down; WindowUnavailable before anything starts when
+    no window can open."""
+    check_window(headless)
+    app = _qt_app(headless)
+    from tcbf_live.viewer.window import ViewerWindow
+
+    window = ViewerWindow(source, save_result=save_result, title=title)
+    try:
+        _run(window, app, seconds, screenshot, should_stop)
+    finally:
+        window.close()
+        window.deleteLater()
+        app.processEvents()
+        del window
+        _shutdown(app)
+
+
+def _qt_app(headless: bool):
     """The QApplication (created once); offscreen when headless."""
     if headless:
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
@@ -34,15 +55,10 @@ def qt_app(headless: bool = False):
     return QtWidgets.QApplication.instance() or QtWidgets.QApplication(["tcbf-live"])
 
 
-def run_window(
-    window,
-    app,
-    seconds: float | None = None,
-    screenshot: str | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> None:
-    """Show `window` until it is closed, Ctrl-C, `seconds` elapse or `should_stop()`; then
-    draw the newest state, save the screenshot and close the window."""
+def _run(window, app, seconds: float | None, screenshot: str | None,
+         should_stop: Callable[[], bool]) -> None:  # fmt: skip
+    """The event loop until the window closes, Ctrl-C, `seconds` or `should_stop()`; then the
+    newest state is drawn and the screenshot saved."""
     from pyqtgraph.Qt import QtCore
 
     previous = signal.signal(signal.SIGINT, lambda *_: app.quit())
@@ -60,17 +76,12 @@ def run_window(
             window.save_png(screenshot)
     finally:
         ticker.stop()
-        window.close()
-        window.deleteLater()
-        app.processEvents()
         signal.signal(signal.SIGINT, previous)
 
 
-def shutdown(app) -> None:
+def _shutdown(app) -> None:
     """Tear Qt down before the interpreter does: a QApplication left alive at exit can crash
     PySide6 during finalisation."""
-    import gc
-
     app.processEvents()
     gc.collect()
     app.shutdown()

@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.rate >= 0:
         raise UsageError("--rate must be >= 0")
+    from tcbf_live.stream.view_state import EngineStates
+    from tcbf_live.viewer.app import check_window, show_viewer
+
+    check_window(args.headless)  # before anything starts (the window needs Qt even headless)
     curve = curve_from_args(args)
     if curve is not None and not args.publish:
         raise UsageError("--curve-secret protects --publish (the demo's own link is loopback)")
@@ -126,19 +130,11 @@ def run(args: argparse.Namespace) -> int:
         png = (outputs.enter_context(atomic_output(args.screenshot, args.overwrite))
                if args.screenshot else None)  # fmt: skip
         try:
-            from tcbf_live.viewer.app import qt_app, run_window, shutdown
-            from tcbf_live.viewer.sources import EngineSource
-            from tcbf_live.viewer.window import ViewerWindow
-
-            app = qt_app(args.headless)
-            window = ViewerWindow(  # the save dialog has asked before replacing a file
-                EngineSource(engine),
-                save_result=lambda path: write_result(path, engine.snapshot(), "native", True),
-                title="tcbf-live demo",
-            )
-            run_window(window, app, args.seconds, str(png) if png else None)
-            del window
-            shutdown(app)
+            show_viewer(EngineStates(engine), title="tcbf-live demo", headless=args.headless,
+                        seconds=args.seconds, screenshot=str(png) if png else None,
+                        # the save dialog has asked before replacing a file
+                        save_result=lambda path: write_result(path, engine.snapshot(), "native",
+                                                              True))  # fmt: skip
         finally:
             stop.set()
             sender.join(5.0)

@@ -18,6 +18,7 @@ from tcbf_live.simulators.simulate import SimulationError
 from tcbf_live.stream.cli.common import OneLineParser, UsageError
 from tcbf_live.stream.cli.exitcodes import ExitCode
 from tcbf_live.stream.series import SeriesError
+from tcbf_live.viewer.display import WindowUnavailable
 
 
 def build_parser() -> OneLineParser:
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (UsageError, DatasetError, SimulationError, SeriesError) as exc:
+    except (UsageError, DatasetError, SimulationError, SeriesError, WindowUnavailable) as exc:
         sys.stderr.write(f"tcbf-live {args.command}: error: {exc}\n")
         return ExitCode.USAGE
     except (OSError, ValueError, zmq.ZMQError) as exc:  # e.g. port in use, unreadable file

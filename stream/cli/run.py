@@ -132,9 +132,9 @@ def check_outputs(args: argparse.Namespace) -> Path:
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless:
-        from tcbf_live.viewer.app import check_display
+        from tcbf_live.viewer.app import check_window
 
-        check_display()
+        check_window()
     if not 0 < args.timeout <= 1e6 or not 0 <= args.align_interval <= 3600:
         raise UsageError("need 0 < --timeout <= 1e6 s and 0 <= --align-interval <= 3600 s")
 
@@ -317,21 +317,15 @@ def run(args: argparse.Namespace) -> int:
             while not engine.join(timeout=0.5):
                 pass
         else:  # the window stays open on the final result until it is closed (or Ctrl-C)
-            from tcbf_live.viewer.app import qt_app, run_window, shutdown
-            from tcbf_live.viewer.sources import EngineSource
-            from tcbf_live.viewer.window import ViewerWindow
+            from tcbf_live.stream.view_state import EngineStates
+            from tcbf_live.viewer.app import show_viewer
 
-            app = qt_app()
-            window = ViewerWindow(  # the save dialog has asked before replacing a file
-                EngineSource(engine),
+            show_viewer(  # the save dialog has asked before replacing a file
+                EngineStates(engine), title=f"tcbf-live run {settings.subscriber.endpoint}",
                 save_result=lambda path: write_result(
                     path, engine.snapshot(), args.protocol, overwrite=True
-                ),  # fmt: skip
-                title=f"tcbf-live run {settings.subscriber.endpoint}",
-            )
-            run_window(window, app)
-            del window
-            shutdown(app)
+                ),
+            )  # fmt: skip
             engine.stop()
             engine.join()
     except KeyboardInterrupt:

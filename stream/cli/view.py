@@ -35,21 +35,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--seconds must be positive (at most 1e6)")
     curve = link_curve(args, connects=True)
 
-    from tcbf_live.viewer.app import check_display, qt_app, run_window, shutdown
+    from tcbf_live.stream.publisher import subscribe_states
+    from tcbf_live.viewer.app import check_window, show_viewer
 
-    if not args.headless:
-        check_display()
-    from tcbf_live.viewer.sources import SocketSource
-    from tcbf_live.viewer.window import ViewerWindow
-
-    app = qt_app(args.headless)
-    source = SocketSource(args.connect, curve=curve)
-    window = ViewerWindow(source, title=f"tcbf-live view {args.connect}")
+    check_window(args.headless)
+    source = subscribe_states(args.connect, curve=curve)
     try:
-        run_window(window, app, args.seconds, args.screenshot)
-        del window
-        shutdown(app)
+        show_viewer(source, title=f"tcbf-live view {args.connect}", headless=args.headless,
+                    seconds=args.seconds, screenshot=args.screenshot)  # fmt: skip
     finally:
         source.close()
-
     return 0
