@@ -21,8 +21,8 @@ from tcbf_live.detectors.native import NativeDecoder, encode_end, encode_frames,
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.stream.cli.main import main
-from tcbf_live.stream.publisher import subscribe_states
 from tcbf_live.stream.cli.sending import LinkSettings, serve
+from tcbf_live.stream.publisher import subscribe_states
 from tcbf_live.stream.receiver import (
     StreamCounters,
     SubscriberSettings,
