@@ -63,10 +63,10 @@ def main() -> None:
     proc = processor_for(128, (256, 256), sim.frames(0, 16), sim.series_info(1))
     acc = proc.acc
     parts = {
-        "per-BF-pixel stack (uint16)": acc.stack.nbytes,
-        "tile sums, all levels (float32)": acc.tiles.nbytes,
-        "maps (total, BF, axial, hits)": acc.totals.nbytes * 3 + acc.hits.nbytes,
-        "frame bitmap": acc.seen.nbytes,
+        "per-BF-pixel stack (uint16)": acc.state.stack.nbytes,
+        "tile sums, all levels (float32)": acc.state.tiles.nbytes,
+        "maps (total, BF, axial, hits)": acc.state.totals.nbytes * 3 + acc.state.hits.nbytes,
+        "frame bitmap": acc.state.seen.nbytes,
     }
     print(f"\naccumulators, 256x256 scan, 128^2 detector, {proc.calibration.n_bf} BF px:")
     for k, v in parts.items():

@@ -152,7 +152,7 @@ def rss_over_series(n_series: int = 10, scan=(64, 64)) -> list[float]:
 
 
 def main() -> None:
-    from tcbf_live.stream.tcbf.accumulators import accumulate_frames  # noqa: F401  (JIT cache warm)
+    from tcbf_live.stream.tcbf.kernels import accumulate_frames  # noqa: F401  (JIT cache warm)
 
     n_frames = 20_000
     print("128x128 uint16 frames, raw payloads, tcp loopback, PUSH -> PULL")

@@ -75,8 +75,8 @@ def main() -> None:
     )
 
     # one alignment update (warm, as live) and one cold, on the full 128x128 scan
-    inputs = proc.alignment_inputs()
-    tcbf = proc.tcbf
+    inputs = proc.inputs()
+    tcbf = proc.pipeline
     model = tcbf.matrix_px
     tutorial_schedule = replace(tcbf.settings.alignment, bins=(32, 32, 16, 16, 8, 8))
     default = tcbf.settings
@@ -116,11 +116,11 @@ def main() -> None:
     n = 256 * 256
     feed(proc, frames_256, n - 4 * 256)  # all but the last 4 rows ...
     t = time.perf_counter()
-    proc.update_tcbf()  # ... one live update (as the aligner thread does) ...
+    proc.solve()  # ... one live update (as the aligner thread does) ...
     live_update = time.perf_counter() - t
     feed(proc, frames_256, n, start=n - 4 * 256)  # ... the last rows arrive
     t = time.perf_counter()
-    final = proc.update_tcbf(final=True)
+    final = proc.solve(final=True)
     latency = time.perf_counter() - t
     rows.append(("live update 256x256 (252 rows)", live_update, ""))
     note = (

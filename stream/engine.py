@@ -49,7 +49,8 @@ from tcbf_live.stream.receiver import (
     receive_event_batches,
     receive_tcp_batches,
 )
-from tcbf_live.stream.series import ProcessingSettings, SeriesError, SeriesProcessor, SeriesResult
+from tcbf_live.stream.result import SeriesResult
+from tcbf_live.stream.series import ProcessingSettings, SeriesError, SeriesProcessor
 
 log = logging.getLogger("tcbf.engine")
 
@@ -173,16 +174,13 @@ class Engine:
         while not self._stop.wait(self.settings.align_interval_s):
             with self._lock:
                 proc = self._current
-                if proc is None or proc.tcbf is None:
-                    continue
-                rows_done = proc.acc.frames_accepted // proc.scan_shape[1]
-                if (proc.info.series_id, rows_done) == last:
-                    continue  # no new row since the last update
-                inputs = proc.alignment_inputs()
-            last = (proc.info.series_id, rows_done)
+                if proc is None or not proc.solvable or proc.progress() == last:
+                    continue  # nothing to align, or no new row since the last update
+                last = proc.progress()
+                inputs = proc.inputs()  # merge: copies of the state, under the ingest lock
             try:
                 with self._align_lock:
-                    out = proc.tcbf.update(inputs)
+                    out = proc.solve(inputs)  # solve: without the ingest lock
                 if out is not None:
                     log.debug("%s (%d frames)", out.summary(), out.frames)
             except Exception:  # an alignment failure must not stop the engine
@@ -324,11 +322,11 @@ class Engine:
         kind = np.dtype(info.dtype)
         return series_footprint(
             info.scan_shape, info.detector_shape, kind.itemsize,
-            acc.stack.shape[1] if acc is not None else None,
+            acc.state.stack.shape[1] if acc is not None else None,
             _upsampling(info, s.tcbf.upsample,
                         proc.calibration.angular_sampling_mrad if proc.calibration else None),
             frames_expected=proc.frame_limit,
-            n_tiles=acc.tiles.shape[1] if acc is not None else None,
+            n_tiles=acc.state.tiles.shape[1] if acc is not None else None,
             calibration_frames=s.calibration_frames, integer_stack=kind.kind == "u",
         ).total  # fmt: skip
 
@@ -524,7 +522,7 @@ class Engine:
             if calibrated:
                 try:  # final alignment on everything that arrived (waits for a running update)
                     with self._align_lock:
-                        proc.update_tcbf(final=True)
+                        proc.solve(final=True)
                 except Exception:
                     log.exception("final alignment failed; writing the result without tcBF")
             with self._lock:

@@ -1,46 +1,115 @@
-"""HDF5 result file: the layout other tools read (docs/results.md).
+"""HDF5 result file: the layout other tools read, the public contract of docs/result-file.md.
 
-/                 attrs software, software_version, created
-/acquisition      attrs scan_shape, step_A, energy_eV, frames_received, frames_missing,
-                  frames_duplicate, frames_out_of_order, protocol, series_id, frames_excluded,
-                  frames_excluded_by_reason (JSON), hot_pixels, dead_pixels, suspect (JSON
-                  list), ...; /acquisition/excluded (rows, cols) bool: frames screened out
-/bf/incoherent    (rows, cols) BF counts per position
-/bf/axial         (rows, cols) axial virtual BF
-/bf/dark_field    (rows, cols) counts outside the BF disk
-/bf/hits          (rows, cols) frames accumulated per position (0 = missing)
-/alignment/bf_pixels (N_bf, 2) detector (row, col); attrs bins, n_tiles, center_px, radius_px
-/calibration/mean_pattern, /calibration/mask
-/dose             attrs dose_e_per_A2, electrons_total, counts_per_electron, beam_current_pA,
-                  projected_dose_e_per_A2, resolution_A, resolution_half_bit_A; datasets map,
-                  bf_fraction, frc, resolution_vs_dose, trust (docs/dose.md)
-
-/tcbf/image       (rows f, cols f) tcBF image; attrs sampling_A, upsampling_factor,
-                  phase_flipped; /tcbf/shift_and_add (before phase flipping, mean ~1)
-/alignment/shifts_px (N_bf, 2) correction shifts (scan px); /alignment/error (iterations,)
-                  rms misfit of the tiles to the model; attrs schedule, matrix_px, rows
-/aberrations      attrs C10_A, C12_A, phi12_rad, rotation_rad, transpose, defocus_A,
-                  residual_px (only when the angular sampling and step are known)
+Written by one serializer: each group's attributes are declared once, as a table of attribute
+name -> value of the result (`ACQUISITION`, `DOSE`, ...) or the fields of a dataclass
+(`AberrationFit`), and `write_attrs` writes any of them (None -> NaN, tuples -> int arrays,
+dicts and lists of text -> JSON). The per-position maps come from `result.POSITION_MAPS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from tcbf_live import __version__
 from tcbf_live.stream.outputs import atomic_output
-from tcbf_live.stream.series import SeriesResult
+from tcbf_live.stream.result import POSITION_MAPS, SeriesResult
 
 SOFTWARE = "tcbf-live"
 
+Getter = Callable[[SeriesResult], Any]
 
-def _attr(value):
-    return np.nan if value is None else value
+
+def _sampling(r: SeriesResult) -> float | None:
+    cal = r.calibration
+    return cal.angular_sampling_mrad if cal is not None else r.info.angular_sampling_mrad
+
+
+# /acquisition attributes: what was scanned, what arrived, what screening excluded
+ACQUISITION: dict[str, Getter] = {
+    "scan_shape": lambda r: tuple(r.info.scan_shape),
+    "scan_order": lambda r: r.info.scan_order,
+    "detector_shape": lambda r: tuple(r.info.detector_shape),
+    "step_A": lambda r: r.info.step_A,
+    "energy_eV": lambda r: r.info.energy_eV,
+    "semiangle_mrad": lambda r: r.info.semiangle_mrad,
+    "angular_sampling_mrad": _sampling,
+    "frames_received": lambda r: r.frames_received,
+    "frames_missing": lambda r: r.frames_missing,
+    "frames_expected": lambda r: r.frames_expected,
+    "frames_duplicate": lambda r: r.duplicates,
+    "frames_out_of_order": lambda r: r.out_of_order,
+    "frames_out_of_range": lambda r: r.out_of_range,
+    "complete": lambda r: r.complete,
+    # screening (docs/reliability.md): excluded frames still count as received
+    "frames_excluded": lambda r: r.frames_excluded,
+    "frames_excluded_by_reason": lambda r: dict(r.excluded_reasons),
+    "hot_pixels": lambda r: r.calibration.hot_pixels if r.calibration is not None else 0,
+    "dead_pixels": lambda r: r.calibration.dead_pixels if r.calibration is not None else 0,
+    "pixels_excluded_mid_scan": lambda r: r.pixels_excluded,  # turned hot/dead later
+    "suspect": lambda r: list(r.suspect),  # reasons not to trust the image
+    "frames_dropped_by_detector": lambda r: r.detector_dropped,  # NaN: unknown
+    "series_id": lambda r: r.info.series_id,
+}
+
+# /dose attributes: the dose, the beam, and what resolution the dose bought (docs/dose.md)
+DOSE: dict[str, Getter] = {
+    "dose_e_per_A2": lambda r: r.dose_e_per_A2,
+    "electrons_total": lambda r: r.electrons_total,
+    "counts_per_electron": lambda r: r.info.counts_per_electron,
+    "projected_dose_e_per_A2": lambda r: r.projected_dose_e_per_A2,
+    "beam_current_pA": lambda r: r.beam_current_pA,
+    "dwell_s": lambda r: r.info.dwell_s,
+    "resolution_A": lambda r: r.tcbf.resolution_A if r.tcbf else None,
+    "resolution_half_bit_A": lambda r: r.tcbf.resolution_half_bit_A if r.tcbf else None,
+    "resolution_limited_by_sampling": lambda r: bool(r.tcbf and r.tcbf.resolution_limited),
+}
+
+# /aberrations attributes: fields of the fit (plus defocus_A = -C10_A)
+ABERRATIONS = ("C10_A", "C12_A", "phi12_rad", "rotation_rad", "transpose", "defocus_A",
+               "residual_px")  # fmt: skip
+
+TRUST_COLUMNS = ("bin_px", "n_tiles", "min_electrons", "median_electrons", "threshold",
+                 "trusted", "dose_needed_e_per_A2")  # fmt: skip
+
+
+def _value(v: Any) -> Any:
+    """One attribute value as HDF5 stores it."""
+    if v is None:
+        return np.nan
+    if isinstance(v, dict) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        return json.dumps(v)
+    if isinstance(v, tuple):
+        return np.asarray(v, np.int64)
+    return v
+
+
+def write_attrs(group: h5py.Group | h5py.Dataset, values: Mapping[str, Any]) -> None:
+    """The one serializer: every value of `values` as an attribute of `group`."""
+    for name, v in values.items():
+        group.attrs[name] = _value(v)
+
+
+def table(result: SeriesResult, getters: Mapping[str, Getter]) -> dict[str, Any]:
+    return {name: get(result) for name, get in getters.items()}
+
+
+def fields_of(obj: Any, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A dataclass's fields (or the named fields and properties) as attribute values."""
+    names = names or tuple(f.name for f in dataclasses.fields(obj))
+    return {n: getattr(obj, n) for n in names}
+
+
+def _columns(group: h5py.Group, name: str, data: np.ndarray, columns: str) -> None:
+    group[name] = data
+    group[name].attrs["columns"] = columns
 
 
 def write_result(
@@ -51,145 +120,79 @@ def write_result(
     with `overwrite`; else `outputs.OutputExists` and nothing is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = result.info
     with atomic_output(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["software"] = SOFTWARE
-        f.attrs["software_version"] = __version__
-        f.attrs["created"] = datetime.datetime.now(datetime.UTC).isoformat()
+        write_attrs(f, {"software": SOFTWARE, "software_version": __version__,
+                        "created": datetime.datetime.now(datetime.UTC).isoformat()})  # fmt: skip
         acq = f.create_group("acquisition")
-        acq.attrs["scan_shape"] = np.asarray(info.scan_shape, np.int64)
-        acq.attrs["scan_order"] = info.scan_order
-        acq.attrs["detector_shape"] = np.asarray(info.detector_shape, np.int64)
-        acq.attrs["step_A"] = _attr(info.step_A)
-        acq.attrs["energy_eV"] = _attr(info.energy_eV)
-        acq.attrs["semiangle_mrad"] = _attr(info.semiangle_mrad)
-        cal = result.calibration
-        sampling = cal.angular_sampling_mrad if cal is not None else info.angular_sampling_mrad
-        acq.attrs["angular_sampling_mrad"] = _attr(sampling)
-        acq.attrs["frames_received"] = result.frames_received
-        acq.attrs["frames_missing"] = result.frames_missing
-        acq.attrs["frames_expected"] = result.frames_expected
-        acq.attrs["frames_duplicate"] = result.duplicates
-        acq.attrs["frames_out_of_order"] = result.out_of_order
-        acq.attrs["frames_out_of_range"] = result.out_of_range
-        acq.attrs["complete"] = result.complete
-        write_screening(acq, result)
-        acq.attrs["protocol"] = protocol
-        acq.attrs["series_id"] = info.series_id
-        if info.ground_truth:
-            acq.attrs["ground_truth"] = json.dumps(info.ground_truth)
-
-        bf = f.create_group("bf")
-        bf["incoherent"] = result.incoherent_bf
-        bf["axial"] = result.axial_bf
-        bf["dark_field"] = result.dark_field
-        bf["hits"] = result.hits
-
-        align = f.create_group("alignment")
-        if cal is not None:
-            align["bf_pixels"] = cal.bf_pixels
-            align.attrs["center_px"] = np.asarray(cal.center_px)
-            align.attrs["radius_px"] = cal.radius_px
-            align.attrs["bf_threshold"] = cal.threshold
-            cg = f.create_group("calibration")
-            cg["mean_pattern"] = cal.mean_pattern
-            cg["mask"] = cal.mask
-        else:
-            align["bf_pixels"] = np.zeros((0, 2), np.int32)
-        align.attrs["bins"] = np.asarray(result.bins, np.int64)
-        align.attrs["n_tiles"] = np.asarray(result.n_tiles, np.int64)
-
+        write_attrs(acq, table(result, ACQUISITION) | {"protocol": protocol})
+        if result.info.ground_truth:
+            write_attrs(acq, {"ground_truth": dict(result.info.ground_truth)})
+        if result.excluded is not None:
+            acq["excluded"] = result.excluded
+        for name, (where, _meaning) in POSITION_MAPS.items():
+            f[where] = getattr(result, name)
+        write_calibration(f, result)
         if result.tcbf is not None:
             write_tcbf(f, result.tcbf)
-
         write_dose(f.create_group("dose"), result)
     return path
 
 
-def write_screening(acq: h5py.Group, result: SeriesResult) -> None:
-    """What screening excluded and why (docs/reliability.md): excluded frames still count as
-    received; `suspect` lists reasons not to trust the image (e.g. a missed trigger)."""
-    acq.attrs["frames_excluded"] = result.frames_excluded
-    acq.attrs["frames_excluded_by_reason"] = json.dumps(result.excluded_reasons)
-    cal = result.calibration
-    acq.attrs["hot_pixels"] = cal.hot_pixels if cal is not None else 0
-    acq.attrs["dead_pixels"] = cal.dead_pixels if cal is not None else 0
-    acq.attrs["pixels_excluded_mid_scan"] = result.pixels_excluded  # turned hot/dead later
-    acq.attrs["suspect"] = json.dumps(list(result.suspect))
-    acq.attrs["frames_dropped_by_detector"] = _attr(result.detector_dropped)  # NaN: unknown
-    if result.excluded is not None:
-        acq["excluded"] = result.excluded
+def write_calibration(f: h5py.File, result: SeriesResult) -> None:
+    """/alignment/bf_pixels and the BF-disk geometry; /calibration (mean pattern, mask)."""
+    align, cal = f.create_group("alignment"), result.calibration
+    align["bf_pixels"] = cal.bf_pixels if cal is not None else np.zeros((0, 2), np.int32)
+    write_attrs(align, {"bins": tuple(result.bins), "n_tiles": tuple(result.n_tiles)})
+    if cal is None:
+        return
+    write_attrs(align, {"center_px": np.asarray(cal.center_px), "radius_px": cal.radius_px,
+                        "bf_threshold": cal.threshold})  # fmt: skip
+    cg = f.create_group("calibration")
+    cg["mean_pattern"] = cal.mean_pattern
+    cg["mask"] = cal.mask
 
 
 def write_dose(dose: h5py.Group, result: SeriesResult) -> None:
-    """/dose: the dose, the beam, and what resolution the dose bought (docs/dose.md)."""
-    info = result.info
-    dose.attrs["dose_e_per_A2"] = result.dose_e_per_A2
-    dose.attrs["electrons_total"] = result.electrons_total
-    dose.attrs["counts_per_electron"] = info.counts_per_electron
-    dose.attrs["projected_dose_e_per_A2"] = result.projected_dose_e_per_A2
-    dose.attrs["beam_current_pA"] = _attr(result.beam_current_pA)
-    dose.attrs["dwell_s"] = _attr(info.dwell_s)
+    """/dose: attributes (`DOSE`), the dose map, BF fraction, FRC and resolution history."""
+    write_attrs(dose, table(result, DOSE))
     dose["map"] = result.dose_map
     dose["bf_fraction"] = result.bf_fraction
     t = result.tcbf
-    dose.attrs["resolution_A"] = _attr(None if t is None else t.resolution_A)
-    dose.attrs["resolution_half_bit_A"] = _attr(None if t is None else t.resolution_half_bit_A)
-    dose.attrs["resolution_limited_by_sampling"] = bool(t is not None and t.resolution_limited)
     if t is None:
         return
     if t.frc is not None:
         frc = np.column_stack([t.frc.q_per_A, t.frc.frc, t.frc.n_pixels])
-        dose["frc"] = frc
-        dose["frc"].attrs["columns"] = "q_per_A, frc, ring_pixels"
+        _columns(dose, "frc", frc, "q_per_A, frc, ring_pixels")
     rvd = t.resolution_vs_dose if t.resolution_vs_dose is not None else np.zeros((0, 2))
-    dose["resolution_vs_dose"] = rvd
-    dose["resolution_vs_dose"].attrs["columns"] = "scan_dose_e_per_A2, resolution_A"
+    _columns(dose, "resolution_vs_dose", rvd, "scan_dose_e_per_A2, resolution_A")
     if t.target_resolution_A is not None:
-        dose.attrs["target_resolution_A"] = t.target_resolution_A
-        dose.attrs["dose_for_target_e_per_A2_estimate"] = _attr(t.dose_for_target_e_per_A2)
+        estimate = t.dose_for_target_e_per_A2
+        write_attrs(dose, {"target_resolution_A": t.target_resolution_A,
+                           "dose_for_target_e_per_A2_estimate": estimate})  # fmt: skip
     if t.trust:
-        trust = np.array([[x.bin_px, x.n_tiles, x.min_electrons, x.median_electrons,
-                           x.threshold, x.trusted, _attr(x.dose_needed_e_per_A2)]
-                          for x in t.trust], float)  # fmt: skip
-        dose["trust"] = trust
-        dose["trust"].attrs["columns"] = (
-            "bin_px, tiles, min_tile_electrons, median_tile_electrons, threshold, trusted, "
-            "scan_dose_needed_e_per_A2_estimate"
-        )
+        rows = [[_value(getattr(x, c)) for c in TRUST_COLUMNS] for x in t.trust]
+        _columns(dose, "trust", np.array(rows, float),
+                 "bin_px, tiles, min_tile_electrons, median_tile_electrons, threshold, "
+                 "trusted, scan_dose_needed_e_per_A2_estimate")  # fmt: skip
 
 
 def write_tcbf(f: h5py.File, tcbf) -> None:
-    """The alignment/reconstruction part of the result (see the module docstring)."""
+    """/tcbf (image, shift-and-add), /alignment (shifts, misfit, tiles), /aberrations."""
     g = f.create_group("tcbf")
+    sampling = {"sampling_A": tcbf.sampling_A, "upsampling_factor": tcbf.upsampling_factor}
     g["image"] = tcbf.image
-    g["image"].attrs["sampling_A"] = _attr(tcbf.sampling_A)
-    g["image"].attrs["upsampling_factor"] = tcbf.upsampling_factor
-    g["image"].attrs["phase_flipped"] = tcbf.phase_flipped
-    g.attrs["sampling_A"] = _attr(tcbf.sampling_A)
-    g.attrs["upsampling_factor"] = tcbf.upsampling_factor
+    write_attrs(g["image"], sampling | {"phase_flipped": tcbf.phase_flipped})
+    write_attrs(g, sampling)
     g["shift_and_add"] = tcbf.shift_and_add
     align = f["alignment"]
     align["shifts_px"] = tcbf.shifts_px
     align["error"] = tcbf.errors_px
-    align.attrs["schedule"] = np.asarray(tcbf.alignment.schedule, np.int64)
-    align.attrs["matrix_px"] = tcbf.alignment.matrix_px
-    align.attrs["rows"] = np.asarray(tcbf.rows, np.int64)
+    write_attrs(align, {"schedule": tuple(tcbf.alignment.schedule), "rows": tuple(tcbf.rows),
+                        "matrix_px": tcbf.alignment.matrix_px})  # fmt: skip
     if tcbf.alignment.iterations:  # the last iteration, tile by tile
         it = tcbf.alignment.iterations[-1]
-        align["tiles"] = np.column_stack([it.k_px, it.shifts_px, it.quality, it.used])
-        align["tiles"].attrs["columns"] = (
-            "k_row_px, k_col_px, shift_row_px, shift_col_px, peak_quality, used"
-        )
+        _columns(align, "tiles", np.column_stack([it.k_px, it.shifts_px, it.quality, it.used]),
+                 "k_row_px, k_col_px, shift_row_px, shift_col_px, peak_quality, used")  # fmt: skip
         align["tiles"].attrs["bin_px"] = it.bin_px
-
-    ab = tcbf.aberrations
-    if ab is not None:
-        a = f.create_group("aberrations")
-        a.attrs["C10_A"] = ab.C10_A
-        a.attrs["C12_A"] = ab.C12_A
-        a.attrs["phi12_rad"] = ab.phi12_rad
-        a.attrs["rotation_rad"] = ab.rotation_rad
-        a.attrs["transpose"] = ab.transpose
-        a.attrs["defocus_A"] = ab.defocus_A
-        a.attrs["residual_px"] = ab.residual_px
+    if tcbf.aberrations is not None:
+        write_attrs(f.create_group("aberrations"), fields_of(tcbf.aberrations, ABERRATIONS))

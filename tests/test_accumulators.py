@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tcbf_live.stream.series as series_module
+import tcbf_live.stream.staging as staging_module
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch, scan_position
 from tcbf_live.detectors.compression import compress_bslz4, native_bslz4
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import TileLevels, default_bins, validate_bins
 from tcbf_live.stream.tcbf.calibration import CalibrationError, calibrate
+from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins, validate_bins
 
 
 @pytest.fixture(scope="module", params=["raster", "serpentine"])
@@ -68,7 +68,7 @@ def check_against_reference(proc, cube, valid):
     np.testing.assert_array_equal(r.total_counts[valid], ref["total"][valid])
     np.testing.assert_array_equal(r.incoherent_bf[valid], ref["bf"][valid])
     np.testing.assert_array_equal(r.axial_bf[valid], ref["axial"][valid])
-    np.testing.assert_array_equal(proc.acc.stack[valid.ravel()], ref["stack"][valid.ravel()])
+    np.testing.assert_array_equal(proc.acc.state.stack[valid.ravel()], ref["stack"][valid.ravel()])
     for lvl in range(len(r.bins)):
         np.testing.assert_array_equal(
             proc.acc.tile_images(lvl)[:, valid], ref[f"tiles{lvl}"][:, valid]
@@ -198,9 +198,9 @@ def test_staged_small_messages_match_reference(sim, frames, monkeypatch, staging
     at all): same sums, same counters."""
     frame_bytes = frames[0].nbytes
     if staging == "three-frame buffer":
-        monkeypatch.setattr(series_module, "STAGE_FRAMES", 3)
+        monkeypatch.setattr(staging_module, "STAGE_FRAMES", 3)
     elif staging == "frames too large":
-        monkeypatch.setattr(series_module, "STAGE_MAX_FRAME_BYTES", frame_bytes - 1)
+        monkeypatch.setattr(staging_module, "STAGE_MAX_FRAME_BYTES", frame_bytes - 1)
     rng = np.random.default_rng(2)
 
     proc = feed(sim, batches_of(frames, 1)[:64])  # calibrate on the first 64
@@ -286,8 +286,8 @@ def test_float_frames_a_non_finite_pixel_spoils_only_its_own_tiles(sim, frames):
     proc.add(FrameBatch(1, 65, f[65:]))
     row, col = scan_position(64, sim.cfg.scan_shape, sim.cfg.scan_order)
     j = int(row) * sim.cfg.scan_shape[1] + int(col)
-    assert (~np.isfinite(proc.acc.tiles[j])).sum() == len(proc.acc.tiles_layout.bins)
-    assert np.isfinite(np.delete(proc.acc.tiles, j, axis=0)).all()
+    assert (~np.isfinite(proc.acc.state.tiles[j])).sum() == len(proc.acc.tiles_layout.bins)
+    assert np.isfinite(np.delete(proc.acc.state.tiles, j, axis=0)).all()
 
 
 def test_signed_frames_keep_negative_values(sim, frames):
@@ -298,12 +298,12 @@ def test_signed_frames_keep_negative_values(sim, frames):
 
     proc = SeriesProcessor(replace(sim.series_info(1), dtype="<i2"), ProcessingSettings())
     proc.add(FrameBatch(1, 0, signed))
-    assert proc.acc.stack.dtype == np.float32 and proc.acc.stack.min() < 0
+    assert proc.acc.state.stack.dtype == np.float32 and proc.acc.state.stack.min() < 0
     check_against_reference(proc, cube, np.ones(sim.cfg.scan_shape, bool))
 
 
 def test_compressed_frames_without_the_in_kernel_entry_point(sim, frames, monkeypatch):
-    monkeypatch.setattr(series_module, "native_bslz4", lambda: False)
+    monkeypatch.setattr(staging_module, "native_bslz4", lambda: False)
     proc = feed(sim, batches_of(frames[:64], 64))
     rest = _compressed(frames[64:], 64)
     rest[2] = replace(rest[2], blob=rest[2].blob[:-7])  # truncated: counted, skipped

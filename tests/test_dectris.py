@@ -96,14 +96,14 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
     """Per protocol, with bslz4 decompressed inside the accumulate kernel (the default where
     the library allows) or by the decoder: the same maps as the native run. A corrupt image
     in the stream is one counted rejection, its position stays empty, the rest is kept."""
-    from tcbf_live.stream.tcbf.accumulators import Accumulators
+    from tcbf_live.stream import staging
 
     assert native_bslz4()  # the installed dectris-compression exports its C entry point
     monkeypatch.setattr("tcbf_live.stream.engine.native_bslz4", lambda: in_kernel)
     fused_calls = []
-    fused = Accumulators.add_compressed
-    monkeypatch.setattr(Accumulators, "add_compressed",
-                        lambda self, *a: (fused_calls.append(1), fused(self, *a))[1])  # fmt: skip
+    fused = staging.accumulate_compressed
+    monkeypatch.setattr(staging, "accumulate_compressed",
+                        lambda *a: (fused_calls.append(1), fused(*a))[1])  # fmt: skip
     engine = Engine(EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
         protocol=protocol, idle_timeout_s=10.0, max_series=1,
@@ -229,7 +229,7 @@ def test_series_without_a_scan_shape_is_refused_unless_given(sim, endpoint):
     def run(scan):
         engine = Engine(EngineSettings(
             subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
-            processing=ProcessingSettings(scan_shape=scan),
+            processing=ProcessingSettings(metadata={"scan_shape": scan}),
             protocol="dectris-v2", idle_timeout_s=2.0, max_series=1,
         )).start()  # fmt: skip
         push = zmq.Context.instance().socket(zmq.PUSH)

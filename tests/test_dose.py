@@ -26,7 +26,7 @@ def feed(info, frames, prior=None, settings=None, batch=64):
     proc = SeriesProcessor(info, settings or ProcessingSettings())
     proc.add(FrameBatch(info.series_id, 0, frames[:64]))  # calibrates
     if prior is not None:  # a known shift model (e.g. from a previous scan of the area)
-        proc.tcbf.matrix_px = prior.copy()
+        proc.pipeline.matrix_px = prior.copy()
     for first in range(64, len(frames), batch):
         proc.add(FrameBatch(info.series_id, first, frames[first : first + batch]))
     return proc
@@ -110,7 +110,7 @@ def high_dose():
     sim = Simulator(tutorial_config(dose_e_per_A2=1000.0))
     frames = sim.frames(0, sim.n_frames)
     proc = feed(sim.series_info(1), frames)
-    return sim, frames, proc.update_tcbf(final=True)
+    return sim, frames, proc.solve(final=True)
 
 
 def test_resolution_improves_with_dose(high_dose):
@@ -122,7 +122,7 @@ def test_resolution_improves_with_dose(high_dose):
     resolution = {1000.0: (full.resolution_A, full.resolution_half_bit_A)}
     for dose in (100.0, 10.0):
         thin = rng.binomial(frames, dose / 1000.0).astype(np.uint16)
-        r = feed(sim.series_info(1), thin, prior=full.alignment.matrix_px).update_tcbf()
+        r = feed(sim.series_info(1), thin, prior=full.alignment.matrix_px).solve()
         assert not r.resolution_limited
         resolution[dose] = (r.resolution_A, r.resolution_half_bit_A)
     # measured: 10.4 / 12.9 / 20.5 A (0.143) and 10.6 / 15.0 / 24.5 A (half-bit)
@@ -135,7 +135,7 @@ def test_frc_of_pure_noise_halves_through_the_pipeline(high_dose):
     sim, _, full = high_dose
     vacuum = Simulator(tutorial_config(sample="random", phase_rms=1e-9))
     frames = vacuum.frames(0, vacuum.n_frames)
-    r = feed(vacuum.series_info(1), frames, prior=full.alignment.matrix_px).update_tcbf()
+    r = feed(vacuum.series_info(1), frames, prior=full.alignment.matrix_px).solve()
     judged = r.frc.n_pixels >= MIN_RING_PIXELS  # rings with fewer pixels are noise-dominated
     assert judged.sum() >= 0.5 * len(judged)
     assert np.all(np.abs(r.frc.frc[judged]) < FRC_THRESHOLD), r.frc.frc
@@ -151,10 +151,10 @@ def test_trust_switches_on_coarse_levels_first():
     seen = []
     for first in range(0, len(frames), 48):
         proc.add(FrameBatch(1, first, frames[first : first + 48]))
-        if proc.tcbf is None:  # not calibrated yet
+        if proc.pipeline is None:  # not calibrated yet
             continue
-        proc.update_tcbf()
-        trust = proc.tcbf.last_trust
+        proc.solve()
+        trust = proc.pipeline.last_trust
         if trust:
             seen.append(tuple(x.bin_px for x in trust if x.trusted))
             # dose needed grows toward finer levels; trusted ones need no more than now
@@ -201,7 +201,7 @@ def test_target_resolution_projection_live():
     proc = SeriesProcessor(sim.series_info(1), settings)
     for first in range(0, len(frames), 96):
         proc.add(FrameBatch(1, first, frames[first : first + 96]))
-        r = proc.update_tcbf()
+        r = proc.solve()
     assert r.resolution_vs_dose.shape[0] >= 3
     doses = r.resolution_vs_dose[:, 0]
     assert np.all(np.diff(doses) > 0)  # scan-average dose grows during the pass

@@ -357,17 +357,18 @@ def test_the_estimate_bounds_what_a_series_allocates(sim, frames):
     """Each component of the estimate against the arrays a calibrated series really holds."""
     proc = SeriesProcessor(sim.series_info(9), ProcessingSettings())
     proc.add(FrameBatch(9, 0, frames))
-    acc, saa = proc.acc, proc.tcbf.shift_and_add
-    fp = budget.series_footprint(sim.cfg.scan_shape, (128, 128), 2, acc.stack.shape[1],
-                                 saa.factor, n_tiles=acc.tiles.shape[1])  # fmt: skip
-    assert fp.stack == acc.stack.nbytes
-    assert acc.tiles.nbytes <= fp.tile_sums <= 2 * acc.tiles.nbytes
+    acc, saa = proc.acc, proc.pipeline.shift_and_add
+    fp = budget.series_footprint(sim.cfg.scan_shape, (128, 128), 2, acc.state.stack.shape[1],
+                                 saa.factor, n_tiles=acc.state.tiles.shape[1])  # fmt: skip
+    assert fp.stack == acc.state.stack.nbytes
+    assert acc.state.tiles.nbytes <= fp.tile_sums <= 2 * acc.state.tiles.nbytes
     assert saa.num.nbytes + saa.den.nbytes <= fp.shift_and_add
-    maps = (acc.totals, acc.bf_sum, acc.axial_sum, acc.hits, acc.seen, saa.deposited)
+    s = acc.state
+    maps = (s.totals, s.bf_sum, s.axial_sum, s.hits, s.seen, saa.deposited)
     assert sum(a.nbytes for a in maps) <= fp.position_maps
     assert 64 * frames[0].nbytes <= fp.frame_buffers  # the calibration frames held
-    assert budget.series_bytes((8, 12), (128, 128), 2, acc.stack.shape[1], saa.factor,
-                               n_tiles=acc.tiles.shape[1]) == fp.total  # fmt: skip
+    assert budget.series_bytes((8, 12), (128, 128), 2, acc.state.stack.shape[1], saa.factor,
+                               n_tiles=acc.state.tiles.shape[1]) == fp.total  # fmt: skip
     # an unknown BF count leaves the stack out (a lower bound), never the per-position maps
     low = budget.series_footprint((8, 12), (128, 128), 2, None, saa.factor)
     assert low.stack == low.tile_sums == 0 and low.position_maps == fp.position_maps

@@ -54,7 +54,7 @@ def offline(sim, frames, batch=64):
     proc = SeriesProcessor(info, settings)
     for first in range(0, len(frames), batch):
         proc.add(FrameBatch(1, first, frames[first : first + batch]))
-    proc.update_tcbf(final=True)
+    proc.solve(final=True)
     return proc.result(final=True, complete=True)
 
 
@@ -373,7 +373,7 @@ def test_repeat_passes_and_extra_frames_are_checked_too(tutorial):
         proc = SeriesProcessor(info, ProcessingSettings())
         for first in range(0, len(stack), 64):
             proc.add(FrameBatch(1, first, stack[first : first + 64]))
-        proc.update_tcbf(final=True)
+        proc.solve(final=True)
         return proc.result(final=True, complete=True)
 
     assert run(two_passes).suspect == ()

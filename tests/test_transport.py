@@ -389,7 +389,7 @@ def state():
     proc = SeriesProcessor(sim.series_info(3),
                            ProcessingSettings(tcbf=TcbfSettings(ring_images=True)))  # fmt: skip
     proc.add(FrameBatch(3, 0, sim.frames(0, sim.n_frames)))
-    proc.update_tcbf(final=True)
+    proc.solve(final=True)
     s = view_state(proc.result(final=True, complete=True))
     assert {"tile_members", "ring_bf", "tcbf_image", "frc", "aberrations"} <= set(s)
     decode_state(encode_state(s))  # a real state passes

@@ -68,7 +68,7 @@ def test_view_state_round_trip_and_malformed_messages_rejected(tutorial):
     sim, frames = tutorial
     proc = SeriesProcessor(sim.series_info(3), ProcessingSettings())
     proc.add(FrameBatch(3, 0, frames))
-    proc.update_tcbf(final=True)
+    proc.solve(final=True)
     state = view_state(proc.result(final=True, complete=True))
     parts = [bytes(p) for p in encode_state(state)]
     back = decode_state(parts)
@@ -266,7 +266,7 @@ def test_the_status_bar_says_when_a_result_is_suspect(qtbot, tutorial):
     faulty[100] = 0  # one blank frame: excluded
     proc = SeriesProcessor(sim.series_info(3), ProcessingSettings())
     proc.add(FrameBatch(3, 0, faulty))
-    proc.update_tcbf(final=True)
+    proc.solve(final=True)
     state = decode_state([bytes(p) for p in encode_state(view_state(
         proc.result(final=True, complete=True)))])  # fmt: skip
     assert state["frames_excluded"] == 1 and "missed trigger" in state["suspect"][0]

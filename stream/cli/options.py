@@ -6,15 +6,15 @@ import argparse
 
 import numpy as np
 
-from tcbf_live.simulators.optics import wavelength_A
 from tcbf_live.stream.budget import BudgetError, check_series, memory_budget_bytes, parse_bytes
 from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
 from tcbf_live.stream.series import ProcessingSettings
-from tcbf_live.stream.tcbf.accumulators import validate_bins
 from tcbf_live.stream.tcbf.alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
 from tcbf_live.stream.tcbf.calibration import Calibration, CalibrationError
+from tcbf_live.stream.tcbf.optics import wavelength_A
 from tcbf_live.stream.tcbf.pipeline import TcbfSettings
 from tcbf_live.stream.tcbf.reconstruction import default_upsampling
+from tcbf_live.stream.tcbf.tiles import validate_bins
 
 
 def parse_bins(text: str) -> tuple[int, ...]:
@@ -202,12 +202,14 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         defocus_sign=args.defocus_sign,
     )
     return ProcessingSettings(
-        scan_shape=args.scan,
-        energy_eV=args.energy,
-        step_A=args.step,
-        semiangle_mrad=args.semiangle,
-        angular_sampling_mrad=args.angular_sampling,
-        counts_per_electron=args.counts_per_electron,
+        metadata={
+            "scan_shape": args.scan,
+            "energy_eV": args.energy,
+            "step_A": args.step,
+            "semiangle_mrad": args.semiangle,
+            "angular_sampling_mrad": args.angular_sampling,
+            "counts_per_electron": args.counts_per_electron,
+        },
         calibration_frames=args.calibration_frames,
         bf_threshold=args.bf_threshold,
         calibration=calibration,

@@ -26,7 +26,8 @@ from tcbf_live.stream.cli.options import (
     report,
 )
 from tcbf_live.stream.outputs import check_output, input_path
-from tcbf_live.stream.series import SeriesProcessor, SeriesResult
+from tcbf_live.stream.result import SeriesResult
+from tcbf_live.stream.series import SeriesProcessor
 
 log = logging.getLogger("tcbf.reconstruct")
 
@@ -55,7 +56,7 @@ def reconstruct_dataset(data: RecordedDataset, processor: SeriesProcessor) -> Se
     sid = processor.info.series_id
     for first, frames in data.iter_batches(READ_BATCH):
         processor.add(FrameBatch(sid, first, frames))
-    processor.update_tcbf(final=True)
+    processor.solve(final=True)
     return processor.result(final=True, complete=True)
 
 

@@ -1,7 +1,18 @@
-"""Every numba kernel of the science core (except the ingest kernels of `accumulators`).
+"""Every numba kernel of the science core.
 
-Compiled once and cached (`cache=True`); each releases the GIL (`nogil=True`) so the
-alignment thread runs beside ingest. Plain loops over the per-BF-pixel stack:
+Compiled once and cached (`cache=True`); each releases the GIL (`nogil=True`) so ingest and
+the alignment thread run on two cores.
+
+Accumulate (one pass per frame, no Python per frame): `accumulate_frames` claims each frame's
+scan position (`claim`: out-of-range and duplicate indices counted, serpentine scans mapped)
+and folds it into every per-position sum (`fold`): total counts (masked pixels excluded), BF
+counts, axial virtual BF, the frame's BF-pixel values into the per-BF-pixel stack, and the
+binned tile sums of every alignment level. The BF pixels are ordered so that every tile, at
+every level, is one contiguous run (`tiles.TileLevels`); one running (prefix) sum of the
+frame's BF values then gives every tile of every level as a difference of two entries, so each
+BF pixel is read once and short per-tile loops are avoided (27 % of the kernel's time at 96x96).
+
+Solve (plain loops over the per-BF-pixel stack):
 - `deposit`: bilinear splat of BF-pixel values onto the upsampled shift-and-add grid;
 - `group_sums`, `scatter_groups`: tile images re-formed from pixel groups moved by their shift;
 - `ring_sums`: annular virtual-BF images;
@@ -145,3 +156,122 @@ def window_column_sums(stack, exposure, rows, cols, scan_cols, out) -> float:
             for i in range(row.shape[0]):
                 out[i] += row[i]
     return total
+
+
+# fast-math without "no NaN / no inf": sums may be reordered (vectorised), but a float frame's
+# non-finite values are still seen as such (screening excludes that frame, not its neighbours)
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
+# stats slots of the kernel
+ACCEPTED, DUPLICATE, OUT_OF_RANGE, OUT_OF_ORDER, NEXT_INDEX = range(5)
+
+
+@numba.njit(nogil=True, cache=True)
+def claim(idx, n_pos, cols, serpentine, seen, stats) -> int:
+    """Scan position (flat, raster) of acquisition index `idx`, or -1 for an index out of range
+    or already seen; counts it in `stats`."""
+    if idx < 0 or idx >= seen.shape[0]:
+        stats[OUT_OF_RANGE] += 1
+        return -1
+    if seen[idx]:
+        stats[DUPLICATE] += 1
+        return -1
+    seen[idx] = 1
+    if idx < stats[NEXT_INDEX]:
+        stats[OUT_OF_ORDER] += 1
+    else:
+        stats[NEXT_INDEX] = idx + 1
+    k = idx % n_pos
+    row = k // cols
+    col = k - row * cols
+    if serpentine and (row & 1) == 1:
+        col = cols - 1 - col
+    return row * cols + col
+
+
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, exact,
+          vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats) -> None:  # fmt: skip
+    """Add one flat frame `f` into position `j` of every accumulator. Tile sums are prefix-sum
+    differences for integer frames (exact in int64); float frames sum each tile, so that one
+    non-finite pixel spoils only its own tiles."""
+    n_bf = bf_index.shape[0]
+    tot = zero
+    for p in range(f.shape[0]):
+        tot += f[p]
+    if exact or np.isfinite(tot):
+        for m in masked_index:
+            tot -= f[m]
+    else:  # a float frame with a non-finite value: sum again around the masked pixels
+        tot = zero
+        k = 0
+        for p in range(f.shape[0]):
+            if k < masked_index.shape[0] and masked_index[k] == p:
+                k += 1
+                continue
+            tot += f[p]
+    run = zero
+    for i in range(n_bf):
+        v = f[bf_index[i]]
+        vals[i] = v
+        run += v
+        cum[i + 1] = run
+    srow = stack[j]
+    for i in range(n_bf):  # separate loop: vectorises
+        s = srow[i] + vals[i]
+        srow[i] = s if s < cap else cap
+    ax = zero
+    for i in axial_index:
+        ax += vals[i]
+    trow = tiles[j]
+    if exact:
+        for t in range(tile_start.shape[0]):
+            trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
+    else:
+        for t in range(tile_start.shape[0]):
+            acc = zero
+            for i in range(tile_start[t], tile_stop[t]):
+                acc += vals[i]
+            trow[t] += acc
+    totals[j] += tot
+    bf_sum[j] += run
+    axial_sum[j] += ax
+    hits[j] += 1
+    stats[ACCEPTED] += 1
+
+
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def accumulate_frames(
+    frames: np.ndarray,  # (B, Qx*Qy) any numeric dtype
+    indices: np.ndarray,  # (B,) acquisition index of each frame
+    n_pos: int,
+    cols: int,
+    serpentine: bool,
+    bf_index: np.ndarray,  # (N_bf,) flat detector index, tile-contiguous order
+    tile_start: np.ndarray,  # (total_tiles,) BF run [start, stop) of each accumulator column
+    tile_stop: np.ndarray,
+    axial_index: np.ndarray,  # BF-pixel indices inside the axial radius
+    masked_index: np.ndarray,  # flat indices excluded from totals
+    stack_max: float,
+    zero,  # 0 of the frame-sum type: int64 for integer frames (vectorises), float64 otherwise
+    exact: bool,  # integer frames: tile sums from prefix sums
+    totals: np.ndarray,  # (n_pos,) float64
+    bf_sum: np.ndarray,  # (n_pos,) float64
+    axial_sum: np.ndarray,  # (n_pos,) float64
+    hits: np.ndarray,  # (n_pos,) uint32
+    stack: np.ndarray,  # (n_pos, N_bf) uint16 or float32
+    tiles: np.ndarray,  # (n_pos, total_tiles) float32
+    seen: np.ndarray,  # (frame limit,) uint8
+    stats: np.ndarray,  # int64[5]
+) -> None:
+    vals = np.zeros(bf_index.shape[0], type(zero))  # a frame's BF values
+    cum = np.zeros(bf_index.shape[0] + 1, type(zero))  # their running sum (exact for integers)
+    cap = type(zero)(stack_max)
+    for b in range(frames.shape[0]):
+        j = claim(indices[b], n_pos, cols, serpentine, seen, stats)
+        if j >= 0:
+            fold(frames[b], j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
+                  zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
+                  stats)  # fmt: skip
+
+
