@@ -105,13 +105,13 @@ def names(transport: str | None = None) -> list[str]:
 
 
 def receiver_socket_types() -> list[str]:
-    """Every receiver socket type some protocol uses (the `--socket` choices of `run`)."""
-    return sorted({s for p in PROTOCOLS.values() for s in p.receiver_sockets})
+    """Every receiver socket type some protocol uses, in registry order (`run --socket`)."""
+    return list(dict.fromkeys(s for p in PROTOCOLS.values() for s in p.receiver_sockets))
 
 
 def sender_socket_types() -> list[str]:
-    """Every sender socket type some protocol uses (the `--socket` choices of `simulate`)."""
-    return sorted({s for p in PROTOCOLS.values() for s in p.sender_sockets})
+    """Every sender socket type some protocol uses, in registry order (`simulate --socket`)."""
+    return list(dict.fromkeys(s for p in PROTOCOLS.values() for s in p.sender_sockets))
 
 
 def encodings() -> list[str]:

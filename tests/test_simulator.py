@@ -228,3 +228,34 @@ def test_true_phase_is_registered_to_the_scan_grid():
     rows, cols = np.mgrid[: df.shape[0], : df.shape[1]]
     centroid = (float((df * rows).sum() / df.sum()), float((df * cols).sum() / df.sum()))
     assert centroid == pytest.approx((i0, j0), abs=0.05)
+
+
+def test_pacer_holds_the_rate_without_drift():
+    """A fake clock: frames go out at start + n / rate; time lost to a slow send is caught
+    up (no sleep while behind), never carried forward; rate 0 never waits."""
+    from tcbf_live.simulators.pacing import Pacer
+
+    now = [100.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    pacer = Pacer(1000.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(10):
+        pacer.wait(10)  # batches of 10 frames at 1000 fps: one every 10 ms
+        now[0] += 0.002  # the send itself takes 2 ms
+    assert pacer.frames == 100
+    assert slept[0] == pytest.approx(0.010) and slept[1] == pytest.approx(0.008)
+    assert now[0] == pytest.approx(100.0 + 0.100 + 0.002)  # 100 frames in 100 ms, no drift
+    now[0] += 0.050  # a 50 ms stall: the next 5 batches are due already
+    slept.clear()
+    for _ in range(5):
+        pacer.wait(10)
+    assert slept == [] and pacer.frames == 150
+    pacer.wait(10)
+    assert slept == [pytest.approx(0.160 - 0.152)]
+    unlimited = Pacer(0.0, clock=lambda: now[0], sleep=sleep)
+    unlimited.wait(1000)
+    assert unlimited.frames == 1000 and len(slept) == 1

@@ -16,9 +16,10 @@ from tcbf_live.detectors.files import (
     split_dataset_spec,
     write_dataset,
 )
+from tcbf_live.simulators.config import PRESETS, SimulationConfig, SimulationError
 from tcbf_live.simulators.samples import SAMPLES
 from tcbf_live.simulators.sender import SendSettings
-from tcbf_live.simulators.simulate import PRESETS, SimulationConfig, SimulationError, Simulator
+from tcbf_live.simulators.simulate import Simulator
 from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
 from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.outputs import atomic_output, check_output
@@ -90,7 +91,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--no-stream", action="store_true", help="only --save, do not stream")
     net.add_argument("--quiet", action="store_true", help="no progress bar")
     add_curve_args(p, server=True, client=False)
+    _add_physics_args(p)
+    p.set_defaults(run=run)
 
+
+def _add_physics_args(p: argparse.ArgumentParser) -> None:
+    """The source, optics, scan, dose, detector and sample flags (override the preset)."""
     src = p.add_argument_group("source")
     src.add_argument("--preset", choices=sorted(PRESETS), default=None)
     src.add_argument("--replay", metavar="FILE", help="stream FILE.npy or FILE.h5[:/dataset]")
@@ -143,7 +149,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--phase-rms", type=parse_finite, metavar="RAD", help="rescale phase to this rms"
     )
     smp.add_argument("--seed", type=int)
-    p.set_defaults(run=run)
 
 
 def _given(args: argparse.Namespace, names) -> list[str]:
