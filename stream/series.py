@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -28,7 +28,7 @@ from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, S
 from tcbf_live.stream.budget import BudgetExceeded, check_info
 from tcbf_live.stream.result import SeriesResult
 from tcbf_live.stream.staging import Staging
-from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState
+from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState, prepare
 from tcbf_live.stream.tcbf.calibration import (
     DEFAULT_BF_THRESHOLD,
     Calibration,
@@ -43,7 +43,6 @@ from tcbf_live.stream.tcbf.pipeline import (
     TcbfSettings,
 )
 from tcbf_live.stream.tcbf.screening import slip_suspected
-from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins
 
 log = logging.getLogger("tcbf.series")
 
@@ -226,23 +225,16 @@ class SeriesProcessor:
         if cal.detector_shape != tuple(self.info.detector_shape):
             raise SeriesError(f"calibration for {cal.detector_shape}, frames are "
                               f"{self.info.detector_shape}")  # fmt: skip
-        bins = s.bins or default_bins(cal.radius_px)
-        anchor = (round(cal.center_px[0]), round(cal.center_px[1]))
-        layout = TileLevels.build(cal.bf_pixels, anchor, bins)
-        # BF pixels in tile-contiguous order from here on (stack columns, result file); the
-        # angular sampling: the stream's / the flags', else the calibration's, else the
-        # semi-angle over the measured disk radius (one value for aberrations and the file)
-        sampling = self.info.angular_sampling_mrad or cal.angular_sampling_mrad
-        if not sampling and self.info.semiangle_mrad:
-            sampling = self.info.semiangle_mrad / cal.radius_px
+        cal, layout = prepare(cal, s.bins, self.info.semiangle_mrad,
+                              self.info.angular_sampling_mrad)  # fmt: skip
         if s.memory_budget_bytes is not None:  # the stack and tile sums are sized now
             why = check_info(self.info, s.memory_budget_bytes, n_bf=cal.n_bf,
                              n_tiles=layout.total_tiles, frame_limit=self.frame_limit,
-                             upsample=s.tcbf.upsample, angular_sampling_mrad=sampling,
+                             upsample=s.tcbf.upsample,
+                             angular_sampling_mrad=cal.angular_sampling_mrad,
                              calibration_frames=s.calibration_frames)  # fmt: skip
             if why is not None:
                 raise BudgetExceeded(f"series {self.info.series_id}, calibrated: {why}")
-        cal = replace(cal, bf_pixels=cal.bf_pixels[layout.order], angular_sampling_mrad=sampling)
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
         self.acc = Accumulators(
@@ -306,18 +298,9 @@ class SeriesProcessor:
 
     def inputs(self) -> AlignmentInputs | None:
         """Copies for one solve (hold the ingest lock while calling, if live)."""
-        acc, pipeline = self.acc, self._pipeline
-        if acc is None or pipeline is None:
+        if self.acc is None or self._pipeline is None:
             return None
-        s = acc.state
-        hits = s.hits.copy()
-        window = pipeline.window(hits.reshape(self.scan_shape) > 0)
-        (r0, r1), (c0, c1) = window
-        tiles = s.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()  # the window only
-        totals = s.totals.copy()
-        electrons = float(totals[np.isfinite(totals)].sum()) / self.info.counts_per_electron
-        return AlignmentInputs(hits, electrons, window, tiles, s.stack, acc.frames_accepted,
-                               totals, s.bf_sum.copy())  # fmt: skip
+        return self._pipeline.inputs(self.acc.state, self.acc.frames_accepted)
 
     def solve(self, inputs: AlignmentInputs | None = None,
               final: bool = False) -> TcbfResult | None:  # fmt: skip

@@ -10,7 +10,7 @@ phases follow LiberTEM's UDF split (process_partition / merge / get_results): do
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -23,7 +23,27 @@ from tcbf_live.stream.tcbf.kernels import (
     OUT_OF_RANGE,
     accumulate_frames,
 )
-from tcbf_live.stream.tcbf.tiles import TileLevels
+from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins
+
+
+def prepare(
+    cal: Calibration,
+    bins: tuple[int, ...] | None = None,
+    semiangle_mrad: float | None = None,
+    angular_sampling_mrad: float | None = None,
+) -> tuple[Calibration, TileLevels]:
+    """The tile layout of a calibration's BF pixels, and the calibration with its BF pixels in
+    tile-contiguous order (stack columns, tiles and the result file line up) and its angular
+    sampling resolved: the given one, else the calibration's, else the semi-angle over the
+    measured disk radius (one value for the aberrations and the file)."""
+    anchor = (round(cal.center_px[0]), round(cal.center_px[1]))
+    layout = TileLevels.build(cal.bf_pixels, anchor, bins or default_bins(cal.radius_px))
+    sampling = angular_sampling_mrad or cal.angular_sampling_mrad
+    if not sampling and semiangle_mrad:
+        sampling = semiangle_mrad / cal.radius_px
+    return replace(cal, bf_pixels=cal.bf_pixels[layout.order],
+                   angular_sampling_mrad=sampling), layout  # fmt: skip
+
 
 STATS_SLOTS = 5  # accepted, duplicate, out of range, out of order, next index
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tcbf_live.stream.tcbf.aberrations import AberrationFit, decompose
+from tcbf_live.stream.tcbf.accumulators import AccumulatorState
 from tcbf_live.stream.tcbf.alignment import (
     AlignmentResult,
     acquired_rows,
@@ -149,6 +150,19 @@ class TcbfProcessor:
         cols = self.scan_shape[1]
         c0 = max(0, (cols - cap) // 2)
         return (r0, r1), (c0, min(cols, c0 + cap))
+
+    def inputs(self, state: AccumulatorState, frames: int) -> AlignmentInputs:
+        """Copies of the (merged) state for one update: the hits, totals and BF sums, and the
+        tile sums of the alignment window only (live: take them under the ingest lock)."""
+        hits = state.hits.copy()
+        window = self.window(hits.reshape(self.scan_shape) > 0)
+        (r0, r1), (c0, c1) = window
+        tiles = state.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()
+        totals = state.totals.copy()
+        cpe = self.acquisition.counts_per_electron
+        electrons = float(totals[np.isfinite(totals)].sum()) / cpe
+        return AlignmentInputs(hits, electrons, window, tiles, state.stack, frames, totals,
+                               state.bf_sum.copy())  # fmt: skip
 
     def update(self, inputs: AlignmentInputs, final: bool = False) -> TcbfResult | None:
         """Align on what has arrived, refit, bring the image up to date, measure the
