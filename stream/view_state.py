@@ -63,53 +63,57 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
         )
         if result.tile_members:
             s["tile_members"] = np.ascontiguousarray(np.stack(result.tile_members), np.int32)
-    t = result.tcbf
-    if t is not None:
-        last = t.alignment.iterations[-1] if t.alignment.iterations else None
-        s.update(
-            tcbf_image=_f32(t.image),
-            tcbf_sampling_A=t.sampling_A,
-            tcbf_upsampling=int(t.upsampling_factor),
-            tcbf_phase_flipped=bool(t.phase_flipped),
-            tcbf_frames=int(t.frames),
-            tcbf_final=bool(t.final),
-            alignment_latency_s=float(t.latency_s),
-            schedule=[int(b) for b in t.alignment.schedule],
-            errors_px=_f32(t.errors_px),
-            bf_k_px=_f32(t.bf_k_px),
-            shifts_px=_f32(t.shifts_px),
-        )
-        if last is not None:
-            s.update(tile_bin_px=int(last.bin_px), tile_k_px=_f32(last.k_px),
-                     tile_shifts_px=_f32(last.shifts_px),
-                     tile_used=np.ascontiguousarray(last.used, np.uint8),
-                     tile_quality=_f32(last.quality))  # fmt: skip
+    if result.tcbf is not None:
+        s.update(_tcbf_keys(result.tcbf))
+    return s
 
-        if t.frc is not None:
-            s.update(frc_q_per_A=_f32(t.frc.q_per_A), frc=_f32(t.frc.frc),
-                     frc_half_bit=_f32(half_bit_threshold(t.frc.n_pixels)),
-                     resolution_A=t.resolution_A, resolution_half_bit_A=t.resolution_half_bit_A,
-                     resolution_limited=bool(t.resolution_limited))  # fmt: skip
-        if t.resolution_vs_dose is not None:
-            s["resolution_vs_dose"] = _f32(t.resolution_vs_dose)
-        if t.dose_for_target_e_per_A2 is not None:
-            s["target_resolution_A"] = t.target_resolution_A
-            s["dose_for_target_e_per_A2"] = t.dose_for_target_e_per_A2
-        s["trust"] = [[x.bin_px, x.min_electrons, x.threshold, bool(x.trusted),
-                       x.dose_needed_e_per_A2] for x in t.trust]  # fmt: skip
-        if t.ring_bf is not None:
-            s.update(ring_bf=_f32(t.ring_bf), ring_radii_px=_f32(t.ring_radii_px))
-        ab = t.aberrations
-        if ab is not None:
-            s["aberrations"] = {
-                "defocus_A": ab.defocus_A,
-                "C10_A": ab.C10_A,
-                "C12_A": ab.C12_A,
-                "phi12_deg": math.degrees(ab.phi12_rad),
-                "rotation_deg": math.degrees(ab.rotation_rad),
-                "transpose": bool(ab.transpose),
-                "residual_px": ab.residual_px,
-            }
+
+def _tcbf_keys(t) -> dict[str, Any]:
+    """The keys of an alignment update (`TcbfResult`): image, shifts, tiles, FRC, aberrations."""
+    last = t.alignment.iterations[-1] if t.alignment.iterations else None
+    s: dict[str, Any] = dict(
+        tcbf_image=_f32(t.image),
+        tcbf_sampling_A=t.sampling_A,
+        tcbf_upsampling=int(t.upsampling_factor),
+        tcbf_phase_flipped=bool(t.phase_flipped),
+        tcbf_frames=int(t.frames),
+        tcbf_final=bool(t.final),
+        alignment_latency_s=float(t.latency_s),
+        schedule=[int(b) for b in t.alignment.schedule],
+        errors_px=_f32(t.errors_px),
+        bf_k_px=_f32(t.bf_k_px),
+        shifts_px=_f32(t.shifts_px),
+    )
+    if last is not None:
+        s.update(tile_bin_px=int(last.bin_px), tile_k_px=_f32(last.k_px),
+                 tile_shifts_px=_f32(last.shifts_px),
+                 tile_used=np.ascontiguousarray(last.used, np.uint8),
+                 tile_quality=_f32(last.quality))  # fmt: skip
+    if t.frc is not None:
+        s.update(frc_q_per_A=_f32(t.frc.q_per_A), frc=_f32(t.frc.frc),
+                 frc_half_bit=_f32(half_bit_threshold(t.frc.n_pixels)),
+                 resolution_A=t.resolution_A, resolution_half_bit_A=t.resolution_half_bit_A,
+                 resolution_limited=bool(t.resolution_limited))  # fmt: skip
+    if t.resolution_vs_dose is not None:
+        s["resolution_vs_dose"] = _f32(t.resolution_vs_dose)
+    if t.dose_for_target_e_per_A2 is not None:
+        s["target_resolution_A"] = t.target_resolution_A
+        s["dose_for_target_e_per_A2"] = t.dose_for_target_e_per_A2
+    s["trust"] = [[x.bin_px, x.min_electrons, x.threshold, bool(x.trusted),
+                   x.dose_needed_e_per_A2] for x in t.trust]  # fmt: skip
+    if t.ring_bf is not None:
+        s.update(ring_bf=_f32(t.ring_bf), ring_radii_px=_f32(t.ring_radii_px))
+    ab = t.aberrations
+    if ab is not None:
+        s["aberrations"] = {
+            "defocus_A": ab.defocus_A,
+            "C10_A": ab.C10_A,
+            "C12_A": ab.C12_A,
+            "phi12_deg": math.degrees(ab.phi12_rad),
+            "rotation_deg": math.degrees(ab.rotation_rad),
+            "transpose": bool(ab.transpose),
+            "residual_px": ab.residual_px,
+        }
     return s
 
 

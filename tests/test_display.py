@@ -96,36 +96,28 @@ def test_headless_commands_run_without_pyside6(tmp_path, no_gui_env):
               "--semiangle", "4", "--output", str(out))  # fmt: skip
     assert rec.returncode in (0, 3) and out.exists(), rec.stderr[-2000:]
 
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    run = subprocess.Popen(
-        [*CLI, "run", "--headless", "--connect", endpoint, "--output", str(tmp_path / "live.h5"),
-         "--publish", f"tcp://127.0.0.1:{free_port()}", "--timeout", "60"],
-        stderr=subprocess.PIPE, text=True, env=no_gui_env, cwd=tmp_path,
-    )  # fmt: skip
-    try:
-        sent = cli("simulate", "--bind", endpoint, "--scan", "16x16", "--quiet",
-                   "--wait-subscriber", "30")  # fmt: skip
-        _, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert sent.returncode == 0, sent.stderr[-2000:]
-    assert run.returncode in (0, 3) and "Traceback" not in err, err[-2000:]
-    assert (tmp_path / "live.h5").exists()
+    def receive(receiver: list[str], scan: str) -> tuple[int, str, str]:
+        """Run a receiving command on a fresh endpoint while `simulate` sends it one series."""
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        proc = subprocess.Popen([*CLI, *receiver, "--connect", endpoint], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=no_gui_env,
+                                cwd=tmp_path)  # fmt: skip
+        try:
+            sent = cli("simulate", "--bind", endpoint, "--scan", scan, "--quiet",
+                       "--wait-subscriber", "30")  # fmt: skip
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        return proc.returncode, out, err
 
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    listen = subprocess.Popen([*CLI, "listen", "--connect", endpoint, "--timeout", "30"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=no_gui_env)  # fmt: skip
-    try:
-        sent = cli("simulate", "--bind", endpoint, "--scan", "8x8", "--quiet",
-                   "--wait-subscriber", "30")  # fmt: skip
-        heard, err = listen.communicate(timeout=60)
-    finally:
-        if listen.poll() is None:
-            listen.kill()
-    assert sent.returncode == 0 and listen.returncode == 0, err[-2000:]
-    assert "64/64 frames" in heard
+    code, _, err = receive(["run", "--headless", "--output", "live.h5", "--timeout", "60",
+                            "--publish", f"tcp://127.0.0.1:{free_port()}"], "16x16")  # fmt: skip
+    assert code in (0, 3) and "Traceback" not in err, err[-2000:]
+    assert (tmp_path / "live.h5").exists()
+    code, heard, err = receive(["listen", "--timeout", "30"], "8x8")
+    assert code == 0 and "64/64 frames" in heard, err[-2000:]
 
 
 @pytest.mark.parametrize("argv", WINDOW_COMMANDS, ids=lambda a: a[0])
