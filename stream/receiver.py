@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from tcbf_live.detectors.base import DecodeError, Decoder, Event
+from tcbf_live.detectors.compression import native_bslz4
+from tcbf_live.detectors.registry import DecoderOptions, WireProtocol
 from tcbf_live.stream.transport import (
     CURVE_HINT,
     DETECTOR_HINT,
@@ -213,3 +215,32 @@ def receive_tcp_batches(
     finally:
         if sock is not None:
             sock.close()
+
+
+class Receiver:
+    """One detector link: the socket (bound or connected now, so a sender can start at once;
+    a raw-TCP detector is connected to in the receiving thread) and the protocol's decoder
+    (`detectors.registry`). `batches` yields the decoded event lists until idle or stopped."""
+
+    def __init__(self, settings: SubscriberSettings, wire: WireProtocol, channel: str | None,
+                 counters: StreamCounters):  # fmt: skip
+        self.settings = settings
+        self.counters = counters
+        self.tcp = wire.transport == "tcp"
+        self.sock = None if self.tcp else open_socket(settings)
+        # DECTRIS: bslz4 frames left compressed, decompressed inside the accumulate kernel
+        options = DecoderOptions(defer_bslz4=wire.bslz4_frames and native_bslz4(),
+                                 channel=channel)  # fmt: skip
+        self.decoder = wire.decoder(options)
+
+    def batches(self, should_stop: Callable[[], bool],
+                timeout_s: float | None) -> Iterator[list[Event]]:  # fmt: skip
+        if self.tcp:
+            return receive_tcp_batches(self.settings.endpoint, self.decoder, self.counters,
+                                       timeout_s=timeout_s, should_stop=should_stop)  # fmt: skip
+        return receive_event_batches(self.sock, self.decoder, self.counters,
+                                     timeout_s=timeout_s, should_stop=should_stop)  # fmt: skip
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()

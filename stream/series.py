@@ -147,16 +147,17 @@ class SeriesProcessor:
         if self._staging is not None:
             self._count_failures(self._staging.fold(batches))
             return
-        for b in batches:
+        for k, b in enumerate(batches):
+            if self._staging is not None:  # calibrated within this call: the rest in one go
+                self._count_failures(self._staging.fold(batches[k:]))
+                return
             if isinstance(b, CompressedFrame):
                 try:  # calibration needs the pixels
                     b = b.decoded()
                 except DecodeError as err:
                     self._count_failures({str(err): 1})
                     continue
-            if self._staging is not None:  # calibrated within this call
-                self._count_failures(self._staging.fold([b]))
-            elif self.calibration_error is not None:  # unusable series: count, do not keep
+            if self.calibration_error is not None:  # unusable series: count, do not keep
                 self._pending_frames += len(b.frames)
             else:
                 self._pending.append((b.first - self.index_offset, b.frames))

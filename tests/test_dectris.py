@@ -99,7 +99,7 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
     from tcbf_live.stream import staging
 
     assert native_bslz4()  # the installed dectris-compression exports its C entry point
-    monkeypatch.setattr("tcbf_live.stream.engine.native_bslz4", lambda: in_kernel)
+    monkeypatch.setattr("tcbf_live.stream.receiver.native_bslz4", lambda: in_kernel)
     fused_calls = []
     fused = staging.accumulate_compressed
     monkeypatch.setattr(staging, "accumulate_compressed",

@@ -231,4 +231,4 @@ def test_a_blank_series_ends_with_a_result_not_a_dead_thread(endpoint, sim):
     assert eng.join(timeout=20)
     result = eng.last_result
     assert result is not None and result.calibration is None and result.tcbf is None
-    assert eng.series_finished == 1
+    assert eng.tally.finished == 1

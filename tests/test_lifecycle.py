@@ -128,9 +128,9 @@ def test_a_restarted_sender_keeps_both_series(endpoint, sim, frames, protocol):
     full, partial = results
     assert_same_maps(full, offline(full.info, frames))
     assert_same_maps(partial, offline(partial.info, frames[:40]))
-    assert (eng.series_complete, eng.series_incomplete, eng.series_empty) == (1, 1, 0)
+    assert (eng.tally.complete, eng.tally.incomplete, eng.tally.empty) == (1, 1, 0)
     assert eng.last_result is full  # an incomplete series never hides the complete one
-    assert not eng.series_refused and not eng.counters.rejected
+    assert not eng.tally.refused and not eng.counters.rejected
 
 
 def test_a_restart_under_the_same_series_id_is_a_new_series(endpoint, sim, frames):
@@ -162,7 +162,7 @@ def test_a_stray_start_costs_the_open_series_nothing(endpoint, sim, frames, prot
     assert [(r.info.series_id, r.frames_received) for r in results] == [(9, 96), *stray]
     assert results[0].complete and results[0].frames_missing == 0
     assert_same_maps(results[0], offline(results[0].info, frames))
-    assert (eng.series_complete, eng.series_empty) == (1, len(stray))
+    assert (eng.tally.complete, eng.tally.empty) == (1, len(stray))
 
 
 def test_a_quiet_series_ends_while_another_receives(endpoint, sim, frames):
@@ -403,9 +403,9 @@ def test_impossible_claims_on_the_wire_are_refused_and_the_next_series_runs(
     assert_same_maps(results[0], offline(results[0].info, frames))
     rejected = eng.counters.rejected
     if "detector" in claim:  # refused by the decoder: more pixels than any detector has
-        assert rejected["oversized"] == 1 and not eng.series_refused
+        assert rejected["oversized"] == 1 and not eng.tally.refused
     else:
-        assert eng.series_refused == {"over_budget": 1} and rejected["over_budget"] == 1
+        assert eng.tally.refused == {"over_budget": 1} and rejected["over_budget"] == 1
         assert rejected["series_refused"] == len(images(protocol, 9, 0, frames[:16]))
 
 
@@ -432,7 +432,7 @@ def test_merlin_scan_claim_beyond_the_budget_over_tcp(sim, frames):
     assert eng.join(timeout=30)
     t.join()
     server.close()
-    assert eng.series_refused == {"over_budget": 1}
+    assert eng.tally.refused == {"over_budget": 1}
     assert eng.counters.rejected["series_refused"] == 8  # every frame of the refused one
     r = eng.last_result
     assert r.info.scan_shape == (8, 12) and r.complete and r.frames_missing == 0
@@ -451,7 +451,7 @@ def test_a_series_over_budget_once_calibrated_is_refused_then(endpoint, sim, fra
     assert budget.series_footprint((2, 4), (128, 128), 2, 2500, f).total < allowed
     eng, results = idle_engine(endpoint, budget=allowed)
     eng.process([SeriesStart(info, False), FrameBatch(9, 0, frames[:70])])  # calibrates
-    assert eng.series_refused == {"over_budget": 1} and not results
+    assert eng.tally.refused == {"over_budget": 1} and not results
     assert eng.counters.rejected["series_refused"] == 1  # the batch it calibrated on
     eng.process([FrameBatch(9, 70, frames[70:]), SeriesEnd(9, 96)])
     assert eng.counters.rejected["series_refused"] == 2 and not results
@@ -481,7 +481,7 @@ def test_a_series_whose_processing_raises_is_refused_and_ingest_goes_on(
     eng, results = idle_engine(endpoint)
     eng.process([SeriesStart(sim.series_info(9), False), *batches[:6]])
     eng.process([batches[6]])  # raises inside
-    assert eng.series_refused == {"series_failed": 1}
+    assert eng.tally.refused == {"series_failed": 1}
     eng.process([*batches[7:], SeriesEnd(9, 96)])
     assert eng.counters.rejected == {"series_failed": 1, "series_refused": 6} and not results
     # on the ingest thread, over a socket
@@ -491,7 +491,7 @@ def test_a_series_whose_processing_raises_is_refused_and_ingest_goes_on(
                  *end("native", 9, 96), *start("native", sim.series_info(10)),
                  *images("native", 10, 0, frames), *end("native", 10, 96)])  # fmt: skip
     assert eng.join(timeout=30)
-    assert eng.series_refused == {"series_failed": 1}
+    assert eng.tally.refused == {"series_failed": 1}
     # the frame messages that went to the kernel with the failing one, and all later ones
     assert 6 <= eng.counters.rejected["series_refused"] <= 12
     assert [r.info.series_id for r in results] == [10]
@@ -520,7 +520,7 @@ def test_non_finite_pixels_in_a_float_stream_never_stop_ingest(endpoint, sim, fr
         for name in ("incoherent_bf", "axial_bf", "total_counts"):
             assert np.isfinite(getattr(r, name)).all(), name
     else:
-        assert sum(eng.series_refused.values()) == 1
+        assert sum(eng.tally.refused.values()) == 1
 
 
 # ------------------------------------------------- stray starts never cost a receiving series
@@ -555,7 +555,7 @@ def test_a_frameless_start_takes_no_budget_from_a_series_receiving():
     info = sim.series_info(9)
     eng.process([SeriesStart(info, False), FrameBatch(9, 0, frames[:32])])
     # a stray start whose scan claims nearly everything the good series leaves
-    left = total - eng._reserved[9]
+    left = total - eng.table.reserved[9]
     side = 1400
     while budget.check_info(replace(info, scan_shape=(side + 10,) * 2, frames_expected=None),
                             left - 5_000_000, frame_limit=(side + 10) ** 2) is None:  # fmt: skip
@@ -563,7 +563,7 @@ def test_a_frameless_start_takes_no_budget_from_a_series_receiving():
     eng.process([SeriesStart(replace(info, series_id=20, scan_shape=(side, side),
                                      frames_expected=None), False)])  # fmt: skip
     eng.process([FrameBatch(9, 32, frames[32:128])])  # the good series calibrates now
-    assert not eng.series_refused and eng._open[9].acc is not None
+    assert not eng.tally.refused and eng.table.open[9].acc is not None
 
 
 def test_a_run_that_took_its_last_pass_opens_no_stub_of_the_next():

@@ -289,7 +289,7 @@ def stop_on_signals(engine: Engine, headless: bool) -> None:
 
 def series_refused(engine: Engine) -> int:
     """Series the engine refused (unusable metadata, over the memory budget, failed)."""
-    return sum(engine.series_refused.values())
+    return sum(engine.tally.refused.values())
 
 
 def run(args: argparse.Namespace) -> int:
