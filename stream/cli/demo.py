@@ -63,23 +63,18 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: argparse.Namespace) -> int:
+def checked_config(args: argparse.Namespace):
+    """The flags checked (one-line UsageError), the outputs checked before anything starts,
+    and the simulation the demo streams."""
     from tcbf_live.stream.cli.common import parse_pair
-    from tcbf_live.stream.hdf5 import write_result
 
     if args.headless and not args.seconds:
         raise UsageError("--headless needs --seconds")
     if args.seconds is not None and not 0 < args.seconds <= 1e6:
         raise UsageError("--seconds must be positive (at most 1e6)")
-
     if not args.rate >= 0:
         raise UsageError("--rate must be >= 0")
-    from tcbf_live.stream.view_state import EngineStates
-    from tcbf_live.viewer.app import check_window, show_viewer
-
-    check_window(args.headless)  # before anything starts (the window needs Qt even headless)
-    curve = curve_from_args(args)
-    if curve is not None and not args.publish:
+    if curve_from_args(args) is not None and not args.publish:
         raise UsageError("--curve-secret protects --publish (the demo's own link is loopback)")
     if args.output:
         check_output(args.output, args.overwrite)
@@ -93,6 +88,17 @@ def run(args: argparse.Namespace) -> int:
             cfg = replace(cfg, scan_shape=parse_pair(args.scan))
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"--scan: {exc}") from None
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from tcbf_live.stream.hdf5 import write_result
+    from tcbf_live.stream.view_state import EngineStates
+    from tcbf_live.viewer.app import check_window, show_viewer
+
+    cfg = checked_config(args)
+    check_window(args.headless)  # before anything starts (the window needs Qt even headless)
+    curve = curve_from_args(args)
     simulator = Simulator(cfg)
     endpoint = f"tcp://127.0.0.1:{_free_loopback_port()}"
 
