@@ -97,27 +97,40 @@ def encode_end(series_id: int) -> list[bytes]:
     return [_j({"htype": "dseries_end-1.0", "series": int(series_id)})]
 
 
-class DectrisV1Encoder:
-    """Stream V1 for the sender: one message per image, no `start` repeats; a DECTRIS file's
-    bslz4 chunks go out unchanged."""
+class ImagePerMessage:
+    """A DECTRIS stream for the sender: a header, one message per image, an end; no `start`
+    repeats; a DECTRIS file's bslz4 chunks go out unchanged. Subclasses name their format's
+    `header`, `image` and `end_message` encoders."""
+
+    header: Any  # (info) -> list[Message]
+    image: Any  # (series_id, index, frame, encoding="bslz4", blob=None) -> Message
+    end_message: Any  # (series_id) -> Message
 
     def start(self, info: SeriesInfo, repeat: bool = False) -> list[Message]:
-        return encode_header(info)
+        return self.header(info)
 
     def frames(self, series_id: int, first: int, frames: np.ndarray, seq: int,
                encoding: str) -> list[Message]:  # fmt: skip
-        return [encode_image(series_id, first + k, f, encoding) for k, f in enumerate(frames)]
+        return [self.image(series_id, first + k, f, encoding) for k, f in enumerate(frames)]
 
     def end(self, series_id: int, frames_sent: int) -> list[Message]:
-        return [encode_end(series_id)]
+        return [self.end_message(series_id)]
 
     def replay(self, source: Any, info: SeriesInfo, encoding: str) -> Replay | None:
         chunks = stored_chunks(source, encoding)
         if chunks is None:
             return None
         like = np.empty(info.detector_shape, info.dtype)  # shape and dtype only
-        images = (encode_image(info.series_id, i, like, blob=blob) for i, blob in chunks)
+        images = (self.image(info.series_id, i, like, blob=blob) for i, blob in chunks)
         return Replay(self.start(info), images)
+
+
+class DectrisV1Encoder(ImagePerMessage):
+    """Stream V1: the header as two messages, 4-part image messages."""
+
+    header = staticmethod(encode_header)
+    image = staticmethod(encode_image)
+    end_message = staticmethod(encode_end)
 
 
 def stored_chunks(source: Any, encoding: str) -> Iterator[tuple[int, bytes]] | None:

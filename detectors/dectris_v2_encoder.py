@@ -11,9 +11,9 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from tcbf_live.detectors.base import Message, Replay, SeriesInfo
+from tcbf_live.detectors.base import Message, SeriesInfo
 from tcbf_live.detectors.compression import compress_bslz4
-from tcbf_live.detectors.dectris_v1_encoder import stored_chunks
+from tcbf_live.detectors.dectris_v1_encoder import ImagePerMessage
 from tcbf_live.detectors.dectris_v2 import DTYPES, SELF_DESCRIBED, TYPED_TAG
 
 
@@ -89,24 +89,12 @@ def encode_end(series_id: int) -> list[bytes]:
                     "series_unique_id": f"tcbf-{series_id}"})]  # fmt: skip
 
 
-class DectrisV2Encoder:
-    """Stream V2 for the sender: one message per image, no `start` repeats; a DECTRIS file's
-    bslz4 chunks go out unchanged."""
+class DectrisV2Encoder(ImagePerMessage):
+    """Stream V2: CBOR messages (start, image, end)."""
 
-    def start(self, info: SeriesInfo, repeat: bool = False) -> list[Message]:
+    image = staticmethod(encode_image)
+    end_message = staticmethod(encode_end)
+
+    @staticmethod
+    def header(info: SeriesInfo) -> list[Message]:
         return [encode_start(info)]
-
-    def frames(self, series_id: int, first: int, frames: np.ndarray, seq: int,
-               encoding: str) -> list[Message]:  # fmt: skip
-        return [encode_image(series_id, first + k, f, encoding) for k, f in enumerate(frames)]
-
-    def end(self, series_id: int, frames_sent: int) -> list[Message]:
-        return [encode_end(series_id)]
-
-    def replay(self, source: Any, info: SeriesInfo, encoding: str) -> Replay | None:
-        chunks = stored_chunks(source, encoding)
-        if chunks is None:
-            return None
-        like = np.empty(info.detector_shape, info.dtype)  # shape and dtype only
-        images = (encode_image(info.series_id, i, like, blob=blob) for i, blob in chunks)
-        return Replay(self.start(info), images)

@@ -20,10 +20,8 @@ import zmq
 from tcbf_live.stream.transport import (
     CurveKeys,
     OversizedMessage,
-    bind,
-    connect,
+    open_link,
     recv_capped,
-    set_receive_cap,
 )
 from tcbf_live.stream.view_state import EngineStates
 from tcbf_live.viewer.sources import MessageRejected, MessageSource
@@ -42,14 +40,8 @@ class SnapshotPublisher:
         self.interval_s = 1.0 / rate_hz
         self.sent = 0
         self.dropped = 0
-        self._sock = zmq.Context.instance().socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, 2)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        try:
-            bind(self._sock, endpoint, "the result stream (--publish)", curve)
-        except Exception:
-            self._sock.close()
-            raise
+        self._sock = open_link(zmq.Context.instance(), zmq.PUB, endpoint, bind_here=True, hwm=2,
+                               role="the result stream (--publish)", curve=curve)  # fmt: skip
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcbf-publish", daemon=True)
 
@@ -86,16 +78,9 @@ def subscribe_states(endpoint: str, curve: CurveKeys | None = None,
                      ctx: zmq.Context | None = None) -> MessageSource:  # fmt: skip
     """A viewer source on a result stream: SUB socket (RCVHWM 4, no linger), every whole
     message capped at `max_message_bytes` and `MAX_STATE_ARRAYS` arrays while it is received."""
-    sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
-    sock.setsockopt(zmq.RCVHWM, 4)
-    set_receive_cap(sock, max_message_bytes)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    try:
-        connect(sock, endpoint, curve)
-    except Exception:
-        sock.close()
-        raise
+    sock = open_link(ctx or zmq.Context.instance(), zmq.SUB, endpoint, bind_here=False, hwm=4,
+                     role="the result stream", max_message_bytes=max_message_bytes,
+                     curve=curve)  # fmt: skip
 
     def receive() -> list[memoryview] | None:
         try:

@@ -26,10 +26,8 @@ from tcbf_live.stream.transport import (
     MAX_MESSAGE_PARTS,
     CurveKeys,
     OversizedMessage,
-    bind,
-    connect,
+    open_link,
     recv_capped,
-    set_receive_cap,
     tcp_host_port,
 )
 
@@ -61,34 +59,19 @@ class StreamCounters:
 
 
 def open_socket(settings: SubscriberSettings, ctx: zmq.Context | None = None) -> zmq.Socket:
-    ctx = ctx or zmq.Context.instance()
+    """The receiving socket (`transport.open_link`): SUB or PULL, bound or connected."""
     kind = {"sub": zmq.SUB, "pull": zmq.PULL}[settings.socket_type]
-    sock = ctx.socket(kind)
-    try:
-        _configure(sock, kind, settings)
-    except Exception:  # a bad endpoint or key: no socket left behind
-        sock.close()
-        raise
-    return sock
+    return open_link(ctx or zmq.Context.instance(), kind, settings.endpoint,
+                     bind_here=settings.bind, hwm=settings.rcvhwm,
+                     role=f"the receiver ({settings.socket_type.upper()})",
+                     max_message_bytes=settings.max_message_bytes, curve=settings.curve,
+                     hint=DETECTOR_HINT if settings.detector else CURVE_HINT)  # fmt: skip
 
 
 def receive_cap(sock: zmq.Socket) -> int:
     """The whole-message cap of a socket: its ZMQ_MAXMSGSIZE, or the default if unset."""
     cap = sock.getsockopt(zmq.MAXMSGSIZE)
     return cap if cap > 0 else MAX_MESSAGE_BYTES
-
-
-def _configure(sock: zmq.Socket, kind: int, settings: SubscriberSettings) -> None:
-    sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
-    set_receive_cap(sock, settings.max_message_bytes)
-    sock.setsockopt(zmq.LINGER, 0)
-    if kind == zmq.SUB:
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-    if settings.bind:
-        bind(sock, settings.endpoint, f"the receiver ({settings.socket_type.upper()})",
-             settings.curve, DETECTOR_HINT if settings.detector else CURVE_HINT)  # fmt: skip
-    else:
-        connect(sock, settings.endpoint, settings.curve)
 
 
 def receive_event_batches(

@@ -231,24 +231,42 @@ def set_receive_cap(sock: zmq.Socket, max_message_bytes: int) -> None:
 
 
 SENDER_SOCKETS = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
+RECEIVING = (zmq.SUB, zmq.PULL)
+
+
+def open_link(ctx: zmq.Context, kind: int, endpoint: str, *, bind_here: bool, hwm: int,
+              role: str, linger_s: float = 0.0, max_message_bytes: int = 4096,
+              curve: CurveKeys | None = None, hint: str = CURVE_HINT) -> zmq.Socket:  # fmt: skip
+    """Every socket of the project is opened here: `kind` (zmq.SUB, PULL, PUB, XPUB, PUSH),
+    `hwm` messages queued (receive or send side), `linger_s` to send them at close, every
+    message part capped at `max_message_bytes` (a sending socket receives a few-byte
+    subscription at most; receivers add `recv_capped`'s whole-message cap), SUB subscribed to
+    everything, bound (warning beyond loopback) or connected, CURVE when given keys. No
+    socket is left behind when binding or connecting fails."""
+    sock = ctx.socket(kind)
+    try:
+        sock.setsockopt(zmq.RCVHWM if kind in RECEIVING else zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        set_receive_cap(sock, max_message_bytes)
+        if kind == zmq.SUB:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if bind_here:
+            bind(sock, endpoint, role, curve, hint)
+        else:
+            connect(sock, endpoint, curve)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
 
 
 def open_sender(ctx: zmq.Context, endpoint: str, socket_type: str, role: str, send_hwm: int,
                 linger_s: float, curve: CurveKeys | None = None,
                 hint: str = CURVE_HINT) -> zmq.Socket:  # fmt: skip
     """A bound sending socket ("pub" or "push"): `send_hwm` messages queued, `linger_s` to
-    send them at close, a 4 KiB receive cap (an XPUB receives a few-byte subscription only).
-    No socket is left behind when binding fails."""
-    sock = ctx.socket(SENDER_SOCKETS[socket_type])
-    try:
-        sock.setsockopt(zmq.SNDHWM, send_hwm)
-        sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, 4096)
-        bind(sock, endpoint, role, curve, hint)
-    except Exception:
-        sock.close(linger=0)
-        raise
-    return sock
+    send them at close."""
+    return open_link(ctx, SENDER_SOCKETS[socket_type], endpoint, bind_here=True, hwm=send_hwm,
+                     role=role, linger_s=linger_s, curve=curve, hint=hint)  # fmt: skip
 
 
 _RAW_TCP = re.compile(r"tcp://([^:\[\]]+|\[[0-9a-fA-F:]+\]):(\d{1,5})")
