@@ -128,7 +128,7 @@ def _load_native() -> numba.types.ExternalFunction | None:
         ctypes.CDLL(library.__file__).compression_decompress_buffer  # noqa: B018 (exists?)
         llvmlite.binding.load_library_permanently(library.__file__)
     except (ImportError, OSError, AttributeError) as exc:
-        logging.getLogger("tcbf.compression").info("no in-kernel bslz4 (%s)", exc)
+        logging.getLogger(__name__).info("no in-kernel bslz4 (%s)", exc)
         return None
     t = numba.types
     signature = t.uintp(t.intc, t.voidptr, t.uintp, t.voidptr, t.uintp, t.uintp)
@@ -174,7 +174,7 @@ def native_bslz4() -> bool:
     Checked once, on first use; otherwise everything goes through `decompress`."""
     from importlib.metadata import PackageNotFoundError, version
 
-    log = logging.getLogger("tcbf.compression")
+    log = logging.getLogger(__name__)
     try:
         release = tuple(int(x) for x in version("dectris-compression").split(".")[:2])
     except (PackageNotFoundError, ValueError):

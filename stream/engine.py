@@ -38,7 +38,7 @@ from tcbf_live.stream.result import SeriesResult
 from tcbf_live.stream.series import ProcessingSettings, SeriesError, SeriesProcessor
 from tcbf_live.stream.series_table import SeriesTable, Tallies
 
-log = logging.getLogger("tcbf.engine")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Engine:
         self.table = SeriesTable(settings.processing, self.budget_bytes)  # the open series
         self._current: SeriesProcessor | None = None  # the one snapshots show (latest frames)
         self._lock = threading.Lock()  # ingest state (accumulators)
-        self._align_lock = threading.Lock()  # alignment state (TcbfProcessor) of the series
+        self._align_lock = threading.Lock()  # alignment state (Pipeline) of the series
         self._stop = threading.Event()
         self.arm = Arm()  # active mode: the series id the detector's arm returned
         self._thread: threading.Thread | None = None

@@ -27,7 +27,7 @@ from tcbf_live.stream.view_state import EngineStates
 from tcbf_live.viewer.sources import MessageRejected, MessageSource
 from tcbf_live.viewer.state import MAX_HEADER_BYTES, MAX_STATE_ARRAYS, MAX_STATE_BYTES, encode_state
 
-log = logging.getLogger("tcbf.publish")
+log = logging.getLogger(__name__)
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 MAX_VIEW_MESSAGE_BYTES = MAX_STATE_BYTES + MAX_HEADER_BYTES

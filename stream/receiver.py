@@ -31,7 +31,7 @@ from tcbf_live.stream.transport import (
     tcp_host_port,
 )
 
-log = logging.getLogger("tcbf.stream")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 from tcbf_live.detectors.base import SeriesInfo
 from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.tcbf.dose import beam_current_pA
-from tcbf_live.stream.tcbf.pipeline import TcbfResult
+from tcbf_live.stream.tcbf.pipeline import PipelineResult
 
 # per-position maps of a result: attribute -> (path in the result file, meaning)
 POSITION_MAPS = {
@@ -45,7 +45,7 @@ class SeriesResult:
     out_of_range: int
     complete: bool
     elapsed_s: float = 0.0  # first to last frame received
-    tcbf: TcbfResult | None = None  # latest alignment/reconstruction (final when complete)
+    tcbf: PipelineResult | None = None  # latest alignment/reconstruction (final when complete)
     tile_members: tuple[np.ndarray, ...] = ()  # per bin level: tile of each BF pixel
     axial_radius_px: float = 0.0
     # frames screened out (stream.screening): treated as missing, still counted as received
@@ -163,9 +163,7 @@ class SeriesResult:
                 f"full scan {self.projected_dose_e_per_A2:.4g} e/A^2")  # fmt: skip
         t = self.tcbf
         if t is not None and t.resolution_A is not None:
-            bound = "better than " if t.resolution_limited else ""
-            text += (f"; resolution {bound}{t.resolution_A:.3g} A (FRC 0.143), "
-                     f"{t.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+            text += f"; {t.resolution_text()}"
         if t is not None and t.trust:
             trusted = ",".join(str(x.bin_px) for x in t.trust if x.trusted) or "none"
             text += f"; trusted bins {trusted}"

@@ -38,13 +38,13 @@ from tcbf_live.stream.tcbf.calibration import (
 from tcbf_live.stream.tcbf.pipeline import (
     Acquisition,
     AlignmentInputs,
-    TcbfProcessor,
-    TcbfResult,
-    TcbfSettings,
+    Pipeline,
+    PipelineResult,
+    PipelineSettings,
 )
 from tcbf_live.stream.tcbf.screening import slip_suspected
 
-log = logging.getLogger("tcbf.series")
+log = logging.getLogger(__name__)
 
 # the stream metadata a flag may override (`ProcessingSettings.metadata`)
 METADATA_OVERRIDES = (
@@ -74,7 +74,7 @@ class ProcessingSettings:
     bins: tuple[int, ...] | None = None  # alignment bin levels (detector px)
     axial_radius_px: float | None = None  # None: 25 % of the BF radius
     repeat_scans: str = "accumulate"  # frames beyond one pass: "accumulate" | "new-series"
-    tcbf: TcbfSettings = field(default_factory=TcbfSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     # bytes the series may allocate (stream.budget); None: not checked. Checked again with
     # the calibrated BF pixel count before the stack is allocated (BudgetExceeded)
     memory_budget_bytes: int | None = None
@@ -123,7 +123,7 @@ class SeriesProcessor:
         self.acc: Accumulators | None = None
         self.calibration_error: str | None = None
         self.decode_failures = 0  # frames skipped because their pixels did not decode
-        self._pipeline: TcbfProcessor | None = None
+        self._pipeline: Pipeline | None = None
         self._staging: Staging | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
         self._t_first: float | None = None
@@ -231,7 +231,7 @@ class SeriesProcessor:
         if s.memory_budget_bytes is not None:  # the stack and tile sums are sized now
             why = check_info(self.info, s.memory_budget_bytes, n_bf=cal.n_bf,
                              n_tiles=layout.total_tiles, frame_limit=self.frame_limit,
-                             upsample=s.tcbf.upsample,
+                             upsample=s.pipeline.upsample,
                              angular_sampling_mrad=cal.angular_sampling_mrad,
                              calibration_frames=s.calibration_frames)  # fmt: skip
             if why is not None:
@@ -248,7 +248,7 @@ class SeriesProcessor:
             integer_stack=np.dtype(self.info.dtype).kind == "u",  # signed: float32 stack
         )
         self._staging = Staging(self.acc, self.index_offset)
-        self._pipeline = TcbfProcessor(Acquisition.of(self.info), cal, layout, s.tcbf)
+        self._pipeline = Pipeline(Acquisition.of(self.info), cal, layout, s.pipeline)
 
     # ------------------------------------------------------------------ merge
     def partition(self) -> AccumulatorState:
@@ -288,7 +288,7 @@ class SeriesProcessor:
         return self._pipeline is not None
 
     @property
-    def pipeline(self) -> TcbfProcessor | None:
+    def pipeline(self) -> Pipeline | None:
         """The series' tcBF pipeline (for inspection; `solve` is the way to run it)."""
         return self._pipeline
 
@@ -304,7 +304,7 @@ class SeriesProcessor:
         return self._pipeline.inputs(self.acc.state, self.acc.frames_accepted)
 
     def solve(self, inputs: AlignmentInputs | None = None,
-              final: bool = False) -> TcbfResult | None:  # fmt: skip
+              final: bool = False) -> PipelineResult | None:  # fmt: skip
         """One alignment + reconstruction update: on `inputs` (taken under the ingest lock by
         a live caller) or, single-threaded (offline, or after ingest has ended), on everything
         accumulated; `final` calibrates on whatever arrived first and starts cold."""
@@ -361,7 +361,7 @@ class SeriesProcessor:
             suspect=self.suspicions(last, complete),
         )
 
-    def suspicions(self, last: TcbfResult | None, complete: bool) -> tuple[str, ...]:
+    def suspicions(self, last: PipelineResult | None, complete: bool) -> tuple[str, ...]:
         """Reasons not to trust the image: frames missing from the end of a series that ended
         normally with no other gap (the detector took fewer frames than triggers: every frame
         after a missed trigger sits one position early), and a slip of the frames by one

@@ -87,7 +87,7 @@ class SeriesTable:
         cal = processing.calibration
         left = self.budget_bytes - self.held()
         reason = check_info(resolved, left, n_bf=cal.n_bf if cal is not None else None,
-                            frame_limit=limit, upsample=processing.tcbf.upsample,
+                            frame_limit=limit, upsample=processing.pipeline.upsample,
                             calibration_frames=processing.calibration_frames)  # fmt: skip
         if reason is not None:
             raise BudgetExceeded(f"series {info.series_id}: {reason}")
@@ -196,7 +196,7 @@ def footprint(proc: SeriesProcessor) -> int:
     return series_footprint(
         info.scan_shape, info.detector_shape, kind.itemsize,
         acc.state.stack.shape[1] if acc is not None else None,
-        _upsampling(info, s.tcbf.upsample,
+        _upsampling(info, s.pipeline.upsample,
                     proc.calibration.angular_sampling_mrad if proc.calibration else None),
         frames_expected=proc.frame_limit,
         n_tiles=acc.state.tiles.shape[1] if acc is not None else None,

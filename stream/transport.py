@@ -29,7 +29,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-log = logging.getLogger("tcbf.transport")
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 << 20  # default cap on one whole multipart message
 MAX_MESSAGE_PARTS = 256  # DECTRIS V1 headers have ~10 parts, everything else 1-4
@@ -167,7 +167,7 @@ def _authenticator(ctx: zmq.Context):
     with _auth_lock:
         entry = _authenticators.get(id(ctx))
         if entry is None:
-            entry = (ctx, ThreadAuthenticator(ctx, log=logging.getLogger("tcbf.transport.zap")))
+            entry = (ctx, ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap")))
             entry[1].start()
             _authenticators[id(ctx)] = entry
         return entry[1]

@@ -69,7 +69,8 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
 
 
 def _tcbf_keys(t) -> dict[str, Any]:
-    """The keys of an alignment update (`TcbfResult`): image, shifts, tiles, FRC, aberrations."""
+    """The keys of an alignment update (`PipelineResult`): image, shifts, tiles, FRC,
+    aberrations."""
     last = t.alignment.iterations[-1] if t.alignment.iterations else None
     s: dict[str, Any] = dict(
         tcbf_image=_f32(t.image),

@@ -19,7 +19,7 @@ from tcbf_live.stream.tcbf.dose import (
     fourier_ring_correlation,
     half_bit_threshold,
 )
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 
 
 def feed(info, frames, prior=None, settings=None, batch=64):
@@ -146,8 +146,8 @@ def test_frc_of_pure_noise_halves_through_the_pipeline(high_dose):
 def test_trust_switches_on_coarse_levels_first():
     sim = Simulator(tutorial_config())
     frames = sim.frames(0, sim.n_frames)
-    early = TcbfSettings(alignment=AlignmentSettings(min_rows=2))  # judge from row 2 on
-    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings(tcbf=early))
+    early = PipelineSettings(alignment=AlignmentSettings(min_rows=2))  # judge from row 2 on
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings(pipeline=early))
     seen = []
     for first in range(0, len(frames), 48):
         proc.add(FrameBatch(1, first, frames[first : first + 48]))
@@ -196,7 +196,7 @@ def test_run_summary_and_result_file_dose_group(tmp_path, capsys, high_dose):
 def test_target_resolution_projection_live():
     sim = Simulator(tutorial_config())
     frames = sim.frames(0, sim.n_frames)
-    settings = ProcessingSettings(tcbf=TcbfSettings(alignment=AlignmentSettings(),
+    settings = ProcessingSettings(pipeline=PipelineSettings(alignment=AlignmentSettings(),
                                                     target_resolution_A=8.0))  # fmt: skip
     proc = SeriesProcessor(sim.series_info(1), settings)
     for first in range(0, len(frames), 96):

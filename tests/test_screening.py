@@ -18,7 +18,7 @@ from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.alignment import AlignmentSettings
 from tcbf_live.stream.tcbf.calibration import calibrate, hot_and_dead
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.tcbf.screening import dose_model, screen_frames, slip_suspected
 
 ZERO, FLAT, HOT = 500, 700, 300  # injected positions (acquisition index = raster position)
@@ -49,7 +49,9 @@ def with_faults(frames: np.ndarray) -> np.ndarray:
 
 
 def offline(sim, frames, batch=64):
-    settings = ProcessingSettings(tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=1)))
+    settings = ProcessingSettings(
+        pipeline=PipelineSettings(alignment=AlignmentSettings(defocus_sign=1))
+    )
     info = replace(sim.series_info(1), dtype=str(frames.dtype))  # float faults: float stream
     proc = SeriesProcessor(info, settings)
     for first in range(0, len(frames), batch):
@@ -191,7 +193,7 @@ def live(sim, frames, endpoint, rate_fps=2000.0, batch=16):
     settings = EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
         processing=ProcessingSettings(
-            tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=1))),
+            pipeline=PipelineSettings(alignment=AlignmentSettings(defocus_sign=1))),
         max_series=1, idle_timeout_s=20.0, align_interval_s=0.05,
     )  # fmt: skip
     engine = Engine(settings).start()

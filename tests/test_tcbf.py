@@ -19,7 +19,7 @@ from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.alignment import AlignmentSettings
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 
 
 def simulate(cfg):
@@ -29,7 +29,9 @@ def simulate(cfg):
 
 def process(sim, frames, defocus_sign=None, batch=64, **alignment):
     settings = ProcessingSettings(
-        tcbf=TcbfSettings(alignment=AlignmentSettings(defocus_sign=defocus_sign, **alignment))
+        pipeline=PipelineSettings(
+            alignment=AlignmentSettings(defocus_sign=defocus_sign, **alignment)
+        )
     )
     proc = SeriesProcessor(sim.series_info(1), settings)
     for first in range(0, len(frames), batch):
@@ -293,7 +295,17 @@ def test_acquisition_takes_the_series_metadata():
     from tcbf_live.detectors.base import SeriesInfo
     from tcbf_live.stream.tcbf.pipeline import Acquisition
 
-    info = SeriesInfo(3, (4, 5), (16, 16), "<u2", scan_order="serpentine", energy_eV=3e5,
-                      step_A=0.5, semiangle_mrad=20.0, counts_per_electron=2.0, transpose=True)
+    info = SeriesInfo(
+        3,
+        (4, 5),
+        (16, 16),
+        "<u2",
+        scan_order="serpentine",
+        energy_eV=3e5,
+        step_A=0.5,
+        semiangle_mrad=20.0,
+        counts_per_electron=2.0,
+        transpose=True,
+    )
     acq = Acquisition.of(info)
     assert acq == Acquisition((4, 5), (16, 16), "serpentine", 3e5, 0.5, 20.0, 2.0, True)

@@ -30,7 +30,7 @@ from tcbf_live.stream.receiver import (
     receive_events,
 )
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.transport import CurveKeys, bind, connect, is_loopback, recv_capped
 from tcbf_live.stream.view_state import StateError, decode_state, encode_state, view_state
 
@@ -386,8 +386,8 @@ def test_unpaced_replay_delivers_every_frame_and_the_end_and_exits_0(recording):
 @pytest.fixture(scope="module")
 def state():
     sim = Simulator(tutorial_config(scan_shape=(16, 24)))
-    proc = SeriesProcessor(sim.series_info(3),
-                           ProcessingSettings(tcbf=TcbfSettings(ring_images=True)))  # fmt: skip
+    settings = ProcessingSettings(pipeline=PipelineSettings(ring_images=True))
+    proc = SeriesProcessor(sim.series_info(3), settings)
     proc.add(FrameBatch(3, 0, sim.frames(0, sim.n_frames)))
     proc.solve(final=True)
     s = view_state(proc.result(final=True, complete=True))

@@ -18,7 +18,7 @@ from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.publisher import SnapshotPublisher, subscribe_states
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.view_state import view_state
 from tcbf_live.viewer.panels import (
     BfPanel,
@@ -41,7 +41,7 @@ def tutorial():
 def start_engine(endpoint, **kw):
     settings = EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
-        processing=ProcessingSettings(tcbf=TcbfSettings(ring_images=True)),
+        processing=ProcessingSettings(pipeline=PipelineSettings(ring_images=True)),
         idle_timeout_s=20.0, max_series=1, **kw,
     )  # fmt: skip
     return Engine(settings).start()

@@ -32,7 +32,7 @@ from tcbf_live.viewer.plots import (
     zoom_on_disk,
 )
 
-log = logging.getLogger("tcbf.viewer")
+log = logging.getLogger(__name__)
 
 COLORMAPS = ("gray", "viridis", "inferno", "magma", "cividis", "CET-D1")
 

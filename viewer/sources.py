@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tcbf_live.viewer.state import StateError, decode_state
 
-log = logging.getLogger("tcbf.viewer")
+log = logging.getLogger(__name__)
 
 DRAIN = 64  # messages read per poll at most: a flood cannot hold the GUI thread
 

@@ -25,7 +25,7 @@ from tcbf_live.viewer.panels import (
 )
 from tcbf_live.viewer.sources import Source
 
-log = logging.getLogger("tcbf.viewer")
+log = logging.getLogger(__name__)
 
 # (panel, grid row, grid column): a new panel is one class in `panels` and one entry here
 PANELS: tuple[tuple[type[Panel], int, int], ...] = (

@@ -27,10 +27,10 @@ from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.outputs import atomic_output, check_output, same_file
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.transport import add_curve_args, curve_from_args
 
-log = logging.getLogger("tcbf.demo")
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     finished: deque = deque(maxlen=1)  # the newest only: a list grew ~0.45 MB per series
     engine = Engine(EngineSettings(
         subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=False),
-        processing=ProcessingSettings(tcbf=TcbfSettings(ring_images=True)),
+        processing=ProcessingSettings(pipeline=PipelineSettings(ring_images=True)),
         align_interval_s=0.25,
     ), on_series_end=lambda r: finished.append(r) if r.complete and not r.frames_missing
        else None).start()  # fmt: skip

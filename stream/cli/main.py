@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"tcbf-live {args.command}: interrupted\n")
         return 130
     except Exception as exc:  # a bug: one line (the traceback with -v), exit code 1
-        logging.getLogger("tcbf").debug("internal error", exc_info=True)
+        logging.getLogger("tcbf_live").debug("internal error", exc_info=True)
         msg = " ".join(str(exc).split())
         sys.stderr.write(f"tcbf-live {args.command}: internal error: {type(exc).__name__}"
                          f"{': ' + msg if msg else ''}{'' if args.verbose else ' (-v: traceback)'}"

@@ -12,7 +12,7 @@ from tcbf_live.stream.series import ProcessingSettings
 from tcbf_live.stream.tcbf.alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
 from tcbf_live.stream.tcbf.calibration import Calibration, CalibrationError
 from tcbf_live.stream.tcbf.optics import wavelength_A
-from tcbf_live.stream.tcbf.pipeline import TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.tcbf.reconstruction import default_upsampling
 from tcbf_live.stream.tcbf.tiles import validate_bins
 
@@ -218,7 +218,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         axial_radius_px=args.axial_radius,
         repeat_scans=getattr(args, "repeat", "accumulate"),
         memory_budget_bytes=budget_from_args(args),
-        tcbf=TcbfSettings(
+        pipeline=PipelineSettings(
             alignment=alignment,
             upsample=args.upsample,
             phase_flip=not args.no_phase_flip,

@@ -29,7 +29,7 @@ from tcbf_live.stream.outputs import check_output, input_path
 from tcbf_live.stream.result import SeriesResult
 from tcbf_live.stream.series import SeriesProcessor
 
-log = logging.getLogger("tcbf.reconstruct")
+log = logging.getLogger(__name__)
 
 READ_BATCH = 64  # frames per read / per accumulate call
 

@@ -38,7 +38,7 @@ from tcbf_live.stream.outputs import OutputExists, check_output, series_output
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.transport import add_curve_args, curve_from_args, link_curve
 
-log = logging.getLogger("tcbf.run")
+log = logging.getLogger(__name__)
 
 FILES_EPILOG = """result files:
   --output r.h5 names the first result written; each further series the run
@@ -148,7 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         raise UsageError("--simplon needs --scan ROWSxCOLS (one frame per scan position)")
 
     if not args.headless or args.publish:  # a viewer will show the axial-radius control
-        processing = replace(processing, tcbf=replace(processing.tcbf, ring_images=True))
+        processing = replace(processing, pipeline=replace(processing.pipeline, ring_images=True))
     endpoint = args.bind or args.connect
     if proto.transport == "tcp":
         if args.bind or not re.fullmatch(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}", endpoint):

@@ -41,7 +41,7 @@ from tcbf_live.stream.transport import (
     warn_if_exposed,
 )
 
-logger = logging.getLogger("tcbf.sender")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

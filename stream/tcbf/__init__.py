@@ -24,10 +24,15 @@ from tcbf_live.stream.tcbf.calibration import Calibration, CalibrationError, cal
 from tcbf_live.stream.tcbf.dose import FRC, fourier_ring_correlation
 from tcbf_live.stream.tcbf.offline import reconstruct
 from tcbf_live.stream.tcbf.optics import chi_rad, wavelength_A
-from tcbf_live.stream.tcbf.pipeline import TcbfProcessor
+from tcbf_live.stream.tcbf.pipeline import Pipeline
 from tcbf_live.stream.tcbf.registration import register_shift
 from tcbf_live.stream.tcbf.screening import FrameScreen, screen_frames
-from tcbf_live.stream.tcbf.updates import Acquisition, AlignmentInputs, TcbfResult, TcbfSettings
+from tcbf_live.stream.tcbf.updates import (
+    Acquisition,
+    AlignmentInputs,
+    PipelineResult,
+    PipelineSettings,
+)
 
 __all__ = [
     "FRC",
@@ -41,9 +46,9 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "FrameScreen",
-    "TcbfProcessor",
-    "TcbfResult",
-    "TcbfSettings",
+    "Pipeline",
+    "PipelineResult",
+    "PipelineSettings",
     "align",
     "calibrate",
     "chi_rad",

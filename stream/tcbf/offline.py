@@ -11,8 +11,8 @@ import numpy as np
 
 from tcbf_live.stream.tcbf.accumulators import Accumulators, prepare
 from tcbf_live.stream.tcbf.calibration import DEFAULT_BF_THRESHOLD, calibrate
-from tcbf_live.stream.tcbf.pipeline import TcbfProcessor
-from tcbf_live.stream.tcbf.updates import Acquisition, TcbfResult, TcbfSettings
+from tcbf_live.stream.tcbf.pipeline import Pipeline
+from tcbf_live.stream.tcbf.updates import Acquisition, PipelineResult, PipelineSettings
 
 BATCH_FRAMES = 256  # frames per kernel call (a view of the input, nothing copied)
 
@@ -31,8 +31,8 @@ def reconstruct(
     bins: tuple[int, ...] | None = None,
     calibration_frames: int = 64,
     bf_threshold: float = DEFAULT_BF_THRESHOLD,
-    settings: TcbfSettings | None = None,
-) -> TcbfResult | None:
+    settings: PipelineSettings | None = None,
+) -> PipelineResult | None:
     """tcBF of a 4D-STEM dataset held in memory.
 
     Parameters
@@ -50,7 +50,7 @@ def reconstruct(
 
     Returns
     -------
-    The final update (`TcbfResult`: image, shifts, aberrations, resolution, screening), or
+    The final update (`PipelineResult`: image, shifts, aberrations, resolution, screening), or
     None when the data hold too little for a model (too few rows, or too little dose).
     Raises `calibration.CalibrationError` when the frames show no usable BF disk.
     """
@@ -71,5 +71,5 @@ def reconstruct(
         acc.add(first, frames[first : first + BATCH_FRAMES])
     acquisition = Acquisition((rows, cols), (qx, qy), scan_order, energy_eV, step_A,
                               semiangle_mrad, counts_per_electron)  # fmt: skip
-    pipeline = TcbfProcessor(acquisition, cal, layout, settings or TcbfSettings())
+    pipeline = Pipeline(acquisition, cal, layout, settings or PipelineSettings())
     return pipeline.update(pipeline.inputs(acc.state, acc.frames_accepted), final=True)

@@ -1,6 +1,6 @@
 """Per-series tcBF pipeline: accumulated sums -> alignment -> aberrations -> image -> resolution.
 
-No sockets and no threads: the live engine calls `TcbfProcessor.update` from its alignment
+No sockets and no threads: the live engine calls `Pipeline.update` from its alignment
 thread on a timer (and once more when the series ends), the offline `reconstruct` command once
 at the end, both with inputs taken by `SeriesProcessor.alignment_inputs()`. Each update
 warm-starts from the previous shift model.
@@ -50,8 +50,8 @@ from tcbf_live.stream.tcbf.tiles import (
 from tcbf_live.stream.tcbf.updates import (
     Acquisition,
     AlignmentInputs,
-    TcbfResult,
-    TcbfSettings,
+    PipelineResult,
+    PipelineSettings,
 )
 
 RINGS = 8  # annuli of the BF disk for the axial-radius control
@@ -102,11 +102,11 @@ class _Resolution:
     dose_for_target: float | None
 
 
-class TcbfProcessor:
+class Pipeline:
     """Alignment state of one series (shift model, shift-and-add accumulator)."""
 
     def __init__(self, acquisition: Acquisition, calibration: Calibration, layout: TileLevels,
-                 settings: TcbfSettings):  # fmt: skip
+                 settings: PipelineSettings):  # fmt: skip
         acq = self.acquisition = acquisition
         self.settings = settings
         self.layout = layout
@@ -135,7 +135,7 @@ class TcbfProcessor:
         self.resolution_history: list[tuple[float, float]] = []
         self.last_trust: tuple[LevelTrust, ...] = ()
         self.matrix_px: np.ndarray | None = None  # warm start for the next update
-        self.last: TcbfResult | None = None
+        self.last: PipelineResult | None = None
         self._slips: set[tuple[int, int]] = set()
 
     def window(self, valid: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -164,7 +164,7 @@ class TcbfProcessor:
         return AlignmentInputs(hits, electrons, window, tiles, state.stack, frames, totals,
                                state.bf_sum.copy())  # fmt: skip
 
-    def update(self, inputs: AlignmentInputs, final: bool = False) -> TcbfResult | None:
+    def update(self, inputs: AlignmentInputs, final: bool = False) -> PipelineResult | None:
         """Align on what has arrived, refit, bring the image up to date, measure the
         resolution. None until enough rows are acquired and the dose supports a first model."""
         t0 = time.perf_counter()
@@ -180,7 +180,7 @@ class TcbfProcessor:
         aberrations = self.aberrations(aligned.result)
         image = self.image(inputs, aligned.shifts_px, aberrations, final)
         res = self.resolution(image, dose)
-        self.last = TcbfResult(
+        self.last = PipelineResult(
             image=image.image, shift_and_add=image.shift_and_add,
             phase_flipped=image.phase_flipped, upsampling_factor=self.upsampling,
             sampling_A=image.sampling_A, bf_k_px=self.k_px, shifts_px=aligned.shifts_px,

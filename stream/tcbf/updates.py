@@ -1,6 +1,6 @@
 """What one tcBF update reads and returns: the series' acquisition, settings, inputs, result.
 
-Plain frozen records, shared by the pipeline (`pipeline.TcbfProcessor`) and the series side
+Plain frozen records, shared by the pipeline (`pipeline.Pipeline`) and the series side
 that builds the inputs and publishes the results.
 """
 
@@ -37,7 +37,7 @@ class Acquisition:
 
 
 @dataclass(frozen=True)
-class TcbfSettings:
+class PipelineSettings:
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
     upsample: int | None = None  # None: round(2 alpha dx / lambda), capped
     phase_flip: bool = True
@@ -65,12 +65,12 @@ class AlignmentInputs:
     totals: np.ndarray | None = None  # (n_pos,) copy: counts of all unmasked pixels
     bf_sum: np.ndarray | None = None  # (n_pos,) copy: counts of the BF pixels
     # (n_pos,) frames x relative dose of each position, 0 where missing or excluded: what every
-    # per-position value is divided by (set by `TcbfProcessor.update` from the frame screen)
+    # per-position value is divided by (set by `Pipeline.update` from the frame screen)
     exposure: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
-class TcbfResult:
+class PipelineResult:
     """One alignment + reconstruction update (arrays are owned copies)."""
 
     image: np.ndarray  # tcBF image (phase-flipped when enabled and possible), (rows f, cols f)
@@ -106,6 +106,13 @@ class TcbfResult:
     def errors_px(self) -> np.ndarray:
         return self.alignment.errors_px
 
+    def resolution_text(self) -> str:
+        """'resolution [better than ]d A (FRC 0.143), h A (half-bit)': the one wording of the
+        command-line lines ('better than' when the sampling, not the data, limits it)."""
+        bound = "better than " if self.resolution_limited else ""
+        return (f"resolution {bound}{self.resolution_A:.3g} A (FRC 0.143), "
+                f"{self.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+
     def summary(self) -> str:
         ab = self.aberrations
         fit = (
@@ -116,11 +123,7 @@ class TcbfResult:
             else "aberrations need --energy/--step and an angular sampling"
         )
         levels = ",".join(str(b) for b in self.alignment.schedule) or "none"
-        res = ""
-        if self.resolution_A is not None:
-            bound = "better than " if self.resolution_limited else ""
-            res = (f"; resolution {bound}{self.resolution_A:.3g} A (FRC 0.143), "
-                   f"{self.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+        res = f"; {self.resolution_text()}" if self.resolution_A is not None else ""
         if self.dose_for_target_e_per_A2 is not None:
             res += (f"; {self.target_resolution_A:g} A needs ~{self.dose_for_target_e_per_A2:.3g}"
                     " e/A^2 (estimate)")  # fmt: skip
