@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import itertools
 import logging
@@ -307,64 +306,3 @@ def recv_capped(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_MESSAGE_P
             f"message of {count} parts, {total} bytes (cap {max_parts} parts, {max_bytes} bytes)"
         )
     return parts
-
-
-# ---------------------------------------------------------------------------- command line
-def add_curve_args(p: argparse.ArgumentParser, server: bool, client: bool) -> None:
-    """--curve-* flags for a command whose sockets bind (`server`) and/or connect (`client`)."""
-    g = p.add_argument_group(
-        "authentication (ZeroMQ CURVE, for links beyond one machine; keys from "
-        "zmq.auth.create_certificates: NAME.key public, NAME.key_secret private)"
-    )
-    g.add_argument("--curve-secret", metavar="FILE",
-                   help="this side's key pair (a .key_secret file): every ZeroMQ link of this "
-                   "command is authenticated and encrypted")  # fmt: skip
-    if client:
-        g.add_argument("--curve-server-key", metavar="FILE",
-                       help="public key (.key) of the server this command connects to")  # fmt: skip
-    if server:
-        g.add_argument("--curve-clients", metavar="DIR",
-                       help="accept only the clients whose public keys (*.key) are in DIR "
-                       "(default: any client that knows this side's public key)")  # fmt: skip
-
-
-def curve_from_args(args: argparse.Namespace) -> CurveKeys | None:
-    """CurveKeys from the --curve-* flags (None without --curve-secret); UsageError if bad."""
-    from tcbf_live.stream.cli.common import UsageError
-
-    secret = getattr(args, "curve_secret", None)
-    server_key = getattr(args, "curve_server_key", None)
-    clients = getattr(args, "curve_clients", None)
-    if secret is None:
-        if server_key is not None or clients is not None:
-            raise UsageError("--curve-server-key and --curve-clients need --curve-secret FILE")
-        return None
-    try:
-        return CurveKeys.load(secret, server_key, clients)
-    except CurveError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def link_curve(args: argparse.Namespace, connects: bool, detector: bool = False,
-               publishes: bool = False) -> CurveKeys | None:  # fmt: skip
-    """The CURVE keys of a command's data link (None: plain), checked against its role:
-    a connecting link needs --curve-server-key, a binding one must not have it. A detector
-    link cannot be authenticated: the flags then only serve --publish (`publishes`)."""
-    from tcbf_live.stream.cli.common import UsageError
-
-    curve = curve_from_args(args)
-    if curve is None:
-        return None
-    if detector:
-        if curve.server_key is not None or not publishes:
-            raise UsageError("detector links cannot be authenticated (keep them on an isolated "
-                             "network): --curve-* only applies to --publish here")  # fmt: skip
-        log.info("the detector link is plain text; CURVE protects --publish only")
-        return None
-    if connects and curve.server_key is None:
-        raise UsageError("--curve-secret on a connecting link needs --curve-server-key FILE "
-                         "(the public key of the side that binds)")  # fmt: skip
-    if not connects and curve.server_key is not None:
-        raise UsageError("--curve-server-key is for connecting links; a binding one is the "
-                         "server (its clients: --curve-clients DIR)")  # fmt: skip
-    return curve

@@ -197,7 +197,7 @@ def test_the_detectors_dropped_count_is_reconciled_with_ours(dcu, tmp_path):
     import numpy as np
 
     from tcbf_live.detectors.base import FrameBatch, SeriesInfo
-    from tcbf_live.stream.cli.run import SeriesFiles
+    from tcbf_live.stream.cli.series_files import SeriesFiles
     from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 
     class Dropping(FakeDCU):

@@ -21,14 +21,13 @@ from pathlib import Path
 
 from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.simulators.simulate import PRESETS, Simulator
-from tcbf_live.stream.cli.common import UsageError, parse_finite
+from tcbf_live.stream.cli.common import UsageError, add_curve_args, curve_from_args, parse_finite
 from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.outputs import atomic_output, check_output, same_file
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings
 from tcbf_live.stream.tcbf.pipeline import PipelineSettings
-from tcbf_live.stream.transport import add_curve_args, curve_from_args
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,15 @@ from tcbf_live.simulators.config import PRESETS, SimulationConfig, SimulationErr
 from tcbf_live.simulators.samples import SAMPLES
 from tcbf_live.simulators.sender import SendSettings
 from tcbf_live.simulators.simulate import Simulator
-from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
+from tcbf_live.stream.cli.common import (
+    UsageError,
+    add_curve_args,
+    curve_from_args,
+    parse_finite,
+    parse_pair,
+)
 from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.outputs import atomic_output, check_output
-from tcbf_live.stream.transport import add_curve_args, curve_from_args
 
 ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:]+\]|[^:/\s\[\]]+):\d{1,5}|ipc://\S+|inproc://\S+")
 

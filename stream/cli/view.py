@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from tcbf_live.stream.cli.common import UsageError, parse_finite
-from tcbf_live.stream.transport import add_curve_args, link_curve
+from tcbf_live.stream.cli.common import UsageError, add_curve_args, link_curve, parse_finite
 
 ENDPOINT = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[\w./\-]+)$")
 
