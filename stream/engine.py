@@ -296,7 +296,7 @@ class Engine:
         """Accumulate; frames whose pixels did not decode (in-kernel bslz4) are rejections.
         A series whose processing raises is refused (False), the engine goes on."""
         failed = proc.decode_failures
-        calibrated = proc.acc is not None
+        calibrated = proc.calibrated
         fresh = proc.frames_received == 0  # its first frames: its reservation now counts
         try:
             with self._lock:
@@ -313,9 +313,9 @@ class Engine:
             self.counters.reject(DecodeError("bad_payload", "bslz4 frame does not decompress"))
         n = sum(len(b.frames) if isinstance(b, FrameBatch) else 1 for b in batches)
         self.counters.frames += n - failed
-        if not calibrated and proc.acc is not None:  # sized now: reserve what it holds
+        if not calibrated and proc.calibrated:  # sized now: reserve what it holds
             self.table.reserve(sid)
-        if fresh or (not calibrated and proc.acc is not None):
+        if fresh or (not calibrated and proc.calibrated):
             self.table.rebudget()
         return True
 

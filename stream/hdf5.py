@@ -129,12 +129,13 @@ def write_result(
             write_attrs(acq, {"ground_truth": dict(result.info.ground_truth)})
         if result.excluded is not None:
             acq["excluded"] = result.excluded
-        for name, (where, _meaning) in POSITION_MAPS.items():
-            f[where] = getattr(result, name)
+        for name, m in POSITION_MAPS.items():
+            if m.path:
+                f[m.path] = getattr(result, name)
         write_calibration(f, result)
         if result.tcbf is not None:
             write_tcbf(f, result.tcbf)
-        write_dose(f.create_group("dose"), result)
+        write_dose(f.require_group("dose"), result)
     return path
 
 
@@ -155,7 +156,6 @@ def write_calibration(f: h5py.File, result: SeriesResult) -> None:
 def write_dose(dose: h5py.Group, result: SeriesResult) -> None:
     """/dose: attributes (`DOSE`), the dose map, BF fraction, FRC and resolution history."""
     write_attrs(dose, table(result, DOSE))
-    dose["map"] = result.dose_map
     dose["bf_fraction"] = result.bf_fraction
     t = result.tcbf
     if t is None:

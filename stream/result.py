@@ -2,8 +2,8 @@
 
 `SeriesResult` is what the engine hands to consumers (result file, view state, summary lines):
 frozen copies, safe to pass between threads. The per-position maps are declared once in
-`POSITION_MAPS` (name -> HDF5 path and meaning), so the result file and the view state loop
-over them instead of re-listing them.
+`POSITION_MAPS` (source, file path, shown or not), so the series read-out, the result file and
+the view state loop over them instead of re-listing them.
 """
 
 from __future__ import annotations
@@ -17,12 +17,26 @@ from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.tcbf.dose import beam_current_pA
 from tcbf_live.stream.tcbf.pipeline import PipelineResult
 
-# per-position maps of a result: attribute -> (path in the result file, meaning)
+
+@dataclass(frozen=True)
+class PositionMap:
+    """One per-position map of a result: where it comes from and where it goes."""
+
+    state: str | None  # the AccumulatorState sum it is read from (None: derived from others)
+    path: str | None  # its dataset in the result file (None: not written)
+    view: bool  # drawn by the viewer (float32 in the view state)
+    meaning: str
+
+
+# every per-position map of a result, by SeriesResult attribute: the series read-out, the
+# result file and the view state loop over this table
 POSITION_MAPS = {
-    "incoherent_bf": ("bf/incoherent", "BF counts per position"),
-    "axial_bf": ("bf/axial", "axial virtual BF"),
-    "dark_field": ("bf/dark_field", "counts outside the BF disk"),
-    "hits": ("bf/hits", "frames accumulated per position (0 = missing)"),
+    "incoherent_bf": PositionMap("bf_sum", "bf/incoherent", True, "BF counts per position"),
+    "axial_bf": PositionMap("axial_sum", "bf/axial", True, "axial virtual BF"),
+    "total_counts": PositionMap("totals", None, False, "counts of all unmasked pixels"),
+    "dark_field": PositionMap(None, "bf/dark_field", False, "counts outside the BF disk"),
+    "hits": PositionMap("hits", "bf/hits", False, "frames accumulated per position (0: none)"),
+    "dose_map": PositionMap(None, "dose/map", True, "e/A^2 per position"),
 }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 from tcbf_live.stream.budget import BudgetExceeded, check_info
-from tcbf_live.stream.result import SeriesResult
+from tcbf_live.stream.result import POSITION_MAPS, SeriesResult
 from tcbf_live.stream.staging import Staging
 from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState, prepare
 from tcbf_live.stream.tcbf.calibration import (
@@ -284,6 +284,18 @@ class SeriesProcessor:
         return self.acc is not None and self.acc.frames_accepted >= self.frame_limit
 
     @property
+    def calibrated(self) -> bool:
+        """Calibrated and sized: the accumulators exist."""
+        return self.acc is not None
+
+    def sizes(self) -> tuple[int, int] | None:
+        """(BF pixels, tile sums) per position once calibrated (what the memory budget counts),
+        else None."""
+        if self.acc is None:
+            return None
+        return self.acc.calibration.n_bf, self.acc.tiles_layout.total_tiles
+
+    @property
     def solvable(self) -> bool:
         return self._pipeline is not None
 
@@ -342,10 +354,8 @@ class SeriesProcessor:
             calibration=self.calibration,
             bins=lay.bins,
             n_tiles=lay.n_tiles,
-            incoherent_bf=_finite(acc.as_image(s.bf_sum)),
-            axial_bf=_finite(acc.as_image(s.axial_sum)),
-            total_counts=_finite(acc.as_image(s.totals)),
-            hits=acc.as_image(s.hits),
+            **{name: _finite(acc.as_image(getattr(s, m.state)))
+               for name, m in POSITION_MAPS.items() if m.state},  # fmt: skip
             frames_received=acc.frames_accepted,
             frames_expected=self.frame_limit,
             duplicates=acc.duplicates,

@@ -191,14 +191,12 @@ class SeriesTable:
 def footprint(proc: SeriesProcessor) -> int:
     """Bytes the series holds: exact once calibrated, else what it will at least hold."""
     info, s = proc.info, proc.settings
-    acc = proc.acc
+    n_bf, n_tiles = proc.sizes() or (None, None)
     kind = np.dtype(info.dtype)
     return series_footprint(
-        info.scan_shape, info.detector_shape, kind.itemsize,
-        acc.state.stack.shape[1] if acc is not None else None,
+        info.scan_shape, info.detector_shape, kind.itemsize, n_bf,
         _upsampling(info, s.pipeline.upsample,
                     proc.calibration.angular_sampling_mrad if proc.calibration else None),
-        frames_expected=proc.frame_limit,
-        n_tiles=acc.state.tiles.shape[1] if acc is not None else None,
+        frames_expected=proc.frame_limit, n_tiles=n_tiles,
         calibration_frames=s.calibration_frames, integer_stack=kind.kind == "u",
     ).total  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tcbf_live.stream.result import SeriesResult
+from tcbf_live.stream.result import POSITION_MAPS, SeriesResult
 from tcbf_live.stream.tcbf.dose import half_bit_threshold
 from tcbf_live.viewer.state import StateError, decode_state, encode_state
 
@@ -45,10 +45,8 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
         "dose_e_per_A2": float(result.dose_e_per_A2),
         "electrons_total": float(result.electrons_total),
         "bins": [int(b) for b in result.bins],
-        "incoherent_bf": _f32(result.incoherent_bf),
-        "axial_bf": _f32(result.axial_bf),
         "hits": np.ascontiguousarray(result.hits > 0, dtype=np.uint8),
-        "dose_map": _f32(result.dose_map),
+        **{name: _f32(getattr(result, name)) for name, m in POSITION_MAPS.items() if m.view},
         "projected_dose_e_per_A2": float(result.projected_dose_e_per_A2),
         "beam_current_pA": result.beam_current_pA,
     }
