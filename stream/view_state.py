@@ -93,6 +93,8 @@ def _tcbf_keys(t) -> dict[str, Any]:
                  frc_half_bit=_f32(half_bit_threshold(t.frc.n_pixels)),
                  resolution_A=t.resolution_A, resolution_half_bit_A=t.resolution_half_bit_A,
                  resolution_limited=bool(t.resolution_limited))  # fmt: skip
+        if t.resolution_A is not None:
+            s["resolution_text"] = t.resolution_text("Å")
     if t.resolution_vs_dose is not None:
         s["resolution_vs_dose"] = _f32(t.resolution_vs_dose)
     if t.dose_for_target_e_per_A2 is not None:

@@ -27,6 +27,7 @@ from tcbf_live.viewer.panels import (
     ShiftPanel,
     TcbfPanel,
     TilesPanel,
+    dose_lines,
 )
 from tcbf_live.viewer.state import StateError, decode_state, encode_state
 from tcbf_live.viewer.window import ViewerWindow
@@ -78,6 +79,10 @@ def test_view_state_round_trip_and_malformed_messages_rejected(tutorial):
         else:
             assert back[name] == value
     assert back["aberrations"]["defocus_A"] == pytest.approx(15000, rel=0.03)
+    # the dose panel shows the resolution in the engine's own words (one wording, two units)
+    result = proc.result(final=True, complete=True)
+    assert dose_lines(back)[1] == result.tcbf.resolution_text("Å")
+    assert result.tcbf.resolution_text() in result.dose_summary()
     import msgpack
 
     header = msgpack.unpackb(parts[0])

@@ -287,10 +287,8 @@ def dose_lines(s: State) -> list[str]:
         f"{s.get('electrons_total', 0):.4g} e"
         + (f", {current:.3g} pA" if current is not None else "")
     ]
-    if s.get("resolution_A") is not None:
-        bound = "better than " if s.get("resolution_limited") else ""
-        lines.append(f"resolution {bound}{s['resolution_A']:.3g} Å (FRC 0.143), "
-                     f"{s['resolution_half_bit_A']:.3g} Å (half-bit)")  # fmt: skip
+    if s.get("resolution_text"):  # worded by the engine (PipelineResult.resolution_text)
+        lines.append(s["resolution_text"])
     if s.get("dose_for_target_e_per_A2") is not None:
         lines.append(f"estimate: {s['target_resolution_A']:g} Å needs "
                      f"~{s['dose_for_target_e_per_A2']:.3g} e/Å²")  # fmt: skip

@@ -173,6 +173,7 @@ SCALARS = {
     "resolution_A": _opt(_is_num),
     "resolution_half_bit_A": _opt(_is_num),
     "resolution_limited": lambda v: isinstance(v, bool),
+    "resolution_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "target_resolution_A": _opt(_is_num),
     "dose_for_target_e_per_A2": _opt(_is_num),
     "trust": lambda v: isinstance(v, list) and len(v) <= MAX_LIST and all(map(_trust_row, v)),
@@ -205,6 +206,7 @@ NEEDS = {
     "ring_bf": ("ring_radii_px",),
     "ring_radii_px": ("ring_bf",),
     "resolution_A": ("resolution_half_bit_A", "frc_q_per_A", "frc", "frc_half_bit"),
+    "resolution_text": ("resolution_A",),
     "dose_for_target_e_per_A2": ("target_resolution_A",),
 }
 

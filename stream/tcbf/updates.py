@@ -106,12 +106,13 @@ class PipelineResult:
     def errors_px(self) -> np.ndarray:
         return self.alignment.errors_px
 
-    def resolution_text(self) -> str:
+    def resolution_text(self, angstrom: str = "A") -> str:
         """'resolution [better than ]d A (FRC 0.143), h A (half-bit)': the one wording of the
-        command-line lines ('better than' when the sampling, not the data, limits it)."""
+        summary lines and the viewer's dose panel ('better than' when the sampling, not the
+        data, limits it); `angstrom` is the unit's symbol (the viewer's is 'Å')."""
         bound = "better than " if self.resolution_limited else ""
-        return (f"resolution {bound}{self.resolution_A:.3g} A (FRC 0.143), "
-                f"{self.resolution_half_bit_A:.3g} A (half-bit)")  # fmt: skip
+        return (f"resolution {bound}{self.resolution_A:.3g} {angstrom} (FRC 0.143), "
+                f"{self.resolution_half_bit_A:.3g} {angstrom} (half-bit)")  # fmt: skip
 
     def summary(self) -> str:
         ab = self.aberrations
