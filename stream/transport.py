@@ -33,14 +33,25 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 256 << 20  # default cap on one whole multipart message
 MAX_MESSAGE_PARTS = 256  # DECTRIS V1 headers have ~10 parts, everything else 1-4
 
-_TCP = re.compile(r"tcp://(?:[^;]*;)?(\[[^\]]*\]|[^:]*):(\d+|\*)")
-
-
 # ---------------------------------------------------------------------------- endpoints
+# the one grammar of every endpoint the project takes: tcp://HOST:PORT with HOST a name, an IPv4
+# address, an IPv6 address in brackets or * (binding), PORT digits or * (binding); ipc://PATH;
+# inproc://NAME
+_ENDPOINT = re.compile(
+    r"tcp://(?P<host>\[[0-9a-fA-F:.]+\]|\*|[A-Za-z0-9][A-Za-z0-9.\-_]*):(?P<port>\d{1,5}|\*)"
+    r"|(?:ipc|inproc)://\S+"
+)
+
+
+def valid_endpoint(endpoint: str) -> bool:
+    """Whether `endpoint` is a ZeroMQ endpoint of the grammar above."""
+    return _ENDPOINT.fullmatch(endpoint) is not None
+
+
 def endpoint_host(endpoint: str) -> str | None:
     """The host of a tcp:// endpoint (brackets stripped); None for other transports."""
-    m = _TCP.fullmatch(endpoint)
-    return m.group(1).strip("[]") if m else None
+    m = _ENDPOINT.fullmatch(endpoint)
+    return m.group("host").strip("[]") if m and m.group("host") else None
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -268,16 +279,13 @@ def open_sender(ctx: zmq.Context, endpoint: str, socket_type: str, role: str, se
                      role=role, linger_s=linger_s, curve=curve, hint=hint)  # fmt: skip
 
 
-_RAW_TCP = re.compile(r"tcp://([^:\[\]]+|\[[0-9a-fA-F:]+\]):(\d{1,5})")
-
-
 def tcp_host_port(endpoint: str) -> tuple[str, int]:
-    """(host, port) of a raw TCP link's tcp://HOST:PORT (an IPv6 host in brackets);
-    ValueError for anything else."""
-    match = _RAW_TCP.fullmatch(endpoint)
-    if match is None:
+    """(host, port) of a raw TCP link's tcp://HOST:PORT (an IPv6 host in brackets; no
+    wildcards); ValueError for anything else."""
+    m = _ENDPOINT.fullmatch(endpoint)
+    if m is None or not m.group("host") or "*" in (m.group("host"), m.group("port")):
         raise ValueError(f"raw TCP needs tcp://HOST:PORT, got {endpoint!r}")
-    return match.group(1).strip("[]"), int(match.group(2))
+    return m.group("host").strip("[]"), int(m.group("port"))
 
 
 class OversizedMessage(Exception):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import re
 import sys
 import threading
 from dataclasses import replace
@@ -39,6 +38,7 @@ from tcbf_live.stream.cli.series_files import SeriesFiles
 from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.outputs import check_output
 from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.transport import tcp_host_port
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,13 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         processing = replace(processing, pipeline=replace(processing.pipeline, ring_images=True))
     endpoint = args.bind or args.connect
     if proto.transport == "tcp":
-        if args.bind or not re.fullmatch(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}", endpoint):
+        try:
+            if args.bind:
+                raise ValueError("binds")
+            tcp_host_port(endpoint)
+        except ValueError:
             raise UsageError(f"--protocol {args.protocol} connects to the detector's data port: "
-                             "--connect tcp://HOST:PORT")  # fmt: skip
+                             "--connect tcp://HOST:PORT") from None
     socket_type = args.socket or (proto.receiver_sockets or ("sub",))[0]
     curve = link_curve(args, connects=args.bind is None, detector=proto.detector,
                        publishes=args.publish is not None)  # fmt: skip

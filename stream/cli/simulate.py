@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +28,7 @@ from tcbf_live.stream.cli.common import (
 )
 from tcbf_live.stream.cli.sending import LinkSettings, serve
 from tcbf_live.stream.outputs import atomic_output, check_output
-
-ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:]+\]|[^:/\s\[\]]+):\d{1,5}|ipc://\S+|inproc://\S+")
+from tcbf_live.stream.transport import valid_endpoint
 
 # flags that describe the physics of a simulation; meaningless for --replay
 PHYSICS_FLAGS = (
@@ -219,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--no-stream needs --save (otherwise nothing would happen)")
     if args.no_stream and args.loop:
         raise UsageError("--loop and --no-stream contradict each other")
-    if not ENDPOINT.fullmatch(args.bind):
+    if not valid_endpoint(args.bind):
         raise UsageError(
             f"--bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {args.bind!r}"
         )

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 from tcbf_live.stream.cli.common import UsageError, add_curve_args, link_curve, parse_finite
-
-ENDPOINT = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[\w./\-]+)$")
+from tcbf_live.stream.transport import valid_endpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not ENDPOINT.match(args.connect):
+    if not valid_endpoint(args.connect):
         raise UsageError(f"bad endpoint {args.connect!r} (tcp://HOST:PORT or ipc://PATH)")
     if args.headless and not args.seconds:
         raise UsageError("--headless needs --seconds")
