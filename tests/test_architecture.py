@@ -22,7 +22,7 @@ MAY_IMPORT = {
 # the science core: numpy, scipy, numba and the pure parts of the standard library
 CORE_ALLOWED = {"numpy", "scipy", "numba", "__future__", "typing", "dataclasses", "math",
                 "functools", "itertools", "collections", "enum", "types", "re", "json",
-                "pathlib", "time", "operator", "abc"}  # fmt: skip
+                "time", "operator", "abc"}  # fmt: skip  (no pathlib, os, io: no file I/O)
 
 
 def modules():
@@ -31,13 +31,23 @@ def modules():
             yield path.relative_to(ROOT), ast.parse(path.read_text(), str(path))
 
 
-def imported(tree: ast.AST) -> set[str]:
+def imported(tree: ast.AST, rel: Path | None = None) -> set[str]:
+    """Absolute names of every module a file imports: `import a.b`, `from a.b import c` (and
+    `a.b.c`, in case c is a module), relative imports resolved against the file's package
+    (`rel`, its path below the repository root)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level and rel is not None:
+                package = ["tcbf_live", *rel.parts[:-1]] if rel.parts[0] != "tcbf_live" else []
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            if module:
+                names.add(module)
+                names.update(f"{module}.{a.name}" for a in node.names)
     return names
 
 
@@ -47,9 +57,10 @@ def test_no_package_imports_upward():
         top = rel.parts[0]
         if top not in MAY_IMPORT:
             continue
-        for name in imported(tree):
+        for name in imported(tree, rel):
             parts = name.split(".")
-            if parts[0] == "tcbf_live" and len(parts) > 1 and parts[1] not in MAY_IMPORT[top]:
+            if (parts[0] == "tcbf_live" and len(parts) > 1 and parts[1] not in MAY_IMPORT[top]
+                    and parts[1] != "__version__"):  # fmt: skip
                 wrong.append(f"{rel}: {name}")
     assert not wrong, "upward imports:\n" + "\n".join(wrong)
 
@@ -59,7 +70,7 @@ def test_the_science_core_imports_nothing_impure():
     for rel, tree in modules():
         if rel.parts[:2] != ("stream", "tcbf"):
             continue
-        for name in imported(tree):
+        for name in imported(tree, rel):
             first = name.split(".")[0]
             if name.startswith("tcbf_live.stream.tcbf") or first in CORE_ALLOWED:
                 continue
@@ -89,13 +100,25 @@ def test_no_function_over_80_lines():
 
 
 def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
-    """The checks above can fail: an upward import and a long function are found."""
-    fake = tmp_path / "detectors"
-    fake.mkdir()
+    """The checks above can fail: upward imports (absolute, `from tcbf_live import ...` and
+    relative), an impure core module, a long module and a long function are all found."""
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
-    (fake / "bad.py").write_text(f"import tcbf_live.stream.engine\n\n\ndef f():\n{body}\n")
+    files = {
+        "detectors/bad.py": f"import tcbf_live.stream.engine\n\n\ndef f():\n{body}\n",
+        "viewer/sneaky.py": "from tcbf_live import stream\nfrom ..stream import engine\n",
+        "stream/tcbf/impure.py": "import logging\nfrom pathlib import Path\n" + "\n" * 400,
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    with pytest.raises(AssertionError, match="detectors/bad.py: tcbf_live.stream.engine"):
+    with pytest.raises(AssertionError) as upward:
         test_no_package_imports_upward()
+    assert "detectors/bad.py: tcbf_live.stream.engine" in str(upward.value)
+    assert "viewer/sneaky.py: tcbf_live.stream" in str(upward.value)
+    with pytest.raises(AssertionError, match="impure.py: logging"):
+        test_the_science_core_imports_nothing_impure()
+    with pytest.raises(AssertionError, match="impure.py: 402"):
+        test_no_module_over_400_lines(MAX_MODULE_LINES)
     with pytest.raises(AssertionError, match="bad.py:f 81"):
         test_no_function_over_80_lines()

@@ -256,7 +256,7 @@ def test_calibration_file_with_sampling_from_the_flags(tutorial, tmp_path, capsy
 
     sim, frames = tutorial
     cal = replace(calibrate(frames[:64]), angular_sampling_mrad=None)
-    cal.save(tmp_path / "cal.json")
+    (tmp_path / "cal.json").write_text(cal.to_json())
     data = tmp_path / "d.npy"
     np.save(data, frames.reshape(24, 48, 128, 128))
     out = tmp_path / "r.h5"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -190,7 +191,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
     calibration = None
     try:
         if args.calibration:
-            calibration = Calibration.load(args.calibration)
+            calibration = Calibration.from_json(Path(args.calibration).read_text())
     except (OSError, ValueError, KeyError, CalibrationError) as exc:
         raise UsageError(f"cannot read {args.calibration}: {exc}") from None
     mask = load_mask(args.mask) if args.mask else None

@@ -9,12 +9,13 @@ notebook:
 >>> result.image, result.aberrations.defocus_A, result.resolution_A
 
 The modules, in the order one update uses them: `calibration` (BF disk, masks),
-`accumulators` (accumulate and merge), `kernels` (every numba kernel), `tiles` (tile
-geometry and images), `registration` and `alignment` (coarse-to-fine cross-correlation),
-`shift_model` (the fit of s = M k), `aberrations`, `reconstruction` (shift-and-add, phase
-flip), `dose` (dose, FRC, resolution), `screening` (outlier frames, missed triggers),
-`optics` (wavelength, chi), `pipeline` (one update: align, aberrations, image, resolution)
-and `offline` (all of it on an array).
+`accumulators` (accumulate and merge), `kernels` (every numba kernel of the core; the ingest
+kernel that decompresses DECTRIS frames in its loop is `stream.staging`'s, as it calls the
+detector codec), `tiles` (tile geometry and images), `registration` and `alignment`
+(coarse-to-fine cross-correlation), `shift_model` (the fit of s = M k), `aberrations`,
+`reconstruction` (shift-and-add, phase flip), `dose` (dose, FRC, resolution), `screening`
+(outlier frames, missed triggers), `optics` (wavelength, chi), `pipeline` (one update: align,
+aberrations, image, resolution) and `offline` (all of it on an array).
 """
 
 from tcbf_live.stream.tcbf.aberrations import AberrationFit, fit_aberrations

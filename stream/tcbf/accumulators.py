@@ -104,8 +104,13 @@ class AccumulatorState:
         its share of the scan. `stack=False` leaves the per-BF-pixel stack out (it is the
         largest array and only the final image needs it: cheap enough for every alignment
         update without it). Returns the frames both states had folded (a sender's duplicate
-        that reached two receivers): counted as duplicates, not as accepted; their counts are
-        in the sums twice, as are their hits, so per-frame values stay consistent."""
+        that reached two receivers): counted as duplicates, not as accepted; unlike one
+        receiver, which drops a duplicate, their counts are in the sums twice, as are their
+        hits, so per-frame values stay consistent.
+
+        It adds in place: merge each partial state into a target once. To follow partitions
+        that keep growing, merge them afresh at every update (into a new `partition()`, or
+        with `merged`), never the same partition into the same target twice."""
         mine, theirs = self.arrays(), other.arrays()
         for name, a in mine.items():
             if a.shape != theirs[name].shape or a.dtype != theirs[name].dtype:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -70,13 +69,14 @@ class Calibration:
             "bf_pixels": self.bf_pixels.tolist(),
         }
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+    def to_json(self) -> str:
+        """The text of a calibration file (`--calibration FILE`; the core writes no files)."""
+        return json.dumps(self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path, detector_shape: tuple[int, int] | None = None) -> Calibration:
-        """Read a calibration file written by `save` (BF pixels, centre, radius, mask)."""
-        d = json.loads(Path(path).read_text())
+    def from_json(cls, text: str, detector_shape: tuple[int, int] | None = None) -> Calibration:
+        """A calibration from the text of a calibration file (BF pixels, centre, radius, mask)."""
+        d = json.loads(text)
         shape = tuple(d["detector_shape"])
         if detector_shape is not None and tuple(detector_shape) != shape:
             raise CalibrationError(
