@@ -54,7 +54,7 @@ SEND_TIMEOUT_MS = 10_000  # a sender blocked this long (receiver gone) gives up
 BATCH = 16  # frames per native message, as `tcbf-live simulate`
 CLEAN_SERIES_ID = 7001
 CALIBRATION_FRAMES = 64  # `run`/`reconstruct --calibration-frames` default
-# /acquisition attrs of the screening (stream/results.py): frames excluded (and by reason,
+# /acquisition attrs of the screening (docs/result-file.md): frames excluded (and by reason,
 # JSON), hot and dead pixels found, and `suspect`, a JSON list of reasons not to trust the image
 EXCLUDED_ATTR, REASONS_ATTR, SUSPECT_ATTR = (
     "frames_excluded",
