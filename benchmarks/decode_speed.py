@@ -7,21 +7,40 @@ alone (every frame decompressed into an array: the least any receiver does), the
 fed to the accumulators (calibrated, all bin levels) the way the engine does it: bslz4 blobs
 left compressed by the decoder and decompressed inside the accumulate kernel. For comparison,
 "decoder bslz4" decodes first and stages the frames. Best of five interleaved runs.
-Also compares the two bslz4 libraries on the same blobs.
+Also compares the two bslz4 libraries on the same blobs, and the C path (dectris-compression
+decode, bitshuffle encode) with the portable numba codec (`detectors/bslz4.py`, used where the C
+libraries are not installed) on 96x96 and 192x192 uint16 frames, with their ratios.
 
-Run: OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/decode_speed.py
+Run: OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/decode_speed.py [--codecs|--portable]
+(`--codecs`: only the codec table; `--portable`: the engine table with the C libraries made
+unimportable, as in an install without the `fast` extra)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
+
+class _BlockCLibraries:
+    """`--portable`: make dectris-compression and bitshuffle unimportable, as without `fast`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("dectris", "bitshuffle"):
+            raise ImportError(f"{name} blocked (--portable)")
+
+
+if "--portable" in sys.argv[1:]:
+    sys.meta_path.insert(0, _BlockCLibraries())
+
 import numpy as np  # noqa: E402
 
+from tcbf_live.detectors import bslz4 as portable  # noqa: E402
+from tcbf_live.detectors import compression  # noqa: E402
 from tcbf_live.detectors.base import SeriesInfo  # noqa: E402
 from tcbf_live.detectors.compression import compress_bslz4, native_bslz4  # noqa: E402
 from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder  # noqa: E402
@@ -96,16 +115,60 @@ def bench(size: int, n: int) -> dict:
             bitshuffle.decompress_lz4(np.frombuffer(b[12:], np.uint8), (size * size,),
                                       np.dtype("u2"), 4096)  # fmt: skip
 
+    fast = compression.BACKEND != "portable"
     return {
         "size": size, "n": n, "decode_fps": n / t_dec, "both_fps": n / t_acc,
         "overhead": t_acc / t_dec - 1, "staged": t_staged / t_dec - 1,
-        "dectris_us": best(with_dectris) / 16 * 1e6,
-        "bitshuffle_us": best(with_bitshuffle) / 16 * 1e6,
+        "dectris_us": best(with_dectris) / 16 * 1e6 if fast else np.nan,
+        "bitshuffle_us": best(with_bitshuffle) / 16 * 1e6 if fast else np.nan,
     }  # fmt: skip
 
 
+def codecs(size: int, repeats: int = 7) -> dict:
+    """us per frame: the C path vs the portable codec, decode (into a preallocated frame, as the
+    kernel does, and to bytes, as `decompress` does) and encode, on the same 16 frames."""
+    import bitshuffle
+    from dectris.compression import decompress
+
+    pool = frames_for(size, 16, np.random.default_rng(size))
+    blobs = [np.frombuffer(compress_bslz4(f), np.uint8) for f in pool]
+    out = np.empty(size * size, np.uint16)
+    assert all(portable.bslz4_into(b, 0, len(b), out, 2) for b in blobs)  # compiled, correct
+    header = portable.HEADER.pack(size * size * 2, 8192)
+
+    cases = {
+        "decode C": lambda: [decompress(b, "bslz4", elem_size=2) for b in blobs],
+        "decode portable": lambda: [portable.bslz4_into(b, 0, len(b), out, 2) for b in blobs],
+        "decode portable bytes": lambda: [
+            compression.decompress_portable("bslz4", 2, memoryview(b), out.nbytes)
+            for b in blobs],
+        "encode C": lambda: [header + bitshuffle.compress_lz4(f.ravel(), 4096).tobytes()
+                             for f in pool],
+        "encode portable": lambda: [portable.compress_bslz4(f) for f in pool],
+    }  # fmt: skip
+    return {name: best(fn, repeats) / len(pool) * 1e6 for name, fn in cases.items()}
+
+
+def print_codecs() -> None:
+    print(f"{'frame':>9} {'decode C us':>12} {'portable us':>12} {'(to bytes)':>11} "
+          f"{'ratio':>6} {'encode C us':>12} {'portable us':>12} {'ratio':>6}")  # fmt: skip
+    for size in (96, 192):
+        r = min((codecs(size) for _ in range(3)), key=lambda r: r["decode portable"])
+        print(f"{size:>4}x{size:<4} {r['decode C']:>12.1f} {r['decode portable']:>12.1f} "
+              f"{r['decode portable bytes']:>11.1f} "
+              f"{r['decode portable'] / r['decode C']:>6.1f} {r['encode C']:>12.1f} "
+              f"{r['encode portable']:>12.1f} {r['encode portable'] / r['encode C']:>6.1f}")
+
+
 def main() -> None:
-    print(f"in-kernel bslz4: {'yes' if native_bslz4() else 'no (decoder path)'}")
+    if compression.BACKEND == "portable":  # run without the `fast` extra: nothing to compare
+        print("C libraries not installed: the engine table below uses the portable codec")
+    else:
+        print_codecs()
+    if "--codecs" in sys.argv[1:]:
+        return
+    print(f"in-kernel bslz4: {'yes' if native_bslz4() else 'no (decoder path)'} "
+          f"({compression.IN_KERNEL})")
     print(f"{'frame':>9} {'frames':>7} {'decode f/s':>11} {'+accumulate f/s':>16} {'overhead':>9} "
           f"{'(decoder bslz4)':>16} {'bslz4 dectris us':>17} {'bitshuffle us':>14}")  # fmt: skip
     for size, n in ((96, 20_000), (192, 5_000), (512, 1_000)):

@@ -9,20 +9,24 @@ Formats (tcbf-physics reference `detector-protocols.md` sect. 2.5, 3.2):
 The declared size is checked against what the caller expects *before* anything is
 decompressed, so a blob claiming a huge size costs nothing.
 
-Library: `dectris-compression` decodes everything received. Measured here
-(benchmarks/decode_speed.py, one core) it is also the faster of the two on detector-sized frames
-(5.7 vs 19.9 us for a 96x96 uint16 frame, 20 vs 47 us at 192x192), and the safer: bitshuffle's
-LZ4 path trusts its input and segfaulted on corrupted blobs in our fuzzing (that would take the
-receiver down), while dectris-compression raised an exception on each of 9,000 of them.
-bitshuffle only *encodes* (the simulator's own frames), with
-its OpenMP threads pinned to one (they are pathologically slow on busy 2-core machines).
+Libraries, both optional (the `fast` extra): `dectris-compression` decodes everything received
+where it is installed; it is faster than bitshuffle on detector-sized frames and the safer of
+the two (bitshuffle's LZ4 path trusts its input and segfaulted on corrupted blobs in our
+fuzzing; dectris-compression raised an exception on each of 9,000). `bitshuffle` only
+*encodes* (the simulator's own frames), its OpenMP threads pinned to one (they are
+pathologically slow on busy 2-core machines). Without them, `bslz4` (numba + the `lz4` package,
+wheels everywhere) decodes and encodes the same blobs, with the same `DecodeError` reasons;
+`BACKEND` names what is used. Costs: docs/detectors.md (benchmarks/decode_speed.py).
 
-Inside numba kernels, `bslz4_into` decompresses a blob straight into a caller's buffer through
-the library's C entry point `compression_decompress_buffer` (its public C API, exported by the
-same extension module): the accumulate kernel then folds each frame in while it is still in the
-L1 cache, with no bytes object and no staging copy per frame. `native_bslz4()` says whether
-that entry point was found and decodes a reference blob exactly like `decompress` (checked once);
-if not, everything goes through `decompress`.
+Inside numba kernels, `bslz4_into` decompresses a blob straight into a caller's buffer, so the
+accumulate kernel folds each frame in while it is still in the L1 cache, with no bytes object
+and no staging copy per frame. It calls the C symbol `compression_decompress_buffer`: the
+library's public C API, exported by its extension module (versions in NATIVE_VERSIONS), or,
+where that is missing, the portable decoder's C-callable twin bound to the same name at import
+(`bslz4.c_entry`). One compiled kernel thus runs with either, also from numba's cache after the
+library was installed or removed; `IN_KERNEL` names the one bound. `native_bslz4()` says
+whether kernels may decompress in-kernel: the bound one decodes reference blobs exactly
+(checked once).
 """
 
 from __future__ import annotations
@@ -31,19 +35,26 @@ import functools
 import logging
 import os
 import struct
+from importlib.metadata import PackageNotFoundError, version
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import lz4.block  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from dectris.compression import decompress as dectris_decompress  # noqa: E402
 
+from tcbf_live.detectors import bslz4 as portable  # noqa: E402
 from tcbf_live.detectors.errors import DecodeError  # noqa: E402
+
+try:
+    from dectris.compression import decompress as dectris_decompress
+except ImportError:  # the portable decoder takes over
+    dectris_decompress = None
 
 HEADER = struct.Struct(">QI")
 BLOCK_BYTES = 8192  # DECTRIS' block size
 LZ4_MAX_RATIO = 256  # an LZ4 block never decompresses to more than ~255x its size
+log = logging.getLogger(__name__)
 
 
 def _header(blob: memoryview, expected_nbytes: int, algorithm: str) -> int:
@@ -66,24 +77,37 @@ def _header(blob: memoryview, expected_nbytes: int, algorithm: str) -> int:
 
 
 def decompress(algorithm: str, element_size: int, blob, expected_nbytes: int) -> bytes:
-    """Bytes of one decompressed frame; DecodeError for anything inconsistent."""
+    """Bytes of one decompressed frame; DecodeError for anything inconsistent. Through
+    dectris-compression where installed, else the portable decoder (`bslz4`)."""
     view = memoryview(blob).cast("B")
     if algorithm == "bslz4":
         if element_size not in (1, 2, 4):
             raise DecodeError("bad_payload", f"bslz4 element size {element_size}")
-        _header(view, expected_nbytes, algorithm)
-        try:
+    elif algorithm != "lz4":
+        raise DecodeError("bad_encoding", f"unsupported compression {algorithm!r}")
+    _header(view, expected_nbytes, algorithm)
+    if dectris_decompress is None:
+        return decompress_portable(algorithm, element_size, view, expected_nbytes)
+    try:
+        if algorithm == "bslz4":
             return dectris_decompress(view, "bslz4", elem_size=element_size)
-        except Exception as exc:  # corrupt blocks are reported as exceptions
-            raise DecodeError("bad_payload", f"bslz4: {exc}") from None
+        return dectris_decompress(view, "lz4")
+    except Exception as exc:  # corrupt blocks are reported as exceptions
+        raise DecodeError("bad_payload", f"{algorithm}: {exc}") from None
 
-    if algorithm == "lz4":
-        _header(view, expected_nbytes, algorithm)
-        try:
-            return dectris_decompress(view, "lz4")
-        except Exception as exc:
-            raise DecodeError("bad_payload", f"lz4: {exc}") from None
-    raise DecodeError("bad_encoding", f"unsupported compression {algorithm!r}")
+
+def decompress_portable(algorithm: str, element_size: int, view: memoryview,
+                        expected_nbytes: int) -> bytes:  # fmt: skip
+    """`decompress` without the C library, for a blob whose header `_header` has accepted."""
+    blob = np.frombuffer(view, np.uint8)
+    out = np.empty(expected_nbytes, np.uint8)
+    if algorithm == "bslz4":
+        ok = portable.bslz4_into(blob, 0, len(blob), out, element_size)
+    else:
+        ok = portable.lz4_into(blob, out)
+    if not ok:
+        raise DecodeError("bad_payload", f"{algorithm}: a block does not decompress")
+    return out.tobytes()
 
 
 def decompress_lz4_block(data: memoryview, nbytes: int) -> bytes:
@@ -102,47 +126,71 @@ def decompress_lz4_block(data: memoryview, nbytes: int) -> bytes:
     return raw
 
 
-def compress_bslz4(frame: np.ndarray) -> bytes:
-    """DECTRIS bslz4 blob of one frame (header + bitshuffle/LZ4 blocks of 8192 bytes)."""
-    import bitshuffle
+def _bitshuffle():
+    try:
+        import bitshuffle
+    except ImportError:
+        return None
+    return bitshuffle
 
+
+def compress_bslz4(frame: np.ndarray) -> bytes:
+    """DECTRIS bslz4 blob of one frame (header + bitshuffle/LZ4 blocks of 8192 bytes): by
+    `bitshuffle` where installed, else by the portable encoder (`bslz4.compress_bslz4`)."""
     flat = np.ascontiguousarray(frame).ravel()
-    body = bitshuffle.compress_lz4(flat, BLOCK_BYTES // flat.itemsize)
+    library = _bitshuffle()
+    if library is None:
+        return portable.compress_bslz4(flat, BLOCK_BYTES)
+    body = library.compress_lz4(flat, BLOCK_BYTES // flat.itemsize)
     return HEADER.pack(flat.nbytes, BLOCK_BYTES) + body.tobytes()
 
 
 # ----------------------------------------------------------------- in-kernel decompression
-MAX_BLOCK_BYTES = 1 << 24
+MAX_BLOCK_BYTES = portable.MAX_BLOCK_BYTES
 _BSLZ4 = 0  # CompressionAlgorithm COMPRESSION_BSLZ4_HDF5
-_ERROR = np.uint64(2**64 - 1)  # COMPRESSION_ERROR (SIZE_MAX)
+_ERROR = portable.ENTRY_ERROR  # COMPRESSION_ERROR (SIZE_MAX)
+_SYMBOL = "compression_decompress_buffer"
+# versions whose C entry point has the signature `bslz4.ENTRY_SIGNATURE` (read in their sources)
+NATIVE_VERSIONS = ((0, 3), (0, 4))
 
 
-def _load_native() -> numba.types.ExternalFunction | None:
-    """The C entry point, declared for numba; None when the library does not export it."""
+def _bind_entry() -> str:
+    """Make the symbol `compression_decompress_buffer` resolvable for numba: the library's own
+    where it is installed in a version known to export it with this signature, else the portable
+    decoder's C-callable twin (`bslz4.c_entry`). Kernels call the symbol by name, so one compiled
+    (and cached) kernel runs with either; returns which one is bound."""
+    import llvmlite.binding
+
     try:
-        import ctypes
+        release = tuple(int(x) for x in version("dectris-compression").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        release = None
+    if dectris_decompress is not None and release in NATIVE_VERSIONS:
+        try:
+            import ctypes
 
-        import llvmlite.binding
-        from dectris import compression as library
+            from dectris import compression as library
 
-        ctypes.CDLL(library.__file__).compression_decompress_buffer  # noqa: B018 (exists?)
-        llvmlite.binding.load_library_permanently(library.__file__)
-    except (ImportError, OSError, AttributeError) as exc:
-        logging.getLogger(__name__).info("no in-kernel bslz4 (%s)", exc)
-        return None
-    t = numba.types
-    signature = t.uintp(t.intc, t.voidptr, t.uintp, t.voidptr, t.uintp, t.uintp)
-    return t.ExternalFunction("compression_decompress_buffer", signature)
+            ctypes.CDLL(library.__file__).compression_decompress_buffer  # noqa: B018 (exists?)
+            llvmlite.binding.load_library_permanently(library.__file__)
+            return "dectris-compression"
+        except (ImportError, OSError, AttributeError) as exc:
+            log.info("no in-kernel dectris-compression (%s)", exc)
+    log.info("in-kernel bslz4: portable decoder (dectris-compression %s)", release)
+    llvmlite.binding.add_symbol(_SYMBOL, portable.c_entry.address)
+    return "portable"
 
 
-_native = _load_native()
+IN_KERNEL = _bind_entry()  # what `bslz4_into` calls in kernels
+BACKEND = "portable" if dectris_decompress is None else "dectris-compression"  # `decompress`
+_entry = numba.types.ExternalFunction(_SYMBOL, portable.ENTRY_SIGNATURE)
 
 
 @numba.njit(nogil=True, cache=True)
 def bslz4_into(blob: np.ndarray, start: int, stop: int, out: np.ndarray, element_size: int) -> bool:
     """Decompress the bslz4 blob `blob[start:stop]` (uint8) into `out` (C-contiguous; its byte
     size is the frame's). The header must declare exactly that size, a sane block size and a
-    blob no larger than LZ4 can produce, as in `decompress`; the library checks the rest.
+    blob no larger than LZ4 can produce, as in `decompress`; the entry point checks the rest.
     False for anything that does not decode to exactly `out.nbytes` bytes."""
     n = stop - start
     if n < 12 or start < 0 or stop > blob.shape[0]:
@@ -158,30 +206,16 @@ def bslz4_into(blob: np.ndarray, start: int, stop: int, out: np.ndarray, element
         return False
     if n > expected + expected // 255 + 16 * (size // block + 2) + 64:
         return False
-    got = _native(_BSLZ4, out.ctypes.data, expected, blob[start:].ctypes.data, n, element_size)
+    got = _entry(_BSLZ4, out.ctypes.data, expected, blob[start:].ctypes.data, n, element_size)
     return got != _ERROR and got == expected
-
-
-# versions whose C entry point has the signature declared above (read in their sources)
-NATIVE_VERSIONS = ((0, 3), (0, 4))
 
 
 @functools.cache
 def native_bslz4() -> bool:
-    """Whether kernels may call `bslz4_into`: a dectris-compression version known to export
-    the entry point with this signature, which then decodes reference frames (1-, 2- and 4-byte
-    pixels, several blocks) exactly like `decompress` and refuses a lying and a truncated one.
-    Checked once, on first use; otherwise everything goes through `decompress`."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    log = logging.getLogger(__name__)
-    try:
-        release = tuple(int(x) for x in version("dectris-compression").split(".")[:2])
-    except (PackageNotFoundError, ValueError):
-        release = None
-    if _native is None or release not in NATIVE_VERSIONS:
-        log.info("in-kernel bslz4 not used (dectris-compression %s)", release)
-        return False
+    """Whether kernels may call `bslz4_into` (either implementation): it decodes reference
+    frames (1-, 2- and 4-byte pixels, several blocks) exactly like `decompress` and refuses a
+    lying and a truncated one. Checked once, on first use; otherwise everything goes through
+    `decompress`."""
     try:
         rng = np.random.default_rng(7)
         for dtype in ("u1", "<u2", "<u4"):
@@ -199,5 +233,5 @@ def native_bslz4() -> bool:
                 return False
         return True
     except Exception as exc:  # an incompatible build: use the Python path
-        log.warning("in-kernel bslz4 disabled: %s", exc)
+        log.warning("in-kernel bslz4 (%s) disabled: %s", IN_KERNEL, exc)
         return False

@@ -3,8 +3,9 @@
 DECTRIS and Merlin send one frame per message; a kernel call costs ~3 us, so runs of small
 messages are copied into a reusable staging buffer (one concatenate, no Python per frame) and
 folded with one call. Runs of bslz4-compressed frames share one call that decompresses each
-frame into an L1/L2-sized scratch buffer and folds it while it is still in cache (or, where the
-installed dectris-compression offers no in-kernel entry point, are decoded first).
+frame into an L1/L2-sized scratch buffer and folds it while it is still in cache (through
+dectris-compression's C entry point where installed, else the portable numba decoder; if the
+chosen one fails its self-test, `native_bslz4()`, they are decoded first).
 """
 
 from __future__ import annotations

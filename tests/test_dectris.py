@@ -73,7 +73,7 @@ def test_real_eiger2_capture_decodes_to_the_published_statistics():
 
 
 def test_encoder_round_trip_and_blob_readable_by_dectris_compression(sim):
-    from dectris.compression import decompress as dectris_decompress
+    dectris_decompress = pytest.importorskip("dectris.compression").decompress
 
     info = sim.series_info(5)
     frames = sim.frames(0, 6)
@@ -98,7 +98,7 @@ def test_pipeline_over_dectris_equals_the_native_result(sim, endpoint, protocol,
     in the stream is one counted rejection, its position stays empty, the rest is kept."""
     from tcbf_live.stream import staging
 
-    assert native_bslz4()  # the installed dectris-compression exports its C entry point
+    assert native_bslz4()  # dectris-compression's C entry point, or the portable decoder
     monkeypatch.setattr("tcbf_live.stream.receiver.native_bslz4", lambda: in_kernel)
     fused_calls = []
     fused = staging.accumulate_compressed
