@@ -50,9 +50,11 @@ from tcbf_live.detectors.compression import (
 )
 from tcbf_live.detectors.dectris_v1_fields import (
     MAX_PIXELS,
+    ImageLayout,
     fits_blob,
     fits_image,
     header_info,
+    image_layout,
     json_part,
 )
 from tcbf_live.detectors.errors import CollectsErrors
@@ -82,7 +84,7 @@ class DectrisV1Decoder(CollectsErrors):
 
     protocol = "dectris-v1"
 
-    def __init__(self, defer_bslz4: bool = False):
+    def __init__(self, defer_bslz4: bool = False, lean: bool = True):
         self._init_errors()
         self.series: SeriesInfo | None = None  # the latest series started
         self._known: dict[int, _Series] = {}  # started series, oldest first
@@ -104,17 +106,26 @@ class DectrisV1Decoder(CollectsErrors):
         self._after_dconfig: tuple[int, int] | None = None  # (message, part) of the last dconfig
         # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
         self.defer_bslz4 = defer_bslz4
+        # read image messages of a learned layout without json (False: always the full parse)
+        self.lean = lean
+        self._lean: tuple[_Series, ImageLayout] | None = None
+        self._learned: _Series | None = None  # the series a layout was last learned for
 
     def reset(self) -> list[Event]:
         """Forget every series and the message being read (nothing to close: no events)."""
-        self.__init__(self.defer_bslz4)
+        self.__init__(self.defer_bslz4, self.lean)
         return []
 
     def decode(self, parts: list[Any]) -> list[Event]:
         """Events of these parts; a bad part is recorded and the rest still decoded, so a
         series start or frames before it are never lost (see `CollectsErrors`)."""
-        events: list[Event] = []
         self._message += 1
+        if self._lean is not None and len(parts) == 4:
+            events = self._lean_image(parts)
+            if events is not None:
+                return self._finish(events)
+        events: list[Event] = []
+        errors = len(self._errors)
         for index, part in enumerate(parts):
             try:
                 event = self._part(part, index)
@@ -128,7 +139,39 @@ class DectrisV1Decoder(CollectsErrors):
                 continue
             if event is not None:
                 events.extend(event if isinstance(event, list) else [event])
+        if (self.lean and len(parts) == 4 and len(self._errors) == errors and events
+                and self._after_dconfig == (self._message, 3)
+                and self._image_series not in (None, self._learned)):  # fmt: skip
+            self._learn(parts)
         return self._finish(events)
+
+    # ------------------------------------------------------------------ lean image path
+    def _learn(self, parts: list[Any]) -> None:
+        """Learn the layout of this fully parsed 4-part image message (once per series)."""
+        self._learned = self._image_series
+        layout = image_layout(parts, self._image_d)
+        self._lean = None if layout is None else (self._image_series, layout)
+
+    def _lean_image(self, parts: list[Any]) -> list[Event] | None:
+        """The events of an image message that matches the learned layout, with the state
+        changes of the full parse; None (nothing changed) for anything else."""
+        series, lean = self._lean
+        if self._state not in ("idle", "after_image") or self._candidate is not None:
+            return None
+        head, d = lean.dimage.fullmatch(parts[0]), lean.image_d.fullmatch(parts[1])
+        if head is None or d is None or lean.dconfig.fullmatch(parts[3]) is None:
+            return None
+        series_id = series.info.series_id
+        if (self._known.get(series_id) is not series or int(head[1]) > 1 << 31
+                or memoryview(parts[2]).nbytes != int(d[1]) or (series_id == self._series_id
+                and self._config is not None and not self._header_used)):  # fmt: skip
+            return None  # another series' state, a frame id out of range, a wrong-size blob,
+            #              a repeated header to check: the full parse says what it is
+        self._image_series, self._frame, self._image_d = series, int(head[1]), lean.image_d_dict
+        self._state = "blob"
+        events = _listed(self._blob(parts[2]))  # an unusable image is recorded, as in `_part`
+        self._state, self._after_dconfig = "after_image", (self._message, 3)
+        return events
 
     # ------------------------------------------------------------------ state machine
     def _blob(self, part: Any):

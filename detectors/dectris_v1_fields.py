@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from tcbf_live.detectors.base import DecodeError, SeriesInfo
@@ -87,3 +89,86 @@ def fits_image(blob: Any, d: dict | None) -> bool:
     if type(size) is not int:
         return json_part(blob) is None
     return memoryview(blob).nbytes == size
+
+
+# ------------------------------------------------------------------ lean image parts
+# A part that matches the pattern learned from an earlier, fully parsed part of the same kind is
+# valid JSON with the same keys in the same order, the same values for every field the decoder
+# reads (`literal`), a JSON integer where it reads a number that changes per frame (`captured`,
+# the regex groups in key order) and any JSON scalar elsewhere (times, hash), so its fields are
+# read without building a dict. Every repetition is bounded: a match is far below MAX_JSON_BYTES.
+_WS = rb"[ \t\n\r]{0,16}"
+_PLAIN = rb"[\x20\x21\x23-\x5b\x5d-\x7e]"  # printable ASCII but '"' and '\': no escapes
+_INT = rb"(0|[1-9][0-9]{0,17})"
+_SCALAR = (rb'(?:-?(?:0|[1-9][0-9]{0,30})(?:\.[0-9]{1,30})?(?:[eE][+-]?[0-9]{1,3})?|"'
+           + _PLAIN + rb'{0,256}"|true|false|null)')  # fmt: skip
+_PLAIN_TEXT = re.compile(_PLAIN + rb"{0,256}")
+
+
+def _literal(value: Any) -> bytes | None:
+    """A pattern matching exactly the JSON texts of `value` (an int, a plain string, a list
+    of ints), or None for any other value."""
+    if type(value) is int:
+        return str(value).encode()
+    if isinstance(value, str) and _PLAIN_TEXT.fullmatch(value.encode()):
+        return b'"' + re.escape(value.encode()) + b'"'
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return rb"\[" + (rb",".join(_WS + str(v).encode() + _WS for v in value)) + rb"\]"
+    return None
+
+
+def part_pattern(part: Any, literal: frozenset, captured: frozenset) -> re.Pattern | None:
+    """The pattern of JSON parts laid out as `part` (see above), or None if `part` is not a flat
+    JSON object with plain keys, each once, and the kinds of values this needs."""
+    try:
+        pairs = json.loads(bytes(memoryview(part)), object_pairs_hook=list)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(pairs, list) or len({k for k, _ in pairs}) != len(pairs):
+        return None
+    items = []
+    for key, value in pairs:
+        if not _PLAIN_TEXT.fullmatch(key.encode()):
+            return None
+        if key in captured:
+            pattern = _INT if type(value) is int else None
+        elif key in literal:
+            pattern = _literal(value)
+        else:
+            pattern = _SCALAR if value is None or isinstance(value, bool | int | float | str) \
+                else None  # fmt: skip
+        if pattern is None:
+            return None
+        items.append(_WS + b'"' + re.escape(key.encode()) + b'"' + _WS + b":" + _WS + pattern
+                     + _WS)  # fmt: skip
+    if not captured <= {k for k, _ in pairs}:
+        return None
+    return re.compile(rb"\{" + rb",".join(items) + rb"\}")
+
+
+# the fields of an image's JSON parts: (the same in every frame, read per frame)
+LEAN_FIELDS = ((frozenset({"htype", "series"}), frozenset({"frame"})),
+               (frozenset({"htype", "shape", "type", "encoding"}), frozenset({"size"})),
+               (frozenset({"htype"}), frozenset()))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """The layout of one series' image messages, learned from a fully parsed one: the patterns
+    of its dimage (group 1: the frame id), dimage_d (group 1: the blob size) and dconfig parts,
+    and that dimage_d's dict, whose shape, type and encoding every matching dimage_d repeats."""
+
+    dimage: re.Pattern
+    image_d: re.Pattern
+    dconfig: re.Pattern
+    image_d_dict: dict
+
+
+def image_layout(parts: list[Any], image_d: dict | None) -> ImageLayout | None:
+    """The layout of a 4-part image message (dimage, dimage_d, blob, dconfig) whose dimage_d
+    parsed to `image_d`; None if a part is not laid out as `part_pattern` needs."""
+    jsons = (parts[0], parts[1], parts[3])
+    patterns = [part_pattern(p, *f) for p, f in zip(jsons, LEAN_FIELDS, strict=True)]
+    if image_d is None or not all(patterns):
+        return None
+    return ImageLayout(*patterns, image_d)

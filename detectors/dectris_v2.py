@@ -38,16 +38,16 @@ from tcbf_live.detectors.base import (
     header_int as _int,
 )
 from tcbf_live.detectors.compression import decompress
+from tcbf_live.detectors.dectris_v2_lean import SELF_DESCRIBED as SELF_DESCRIBED  # encoder's
+from tcbf_live.detectors.dectris_v2_lean import TYPED, ImageLayout, image_layout
 from tcbf_live.detectors.errors import CollectsErrors
 
-TYPED = {64: "|u1", 69: "<u2", 70: "<u4"}
 TYPED_TAG = {v: k for k, v in TYPED.items()}
 DTYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
 MAX_MESSAGE_BYTES = 1 << 30
 MAX_PIXELS = 1 << 26  # 8192^2: larger than any DECTRIS detector
 MAX_IMAGES = 1 << 31
 KNOWN_SERIES = 8  # series whose start is remembered (images of any of them decode)
-SELF_DESCRIBED = b"\xd9\xd9\xf7"
 
 
 class _Compressed:  # tag 56500 (plain slotted classes: built three times per image)
@@ -125,17 +125,21 @@ class DectrisV2Decoder(CollectsErrors):
 
     protocol = "dectris-v2"
 
-    def __init__(self, channel: str | None = None, defer_bslz4: bool = False):
+    def __init__(self, channel: str | None = None, defer_bslz4: bool = False, lean: bool = True):
         self._init_errors()
         self.channel = channel  # None: the first announced channel
         # hand bslz4 images on undecoded (CompressedFrame), for in-kernel decompression
         self.defer_bslz4 = defer_bslz4
         self.series: SeriesInfo | None = None  # the latest series started
         self._known: dict[int, _Series] = {}  # oldest first
+        # read image messages of a learned layout without cbor2 (False: always the full parse)
+        self.lean = lean
+        self._lean: tuple[_Series, ImageLayout] | None = None
+        self._learned: _Series | None = None  # the series a layout was last learned for
 
     def reset(self) -> list[Event]:
         """Forget every series (nothing to close: no events)."""
-        self.series = None
+        self.series, self._lean, self._learned = None, None, None
         self._known.clear()
         return []
 
@@ -145,6 +149,10 @@ class DectrisV2Decoder(CollectsErrors):
         buf = memoryview(parts[0])
         if buf.nbytes > MAX_MESSAGE_BYTES:
             raise DecodeError("oversized", f"message of {buf.nbytes} bytes")
+        if self._lean is not None and buf.format == "B":
+            event = self._lean_image(buf)
+            if event is not None:
+                return event
         try:
             m = cbor2.loads(buf, tag_hook=_tag_hook)
         except DecodeError:
@@ -157,7 +165,10 @@ class DectrisV2Decoder(CollectsErrors):
         if kind == "start":
             return self._start(m)
         if kind == "image":
-            return self._image(m)
+            event = self._image(m)
+            if self.lean and isinstance(_listed(event)[-1], FrameBatch | CompressedFrame):
+                self._learn(buf, self._known[m["series_id"]])
+            return event
         if kind == "end":
             series = _int(m, "series_id", 0, 1 << 62)
             state = self._known.get(series)
@@ -233,6 +244,30 @@ class DectrisV2Decoder(CollectsErrors):
             self._errors.append(err)
             return None
 
+    def _learn(self, buf: memoryview, state: _Series) -> None:
+        """Learn the layout of this accepted image message (once per series)."""
+        if state is not self._learned:
+            self._learned = state
+            layout = image_layout(buf, state.channel.encode(errors="surrogatepass"))
+            self._lean = None if layout is None else (state, layout)
+
+    def _lean_image(self, buf: memoryview) -> FrameBatch | CompressedFrame | None:
+        """The frame of an image message of the learned layout, when the full parse gives the
+        same event (the series still known as learned, the image id in range, a blob that
+        decodes); None, nothing changed, for anything else: the full parse decides."""
+        state, layout = self._lean
+        read = layout.read(buf)
+        info = state.info
+        if (read is None or self._known.get(info.series_id) is not state
+                or read[0] >= info.frames_expected):  # fmt: skip
+            return None
+        try:
+            frame = _lean_frame(read[0], read[1], layout, info, self.defer_bslz4)
+        except (DecodeError, ValueError):
+            return None
+        state.images += 1
+        return frame
+
     def _image(self, m: dict) -> FrameBatch:
         series = _int(m, "series_id", 0, 1 << 62)
         state = known_series(self._known, series, "image")
@@ -275,6 +310,25 @@ class DectrisV2Decoder(CollectsErrors):
 
         frame = _array(arr, info.detector_shape, info.dtype)
         return FrameBatch(info.series_id, image_id, frame[None])
+
+
+def _lean_frame(image_id: int, blob: memoryview, layout: ImageLayout, info: SeriesInfo,
+                defer_bslz4: bool) -> FrameBatch | CompressedFrame:  # fmt: skip
+    """`DectrisV2Decoder._frame` of a learned layout's image (its payload checks passed when
+    the layout was learned: shape, dtype, element size)."""
+    algorithm, size, shape = layout.algorithm, layout.element_size, info.detector_shape
+    if defer_bslz4 and algorithm == "bslz4":
+        return CompressedFrame(info.series_id, image_id, blob, size, shape, info.dtype)
+    nbytes = np.dtype(info.dtype).itemsize * shape[0] * shape[1]
+    raw = blob if algorithm is None else decompress(algorithm, size, blob, nbytes)
+    if len(raw) != nbytes:
+        raise DecodeError("size_mismatch", f"decoded {len(raw)} bytes, frame is {nbytes}")
+    return FrameBatch(info.series_id, image_id, np.frombuffer(raw, info.dtype)
+                      .reshape(shape)[None])  # fmt: skip
+
+
+def _listed(event: Event | list) -> list:
+    return event if isinstance(event, list) else [event]
 
 
 def _array(arr: Any, shape: tuple[int, int], dtype: str) -> np.ndarray:
