@@ -15,6 +15,7 @@ Both also decode frames (`frames`, `iter_batches`) for the other protocols.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,16 @@ import numpy as np
 
 from tcbf_live.detectors.base import SeriesInfo
 from tcbf_live.detectors.compression import compress_bslz4, decompress
-from tcbf_live.detectors.files import DatasetError
+from tcbf_live.detectors.files import META_ATTR, DatasetError, RecordedDataset
 
 BITSHUFFLE_FILTER = 32008
+# a raw recording of `run --record` (stream/recorder.py): one data file in the master, its
+# metadata as JSON in the dataset's META_ATTR, the frames it holds, the detector's pixel mask
+RECORDED_DATA = "entry/data/data_000001"
+PRESENT = "entry/recording/frames_present"
+PIXEL_MASK = "entry/recording/pixel_mask"
+RECORDED_FIELDS = ("scan_order", "energy_eV", "step_A", "semiangle_mrad", "angular_sampling_mrad",
+                   "rotation_deg", "transpose", "counts_per_electron", "mask_value", "dwell_s")
 
 
 def is_dectris_master(path: str | Path) -> bool:
@@ -58,14 +66,17 @@ class DectrisMaster:
 
     def __init__(self, path: str | Path, overrides: dict[str, Any] | None = None):
         self.path = Path(path)
-        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
         try:
             self._f = h5py.File(self.path, "r")
             group = self._f["entry/data"]
             names = sorted(k for k in group if k.startswith("data_"))
             self._datasets = [group[k] for k in names]
-        except (OSError, KeyError) as exc:
+            recorded = json.loads(self._datasets[0].attrs.get(META_ATTR, "{}"))
+        except (OSError, KeyError, IndexError, ValueError) as exc:
             raise DatasetError(f"{path}: not a readable DECTRIS master file ({exc})") from None
+        # a `run --record` file says how it was taken; the caller's values take precedence
+        self.overrides = {**recorded_overrides(recorded), **given}
         shapes = {d.shape[1:] for d in self._datasets}
         if len(shapes) != 1 or any(d.ndim != 3 for d in self._datasets):
             raise DatasetError(f"{path}: data files disagree on the frame shape")
@@ -86,6 +97,17 @@ class DectrisMaster:
             d.chunks == (1, *self.detector_shape) and _bslz4_filter(d, itemsize)
             for d in self._datasets
         )
+        self.present = self._recorded(PRESENT, (self.n_frames,), bool)  # None: all frames
+        self.pixel_mask = self._recorded(PIXEL_MASK, self.detector_shape, bool)
+
+    def _recorded(self, name: str, shape: tuple, dtype) -> np.ndarray | None:
+        """An array a raw recording adds (None when absent)."""
+        d = self._f.get(name)
+        if d is None:
+            return None
+        if not isinstance(d, h5py.Dataset) or d.shape != shape:
+            raise DatasetError(f"{self.path}: /{name} is not {shape}")
+        return np.asarray(d[()]).astype(dtype)
 
     def series_info(self, series_id: int) -> SeriesInfo:
         bits = np.dtype(self.dtype).itemsize * 8
@@ -95,6 +117,7 @@ class DectrisMaster:
             dtype=self.dtype, counts_per_electron=1.0, mask_value=(1 << bits) - 1,
             frames_expected=self.n_frames,
             dwell_s=float(frame_time) if frame_time is not None else None,
+            pixel_mask=self.pixel_mask,
         )  # fmt: skip
         keep = {k: v for k, v in self.overrides.items() if k != "scan_shape"}
         return info.with_overrides(**keep)
@@ -110,6 +133,8 @@ class DectrisMaster:
 
         def chunks():
             for i in range(self.n_frames):
+                if self.present is not None and not self.present[i]:
+                    continue  # never recorded: missing in the replay too
                 d, j = self._locate(i)
                 skipped, blob = d.id.read_direct_chunk((j, 0, 0))
                 if skipped:  # HDF5 stored this chunk unfiltered: compress it for the stream
@@ -148,11 +173,47 @@ class DectrisMaster:
         return np.frombuffer(chunk, self.dtype).reshape(self.detector_shape)
 
     def iter_batches(self, batch: int = 32) -> Iterator[tuple[int, np.ndarray]]:
-        for first in range(0, self.n_frames, batch):
-            yield first, self.frames(first, min(batch, self.n_frames - first))
+        """Runs of consecutive frames; frames a recording does not hold are skipped."""
+        for first, count in present_runs(self.present, self.n_frames, batch):
+            yield first, self.frames(first, count)
 
     def close(self) -> None:
         self._f.close()
+
+    def __enter__(self) -> DectrisMaster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def recorded_overrides(meta: dict[str, Any]) -> dict[str, Any]:
+    """The SeriesInfo values a raw recording's metadata gives (scan shape included)."""
+    out = {k: meta[k] for k in ("scan_shape", *RECORDED_FIELDS) if meta.get(k) is not None}
+    if "scan_shape" in out:
+        out["scan_shape"] = tuple(int(n) for n in out["scan_shape"])
+    return out
+
+
+def present_runs(present: np.ndarray | None, n_frames: int,
+                 batch: int) -> Iterator[tuple[int, int]]:  # fmt: skip
+    """(first, count) of consecutive present frames, at most `batch` each (None: all)."""
+    if present is None:
+        present = np.ones(n_frames, bool)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], present.view(np.int8), [0]))))
+    for start, stop in zip(edges[::2], edges[1::2], strict=True):
+        for first in range(int(start), int(stop), batch):
+            yield first, min(batch, int(stop) - first)
+
+
+def open_recording(spec: str, overrides: dict[str, Any]):
+    """A .mib (Merlin), a DECTRIS master file (a `run --record` file too), or a 4D .npy /
+    HDF5 dataset: the frame sources `simulate --replay` and `reconstruct` read."""
+    if spec.endswith(".mib"):
+        return MibFile(spec, overrides)
+    if spec.endswith((".h5", ".hdf5")) and is_dectris_master(spec):
+        return DectrisMaster(spec, overrides)
+    return RecordedDataset(spec, overrides)
 
 
 class MibFile:
@@ -231,3 +292,9 @@ class MibFile:
 
     def close(self) -> None:
         pass
+
+    def __enter__(self) -> MibFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -74,9 +74,11 @@ class Engine:
         self,
         settings: EngineSettings,
         on_series_end: Callable[[SeriesResult], None] | None = None,
+        on_frames: Callable[[SeriesProcessor, list], None] | None = None,
     ):
         self.settings = settings
         self.on_series_end = on_series_end
+        self.on_frames = on_frames  # the frames of an open series, as received (run --record)
         self.counters = StreamCounters()
         self.last_result: SeriesResult | None = None  # the last finished series with frames
         self.tally = Tallies()  # what the series ended with (exit codes)
@@ -263,6 +265,8 @@ class Engine:
         if not batches:
             return
         self.table.touched(sid)
+        if self.on_frames is not None:  # must not wait (stream.recorder enqueues them)
+            self.on_frames(proc, batches)
         if self._current is not proc:
             with self._lock:
                 self._current = proc

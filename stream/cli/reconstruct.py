@@ -14,6 +14,7 @@ import time
 
 from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.detectors.files import RecordedDataset
+from tcbf_live.detectors.vendor_files import open_recording
 from tcbf_live.stream.budget import BudgetExceeded
 from tcbf_live.stream.cli.common import UsageError
 from tcbf_live.stream.cli.exitcodes import EPILOG, ExitCode, incomplete_reasons, series_code
@@ -39,13 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "reconstruct",
         help="align and reconstruct a recorded 4D-STEM dataset (offline, same engine)",
         description="Process INPUT (a 4D .npy (rows, cols, Qx, Qy) or 3D frame stack with "
-        "--scan, an HDF5 FILE.h5:/path dataset, or a `simulate --save` file) with the live "
+        "--scan, an HDF5 FILE.h5:/path dataset, a `simulate --save` or `run --record` file, a "
+        "DECTRIS master file or a Merlin .mib) with the live "
         "engine's code path and write the HDF5 result (never over the input; over an existing "
         "file only with --overwrite).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="INPUT", help="FILE.npy, FILE.h5[:/dataset]")
+    p.add_argument("input", metavar="INPUT", help="FILE.npy, FILE.h5[:/dataset], FILE.mib")
     add_processing_args(p)
     add_output_args(p)
     p.set_defaults(run=run)
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # the scan shape is needed to open a 3D stack; the other flags override the file's
     # metadata through the processing settings, as for a live stream
-    with RecordedDataset(args.input, {"scan_shape": args.scan}) as data:
+    with open_recording(args.input, {"scan_shape": args.scan}) as data:
         info = settings.resolve(data.series_info(series_id=1))
 
         missing = [flag for flag, value in (("--energy", info.energy_eV),

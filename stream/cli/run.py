@@ -36,8 +36,9 @@ from tcbf_live.stream.cli.options import (
 )
 from tcbf_live.stream.cli.series_files import SeriesFiles
 from tcbf_live.stream.engine import Engine, EngineSettings
-from tcbf_live.stream.outputs import check_output
+from tcbf_live.stream.outputs import check_output, same_file
 from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.recorder import Recorder, RecordSettings
 from tcbf_live.stream.transport import tcp_host_port
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="re-align every S seconds while frames arrive (0: only at the end)",
     )
     add_output_args(p)
+    p.add_argument("--record", metavar="FILE.h5",
+                   help="also keep the raw frames as received, one file per series (FILE.h5, "
+                   "FILE.series-2.h5 ...; read by reconstruct and simulate --replay)")  # fmt: skip
     p.add_argument("--headless", action="store_true", help="no viewer window")
     d = p.add_argument_group(
         "detector control (DECTRIS SIMPLON REST; default: passive, attach "
@@ -132,6 +136,22 @@ def check_outputs(args: argparse.Namespace) -> Path:
     return output
 
 
+def check_record(args: argparse.Namespace) -> None:
+    """--record: refused before anything starts like --output (exists without --overwrite,
+    its earlier series files, an input), and never the result file itself."""
+    if args.record is None:
+        return
+    inputs = [p for p in (args.mask, args.calibration) if p]
+    record = check_output(args.record, args.overwrite, inputs, flag="--record")
+    if same_file(record, Path(args.output)):
+        raise UsageError(f"--record {record} is the --output file: name another")
+    pattern = f"{glob.escape(record.stem)}.series-*{glob.escape(record.suffix)}"
+    earlier = sorted(record.parent.glob(pattern))
+    if earlier and not args.overwrite:
+        raise UsageError(f"--record {earlier[0]} exists (series files of an earlier run): "
+                         "pass --overwrite or another name")  # fmt: skip
+
+
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     if not args.headless:
         from tcbf_live.viewer.app import check_window
@@ -142,6 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
 
     processing = processing_from_args(args)
     check_outputs(args)
+    check_record(args)
     check_memory(args)
     proto = registry.protocol(args.protocol)
     if args.simplon and not proto.simplon:
@@ -215,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
-    engine = Engine(settings, on_series_end=files).start()
+    recorder = Recorder(RecordSettings(Path(args.record), args.overwrite)) if args.record else None
+    engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
+                    on_frames=recorder).start()  # fmt: skip
     stop_on_signals(engine, args.headless)
     try:
         detector = arm_detector(args, engine) if args.simplon else None
@@ -258,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
             except Exception as exc:  # report, but the result is what matters now
                 sys.stderr.write(f"tcbf-live run: disarm failed: {exc}\n")
 
+    if recorder is not None:  # the recording's own lines; the exit code is the result's
+        recorder.close()
+        sys.stderr.writelines(f"{line}\n" for line in recorder.summaries())
     if engine.counters.rejected:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(engine.counters.rejected.items()))
         sys.stderr.write(f"rejected messages: {reasons}\n")

@@ -15,6 +15,7 @@ from tcbf_live.detectors.files import (
     split_dataset_spec,
     write_dataset,
 )
+from tcbf_live.detectors.vendor_files import open_recording
 from tcbf_live.simulators.config import PRESETS, SimulationConfig, SimulationError
 from tcbf_live.simulators.samples import SAMPLES
 from tcbf_live.simulators.sender import SendSettings
@@ -301,14 +302,3 @@ def save_dataset(spec: str, overwrite: bool, *args) -> Path:
         except DatasetError as exc:  # name the file asked for, not the temporary one
             raise DatasetError(str(exc).replace(str(tmp), str(path))) from None
     return path
-
-
-def open_recording(spec: str, overrides: dict):
-    """A .mib (Merlin), a DECTRIS master file, or a 4D .npy / HDF5 dataset."""
-    from tcbf_live.detectors.vendor_files import DectrisMaster, MibFile, is_dectris_master
-
-    if spec.endswith(".mib"):
-        return MibFile(spec, overrides)
-    if spec.endswith((".h5", ".hdf5")) and is_dectris_master(spec):
-        return DectrisMaster(spec, overrides)
-    return RecordedDataset(spec, overrides)
