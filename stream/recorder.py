@@ -30,6 +30,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,6 +300,7 @@ class Recorder:
             finally:
                 with self._cond:
                     self._pending_bytes -= nbytes
+            time.sleep(0)  # h5py holds the GIL: let a waiting ingest thread in at once
 
     def _write(self, item) -> None:
         if item[0] == "open":
