@@ -47,7 +47,9 @@ class WireProtocol:
     batched: bool = False  # one message carries a batch of frames (else one frame each)
     bslz4_frames: bool = False  # the decoder can hand bslz4 frames to the kernel undecoded
     channels: bool = False  # the stream carries several threshold channels
-    simplon: bool = False  # the detector is armed through SIMPLON REST (`run --simplon`)
+    # armed through SIMPLON REST (`run --simplon`): the stream `format` and `header_detail`
+    # that select this protocol and carry our appendix (scan shape, optics); None: not SIMPLON
+    simplon: tuple[str, str] | None = None
     description: str = ""
 
     def decoder(self, options: DecoderOptions | None = None) -> Decoder:
@@ -67,14 +69,14 @@ PROTOCOLS: dict[str, WireProtocol] = {
         WireProtocol(
             "dectris-v1", lambda o: DectrisV1Decoder(defer_bslz4=o.defer_bslz4),
             DectrisV1Encoder(), "zmq", ("pull", "sub"), ("push", "pub"), ("bslz4", "lz4", "raw"),
-            detector=True, bslz4_frames=True, simplon=True,
+            detector=True, bslz4_frames=True, simplon=("legacy", "all"),
             description="DECTRIS SIMPLON stream V1 (JSON parts), PUSH as the detector",
         ),
         WireProtocol(
             "dectris-v2",
             lambda o: DectrisV2Decoder(channel=o.channel, defer_bslz4=o.defer_bslz4),
             DectrisV2Encoder(), "zmq", ("pull", "sub"), ("push", "pub"), ("bslz4", "none"),
-            detector=True, bslz4_frames=True, channels=True, simplon=True,
+            detector=True, bslz4_frames=True, channels=True, simplon=("cbor", "basic"),
             description="DECTRIS SIMPLON stream V2 (CBOR), PUSH as the detector",
         ),
         WireProtocol(

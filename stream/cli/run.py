@@ -317,10 +317,9 @@ def arm_detector(args: argparse.Namespace, engine: Engine):
         raise UsageError(f"--simplon: {exc}") from None
     appendix = json.dumps({"scan_shape": list(args.scan), "energy_eV": args.energy,
                            "step_A": args.step, "semiangle_mrad": args.semiangle})  # fmt: skip
-    v1 = args.protocol == "dectris-v1"
+    stream_format, header_detail = registry.protocol(args.protocol).simplon
     try:
-        # V1 carries the appendix only with header_detail all; V2 puts it in user_data
-        client.configure_stream("legacy" if v1 else "cbor", "all" if v1 else "basic", appendix)
+        client.configure_stream(stream_format, header_detail, appendix)
         client.configure_scan(args.scan[0] * args.scan[1], args.trigger_mode)
         series = client.arm()
     except SimplonError as exc:
