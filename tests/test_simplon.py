@@ -85,16 +85,25 @@ def test_errors_are_one_clear_exception(dcu):
         SimplonClient("evil host; rm -rf /")
 
 
-def test_run_active_mode_configures_arms_and_disarms(dcu, tmp_path, capsys):
+@pytest.mark.parametrize("protocol,stream_format,detail",
+                         [("dectris-v2", "cbor", "basic"), ("dectris-v1", "legacy", "all")])
+def test_run_active_mode_configures_arms_and_disarms(dcu, tmp_path, capsys, protocol,
+                                                     stream_format, detail):  # fmt: skip
+    """The stream is configured for the protocol (the registry's SIMPLON format and header
+    detail: V1 carries our appendix only with header_detail all), armed, then disarmed."""
     from tcbf_live.stream.cli.main import main
 
+    FakeDCU.requests.clear()
     out = tmp_path / "r.h5"
-    code = main(["run", "--protocol", "dectris-v2", "--socket", "pull", "--connect",
+    code = main(["run", "--protocol", protocol, "--socket", "pull", "--connect",
                  f"tcp://127.0.0.1:{dcu + 1}", "--headless", "--scan", "4x5", "--timeout", "1",
                  "--simplon", f"127.0.0.1:{dcu}", "--output", str(out)])  # fmt: skip
     assert code == 4  # EMPTY: nothing was streamed by the fake detector
     commands = [p.rsplit("/", 1)[-1] for m, p, _ in FakeDCU.requests if "/command/" in p]
     assert commands == ["arm", "disarm"]
+    puts = {p.rsplit("/", 1)[-1]: body for m, p, body in FakeDCU.requests if m == "PUT"}
+    assert puts["format"] == {"value": stream_format}
+    assert puts["header_detail"] == {"value": detail}
     assert "no series received" in capsys.readouterr().err
 
 
