@@ -10,7 +10,7 @@ and
 Results are read from the HDF5 files written (/aberrations attrs defocus_A, rotation_rad;
 /acquisition attrs) and compared with the clean run of the same mode: relative defocus error
 and rotation difference. The table gives, per case and mode: frames kept (received/expected,
-frames excluded), the result vs clean, the exit code (stream/exitcodes.py), the files written,
+frames excluded), the result vs clean, the exit code (stream/cli/exitcodes.py), the files written,
 and whether that is what a trustworthy engine does (each case's `Expect`: exit code, files
 written, every frame sent received, the frames excluded (exactly the anomalous ones, none for a
 clean stream), a missed trigger flagged, and the fit within 3 % defocus and 1 deg rotation of
