@@ -9,6 +9,9 @@ DECTRIS stream V1 and V2, 96x96 uint16 bslz4 images (the pre-encoded messages of
 - decompress: one frame, the C library and the portable codec;
 - accumulate: the accumulate kernel on decoded frames (all bin levels, 2090 BF px), and the
   fused kernel that decompresses each frame in cache and folds it (what the engine runs);
+- engine loop: the same messages decoded and handed to `Engine.process` as the receive loop
+  does (routing, geometry checks, staging, the fused kernel), without a socket and without the
+  alignment (which runs on its own thread);
 - merge: one merge of a 256x256 scan's partial state without the stack (`merge_speed.py`),
   per alignment update, not per frame.
 Best of 3 per stage.
@@ -119,7 +122,35 @@ def stage_table(name: str) -> list[tuple[str, float]]:
         staging.fold(frames[:2048], into=acc.empty_state())
 
     rows.append(("decompress + accumulate, fused kernel", best_us(fused, 2048)))
+    rows.append(("engine loop: decode + route + stage + kernel", engine_us(name, msgs)))
     return rows
+
+
+def engine_us(name: str, msgs: list[list[bytes]]) -> float:
+    """The engine's whole ingest step without a socket: every message decoded
+    (`decode_counted`) and handed to `Engine.process` 64 at a time, as the receive loop does;
+    the last frame and the end are left out, so no final alignment runs."""
+    from tcbf_live.stream.engine import Engine, EngineSettings
+    from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, decode_counted
+
+    def run() -> float:
+        eng = Engine(EngineSettings(subscriber=SubscriberSettings(
+            endpoint="inproc://engine-stage", socket_type="pull", bind=True),
+            protocol=name, align_interval_s=None))  # fmt: skip
+        decoder = protocol(name).decoder(DecoderOptions(defer_bslz4=True))
+        counters, batch = StreamCounters(), []
+        t = time.thread_time()
+        for m in msgs[:-2]:
+            batch.extend(decode_counted(decoder, m, counters))
+            if len(batch) >= 64:
+                eng.process(batch)
+                batch = []
+        eng.process(batch)
+        spent = time.thread_time() - t
+        eng.receiver.close()
+        return spent
+
+    return min(run() for _ in range(2)) / (N_FRAMES - 1) * 1e6
 
 
 def main() -> None:
