@@ -71,3 +71,28 @@ def tree_rss_mb(pid: int) -> float:
         total_kb += _proc_rss_kb(p)
         todo.extend(_proc_children(p))
     return total_kb / 1024 if total_kb else float("nan")
+
+
+def bare_receive(endpoint: str, header_messages: int, timed_messages: int,
+                 rcvhwm: int) -> tuple[float, float]:  # fmt: skip
+    """The bare pyzmq loop the engine is compared with: a PULL socket connects to `endpoint`,
+    takes the header messages and the first data message, then `timed_messages` more with
+    `recv_multipart(copy=False)` and nothing else, then the end message. Returns the wall and
+    CPU (this process) seconds of the timed messages."""
+    import time
+
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.connect(endpoint)
+    for _ in range(header_messages + 1):  # the header, and the first data message (warm)
+        parts = sock.recv_multipart(copy=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(timed_messages):
+        parts = sock.recv_multipart(copy=False)
+    t1, c1 = time.perf_counter(), time.process_time()
+    sock.recv_multipart(copy=False)  # end
+    del parts
+    sock.close()
+    return t1 - t0, c1 - c0

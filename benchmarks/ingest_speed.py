@@ -25,7 +25,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from common import rss_mb  # noqa: E402
+from common import bare_receive, rss_mb  # noqa: E402
 
 
 def free_endpoint() -> str:
@@ -88,23 +88,11 @@ def start_sender(endpoint, n_frames, batch, n_series=1, scan=(100, 200), rate_fp
 def bare(n_frames: int, batch: int) -> float:
     endpoint = free_endpoint()
     proc = start_sender(endpoint, n_frames, batch)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.connect(endpoint)
-    n_messages = 2 + -(-n_frames // batch)
-    sock.recv_multipart(copy=False)  # start
-    parts = sock.recv_multipart(copy=False)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n_messages - 3):
-        parts = sock.recv_multipart(copy=False)
-    t1, c1 = time.perf_counter(), time.process_time()
-    sock.recv_multipart(copy=False)  # end
-    del parts
-    sock.close()
+    n_messages = 2 + -(-n_frames // batch)  # start, frame messages, end
+    wall, cpu = bare_receive(endpoint, 1, n_messages - 3, rcvhwm=100_000)
     proc.join()
     n = n_frames - batch
-    return n / (t1 - t0), (c1 - c0) / n * 1e6
+    return n / wall, cpu / n * 1e6
 
 
 def engine(n_frames: int, batch: int) -> float:

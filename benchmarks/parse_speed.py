@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 from ingest_speed import free_endpoint  # noqa: E402
 
+from common import bare_receive  # noqa: E402
 from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder  # noqa: E402
 from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder  # noqa: E402
 
@@ -121,21 +122,10 @@ def start_sender(protocol, endpoint, n_frames, scan):
 def bare(protocol: str, n_frames: int, scan) -> tuple[float, float]:
     endpoint = free_endpoint()
     proc = start_sender(protocol, endpoint, n_frames, scan)
-    sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 10_000)  # the engine's default
-    sock.connect(endpoint)
-    for _ in range(2 if protocol == "dectris-v1" else 1):
-        sock.recv_multipart(copy=False)  # header
-    parts = sock.recv_multipart(copy=False)  # the first image
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n_frames - 1):
-        parts = sock.recv_multipart(copy=False)
-    t1, c1 = time.perf_counter(), time.process_time()
-    sock.recv_multipart(copy=False)  # end
-    del parts
-    sock.close()
+    headers = 2 if protocol == "dectris-v1" else 1
+    wall, cpu = bare_receive(endpoint, headers, n_frames - 1, rcvhwm=10_000)  # engine's HWM
     proc.join()
-    return (n_frames - 1) / (t1 - t0), (c1 - c0) / (n_frames - 1) * 1e6
+    return (n_frames - 1) / wall, cpu / (n_frames - 1) * 1e6
 
 
 def engine(protocol: str, n_frames: int, scan, full: bool) -> tuple[float, float]:
