@@ -11,6 +11,7 @@ together), so a remote state is validated before the panel sees it.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 
 import numpy as np
 import pyqtgraph as pg
@@ -37,17 +38,19 @@ log = logging.getLogger(__name__)
 COLORMAPS = ("gray", "viridis", "inferno", "magma", "cividis", "CET-D1")
 
 
-class Panel:
+class Panel(ABC):
     """One box of the window. `state` is the newest state drawn (None before the first), so a
     control of the panel can redraw without a new state."""
 
     state: State | None = None
 
+    @abstractmethod
     def build(self) -> QtWidgets.QWidget:
-        raise NotImplementedError
+        """The panel's widget (called once, in the GUI thread)."""
 
+    @abstractmethod
     def draw(self, state: State, new_series: bool) -> None:
-        raise NotImplementedError
+        """Show `state` (`new_series`: the first state of another series)."""
 
 
 class BfPanel(Panel):
