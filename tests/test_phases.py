@@ -10,7 +10,7 @@ import pytest
 from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import AccumulatorState, merged
+from tcbf_live.stream.tcbf.accumulators import AccumulatorState, DeltaTaker, StateDelta, merged
 
 PASSES = 2
 
@@ -84,6 +84,54 @@ def test_merged_partial_states_equal_one_state_fed_everything(series, how):
     assert_same_state(merged(states[::-1]), whole.acc.state)
     for s, h in zip(states, before, strict=True):
         np.testing.assert_array_equal(s.hits, h)
+
+
+@pytest.mark.parametrize("how", ["even/odd frames", "three receivers, round robin",
+                                 "one pass each"])  # fmt: skip
+def test_deltas_taken_while_receivers_run_add_up_to_one_state_fed_everything(series, how):
+    """Workers send their growth as deltas at arbitrary moments (each frame once); the
+    coordinator's state equals one receiver's, and a duplicate that reaches the same worker
+    after its first copy was sent is still caught there."""
+    info, frames, settings = series
+    whole = receiver(info, settings)
+    feed(whole, frames, np.arange(len(frames)))
+    parts = splits(len(frames), info.scan_shape[1])[how]
+    workers = [receiver(info, settings) for _ in parts]
+    takers = [DeltaTaker(w.acc.state) for w in workers]
+    coordinator = receiver(info, settings)
+    for chunk in range(4):  # interleaved: take a delta after each quarter of each share
+        for w, t, idx in zip(workers, takers, parts, strict=True):
+            feed(w, frames, np.array_split(idx, 4)[chunk])
+            delta = t.take()
+            assert delta.check(coordinator.acc.state) is None
+            assert coordinator.acc.state.apply(delta) == 0
+    assert_same_state(coordinator.acc.state, whole.acc.state)
+    first = int(parts[0][0])
+    feed(workers[0], frames, np.array([first]))  # sent already: still a duplicate there
+    late = takers[0].take()
+    assert late.rows.size == 0 and late.seen.size == 0 and late.stats[1] == 1
+
+
+def test_a_delta_that_does_not_fit_the_series_is_refused_before_anything_is_added(series):
+    info, frames, settings = series
+    proc = receiver(info, settings)
+    feed(proc, frames, np.arange(20))
+    good = DeltaTaker(proc.acc.state).take()
+    target = receiver(info, settings).acc.state
+    n_pos = target.hits.size
+    bad = {
+        "row outside": replace(good, rows=good.rows + n_pos - 5),
+        "index beyond": replace(good, seen=good.seen + target.seen.size),
+        "repeated": replace(good, rows=np.concatenate([good.rows[:-1], good.rows[:1]])),
+        "wrong dtype": replace(good, values={**good.values,
+                                             "totals": good.values["totals"].astype("<f4")}),
+        "missing field": replace(good, values={k: v for k, v in good.values.items()
+                                               if k != "stack"}),
+        "int32 rows": replace(good, rows=good.rows.astype(np.int32)),
+    }  # fmt: skip
+    for what, delta in bad.items():
+        assert delta.check(target) is not None, what
+    assert good.check(target) is None and isinstance(good, StateDelta)
 
 
 def test_partitions_of_one_processor_and_the_solve_on_merged_state(series):

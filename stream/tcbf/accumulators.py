@@ -110,37 +110,113 @@ class AccumulatorState:
 
         It adds in place: merge each partial state into a target once. To follow partitions
         that keep growing, merge them afresh at every update (into a new `partition()`, or
-        with `merged`), never the same partition into the same target twice."""
+        with `merged`), or send their growth as `StateDelta`s (`DeltaTaker`)."""
         mine, theirs = self.arrays(), other.arrays()
         for name, a in mine.items():
             if a.shape != theirs[name].shape or a.dtype != theirs[name].dtype:
                 raise ValueError(f"cannot merge {name}: {theirs[name].shape} "
                                  f"{theirs[name].dtype} into {a.shape} {a.dtype}")  # fmt: skip
-        twice = int(np.count_nonzero(self.seen & other.seen))
-        where = np.flatnonzero(other.hits)
+        rows = np.flatnonzero(other.hits)
+        values = {n: theirs[n][rows] for n in ROW_FIELDS}
+        return self.apply(StateDelta(rows, values, np.flatnonzero(other.seen), other.stats),
+                          stack=stack)  # fmt: skip
+
+    def apply(self, delta: StateDelta, *, stack: bool = True) -> int:
+        """Add a `StateDelta` (another receiver's growth, or its whole state) by each field's
+        merge rule; the one code path of `merge`. Returns the frames both had claimed."""
+        mine = self.arrays()
+        twice = int(np.count_nonzero(self.seen[delta.seen]))
         for f in fields(self):
-            rule, a, b = f.metadata["merge"], mine[f.name], theirs[f.name]
+            rule, a = f.metadata["merge"], mine[f.name]
             if rule == "add":
-                a[where] += b[where]
+                a[delta.rows] += delta.values[f.name]
             elif rule == "add_capped" and stack:
-                _add_capped(a, b, where)
+                _add_capped(a, delta.values[f.name], delta.rows)
             elif rule == "or":
-                np.bitwise_or(a, b, out=a)
+                a[delta.seen] = 1
             elif rule == "stats":
-                a[:NEXT_INDEX] += b[:NEXT_INDEX]
-                a[NEXT_INDEX] = max(a[NEXT_INDEX], b[NEXT_INDEX])
+                a[:NEXT_INDEX] += delta.stats[:NEXT_INDEX]
+                a[NEXT_INDEX] = max(a[NEXT_INDEX], delta.stats[NEXT_INDEX])
                 a[ACCEPTED] -= twice
                 a[DUPLICATE] += twice
         return twice
 
 
-def _add_capped(a: np.ndarray, b: np.ndarray, rows: np.ndarray) -> None:
-    """a[rows] += b[rows], saturating at the integer maximum as the kernel does."""
+ROW_FIELDS = tuple(f.name for f in fields(AccumulatorState)
+                   if f.metadata["merge"] in ("add", "add_capped"))  # fmt: skip
+SENT = 2  # `seen` value of an index already sent in a delta (still non-zero: a duplicate)
+
+
+@dataclass(frozen=True)
+class StateDelta:
+    """What one receiver folded since its last delta: the scan positions (`rows`) it touched
+    with their per-position sums (`values`, one array per field of ROW_FIELDS, `rows`
+    first), the acquisition indices it newly claimed (`seen`) and its counters' growth
+    (`stats`; NEXT_INDEX: the highest index so far). `AccumulatorState.apply` adds it."""
+
+    rows: np.ndarray  # (k,) int64 positions
+    values: dict[str, np.ndarray]
+    seen: np.ndarray  # (m,) int64 acquisition indices
+    stats: np.ndarray  # int64[STATS_SLOTS]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.rows, self.seen, *self.values.values())
+        return int(sum(a.nbytes for a in arrays))
+
+    def check(self, like: AccumulatorState) -> str | None:
+        """Why this delta does not fit a state of `like`'s geometry (None: it fits); a peer's
+        delta is checked before any of it is added."""
+        n_pos = like.hits.size
+        if self.rows.dtype != np.int64 or self.seen.dtype != np.int64 or self.stats.shape != (
+                STATS_SLOTS,):  # fmt: skip
+            return "index arrays must be int64, stats int64[5]"
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= n_pos):
+            return "a row outside the scan"
+        if self.seen.size and (self.seen.min() < 0 or self.seen.max() >= like.seen.size):
+            return "a frame index beyond the series"
+        if any(np.unique(a).size != a.size for a in (self.rows, self.seen)):
+            return "repeated rows or frame indices"
+        arrays = like.arrays()
+        for name in ROW_FIELDS:
+            v, a = self.values.get(name), arrays[name]
+            if v is None or v.dtype != a.dtype or v.shape != (self.rows.size, *a.shape[1:]):
+                return f"{name} does not match the series' geometry"
+        return None
+
+
+class DeltaTaker:
+    """Takes a receiver's growth out of its state as `StateDelta`s: the touched rows are
+    copied and zeroed (so the next delta holds only what came after), the claimed indices are
+    marked sent (still claimed: later duplicates are still caught). Between two takes the
+    state holds only the frames since the last one, so a receiver sends each frame once."""
+
+    def __init__(self, state: AccumulatorState):
+        self.state = state
+        self._sent_stats = np.zeros(STATS_SLOTS, np.int64)
+
+    def take(self) -> StateDelta:
+        s, arrays = self.state, self.state.arrays()
+        rows = np.flatnonzero(s.hits)
+        values = {}
+        for name in ROW_FIELDS:
+            values[name] = arrays[name][rows]
+            arrays[name][rows] = 0
+        seen = np.flatnonzero(s.seen == 1)
+        s.seen[seen] = SENT
+        stats = s.stats - self._sent_stats
+        stats[NEXT_INDEX] = s.stats[NEXT_INDEX]
+        self._sent_stats = s.stats.copy()
+        return StateDelta(rows, values, seen, stats)
+
+
+def _add_capped(a: np.ndarray, values: np.ndarray, rows: np.ndarray) -> None:
+    """a[rows] += values, saturating at the integer maximum as the kernel does."""
     if a.dtype.kind != "u":
-        a[rows] += b[rows]
+        a[rows] += values
         return
     top = np.iinfo(a.dtype).max
-    wide = a[rows].astype(np.uint32) + b[rows]
+    wide = a[rows].astype(np.uint32) + values
     a[rows] = np.minimum(wide, top).astype(a.dtype)
 
 
