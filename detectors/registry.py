@@ -19,6 +19,7 @@ from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder
 from tcbf_live.detectors.dectris_v2_encoder import DectrisV2Encoder
 from tcbf_live.detectors.merlin import MerlinDecoder, MerlinEncoder
 from tcbf_live.detectors.native import DEFAULT_MAX_BATCH_BYTES, NativeDecoder, NativeEncoder
+from tcbf_live.detectors.routing import Rank, dectris_v1_rank, dectris_v2_rank, native_rank
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class WireProtocol:
     # armed through SIMPLON REST (`run --simplon`): the stream `format` and `header_detail`
     # that select this protocol and carry our appendix (scan shape, optics); None: not SIMPLON
     simplon: tuple[str, str] | None = None
+    # frame message (None) or control rank of a message, read from its first bytes: what
+    # several receivers sharing one stream relay (`detectors.routing`); None: not shareable
+    rank: Rank | None = None
     description: str = ""
 
     def decoder(self, options: DecoderOptions | None = None) -> Decoder:
@@ -63,13 +67,13 @@ PROTOCOLS: dict[str, WireProtocol] = {
         WireProtocol(
             "native", lambda o: NativeDecoder(max_batch_bytes=o.max_batch_bytes),
             NativeEncoder(), "zmq", ("sub", "pull"), ("pub", "push"), ("raw", "lz4"),
-            detector=False, repeats_start=True, batched=True,
+            detector=False, repeats_start=True, batched=True, rank=native_rank,
             description="tcbf-live's own msgpack stream (docs/protocol.md)",
         ),
         WireProtocol(
             "dectris-v1", lambda o: DectrisV1Decoder(defer_bslz4=o.defer_bslz4),
             DectrisV1Encoder(), "zmq", ("pull", "sub"), ("push", "pub"), ("bslz4", "lz4", "raw"),
-            detector=True, bslz4_frames=True, simplon=("legacy", "all"),
+            detector=True, bslz4_frames=True, simplon=("legacy", "all"), rank=dectris_v1_rank,
             description="DECTRIS SIMPLON stream V1 (JSON parts), PUSH as the detector",
         ),
         WireProtocol(
@@ -77,6 +81,7 @@ PROTOCOLS: dict[str, WireProtocol] = {
             lambda o: DectrisV2Decoder(channel=o.channel, defer_bslz4=o.defer_bslz4),
             DectrisV2Encoder(), "zmq", ("pull", "sub"), ("push", "pub"), ("bslz4", "none"),
             detector=True, bslz4_frames=True, channels=True, simplon=("cbor", "basic"),
+            rank=dectris_v2_rank,
             description="DECTRIS SIMPLON stream V2 (CBOR), PUSH as the detector",
         ),
         WireProtocol(

@@ -92,9 +92,12 @@ class Engine:
         self.arm = Arm()  # active mode: the series id the detector's arm returned
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
-        # bound/connected before start(); raw-TCP detectors (Merlin) connect in the thread
-        self.receiver = Receiver(settings.subscriber, protocol(settings.protocol),
-                                 settings.channel, self.counters)  # fmt: skip
+        self.receiver = self._receiver()  # bound/connected now (raw TCP: in the thread)
+
+    def _receiver(self) -> Receiver:
+        """Where events come from: the detector link (a coordinator: its workers)."""
+        s = self.settings
+        return Receiver(s.subscriber, protocol(s.protocol), s.channel, self.counters)
 
     # ------------------------------------------------------------------ control
     def start(self) -> Engine:

@@ -16,6 +16,7 @@ from tcbf_live.detectors.base import SeriesInfo
 from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.tcbf.dose import beam_current_pA
 from tcbf_live.stream.tcbf.pipeline import PipelineResult
+from tcbf_live.stream.tcbf.screening import slip_suspected
 
 
 @dataclass(frozen=True)
@@ -197,3 +198,30 @@ class SeriesResult:
 def _finite(a: np.ndarray) -> np.ndarray:
     """Non-finite values (a float stream's NaN/inf frames, excluded by screening) read as 0."""
     return np.where(np.isfinite(a), a, 0.0) if a.dtype.kind == "f" else a
+
+
+def suspicions(seen: np.ndarray, frame_limit: int, out_of_range: int,
+               last: PipelineResult | None, complete: bool) -> tuple[str, ...]:  # fmt: skip
+    """Reasons not to trust the image: frames missing from the end of a series that ended
+    normally with no other gap (the detector took fewer frames than triggers: every frame
+    after a missed trigger sits one position early), and a slip of the frames by one
+    position seen in the parallax of the tile images (`screening.slip_lines`)."""
+    out = []
+    if complete:
+        short = slip_suspected(seen, frame_limit)
+        if short:
+            out.append(
+                f"missed trigger suspected: the series ended {short} frame(s) short with "
+                "no gap before (missed triggers, or a scan stopped early); after a missed "
+                "trigger every later frame sits one position early"
+            )
+        if out_of_range:
+            out.append(
+                f"{out_of_range} frame(s) beyond the expected count: extra "
+                "triggers? earlier frames may sit one position late"
+            )
+    for line, step in last.slips if last is not None else ():
+        kind = "missed trigger" if step < 0 else "extra frame"
+        out.append(f"frames land one position off from scan line {line} on ({kind}?): "
+                   "the image is sheared there")  # fmt: skip
+    return tuple(out)

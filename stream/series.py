@@ -26,9 +26,9 @@ import numpy as np
 
 from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 from tcbf_live.stream.budget import BudgetExceeded, check_info
-from tcbf_live.stream.result import POSITION_MAPS, SeriesResult
+from tcbf_live.stream.result import POSITION_MAPS, SeriesResult, suspicions
 from tcbf_live.stream.staging import Staging
-from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState, prepare
+from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState, StateDelta, prepare
 from tcbf_live.stream.tcbf.calibration import (
     DEFAULT_BF_THRESHOLD,
     Calibration,
@@ -42,7 +42,6 @@ from tcbf_live.stream.tcbf.pipeline import (
     PipelineResult,
     PipelineSettings,
 )
-from tcbf_live.stream.tcbf.screening import slip_suspected
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +119,7 @@ class SeriesProcessor:
             self.frame_limit = int(self.info.frames_expected)
         self.index_offset = pass_index * self.n_positions
         self.calibration: Calibration | None = settings.calibration
+        self.raw_calibration: Calibration | None = None
         self.acc: Accumulators | None = None
         self.calibration_error: str | None = None
         self.decode_failures = 0  # frames skipped because their pixels did not decode
@@ -187,6 +187,15 @@ class SeriesProcessor:
             return
         # exactly the first N frames that arrived, however they were batched
         frames = np.concatenate([f for _, f in self._pending])[: self.settings.calibration_frames]
+        pending, self._pending = self._pending, []
+        if self.calibrate_on(frames):
+            for first, f in pending:
+                self.acc.add(first, f)
+
+    def calibrate_on(self, frames: np.ndarray) -> bool:
+        """Calibrate on `frames` (N, Qx, Qy) and size the accumulators, folding nothing (a
+        coordinator calibrates on frames its workers fold). False, with `calibration_error`
+        set and logged, when they show no usable BF disk."""
         supplied, flagged = self.settings.mask, self.info.pixel_mask  # the user's, the detector's
         if flagged is not None:
             if supplied is None:
@@ -206,23 +215,21 @@ class SeriesProcessor:
             )
         except CalibrationError as err:
             self.calibration_error = str(err)
-            self._pending = []
             log.error("series %d: cannot calibrate on the first %d frames: %s",
                       self.info.series_id, len(frames), err)  # fmt: skip
-            return
+            return False
         log.info(
             "calibrated on %d frames: disk centre (%.2f, %.2f) px, radius %.2f px, %d BF px, "
             "%d masked px",
             len(frames), *cal.center_px, cal.radius_px, cal.n_bf, int(cal.mask.sum()),
         )  # fmt: skip
         self._build(cal)
-        pending, self._pending = self._pending, []
-        for first, f in pending:
-            self.acc.add(first, f)
+        return True
 
     def _build(self, cal: Calibration) -> None:
         """Size the accumulators for a calibration (checked against the memory budget)."""
         s = self.settings
+        self.raw_calibration = cal  # before `prepare`: what a worker builds the same layout from
         if cal.detector_shape != tuple(self.info.detector_shape):
             raise SeriesError(f"calibration for {cal.detector_shape}, frames are "
                               f"{self.info.detector_shape}")  # fmt: skip
@@ -272,6 +279,18 @@ class SeriesProcessor:
         if twice:
             log.warning("series %d: %d frame(s) reached two receivers (counted as duplicates)",
                         self.info.series_id, twice)  # fmt: skip
+
+    def apply(self, delta: StateDelta) -> None:
+        """Add a worker's `StateDelta` (checked first: SeriesError if it does not fit)."""
+        if self.acc is None:
+            raise SeriesError(f"series {self.info.series_id} is not calibrated yet")
+        why = delta.check(self.acc.state)
+        if why is not None:
+            raise SeriesError(f"series {self.info.series_id}: a worker's delta: {why}")
+        self._touch()
+        if self.acc.state.apply(delta):
+            log.warning("series %d: frame(s) reached two workers (counted as duplicates)",
+                        self.info.series_id)  # fmt: skip
 
     # ------------------------------------------------------------------ solve
     @property
@@ -354,8 +373,11 @@ class SeriesProcessor:
             calibration=self.calibration,
             bins=lay.bins,
             n_tiles=lay.n_tiles,
-            **{name: _finite(acc.as_image(getattr(s, m.state)))
-               for name, m in POSITION_MAPS.items() if m.state},  # fmt: skip
+            **{
+                name: _finite(acc.as_image(getattr(s, m.state)))
+                for name, m in POSITION_MAPS.items()
+                if m.state
+            },  # fmt: skip
             frames_received=acc.frames_accepted,
             frames_expected=self.frame_limit,
             duplicates=acc.duplicates,
@@ -368,30 +390,7 @@ class SeriesProcessor:
             axial_radius_px=acc.axial_radius_px,
             excluded=excluded,
             excluded_reasons=dict(screen.reasons) if screen else {},
-            suspect=self.suspicions(last, complete),
+            suspect=suspicions(
+                acc.state.seen, self.frame_limit, acc.out_of_range, last, complete
+            ),  # fmt: skip
         )
-
-    def suspicions(self, last: PipelineResult | None, complete: bool) -> tuple[str, ...]:
-        """Reasons not to trust the image: frames missing from the end of a series that ended
-        normally with no other gap (the detector took fewer frames than triggers: every frame
-        after a missed trigger sits one position early), and a slip of the frames by one
-        position seen in the parallax of the tile images (`screening.slip_lines`)."""
-        out = []
-        if complete and self.acc is not None:
-            short = slip_suspected(self.acc.state.seen, self.frame_limit)
-            if short:
-                out.append(
-                    f"missed trigger suspected: the series ended {short} frame(s) short with "
-                    "no gap before (missed triggers, or a scan stopped early); after a missed "
-                    "trigger every later frame sits one position early"
-                )
-            if self.acc.out_of_range:
-                out.append(
-                    f"{self.acc.out_of_range} frame(s) beyond the expected count: extra "
-                    "triggers? earlier frames may sit one position late"
-                )
-        for line, step in last.slips if last is not None else ():
-            kind = "missed trigger" if step < 0 else "extra frame"
-            out.append(f"frames land one position off from scan line {line} on ({kind}?): "
-                       "the image is sheared there")  # fmt: skip
-        return tuple(out)

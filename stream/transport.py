@@ -242,12 +242,15 @@ def set_receive_cap(sock: zmq.Socket, max_message_bytes: int) -> None:
 
 SENDER_SOCKETS = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
 RECEIVING = (zmq.SUB, zmq.PULL)
+BOTH_WAYS = {k: (zmq.RCVHWM, zmq.SNDHWM) for k in (zmq.DEALER, zmq.ROUTER)}  # worker links
 
 
 def open_link(ctx: zmq.Context, kind: int, endpoint: str, *, bind_here: bool, hwm: int,
               role: str, linger_s: float = 0.0, max_message_bytes: int = 4096,
-              curve: CurveKeys | None = None, hint: str = CURVE_HINT) -> zmq.Socket:  # fmt: skip
-    """Every socket of the project is opened here: `kind` (zmq.SUB, PULL, PUB, XPUB, PUSH),
+              curve: CurveKeys | None = None, hint: str = CURVE_HINT,
+              identity: bytes | None = None) -> zmq.Socket:  # fmt: skip
+    """Every socket of the project is opened here: `kind` (zmq.SUB, PULL, PUB, XPUB, PUSH;
+    DEALER, ROUTER for the worker link, both directions bounded),
     `hwm` messages queued (receive or send side), `linger_s` to send them at close, every
     message part capped at `max_message_bytes` (a sending socket receives a few-byte
     subscription at most; receivers add `recv_capped`'s whole-message cap), SUB subscribed to
@@ -255,9 +258,12 @@ def open_link(ctx: zmq.Context, kind: int, endpoint: str, *, bind_here: bool, hw
     socket is left behind when binding or connecting fails."""
     sock = ctx.socket(kind)
     try:
-        sock.setsockopt(zmq.RCVHWM if kind in RECEIVING else zmq.SNDHWM, hwm)
+        for option in BOTH_WAYS.get(kind, (zmq.RCVHWM if kind in RECEIVING else zmq.SNDHWM,)):
+            sock.setsockopt(option, hwm)
         sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
         set_receive_cap(sock, max_message_bytes)
+        if identity is not None:  # a DEALER's name at its ROUTER
+            sock.setsockopt(zmq.IDENTITY, identity)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         if bind_here:

@@ -1,0 +1,438 @@
+"""A worker: one receiving process with its own detector socket (`run --workers N`, or
+`tcbf-live worker` on another host), accumulating the frames it receives.
+
+Read top to bottom: join the coordinator (`stream.coordinator`, over the link of
+`stream.worker_link`), open the detector socket it names, then loop: frame messages are decoded
+and folded into this worker's `AccumulatorState` of their series; control messages (starts,
+header parts, ends: `detectors.routing`) go to the coordinator, which relays them to every
+worker in one order, and are decoded only as relayed (PUB streams: every worker receives them
+itself and decodes them in place). Frames of a series not yet known or calibrated wait in a
+backlog bounded in bytes; frames calibrate at the coordinator ("cal"), which sends the
+calibration back. Every `sync_interval_s` the growth of each series goes to the coordinator as
+a `StateDelta` (each frame once); an end is drained first (frames still queued here), then the
+last delta and "ended" follow. Nothing blocks on the coordinator: a delta that cannot be sent
+now stays in the state and goes with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import replace
+
+import zmq
+
+from tcbf_live.detectors.base import (
+    CompressedFrame,
+    DecodeError,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+    SeriesStart,
+)
+from tcbf_live.detectors.registry import DecoderOptions, protocol
+from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
+from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
+from tcbf_live.stream.series import SeriesError, SeriesProcessor
+from tcbf_live.stream.tcbf.accumulators import ACCEPTED, DeltaTaker
+from tcbf_live.stream.tcbf.calibration import Calibration
+from tcbf_live.stream.transport import CurveKeys, OversizedMessage, open_link, recv_capped
+from tcbf_live.stream.worker_link import (
+    LinkError,
+    WorkerConfig,
+    delta_message,
+    pack,
+    settings_from_dict,
+    unpack,
+)
+
+log = logging.getLogger(__name__)
+
+WAITING = ("no_start", "wrong_series")  # a frame message whose series this worker lacks yet
+BACKLOG_S = 30.0  # frame messages wait this long for their series' start, then are rejected
+BEAT_S = 0.25  # counters to the coordinator (also: this worker is alive)
+DRAIN_S = 0.05  # at a relayed end: frames still queued here are read first (at most this long)
+CLOSED = 64  # ended or dropped series remembered (to name their stragglers)
+
+
+class _Series:
+    """One series at this worker: frames held until calibrated, then its processor."""
+
+    def __init__(self, info: SeriesInfo):
+        self.info = info
+        self.proc: SeriesProcessor | None = None
+        self.taker: DeltaTaker | None = None
+        self.held: list[FrameBatch | CompressedFrame] = []
+        self.held_bytes = 0
+        self.offered = 0  # frames sent to the coordinator to calibrate on
+        self.frames = 0  # frames received
+        self.ending = False  # ended before its calibration came
+
+
+def _nbytes(b: FrameBatch | CompressedFrame) -> int:
+    return b.frames.nbytes if isinstance(b, FrameBatch) else memoryview(b.blob).nbytes
+
+
+def _count(b: FrameBatch | CompressedFrame) -> int:
+    return len(b.frames) if isinstance(b, FrameBatch) else 1
+
+
+class Worker:
+    """Receive, fold and report the share of a stream this process gets."""
+
+    def __init__(self, link: zmq.Socket, config: WorkerConfig, data: SubscriberSettings):
+        self.link, self.config = link, config
+        self.wire = protocol(config.protocol)
+        self.shared = config.socket_type == "sub"  # every worker receives every message
+        budget = memory_budget_bytes(None)
+        self.settings = settings_from_dict(config.processing, budget)
+        self.sock = open_socket(data)
+        self.decoder = self.wire.decoder(DecoderOptions(defer_bslz4=self.wire.bslz4_frames,
+                                                        channel=config.channel))  # fmt: skip
+        self.counters = StreamCounters()
+        self.series: dict[int, _Series] = {}
+        self.closed: dict[int, str] = {}  # ended / dropped ids -> why
+        self.backlog: deque[tuple[float, list]] = deque()
+        self.backlog_bytes = 0
+        self.stopping = False
+        self._reported: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.link, zmq.POLLIN)
+        last_sync = last_beat = time.monotonic()
+        while not self.stopping:
+            ready = dict(poller.poll(20))
+            if self.link in ready:
+                self.on_link()
+            if self.sock in ready and not self.stopping:
+                self.on_data()
+            now = time.monotonic()
+            if now - last_sync >= self.config.sync_interval_s:
+                self.sync()
+                last_sync = now
+            if now - last_beat >= BEAT_S:
+                self.expire_backlog(now)
+                self.beat()
+                last_beat = now
+        self.sync()
+        self.beat()
+
+    def send(self, parts: list, block_s: float = 1.0) -> bool:
+        """Send to the coordinator, waiting at most `block_s` for room (False: not sent)."""
+        if not self.link.poll(int(block_s * 1000), zmq.POLLOUT):
+            return False
+        self.link.send_multipart(parts, copy=False)
+        return True
+
+    # ------------------------------------------------------------------ detector messages
+    def on_data(self, limit: int = 64) -> int:
+        """Read up to `limit` queued detector messages; the number read."""
+        frames: list[FrameBatch | CompressedFrame] = []
+        n = 0
+        for n in range(1, limit + 1):  # noqa: B007 (n: messages read)
+            try:
+                parts = recv_capped(self.sock, self.config.max_message_bytes)
+            except zmq.Again:
+                n -= 1
+                break
+            except OversizedMessage as exc:
+                self.counters.messages += 1
+                self.counters.reject(DecodeError("oversized", str(exc)))
+                continue
+            self.counters.messages += 1
+            rank = self.wire.rank(parts)
+            if rank is not None and not self.shared:  # decoded as relayed, in one order
+                self.send(pack("ctl", {"ts": time.time_ns(), "relay": True}, raw=parts))
+                continue
+            if rank is not None and self.config.index == 0:  # PUB: the coordinator's copy
+                self.send(pack("ctl", {"ts": time.time_ns(), "relay": False}, raw=parts))
+            frames.extend(self.decode(parts, from_detector=True))
+        self.fold(frames)
+        return n
+
+    def decode(self, parts: list, from_detector: bool) -> list:
+        """Handle the message's control events now; return its frame events. A frame message
+        of a series this worker has no start for yet waits in the backlog."""
+        try:
+            out = self.decoder.decode([p.buffer if hasattr(p, "buffer") else p for p in parts])
+        except DecodeError as err:
+            if err.reason in WAITING and from_detector:
+                self.hold(parts)
+            else:
+                self.counters.reject(err)
+            out = None
+        except Exception as exc:  # a decoder bug must not take the worker down
+            self.counters.reject(DecodeError("decoder_error", repr(exc)))
+            out = None
+        for err in self.decoder.drain_errors():
+            self.counters.reject(err)
+        events = out if isinstance(out, list) else [] if out is None else [out]
+        frames = []
+        for e in events:
+            if isinstance(e, SeriesStart):
+                if from_detector:  # V1 starts with its first image: the coordinator's start
+                    self.send(pack("first", {}, raw=parts))
+                self.on_start(e.info)
+                if not from_detector:  # its header is complete: what waited for it goes now
+                    self.fold(frames)
+                    frames = []
+                    self.replay()
+            elif isinstance(e, SeriesEnd):
+                self.fold(frames)
+                frames = []
+                self.on_end(e.series_id, drain=not self.shared)
+            else:
+                frames.append(e)
+        return frames
+
+    def hold(self, parts: list) -> None:
+        size = sum(memoryview(p.buffer if hasattr(p, "buffer") else p).nbytes for p in parts)
+        if self.backlog_bytes + size > self.config.backlog_bytes:
+            self.counters.reject(DecodeError("backlog_full", "frames before their series' "
+                                             "start: backlog full"))  # fmt: skip
+            return
+        self.backlog.append((time.monotonic(), parts))
+        self.backlog_bytes += size
+
+    def replay(self) -> None:
+        """Decode the backlog again (a relayed control message may have made it known)."""
+        waiting, self.backlog, self.backlog_bytes = self.backlog, deque(), 0
+        frames = []
+        for t, parts in waiting:
+            before = len(self.backlog)
+            frames.extend(self.decode(parts, from_detector=True))
+            if len(self.backlog) > before:  # still unknown: keep its age
+                self.backlog[-1] = (t, parts)
+        self.fold(frames)
+
+    def expire_backlog(self, now: float) -> None:
+        while self.backlog and now - self.backlog[0][0] > BACKLOG_S:
+            _, parts = self.backlog.popleft()
+            self.backlog_bytes -= sum(memoryview(p.buffer if hasattr(p, "buffer") else p).nbytes
+                                      for p in parts)  # fmt: skip
+            self.counters.reject(DecodeError("no_start", "frame message whose series never "
+                                             "started"))  # fmt: skip
+
+    # ------------------------------------------------------------------ series
+    def on_start(self, info: SeriesInfo) -> None:
+        sid = info.series_id
+        if sid not in self.series and sid not in self.closed:
+            self.series[sid] = _Series(info)
+
+    def fold(self, frames: list) -> None:
+        """Fold frame events by series (held until calibrated), keeping a PUB share only."""
+        if not frames:
+            return
+        if self.shared and self.config.share is not None:
+            k, n = self.config.share
+            frames = [b for b in frames if (b.first // _count(b)) % n == k]
+        groups: dict[int, list] = {}
+        for b in frames:
+            groups.setdefault(b.series_id, []).append(b)
+        for sid, batches in groups.items():
+            s = self.series.get(sid)
+            if s is None:
+                why = "series_refused" if self.closed.get(sid) == "refused" else "wrong_series"
+                for _ in batches:
+                    self.counters.reject(DecodeError(why, f"frames of series {sid}"))
+                continue
+            s.frames += sum(_count(b) for b in batches)
+            if s.proc is None:
+                self.offer(sid, s, batches)
+                self.keep(s, batches)
+            else:
+                self.accumulate(sid, s, batches)
+
+    def offer(self, sid: int, s: _Series, batches: list) -> None:
+        """Frames the coordinator may calibrate on: the series' first `calibration_frames`
+        indices, and this worker's first that many whatever their index."""
+        n = self.settings.calibration_frames
+        for b in batches:
+            if s.offered >= n and b.first >= n:
+                continue
+            try:
+                d = b if isinstance(b, FrameBatch) else b.decoded()
+            except DecodeError as err:
+                self.counters.reject(err)
+                continue
+            s.offered += len(d.frames)
+            self.send(pack("cal", {"sid": sid, "first": d.first}, {"frames": d.frames}))
+
+    def keep(self, s: _Series, batches: list) -> None:
+        for b in batches:
+            size = _nbytes(b)
+            if s.held_bytes + self.backlog_bytes + size > self.config.backlog_bytes:
+                self.counters.reject(DecodeError("backlog_full", "frames before calibration"))
+                continue
+            s.held.append(b)
+            s.held_bytes += size
+
+    def accumulate(self, sid: int, s: _Series, batches: list) -> None:
+        failed = s.proc.decode_failures
+        try:
+            s.proc.add_many(batches)
+        except Exception as exc:  # the series is dropped here, the worker goes on
+            log.exception("worker %d: series %d failed", self.config.index, sid)
+            self.refuse(sid, f"{type(exc).__name__}: {exc}")
+            return
+        for _ in range(s.proc.decode_failures - failed):
+            self.counters.reject(DecodeError("bad_payload", "bslz4 frame does not decompress"))
+
+    def calibrated(self, sid: int, cal: Calibration) -> None:
+        s = self.series.get(sid)
+        if s is None or s.proc is not None:
+            return
+        try:
+            s.proc = SeriesProcessor(s.info, replace(self.settings, calibration=cal))
+        except (BudgetExceeded, SeriesError) as err:
+            self.refuse(sid, str(err))
+            return
+        s.taker = DeltaTaker(s.proc.acc.state)
+        held, s.held, s.held_bytes = s.held, [], 0
+        self.accumulate(sid, s, held)
+        if s.ending:
+            self.on_end(sid, drain=False)
+
+    def refuse(self, sid: int, why: str) -> None:
+        self.send(pack("refused", {"sid": sid, "why": why}))
+        self.drop(sid, "refused")
+
+    def drop(self, sid: int, why: str) -> None:
+        s = self.series.pop(sid, None)
+        if s is not None and s.ending:
+            self.send(pack("ended", {"sid": sid, "frames": s.frames}), block_s=5.0)
+        if s is not None and why == "refused":
+            for _ in s.held:
+                self.counters.reject(DecodeError("series_refused", f"frames of series {sid}"))
+        self.closed[sid] = why
+        while len(self.closed) > CLOSED:
+            self.closed.pop(next(iter(self.closed)))
+
+    def on_end(self, sid: int, drain: bool) -> None:
+        """A series ended: read what is still queued here (sent before the end), then send
+        the last delta and "ended" (with the frames received, for a series never calibrated)."""
+        if drain:
+            until = time.monotonic() + DRAIN_S
+            while time.monotonic() < until and self.sock.poll(0) and self.on_data():
+                pass
+        s = self.series.get(sid)
+        if s is None:
+            return
+        if s.proc is None:  # its calibration is still to come: the end follows it
+            s.ending = True
+            self.send(pack("ending", {"sid": sid}), block_s=5.0)  # after every frame offered
+            return
+        self.sync(only=sid, final=True)
+        self.send(pack("ended", {"sid": sid, "frames": s.frames}), block_s=5.0)
+        self.drop(sid, "ended")
+
+    def sync(self, only: int | None = None, final: bool = False) -> None:
+        """Each calibrated series' growth since its last delta, to the coordinator; nothing
+        is taken when the link has no room (it stays in the state for the next one)."""
+        for sid, s in list(self.series.items()):
+            if s.taker is None or (only is not None and sid != only):
+                continue
+            if not self.link.poll(0 if not final else 5000, zmq.POLLOUT):
+                return
+            delta = s.taker.take()
+            self.counters.frames += int(delta.stats[ACCEPTED])
+            if delta.rows.size or delta.seen.size or delta.stats.any() or final:
+                self.link.send_multipart(delta_message(sid, delta, final), copy=False)
+
+    def beat(self, block_s: float = 0.0) -> None:
+        """Counters to the coordinator (frames: folded and sent in deltas so far)."""
+        c = self.counters
+        counts = {"messages": c.messages, "rejected": dict(c.rejected), "frames": c.frames}
+        self.send(pack("beat", {**counts, "held": self.backlog_bytes}), block_s)
+
+    # ------------------------------------------------------------------ coordinator messages
+    def on_link(self) -> None:
+        while self.link.poll(0):
+            try:
+                kind, head, arrays, raw = unpack(self.link.recv_multipart(copy=False))
+            except LinkError as err:
+                log.warning("worker %d: bad message from the coordinator: %s",
+                            self.config.index, err)  # fmt: skip
+                continue
+            if kind == "ctl":  # control messages, in the order every worker sees
+                for k in head.get("sizes", [len(raw)]):
+                    message, raw = raw[:k], raw[k:]
+                    self.fold(self.decode(message, from_detector=False))
+                self.replay()
+            elif kind == "cal":
+                self.calibrated(head["sid"], Calibration.from_json(head["calibration"]))
+            elif kind == "drop":
+                self.drop(head["sid"], head.get("why", "refused"))
+            elif kind == "flush":
+                self.sync()
+                self.beat(block_s=5.0)
+                self.send(pack("flushed", {}), block_s=5.0)
+            elif kind == "stop":
+                self.stopping = True
+                return
+
+
+def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity: bytes,
+         timeout_s: float = 30.0) -> tuple[zmq.Socket, WorkerConfig]:  # fmt: skip
+    """Connect to the coordinator, say hello and wait for the configuration (TimeoutError)."""
+    link = open_link(ctx, zmq.DEALER, link_endpoint, bind_here=False, hwm=LINK_HWM,
+                     role="the worker link", max_message_bytes=LINK_MAX_BYTES, curve=curve,
+                     linger_s=5.0, identity=identity)  # fmt: skip
+    link.send_multipart(pack("hello", {"host": socket.gethostname(), "pid": os.getpid()}))
+    if not link.poll(int(timeout_s * 1000)):
+        link.close(linger=0)
+        raise TimeoutError(f"no coordinator answered at {link_endpoint} in {timeout_s:.0f} s")
+    kind, head, _, _ = unpack(link.recv_multipart())
+    if kind != "welcome":
+        raise LinkError(f"the coordinator answered {kind!r}, not welcome")
+    return link, WorkerConfig.from_json(head["config"])
+
+
+LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
+LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
+
+
+def serve(
+    link_endpoint: str,
+    curve: CurveKeys | None = None,
+    endpoint: str | None = None,
+    data_curve: CurveKeys | None = None,
+    identity: bytes | None = None,
+) -> int:
+    """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
+    overrides the detector address the coordinator gives (another host may reach it under
+    another name); `data_curve`: keys for a CURVE detector link (native streams)."""
+    ctx = zmq.Context()
+    try:
+        link, config = join(ctx, link_endpoint, curve, identity or os.urandom(8))
+    except (TimeoutError, LinkError, zmq.ZMQError) as err:
+        log.error("worker: %s", err)
+        ctx.destroy(linger=0)
+        return 1
+    wire = protocol(config.protocol)
+    data = SubscriberSettings(endpoint=endpoint or config.endpoint,
+                              socket_type=config.socket_type, rcvhwm=config.rcvhwm,
+                              max_message_bytes=config.max_message_bytes, curve=data_curve,
+                              detector=wire.detector)  # fmt: skip
+    try:
+        worker = Worker(link, config, data)
+    except (zmq.ZMQError, ValueError) as err:
+        log.error("worker %d: cannot open the detector link %s: %s", config.index,
+                  data.endpoint, err)  # fmt: skip
+        link.send_multipart(pack("refused", {"sid": -1, "why": str(err)}))
+        ctx.destroy(linger=1000)
+        return 1
+    log.info("worker %d: receiving from %s (%s)", config.index, data.endpoint, config.protocol)
+    try:
+        worker.run()
+    finally:
+        worker.sock.close(linger=0)
+        link.close(linger=1000)
+        ctx.term()
+    return 0

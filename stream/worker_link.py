@@ -1,0 +1,159 @@
+"""The coordinator <-> worker link: its messages, their codec and what a worker is told.
+
+Every message is a msgpack header (a map, "t": its kind) followed by raw parts: numpy arrays
+the header describes by name, dtype and shape, then any opaque parts (a detector message being
+relayed). Nothing is pickled; decoding checks each array against its description (dtype from an
+allow-list, byte length = shape) and raises LinkError, which the receiving side counts and skips.
+
+Kinds, worker -> coordinator: "hello", "ctl" (a detector control message, relayed to every
+worker), "first" (the frame message that started a series at a worker), "cal" (frames to
+calibrate on), "delta" (a `StateDelta`), "ended" (a series drained), "refused", "beat"
+(counters); coordinator -> worker: "welcome" (a `WorkerConfig`), "ctl", "cal" (the
+calibration), "drop" (a series not processed), "stop".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from tcbf_live.stream.series import ProcessingSettings
+from tcbf_live.stream.tcbf.accumulators import StateDelta
+from tcbf_live.stream.tcbf.calibration import Calibration
+
+DTYPES = frozenset({"<f8", "<f4", "<u4", "<u2", "|u1", "<i8", "<i4", "<i2", "|i1"})
+LINK_VERSION = 1
+
+
+class LinkError(ValueError):
+    """A link message that does not decode (counted and skipped by the receiving side)."""
+
+
+def pack(kind: str, header: dict | None = None, arrays: dict[str, np.ndarray] | None = None,
+         raw: list[Any] = ()) -> list[Any]:  # fmt: skip
+    """The parts of one link message."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
+    head = {"t": kind, **(header or {}),
+            "arrays": [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]}  # fmt: skip
+    return [msgpack.packb(head), *arrays.values(), *raw]
+
+
+def unpack(parts: list[Any]) -> tuple[str, dict, dict[str, np.ndarray], list[Any]]:
+    """(kind, header, arrays, raw parts) of a link message; LinkError if malformed."""
+    try:
+        head = msgpack.unpackb(parts[0], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for hostile bytes
+        raise LinkError(f"header does not decode: {type(exc).__name__}") from None
+    if not isinstance(head, dict) or not isinstance(head.get("t"), str):
+        raise LinkError("header is not a map with a kind")
+    descs = head.pop("arrays", [])
+    if not isinstance(descs, list) or len(descs) > len(parts) - 1:
+        raise LinkError("array descriptions do not match the parts")
+    arrays = {}
+    for desc, buf in zip(descs, parts[1:], strict=False):
+        if (not isinstance(desc, list) or len(desc) != 3 or desc[1] not in DTYPES
+                or not isinstance(desc[2], list)
+                or not all(type(n) is int and n >= 0 for n in desc[2])):  # fmt: skip
+            raise LinkError(f"bad array description {desc!r:.80}")
+        name, dtype, shape = desc
+        data = memoryview(buf).cast("B")
+        if data.nbytes != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise LinkError(f"array {name!r}: {data.nbytes} bytes for {shape} {dtype}")
+        arrays[name] = np.frombuffer(data, dtype).reshape(shape)
+    return head.pop("t"), head, arrays, list(parts[1 + len(descs) :])
+
+
+def delta_message(series_id: int, delta: StateDelta, final: bool) -> list[Any]:
+    arrays = {"rows": delta.rows, "seen": delta.seen, "stats": delta.stats, **delta.values}
+    return pack("delta", {"sid": series_id, "final": final}, arrays)
+
+
+def delta_from(arrays: dict[str, np.ndarray]) -> StateDelta:
+    """The StateDelta of a "delta" message (checked against the series by its receiver)."""
+    try:
+        rows, seen, stats = arrays.pop("rows"), arrays.pop("seen"), arrays.pop("stats")
+    except KeyError as exc:
+        raise LinkError(f"delta without {exc}") from None
+    return StateDelta(rows, arrays, seen, stats)
+
+
+def settings_to_dict(p: ProcessingSettings) -> dict:
+    """What a worker needs of the run's processing settings, JSON-able (the pipeline's are the
+    coordinator's alone: workers accumulate, they do not solve)."""
+    mask = None if p.mask is None else [list(np.shape(p.mask)),
+                                        np.argwhere(np.asarray(p.mask, bool)).tolist()]  # fmt: skip
+    return {
+        "metadata": {k: list(v) if isinstance(v, tuple) else v for k, v in p.metadata.items()},
+        "calibration_frames": p.calibration_frames,
+        "bf_threshold": p.bf_threshold,
+        "calibration": None if p.calibration is None else p.calibration.to_json(),
+        "mask": mask,
+        "bins": None if p.bins is None else list(p.bins),
+        "axial_radius_px": p.axial_radius_px,
+        "repeat_scans": p.repeat_scans,
+    }
+
+
+def settings_from_dict(d: dict, memory_budget_bytes: int | None) -> ProcessingSettings:
+    """The inverse of `settings_to_dict`; LinkError when it does not describe settings."""
+    try:
+        meta = {k: tuple(v) if isinstance(v, list) else v for k, v in d["metadata"].items()}
+        mask = None
+        if d["mask"] is not None:
+            shape, where = d["mask"]
+            mask = np.zeros(tuple(shape), bool)
+            idx = np.asarray(where, np.int64).reshape(-1, 2)
+            mask[idx[:, 0], idx[:, 1]] = True
+        cal = d["calibration"]
+        return ProcessingSettings(
+            metadata=meta,
+            calibration_frames=int(d["calibration_frames"]),
+            bf_threshold=float(d["bf_threshold"]),
+            calibration=None if cal is None else Calibration.from_json(cal),
+            mask=mask,
+            bins=None if d["bins"] is None else tuple(d["bins"]),
+            axial_radius_px=d["axial_radius_px"],
+            repeat_scans=d["repeat_scans"],
+            memory_budget_bytes=memory_budget_bytes,
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise LinkError(f"processing settings do not decode: {exc!r:.120}") from None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the coordinator tells a worker that joins ("welcome"): the detector link to open,
+    its share of a PUB stream, how often to send deltas and the bounds it keeps."""
+
+    index: int  # this worker's number (logs, PUB share)
+    protocol: str
+    endpoint: str  # the detector's (a worker on another host may override it)
+    socket_type: str  # "pull" or "sub"
+    rcvhwm: int
+    max_message_bytes: int
+    channel: str | None
+    share: tuple[int, int] | None  # PUB streams: keep frame messages k of every n (k, n)
+    sync_interval_s: float  # deltas to the coordinator at most this far apart
+    backlog_bytes: int  # frames held before their series is known or calibrated
+    processing: dict  # `settings_to_dict`
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        try:
+            d = json.loads(text)
+            names = {f.name for f in fields(cls)}
+            if set(d) != names:
+                raise ValueError(f"fields {sorted(set(d) ^ names)}")
+            if d["share"] is not None:
+                d["share"] = tuple(d["share"])
+            return cls(**d)
+        except (ValueError, TypeError) as exc:
+            raise LinkError(f"worker configuration does not decode: {exc}") from None
