@@ -1,0 +1,354 @@
+"""DECTRIS V1 / V2 ingest rate (issue 14): `tcbf-live run` vs a bare pyzmq receive, same stream.
+
+The series: 256x256 scan positions of 96x96 uint16 frames (the simulator's tutorial sample and
+optics, BF disk radius ~26 px), bslz4-compressed once and cached under --cache as a dump of
+stream V1 messages (each an int64 little-endian length, then its bytes: dheader with
+header_detail basic, detector config, four parts per image), the file LiberTEM's DectrisSim
+replays.
+  V1: `libertem_dectris.DectrisSim` replays the dump, unpaced, as stream V1 over PUSH; it runs
+      in its own environment (--peer-python, e.g. a venv with libertem-dectris; it is never
+      installed next to tcbf-live).
+  V2: the same bslz4 blobs, pre-encoded as stream V2 (CBOR) by our encoder (registry
+      "dectris-v2") in a child process, sent by a tight PUSH loop.
+Each stream goes, alternately, to
+  bare:       `common.bare_receive` in a child process (recv_multipart(copy=False) and nothing
+              else, RCVHWM as the engine's);
+  tcbf-live:  `python -m tcbf_live run --protocol dectris-vN --connect ... --headless`, with
+              `--workers N` when that flag exists (N = 0 without it: today's engine).
+Rates (k frames/s):
+  outside:  frames / the sender's own duration, first frame to the last one handed to its
+            socket. The queues (sender SNDHWM 1024, kernel buffers, the receiver's RCVHWM
+            10,000, the engine's) hide the last ~10^4 frames of a receiver slower than the
+            sender, so for tcbf-live this is an upper bound of its rate;
+  own:      bare: (frames - 1) / its timed loop; tcbf-live: its summary line's frames/s
+            (first to last frame received).
+The receiver's process wall time is no measure of ingest: tcbf-live's holds the end of the
+series too (final alignment, 2-4 s at 256x256, and the result file), and subtracting that tail
+as measured on a paced run was tried and disagreed with the own rate by 40 %. The ratio to
+bare uses the best of --rounds rounds of each; every frame must be received.
+
+Run: OMP_NUM_THREADS=1 python benchmarks/dectris_rate.py [--workers 0 1 2] [--rounds 3]
+(V1 needs: python -m venv /tmp/peerenv && /tmp/peerenv/bin/pip install libertem-dectris)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+SERIES_ID = 7
+DETECTOR_PX = 96
+WARMUP_SCAN = (64, 64)  # an untimed first run: numba cache load, first calibration
+RUN_TIMEOUT_S = 120.0
+SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loop"}
+SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
+
+PEER_SENDER = """
+import json, sys, time
+import libertem_dectris
+uri, path = sys.argv[1], sys.argv[2]
+sim = libertem_dectris.DectrisSim(uri, path)  # unpaced
+n = sim.get_detector_config().get_num_frames()
+sim.send_headers()  # blocks until a receiver has connected
+t0 = time.perf_counter()
+sim.send_frames()
+t1 = time.perf_counter()
+sim.send_footer()
+print(json.dumps({"sender_s": t1 - t0, "frames": n}), flush=True)
+sys.stdin.read()  # stay (the footer in flight) until the receiver is done
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One stream into one receiver: frames received, the sender's and the receiver's rates."""
+
+    frames: int
+    sender_s: float  # the sender's duration, first frame to the last one handed to its socket
+    own_fps: float  # the receiver's own rate
+    rc: int
+
+    @property
+    def outside_fps(self) -> float:
+        return self.frames / self.sender_s if self.sender_s > 0 else 0.0
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _write_msg(f, msg: bytes) -> None:
+    f.write(struct.pack("<q", len(msg)))
+    f.write(msg)
+
+
+def make_series(cache: Path, scan: tuple[int, int]) -> Path:
+    """The cached V1 message dump of the series (built once, ~1 min for 256x256), with its
+    metadata beside it (.json)."""
+    dump = cache / f"series_{scan[0]}x{scan[1]}_{DETECTOR_PX}px.dump"
+    if dump.exists() and dump.with_suffix(".json").exists():
+        return dump
+    from tcbf_live.detectors.compression import compress_bslz4
+    from tcbf_live.detectors.dectris_v1_encoder import encode_header, encode_image
+    from tcbf_live.simulators import Simulator, tutorial_config
+
+    print(f"building {dump} (once) ...", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    sim = Simulator(tutorial_config(scan_shape=scan, detector_shape=(DETECTOR_PX,) * 2))
+    info = sim.series_info(SERIES_ID)
+    tmp = dump.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        head = {"htype": "dheader-1.0", "series": SERIES_ID, "header_detail": "basic"}
+        _write_msg(f, json.dumps(head).encode())
+        _write_msg(f, encode_header(info)[1][0])  # the detector config alone
+        for first, frames in sim.iter_batches(1024):
+            for k, frame in enumerate(frames):
+                for part in encode_image(SERIES_ID, first + k, frame, blob=compress_bslz4(frame)):
+                    _write_msg(f, part)
+    keys = ("energy_eV", "step_A", "semiangle_mrad", "angular_sampling_mrad", "dtype")
+    meta = {k: getattr(info, k) for k in keys} | {"scan": list(scan), "frames": sim.n_frames}
+    dump.with_suffix(".json").write_text(json.dumps(meta))
+    tmp.rename(dump)
+    return dump
+
+
+def read_blobs(dump: Path, n_frames: int) -> list[bytes]:
+    """The first `n_frames` bslz4 blobs of a dump (the third part of each image)."""
+    data, offset, messages = memoryview(dump.read_bytes()), 0, []
+    while offset < len(data) and len(messages) < 2 + 4 * n_frames:
+        (size,) = struct.unpack_from("<q", data, offset)
+        messages.append(data[offset + 8 : offset + 8 + size])
+        offset += 8 + size
+    return [bytes(m) for m in messages[2 + 2 :: 4]]
+
+
+def v2_sender(endpoint: str, dump: str, n_frames: int, scan: tuple[int, int]) -> None:
+    """Child process: pre-encode the series as stream V2, then push it as fast as the socket
+    takes it; prints its duration as JSON, stays until stdin closes."""
+    import numpy as np
+    import zmq
+
+    from tcbf_live.detectors.base import SeriesInfo
+    from tcbf_live.detectors.registry import protocol
+
+    meta = json.loads(Path(dump).with_suffix(".json").read_text())
+    info = SeriesInfo(
+        series_id=SERIES_ID, scan_shape=tuple(scan), detector_shape=(DETECTOR_PX,) * 2,
+        dtype=meta["dtype"], energy_eV=meta["energy_eV"], step_A=meta["step_A"],
+        semiangle_mrad=meta["semiangle_mrad"], counts_per_electron=1.0,
+        angular_sampling_mrad=meta["angular_sampling_mrad"], mask_value=65535,
+        frames_expected=n_frames,
+    )  # fmt: skip
+    enc = protocol("dectris-v2").encoder
+    like = np.empty(info.detector_shape, info.dtype)
+    images = [
+        enc.image(SERIES_ID, i, like, blob=b)
+        for i, b in enumerate(read_blobs(Path(dump), n_frames))
+    ]
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 1024)  # as DectrisSim
+    push.bind(endpoint)
+    for parts in enc.start(info):
+        push.send_multipart(parts)  # blocks until a receiver has connected
+    t0 = time.perf_counter()
+    for parts in images:
+        push.send_multipart(parts, copy=False)
+    t1 = time.perf_counter()
+    for parts in enc.end(SERIES_ID, n_frames):
+        push.send_multipart(parts)
+    print(json.dumps({"sender_s": t1 - t0, "frames": len(images)}), flush=True)
+    sys.stdin.read()
+    push.close(linger=0)
+
+
+def bare_child(endpoint: str, header_messages: int, n_frames: int, rcvhwm: int) -> None:
+    """Child process: `common.bare_receive` of the whole series; prints its rate as JSON."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from common import bare_receive
+
+    wall, _ = bare_receive(endpoint, header_messages, n_frames - 1, rcvhwm)
+    print(json.dumps({"frames": n_frames, "fps": (n_frames - 1) / wall}), flush=True)
+
+
+def _child(func: str, *args) -> list[str]:
+    """argv running `func(*args)` of this module in a fresh interpreter."""
+    code = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import dectris_rate as m; "
+            f"m.{func}(*{args!r})")  # fmt: skip
+    return [sys.executable, "-c", code]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def start_sender(proto: str, endpoint: str, dump: Path, n_frames: int, scan: tuple[int, int],
+                 peer: str) -> subprocess.Popen:  # fmt: skip
+    """The sender of `proto` (v1: DectrisSim in the peer Python, v2: our replay), binding."""
+    if proto == "v1":
+        argv = [peer, "-c", PEER_SENDER, endpoint, str(dump)]
+    else:
+        argv = _child("v2_sender", endpoint, str(dump), n_frames, scan)
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+
+
+def receiver_argv(proto: str, receiver: str, endpoint: str, n_frames: int,
+                  scan: tuple[int, int], meta: dict, out: Path) -> list[str]:  # fmt: skip
+    """bare, or tcbf-live with N workers ("tcbf-0": no --workers flag)."""
+    if receiver == "bare":
+        from tcbf_live.stream.receiver import SubscriberSettings
+
+        return _child("bare_child", endpoint, 2 if proto == "v1" else 1, n_frames,
+                      SubscriberSettings().rcvhwm)  # fmt: skip
+    argv = [sys.executable, "-m", "tcbf_live", "run", "--protocol", f"dectris-{proto}",
+            "--connect", endpoint, "--socket", "pull", "--scan", f"{scan[0]}x{scan[1]}",
+            "--energy", str(meta["energy_eV"]), "--step", str(meta["step_A"]),
+            "--semiangle", str(meta["semiangle_mrad"]),
+            "--angular-sampling", str(meta["angular_sampling_mrad"]),
+            "--headless", "--timeout", "10", "--output", str(out), "--overwrite"]  # fmt: skip
+    workers = receiver.removeprefix("tcbf-")
+    return argv + ([] if workers == "" else ["--workers", workers])
+
+
+def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_dir: Path,
+            scan: tuple[int, int] | None = None) -> Run:  # fmt: skip
+    """One series from the sender into the receiver; the receiver's count and rate parsed."""
+    scan = scan or tuple(meta["scan"])
+    n = scan[0] * scan[1]
+    endpoint = free_endpoint()
+    sender = start_sender(proto, endpoint, dump, n, scan, peer)
+    argv = receiver_argv(proto, receiver, endpoint, n, scan, meta, out_dir / "result.h5")
+    rx = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_env())  # fmt: skip
+    try:
+        out, err = rx.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        rx.kill()
+        out, err = rx.communicate()
+    try:
+        sent, _ = sender.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        sender.kill()
+        sent, _ = sender.communicate()
+    times = json.loads(sent.strip().splitlines()[-1]) if sent.strip() else {}
+    if receiver == "bare":
+        got = json.loads(out.strip().splitlines()[-1]) if rx.returncode == 0 else {}
+        frames, own = got.get("frames", 0), got.get("fps", 0.0)
+    else:
+        m = SUMMARY.search(err)
+        frames, own = (int(m[1]), float(m[3])) if m else (0, 0.0)
+    if rx.returncode != 0 or frames != n or not times:
+        print(f"  {proto} {receiver}: rc {rx.returncode}, {frames}/{n} frames\n{err[-2000:]}")
+    return Run(frames, times.get("sender_s", 0.0), own, rx.returncode)
+
+
+def workers_flag() -> bool:
+    """Whether `tcbf-live run` takes --workers."""
+    argv = [sys.executable, "-m", "tcbf_live", "run", "--help"]
+    return "--workers" in subprocess.run(argv, capture_output=True, text=True, env=_env()).stdout
+
+
+def peer_has_dectris(python: str) -> bool:
+    """Whether `python` exists and imports libertem_dectris."""
+    argv = [python, "-c", "import libertem_dectris"]
+    return Path(python).exists() and subprocess.run(argv, capture_output=True).returncode == 0
+
+
+def receivers(workers: list[int], has_flag: bool) -> list[str]:
+    if has_flag:
+        return ["bare"] + [f"tcbf-{n}" for n in workers]
+    skipped = [n for n in workers if n != 0]
+    if skipped:
+        print(f"`tcbf-live run` has no --workers flag: skipping N = {skipped}")
+    return ["bare"] + (["tcbf-"] if 0 in workers else [])
+
+
+def label(receiver: str) -> str:
+    if receiver == "bare":
+        return "bare pyzmq"
+    n = receiver.removeprefix("tcbf-") or "0"
+    return f"tcbf-live, {n} worker{'s' if n != '1' else ''}"
+
+
+def measure(protos: list[str], names: list[str], rounds: int, dump: Path, meta: dict,
+            peer: str, out_dir: Path) -> dict[tuple[str, str], list[Run]]:  # fmt: skip
+    """Alternating rounds of every (protocol, receiver)."""
+    runs: dict[tuple[str, str], list[Run]] = {(p, r): [] for p in protos for r in names}
+    for k in range(rounds):
+        for p in protos:
+            for r in names:
+                runs[p, r].append(one_run(p, r, dump, meta, peer, out_dir))
+                print(f"  round {k + 1} {p} {label(r)}: {runs[p, r][-1].own_fps / 1e3:.1f} "
+                      "k frames/s (own)", flush=True)  # fmt: skip
+    return runs
+
+
+def best_outside(runs: list[Run]) -> float:
+    """The best sender rate of the runs, k frames/s."""
+    return max((x.outside_fps for x in runs), default=0.0) / 1e3
+
+
+def print_table(results: dict[tuple[str, str], list[Run]], n: int) -> None:
+    """One row per (protocol, receiver): frames of each round, best rates, ratios to bare."""
+    print(f"\n{n} frames of {DETECTOR_PX}x{DETECTOR_PX} uint16 bslz4, tcp loopback, PUSH -> PULL; "
+          f"{os.cpu_count()} cores; k frames/s, best of the rounds (outside: the sender's "
+          f"duration; own: the receiver's)\n"
+          f"{'protocol':8s} {'receiver':22s} {'frames (each round)':>20s} {'outside':>8s} "
+          f"{'own':>6s} {'ratio out':>9s} {'ratio own':>9s}")  # fmt: skip
+    best: dict[tuple[str, str], tuple[float, float]] = {}
+    for (p, r), rs in results.items():
+        ok = [x for x in rs if x.frames == n and x.rc == 0]
+        out = max((x.outside_fps for x in ok), default=0.0)
+        own = max((x.own_fps for x in ok), default=0.0)
+        best[p, r] = (out, own)
+        bare_out, bare_own = best.get((p, "bare"), (out, own))
+        frames = "/".join(str(x.frames) for x in rs)
+        print(f"{'V' + p[1:]:8s} {label(r):22s} {frames:>20s} {out / 1e3:8.1f} {own / 1e3:6.1f} "
+              f"{out / bare_out if bare_out else 0:9.2f} "
+              f"{own / bare_own if bare_own else 0:9.2f}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--protocols", nargs="+", choices=("v1", "v2"), default=["v1", "v2"])
+    ap.add_argument("--scan", type=int, default=256, help="scan side (>= 256 for the issue)")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/dectris_rate"))
+    ap.add_argument("--peer-python", default="/tmp/peerenv/bin/python",
+                    help="a Python with libertem-dectris (for V1)")  # fmt: skip
+    args = ap.parse_args()
+    protos = list(args.protocols)
+    if "v1" in protos and not peer_has_dectris(args.peer_python):
+        print(f"{args.peer_python} cannot import libertem_dectris: V1 skipped")
+        protos.remove("v1")
+    dump = make_series(args.cache, (args.scan, args.scan))
+    meta = json.loads(dump.with_suffix(".json").read_text())
+    names = receivers(args.workers, workers_flag())
+    with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+        for r in names[1:]:  # warm-up, untimed
+            one_run("v2", r, dump, meta, args.peer_python, Path(tmp), scan=WARMUP_SCAN)
+        results = measure(protos, names, args.rounds, dump, meta, args.peer_python, Path(tmp))
+    print_table(results, meta["frames"])
+    rates = ", ".join(f"{'V' + p[1:]} {SENDERS[p]} {best_outside(results[p, 'bare']):.1f}"
+                      for p in protos)  # fmt: skip
+    print(f"the senders' own rates feeding bare (k frames/s): {rates}")
+
+
+if __name__ == "__main__":
+    main()
