@@ -318,9 +318,12 @@ def print_table(results: dict[tuple[str, str], list[Run]], n: int) -> None:
         best[p, r] = (out, own)
         bare_out, bare_own = best.get((p, "bare"), (out, own))
         frames = "/".join(str(x.frames) for x in rs)
-        print(f"{'V' + p[1:]:8s} {label(r):22s} {frames:>20s} {out / 1e3:8.1f} {own / 1e3:6.1f} "
-              f"{out / bare_out if bare_out else 0:9.2f} "
-              f"{own / bare_own if bare_own else 0:9.2f}")  # fmt: skip
+        if own and bare_own:
+            own_text, own_ratio = f"{own / 1e3:6.1f}", f"{own / bare_own:9.2f}"
+        else:  # no own rate: a summary line saying 0 frames/s
+            own_text, own_ratio = f"{'n/a':>6s}", f"{'n/a':>9s}"
+        print(f"{'V' + p[1:]:8s} {label(r):22s} {frames:>20s} {out / 1e3:8.1f} {own_text} "
+              f"{out / bare_out if bare_out else 0:9.2f} {own_ratio}")  # fmt: skip
 
 
 def main() -> None:
