@@ -52,3 +52,21 @@ def native_rank(parts: list[Any]) -> int | None:
     protocol name and version (docs/protocol.md)."""
     return _ranked(_head(parts, 48), b"\xa4kind\xa6frames", b"\xa4kind\xa5start",
                    b"\xa4kind\xa3end")  # fmt: skip
+
+
+def starts_first(window: list, rank: Callable[[Any], int | None],
+                 frames: Callable[[Any], bool] = lambda m: False) -> list:  # fmt: skip
+    """Control messages gathered from several receivers, sorted by receive time, with each
+    series start moved before the other header parts received just before it: they follow it
+    on the wire (V1 sends them as separate messages, which several receivers may read in
+    either order). `rank(m)` ranks an entry; `frames(m)`: an entry that carries frames."""
+    out: list = []
+    for m in window:
+        if not frames(m) and rank(m) == START:
+            k = len(out)
+            while k and not frames(out[k - 1]) and rank(out[k - 1]) not in (START, None):
+                k -= 1
+            out.insert(k, m)
+        else:
+            out.append(m)
+    return out

@@ -196,6 +196,7 @@ class SeriesProcessor:
         """Calibrate on `frames` (N, Qx, Qy) and size the accumulators, folding nothing (a
         coordinator calibrates on frames its workers fold). False, with `calibration_error`
         set and logged, when they show no usable BF disk."""
+        self._touch()  # a coordinator's series starts here (its frames come as deltas)
         supplied, flagged = self.settings.mask, self.info.pixel_mask  # the user's, the detector's
         if flagged is not None:
             if supplied is None:

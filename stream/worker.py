@@ -17,8 +17,6 @@ now stays in the state and goes with the next one.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections import deque
 from dataclasses import replace
@@ -37,9 +35,9 @@ from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import ACCEPTED, DeltaTaker
+from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
 from tcbf_live.stream.tcbf.calibration import Calibration
-from tcbf_live.stream.transport import CurveKeys, OversizedMessage, open_link, recv_capped
+from tcbf_live.stream.transport import OversizedMessage, recv_capped
 from tcbf_live.stream.worker_link import (
     LinkError,
     WorkerConfig,
@@ -342,7 +340,7 @@ class Worker:
                 return
             delta = s.taker.take()
             self.counters.frames += int(delta.stats[ACCEPTED])
-            if delta.rows.size or delta.seen.size or delta.stats.any() or final:
+            if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
                 self.link.send_multipart(delta_message(sid, delta, final), copy=False)
 
     def beat(self, block_s: float = 0.0) -> None:
@@ -376,63 +374,3 @@ class Worker:
             elif kind == "stop":
                 self.stopping = True
                 return
-
-
-def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity: bytes,
-         timeout_s: float = 30.0) -> tuple[zmq.Socket, WorkerConfig]:  # fmt: skip
-    """Connect to the coordinator, say hello and wait for the configuration (TimeoutError)."""
-    link = open_link(ctx, zmq.DEALER, link_endpoint, bind_here=False, hwm=LINK_HWM,
-                     role="the worker link", max_message_bytes=LINK_MAX_BYTES, curve=curve,
-                     linger_s=5.0, identity=identity)  # fmt: skip
-    link.send_multipart(pack("hello", {"host": socket.gethostname(), "pid": os.getpid()}))
-    if not link.poll(int(timeout_s * 1000)):
-        link.close(linger=0)
-        raise TimeoutError(f"no coordinator answered at {link_endpoint} in {timeout_s:.0f} s")
-    kind, head, _, _ = unpack(link.recv_multipart())
-    if kind != "welcome":
-        raise LinkError(f"the coordinator answered {kind!r}, not welcome")
-    return link, WorkerConfig.from_json(head["config"])
-
-
-LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
-LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
-
-
-def serve(
-    link_endpoint: str,
-    curve: CurveKeys | None = None,
-    endpoint: str | None = None,
-    data_curve: CurveKeys | None = None,
-    identity: bytes | None = None,
-) -> int:
-    """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
-    overrides the detector address the coordinator gives (another host may reach it under
-    another name); `data_curve`: keys for a CURVE detector link (native streams)."""
-    ctx = zmq.Context()
-    try:
-        link, config = join(ctx, link_endpoint, curve, identity or os.urandom(8))
-    except (TimeoutError, LinkError, zmq.ZMQError) as err:
-        log.error("worker: %s", err)
-        ctx.destroy(linger=0)
-        return 1
-    wire = protocol(config.protocol)
-    data = SubscriberSettings(endpoint=endpoint or config.endpoint,
-                              socket_type=config.socket_type, rcvhwm=config.rcvhwm,
-                              max_message_bytes=config.max_message_bytes, curve=data_curve,
-                              detector=wire.detector)  # fmt: skip
-    try:
-        worker = Worker(link, config, data)
-    except (zmq.ZMQError, ValueError) as err:
-        log.error("worker %d: cannot open the detector link %s: %s", config.index,
-                  data.endpoint, err)  # fmt: skip
-        link.send_multipart(pack("refused", {"sid": -1, "why": str(err)}))
-        ctx.destroy(linger=1000)
-        return 1
-    log.info("worker %d: receiving from %s (%s)", config.index, data.endpoint, config.protocol)
-    try:
-        worker.run()
-    finally:
-        worker.sock.close(linger=0)
-        link.close(linger=1000)
-        ctx.term()
-    return 0

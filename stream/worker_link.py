@@ -28,6 +28,8 @@ from tcbf_live.stream.tcbf.calibration import Calibration
 
 DTYPES = frozenset({"<f8", "<f4", "<u4", "<u2", "|u1", "<i8", "<i4", "<i2", "|i1"})
 LINK_VERSION = 1
+LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
+LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
 
 
 class LinkError(ValueError):

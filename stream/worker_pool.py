@@ -2,7 +2,7 @@
 
 `WorkerPool` listens for workers (loopback unless told otherwise; CURVE when wider), starts the
 local ones, and turns what they send into the engine's steps, in the engine's ingest thread:
-control messages settle in a window (`SETTLE_S`), are ordered (`_starts_first`), decoded here
+control messages settle in a window (`SETTLE_S`), are ordered (`routing.starts_first`), decoded here
 and relayed to every worker; offered frames calibrate here; deltas go to
 `Coordinator.merge_delta`; an end waits for every live worker's "ended" (at most
 `end_wait_s`); a worker that died or went silent is named in `lost` and never waited for.
@@ -23,11 +23,13 @@ import zmq
 
 from tcbf_live.detectors.base import DecodeError, Event, SeriesEnd, SeriesStart
 from tcbf_live.detectors.registry import DecoderOptions, protocol
-from tcbf_live.detectors.routing import START
+from tcbf_live.detectors.routing import starts_first
 from tcbf_live.stream.receiver import StreamCounters, decode_counted
-from tcbf_live.stream.transport import CurveKeys, open_link
-from tcbf_live.stream.worker import LINK_HWM, LINK_MAX_BYTES
+from tcbf_live.stream.transport import open_link, release_context
 from tcbf_live.stream.worker_link import (
+    LINK_HWM,
+    LINK_MAX_BYTES,
+    LINK_VERSION,
     LinkError,
     WorkerConfig,
     delta_from,
@@ -35,6 +37,7 @@ from tcbf_live.stream.worker_link import (
     settings_to_dict,
     unpack,
 )
+from tcbf_live.stream.worker_process import spawned
 
 if TYPE_CHECKING:
     from tcbf_live.stream.coordinator import Coordinator, WorkerPlan
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 0.01  # control messages are ordered once none arrived for this long
 CAL_WAIT_S = 1.0  # calibrate on what arrived when the first indices do not all come
+MAX_PENDING = 4  # series whose calibration frames are held at once
+MAX_CALIBRATION_FRAMES = 4096  # frames one offer may hold
 
 
 @dataclass
@@ -64,15 +69,6 @@ class _End:
     waiting: set  # workers whose last delta is still to come
     deadline: float
     offered: set = field(default_factory=set)  # workers that offered all their frames
-
-
-def _local_worker(link: str, identity: bytes, data_curve: CurveKeys | None,
-                  level: int) -> None:  # fmt: skip
-    """A spawned local worker process (the same `serve` a remote worker runs)."""
-    from tcbf_live.stream.worker import serve
-
-    logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
-    raise SystemExit(serve(link, identity=identity, data_curve=data_curve))
 
 
 class WorkerPool:
@@ -104,7 +100,7 @@ class WorkerPool:
         spawn = mp.get_context("spawn")
         for k in range(self.plan.local):
             ident = f"w{k}".encode()
-            p = spawn.Process(target=_local_worker, name=f"tcbf-worker-{k}", daemon=True,
+            p = spawn.Process(target=spawned, name=f"tcbf-worker-{k}", daemon=True,
                               args=(self.endpoint, ident, self.settings.subscriber.curve,
                                     logging.getLogger().getEffectiveLevel()))  # fmt: skip
             p.start()
@@ -122,7 +118,12 @@ class WorkerPool:
                     self.engine.process(events)
 
     def welcome(self, ident: bytes, head: dict) -> None:
-        n = len(self.peers)
+        """A worker joined: its number (a local one's own, others after them) and config."""
+        if ident in self.peers:  # a restarted worker under the same name: a new peer
+            self.lose(ident, "restarted", "joined again")
+        local = ident in self.processes
+        n = int(ident[1:]) if local else self.plan.local + sum(
+            1 for i in self.peers if i not in self.processes)  # fmt: skip
         s, sub = self.settings, self.settings.subscriber
         total = self.plan.local + self.plan.remote
         config = WorkerConfig(
@@ -139,8 +140,9 @@ class WorkerPool:
 
     def tell(self, ident: bytes, parts: list) -> None:
         try:
-            self.link.send_multipart([ident, *parts], copy=False)
-        except zmq.ZMQError as err:  # gone (ROUTER_MANDATORY) or full: noted by liveness
+            self.link.send_multipart([ident, *parts], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as err:  # gone (ROUTER_MANDATORY) or full (stalled): liveness
+            #                          says so; a live worker reads its link every loop
             log.debug("worker %r: not sent: %s", ident, err)
 
     def tell_all(self, parts: list) -> None:
@@ -200,7 +202,11 @@ class WorkerPool:
             ident = bytes(ident.bytes)
             peer = self.peers.get(ident)
             if kind == "hello":
-                self.welcome(ident, head)
+                if head.get("version") != LINK_VERSION:
+                    log.error("a worker of another link version (%r) is not taken",
+                              head.get("version"))  # fmt: skip
+                else:
+                    self.welcome(ident, head)
                 continue
             if peer is None:
                 continue  # not joined: nothing it says counts
@@ -264,7 +270,9 @@ class WorkerPool:
         window, self.window = sorted(self.window, key=lambda w: w[0]), []
         events: list[tuple[Event, bool]] = []
         relayed: list = []
-        for _, _, raw, relay, first in _starts_first(window, self.wire.rank):
+        for _, _, raw, relay, first in starts_first(
+            window, lambda w: self.wire.rank(w[2]), lambda w: w[4]
+        ):
             counters = self.engine.counters if relay else StreamCounters()  # PUB: theirs
             for e in decode_counted(self.decoder, [p.buffer for p in raw], counters):
                 events.append((e, first))
@@ -278,6 +286,9 @@ class WorkerPool:
                 yield [e]
                 if e.info.series_id not in self.engine.table:
                     self.tell_all(pack("drop", {"sid": e.info.series_id}))
+                    self.candidates.pop(e.info.series_id, None)
+                else:
+                    self.ready(e.info.series_id)
             elif isinstance(e, SeriesEnd) and not first:
                 self.ends[e.series_id] = _End(e, self.live(), now + self.plan.end_wait_s)
 
@@ -297,18 +308,35 @@ class WorkerPool:
                 log.error(self.lost[-1])
             yield [end.event]
         for sid in list(self.candidates):
-            if now - self.first_candidate[sid] > CAL_WAIT_S:
+            if now - self.first_candidate[sid] > CAL_WAIT_S and sid in self.engine.table:
                 self.calibrate(sid)
+            elif now - self.first_candidate[sid] > self.plan.end_wait_s * 4:  # never started
+                self.candidates.pop(sid)
+                self.first_candidate.pop(sid)
 
     # ------------------------------------------------------------------ calibration
     def candidate(self, sid: int, first: int, frames: np.ndarray) -> None:
+        """Frames a worker offers to calibrate on; kept also before the series' start is
+        decoded here (a worker may offer them first), for at most MAX_PENDING series."""
         proc = self.engine.table.open.get(sid)
-        if proc is None or proc.calibrated or proc.calibration_error is not None:
+        if proc is not None and (proc.calibrated or proc.calibration_error is not None):
+            return
+        if sid not in self.candidates and len(self.candidates) >= MAX_PENDING:
+            self.engine.counters.reject(DecodeError("no_start", f"frames of series {sid} "
+                                                    "offered to calibrate on"))  # fmt: skip
             return
         held = self.candidates.setdefault(sid, {})
         self.first_candidate.setdefault(sid, time.monotonic())
-        for k, f in enumerate(frames):
+        for k, f in enumerate(frames[: 2 * MAX_CALIBRATION_FRAMES]):
             held.setdefault(first + k, f.copy())
+        self.ready(sid)
+
+    def ready(self, sid: int) -> None:
+        """Calibrate once the first `calibration_frames` indices of an open series are in."""
+        proc = self.engine.table.open.get(sid)
+        held = self.candidates.get(sid)
+        if proc is None or not held or proc.calibrated:
+            return
         n = proc.settings.calibration_frames
         if all(proc.index_offset + i in held for i in range(n)):
             self.calibrate(sid)
@@ -356,23 +384,7 @@ class WorkerPool:
                 p.kill()
                 p.join(1.0)
         self.link.close(linger=0)
-        self.ctx.term()
+        release_context(self.ctx)
         counts = ", ".join(f"{p.index}: {p.frames}" for p in self.peers.values())
         if counts:
             log.info("frames folded per worker (last report) %s", counts)
-
-
-def _starts_first(window: list, rank) -> list:
-    """The window in receive order, except that a series start moves before the other header
-    parts received just before it (they follow it on the wire: V1 sends them as separate
-    messages, which several workers may receive in either order)."""
-    out: list = []
-    for w in window:
-        if not w[4] and rank(w[2]) == START:
-            k = len(out)
-            while k and not out[k - 1][4] and rank(out[k - 1][2]) not in (START, None):
-                k -= 1
-            out.insert(k, w)
-        else:
-            out.append(w)
-    return out

@@ -22,7 +22,7 @@ from tcbf_live.viewer.display import WindowUnavailable
 
 
 def build_parser() -> OneLineParser:
-    from tcbf_live.stream.cli import demo, listen, reconstruct, run
+    from tcbf_live.stream.cli import demo, listen, reconstruct, run, workers
     from tcbf_live.stream.cli import simulate as sim_cli
     from tcbf_live.stream.cli import view as viewer_cli
 
@@ -36,6 +36,7 @@ def build_parser() -> OneLineParser:
     demo.add_parser(sub)
     viewer_cli.add_parser(sub)
     listen.add_parser(sub)
+    workers.add_parser(sub)
     return parser
 
 

@@ -35,6 +35,7 @@ from tcbf_live.stream.cli.options import (
     processing_from_args,
 )
 from tcbf_live.stream.cli.series_files import SeriesFiles
+from tcbf_live.stream.cli.workers import add_worker_args, start_coordinator, worker_plan
 from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.outputs import check_output, same_file
 from tcbf_live.stream.receiver import SubscriberSettings
@@ -118,6 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="publish the result stream (for tcbf-live view)")  # fmt: skip
     add_curve_args(p, server=True, client=True)
+    add_worker_args(p)
     p.set_defaults(run=run)
 
 
@@ -179,8 +181,10 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
                 raise ValueError("binds")
             tcp_host_port(endpoint)
         except ValueError:
-            raise UsageError(f"--protocol {args.protocol} connects to the detector's data port: "
-                             "--connect tcp://HOST:PORT") from None
+            raise UsageError(
+                f"--protocol {args.protocol} connects to the detector's data port: "
+                "--connect tcp://HOST:PORT"
+            ) from None
     socket_type = args.socket or (proto.receiver_sockets or ("sub",))[0]
     curve = link_curve(args, connects=args.bind is None, detector=proto.detector,
                        publishes=args.publish is not None)  # fmt: skip
@@ -237,8 +241,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
     recorder = Recorder(RecordSettings(Path(args.record), args.overwrite)) if args.record else None
-    engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
-                    on_frames=recorder).start()  # fmt: skip
+    plan = worker_plan(args, settings)
+    if plan is not None:
+        engine = start_coordinator(settings, plan, files)
+    else:
+        engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
+                        on_frames=recorder).start()  # fmt: skip
     stop_on_signals(engine, args.headless)
     try:
         detector = arm_detector(args, engine) if args.simplon else None
@@ -284,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
     if recorder is not None:  # the recording's own lines; the exit code is the result's
         recorder.close()
         sys.stderr.writelines(f"{line}\n" for line in recorder.summaries())
+    for line in getattr(engine, "lost", ()):  # workers that died or went silent
+        sys.stderr.write(f"tcbf-live run: {line}\n")
     if engine.counters.rejected:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(engine.counters.rejected.items()))
         sys.stderr.write(f"rejected messages: {reasons}\n")

@@ -1,0 +1,89 @@
+"""A worker process's life: join the coordinator over the worker link, open the detector
+link it names, receive until told to stop (`stream.worker.Worker` does the receiving).
+
+Local workers (`run --workers N`) are spawned processes running `serve`; `tcbf-live worker` on
+another host runs the same, authenticated with CURVE keys beyond loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import zmq
+
+from tcbf_live.detectors.registry import protocol
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.transport import CurveKeys, open_link
+from tcbf_live.stream.worker import Worker
+from tcbf_live.stream.worker_link import (
+    LINK_HWM,
+    LINK_MAX_BYTES,
+    LINK_VERSION,
+    LinkError,
+    WorkerConfig,
+    pack,
+    unpack,
+)
+
+log = logging.getLogger(__name__)
+
+
+def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity: bytes,
+         timeout_s: float = 30.0) -> tuple[zmq.Socket, WorkerConfig]:  # fmt: skip
+    """Connect to the coordinator, say hello and wait for the configuration (TimeoutError)."""
+    link = open_link(ctx, zmq.DEALER, link_endpoint, bind_here=False, hwm=LINK_HWM,
+                     role="the worker link", max_message_bytes=LINK_MAX_BYTES, curve=curve,
+                     linger_s=5.0, identity=identity)  # fmt: skip
+    link.send_multipart(pack("hello", {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "version": LINK_VERSION}))  # fmt: skip
+    if not link.poll(int(timeout_s * 1000)):
+        link.close(linger=0)
+        raise TimeoutError(f"no coordinator answered at {link_endpoint} in {timeout_s:.0f} s")
+    kind, head, _, _ = unpack(link.recv_multipart())
+    if kind != "welcome":
+        raise LinkError(f"the coordinator answered {kind!r}, not welcome")
+    return link, WorkerConfig.from_json(head["config"])
+
+
+def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | None = None,
+          data_curve: CurveKeys | None = None, identity: bytes | None = None,
+          join_timeout_s: float = 30.0) -> int:  # fmt: skip
+    """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
+    overrides the detector address the coordinator gives (another host may reach it under
+    another name); `data_curve`: keys for a CURVE detector link (native streams)."""
+    ctx = zmq.Context()
+    try:
+        link, config = join(ctx, link_endpoint, curve, identity or os.urandom(8), join_timeout_s)
+    except (TimeoutError, LinkError, zmq.ZMQError) as err:
+        log.error("worker: %s", err)
+        ctx.destroy(linger=0)
+        return 1
+    wire = protocol(config.protocol)
+    data = SubscriberSettings(endpoint=endpoint or config.endpoint,
+                              socket_type=config.socket_type, rcvhwm=config.rcvhwm,
+                              max_message_bytes=config.max_message_bytes, curve=data_curve,
+                              detector=wire.detector)  # fmt: skip
+    try:
+        worker = Worker(link, config, data)
+    except (zmq.ZMQError, ValueError) as err:
+        log.error("worker %d: cannot open the detector link %s: %s", config.index,
+                  data.endpoint, err)  # fmt: skip
+        link.send_multipart(pack("refused", {"sid": -1, "why": str(err)}))
+        ctx.destroy(linger=1000)
+        return 1
+    log.info("worker %d: receiving from %s (%s)", config.index, data.endpoint, config.protocol)
+    try:
+        worker.run()
+    finally:
+        worker.sock.close(linger=0)
+        link.close(linger=1000)
+        ctx.term()
+    return 0
+
+
+def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int) -> None:
+    """A local worker process spawned by the coordinator (`run --workers N`)."""
+    logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
+    raise SystemExit(serve(link, identity=identity, data_curve=data_curve))

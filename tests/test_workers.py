@@ -1,0 +1,252 @@
+"""Several receiving processes (`run --workers N`, `tcbf-live worker`): the same result as one
+process on the same stream, whichever worker gets a series' header, config or end; a worker
+that dies or stalls never blocks the run, which says what is missing; a worker joining over
+TCP (CURVE-authenticated) from another process."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import zmq
+
+from tcbf_live.detectors.registry import protocol
+from tcbf_live.detectors.routing import DETAIL, END, START
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream.coordinator import Coordinator, WorkerPlan
+from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.receiver import SubscriberSettings
+from tcbf_live.stream.series import ProcessingSettings
+from tcbf_live.stream.worker_link import (
+    LinkError,
+    WorkerConfig,
+    pack,
+    settings_from_dict,
+    settings_to_dict,
+    unpack,
+)
+
+SCAN = (16, 24)
+PASSES = 2  # every test stream scans twice: repeat passes add up at the coordinator
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return Simulator(tutorial_config(scan_shape=SCAN, bad_pixels=4))
+
+
+def messages(sim, name: str, series_id: int = 5) -> list[list]:
+    """One series of PASSES passes in `name`'s wire format, 4 frames per batch."""
+    wire = protocol(name)
+    one = sim.frames(0, sim.n_frames)
+    frames = np.concatenate([one] * PASSES)
+    info = replace(sim.series_info(series_id), frames_expected=len(frames))
+    out = list(wire.encoder.start(info))
+    for i in range(0, len(frames), 4):
+        out += wire.encoder.frames(series_id, i, frames[i : i + 4], i // 4 + 1,
+                                   wire.encodings[0])  # fmt: skip
+    return out + list(wire.encoder.end(series_id, len(frames)))
+
+
+def receive(engine_of, name: str, stream: list, socket_type: str = "pull",
+            pace_s: float = 0.0, during=None, idle_timeout_s: float = 20.0):  # fmt: skip
+    """Send `stream` from a bound PUSH/PUB socket into the engine `engine_of(settings)`."""
+    ctx = zmq.Context()
+    sender = ctx.socket(zmq.PUSH if socket_type == "pull" else zmq.PUB)
+    sender.setsockopt(zmq.SNDHWM, 0)
+    port = sender.bind_to_random_port("tcp://127.0.0.1")
+    sub = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{port}", socket_type=socket_type,
+                             detector=protocol(name).detector)  # fmt: skip
+    settings = EngineSettings(subscriber=sub, protocol=name, idle_timeout_s=idle_timeout_s,
+                              max_series=1, align_interval_s=0.3)  # fmt: skip
+    eng = engine_of(settings).start()
+    time.sleep(1.0)  # every worker's detector socket connected (PUSH shares among them)
+    for k, m in enumerate(stream):
+        sender.send_multipart(m)
+        if pace_s:
+            time.sleep(pace_s)
+        if during is not None:
+            during(eng, k)
+    assert eng.join(timeout=60)
+    sender.close(linger=0)
+    ctx.term()
+    return eng
+
+
+def workers(n: int, **kw):
+    return lambda s: Coordinator(s, WorkerPlan(local=n, **kw))
+
+
+def assert_same(a, b) -> None:
+    """Counts, maps, shifts, aberrations and image identical."""
+    assert (a.frames_received, a.duplicates, a.complete) == (b.frames_received, b.duplicates,
+                                                             b.complete)  # fmt: skip
+    for name in ("total_counts", "incoherent_bf", "axial_bf", "hits"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.tcbf.shifts_px, b.tcbf.shifts_px)
+    np.testing.assert_array_equal(a.tcbf.image, b.tcbf.image)
+    assert repr(a.tcbf.aberrations) == repr(b.tcbf.aberrations)
+
+
+@pytest.mark.parametrize("name", ["native", "dectris-v1", "dectris-v2"])
+def test_one_and_two_workers_give_what_one_process_gives(sim, name):
+    """With two workers on a PUSH stream each control message (V1: dheader and its config
+    part, sent as two messages; the end) reaches one worker only: the coordinator relays it."""
+    stream = messages(sim, name)
+    one = receive(Engine, name, stream).last_result
+    assert one.frames_received == PASSES * sim.n_frames
+    for n in (1, 2):
+        eng = receive(workers(n), name, stream)
+        assert_same(eng.last_result, one)
+        assert not eng.lost and not eng.counters.rejected
+        folded = [p.frames for p in eng.receiver.peers.values()]
+        assert sum(folded) == PASSES * sim.n_frames and all(folded), folded
+
+
+def test_a_pub_stream_is_shared_by_frame_index(sim):
+    stream = messages(sim, "native")
+    one = receive(Engine, "native", stream, "sub", pace_s=0.0005).last_result
+    eng = receive(workers(2), "native", stream, "sub", pace_s=0.0005)
+    assert_same(eng.last_result, one)
+    folded = sorted(p.frames for p in eng.receiver.peers.values())
+    assert folded == [PASSES * sim.n_frames // 2] * 2  # each keeps every other batch
+
+
+def test_a_worker_killed_mid_series_never_blocks_the_run(sim):
+    stream = messages(sim, "dectris-v2")
+    n_total = PASSES * sim.n_frames
+
+    def kill(eng, k):
+        if k == len(stream) // 2:
+            eng.receiver.processes[b"w1"].kill()
+
+    t0 = time.monotonic()
+    eng = receive(workers(2, end_wait_s=3.0), "dectris-v2", stream, pace_s=0.0003, during=kill,
+                  idle_timeout_s=4.0)
+    r = eng.last_result
+    assert time.monotonic() - t0 < 30
+    assert r is not None and r.frames_received < n_total
+    assert r.frames_received > n_total // 2  # worker 0's share and worker 1's sent deltas
+    assert any("worker 1" in line and "died" in line for line in eng.lost)
+    assert eng.tally.incomplete == 1 or r.frames_missing
+
+
+def test_a_stalled_worker_is_not_waited_for(sim):
+    stream = messages(sim, "dectris-v1")
+    stopped = []
+
+    def stop(eng, k):
+        if k == len(stream) // 2:
+            pid = eng.receiver.processes[b"w0"].pid
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    try:
+        eng = receive(workers(2, end_wait_s=2.0, worker_timeout_s=1.0), "dectris-v1", stream,
+                      pace_s=0.0003, during=stop, idle_timeout_s=4.0)  # fmt: skip
+    finally:
+        for pid in stopped:  # killed at the run's end if it never answered
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    r = eng.last_result
+    assert r is not None and 0 < r.frames_received < PASSES * sim.n_frames
+    assert any("stalled" in line or "without the last frames" in line for line in eng.lost)
+
+
+def test_a_worker_on_another_host_joins_over_curve(sim, tmp_path):
+    """`tcbf-live worker` in its own process joins a run's worker link over TCP, CURVE
+    authenticated (as beyond loopback), and gives the one-process result."""
+    import zmq.auth
+
+    from tcbf_live.stream.transport import CurveKeys
+
+    zmq.auth.create_certificates(tmp_path, "run")
+    zmq.auth.create_certificates(tmp_path, "worker")
+    keys = CurveKeys.load(str(tmp_path / "run.key_secret"))
+    stream = messages(sim, "dectris-v2")
+    one = receive(Engine, "dectris-v2", stream).last_result
+    link = f"tcp://127.0.0.1:{_free_port()}"
+    procs = []
+
+    def coordinator(settings):
+        eng = Coordinator(settings, WorkerPlan(local=0, remote=1, link=link, curve=keys))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tcbf_live", "worker", "--coordinator", link,
+             "--curve-secret", str(tmp_path / "worker.key_secret"),
+             "--curve-server-key", str(tmp_path / "run.key")],
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        return eng
+
+    eng = receive(coordinator, "dectris-v2", stream)
+    assert procs[0].wait(timeout=20) == 0, procs[0].stderr.read()
+    assert_same(eng.last_result, one)
+    assert len(eng.receiver.peers) == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_control_messages_are_told_from_frames_without_decoding(sim):
+    for name in ("native", "dectris-v1", "dectris-v2"):
+        wire = protocol(name)
+        info = sim.series_info(3)
+        ranks = [wire.rank(m) for m in wire.encoder.start(info)]
+        assert ranks[0] == START and all(r == DETAIL for r in ranks[1:]), (name, ranks)
+        frames = wire.encoder.frames(3, 0, sim.frames(0, 2), 1, wire.encodings[0])
+        assert all(wire.rank(m) is None for m in frames), name
+        assert [wire.rank(m) for m in wire.encoder.end(3, 2)] == [END], name
+    assert protocol("merlin").rank is None  # a byte stream has one reader
+
+
+def test_link_messages_are_checked_before_use():
+    parts = pack("delta", {"sid": 1}, {"rows": np.arange(3, dtype=np.int64)})
+    kind, head, arrays, raw = unpack(parts)
+    assert kind == "delta" and head == {"sid": 1} and list(arrays["rows"]) == [0, 1, 2]
+    bad = [
+        [b"\xc1"],  # not msgpack
+        [pack("x")[0][:-2]],  # truncated
+        [parts[0], b"\x00" * 23],  # 23 bytes for 3 int64
+        pack("delta", {}, {"a": np.zeros(2, np.complex64)}),  # dtype not allowed
+        [parts[0]],  # a described array missing
+    ]
+    for b in bad:
+        with pytest.raises(LinkError):
+            unpack(b)
+    with pytest.raises(LinkError):
+        WorkerConfig.from_json('{"index": 0}')
+
+
+def test_processing_settings_travel_to_workers_unchanged():
+    mask = np.zeros((8, 8), bool)
+    mask[2, 3] = True
+    p = ProcessingSettings(metadata={"scan_shape": (4, 5), "step_A": 2.0}, mask=mask,
+                           calibration_frames=16, bins=(8, 4), axial_radius_px=3.0)  # fmt: skip
+    q = settings_from_dict(settings_to_dict(p), None)
+    assert q.metadata == p.metadata and q.bins == p.bins and q.calibration_frames == 16
+    np.testing.assert_array_equal(q.mask, mask)
+    assert q.axial_radius_px == 3.0 and q.repeat_scans == p.repeat_scans
+
+
+@pytest.mark.parametrize("argv", [
+    ["--workers", "2", "--bind", "tcp://127.0.0.1:5999"],
+    ["--workers", "many"],
+    ["--workers", "2", "--protocol", "merlin", "--connect", "tcp://127.0.0.1:6342"],
+    ["--workers", "2", "--repeat", "new-series"],
+    ["--workers", "1", "--worker-link", "tcp://0.0.0.0:7000"],
+])  # fmt: skip
+def test_run_refuses_workers_it_cannot_use(argv, expect_usage_error, tmp_path):
+    expect_usage_error(["run", "--headless", "--output", str(tmp_path / "r.h5"), *argv])
+
+
+def test_worker_command_refuses_an_unauthenticated_remote_coordinator(expect_usage_error):
+    expect_usage_error(["worker", "--coordinator", "tcp://10.1.2.3:7000"])
