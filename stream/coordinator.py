@@ -21,6 +21,7 @@ steps, in its ingest thread:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ class Coordinator(Engine):
     def __init__(self, settings: EngineSettings, plan: WorkerPlan,
                  on_series_end: Callable[[SeriesResult], None] | None = None):  # fmt: skip
         self.plan = plan
+        self.merge_cpu_s = 0.0  # CPU time adding workers' deltas (the coordinator's share)
+        self.merges = 0
         super().__init__(settings, on_series_end)
 
     def _receiver(self) -> WorkerPool:
@@ -81,12 +84,15 @@ class Coordinator(Engine):
             for _ in range(int(delta.stats[ACCEPTED])):
                 self._reject(*self.table.stranger(sid))
             return
+        t0 = time.thread_time()
         try:
             with self._lock:
                 proc.apply(delta)
         except SeriesError as err:
             self._reject("bad_link_message", str(err))
             return
+        self.merge_cpu_s += time.thread_time() - t0
+        self.merges += 1
         self.counters.frames += int(delta.stats[ACCEPTED])
         self.table.touched(sid)
         if self._current is not proc:
@@ -116,3 +122,24 @@ class Coordinator(Engine):
             self.receiver.tell_all(pack("drop", {"sid": sid, "why": "refused"}))
         elif sid < 0:  # a worker that could not open the detector link
             log.error("a worker could not start: %s", why)
+
+    def stage_lines(self) -> list[str]:
+        """CPU microseconds per frame by stage, each worker (its last report) and this
+        coordinator: the figures that carry to a host with more cores (docs/engine.md)."""
+        lines = []
+        for p in sorted(self.receiver.peers.values(), key=lambda p: p.index):
+            per = 1e6 / max(p.frames, 1)
+            cpu = dict(p.cpu_s)
+            process = cpu.pop("process", 0.0)
+            startup = cpu.pop("start-up", 0.0)  # kernels loaded (first call): not per frame
+            other = process - startup - sum(cpu.values())  # ZeroMQ's I/O thread, the loop
+            stages = ", ".join(f"{k} {v * per:.1f}" for k, v in cpu.items())
+            lines.append(f"worker {p.index}: {p.frames} frames; CPU us/frame: {stages}, "
+                         f"other {other * per:.1f} (process {process * per:.1f}, less "
+                         f"{startup:.2f} s start-up)")  # fmt: skip
+        e = self
+        frames = max(e.counters.frames, 1)
+        lines.append(f"coordinator: merge {e.merge_cpu_s * 1e6 / frames:.2f} us/frame "
+                     f"({e.merges} deltas), process {time.process_time() * 1e6 / frames:.1f} "
+                     "us/frame (with alignment and start-up)")  # fmt: skip
+        return lines

@@ -1,24 +1,20 @@
 """A worker: one receiving process with its own detector socket (`run --workers N`, or
-`tcbf-live worker` on another host), accumulating the frames it receives.
+`tcbf-live worker` on another host; `stream.worker_process` runs it), folding its frames.
 
-Read top to bottom: join the coordinator (`stream.coordinator`, over the link of
-`stream.worker_link`), open the detector socket it names, then loop: frame messages are decoded
-and folded into this worker's `AccumulatorState` of their series; control messages (starts,
-header parts, ends: `detectors.routing`) go to the coordinator, which relays them to every
-worker in one order, and are decoded only as relayed (PUB streams: every worker receives them
-itself and decodes them in place). Frames of a series not yet known or calibrated wait in a
-backlog bounded in bytes; frames calibrate at the coordinator ("cal"), which sends the
-calibration back. Every `sync_interval_s` the growth of each series goes to the coordinator as
-a `StateDelta` (each frame once); an end is drained first (frames still queued here), then the
-last delta and "ended" follow. Nothing blocks on the coordinator: a delta that cannot be sent
-now stays in the state and goes with the next one.
+Frame messages are decoded and folded into this worker's state of their series; control
+messages (`detectors.routing`) go to the coordinator, which relays them to every worker in one
+order, and are decoded only as relayed (PUB streams: each worker decodes them in place).
+Frames of a series not yet known or calibrated wait in a backlog bounded in bytes; the first
+ones go to the coordinator to calibrate on ("cal"). Every `sync_interval_s` each series'
+growth goes to the coordinator as a `StateDelta`; at an end, what is queued here is read
+first. Nothing blocks on the coordinator: a delta not sent stays in the state.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 
 import zmq
@@ -33,6 +29,7 @@ from tcbf_live.detectors.base import (
 )
 from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
+from tcbf_live.stream.pages import release
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
@@ -46,36 +43,22 @@ from tcbf_live.stream.worker_link import (
     settings_from_dict,
     unpack,
 )
+from tcbf_live.stream.worker_series import (
+    WorkerSeries,
+    batch_bytes,
+    buffer,
+    frame_count,
+    message_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 WAITING = ("no_start", "wrong_series")  # a frame message whose series this worker lacks yet
 BACKLOG_S = 30.0  # frame messages wait this long for their series' start, then are rejected
 BEAT_S = 0.25  # counters to the coordinator (also: this worker is alive)
-DRAIN_S = 0.05  # at a relayed end: frames still queued here are read first (at most this long)
+DRAIN_S = 0.05  # at a relayed end: queued frames are read first, until quiet for this long
+DRAIN_MESSAGES = 1 << 20  # ... and at most this many
 CLOSED = 64  # ended or dropped series remembered (to name their stragglers)
-
-
-class _Series:
-    """One series at this worker: frames held until calibrated, then its processor."""
-
-    def __init__(self, info: SeriesInfo):
-        self.info = info
-        self.proc: SeriesProcessor | None = None
-        self.taker: DeltaTaker | None = None
-        self.held: list[FrameBatch | CompressedFrame] = []
-        self.held_bytes = 0
-        self.offered = 0  # frames sent to the coordinator to calibrate on
-        self.frames = 0  # frames received
-        self.ending = False  # ended before its calibration came
-
-
-def _nbytes(b: FrameBatch | CompressedFrame) -> int:
-    return b.frames.nbytes if isinstance(b, FrameBatch) else memoryview(b.blob).nbytes
-
-
-def _count(b: FrameBatch | CompressedFrame) -> int:
-    return len(b.frames) if isinstance(b, FrameBatch) else 1
 
 
 class Worker:
@@ -91,12 +74,14 @@ class Worker:
         self.decoder = self.wire.decoder(DecoderOptions(defer_bslz4=self.wire.bslz4_frames,
                                                         channel=config.channel))  # fmt: skip
         self.counters = StreamCounters()
-        self.series: dict[int, _Series] = {}
+        self.series: dict[int, WorkerSeries] = {}
         self.closed: dict[int, str] = {}  # ended / dropped ids -> why
         self.backlog: deque[tuple[float, list]] = deque()
         self.backlog_bytes = 0
         self.stopping = False
-        self._reported: dict[str, int] = {}
+        self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
+        self._warm = False  # the kernels have run once (loaded from numba's cache)
+        self._process0: float | None = None  # process CPU time at the first message
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -130,35 +115,44 @@ class Worker:
 
     # ------------------------------------------------------------------ detector messages
     def on_data(self, limit: int = 64) -> int:
-        """Read up to `limit` queued detector messages; the number read."""
-        frames: list[FrameBatch | CompressedFrame] = []
-        n = 0
-        for n in range(1, limit + 1):  # noqa: B007 (n: messages read)
+        """Read up to `limit` queued detector messages, then decode them, then fold their
+        frames (each stage's CPU time is counted in `cpu_s`); the number read."""
+        t0 = time.thread_time()
+        received = []
+        for _ in range(limit):
             try:
                 parts = recv_capped(self.sock, self.config.max_message_bytes)
             except zmq.Again:
-                n -= 1
                 break
             except OversizedMessage as exc:
                 self.counters.messages += 1
                 self.counters.reject(DecodeError("oversized", str(exc)))
                 continue
             self.counters.messages += 1
-            rank = self.wire.rank(parts)
-            if rank is not None and not self.shared:  # decoded as relayed, in one order
-                self.send(pack("ctl", {"ts": time.time_ns(), "relay": True}, raw=parts))
+            if self._process0 is None:
+                self._process0 = time.process_time()
+            received.append(parts)
+            if self.wire.rank(parts) is None:
                 continue
-            if rank is not None and self.config.index == 0:  # PUB: the coordinator's copy
+            if not self.shared:  # decoded as relayed, in one order
+                received.pop()
+                self.send(pack("ctl", {"ts": time.time_ns(), "relay": True}, raw=parts))
+            elif self.config.index == 0:  # PUB: every worker decodes it; the coordinator too
                 self.send(pack("ctl", {"ts": time.time_ns(), "relay": False}, raw=parts))
+        t1 = time.thread_time()
+        frames: list[FrameBatch | CompressedFrame] = []
+        for parts in received:
             frames.extend(self.decode(parts, from_detector=True))
-        self.fold(frames)
-        return n
+        self.cpu_s["receive"] += t1 - t0
+        self.cpu_s["parse"] += time.thread_time() - t1
+        self.fold(frames)  # `accumulate` counts its own time
+        return len(received)
 
     def decode(self, parts: list, from_detector: bool) -> list:
         """Handle the message's control events now; return its frame events. A frame message
         of a series this worker has no start for yet waits in the backlog."""
         try:
-            out = self.decoder.decode([p.buffer if hasattr(p, "buffer") else p for p in parts])
+            out = self.decoder.decode([buffer(p) for p in parts])
         except DecodeError as err:
             if err.reason in WAITING and from_detector:
                 self.hold(parts)
@@ -190,7 +184,7 @@ class Worker:
         return frames
 
     def hold(self, parts: list) -> None:
-        size = sum(memoryview(p.buffer if hasattr(p, "buffer") else p).nbytes for p in parts)
+        size = message_bytes(parts)
         if self.backlog_bytes + size > self.config.backlog_bytes:
             self.counters.reject(DecodeError("backlog_full", "frames before their series' "
                                              "start: backlog full"))  # fmt: skip
@@ -212,8 +206,7 @@ class Worker:
     def expire_backlog(self, now: float) -> None:
         while self.backlog and now - self.backlog[0][0] > BACKLOG_S:
             _, parts = self.backlog.popleft()
-            self.backlog_bytes -= sum(memoryview(p.buffer if hasattr(p, "buffer") else p).nbytes
-                                      for p in parts)  # fmt: skip
+            self.backlog_bytes -= message_bytes(parts)
             self.counters.reject(DecodeError("no_start", "frame message whose series never "
                                              "started"))  # fmt: skip
 
@@ -221,7 +214,7 @@ class Worker:
     def on_start(self, info: SeriesInfo) -> None:
         sid = info.series_id
         if sid not in self.series and sid not in self.closed:
-            self.series[sid] = _Series(info)
+            self.series[sid] = WorkerSeries(info)
 
     def fold(self, frames: list) -> None:
         """Fold frame events by series (held until calibrated), keeping a PUB share only."""
@@ -229,7 +222,7 @@ class Worker:
             return
         if self.shared and self.config.share is not None:
             k, n = self.config.share
-            frames = [b for b in frames if (b.first // _count(b)) % n == k]
+            frames = [b for b in frames if (b.first // frame_count(b)) % n == k]
         groups: dict[int, list] = {}
         for b in frames:
             groups.setdefault(b.series_id, []).append(b)
@@ -240,14 +233,14 @@ class Worker:
                 for _ in batches:
                     self.counters.reject(DecodeError(why, f"frames of series {sid}"))
                 continue
-            s.frames += sum(_count(b) for b in batches)
+            s.frames += sum(frame_count(b) for b in batches)
             if s.proc is None:
                 self.offer(sid, s, batches)
                 self.keep(s, batches)
             else:
                 self.accumulate(sid, s, batches)
 
-    def offer(self, sid: int, s: _Series, batches: list) -> None:
+    def offer(self, sid: int, s: WorkerSeries, batches: list) -> None:
         """Frames the coordinator may calibrate on: the series' first `calibration_frames`
         indices, and this worker's first that many whatever their index."""
         n = self.settings.calibration_frames
@@ -262,23 +255,27 @@ class Worker:
             s.offered += len(d.frames)
             self.send(pack("cal", {"sid": sid, "first": d.first}, {"frames": d.frames}))
 
-    def keep(self, s: _Series, batches: list) -> None:
+    def keep(self, s: WorkerSeries, batches: list) -> None:
         for b in batches:
-            size = _nbytes(b)
+            size = batch_bytes(b)
             if s.held_bytes + self.backlog_bytes + size > self.config.backlog_bytes:
                 self.counters.reject(DecodeError("backlog_full", "frames before calibration"))
                 continue
             s.held.append(b)
             s.held_bytes += size
 
-    def accumulate(self, sid: int, s: _Series, batches: list) -> None:
+    def accumulate(self, sid: int, s: WorkerSeries, batches: list) -> None:
         failed = s.proc.decode_failures
+        t0 = time.thread_time()
         try:
             s.proc.add_many(batches)
         except Exception as exc:  # the series is dropped here, the worker goes on
             log.exception("worker %d: series %d failed", self.config.index, sid)
             self.refuse(sid, f"{type(exc).__name__}: {exc}")
             return
+        finally:  # the first call loads the compiled kernels: start-up, not per frame
+            self.cpu_s["accumulate" if self._warm else "start-up"] += time.thread_time() - t0
+            self._warm = True
         for _ in range(s.proc.decode_failures - failed):
             self.counters.reject(DecodeError("bad_payload", "bslz4 frame does not decompress"))
 
@@ -315,10 +312,10 @@ class Worker:
     def on_end(self, sid: int, drain: bool) -> None:
         """A series ended: read what is still queued here (sent before the end), then send
         the last delta and "ended" (with the frames received, for a series never calibrated)."""
-        if drain:
-            until = time.monotonic() + DRAIN_S
-            while time.monotonic() < until and self.sock.poll(0) and self.on_data():
-                pass
+        if drain:  # everything queued here, then what arrives within DRAIN_S of the last
+            for _ in range(DRAIN_MESSAGES // 64):
+                if not self.sock.poll(int(DRAIN_S * 1000)) or not self.on_data():
+                    break
         s = self.series.get(sid)
         if s is None:
             return
@@ -333,12 +330,22 @@ class Worker:
     def sync(self, only: int | None = None, final: bool = False) -> None:
         """Each calibrated series' growth since its last delta, to the coordinator; nothing
         is taken when the link has no room (it stays in the state for the next one)."""
+        t0 = time.thread_time()
+        try:
+            self._sync(only, final)
+        finally:
+            self.cpu_s["delta"] += time.thread_time() - t0
+
+    def _sync(self, only: int | None, final: bool) -> None:
         for sid, s in list(self.series.items()):
             if s.taker is None or (only is not None and sid != only):
                 continue
             if not self.link.poll(0 if not final else 5000, zmq.POLLOUT):
                 return
             delta = s.taker.take()
+            if delta.rows.size:  # everything was taken: the state's memory goes back
+                release(s.proc.acc.state.stack)
+                release(s.proc.acc.state.tiles)
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
                 self.link.send_multipart(delta_message(sid, delta, final), copy=False)
@@ -346,7 +353,12 @@ class Worker:
     def beat(self, block_s: float = 0.0) -> None:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""
         c = self.counters
-        counts = {"messages": c.messages, "rejected": dict(c.rejected), "frames": c.frames}
+        counts = {
+            "messages": c.messages,
+            "rejected": dict(c.rejected),
+            "frames": c.frames,
+            "cpu_s": {**self.cpu_s, "process": time.process_time() - (self._process0 or 0.0)},
+        }
         self.send(pack("beat", {**counts, "held": self.backlog_bytes}), block_s)
 
     # ------------------------------------------------------------------ coordinator messages

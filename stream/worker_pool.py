@@ -60,6 +60,7 @@ class _Peer:
     rejected: dict = field(default_factory=dict)
     frames: int = 0
     gone: str | None = None  # "died" / "stalled"
+    cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
     flushed: bool = False
 
 
@@ -259,6 +260,7 @@ class WorkerPool:
                                    if v > peer.rejected.get(k, 0)}))  # fmt: skip
         peer.messages, peer.rejected = messages, rejected
         peer.frames = int(head.get("frames", peer.frames))
+        peer.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
 
     # ------------------------------------------------------------------ control messages
     def settled(self, now: float) -> Iterator[list[Event]]:
@@ -385,6 +387,5 @@ class WorkerPool:
                 p.join(1.0)
         self.link.close(linger=0)
         release_context(self.ctx)
-        counts = ", ".join(f"{p.index}: {p.frames}" for p in self.peers.values())
-        if counts:
-            log.info("frames folded per worker (last report) %s", counts)
+        for line in self.engine.stage_lines():
+            log.info("%s", line)

@@ -181,7 +181,7 @@ def test_stack_merge_saturates_like_the_kernel():
     t = AccumulatorState.zeros(2, 3, 1, 4)
     s.stack[0] = [65000, 10, 65535]
     t.stack[0] = [1000, 20, 1]
-    t.hits[0] = 1
+    s.hits[0] = t.hits[0] = 1  # a state holds values only where it has frames
     s.merge(t)
     np.testing.assert_array_equal(s.stack[0], [65535, 30, 65535])
     assert s.stack.dtype == np.uint16

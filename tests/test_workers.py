@@ -250,3 +250,23 @@ def test_run_refuses_workers_it_cannot_use(argv, expect_usage_error, tmp_path):
 
 def test_worker_command_refuses_an_unauthenticated_remote_coordinator(expect_usage_error):
     expect_usage_error(["worker", "--coordinator", "tcp://10.1.2.3:7000"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux")
+def test_a_worker_gives_back_the_memory_of_what_it_sent():
+    """After a delta a worker's state is all zeros: its pages go back to the OS and read as
+    zeros again, so a worker holds about the frames since its last delta."""
+    from tcbf_live.stream.pages import release
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    a = np.zeros((4096, 8192), np.uint16)  # 64 MiB
+    a[:] = 3
+    before = rss_mb()
+    a[:] = 0
+    assert release(a) > 63 * 2**20
+    assert rss_mb() < before - 60 and not a.any()
+    a[7, 7] = 1
+    assert a.sum() == 1

@@ -22,6 +22,7 @@ from tcbf_live.stream.tcbf.kernels import (
     OUT_OF_ORDER,
     OUT_OF_RANGE,
     accumulate_frames,
+    add_rows,
 )
 from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins
 
@@ -126,12 +127,14 @@ class AccumulatorState:
         merge rule; the one code path of `merge`. Returns the frames both had claimed."""
         mine = self.arrays()
         twice = int(np.count_nonzero(self.seen[delta.seen]))
+        fresh = self.hits[delta.rows] == 0  # rows this state has no frames at: copied
         for f in fields(self):
             rule, a = f.metadata["merge"], mine[f.name]
-            if rule == "add":
+            if rule == "add" and a.ndim == 1:
                 a[delta.rows] += delta.values[f.name]
-            elif rule == "add_capped" and stack:
-                _add_capped(a, delta.values[f.name], delta.rows)
+            elif rule == "add" or (rule == "add_capped" and stack):
+                top = np.iinfo(a.dtype).max if rule == "add_capped" and a.dtype.kind == "u" else -1
+                add_rows(a, delta.rows, delta.values[f.name], fresh, top)
             elif rule == "or":
                 a[delta.seen] = 1
             elif rule == "stats":
@@ -208,16 +211,6 @@ class DeltaTaker:
         stats[NEXT_INDEX] = s.stats[NEXT_INDEX]
         self._sent_stats = s.stats.copy()
         return StateDelta(rows, values, seen, stats)
-
-
-def _add_capped(a: np.ndarray, values: np.ndarray, rows: np.ndarray) -> None:
-    """a[rows] += values, saturating at the integer maximum as the kernel does."""
-    if a.dtype.kind != "u":
-        a[rows] += values
-        return
-    top = np.iinfo(a.dtype).max
-    wide = a[rows].astype(np.uint32) + values
-    a[rows] = np.minimum(wide, top).astype(a.dtype)
 
 
 def merged(states: list[AccumulatorState], *, stack: bool = True) -> AccumulatorState:

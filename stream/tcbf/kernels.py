@@ -275,3 +275,21 @@ def accumulate_frames(
                   stats)  # fmt: skip
 
 
+@numba.njit(nogil=True, cache=True)
+def add_rows(target, rows, values, fresh, top) -> None:
+    """target[rows[i]] += values[i] for a 2-D per-position sum (merge of a receiver's rows):
+    a row the target has no frames at yet (`fresh`) is copied; otherwise the values add in
+    their own type, saturating at `top` when it is >= 0 (the uint16 stack, as the accumulate
+    kernel does). Bit for bit what numpy's row-wise addition gives, at memory speed."""
+    saturate = top >= 0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if fresh[i]:
+            target[r, :] = values[i, :]
+        elif saturate:
+            for j in range(target.shape[1]):
+                s = np.int64(target[r, j]) + np.int64(values[i, j])
+                target[r, j] = s if s < top else top
+        else:
+            for j in range(target.shape[1]):
+                target[r, j] += values[i, j]

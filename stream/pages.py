@@ -1,0 +1,33 @@
+"""Memory given back: a large array that is all zeros returned to the operating system.
+
+A worker sends what it accumulated as deltas (`DeltaTaker` takes every row with frames and
+zeroes it), so right after a delta its state is all zeros; its arrays keep the whole scan's
+geometry, and without this its resident memory would grow to the whole per-BF-pixel stack as
+the scan covers it. `release` hands the array's pages back (Linux `madvise(MADV_DONTNEED)`:
+anonymous memory reads back as zeros), so a worker holds about the frames since its last
+delta. Elsewhere it does nothing (the memory stays resident, the values stay zero).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
+
+
+def release(a: np.ndarray) -> int:
+    """Return to the OS the pages wholly inside `a`, which must be all zeros (the pages at
+    its two ends, shared with other memory, stay); the bytes released."""
+    if _libc is None or not a.flags.c_contiguous or a.nbytes < 2 * PAGE:
+        return 0
+    lo = (a.ctypes.data + PAGE - 1) // PAGE * PAGE
+    hi = (a.ctypes.data + a.nbytes) // PAGE * PAGE
+    if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
+        return 0
+    return hi - lo

@@ -1,0 +1,39 @@
+"""What a worker keeps of one series, and the sizes of what it holds (`stream.worker`)."""
+
+from __future__ import annotations
+
+import zmq
+
+from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
+from tcbf_live.stream.series import SeriesProcessor
+from tcbf_live.stream.tcbf.accumulators import DeltaTaker
+
+
+class WorkerSeries:
+    """One series at this worker: frames held until calibrated, then its processor."""
+
+    def __init__(self, info: SeriesInfo):
+        self.info = info
+        self.proc: SeriesProcessor | None = None
+        self.taker: DeltaTaker | None = None
+        self.held: list[FrameBatch | CompressedFrame] = []
+        self.held_bytes = 0
+        self.offered = 0  # frames sent to the coordinator to calibrate on
+        self.frames = 0  # frames received
+        self.ending = False  # ended before its calibration came
+
+
+def batch_bytes(b: FrameBatch | CompressedFrame) -> int:
+    return b.frames.nbytes if isinstance(b, FrameBatch) else memoryview(b.blob).nbytes
+
+
+def buffer(part):
+    return part.buffer if isinstance(part, zmq.Frame) else part
+
+
+def message_bytes(parts: list) -> int:
+    return sum(memoryview(buffer(p)).nbytes for p in parts)
+
+
+def frame_count(b: FrameBatch | CompressedFrame) -> int:
+    return len(b.frames) if isinstance(b, FrameBatch) else 1
