@@ -53,6 +53,7 @@ WARMUP_SCAN = (64, 64)  # an untimed first run: numba cache load, first calibrat
 RUN_TIMEOUT_S = 120.0
 SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loop"}
 SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
+STAGES = re.compile(r"((?:worker \d+: \d+ frames|coordinator: merge).*)")
 
 PEER_SENDER = """
 import json, sys, time
@@ -254,6 +255,8 @@ def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_di
         frames, own = (int(m[1]), float(m[3])) if m else (0, 0.0)
     if rx.returncode != 0 or frames != n or not times:
         print(f"  {proto} {receiver}: rc {rx.returncode}, {frames}/{n} frames\n{err[-2000:]}")
+    for line in STAGES.findall(err):  # workers' and the coordinator's CPU per frame by stage
+        print(f"    {proto} {receiver}: {line}")
     return Run(frames, times.get("sender_s", 0.0), own, rx.returncode)
 
 
