@@ -96,6 +96,40 @@ def _write_msg(f, msg: bytes) -> None:
     f.write(msg)
 
 
+def tile_series(cache: Path, scan: tuple[int, int], small: Path) -> Path:
+    """The series' dump built from a smaller one's frames repeated over the scan (a periodic
+    sample: the same wire data and rates, no simulation; for machines where the simulator
+    cannot run)."""
+    dump = cache / f"series_{scan[0]}x{scan[1]}_{DETECTOR_PX}px.dump"
+    if dump.exists() and dump.with_suffix(".json").exists():
+        return dump
+    import numpy as np
+
+    from tcbf_live.detectors.dectris_v1_encoder import encode_image
+
+    meta = json.loads(small.with_suffix(".json").read_text())
+    rows, cols = meta["scan"]
+    blobs = read_blobs(small, rows * cols)
+    data, offset, first = memoryview(small.read_bytes()), 0, []
+    for _ in range(2):  # the header messages, unchanged
+        (size,) = struct.unpack_from("<q", data, offset)
+        first.append(bytes(data[offset + 8 : offset + 8 + size]))
+        offset += 8 + size
+    cache.mkdir(parents=True, exist_ok=True)
+    like = np.empty((DETECTOR_PX, DETECTOR_PX), meta["dtype"])
+    with open(dump.with_suffix(".tmp"), "wb") as f:
+        for m in first:
+            _write_msg(f, m)
+        for i in range(scan[0] * scan[1]):
+            blob = blobs[(i // scan[1] % rows) * cols + i % scan[1] % cols]
+            for part in encode_image(SERIES_ID, i, like, blob=blob):
+                _write_msg(f, part)
+    meta |= {"scan": list(scan), "frames": scan[0] * scan[1]}
+    dump.with_suffix(".json").write_text(json.dumps(meta))
+    dump.with_suffix(".tmp").rename(dump)
+    return dump
+
+
 def make_series(cache: Path, scan: tuple[int, int]) -> Path:
     """The cached V1 message dump of the series (built once, ~1 min for 256x256), with its
     metadata beside it (.json)."""
@@ -338,12 +372,17 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/dectris_rate"))
     ap.add_argument("--peer-python", default="/tmp/peerenv/bin/python",
                     help="a Python with libertem-dectris (for V1)")  # fmt: skip
+    ap.add_argument("--tile-from", type=Path, metavar="DUMP",
+                    help="build the series from a smaller dump's frames, repeated (no "
+                    "simulation: e.g. `make_series` of a 32x32 scan made elsewhere)")  # fmt: skip
     args = ap.parse_args()
     protos = list(args.protocols)
     if "v1" in protos and not peer_has_dectris(args.peer_python):
         print(f"{args.peer_python} cannot import libertem_dectris: V1 skipped")
         protos.remove("v1")
-    dump = make_series(args.cache, (args.scan, args.scan))
+    scan = (args.scan, args.scan)
+    dump = tile_series(args.cache, scan, args.tile_from) if args.tile_from else make_series(
+        args.cache, scan)  # fmt: skip
     meta = json.loads(dump.with_suffix(".json").read_text())
     names = receivers(args.workers, workers_flag())
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
