@@ -51,6 +51,7 @@ SERIES_ID = 7
 DETECTOR_PX = 96
 WARMUP_SCAN = (64, 64)  # an untimed first run: numba cache load, first calibration
 RUN_TIMEOUT_S = 120.0
+WORKERS_READY_S = 4.0  # workers started and connected (spawn, imports) before the sender
 SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loop"}
 SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
 STAGES = re.compile(r"((?:worker \d+: \d+ frames|coordinator: merge).*)")
@@ -266,10 +267,12 @@ def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_di
     scan = scan or tuple(meta["scan"])
     n = scan[0] * scan[1]
     endpoint = free_endpoint()
-    sender = start_sender(proto, endpoint, dump, n, scan, peer)
     argv = receiver_argv(proto, receiver, endpoint, n, scan, meta, out_dir / "result.h5")
     rx = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=_env())  # fmt: skip
+    if receiver not in ("bare", "tcbf-", "tcbf-0"):  # as at a detector: every worker connected
+        time.sleep(WORKERS_READY_S)  # before the series is armed (else the first takes most)
+    sender = start_sender(proto, endpoint, dump, n, scan, peer)
     try:
         out, err = rx.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:

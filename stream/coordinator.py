@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tcbf_live.stream.engine import Engine, EngineSettings
+from tcbf_live.stream.pages import peak_rss_mb
 from tcbf_live.stream.result import SeriesResult
 from tcbf_live.stream.series import SeriesError
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, StateDelta
@@ -134,12 +135,14 @@ class Coordinator(Engine):
             startup = cpu.pop("start-up", 0.0)  # kernels loaded (first call): not per frame
             other = process - startup - sum(cpu.values())  # ZeroMQ's I/O thread, the loop
             stages = ", ".join(f"{k} {v * per:.1f}" for k, v in cpu.items())
+            rss = p.peak_rss_mb
             lines.append(f"worker {p.index}: {p.frames} frames; CPU us/frame: {stages}, "
                          f"other {other * per:.1f} (process {process * per:.1f}, less "
-                         f"{startup:.2f} s start-up)")  # fmt: skip
+                         f"{startup:.2f} s start-up); peak RSS {rss:.0f} MiB")  # fmt: skip
         e = self
         frames = max(e.counters.frames, 1)
         lines.append(f"coordinator: merge {e.merge_cpu_s * 1e6 / frames:.2f} us/frame "
                      f"({e.merges} deltas), process {time.process_time() * 1e6 / frames:.1f} "
-                     "us/frame (with alignment and start-up)")  # fmt: skip
+                     f"us/frame (with alignment and start-up); peak RSS {peak_rss_mb():.0f} "
+                     "MiB")  # fmt: skip
         return lines

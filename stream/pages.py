@@ -31,3 +31,15 @@ def release(a: np.ndarray) -> int:
     if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
         return 0
     return hi - lo
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -29,7 +29,7 @@ from tcbf_live.detectors.base import (
 )
 from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
-from tcbf_live.stream.pages import release
+from tcbf_live.stream.pages import peak_rss_mb, release
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
@@ -357,6 +357,7 @@ class Worker:
             "messages": c.messages,
             "rejected": dict(c.rejected),
             "frames": c.frames,
+            "peak_rss_mb": peak_rss_mb(),
             "cpu_s": {**self.cpu_s, "process": time.process_time() - (self._process0 or 0.0)},
         }
         self.send(pack("beat", {**counts, "held": self.backlog_bytes}), block_s)

@@ -61,6 +61,7 @@ class _Peer:
     frames: int = 0
     gone: str | None = None  # "died" / "stalled"
     cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
+    peak_rss_mb: float = 0.0
     flushed: bool = False
 
 
@@ -261,6 +262,7 @@ class WorkerPool:
         peer.messages, peer.rejected = messages, rejected
         peer.frames = int(head.get("frames", peer.frames))
         peer.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
+        peer.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
 
     # ------------------------------------------------------------------ control messages
     def settled(self, now: float) -> Iterator[list[Event]]:
