@@ -78,12 +78,14 @@ class Coordinator(Engine):
     def lost(self) -> list[str]:
         return self.receiver.lost
 
-    def merge_delta(self, sid: int, delta: StateDelta) -> None:
-        """Add a worker's delta to its series (refused if it does not fit)."""
+    def merge_delta(self, sid: int, delta: StateDelta, this_run: bool = True) -> None:
+        """Add a worker's delta to its series (refused if it does not fit; a delta of an
+        earlier run of the same id counts as a stranger's)."""
         proc = self.table.open.get(sid)
-        if proc is None or not proc.calibrated:
-            for _ in range(int(delta.stats[ACCEPTED])):
-                self._reject(*self.table.stranger(sid))
+        if proc is None or not proc.calibrated or not this_run:
+            reason, detail = self.table.stranger(sid)
+            self.counters.rejected[reason] += max(0, int(delta.stats[ACCEPTED]))
+            log.warning("frames of series %d from a worker: %s", sid, detail)
             return
         t0 = time.thread_time()
         try:
@@ -101,6 +103,13 @@ class Coordinator(Engine):
                 self._current = proc
         if proc.done:
             self._finish(sid, complete=True)
+
+    def _forget(self, sid: int, why: str):
+        """The series leaves the open set (ended, refused, evicted): workers drop it too."""
+        proc = super()._forget(sid, why)
+        gen = self.receiver.opened.get(sid)
+        self.receiver.tell_all(pack("drop", {"sid": sid, "why": why, "gen": gen}))
+        return proc
 
     def calibrate_series(self, sid: int, frames: np.ndarray) -> bool:
         """Calibrate an open series on frames its workers offered (False: refused)."""

@@ -1,13 +1,9 @@
 """A worker: one receiving process with its own detector socket (`run --workers N`, or
-`tcbf-live worker` on another host; `stream.worker_process` runs it), folding its frames.
-
-Frame messages are decoded and folded into this worker's state of their series; control
-messages (`detectors.routing`) go to the coordinator, which relays them to every worker in one
-order, and are decoded only as relayed (PUB streams: each worker decodes them in place).
-Frames of a series not yet known or calibrated wait in a backlog bounded in bytes; the first
-ones go to the coordinator to calibrate on ("cal"). Every `sync_interval_s` each series'
-growth goes to the coordinator as a `StateDelta`; at an end, what is queued here is read
-first. Nothing blocks on the coordinator: a delta not sent stays in the state.
+`tcbf-live worker` elsewhere; `stream.worker_process` runs it), folding its frames into its
+own state. Control messages (`detectors.routing`) go to the coordinator, which relays them to
+every worker in one order (PUB: each decodes them in place). Frames of a series not yet known
+or calibrated wait in a backlog bounded in bytes; every `sync_interval_s` each series' growth
+goes to the coordinator as a `StateDelta` (one not sent stays in the state).
 """
 
 from __future__ import annotations
@@ -28,8 +24,9 @@ from tcbf_live.detectors.base import (
     SeriesStart,
 )
 from tcbf_live.detectors.registry import DecoderOptions, protocol
+from tcbf_live.stream import worker_series
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
-from tcbf_live.stream.pages import peak_rss_mb, release
+from tcbf_live.stream.pages import release
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
@@ -43,21 +40,13 @@ from tcbf_live.stream.worker_link import (
     settings_from_dict,
     unpack,
 )
-from tcbf_live.stream.worker_series import (
-    WorkerSeries,
-    batch_bytes,
-    buffer,
-    frame_count,
-    message_bytes,
-)
+from tcbf_live.stream.worker_series import WorkerSeries
 
 log = logging.getLogger(__name__)
 
 WAITING = ("no_start", "wrong_series")  # a frame message whose series this worker lacks yet
 BACKLOG_S = 30.0  # frame messages wait this long for their series' start, then are rejected
 BEAT_S = 0.25  # counters to the coordinator (also: this worker is alive)
-DRAIN_S = 0.05  # at a relayed end: queued frames are read first, until quiet for this long
-DRAIN_MESSAGES = 1 << 20  # ... and at most this many
 CLOSED = 64  # ended or dropped series remembered (to name their stragglers)
 
 
@@ -76,11 +65,13 @@ class Worker:
         self.counters = StreamCounters()
         self.series: dict[int, WorkerSeries] = {}
         self.closed: dict[int, str] = {}  # ended / dropped ids -> why
+        self.runs: dict[int, int] = {}  # starts of each id so far (its runs: `gen`)
         self.backlog: deque[tuple[float, list]] = deque()
         self.backlog_bytes = 0
         self.stopping = False
         self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
         self._warm = False  # the kernels have run once (loaded from numba's cache)
+        self.unsent = 0  # link messages given up after waiting for room
         self._process0: float | None = None  # process CPU time at the first message
 
     # ------------------------------------------------------------------ loop
@@ -109,6 +100,10 @@ class Worker:
     def send(self, parts: list, block_s: float = 1.0) -> bool:
         """Send to the coordinator, waiting at most `block_s` for room (False: not sent)."""
         if not self.link.poll(int(block_s * 1000), zmq.POLLOUT):
+            self.unsent += 1  # counted in the beats; the coordinator's log names it
+            if self.unsent <= 10:
+                log.warning("worker %d: the link to the coordinator is full: a message was "
+                            "not sent (%d so far)", self.config.index, self.unsent)  # fmt: skip
             return False
         self.link.send_multipart(parts, copy=False)
         return True
@@ -137,7 +132,8 @@ class Worker:
             if not self.shared:  # decoded as relayed, in one order
                 received.pop()
                 self.send(pack("ctl", {"ts": time.time_ns(), "relay": True}, raw=parts))
-            elif self.config.index == 0:  # PUB: every worker decodes it; the coordinator too
+            else:  # PUB: every worker decodes it; the coordinator too (a copy from each:
+                #      it keeps the first, so no worker is the only one that sends them)
                 self.send(pack("ctl", {"ts": time.time_ns(), "relay": False}, raw=parts))
         t1 = time.thread_time()
         frames: list[FrameBatch | CompressedFrame] = []
@@ -152,7 +148,7 @@ class Worker:
         """Handle the message's control events now; return its frame events. A frame message
         of a series this worker has no start for yet waits in the backlog."""
         try:
-            out = self.decoder.decode([buffer(p) for p in parts])
+            out = self.decoder.decode([worker_series.buffer(p) for p in parts])
         except DecodeError as err:
             if err.reason in WAITING and from_detector:
                 self.hold(parts)
@@ -170,7 +166,7 @@ class Worker:
             if isinstance(e, SeriesStart):
                 if from_detector:  # V1 starts with its first image: the coordinator's start
                     self.send(pack("first", {}, raw=parts))
-                self.on_start(e.info)
+                self.on_start(e.info, e.repeat)
                 if not from_detector:  # its header is complete: what waited for it goes now
                     self.fold(frames)
                     frames = []
@@ -184,7 +180,7 @@ class Worker:
         return frames
 
     def hold(self, parts: list) -> None:
-        size = message_bytes(parts)
+        size = worker_series.message_bytes(parts)
         if self.backlog_bytes + size > self.config.backlog_bytes:
             self.counters.reject(DecodeError("backlog_full", "frames before their series' "
                                              "start: backlog full"))  # fmt: skip
@@ -206,15 +202,26 @@ class Worker:
     def expire_backlog(self, now: float) -> None:
         while self.backlog and now - self.backlog[0][0] > BACKLOG_S:
             _, parts = self.backlog.popleft()
-            self.backlog_bytes -= message_bytes(parts)
+            self.backlog_bytes -= worker_series.message_bytes(parts)
             self.counters.reject(DecodeError("no_start", "frame message whose series never "
                                              "started"))  # fmt: skip
 
     # ------------------------------------------------------------------ series
-    def on_start(self, info: SeriesInfo) -> None:
+    def on_start(self, info: SeriesInfo, repeat: bool) -> None:
+        """A series starts. Each start that is not a re-announcement is the id's next run
+        (`gen`, counted as the coordinator counts it: both decode the same control messages
+        in one order); a run still open here ends first, as in one process."""
         sid = info.series_id
-        if sid not in self.series and sid not in self.closed:
-            self.series[sid] = WorkerSeries(info)
+        if repeat:
+            if sid not in self.series and sid not in self.closed:  # joined late
+                self.series[sid] = WorkerSeries(info, self.runs.setdefault(sid, 1))
+            return
+        if sid in self.series:  # restarted: the open run ends here (uncalibrated: dropped)
+            self.on_end(sid, drain=False)
+            self.drop(sid, "ended")
+        self.closed.pop(sid, None)
+        self.runs[sid] = self.runs.get(sid, 0) + 1
+        self.series[sid] = WorkerSeries(info, self.runs[sid])
 
     def fold(self, frames: list) -> None:
         """Fold frame events by series (held until calibrated), keeping a PUB share only."""
@@ -222,7 +229,7 @@ class Worker:
             return
         if self.shared and self.config.share is not None:
             k, n = self.config.share
-            frames = [b for b in frames if (b.first // frame_count(b)) % n == k]
+            frames = [b for b in frames if (b.first // worker_series.frame_count(b)) % n == k]
         groups: dict[int, list] = {}
         for b in frames:
             groups.setdefault(b.series_id, []).append(b)
@@ -233,7 +240,7 @@ class Worker:
                 for _ in batches:
                     self.counters.reject(DecodeError(why, f"frames of series {sid}"))
                 continue
-            s.frames += sum(frame_count(b) for b in batches)
+            s.frames += sum(worker_series.frame_count(b) for b in batches)
             if s.proc is None:
                 self.offer(sid, s, batches)
                 self.keep(s, batches)
@@ -253,11 +260,12 @@ class Worker:
                 self.counters.reject(err)
                 continue
             s.offered += len(d.frames)
-            self.send(pack("cal", {"sid": sid, "first": d.first}, {"frames": d.frames}))
+            self.send(pack("cal", {"sid": sid, "gen": s.gen, "first": d.first},
+                           {"frames": d.frames}))  # fmt: skip
 
     def keep(self, s: WorkerSeries, batches: list) -> None:
         for b in batches:
-            size = batch_bytes(b)
+            size = worker_series.batch_bytes(b)
             if s.held_bytes + self.backlog_bytes + size > self.config.backlog_bytes:
                 self.counters.reject(DecodeError("backlog_full", "frames before calibration"))
                 continue
@@ -279,9 +287,9 @@ class Worker:
         for _ in range(s.proc.decode_failures - failed):
             self.counters.reject(DecodeError("bad_payload", "bslz4 frame does not decompress"))
 
-    def calibrated(self, sid: int, cal: Calibration) -> None:
+    def calibrated(self, sid: int, gen: int | None, cal: Calibration) -> None:
         s = self.series.get(sid)
-        if s is None or s.proc is not None:
+        if s is None or s.proc is not None or gen not in (None, s.gen):
             return
         try:
             s.proc = SeriesProcessor(s.info, replace(self.settings, calibration=cal))
@@ -298,10 +306,13 @@ class Worker:
         self.send(pack("refused", {"sid": sid, "why": why}))
         self.drop(sid, "refused")
 
-    def drop(self, sid: int, why: str) -> None:
+    def drop(self, sid: int, why: str, gen: int | None = None) -> None:
+        """Forget a series (`gen`: only that run of the id)."""
+        if gen is not None and sid in self.series and self.series[sid].gen != gen:
+            return
         s = self.series.pop(sid, None)
         if s is not None and s.ending:
-            self.send(pack("ended", {"sid": sid, "frames": s.frames}), block_s=5.0)
+            self.send(pack("ended", {"sid": sid, "gen": s.gen, "frames": s.frames}), 5.0)
         if s is not None and why == "refused":
             for _ in s.held:
                 self.counters.reject(DecodeError("series_refused", f"frames of series {sid}"))
@@ -312,19 +323,20 @@ class Worker:
     def on_end(self, sid: int, drain: bool) -> None:
         """A series ended: read what is still queued here (sent before the end), then send
         the last delta and "ended" (with the frames received, for a series never calibrated)."""
-        if drain:  # everything queued here, then what arrives within DRAIN_S of the last
-            for _ in range(DRAIN_MESSAGES // 64):
-                if not self.sock.poll(int(DRAIN_S * 1000)) or not self.on_data():
+        if drain:  # what is queued here now was sent before the end: read it first (a
+            #          bounded amount: the next series may already be streaming)
+            for _ in range(max(1, self.config.rcvhwm // 64) + 1):
+                if not self.sock.poll(0) or not self.on_data():
                     break
         s = self.series.get(sid)
         if s is None:
             return
         if s.proc is None:  # its calibration is still to come: the end follows it
             s.ending = True
-            self.send(pack("ending", {"sid": sid}), block_s=5.0)  # after every frame offered
+            self.send(pack("ending", {"sid": sid, "gen": s.gen}), 5.0)  # after every offer
             return
         self.sync(only=sid, final=True)
-        self.send(pack("ended", {"sid": sid, "frames": s.frames}), block_s=5.0)
+        self.send(pack("ended", {"sid": sid, "gen": s.gen, "frames": s.frames}), 5.0)
         self.drop(sid, "ended")
 
     def sync(self, only: int | None = None, final: bool = False) -> None:
@@ -341,6 +353,9 @@ class Worker:
             if s.taker is None or (only is not None and sid != only):
                 continue
             if not self.link.poll(0 if not final else 5000, zmq.POLLOUT):
+                if final:
+                    log.error("worker %d: the last delta of series %d could not be sent: its "
+                              "frames are missing", self.config.index, sid)  # fmt: skip
                 return
             delta = s.taker.take()
             if delta.rows.size:  # everything was taken: the state's memory goes back
@@ -348,19 +363,13 @@ class Worker:
                 release(s.proc.acc.state.tiles)
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
-                self.link.send_multipart(delta_message(sid, delta, final), copy=False)
+                self.link.send_multipart(delta_message(sid, s.gen, delta, final), copy=False)
 
     def beat(self, block_s: float = 0.0) -> None:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""
-        c = self.counters
-        counts = {
-            "messages": c.messages,
-            "rejected": dict(c.rejected),
-            "frames": c.frames,
-            "peak_rss_mb": peak_rss_mb(),
-            "cpu_s": {**self.cpu_s, "process": time.process_time() - (self._process0 or 0.0)},
-        }
-        self.send(pack("beat", {**counts, "held": self.backlog_bytes}), block_s)
+        process = time.process_time() - (self._process0 or 0.0)
+        self.send(worker_series.beat(self.counters, {**self.cpu_s, "process": process},
+                                     self.unsent, self.backlog_bytes), block_s)  # fmt: skip
 
     # ------------------------------------------------------------------ coordinator messages
     def on_link(self) -> None:
@@ -377,9 +386,10 @@ class Worker:
                     self.fold(self.decode(message, from_detector=False))
                 self.replay()
             elif kind == "cal":
-                self.calibrated(head["sid"], Calibration.from_json(head["calibration"]))
+                self.calibrated(head["sid"], head.get("gen"),
+                                Calibration.from_json(head["calibration"]))  # fmt: skip
             elif kind == "drop":
-                self.drop(head["sid"], head.get("why", "refused"))
+                self.drop(head["sid"], head.get("why", "refused"), head.get("gen"))
             elif kind == "flush":
                 self.sync()
                 self.beat(block_s=5.0)

@@ -58,7 +58,8 @@ def unpack(parts: list[Any]) -> tuple[str, dict, dict[str, np.ndarray], list[Any
         raise LinkError("array descriptions do not match the parts")
     arrays = {}
     for desc, buf in zip(descs, parts[1:], strict=False):
-        if (not isinstance(desc, list) or len(desc) != 3 or desc[1] not in DTYPES
+        if (not isinstance(desc, list) or len(desc) != 3 or not isinstance(desc[0], str)
+                or desc[1] not in DTYPES
                 or not isinstance(desc[2], list)
                 or not all(type(n) is int and n >= 0 for n in desc[2])):  # fmt: skip
             raise LinkError(f"bad array description {desc!r:.80}")
@@ -70,9 +71,10 @@ def unpack(parts: list[Any]) -> tuple[str, dict, dict[str, np.ndarray], list[Any
     return head.pop("t"), head, arrays, list(parts[1 + len(descs) :])
 
 
-def delta_message(series_id: int, delta: StateDelta, final: bool) -> list[Any]:
+def delta_message(series_id: int, gen: int, delta: StateDelta, final: bool) -> list[Any]:
+    """A worker's delta of run `gen` of a series."""
     arrays = {"rows": delta.rows, "seen": delta.seen, "stats": delta.stats, **delta.values}
-    return pack("delta", {"sid": series_id, "final": final}, arrays)
+    return pack("delta", {"sid": series_id, "gen": gen, "final": final}, arrays)
 
 
 def delta_from(arrays: dict[str, np.ndarray]) -> StateDelta:

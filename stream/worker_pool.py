@@ -10,10 +10,11 @@ and relayed to every worker; offered frames calibrate here; deltas go to
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing as mp
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.detectors.routing import starts_first
 from tcbf_live.stream.receiver import StreamCounters, decode_counted
 from tcbf_live.stream.transport import open_link, release_context
+from tcbf_live.stream.worker_calibration import CAL_WAIT_S, Calibrating
 from tcbf_live.stream.worker_link import (
     LINK_HWM,
     LINK_MAX_BYTES,
@@ -46,9 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SETTLE_S = 0.01  # control messages are ordered once none arrived for this long
-CAL_WAIT_S = 1.0  # calibrate on what arrived when the first indices do not all come
-MAX_PENDING = 4  # series whose calibration frames are held at once
-MAX_CALIBRATION_FRAMES = 4096  # frames one offer may hold
+DEDUP_S = 2.0  # PUB: the same control message from several workers within this is one
 
 
 @dataclass
@@ -70,10 +70,11 @@ class _End:
     event: SeriesEnd
     waiting: set  # workers whose last delta is still to come
     deadline: float
+    gen: int  # the run of the series id it ends
     offered: set = field(default_factory=set)  # workers that offered all their frames
 
 
-class WorkerPool:
+class WorkerPool(Calibrating):
     """The coordinator's receiver: its workers, through the worker link."""
 
     def __init__(self, engine: Coordinator, settings: EngineSettings, plan: WorkerPlan):
@@ -90,9 +91,13 @@ class WorkerPool:
         self.processes: dict[bytes, mp.Process] = {}
         self.window: list[tuple[int, float, list, bool, bool]] = []  # ts, t, parts, relay, first
         self.last_ctl = 0.0
-        self.candidates: dict[int, dict[int, np.ndarray]] = {}
-        self.first_candidate: dict[int, float] = {}
-        self.ends: dict[int, _End] = {}
+        self.candidates: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (id, run)
+        self.first_candidate: dict[tuple[int, int], float] = {}
+        self.ends: dict[tuple[int, int], _End] = {}  # the pending ends, by (id, run)
+        self.runs: dict[int, int] = {}  # starts of each id decoded so far (its runs: `gen`)
+        self.opened: dict[int, int] = {}  # the run of each id the engine has open
+        self.queue: deque[tuple[Event, _End | int]] = deque()  # starts (run), ends, in order
+        self.recent: dict[bytes, float] = {}  # PUB: control messages taken, when
         self.lost: list[str] = []  # what the run says at its end
         self.shared = settings.subscriber.socket_type == "sub"
         self.idle_since = time.monotonic()
@@ -183,10 +188,10 @@ class WorkerPool:
             if self.link.poll(20):
                 yield from self.on_link()
             now = time.monotonic()
-            yield from self.settled(now)
+            self.settled(now)
             yield from self.due(now)
             self.check_peers(now)
-            if timeout_s is not None and now - self.idle_since > timeout_s and not self.ends:
+            if timeout_s is not None and now - self.idle_since > timeout_s and not self.queue:
                 break
         self.flush()
 
@@ -216,27 +221,39 @@ class WorkerPool:
             if peer.gone == "stalled":
                 peer.gone = None
                 log.warning("worker %d is back", peer.index)
-            yield from self.on_message(ident, peer, kind, head, arrays, raw)
+            try:
+                yield from self.on_message(ident, peer, kind, head, arrays, raw)
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+                self.engine.counters.reject(DecodeError("bad_link_message", f"{kind}: {exc!r}"))
 
     def on_message(self, ident, peer, kind, head, arrays, raw) -> Iterator[list[Event]]:
         now = time.monotonic()
         if kind in ("ctl", "first"):
-            self.window.append((int(head.get("ts", 0)), now, raw, bool(head.get("relay")),
-                                kind == "first"))  # fmt: skip
+            relay = bool(head.get("relay"))
+            if not relay and kind == "ctl":  # PUB: every worker sends each one; keep the first
+                key = hashlib.blake2b(b"".join(bytes(p.buffer) for p in raw)).digest()
+                if now - self.recent.get(key, -DEDUP_S) < DEDUP_S:  # (a later one: anew)
+                    return
+                self.recent[key] = now
+                while len(self.recent) > 256:
+                    self.recent.pop(next(iter(self.recent)))
+            self.window.append((int(head.get("ts", 0)), now, raw, relay, kind == "first"))
             self.last_ctl = now
             self.idle_since = now
         elif kind == "cal":
-            self.candidate(int(head["sid"]), int(head["first"]), arrays["frames"])
+            self.candidate(int(head["sid"]), int(head["gen"]), int(head["first"]),
+                           arrays["frames"])  # fmt: skip
         elif kind == "delta":
             try:
                 delta = delta_from(arrays)
             except LinkError as err:
                 self.engine.counters.reject(DecodeError("bad_link_message", str(err)))
                 return
-            self.engine.merge_delta(int(head["sid"]), delta)
+            sid = int(head["sid"])
+            self.engine.merge_delta(sid, delta, int(head["gen"]) == self.opened.get(sid))
             self.idle_since = now
         elif kind in ("ended", "ending"):  # "ending": all its frames offered, not calibrated
-            end = self.ends.get(int(head["sid"]))
+            end = self.ends.get((int(head["sid"]), int(head["gen"])))
             if end is not None:
                 end.offered.add(ident)
                 if kind == "ended":
@@ -265,7 +282,7 @@ class WorkerPool:
         peer.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
 
     # ------------------------------------------------------------------ control messages
-    def settled(self, now: float) -> Iterator[list[Event]]:
+    def settled(self, now: float) -> None:
         """Decode the control window once it has been quiet for SETTLE_S and relay it to every
         worker as one message (its parts stay together: a V1 header's parts are decoded
         before any frame a worker holds is tried again)."""
@@ -285,86 +302,65 @@ class WorkerPool:
         if relayed:
             sizes = [len(raw) for raw in relayed]
             self.tell_all(pack("ctl", {"sizes": sizes}, raw=[p for raw in relayed for p in raw]))
-        for e, first in events:
-            if isinstance(e, SeriesStart):
-                yield [e]
-                if e.info.series_id not in self.engine.table:
-                    self.tell_all(pack("drop", {"sid": e.info.series_id}))
-                    self.candidates.pop(e.info.series_id, None)
-                else:
-                    self.ready(e.info.series_id)
+        for e, first in events:  # in order: a start waits behind an earlier end
+            if isinstance(e, SeriesStart):  # its run of the id, counted as workers count
+                sid = e.info.series_id
+                gen = self.runs.setdefault(sid, 1) if e.repeat else self.runs.get(sid, 0) + 1
+                self.runs[sid] = gen
+                self.queue.append((e, gen))
             elif isinstance(e, SeriesEnd) and not first:
-                self.ends[e.series_id] = _End(e, self.live(), now + self.plan.end_wait_s)
+                gen = self.runs.get(e.series_id, 0)
+                end = _End(e, self.live(), now + self.plan.end_wait_s, gen)
+                self.ends[e.series_id, gen] = end
+                self.queue.append((e, end))
 
     def due(self, now: float) -> Iterator[list[Event]]:
-        """Ends whose workers have all drained (or the wait ran out); pending calibrations."""
-        for sid, end in list(self.ends.items()):
-            if sid in self.candidates and (self.live() <= end.offered or now > end.deadline):
-                self.calibrate(sid, force=True)  # a short series: on what its workers offered
-            if end.waiting and now < end.deadline:
+        """The queued starts and ends, in order, each once it is due (an end: every live
+        worker has drained, the wait ran out, or there is nothing to wait for); pending
+        calibrations."""
+        while self.queue:
+            event, end = self.queue[0]
+            if isinstance(end, _End) and not self.end_due(end, now):
+                break
+            self.queue.popleft()
+            if isinstance(end, _End):
+                yield [event]
+                self.ends.pop((event.series_id, end.gen), None)
                 continue
-            del self.ends[sid]
-            if end.waiting:
-                names = ", ".join(str(self.peers[i].index) for i in end.waiting)
-                wait = self.plan.end_wait_s
-                self.lost.append(f"series {sid} ended without the last frames of worker(s) "
-                                 f"{names} (no answer in {wait:.0f} s)")  # fmt: skip
-                log.error(self.lost[-1])
-            yield [end.event]
-        for sid in list(self.candidates):
-            if now - self.first_candidate[sid] > CAL_WAIT_S and sid in self.engine.table:
-                self.calibrate(sid)
-            elif now - self.first_candidate[sid] > self.plan.end_wait_s * 4:  # never started
-                self.candidates.pop(sid)
-                self.first_candidate.pop(sid)
+            sid = event.info.series_id
+            opened = self.engine.table.open.get(sid)
+            yield [event]
+            if sid not in self.engine.table:  # refused: workers drop it
+                self.tell_all(pack("drop", {"sid": sid, "gen": end}))
+                self.candidates.pop((sid, end), None)
+            else:
+                if self.engine.table.open[sid] is not opened:  # a new run of the id
+                    self.opened[sid] = end
+                self.ready(sid)
+        for key in list(self.candidates):
+            if now - self.first_candidate[key] > CAL_WAIT_S and self.current(*key) is not None:
+                self.calibrate(key[0])
+            elif now - self.first_candidate[key] > self.plan.end_wait_s * 4:  # never opened
+                self.candidates.pop(key)
+                self.first_candidate.pop(key)
 
-    # ------------------------------------------------------------------ calibration
-    def candidate(self, sid: int, first: int, frames: np.ndarray) -> None:
-        """Frames a worker offers to calibrate on; kept also before the series' start is
-        decoded here (a worker may offer them first), for at most MAX_PENDING series."""
+    def end_due(self, end: _End, now: float) -> bool:
+        sid = end.event.series_id
         proc = self.engine.table.open.get(sid)
-        if proc is not None and (proc.calibrated or proc.calibration_error is not None):
-            return
-        if sid not in self.candidates and len(self.candidates) >= MAX_PENDING:
-            self.engine.counters.reject(DecodeError("no_start", f"frames of series {sid} "
-                                                    "offered to calibrate on"))  # fmt: skip
-            return
-        held = self.candidates.setdefault(sid, {})
-        self.first_candidate.setdefault(sid, time.monotonic())
-        for k, f in enumerate(frames[: 2 * MAX_CALIBRATION_FRAMES]):
-            held.setdefault(first + k, f.copy())
-        self.ready(sid)
-
-    def ready(self, sid: int) -> None:
-        """Calibrate once the first `calibration_frames` indices of an open series are in."""
-        proc = self.engine.table.open.get(sid)
-        held = self.candidates.get(sid)
-        if proc is None or not held or proc.calibrated:
-            return
-        n = proc.settings.calibration_frames
-        if all(proc.index_offset + i in held for i in range(n)):
-            self.calibrate(sid)
-
-    def calibrate(self, sid: int, force: bool = False) -> None:
-        """Calibrate on the lowest indices offered (all of the first N, N frames after
-        CAL_WAIT_S, or whatever came at the end) and send the calibration to every worker."""
-        held = self.candidates.get(sid, {})
-        proc = self.engine.table.open.get(sid)
-        n = proc.settings.calibration_frames if proc is not None else 0
-        if proc is None or (len(held) < n and not force):
-            if proc is None:
-                self.candidates.pop(sid, None)
-            return
-        self.candidates.pop(sid, None)
-        self.first_candidate.pop(sid, None)
-        if not held:
-            return
-        frames = np.stack([held[i] for i in sorted(held)[:n]])
-        if self.engine.calibrate_series(sid, frames):
-            cal = proc.raw_calibration.to_json()
-            self.tell_all(pack("cal", {"sid": sid, "calibration": cal}))
-        else:
-            self.tell_all(pack("drop", {"sid": sid, "why": "refused"}))
+        if proc is None:  # refused, ended or never opened here: nothing to wait for
+            return True
+        if not proc.calibrated and self.live() <= end.offered:  # every frame offered
+            if (sid, end.gen) not in self.candidates:
+                return True  # no frames at all
+            self.calibrate(sid, force=True)  # a short series: on what its workers offered
+        if end.waiting and now < end.deadline:
+            return False
+        if end.waiting:
+            names = ", ".join(str(self.peers[i].index) for i in end.waiting)
+            self.lost.append(f"series {sid} ended without the last frames of worker(s) "
+                             f"{names} (no answer in {self.plan.end_wait_s:.0f} s)")  # fmt: skip
+            log.error(self.lost[-1])
+        return True
 
     # ------------------------------------------------------------------ the end
     def flush(self, wait_s: float = 5.0) -> None:

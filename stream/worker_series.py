@@ -5,15 +5,19 @@ from __future__ import annotations
 import zmq
 
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
+from tcbf_live.stream.pages import peak_rss_mb
+from tcbf_live.stream.receiver import StreamCounters
 from tcbf_live.stream.series import SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import DeltaTaker
+from tcbf_live.stream.worker_link import pack
 
 
 class WorkerSeries:
     """One series at this worker: frames held until calibrated, then its processor."""
 
-    def __init__(self, info: SeriesInfo):
+    def __init__(self, info: SeriesInfo, gen: int):
         self.info = info
+        self.gen = gen  # which run of this series id (a sender may reuse ids)
         self.proc: SeriesProcessor | None = None
         self.taker: DeltaTaker | None = None
         self.held: list[FrameBatch | CompressedFrame] = []
@@ -37,3 +41,11 @@ def message_bytes(parts: list) -> int:
 
 def frame_count(b: FrameBatch | CompressedFrame) -> int:
     return len(b.frames) if isinstance(b, FrameBatch) else 1
+
+
+def beat(c: StreamCounters, cpu_s: dict, unsent: int, held_bytes: int) -> list:
+    """A worker's "beat": its counters, CPU seconds by stage, messages it could not send,
+    bytes held and peak memory (the coordinator adds the growth and reports the rest)."""
+    return pack("beat", {"messages": c.messages, "rejected": dict(c.rejected),
+                         "frames": c.frames, "unsent": unsent, "peak_rss_mb": peak_rss_mb(),
+                         "cpu_s": cpu_s, "held": held_bytes})  # fmt: skip

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import replace
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -54,7 +55,8 @@ def messages(sim, name: str, series_id: int = 5) -> list[list]:
 
 
 def receive(engine_of, name: str, stream: list, socket_type: str = "pull",
-            pace_s: float = 0.0, during=None, idle_timeout_s: float = 20.0):  # fmt: skip
+            pace_s: float = 0.0, during=None, idle_timeout_s: float = 20.0,
+            max_series: int = 1):  # fmt: skip
     """Send `stream` from a bound PUSH/PUB socket into the engine `engine_of(settings)`."""
     ctx = zmq.Context()
     sender = ctx.socket(zmq.PUSH if socket_type == "pull" else zmq.PUB)
@@ -63,7 +65,7 @@ def receive(engine_of, name: str, stream: list, socket_type: str = "pull",
     sub = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{port}", socket_type=socket_type,
                              detector=protocol(name).detector)  # fmt: skip
     settings = EngineSettings(subscriber=sub, protocol=name, idle_timeout_s=idle_timeout_s,
-                              max_series=1, align_interval_s=0.3)  # fmt: skip
+                              max_series=max_series, align_interval_s=0.3)  # fmt: skip
     eng = engine_of(settings).start()
     time.sleep(1.0)  # every worker's detector socket connected (PUSH shares among them)
     for k, m in enumerate(stream):
@@ -270,3 +272,71 @@ def test_a_worker_gives_back_the_memory_of_what_it_sent():
     assert rss_mb() < before - 60 and not a.any()
     a[7, 7] = 1
     assert a.sum() == 1
+
+
+def ended(engine_of, results):
+    """`engine_of` with every finished series collected in `results`."""
+    return lambda s: engine_of(s, on_series_end=results.append)
+
+
+def test_series_back_to_back_end_as_in_one_process(sim):
+    """Each end reaches the engine before the next start, as in one process, with the
+    series sent back to back at full speed."""
+    ids = (5, 6, 7)
+    stream = [m for sid in ids for m in messages(sim, "native", sid)]
+    summary = []
+    for engine_of in (Engine, lambda s, **kw: Coordinator(s, WorkerPlan(local=2), **kw)):
+        results = []
+        receive(ended(engine_of, results), "native", stream, max_series=len(ids),
+                idle_timeout_s=5.0)  # fmt: skip
+        summary.append([(r.info.series_id, r.frames_received, r.complete) for r in results])
+    assert summary[1] == summary[0] == [(i, PASSES * sim.n_frames, True) for i in ids]
+
+
+def test_a_series_without_frames_does_not_hold_up_the_next(sim):
+    wire = protocol("dectris-v2")
+    empty = [*wire.encoder.start(sim.series_info(9)), *wire.encoder.end(9, 0)]
+    results = []
+    t0 = time.monotonic()
+    eng = receive(ended(lambda s, **kw: Coordinator(s, WorkerPlan(local=2), **kw), results),
+                  "dectris-v2", empty + messages(sim, "dectris-v2"), max_series=2,
+                  idle_timeout_s=5.0)  # fmt: skip
+    assert [(r.info.series_id, r.frames_received) for r in results][-1] == (
+        5, PASSES * sim.n_frames)  # fmt: skip
+    assert not eng.lost and time.monotonic() - t0 < 12
+
+
+def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
+    """A joined peer that sends nonsense: every message counted, none stops ingest."""
+    from tcbf_live.stream.worker_link import LINK_VERSION
+
+    link = f"tcp://127.0.0.1:{_free_port()}"
+    settings = EngineSettings(subscriber=SubscriberSettings(endpoint=link.replace(
+        link.rsplit(":", 1)[1], str(_free_port())), socket_type="pull"), protocol="dectris-v2",
+        idle_timeout_s=30.0)  # fmt: skip
+    eng = Coordinator(settings, WorkerPlan(local=0, remote=1, link=link)).start()
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.connect(link)
+    peer.send_multipart(pack("hello", {"version": LINK_VERSION}))
+    assert peer.poll(10000) and unpack(peer.recv_multipart())[0] == "welcome"
+    stats = np.zeros(5)  # float64: not a delta's int64
+    hostile = [
+        [b"\xc1"], pack("cal", {}), pack("beat", {"messages": "x"}),
+        pack("ctl", {"ts": "abc"}, raw=[b"x"]), pack("ended", {"sid": []}),
+        [msgpack.packb({"t": "delta", "arrays": [[["a"], "<i8", [1]]]}), b"\0" * 8],
+        pack("delta", {"sid": 1}, {"rows": np.zeros(1, np.int64),
+                                   "seen": np.zeros(1, np.int64), "stats": stats}),
+        pack("cal", {"sid": 1, "first": 0}, {"frames": np.zeros((2, 3), np.uint16)}),
+    ]  # fmt: skip
+    for m in hostile:
+        peer.send_multipart(m)
+    deadline = time.monotonic() + 10
+    while eng.counters.rejected["bad_link_message"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert eng._thread.is_alive(), "the ingest thread died"
+    assert eng.counters.rejected["bad_link_message"] >= 6, eng.counters.rejected
+    eng.stop()
+    assert eng.join(timeout=20)
+    peer.close(linger=0)
+    ctx.term()

@@ -171,8 +171,8 @@ class StateDelta:
         """Why this delta does not fit a state of `like`'s geometry (None: it fits); a peer's
         delta is checked before any of it is added."""
         n_pos = like.hits.size
-        if self.rows.dtype != np.int64 or self.seen.dtype != np.int64 or self.stats.shape != (
-                STATS_SLOTS,):  # fmt: skip
+        if any(a.dtype != np.int64 for a in (self.rows, self.seen, self.stats)) or (
+                self.stats.shape != (STATS_SLOTS,) or self.stats[ACCEPTED] < 0):  # fmt: skip
             return "index arrays must be int64, stats int64[5]"
         if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= n_pos):
             return "a row outside the scan"
