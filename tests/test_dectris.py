@@ -226,7 +226,7 @@ def test_series_without_a_scan_shape_is_refused_unless_given(sim, endpoint):
     info = replace(sim.series_info(3), scan_shape=None)
     frames = sim.frames(0, 4)
 
-    def run(scan):
+    def run(scan, endpoint):
         engine = Engine(EngineSettings(
             subscriber=SubscriberSettings(endpoint=endpoint, socket_type="pull", bind=True),
             processing=ProcessingSettings(metadata={"scan_shape": scan}),
@@ -242,9 +242,11 @@ def test_series_without_a_scan_shape_is_refused_unless_given(sim, endpoint):
         engine.join(timeout=10)
         return engine
 
-    refused = run(None)
+    from conftest import free_port
+
+    refused = run(None, endpoint)
     assert refused.last_result is None and refused.counters.rejected["unusable_series"] == 1
-    given = run((2, 2))
+    given = run((2, 2), f"tcp://127.0.0.1:{free_port()}")  # a closed socket unbinds later
     assert given.last_result is not None and given.last_result.frames_received == 4
 
 
