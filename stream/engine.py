@@ -1,17 +1,16 @@
 """The live engine: one thread receives and accumulates; consumers take snapshots.
 
-Read top to bottom: socket -> decoder -> SeriesProcessor (calibration + numba accumulators)
--> SeriesResult. The receive thread never waits for consumers: the accumulate kernel releases the
-GIL, and `snapshot()` only holds the ingest lock while it copies the small per-position maps.
+Read top to bottom: socket -> decoder -> SeriesProcessor -> SeriesResult (`run --workers`:
+`stream.coordinator`). Ingest never waits for consumers: the kernels release the GIL, and
+`snapshot()` holds the ingest lock only while it copies the per-position maps.
 
 Series lifecycle (docs/reliability.md): every series that starts is accumulated on its own until
 it ends (end message, last frame), goes quiet while another one receives (`stale_series_s`), or
-the stream stops; each ends in its own `on_series_end` call, so a stray or restarted sender's
-series never replaces the open one. A series is refused (counted in `tally.refused` by reason,
-logged, its frames counted and skipped; the engine goes on) when its metadata is unusable, it
-does not fit the memory budget (`stream.budget`), or processing it raised. A start that changes
-the metadata of an open series is refused and the series keeps its geometry; a frame whose
-shape or dtype is not the series' never reaches a kernel.
+the stream stops, in its own `on_series_end` call (a stray or restarted sender's series never
+replaces the open one). A series is refused (counted in `tally.refused`, logged, its frames
+counted and skipped) when its metadata is unusable, it does not fit the memory budget
+(`stream.budget`) or processing it raised. A start that changes an open series' metadata is
+refused; a frame whose shape or dtype is not the series' never reaches a kernel.
 """
 
 from __future__ import annotations
@@ -65,10 +64,8 @@ STALE_DEFAULT_S = 30.0
 
 class Engine:
     """Receive + accumulate in a background thread; results via `snapshot()` and callbacks.
-
-    `tally` (`series_table.Tallies`) counts what the series ended with, for the caller's exit
-    code; every finished series is handed to `on_series_end`, empty ones included
-    (`frames_received == 0`: nothing to write)."""
+    `tally` (`series_table.Tallies`) counts what the series ended with (exit codes); every
+    finished series goes to `on_series_end`, empty ones (`frames_received == 0`) included."""
 
     def __init__(
         self,

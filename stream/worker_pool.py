@@ -121,8 +121,7 @@ class WorkerPool(Calibrating):
                 raise RuntimeError(f"{self.plan.local - len(self.peers)} local worker(s) did "
                                    "not start")  # fmt: skip
             if self.link.poll(100):
-                for events in self.on_link():
-                    self.engine.process(events)
+                self.on_link()
 
     def welcome(self, ident: bytes, head: dict) -> None:
         """A worker joined: its number (a local one's own, others after them) and config."""
@@ -186,7 +185,7 @@ class WorkerPool(Calibrating):
         `receiver.receive_event_batches` (idle: no worker received anything)."""
         while not should_stop():
             if self.link.poll(20):
-                yield from self.on_link()
+                self.on_link()
             now = time.monotonic()
             self.settled(now)
             yield from self.due(now)
@@ -195,7 +194,8 @@ class WorkerPool(Calibrating):
                 break
         self.flush()
 
-    def on_link(self, limit: int = 256) -> Iterator[list[Event]]:
+    def on_link(self, limit: int = 256) -> None:
+        """Handle what workers sent (control messages go to the window, events to `queue`)."""
         for _ in range(limit):
             try:
                 ident, *parts = self.link.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -222,11 +222,11 @@ class WorkerPool(Calibrating):
                 peer.gone = None
                 log.warning("worker %d is back", peer.index)
             try:
-                yield from self.on_message(ident, peer, kind, head, arrays, raw)
+                self.on_message(ident, peer, kind, head, arrays, raw)
             except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
                 self.engine.counters.reject(DecodeError("bad_link_message", f"{kind}: {exc!r}"))
 
-    def on_message(self, ident, peer, kind, head, arrays, raw) -> Iterator[list[Event]]:
+    def on_message(self, ident, peer, kind, head, arrays, raw) -> None:
         now = time.monotonic()
         if kind in ("ctl", "first"):
             relay = bool(head.get("relay"))
@@ -264,7 +264,6 @@ class WorkerPool(Calibrating):
             self.beat(peer, head)
         elif kind == "flushed":
             peer.flushed = True
-        yield from ()
 
     def beat(self, peer: _Peer, head: dict) -> None:
         """Add what a worker's counters grew by since its last report."""
@@ -372,8 +371,7 @@ class WorkerPool(Calibrating):
         while time.monotonic() < until and not all(p.flushed for p in self.peers.values()
                                                    if p.gone is None):  # fmt: skip
             if self.link.poll(50):
-                for events in self.on_link():
-                    self.engine.process(events)
+                self.on_link()
             self.check_peers(time.monotonic())
 
     def close(self) -> None:
