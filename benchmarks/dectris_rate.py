@@ -54,6 +54,7 @@ RUN_TIMEOUT_S = 120.0
 WORKERS_READY_S = 4.0  # workers started and connected (spawn, imports) before the sender
 SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loop"}
 SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
+RUN_ARGS: list[str] = []  # --run-args
 STAGES = re.compile(r"((?:worker \d+: \d+ frames|coordinator: merge).*)")
 
 PEER_SENDER = """
@@ -258,7 +259,7 @@ def receiver_argv(proto: str, receiver: str, endpoint: str, n_frames: int,
             "--angular-sampling", str(meta["angular_sampling_mrad"]),
             "--headless", "--timeout", "10", "--output", str(out), "--overwrite"]  # fmt: skip
     workers = receiver.removeprefix("tcbf-")
-    return argv + ([] if workers == "" else ["--workers", workers])
+    return argv + ([] if workers == "" else ["--workers", workers]) + RUN_ARGS
 
 
 def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_dir: Path,
@@ -378,7 +379,10 @@ def main() -> None:
     ap.add_argument("--tile-from", type=Path, metavar="DUMP",
                     help="build the series from a smaller dump's frames, repeated (no "
                     "simulation: e.g. `make_series` of a 32x32 scan made elsewhere)")  # fmt: skip
+    ap.add_argument("--run-args", default="", help="more flags for `tcbf-live run`, e.g. "
+                    "'--align-interval 0' (quote them)")  # fmt: skip
     args = ap.parse_args()
+    RUN_ARGS.extend(args.run_args.split())
     protos = list(args.protocols)
     if "v1" in protos and not peer_has_dectris(args.peer_python):
         print(f"{args.peer_python} cannot import libertem_dectris: V1 skipped")

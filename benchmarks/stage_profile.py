@@ -21,6 +21,7 @@ Run: OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/stage_profile.py
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -123,7 +124,41 @@ def stage_table(name: str) -> list[tuple[str, float]]:
 
     rows.append(("decompress + accumulate, fused kernel", best_us(fused, 2048)))
     rows.append(("engine loop: decode + route + stage + kernel", engine_us(name, msgs)))
+    rows.append(("compiled lane (all four, inproc; V1 only)",
+                 lane_us(images, proc) if name == "dectris-v1" else float("nan")))  # fmt: skip
     return rows
+
+
+def lane_us(images: list[list[bytes]], proc: SeriesProcessor) -> float:
+    """`fast_lane`: every image message received, matched, decompressed and folded by the
+    compiled loop from an inproc PULL socket whose PUSH side queued them beforehand."""
+    from tcbf_live.detectors.dectris_v1_fields import image_layout
+    from tcbf_live.stream.fast_lane import Lane, LaneTarget
+
+    layout = image_layout(images[0], json.loads(images[0][1]))
+    ctx = zmq.Context.instance()
+
+    def run():
+        push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        push.set_hwm(0)
+        pull.set_hwm(0)
+        pull.bind("inproc://lane")
+        push.connect("inproc://lane")
+        for m in images:
+            push.send_multipart(m)
+        target = LaneTarget(layout.dimage, layout.image_d, layout.dconfig, 1 << 31, 0, 2,
+                            np.empty(96 * 96, "<u2"),
+                            proc.acc.kernel_args(proc.acc.empty_state()))  # fmt: skip
+        lane = Lane(pull)
+        t = time.thread_time()
+        n, _, held, _ = lane.drain(target, len(images), 1 << 30)
+        spent = time.thread_time() - t
+        assert n == len(images) and not held, (n, held)
+        push.close(linger=0)
+        pull.close(linger=0)
+        return spent
+
+    return min(run() for _ in range(3)) / len(images) * 1e6
 
 
 def engine_us(name: str, msgs: list[list[bytes]]) -> float:

@@ -39,27 +39,21 @@ from tcbf_live.detectors.base import (
     defect_mask,
     describe_change,
 )
-from tcbf_live.detectors.base import (
-    header_int as _int,
-)
-from tcbf_live.detectors.compression import (
-    BLOCK_BYTES,
-    HEADER,
-    decompress,
-    decompress_lz4_block,
-)
+from tcbf_live.detectors.base import header_int as _int
 from tcbf_live.detectors.dectris_v1_fields import (
     MAX_PIXELS,
     ImageLayout,
     fits_blob,
     fits_image,
     header_info,
+    image_event,
     image_layout,
     json_part,
+    lane_ready,
 )
 from tcbf_live.detectors.errors import CollectsErrors
+from tcbf_live.detectors.json_template import match_part
 
-TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
 HEADER_BLOBS = {"dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0"}
 HTYPES = {"dheader-1.0", "dimage-1.0", "dimage_d-1.0", "dconfig-1.0", "dseries_end-1.0",
           *HEADER_BLOBS}  # fmt: skip
@@ -156,22 +150,50 @@ class DectrisV1Decoder(CollectsErrors):
         """The events of an image message that matches the learned layout, with the state
         changes of the full parse; None (nothing changed) for anything else."""
         series, lean = self._lean
-        if self._state not in ("idle", "after_image") or self._candidate is not None:
+        if self._lean_series() is None:
             return None
-        head, d = lean.dimage.fullmatch(parts[0]), lean.image_d.fullmatch(parts[1])
-        if head is None or d is None or lean.dconfig.fullmatch(parts[3]) is None:
+        frame, size = match_part(parts[0], lean.dimage), match_part(parts[1], lean.image_d)
+        if frame < 0 or size < 0 or match_part(parts[3], lean.dconfig) < 0:
             return None
-        series_id = series.info.series_id
-        if (self._known.get(series_id) is not series or int(head[1]) > 1 << 31
-                or memoryview(parts[2]).nbytes != int(d[1]) or (series_id == self._series_id
-                and self._config is not None and not self._header_used)):  # fmt: skip
-            return None  # another series' state, a frame id out of range, a wrong-size blob,
-            #              a repeated header to check: the full parse says what it is
-        self._image_series, self._frame, self._image_d = series, int(head[1]), lean.image_d_dict
+        if frame > 1 << 31 or memoryview(parts[2]).nbytes != size:
+            return None  # a frame id out of range, a wrong-size blob: the full parse says
+        self._image_series, self._frame, self._image_d = series, frame, lean.image_d_dict
         self._state = "blob"
         events = _listed(self._blob(parts[2]))  # an unusable image is recorded, as in `_part`
         self._state, self._after_dconfig = "after_image", (self._message, 3)
         return events
+
+    def _lean_series(self) -> _Series | None:
+        """The series whose images may take a lean path now: the decoder is between images,
+        and that series' header is not being repeated (the full parse checks it)."""
+        if self._lean is None or self._state not in ("idle", "after_image") \
+                or self._candidate is not None:  # fmt: skip
+            return None
+        series = self._lean[0]
+        sid = series.info.series_id
+        if self._known.get(sid) is not series or (sid == self._series_id and
+                                                  self._config is not None and
+                                                  not self._header_used):  # fmt: skip
+            return None
+        return series
+
+    def lane(self) -> tuple[SeriesInfo, ImageLayout] | None:
+        """The series and layout whose bslz4 image messages a compiled ingest loop may read
+        now (`stream.fast_lane`), reporting them with `lane_consumed`; None when not."""
+        series = self._lean_series()
+        if series is None or not self.defer_bslz4:
+            return None
+        layout = self._lean[1]
+        return (series.info, layout) if lane_ready(series.info, layout.image_d_dict) else None
+
+    def lane_consumed(self, n: int, last_frame: int) -> None:
+        """`n` image messages of the lane's series were read elsewhere, the last one's frame id
+        `last_frame`: the decoder's state as the lean path leaves it."""
+        series, layout = self._lean
+        self._message += n
+        series.images += n
+        self._image_series, self._frame, self._image_d = series, last_frame, layout.image_d_dict
+        self._state, self._after_dconfig = "after_image", (self._message, 3)
 
     # ------------------------------------------------------------------ state machine
     def _blob(self, part: Any):
@@ -359,40 +381,10 @@ class DectrisV1Decoder(CollectsErrors):
         return start
 
     def _image(self, blob: Any) -> FrameBatch | CompressedFrame:
-        state, d = self._image_series, self._image_d
-        info = state.info
-        shape = d.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and shape[::-1] ==
-                list(info.detector_shape)):  # fmt: skip
-            raise DecodeError("size_mismatch", f"frame shape [x, y] {shape} != detector")
-        if TYPES.get(d.get("type")) != info.dtype:
-            raise DecodeError("bad_dtype", f"frame type {d.get('type')!r} != {info.dtype}")
-        nbytes = info.frame_nbytes
-        if info.frames_expected is not None and self._frame >= info.frames_expected:
-            raise DecodeError("index_out_of_range", f"frame {self._frame}")
-        data = memoryview(blob).cast("B")
-        encoding = d.get("encoding", "<")
-        if encoding in ("bs8-lz4<", "bs16-lz4<", "bs32-lz4<"):
-            if data.nbytes >= HEADER.size and not any(bytes(data[: HEADER.size])):
-                data = memoryview(HEADER.pack(nbytes, BLOCK_BYTES) + bytes(data[HEADER.size :]))
-            size = np.dtype(info.dtype).itemsize
-            if self.defer_bslz4:  # the kernel decompresses it (CompressedFrame)
-                state.images += 1
-                return CompressedFrame(info.series_id, self._frame, data, size,
-                                       info.detector_shape, info.dtype)  # fmt: skip
-            raw = decompress("bslz4", size, data, nbytes)
-        elif encoding == "lz4<":
-            raw = decompress_lz4_block(data, nbytes)
-        elif encoding == "<":
-            raw = data
-        else:
-            raise DecodeError("bad_encoding", f"unknown encoding {encoding!r}")
-        size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
-        if size != nbytes:
-            raise DecodeError("size_mismatch", f"decoded {size} bytes, frame is {nbytes}")
+        state = self._image_series
+        event = image_event(state.info, self._image_d, self._frame, blob, self.defer_bslz4)
         state.images += 1
-        frame = np.frombuffer(raw, dtype=info.dtype).reshape(info.detector_shape)
-        return FrameBatch(info.series_id, self._frame, frame[None])
+        return event
 
 
 def _listed(events) -> list:

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from tcbf_live.detectors.base import DecodeError, SeriesInfo
+import numpy as np
+
+from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 from tcbf_live.detectors.base import header_int as _int
+from tcbf_live.detectors.compression import (
+    BLOCK_BYTES,
+    HEADER,
+    decompress,
+    decompress_lz4_block,
+)
+from tcbf_live.detectors.json_template import Template, learn
 
 MAX_JSON_BYTES = 1 << 20
 MAX_PIXELS = 1 << 26
@@ -92,60 +100,6 @@ def fits_image(blob: Any, d: dict | None) -> bool:
 
 
 # ------------------------------------------------------------------ lean image parts
-# A part that matches the pattern learned from an earlier, fully parsed part of the same kind is
-# valid JSON with the same keys in the same order, the same values for every field the decoder
-# reads (`literal`), a JSON integer where it reads a number that changes per frame (`captured`,
-# the regex groups in key order) and any JSON scalar elsewhere (times, hash), so its fields are
-# read without building a dict. Every repetition is bounded: a match is far below MAX_JSON_BYTES.
-_WS = rb"[ \t\n\r]{0,16}"
-_PLAIN = rb"[\x20\x21\x23-\x5b\x5d-\x7e]"  # printable ASCII but '"' and '\': no escapes
-_INT = rb"(0|[1-9][0-9]{0,17})"
-_SCALAR = (rb'(?:-?(?:0|[1-9][0-9]{0,30})(?:\.[0-9]{1,30})?(?:[eE][+-]?[0-9]{1,3})?|"'
-           + _PLAIN + rb'{0,256}"|true|false|null)')  # fmt: skip
-_PLAIN_TEXT = re.compile(_PLAIN + rb"{0,256}")
-
-
-def _literal(value: Any) -> bytes | None:
-    """A pattern matching exactly the JSON texts of `value` (an int, a plain string, a list
-    of ints), or None for any other value."""
-    if type(value) is int:
-        return str(value).encode()
-    if isinstance(value, str) and _PLAIN_TEXT.fullmatch(value.encode()):
-        return b'"' + re.escape(value.encode()) + b'"'
-    if isinstance(value, list) and value and all(type(v) is int for v in value):
-        return rb"\[" + (rb",".join(_WS + str(v).encode() + _WS for v in value)) + rb"\]"
-    return None
-
-
-def part_pattern(part: Any, literal: frozenset, captured: frozenset) -> re.Pattern | None:
-    """The pattern of JSON parts laid out as `part` (see above), or None if `part` is not a flat
-    JSON object with plain keys, each once, and the kinds of values this needs."""
-    try:
-        pairs = json.loads(bytes(memoryview(part)), object_pairs_hook=list)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(pairs, list) or len({k for k, _ in pairs}) != len(pairs):
-        return None
-    items = []
-    for key, value in pairs:
-        if not _PLAIN_TEXT.fullmatch(key.encode()):
-            return None
-        if key in captured:
-            pattern = _INT if type(value) is int else None
-        elif key in literal:
-            pattern = _literal(value)
-        else:
-            pattern = _SCALAR if value is None or isinstance(value, bool | int | float | str) \
-                else None  # fmt: skip
-        if pattern is None:
-            return None
-        items.append(_WS + b'"' + re.escape(key.encode()) + b'"' + _WS + b":" + _WS + pattern
-                     + _WS)  # fmt: skip
-    if not captured <= {k for k, _ in pairs}:
-        return None
-    return re.compile(rb"\{" + rb",".join(items) + rb"\}")
-
-
 # the fields of an image's JSON parts: (the same in every frame, read per frame)
 LEAN_FIELDS = ((frozenset({"htype", "series"}), frozenset({"frame"})),
                (frozenset({"htype", "shape", "type", "encoding"}), frozenset({"size"})),
@@ -154,21 +108,79 @@ LEAN_FIELDS = ((frozenset({"htype", "series"}), frozenset({"frame"})),
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """The layout of one series' image messages, learned from a fully parsed one: the patterns
-    of its dimage (group 1: the frame id), dimage_d (group 1: the blob size) and dconfig parts,
-    and that dimage_d's dict, whose shape, type and encoding every matching dimage_d repeats."""
+    """The layout of one series' image messages, learned from a fully parsed one: the
+    templates (`json_template`) of its dimage (captures the frame id), dimage_d (the blob
+    size) and dconfig parts, and that dimage_d's dict, whose shape, type and encoding every
+    matching dimage_d repeats."""
 
-    dimage: re.Pattern
-    image_d: re.Pattern
-    dconfig: re.Pattern
+    dimage: Template
+    image_d: Template
+    dconfig: Template
     image_d_dict: dict
 
 
 def image_layout(parts: list[Any], image_d: dict | None) -> ImageLayout | None:
     """The layout of a 4-part image message (dimage, dimage_d, blob, dconfig) whose dimage_d
-    parsed to `image_d`; None if a part is not laid out as `part_pattern` needs."""
+    parsed to `image_d`; None if a JSON part is not laid out as `json_template.learn` needs."""
     jsons = (parts[0], parts[1], parts[3])
-    patterns = [part_pattern(p, *f) for p, f in zip(jsons, LEAN_FIELDS, strict=True)]
-    if image_d is None or not all(patterns):
+    templates = [learn(p, *f) for p, f in zip(jsons, LEAN_FIELDS, strict=True)]
+    if image_d is None or not all(t is not None for t in templates):
         return None
-    return ImageLayout(*patterns, image_d)
+    return ImageLayout(*templates, image_d)
+
+
+# ------------------------------------------------------------------ an image's pixels
+TYPES = {"uint8": "|u1", "uint16": "<u2", "uint32": "<u4"}
+BSLZ4 = {"|u1": "bs8-lz4<", "<u2": "bs16-lz4<", "<u4": "bs32-lz4<"}
+
+
+def _check_image(info: SeriesInfo, d: dict, frame: int) -> None:
+    shape = d.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[::-1] ==
+            list(info.detector_shape)):  # fmt: skip
+        raise DecodeError("size_mismatch", f"frame shape [x, y] {shape} != detector")
+    if TYPES.get(d.get("type")) != info.dtype:
+        raise DecodeError("bad_dtype", f"frame type {d.get('type')!r} != {info.dtype}")
+    if info.frames_expected is not None and frame >= info.frames_expected:
+        raise DecodeError("index_out_of_range", f"frame {frame}")
+
+
+def image_event(info: SeriesInfo, d: dict, frame: int, blob: Any,
+                defer_bslz4: bool) -> FrameBatch | CompressedFrame:  # fmt: skip
+    """The frame of an image (its dimage_d `d`, frame id, blob) of the series `info`: decoded,
+    or a CompressedFrame for the kernel to decompress (bslz4 and `defer_bslz4`). DecodeError
+    for a shape, type, index or encoding the series does not have, or bytes that do not
+    decode to exactly one frame."""
+    _check_image(info, d, frame)
+    nbytes = info.frame_nbytes
+    data = memoryview(blob).cast("B")
+    encoding = d.get("encoding", "<")
+    if encoding in BSLZ4.values():
+        if data.nbytes >= HEADER.size and not any(bytes(data[: HEADER.size])):
+            data = memoryview(HEADER.pack(nbytes, BLOCK_BYTES) + bytes(data[HEADER.size :]))
+        size = np.dtype(info.dtype).itemsize
+        if defer_bslz4:  # the kernel decompresses it (CompressedFrame)
+            return CompressedFrame(info.series_id, frame, data, size, info.detector_shape,
+                                   info.dtype)  # fmt: skip
+        raw = decompress("bslz4", size, data, nbytes)
+    elif encoding == "lz4<":
+        raw = decompress_lz4_block(data, nbytes)
+    elif encoding == "<":
+        raw = data
+    else:
+        raise DecodeError("bad_encoding", f"unknown encoding {encoding!r}")
+    size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
+    if size != nbytes:
+        raise DecodeError("size_mismatch", f"decoded {size} bytes, frame is {nbytes}")
+    pixels = np.frombuffer(raw, dtype=info.dtype).reshape(info.detector_shape)
+    return FrameBatch(info.series_id, frame, pixels[None])
+
+
+def lane_ready(info: SeriesInfo, d: dict) -> bool:
+    """Images described by the dimage_d `d` are bslz4 frames of this series' shape and type,
+    so a compiled loop may fold them (it checks each one's frame id and blob)."""
+    try:
+        _check_image(info, d, 0)
+    except DecodeError:
+        return False
+    return d.get("encoding") == BSLZ4.get(info.dtype)

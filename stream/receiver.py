@@ -50,6 +50,7 @@ class StreamCounters:
     messages: int = 0
     frames: int = 0
     rejected: Counter = field(default_factory=Counter)
+    lane: int = 0  # image messages read by the compiled lane (`stream.fast_lane`)
 
     def reject(self, err: DecodeError) -> None:
         self.rejected[err.reason] += 1

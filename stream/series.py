@@ -124,7 +124,7 @@ class SeriesProcessor:
         self.calibration_error: str | None = None
         self.decode_failures = 0  # frames skipped because their pixels did not decode
         self._pipeline: Pipeline | None = None
-        self._staging: Staging | None = None
+        self.staging: Staging | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
         self._t_first: float | None = None
         self._t_last = 0.0
@@ -144,12 +144,12 @@ class SeriesProcessor:
         """Fold several batches in order; before calibration, hold them (bounded by
         `calibration_frames` plus one batch) and calibrate once enough have arrived."""
         self._touch()
-        if self._staging is not None:
-            self._count_failures(self._staging.fold(batches))
+        if self.staging is not None:
+            self._count_failures(self.staging.fold(batches))
             return
         for k, b in enumerate(batches):
-            if self._staging is not None:  # calibrated within this call: the rest in one go
-                self._count_failures(self._staging.fold(batches[k:]))
+            if self.staging is not None:  # calibrated within this call: the rest in one go
+                self._count_failures(self.staging.fold(batches[k:]))
                 return
             if isinstance(b, CompressedFrame):
                 try:  # calibration needs the pixels
@@ -255,7 +255,7 @@ class SeriesProcessor:
             frame_limit=self.frame_limit,
             integer_stack=np.dtype(self.info.dtype).kind == "u",  # signed: float32 stack
         )
-        self._staging = Staging(self.acc, self.index_offset)
+        self.staging = Staging(self.acc, self.index_offset)
         self._pipeline = Pipeline(Acquisition.of(self.info), cal, layout, s.pipeline)
 
     # ------------------------------------------------------------------ merge
@@ -267,9 +267,9 @@ class SeriesProcessor:
 
     def accumulate_into(self, state: AccumulatorState, batches: list) -> None:
         """The accumulate phase of another receiver: fold `batches` into its `state`."""
-        if self._staging is None:
+        if self.staging is None:
             raise SeriesError(f"series {self.info.series_id} is not calibrated yet")
-        self._count_failures(self._staging.fold(batches, into=state))
+        self._count_failures(self.staging.fold(batches, into=state))
 
     def merge(self, state: AccumulatorState, *, stack: bool = True) -> None:
         """Fold another receiver's partial state of this series in."""

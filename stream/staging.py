@@ -126,7 +126,7 @@ class Staging:
         offsets = np.zeros(len(packed) + 1, np.int64)
         np.cumsum([len(c.blob) for c in packed], out=offsets[1:])
         bad = accumulate_compressed(joined, offsets, dtype.itemsize, self._scratch, index,
-                                    *self.acc.kernel_args(into))  # fmt: skip
+                                    self.acc.kernel_args(into))  # fmt: skip
         if bad:
             failed["bslz4 blob does not decompress to one frame"] += bad
 
@@ -138,42 +138,39 @@ def accumulate_compressed(
     element_size: int,
     scratch: np.ndarray,  # (Qx*Qy,) one frame of the detector's dtype (stays in L1/L2)
     indices: np.ndarray,
-    n_pos: int,
-    cols: int,
-    serpentine: bool,
-    bf_index: np.ndarray,
-    tile_start: np.ndarray,
-    tile_stop: np.ndarray,
-    axial_index: np.ndarray,
-    masked_index: np.ndarray,
-    stack_max: float,
-    zero,
-    exact: bool,
-    totals: np.ndarray,
-    bf_sum: np.ndarray,
-    axial_sum: np.ndarray,
-    hits: np.ndarray,
-    stack: np.ndarray,
-    tiles: np.ndarray,
-    seen: np.ndarray,
-    stats: np.ndarray,
+    k: tuple,  # Accumulators.kernel_args()
 ) -> int:
     """`accumulate_frames` for bslz4-compressed frames: each is decompressed into `scratch` and
     folded in while it is still in cache. A blob that does not decompress to exactly one frame
     is skipped (its position stays empty, it is not marked seen); returns how many were."""
-    vals = np.zeros(bf_index.shape[0], type(zero))
-    cum = np.zeros(bf_index.shape[0] + 1, type(zero))
-    cap = type(zero)(stack_max)
+    vals, cum = fold_buffers(k)
     failed = 0
     for b in range(indices.shape[0]):
-        if not bslz4_into(blobs, offsets[b], offsets[b + 1], scratch, element_size):
+        if not fold_blob(blobs, offsets[b], offsets[b + 1], element_size, scratch, indices[b],
+                         k, vals, cum):  # fmt: skip
             failed += 1
-            continue
-        j = claim(indices[b], n_pos, cols, serpentine, seen, stats)
-        if j >= 0:
-            fold(scratch, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
-                  zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
-                  stats)  # fmt: skip
     return failed
 
 
+@numba.njit(nogil=True, cache=True)
+def fold_buffers(k: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The per-call scratch `fold_blob` needs, for the kernel arguments `k`."""
+    zero = k[9]
+    return np.zeros(k[3].shape[0], type(zero)), np.zeros(k[3].shape[0] + 1, type(zero))
+
+
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def fold_blob(blob, start, stop, element_size, scratch, idx, k, vals, cum) -> bool:
+    """Decompress the bslz4 blob `blob[start:stop]` into `scratch` and fold it in at acquisition
+    index `idx` (`claim` counts a duplicate or out-of-range index); False, with nothing changed,
+    for a blob that does not decompress to exactly one frame."""
+    (n_pos, cols, serpentine, bf_index, tile_start, tile_stop, axial_index, masked_index,
+     stack_max, zero, exact, totals, bf_sum, axial_sum, hits, stack, tiles, seen, stats) = k
+    if not bslz4_into(blob, start, stop, scratch, element_size):
+        return False
+    j = claim(idx, n_pos, cols, serpentine, seen, stats)
+    if j >= 0:
+        fold(scratch, j, bf_index, tile_start, tile_stop, axial_index, masked_index,
+             type(zero)(stack_max), zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack,
+             tiles, stats)  # fmt: skip
+    return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import replace
 
 import zmq
@@ -32,6 +32,7 @@ from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
 from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.transport import OversizedMessage, recv_capped
+from tcbf_live.stream.worker_lane import lane_for
 from tcbf_live.stream.worker_link import (
     LinkError,
     WorkerConfig,
@@ -40,7 +41,7 @@ from tcbf_live.stream.worker_link import (
     settings_from_dict,
     unpack,
 )
-from tcbf_live.stream.worker_series import WorkerSeries
+from tcbf_live.stream.worker_series import Backlog, WorkerSeries
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ class Worker:
         self.decoder = self.wire.decoder(DecoderOptions(defer_bslz4=self.wire.bslz4_frames,
                                                         channel=config.channel))  # fmt: skip
         self.counters = StreamCounters()
+        self.lane = lane_for(self.sock, self.decoder, self.shared, config.lane)
         self.series: dict[int, WorkerSeries] = {}
         self.closed: dict[int, str] = {}  # ended / dropped ids -> why
         self.runs: dict[int, int] = {}  # starts of each id so far (its runs: `gen`)
-        self.backlog: deque[tuple[float, list]] = deque()
-        self.backlog_bytes = 0
+        self.backlog = Backlog(config.backlog_bytes, BACKLOG_S)
         self.stopping = False
         self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
         self._warm = False  # the kernels have run once (loaded from numba's cache)
@@ -91,7 +92,7 @@ class Worker:
                 self.sync()
                 last_sync = now
             if now - last_beat >= BEAT_S:
-                self.expire_backlog(now)
+                self.backlog.expire(now, self.counters)
                 self.beat()
                 last_beat = now
         self.sync()
@@ -110,10 +111,22 @@ class Worker:
 
     # ------------------------------------------------------------------ detector messages
     def on_data(self, limit: int = 64) -> int:
-        """Read up to `limit` queued detector messages, then decode them, then fold their
-        frames (each stage's CPU time is counted in `cpu_s`); the number read."""
+        """Read detector messages (the compiled lane's, then up to `limit` more), decode them,
+        then fold their frames (each stage's CPU time in `cpu_s`); the number read."""
         t0 = time.thread_time()
-        received = []
+        received: list = []
+        folded = 0
+        if self.lane is not None:
+            folded, parts, oversized = self.lane.take(self.series, self.config.max_message_bytes)
+            self.counters.messages += folded
+            self.counters.lane += folded
+            if oversized:
+                self.counters.messages += 1
+                self.counters.reject(DecodeError("oversized", oversized))
+            elif parts:
+                self.received(parts, received)
+            self.cpu_s["lane"] += time.thread_time() - t0
+            t0 = time.thread_time()
         for _ in range(limit):
             try:
                 parts = recv_capped(self.sock, self.config.max_message_bytes)
@@ -123,18 +136,7 @@ class Worker:
                 self.counters.messages += 1
                 self.counters.reject(DecodeError("oversized", str(exc)))
                 continue
-            self.counters.messages += 1
-            if self._process0 is None:
-                self._process0 = time.process_time()
-            received.append(parts)
-            if self.wire.rank(parts) is None:
-                continue
-            if not self.shared:  # decoded as relayed, in one order
-                received.pop()
-                self.send(pack("ctl", {"ts": time.time_ns(), "relay": True}, raw=parts))
-            else:  # PUB: every worker decodes it; the coordinator too (a copy from each:
-                #      it keeps the first, so no worker is the only one that sends them)
-                self.send(pack("ctl", {"ts": time.time_ns(), "relay": False}, raw=parts))
+            self.received(parts, received)
         t1 = time.thread_time()
         frames: list[FrameBatch | CompressedFrame] = []
         for parts in received:
@@ -142,24 +144,40 @@ class Worker:
         self.cpu_s["receive"] += t1 - t0
         self.cpu_s["parse"] += time.thread_time() - t1
         self.fold(frames)  # `accumulate` counts its own time
-        return len(received)
+        return folded + len(received)
+
+    def received(self, parts: list, received: list) -> None:
+        """A detector message: a control message to the coordinator, else to be decoded."""
+        self.counters.messages += 1
+        if self._process0 is None:
+            self._process0 = time.process_time()
+        if self.wire.rank(parts) is None:
+            received.append(parts)
+        elif not self.shared:  # decoded as relayed, in one order
+            self.send(pack("ctl", {"ts": time.time_ns(), "relay": True}, raw=parts))
+        else:  # PUB: every worker decodes it; the coordinator too (a copy from each: it keeps
+            #    the first, so no worker is the only one that sends them)
+            received.append(parts)
+            self.send(pack("ctl", {"ts": time.time_ns(), "relay": False}, raw=parts))
 
     def decode(self, parts: list, from_detector: bool) -> list:
         """Handle the message's control events now; return its frame events. A frame message
-        of a series this worker has no start for yet waits in the backlog."""
+        of a series this worker has no start for yet waits in the backlog. What is wrong with
+        a control message is counted by the coordinator, which decodes each one too."""
+        counters = self.counters if self.wire.rank(parts) is None else StreamCounters()
         try:
             out = self.decoder.decode([worker_series.buffer(p) for p in parts])
         except DecodeError as err:
             if err.reason in WAITING and from_detector:
-                self.hold(parts)
+                self.backlog.hold(parts, counters)
             else:
-                self.counters.reject(err)
+                counters.reject(err)
             out = None
         except Exception as exc:  # a decoder bug must not take the worker down
-            self.counters.reject(DecodeError("decoder_error", repr(exc)))
+            counters.reject(DecodeError("decoder_error", repr(exc)))
             out = None
         for err in self.decoder.drain_errors():
-            self.counters.reject(err)
+            counters.reject(err)
         events = out if isinstance(out, list) else [] if out is None else [out]
         frames = []
         for e in events:
@@ -179,32 +197,15 @@ class Worker:
                 frames.append(e)
         return frames
 
-    def hold(self, parts: list) -> None:
-        size = worker_series.message_bytes(parts)
-        if self.backlog_bytes + size > self.config.backlog_bytes:
-            self.counters.reject(DecodeError("backlog_full", "frames before their series' "
-                                             "start: backlog full"))  # fmt: skip
-            return
-        self.backlog.append((time.monotonic(), parts))
-        self.backlog_bytes += size
-
     def replay(self) -> None:
         """Decode the backlog again (a relayed control message may have made it known)."""
-        waiting, self.backlog, self.backlog_bytes = self.backlog, deque(), 0
         frames = []
-        for t, parts in waiting:
-            before = len(self.backlog)
+        for t, parts in self.backlog.take():
+            before = len(self.backlog.items)
             frames.extend(self.decode(parts, from_detector=True))
-            if len(self.backlog) > before:  # still unknown: keep its age
-                self.backlog[-1] = (t, parts)
+            if len(self.backlog.items) > before:  # still unknown: keep its age
+                self.backlog.items[-1] = (t, parts)
         self.fold(frames)
-
-    def expire_backlog(self, now: float) -> None:
-        while self.backlog and now - self.backlog[0][0] > BACKLOG_S:
-            _, parts = self.backlog.popleft()
-            self.backlog_bytes -= worker_series.message_bytes(parts)
-            self.counters.reject(DecodeError("no_start", "frame message whose series never "
-                                             "started"))  # fmt: skip
 
     # ------------------------------------------------------------------ series
     def on_start(self, info: SeriesInfo, repeat: bool) -> None:
@@ -266,7 +267,7 @@ class Worker:
     def keep(self, s: WorkerSeries, batches: list) -> None:
         for b in batches:
             size = worker_series.batch_bytes(b)
-            if s.held_bytes + self.backlog_bytes + size > self.config.backlog_bytes:
+            if s.held_bytes + self.backlog.bytes + size > self.config.backlog_bytes:
                 self.counters.reject(DecodeError("backlog_full", "frames before calibration"))
                 continue
             s.held.append(b)
@@ -369,7 +370,7 @@ class Worker:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""
         process = time.process_time() - (self._process0 or 0.0)
         self.send(worker_series.beat(self.counters, {**self.cpu_s, "process": process},
-                                     self.unsent, self.backlog_bytes), block_s)  # fmt: skip
+                                     self.unsent, self.backlog.bytes), block_s)  # fmt: skip
 
     # ------------------------------------------------------------------ coordinator messages
     def on_link(self) -> None:

@@ -145,6 +145,7 @@ class WorkerConfig:
     sync_interval_s: float  # deltas to the coordinator at most this far apart
     backlog_bytes: int  # frames held before their series is known or calibrated
     processing: dict  # `settings_to_dict`
+    lane: bool = True  # V1 images through the compiled lane where it can (`stream.fast_lane`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

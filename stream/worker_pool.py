@@ -59,6 +59,7 @@ class _Peer:
     messages: int = 0
     rejected: dict = field(default_factory=dict)
     frames: int = 0
+    lane: int = 0  # image messages its compiled lane read
     gone: str | None = None  # "died" / "stalled"
     cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
     peak_rss_mb: float = 0.0
@@ -137,7 +138,7 @@ class WorkerPool(Calibrating):
             rcvhwm=sub.rcvhwm, max_message_bytes=sub.max_message_bytes, channel=s.channel,
             share=(n, max(total, n + 1)) if self.shared else None,
             sync_interval_s=self.plan.sync_interval_s, backlog_bytes=self.plan.backlog_bytes,
-            processing=settings_to_dict(s.processing),
+            processing=settings_to_dict(s.processing), lane=self.plan.lane,
         )  # fmt: skip
         self.peers[ident] = _Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip
@@ -277,6 +278,7 @@ class WorkerPool(Calibrating):
                                    if v > peer.rejected.get(k, 0)}))  # fmt: skip
         peer.messages, peer.rejected = messages, rejected
         peer.frames = int(head.get("frames", peer.frames))
+        peer.lane = int(head.get("lane", peer.lane))
         peer.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
         peer.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import zmq
 
-from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
+from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 from tcbf_live.stream.pages import peak_rss_mb
 from tcbf_live.stream.receiver import StreamCounters
 from tcbf_live.stream.series import SeriesProcessor
@@ -27,6 +30,36 @@ class WorkerSeries:
         self.ending = False  # ended before its calibration came
 
 
+class Backlog:
+    """Frame messages of series not known yet, oldest first, bounded in bytes; after `max_age_s`
+    they are rejected (`no_start`)."""
+
+    def __init__(self, max_bytes: int, max_age_s: float):
+        self.items: deque[tuple[float, list]] = deque()  # (when held, the message's parts)
+        self.bytes = 0
+        self.max_bytes, self.max_age_s = max_bytes, max_age_s
+
+    def hold(self, parts: list, counters: StreamCounters) -> None:
+        size = message_bytes(parts)
+        if self.bytes + size > self.max_bytes:
+            counters.reject(DecodeError("backlog_full", "frames before their series' start: "
+                                        "backlog full"))  # fmt: skip
+            return
+        self.items.append((time.monotonic(), parts))
+        self.bytes += size
+
+    def take(self) -> deque[tuple[float, list]]:
+        """Everything held, emptying the backlog."""
+        items, self.items, self.bytes = self.items, deque(), 0
+        return items
+
+    def expire(self, now: float, counters: StreamCounters) -> None:
+        while self.items and now - self.items[0][0] > self.max_age_s:
+            _, parts = self.items.popleft()
+            self.bytes -= message_bytes(parts)
+            counters.reject(DecodeError("no_start", "frame message whose series never started"))
+
+
 def batch_bytes(b: FrameBatch | CompressedFrame) -> int:
     return b.frames.nbytes if isinstance(b, FrameBatch) else memoryview(b.blob).nbytes
 
@@ -47,5 +80,6 @@ def beat(c: StreamCounters, cpu_s: dict, unsent: int, held_bytes: int) -> list:
     """A worker's "beat": its counters, CPU seconds by stage, messages it could not send,
     bytes held and peak memory (the coordinator adds the growth and reports the rest)."""
     return pack("beat", {"messages": c.messages, "rejected": dict(c.rejected),
-                         "frames": c.frames, "unsent": unsent, "peak_rss_mb": peak_rss_mb(),
-                         "cpu_s": cpu_s, "held": held_bytes})  # fmt: skip
+                         "frames": c.frames, "lane": c.lane, "unsent": unsent,
+                         "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_s,
+                         "held": held_bytes})  # fmt: skip

@@ -110,6 +110,29 @@ def test_one_and_two_workers_give_what_one_process_gives(sim, name):
         assert sum(folded) == PASSES * sim.n_frames and all(folded), folded
 
 
+def test_the_compiled_lane_gives_what_the_decoder_gives(sim):
+    """V1 images read by the compiled lane (`stream.fast_lane`): the same result as one
+    process, with the messages it cannot take (a damaged blob, a zeroed bslz4 header, a fifth
+    part, a stray control message) handed to the decoder and counted as it counts them."""
+    stream = messages(sim, "dectris-v1")
+    first = next(k for k, m in enumerate(stream) if len(m) == 4)
+    image = list(stream[first + 100])
+    image[2] = bytes(image[2][:40]) + bytes(24) + bytes(image[2][64:])  # damaged LZ4 blocks
+    stream[first + 100] = image
+    image = list(stream[first + 120])  # zeroed header: the decoder restores it
+    stream[first + 120] = [*image[:2], bytes(12) + bytes(image[2][12:]), image[3]]
+    stream[first + 130] = [*stream[first + 130], b'{"htype": "dimage_appendix"}']  # 5 parts
+    stray = protocol("dectris-v1").encoder.end(77, 0)  # another series' end: counted
+    stream[first + 140 : first + 140] = list(stray)
+    one = receive(Engine, "dectris-v1", stream)
+    for lane in (False, True):
+        eng = receive(workers(1, lane=lane), "dectris-v1", stream, pace_s=0.0005)
+        assert_same(eng.last_result, one.last_result)
+        assert eng.counters.rejected == one.counters.rejected and eng.counters.rejected
+        read = sum(p.lane for p in eng.receiver.peers.values())
+        assert read > len(stream) // 2 if lane else read == 0, read
+
+
 def test_a_pub_stream_is_shared_by_frame_index(sim):
     stream = messages(sim, "native")
     one = receive(Engine, "native", stream, "sub", pace_s=0.0005).last_result

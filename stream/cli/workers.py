@@ -45,6 +45,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="each worker sends what it accumulated at least this often",
     )
+    g.add_argument("--no-compiled-lane", dest="compiled_lane", action="store_false",
+                   help="DECTRIS V1 workers read every image through the Python decoder (for "
+                   "comparison or diagnosis; default: the compiled lane where it can)")  # fmt: skip
 
 
 def worker_count(args: argparse.Namespace, settings: EngineSettings) -> int:
@@ -101,7 +104,7 @@ def worker_plan(args: argparse.Namespace, settings: EngineSettings):
         raise UsageError("--worker-link beyond loopback needs --worker-curve-secret FILE "
                          "(workers on other hosts are authenticated)")  # fmt: skip
     return WorkerPlan(local=local, link=args.worker_link, curve=curve, remote=remote,
-                      sync_interval_s=args.sync_interval)  # fmt: skip
+                      sync_interval_s=args.sync_interval, lane=args.compiled_lane)  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,220 @@
+"""The compiled ingest lane: DECTRIS stream V1 image messages received, read, decompressed and
+folded in one numba loop, with no Python per frame (issue 14).
+
+Measured on the 2-core machine (docs/engine.md, benchmarks/dectris_rate.py), the Python path
+spends 26-34 us of CPU per V1 frame: receive 3, parse 8-9, decompress and fold 8-13, the rest
+bookkeeping; this loop does the same work in ~8-10 us. It calls libzmq's message API
+(`zmq_msg_recv`, non-blocking) on the socket pyzmq opened, from the very library pyzmq loaded
+(its symbols bound for numba by address: `bind_libzmq`), so no second ZeroMQ is involved and
+the socket stays pyzmq's for everything else.
+
+For each message it takes the four parts of an image of the series the decoder has learned
+(`DectrisV1Decoder.lane`: dimage, dimage_d, blob, dconfig, the JSON parts matched by
+`json_template` as the lean Python path matches them) and, when every check passes (frame id
+within the series, blob of the announced size with a real header, one frame after
+decompression), folds the frame in (`staging.fold_blob`). Anything else, a control message, a
+fifth part, a damaged blob, stops the loop with that message's parts held: `drain` hands them
+to the caller as the parts of one message, for the full decoder, which counts and reports
+whatever is wrong with them. The loop also stops when the socket is empty or after a bounded
+number of messages, so the caller's loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import zmq
+
+from tcbf_live.detectors.json_template import Template, match
+from tcbf_live.stream.staging import fold_blob, fold_buffers
+from tcbf_live.stream.transport import MAX_MESSAGE_PARTS
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tcbf_live_"  # our names for libzmq's symbols (never clash with another library's)
+_SIGNATURES = {  # libzmq 4 message API; a message is an opaque 64-byte zmq_msg_t
+    "zmq_msg_init": numba.types.int32(numba.types.intp),
+    "zmq_msg_recv": numba.types.int32(numba.types.intp, numba.types.intp, numba.types.int32),
+    "zmq_msg_data": numba.types.CPointer(numba.types.uint8)(numba.types.intp),
+    "zmq_msg_size": numba.types.uintp(numba.types.intp),
+    "zmq_msg_more": numba.types.int32(numba.types.intp),
+    "zmq_msg_close": numba.types.int32(numba.types.intp),
+    "zmq_errno": numba.types.int32(),
+}
+MSG_BYTES = 64  # sizeof(zmq_msg_t) in libzmq 4
+PARTS = 4  # dimage, dimage_d, blob, dconfig
+DONTWAIT = 1
+MAX_FRAME_ID = 1 << 31
+# result slots of `drain_v1`
+LEAN, HELD, LAST_FRAME, ERRNO = range(4)
+
+
+def _library_path() -> str | None:
+    """The libzmq shared library this process loaded (pyzmq's), from the process' maps."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "libzmq" in path.rsplit("/", 1)[-1] and path.startswith("/"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def bind_libzmq() -> ctypes.CDLL | None:
+    """Bind libzmq's message functions under `PREFIX` names for numba, by address from the
+    library pyzmq loaded; that library (ctypes), or None where it cannot be found (pyzmq built
+    with libzmq linked in, another OS): then there is no compiled lane."""
+    import llvmlite.binding
+
+    path = _library_path()
+    if path is None or zmq.zmq_version_info()[0] != 4:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        for name in _SIGNATURES:
+            address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            llvmlite.binding.add_symbol(PREFIX + name, address)
+    except (OSError, AttributeError) as exc:
+        log.info("no compiled ingest lane: %s", exc)
+        return None
+    lib.zmq_msg_data.restype = ctypes.c_void_p
+    lib.zmq_msg_data.argtypes = lib.zmq_msg_size.argtypes = [ctypes.c_void_p]
+    lib.zmq_msg_more.argtypes = lib.zmq_msg_close.argtypes = [ctypes.c_void_p]
+    lib.zmq_msg_size.restype = ctypes.c_size_t
+    return lib
+
+
+_z = {name: numba.types.ExternalFunction(PREFIX + name, sig) for name, sig in _SIGNATURES.items()}
+_init, _recv, _data = _z["zmq_msg_init"], _z["zmq_msg_recv"], _z["zmq_msg_data"]
+_size, _more, _close, _errno = (_z["zmq_msg_size"], _z["zmq_msg_more"], _z["zmq_msg_close"],
+                                _z["zmq_errno"])  # fmt: skip
+
+
+@numba.njit(nogil=True, cache=True)
+def _part(msgs: np.ndarray, k: int) -> np.ndarray:
+    """Part `k` of the held message, as a uint8 view of libzmq's buffer."""
+    m = msgs.ctypes.data + MSG_BYTES * k
+    return numba.carray(_data(m), (np.intp(_size(m)),))
+
+
+@numba.njit(nogil=True, cache=True)
+def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
+             image_d: Template, dconfig: Template, frame_limit: int, index_offset: int,
+             element_size: int, scratch: np.ndarray, k: tuple,
+             result: np.ndarray) -> None:  # fmt: skip
+    """Fold up to `max_messages` lean image messages queued on the socket `sock` (module doc).
+    `result`: [LEAN] messages folded, [LAST_FRAME] the last one's frame id, [HELD] parts of a
+    message left in `msgs` for the caller (0: none; the loop stopped on an empty socket,
+    `ERRNO`, or on `max_messages`)."""
+    vals, cum = fold_buffers(k)
+    result[:] = 0
+    result[LAST_FRAME] = -1
+    base = msgs.ctypes.data
+    while result[LEAN] < max_messages:
+        held = 0
+        frame = size = -1
+        whole = False  # the four parts of a lean image, nothing more
+        while held < PARTS:
+            m = base + MSG_BYTES * held
+            _init(m)
+            if _recv(m, sock, DONTWAIT if held == 0 else 0) < 0:
+                _close(m)
+                result[ERRNO] = _errno()
+                break
+            held += 1
+            part = _part(msgs, held - 1)
+            more = _more(m) != 0
+            if held == 1:
+                frame = match(part, 0, part.shape[0], dimage[0], dimage[1]) if more else -1
+                if frame < 0 or frame > MAX_FRAME_ID or frame >= frame_limit:
+                    break
+            elif held == 2:
+                size = match(part, 0, part.shape[0], image_d[0], image_d[1]) if more else -1
+                if size < 12:
+                    break
+            elif held == 3:
+                if not more or part.shape[0] != size or not part[:12].any():
+                    break  # a zeroed bslz4 header: the decoder rewrites it
+            elif more or match(part, 0, part.shape[0], dconfig[0], dconfig[1]) < 0:
+                break
+            else:
+                whole = True
+        if not whole:
+            result[HELD] = held
+            return
+        blob = _part(msgs, 2)
+        if not fold_blob(blob, 0, blob.shape[0], element_size, scratch, frame - index_offset,
+                         k, vals, cum):  # fmt: skip
+            result[HELD] = held  # the full decoder counts it
+            return
+        for p in range(PARTS):
+            _close(base + MSG_BYTES * p)
+        result[LEAN] += 1
+        result[LAST_FRAME] = frame
+
+
+@dataclass(frozen=True)
+class LaneTarget:
+    """Where `drain` folds: a series' learned layout and its accumulate kernel arguments."""
+
+    dimage: Template
+    image_d: Template
+    dconfig: Template
+    frame_limit: int  # frame ids from here on go to the decoder (index_out_of_range)
+    index_offset: int
+    element_size: int
+    scratch: np.ndarray  # one decompressed frame
+    kernel_args: tuple
+
+
+class Lane:
+    """The compiled lane on one pyzmq socket (used from the thread that owns the socket)."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.lib = bind_libzmq()
+        self.sock = sock
+        self.msgs = np.zeros((PARTS, MSG_BYTES // 8), np.int64)
+        self.result = np.zeros(4, np.int64)
+
+    @property
+    def available(self) -> bool:
+        return self.lib is not None
+
+    def drain(self, target: LaneTarget, max_messages: int,
+              max_bytes: int) -> tuple[int, int, list, str | None]:  # fmt: skip
+        """Fold up to `max_messages` image messages: (messages folded, the last one's frame id,
+        the parts of the message the lane stopped at, for the decoder: empty when none, why
+        that message was released unread: over `max_bytes` or MAX_MESSAGE_PARTS, as
+        `recv_capped`). The parts are the whole message (its rest is received here)."""
+        r = self.result
+        drain_v1(self.sock.underlying, self.msgs, max_messages, target.dimage, target.image_d,
+                 target.dconfig, target.frame_limit, target.index_offset, target.element_size,
+                 target.scratch, target.kernel_args, r)  # fmt: skip
+        parts, more, total = [], False, 0
+        for p in range(int(r[HELD])):
+            m = self.msgs.ctypes.data + MSG_BYTES * p
+            size = self.lib.zmq_msg_size(m)
+            total += size
+            if total <= max_bytes:
+                parts.append(ctypes.string_at(self.lib.zmq_msg_data(m), size) if size else b"")
+            more = self.lib.zmq_msg_more(m) != 0
+            self.lib.zmq_msg_close(m)
+        count = len(parts)
+        while more:  # libzmq delivers a message whole: the rest is queued
+            frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            total, count, more = total + len(frame), count + 1, frame.more
+            if total <= max_bytes and count <= MAX_MESSAGE_PARTS:
+                parts.append(frame.buffer)
+        oversized = None
+        if total > max_bytes or count > MAX_MESSAGE_PARTS:
+            parts, oversized = [], (f"message of {count} parts, {total} bytes (cap "
+                                    f"{MAX_MESSAGE_PARTS} parts, {max_bytes} bytes)")  # fmt: skip
+        return int(r[LEAN]), int(r[LAST_FRAME]), parts, oversized

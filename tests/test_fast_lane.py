@@ -1,0 +1,137 @@
+"""The compiled V1 ingest lane (`stream.fast_lane`) and its JSON templates
+(`detectors.json_template`): a part matches only when the full parse would read the same
+fields from it; the lane folds exactly what the decoder path folds and hands back, whole, every
+message it does not take."""
+
+import json
+
+import numpy as np
+import pytest
+import zmq
+
+from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
+from tcbf_live.detectors.compression import compress_bslz4
+from tcbf_live.detectors.dectris_v1_fields import LEAN_FIELDS, image_layout
+from tcbf_live.detectors.json_template import NO_MATCH, learn, match_part
+from tcbf_live.stream.fast_lane import Lane, LaneTarget, bind_libzmq
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+
+DIMAGE = b'{"htype": "dimage-1.0", "series": 7, "frame": 12, "hash": "5d41402abc4b2a76b9719d"}'
+IMAGE_D = (b'{"htype":"dimage_d-1.0","shape":[32,32],"type":"uint16","encoding":"bs16-lz4<",'
+           b'"size":2000}')  # fmt: skip
+
+
+@pytest.mark.parametrize(("part", "expect"), [
+    (DIMAGE, 12),
+    (b'{"htype":"dimage-1.0","series":7,"frame":0,"hash":""}', 0),
+    (b' {\n"htype" :"dimage-1.0",\t"series": 7 ,"frame":99 , "hash":null} ', 99),
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":-1.5e+10}', 1),
+    (b'{"htype":"dimage-1.0","series":8,"frame":1,"hash":""}', NO_MATCH),  # another series
+    (b'{"htype":"dimage-1.0","series":78,"frame":1,"hash":""}', NO_MATCH),
+    (b'{"htype":"dimage-1.0","series":7,"frame":01,"hash":""}', NO_MATCH),  # not JSON
+    (b'{"htype":"dimage-1.0","series":7,"frame":1.5,"hash":""}', NO_MATCH),  # not an int
+    (b'{"htype":"dimage-1.0","series":7,"frame":-1,"hash":""}', NO_MATCH),
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":"a\\"b"}', NO_MATCH),  # an escape
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":[1]}', NO_MATCH),  # not a scalar
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":tru}', NO_MATCH),
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":true}x', NO_MATCH),
+    (b'{"htype":"dimage-1.0","series":7,"frame":1}', NO_MATCH),  # a key missing
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":"","x":1}', NO_MATCH),  # one more
+    (b'{"series":7,"htype":"dimage-1.0","frame":1,"hash":""}', NO_MATCH),  # another order
+    (b'{"htype":"dimage-1.0","series":7,"frame":1000000000000000000,"hash":""}', NO_MATCH),
+])  # fmt: skip
+def test_a_part_matches_only_as_the_full_parse_reads_it(part, expect):
+    template = learn(DIMAGE, *LEAN_FIELDS[0])
+    assert match_part(part, template) == expect
+
+
+def test_list_literals_allow_whitespace_and_nothing_else():
+    template = learn(IMAGE_D, *LEAN_FIELDS[1])
+    spaced = IMAGE_D.replace(b"[32,32]", b"[ 32 , 32 ]").replace(b"2000", b"2001")
+    assert match_part(spaced, template) == 2001
+    for shape in (b"[32,31]", b"[32,32,1]", b"[32]", b"[32.0,32]"):
+        assert match_part(IMAGE_D.replace(b"[32,32]", shape), template) == NO_MATCH
+
+
+def test_whatever_matches_parses_to_the_same_fields():
+    """Random byte edits of a part: each one that matches is JSON with the template's literal
+    fields and the captured integer the matcher read (the full parse agrees)."""
+    template = learn(DIMAGE, *LEAN_FIELDS[0])
+    rng = np.random.default_rng(3)
+    alphabet = np.frombuffer(b' "0123456789,:{}[]-.eEtrufalsn\\\x00\xff\n', np.uint8)
+    matched = 0
+    for _ in range(20000):
+        part = bytearray(DIMAGE)
+        for _ in range(rng.integers(1, 3)):
+            part[rng.integers(len(part))] = rng.choice(alphabet)
+        got = match_part(bytes(part), template)
+        if got == NO_MATCH:
+            continue
+        matched += 1
+        d = json.loads(bytes(part))
+        assert (d["htype"], d["series"], d["frame"]) == ("dimage-1.0", 7, got), part
+    assert matched > 100  # edits of the frame id and the hash that keep the layout
+
+
+@pytest.mark.skipif(bind_libzmq() is None, reason="pyzmq's libzmq cannot be bound here")
+def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest():
+    rng = np.random.default_rng(5)
+    frames = rng.poisson(0.2, (64, 32, 32)).astype("<u2")
+    yy, xx = np.mgrid[:32, :32]
+    frames[:, (yy - 16) ** 2 + (xx - 16) ** 2 < 64] += 40  # a bright BF disk
+    info = SeriesInfo(series_id=7, scan_shape=(8, 8), detector_shape=(32, 32), dtype="<u2",
+                      energy_eV=300e3, step_A=1.0, semiangle_mrad=20.0,
+                      angular_sampling_mrad=1.0)  # fmt: skip
+
+    def processor():
+        proc = SeriesProcessor(info, ProcessingSettings(calibration_frames=8))
+        proc.add(FrameBatch(7, 0, frames[:8]))  # calibrates
+        return proc
+
+    def image(i, blob=None):
+        blob = compress_bslz4(frames[i]) if blob is None else blob
+        return [DIMAGE.replace(b'"frame": 12', b'"frame": %d' % i),
+                IMAGE_D.replace(b"2000", b"%d" % len(blob)), blob,
+                b'{"htype":"dconfig-1.0","start_time":1,"stop_time":2,"real_time":1}']  # fmt: skip
+
+    stream = [image(i) for i in range(8, 64)]
+    stream[10][2] = stream[10][2][:16] + b"\xff" * 8 + stream[10][2][24:]  # damaged blocks
+    stream[20] = [*stream[20], b'{"htype": "dimage_appendix"}']  # a fifth part
+    stream.insert(30, [b'{"htype": "dseries_end-1.0", "series": 8}'])  # a control message
+    stream.insert(40, [b"x" * 5000])  # over the cap below
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    pull.bind("inproc://lane-test")
+    push.connect("inproc://lane-test")
+    for m in stream:
+        push.send_multipart(m)
+    lane_proc = processor()
+    staging = lane_proc.staging
+    layout = image_layout(stream[0], json.loads(stream[0][1]))
+    target = LaneTarget(layout.dimage, layout.image_d, layout.dconfig, 64, 0, 2,
+                        np.empty(32 * 32, "<u2"), staging.acc.kernel_args())  # fmt: skip
+    lane, folded, handed, oversized = Lane(pull), 0, [], []
+    while True:
+        n, last, parts, why = lane.drain(target, 7, 4096)  # a few at a time: bounded calls
+        folded += n
+        if why:
+            oversized.append(why)
+        elif parts:
+            handed.append([bytes(p) for p in parts])
+        elif n == 0:
+            break
+    push.close(linger=0)
+    pull.close(linger=0)
+    ctx.term()
+    assert handed == [[bytes(p) for p in stream[k]] for k in (10, 20, 30)]  # whole, in order
+    assert len(oversized) == 1 and "5000 bytes" in oversized[0]
+    assert folded == 56 - 2
+    # the decoder path on the same images, in the order they were folded (the five-part
+    # image, handed back, is an image to the decoder: folded last; the damaged one fails)
+    lane_proc.staging.fold([CompressedFrame(7, 28, stream[20][2], 2, (32, 32), "<u2")])
+    ref = processor()
+    images = [m for k, m in enumerate(stream) if len(m) == 4 and k != 10] + [stream[20]]
+    ref.staging.fold([CompressedFrame(7, int(json.loads(m[0])["frame"]), m[2], 2, (32, 32),
+                                      "<u2") for m in images])  # fmt: skip
+    for name, a in ref.acc.state.arrays().items():
+        np.testing.assert_array_equal(lane_proc.acc.state.arrays()[name], a, err_msg=name)
