@@ -55,6 +55,7 @@ WORKERS_READY_S = 4.0  # workers started and connected (spawn, imports) before t
 SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loop"}
 SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
 RUN_ARGS: list[str] = []  # --run-args
+LOGS: list[Path] = []  # --logs
 STAGES = re.compile(r"((?:worker \d+: \d+ frames|coordinator: merge).*)")
 
 PEER_SENDER = """
@@ -291,6 +292,9 @@ def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_di
     else:
         m = SUMMARY.search(err)
         frames, own = (int(m[1]), float(m[3])) if m else (0, 0.0)
+    if LOGS:  # --logs DIR: every receiver's stderr kept
+        LOGS[0].mkdir(parents=True, exist_ok=True)
+        (LOGS[0] / f"{proto}-{receiver}-{time.time_ns()}.log").write_text(err)
     if rx.returncode != 0 or frames != n or not times:
         print(f"  {proto} {receiver}: rc {rx.returncode}, {frames}/{n} frames\n{err[-2000:]}")
     for line in STAGES.findall(err):  # workers' and the coordinator's CPU per frame by stage
@@ -381,8 +385,10 @@ def main() -> None:
                     "simulation: e.g. `make_series` of a 32x32 scan made elsewhere)")  # fmt: skip
     ap.add_argument("--run-args", default="", help="more flags for `tcbf-live run`, e.g. "
                     "'--align-interval 0' (quote them)")  # fmt: skip
+    ap.add_argument("--logs", type=Path, metavar="DIR", help="keep each receiver's log here")
     args = ap.parse_args()
     RUN_ARGS.extend(args.run_args.split())
+    LOGS.extend([args.logs] if args.logs else [])
     protos = list(args.protocols)
     if "v1" in protos and not peer_has_dectris(args.peer_python):
         print(f"{args.peer_python} cannot import libertem_dectris: V1 skipped")

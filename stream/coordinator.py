@@ -21,8 +21,6 @@ steps, in its ingest thread:
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +37,6 @@ from tcbf_live.stream.worker_link import pack
 from tcbf_live.stream.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
-ALIGN_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -55,21 +52,10 @@ class WorkerPlan:
     end_wait_s: float = 5.0  # an end waits at most this long for every worker's last delta
     worker_timeout_s: float = 3.0  # a worker silent this long is stalled
     ready_timeout_s: float = 60.0  # local workers must have joined by then
-    lane: bool = True  # DECTRIS V1: the workers' compiled lane (`stream.fast_lane`)
 
 
 class Coordinator(Engine):
     """An Engine whose frames arrive as workers' deltas (`WorkerPool`)."""
-
-    def _align_loop(self) -> None:
-        """The alignment thread yields the CPU to the workers' ingest (nice +ALIGN_NICENESS:
-        on a host with fewer cores than busy threads, frames come first; it catches up when
-        they pause)."""
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ALIGN_NICENESS)
-        except (AttributeError, OSError):  # not Linux: the thread keeps its priority
-            pass
-        super()._align_loop()
 
     def __init__(self, settings: EngineSettings, plan: WorkerPlan,
                  on_series_end: Callable[[SeriesResult], None] | None = None):  # fmt: skip

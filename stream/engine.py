@@ -1,8 +1,7 @@
 """The live engine: one thread receives and accumulates; consumers take snapshots.
 
-Read top to bottom: socket -> decoder -> SeriesProcessor -> SeriesResult (`run --workers`:
-`stream.coordinator`). Ingest never waits for consumers: the kernels release the GIL, and
-`snapshot()` holds the ingest lock only while it copies the per-position maps.
+Read top to bottom: socket -> decoder -> SeriesProcessor -> SeriesResult (workers:
+`stream.coordinator`). Ingest never waits for consumers: the kernels release the GIL.
 
 Series lifecycle (docs/reliability.md): every series that starts is accumulated on its own until
 it ends (end message, last frame), goes quiet while another one receives (`stale_series_s`), or
@@ -19,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from tcbf_live.detectors.base import (
     CompressedFrame,
@@ -27,39 +25,21 @@ from tcbf_live.detectors.base import (
     Event,
     FrameBatch,
     SeriesEnd,
+    SeriesInfo,
     SeriesStart,
 )
 from tcbf_live.detectors.registry import protocol
 from tcbf_live.stream.arming import Arm
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
-from tcbf_live.stream.receiver import Receiver, StreamCounters, SubscriberSettings
+from tcbf_live.stream.engine_settings import STALE_DEFAULT_S, EngineSettings
+from tcbf_live.stream.lane_reader import LaneFolded
+from tcbf_live.stream.priority import lower_thread_priority
+from tcbf_live.stream.receiver import Receiver, StreamCounters
 from tcbf_live.stream.result import SeriesResult
-from tcbf_live.stream.series import ProcessingSettings, SeriesError, SeriesProcessor
+from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.series_table import SeriesTable, Tallies
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    subscriber: SubscriberSettings = field(default_factory=SubscriberSettings)
-    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
-    protocol: str = "native"
-    idle_timeout_s: float | None = None  # stop after this long without a message
-    max_series: int | None = None  # stop after this many series ended normally, with frames
-    align_interval_s: float | None = 0.5  # live alignment cadence; None: only at series end
-    channel: str | None = None  # DECTRIS stream V2 threshold channel (None: the first)
-    # active mode: accept only the series whose id `expect_series` gives (the SIMPLON arm's
-    # sequence id); any other series on the socket is counted as foreign and not processed
-    armed: bool = False
-    memory_budget_bytes: int | None = None  # None: stream.budget.memory_budget_bytes()
-    max_open_series: int = 3  # series accumulated at once; beyond, the quietest one ends
-    # an open series that received nothing for this long while another one did ends
-    # (incomplete); None: the idle timeout, else 30 s
-    stale_series_s: float | None = None
-
-
-STALE_DEFAULT_S = 30.0
 
 
 class Engine:
@@ -90,6 +70,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
         self.receiver = self._receiver()  # bound/connected now (raw TCP: in the thread)
+        if isinstance(self.receiver, Receiver) and settings.compiled_lane and on_frames is None:
+            self.receiver.use_lane(self._lane_series, self._lock)
 
     def _receiver(self) -> Receiver:
         """Where events come from: the detector link (a coordinator: its workers)."""
@@ -134,8 +116,9 @@ class Engine:
 
     # ------------------------------------------------------------------ alignment thread
     def _align_loop(self) -> None:
-        """Re-align on a timer while frames arrive; never holds the ingest lock for longer
-        than copying the per-position maps, so ingest is never blocked by alignment."""
+        """Re-align on a timer while frames arrive, at a lower priority than ingest; never
+        holds the ingest lock for longer than copying the per-position maps."""
+        lower_thread_priority()
         last: tuple[int, int] = (-1, -1)
         while not self._stop.wait(self.settings.align_interval_s):
             with self._lock:
@@ -181,6 +164,8 @@ class Engine:
                 self._on_start(event)
             elif isinstance(event, SeriesEnd):
                 self._on_end(event)
+            elif isinstance(event, LaneFolded):
+                self._on_lane(event)
         self._on_frames(frames)
         self._end_stale()
 
@@ -248,6 +233,22 @@ class Engine:
             self._finish(sid, complete=True)
         elif sid not in self.table.ended:  # ended ones: e.g. all frames came before the end
             self._reject("wrong_series", f"end of series {sid}, which is not open")
+
+    def _lane_series(self, info: SeriesInfo) -> SeriesProcessor | None:
+        """The open series the compiled lane may fold into (`stream.lane_reader`)."""
+        new_series = self.settings.processing.repeat_scans == "new-series"  # split by index
+        return None if new_series else self.table.open.get(info.series_id)
+
+    def _on_lane(self, event: LaneFolded) -> None:
+        """Frames the compiled lane folded into an open series (under the ingest lock)."""
+        proc = self.table.open[event.series_id]
+        self.counters.frames += event.frames
+        self.table.touched(event.series_id)
+        if self._current is not proc:
+            with self._lock:
+                self._current = proc
+        if proc.done:
+            self._finish(event.series_id, complete=True)
 
     def _on_frames(self, batches: list[FrameBatch | CompressedFrame]) -> None:
         for sid, group in self.table.route(batches):

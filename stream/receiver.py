@@ -13,12 +13,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
-from tcbf_live.detectors.base import DecodeError, Decoder, Event
+from tcbf_live.detectors.base import DecodeError, Decoder, Event, SeriesInfo
 from tcbf_live.detectors.compression import native_bslz4
 from tcbf_live.detectors.registry import DecoderOptions, WireProtocol
+from tcbf_live.stream.lane_reader import LaneFolded, LaneTake, lane_for
 from tcbf_live.stream.transport import (
     CURVE_HINT,
     DETECTOR_HINT,
@@ -85,13 +87,14 @@ def receive_event_batches(
     max_messages: int = 64,
     max_message_bytes: int | None = None,
     max_message_parts: int = MAX_MESSAGE_PARTS,
+    lane: Callable[[], LaneTake] | None = None,
 ) -> Iterator[list[Event]]:
     """Yield lists of decoded events: everything already queued (up to `max_messages`) at once,
     so consumers can hand many small messages to one kernel call. Stops after `timeout_s`
     without a message (None: never) or when `should_stop()` turns true. A message over
     `max_message_bytes` (all parts together; default: the socket's ZMQ_MAXMSGSIZE, which
     `open_socket` sets to the settings' cap) or `max_message_parts` is counted as "oversized"
-    and skipped whole."""
+    and skipped whole. `lane` (`Receiver.use_lane`) reads image messages first."""
     if max_message_bytes is None:
         max_message_bytes = receive_cap(sock)
     idle_since = time.monotonic()
@@ -102,6 +105,12 @@ def receive_event_batches(
             continue
         idle_since = time.monotonic()
         events: list[Event] = []
+        took = lane() if lane is not None else None
+        if took is not None and took.folded:
+            events.append(LaneFolded(took.series_id, took.folded))
+        if took is not None and took.parts:
+            counters.messages += 1
+            events.extend(decode_counted(decoder, took.parts, counters))
         for _ in range(max_messages):
             try:
                 parts = recv_capped(sock, max_message_bytes, max_message_parts)
@@ -216,6 +225,21 @@ class Receiver:
         options = DecoderOptions(defer_bslz4=wire.bslz4_frames and native_bslz4(),
                                  channel=channel)  # fmt: skip
         self.decoder = wire.decoder(options)
+        self._lane: Callable[[], LaneTake] | None = None
+
+    def use_lane(self, lookup: Callable[[SeriesInfo], Any], lock) -> None:
+        """DECTRIS V1: read image messages of a calibrated series (`lookup` gives its
+        processor) with the compiled lane (`stream.lane_reader`), holding `lock` (the ingest
+        lock) while it folds; where the lane cannot run, nothing changes."""
+        reader = None if self.sock is None else lane_for(self.sock, self.decoder, False, True)
+        if reader is not None:
+            cap = receive_cap(self.sock)
+
+            def take() -> LaneTake:
+                with lock:
+                    return reader.take(lookup, cap, self.counters)
+
+            self._lane = take
 
     def batches(self, should_stop: Callable[[], bool],
                 timeout_s: float | None) -> Iterator[list[Event]]:  # fmt: skip
@@ -223,7 +247,8 @@ class Receiver:
             return receive_tcp_batches(self.settings.endpoint, self.decoder, self.counters,
                                        timeout_s=timeout_s, should_stop=should_stop)  # fmt: skip
         return receive_event_batches(self.sock, self.decoder, self.counters,
-                                     timeout_s=timeout_s, should_stop=should_stop)  # fmt: skip
+                                     timeout_s=timeout_s, should_stop=should_stop,
+                                     lane=self._lane)  # fmt: skip
 
     def close(self) -> None:
         if self.sock is not None:

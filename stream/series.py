@@ -143,7 +143,7 @@ class SeriesProcessor:
     def add_many(self, batches: list[FrameBatch | CompressedFrame]) -> None:
         """Fold several batches in order; before calibration, hold them (bounded by
         `calibration_frames` plus one batch) and calibrate once enough have arrived."""
-        self._touch()
+        self.touch()
         if self.staging is not None:
             self._count_failures(self.staging.fold(batches))
             return
@@ -174,7 +174,7 @@ class SeriesProcessor:
                 log.warning("series %d: %d frame(s) skipped: %s", self.info.series_id, count,
                             why)  # fmt: skip
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
         now = time.perf_counter()
         self._t_first = self._t_first or now
         self._t_last = now
@@ -196,7 +196,7 @@ class SeriesProcessor:
         """Calibrate on `frames` (N, Qx, Qy) and size the accumulators, folding nothing (a
         coordinator calibrates on frames its workers fold). False, with `calibration_error`
         set and logged, when they show no usable BF disk."""
-        self._touch()  # a coordinator's series starts here (its frames come as deltas)
+        self.touch()  # a coordinator's series starts here (its frames come as deltas)
         supplied, flagged = self.settings.mask, self.info.pixel_mask  # the user's, the detector's
         if flagged is not None:
             if supplied is None:
@@ -275,7 +275,7 @@ class SeriesProcessor:
         """Fold another receiver's partial state of this series in."""
         if self.acc is None:
             raise SeriesError(f"series {self.info.series_id} is not calibrated yet")
-        self._touch()
+        self.touch()
         twice = self.acc.merge(state, stack=stack)
         if twice:
             log.warning("series %d: %d frame(s) reached two receivers (counted as duplicates)",
@@ -288,7 +288,7 @@ class SeriesProcessor:
         why = delta.check(self.acc.state)
         if why is not None:
             raise SeriesError(f"series {self.info.series_id}: a worker's delta: {why}")
-        self._touch()
+        self.touch()
         if self.acc.state.apply(delta):
             log.warning("series %d: frame(s) reached two workers (counted as duplicates)",
                         self.info.series_id)  # fmt: skip

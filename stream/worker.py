@@ -26,13 +26,13 @@ from tcbf_live.detectors.base import (
 from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.stream import worker_series
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
+from tcbf_live.stream.lane_reader import lane_for
 from tcbf_live.stream.pages import release
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
 from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.transport import OversizedMessage, recv_capped
-from tcbf_live.stream.worker_lane import lane_for
 from tcbf_live.stream.worker_link import (
     LinkError,
     WorkerConfig,
@@ -69,17 +69,15 @@ class Worker:
         self.closed: dict[int, str] = {}  # ended / dropped ids -> why
         self.runs: dict[int, int] = {}  # starts of each id so far (its runs: `gen`)
         self.backlog = Backlog(config.backlog_bytes, BACKLOG_S)
-        self.stopping = False
         self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
-        self._warm = False  # the kernels have run once (loaded from numba's cache)
+        self.stopping, self._warm = False, False  # _warm: the kernels ran once (numba cache)
         self.unsent = 0  # link messages given up after waiting for room
         self._process0: float | None = None  # process CPU time at the first message
 
-    # ------------------------------------------------------------------ loop
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.link, zmq.POLLIN)
+        for sock in (self.sock, self.link):
+            poller.register(sock, zmq.POLLIN)
         last_sync = last_beat = time.monotonic()
         while not self.stopping:
             ready = dict(poller.poll(20))
@@ -115,16 +113,13 @@ class Worker:
         then fold their frames (each stage's CPU time in `cpu_s`); the number read."""
         t0 = time.thread_time()
         received: list = []
-        folded = 0
-        if self.lane is not None:
-            folded, parts, oversized = self.lane.take(self.series, self.config.max_message_bytes)
-            self.counters.messages += folded
-            self.counters.lane += folded
-            if oversized:
-                self.counters.messages += 1
-                self.counters.reject(DecodeError("oversized", oversized))
-            elif parts:
-                self.received(parts, received)
+        t = self.lane and self.lane.take(self.lane_series, self.config.max_message_bytes,
+                                         self.counters)  # fmt: skip
+        if t:
+            if t.folded:
+                self.series[t.series_id].frames += t.folded
+            if t.parts:
+                self.received(t.parts, received)
             self.cpu_s["lane"] += time.thread_time() - t0
             t0 = time.thread_time()
         for _ in range(limit):
@@ -144,7 +139,10 @@ class Worker:
         self.cpu_s["receive"] += t1 - t0
         self.cpu_s["parse"] += time.thread_time() - t1
         self.fold(frames)  # `accumulate` counts its own time
-        return folded + len(received)
+        return (t.folded if t else 0) + len(received)
+
+    def lane_series(self, info: SeriesInfo) -> SeriesProcessor | None:
+        return getattr(self.series.get(info.series_id), "proc", None)  # calibrated: folds
 
     def received(self, parts: list, received: list) -> None:
         """A detector message: a control message to the coordinator, else to be decoded."""

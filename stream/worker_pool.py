@@ -60,6 +60,7 @@ class _Peer:
     rejected: dict = field(default_factory=dict)
     frames: int = 0
     lane: int = 0  # image messages its compiled lane read
+    held: int = 0  # bytes of frame messages it holds for a series not known or calibrated
     gone: str | None = None  # "died" / "stalled"
     cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
     peak_rss_mb: float = 0.0
@@ -138,7 +139,7 @@ class WorkerPool(Calibrating):
             rcvhwm=sub.rcvhwm, max_message_bytes=sub.max_message_bytes, channel=s.channel,
             share=(n, max(total, n + 1)) if self.shared else None,
             sync_interval_s=self.plan.sync_interval_s, backlog_bytes=self.plan.backlog_bytes,
-            processing=settings_to_dict(s.processing), lane=self.plan.lane,
+            processing=settings_to_dict(s.processing), lane=s.compiled_lane,
         )  # fmt: skip
         self.peers[ident] = _Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip
@@ -279,6 +280,7 @@ class WorkerPool(Calibrating):
         peer.messages, peer.rejected = messages, rejected
         peer.frames = int(head.get("frames", peer.frames))
         peer.lane = int(head.get("lane", peer.lane))
+        peer.held = int(head.get("held", 0))
         peer.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
         peer.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
 
@@ -357,7 +359,9 @@ class WorkerPool(Calibrating):
         if end.waiting and now < end.deadline:
             return False
         if end.waiting:
-            names = ", ".join(str(self.peers[i].index) for i in end.waiting)
+            names = ", ".join(f"{p.index} (last said: {p.held / 2**20:.0f} MiB held, rejected "
+                              f"{p.rejected or 'none'})" for p in map(self.peers.get,
+                                                                       end.waiting))  # fmt: skip
             self.lost.append(f"series {sid} ended without the last frames of worker(s) "
                              f"{names} (no answer in {self.plan.end_wait_s:.0f} s)")  # fmt: skip
             log.error(self.lost[-1])

@@ -56,7 +56,7 @@ def messages(sim, name: str, series_id: int = 5) -> list[list]:
 
 def receive(engine_of, name: str, stream: list, socket_type: str = "pull",
             pace_s: float = 0.0, during=None, idle_timeout_s: float = 20.0,
-            max_series: int = 1):  # fmt: skip
+            max_series: int = 1, lane: bool = True):  # fmt: skip
     """Send `stream` from a bound PUSH/PUB socket into the engine `engine_of(settings)`."""
     ctx = zmq.Context()
     sender = ctx.socket(zmq.PUSH if socket_type == "pull" else zmq.PUB)
@@ -65,7 +65,8 @@ def receive(engine_of, name: str, stream: list, socket_type: str = "pull",
     sub = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{port}", socket_type=socket_type,
                              detector=protocol(name).detector)  # fmt: skip
     settings = EngineSettings(subscriber=sub, protocol=name, idle_timeout_s=idle_timeout_s,
-                              max_series=max_series, align_interval_s=0.3)  # fmt: skip
+                              max_series=max_series, align_interval_s=0.3,
+                              compiled_lane=lane)  # fmt: skip
     eng = engine_of(settings).start()
     time.sleep(1.0)  # every worker's detector socket connected (PUSH shares among them)
     for k, m in enumerate(stream):
@@ -124,13 +125,16 @@ def test_the_compiled_lane_gives_what_the_decoder_gives(sim):
     stream[first + 130] = [*stream[first + 130], b'{"htype": "dimage_appendix"}']  # 5 parts
     stray = protocol("dectris-v1").encoder.end(77, 0)  # another series' end: counted
     stream[first + 140 : first + 140] = list(stray)
-    one = receive(Engine, "dectris-v1", stream)
-    for lane in (False, True):
-        eng = receive(workers(1, lane=lane), "dectris-v1", stream, pace_s=0.0005)
-        assert_same(eng.last_result, one.last_result)
-        assert eng.counters.rejected == one.counters.rejected and eng.counters.rejected
-        read = sum(p.lane for p in eng.receiver.peers.values())
-        assert read > len(stream) // 2 if lane else read == 0, read
+    one = receive(Engine, "dectris-v1", stream, lane=False)  # the decoder only
+    assert one.counters.lane == 0 and one.counters.rejected
+    for engine_of in (Engine, workers(1)):  # the lane in one process, in a worker
+        for lane in (False, True):
+            eng = receive(engine_of, "dectris-v1", stream, pace_s=0.0005, lane=lane)
+            assert_same(eng.last_result, one.last_result)
+            assert eng.counters.rejected == one.counters.rejected
+            read = (eng.counters.lane if engine_of is Engine
+                    else sum(p.lane for p in eng.receiver.peers.values()))  # fmt: skip
+            assert read > len(stream) // 2 if lane else read == 0, read
 
 
 def test_a_pub_stream_is_shared_by_frame_index(sim):
@@ -363,3 +367,19 @@ def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
     assert eng.join(timeout=20)
     peer.close(linger=0)
     ctx.term()
+
+
+@pytest.mark.parametrize(("cores", "socket_type", "expect"),
+                         [(2, "pull", 0), (4, "pull", 4), (16, "pull", 16), (16, "sub", 0)])
+def test_auto_uses_workers_only_where_they_beat_one_process(monkeypatch, cores, socket_type,
+                                                            expect):  # fmt: skip
+    """On 2 cores one process (with the V1 compiled lane) out-receives workers (docs/engine.md):
+    `--workers auto` starts them from 4 cores on, for a stream that can be shared."""
+    import argparse
+
+    from tcbf_live.stream.cli.workers import worker_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    args = argparse.Namespace(workers="auto", record=None, repeat="accumulate")
+    sub = SubscriberSettings(endpoint="tcp://127.0.0.1:9999", socket_type=socket_type)
+    assert worker_count(args, EngineSettings(subscriber=sub, protocol="dectris-v1")) == expect

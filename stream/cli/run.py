@@ -94,6 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="re-align every S seconds while frames arrive (0: only at the end)",
     )
+    p.add_argument("--no-compiled-lane", dest="compiled_lane", action="store_false",
+                   help="DECTRIS V1: read every image through the Python decoder (comparison, "
+                   "diagnosis; default: the compiled lane wherever it can run)")  # fmt: skip
     add_output_args(p)
     p.add_argument("--record", metavar="FILE.h5",
                    help="also keep the raw frames as received, one file per series (FILE.h5, "
@@ -203,6 +206,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         align_interval_s=args.align_interval or None,
         channel=args.channel,
         armed=args.simplon is not None,
+        compiled_lane=args.compiled_lane,
     )
 
 

@@ -11,10 +11,12 @@ from tcbf_live.stream.cli.common import UsageError, add_curve_args, curve_from_a
 from tcbf_live.stream.engine import EngineSettings
 from tcbf_live.stream.transport import CurveError, CurveKeys, is_loopback, valid_endpoint
 
+AUTO_MIN_CORES = 4  # fewer: one process is as fast (V2) or faster (V1, its compiled lane)
 WORKERS_HELP = (
     "receive with N worker processes, each with its own socket (DECTRIS PUSH streams share "
     "their frames among them; a PUB stream is received by each, which keeps its share); "
-    "0: in this process; auto (default): the cores this machine has for a PULL stream, else 0"
+    "0: in this process; auto (default): one per core for a PULL stream on a host with at least "
+    f"{AUTO_MIN_CORES} cores, else 0"
 )
 
 
@@ -45,14 +47,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="each worker sends what it accumulated at least this often",
     )
-    g.add_argument("--no-compiled-lane", dest="compiled_lane", action="store_false",
-                   help="DECTRIS V1 workers read every image through the Python decoder (for "
-                   "comparison or diagnosis; default: the compiled lane where it can)")  # fmt: skip
 
 
 def worker_count(args: argparse.Namespace, settings: EngineSettings) -> int:
     """Local workers to start: the number given, or for `auto` the usable cores when the
-    stream is shareable (a PULL socket that connects), else 0 (in this process)."""
+    stream is shareable (a PULL socket that connects) and there are AUTO_MIN_CORES of them,
+    else 0 (in this process; docs/engine.md "Workers" has the 2-core measurements)."""
     proto = registry.protocol(settings.protocol)
     sub = settings.subscriber
     text = str(args.workers).strip().lower()
@@ -60,7 +60,7 @@ def worker_count(args: argparse.Namespace, settings: EngineSettings) -> int:
         shareable = proto.rank is not None and sub.socket_type == "pull" and not sub.bind
         plain = not args.record and args.repeat == "accumulate"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        return cores if shareable and plain and cores > 1 else 0
+        return cores if shareable and plain and cores >= AUTO_MIN_CORES else 0
     try:
         n = int(text)
     except ValueError:
@@ -104,7 +104,7 @@ def worker_plan(args: argparse.Namespace, settings: EngineSettings):
         raise UsageError("--worker-link beyond loopback needs --worker-curve-secret FILE "
                          "(workers on other hosts are authenticated)")  # fmt: skip
     return WorkerPlan(local=local, link=args.worker_link, curve=curve, remote=remote,
-                      sync_interval_s=args.sync_interval, lane=args.compiled_lane)  # fmt: skip
+                      sync_interval_s=args.sync_interval)  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,94 @@
+"""The compiled ingest lane (`stream.fast_lane`) put to use by a receiving loop (a worker, or
+the engine in one process): when the decoder has learned the image layout of a series that the
+receiver has calibrated, image messages of that series are received and folded by the compiled
+loop; the message it stops at goes to the decoder, as any other message."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zmq
+
+from tcbf_live.detectors.base import DecodeError, SeriesInfo
+from tcbf_live.detectors.compression import native_bslz4
+from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
+from tcbf_live.stream.fast_lane import MAX_FRAME_ID, Lane, LaneTarget, bind_libzmq
+
+if TYPE_CHECKING:
+    from tcbf_live.stream.receiver import StreamCounters
+    from tcbf_live.stream.series import SeriesProcessor
+
+MAX_LANE_MESSAGES = 1024  # per call: the receiving loop stays responsive (control, deltas)
+
+
+@dataclass(frozen=True)
+class LaneFolded:
+    """An event of the receiving loop: the lane folded `frames` image messages of a series."""
+
+    series_id: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class LaneTake:
+    """What one call of `LaneReader.take` did."""
+
+    series_id: int | None  # the series the lane folded into (None: it had none to fold into)
+    folded: int  # image messages folded
+    parts: list  # the message the lane stopped at, for the decoder (empty: none)
+    oversized: str | None  # why that message was released unread (see `Lane.drain`)
+
+
+def lane_for(sock: zmq.Socket, decoder, shared: bool, enabled: bool) -> LaneReader | None:
+    """The lane reader for this socket, or None: not asked for, a PUB share (each worker keeps
+    only its share of every message), another protocol, no libzmq to bind, or no in-kernel
+    bslz4."""
+    if not enabled or shared or not isinstance(decoder, DectrisV1Decoder):
+        return None
+    if bind_libzmq() is None or not native_bslz4():
+        return None
+    return LaneReader(Lane(sock), decoder)
+
+
+class LaneReader:
+    def __init__(self, lane: Lane, decoder: DectrisV1Decoder):
+        self.lane, self.decoder = lane, decoder
+        self._scratch: np.ndarray | None = None
+
+    def target(self, proc: SeriesProcessor, info: SeriesInfo) -> LaneTarget:
+        dtype, pixels = np.dtype(info.dtype), math.prod(info.detector_shape)
+        if self._scratch is None or self._scratch.dtype != dtype or self._scratch.size != pixels:
+            self._scratch = np.empty(pixels, dtype)
+        limit = MAX_FRAME_ID + 1 if info.frames_expected is None else info.frames_expected
+        layout, staging = self.decoder.lane()[1], proc.staging
+        return LaneTarget(layout.dimage, layout.image_d, layout.dconfig, limit,
+                          staging.index_offset, dtype.itemsize, self._scratch,
+                          staging.acc.kernel_args())  # fmt: skip
+
+    def take(self, lookup: Callable[[SeriesInfo], SeriesProcessor | None], max_bytes: int,
+             counters: StreamCounters) -> LaneTake:  # fmt: skip
+        """Fold what the lane can into the processor `lookup` gives for the decoder's lane
+        series (a calibrated one of the same geometry, or None: nothing is read). The messages
+        folded and one released unread are counted in `counters`; the caller counts the one
+        handed back (`parts`) as it counts what it receives."""
+        got = self.decoder.lane()
+        proc = None if got is None else lookup(got[0])
+        info = None if got is None else got[0]
+        if proc is None or proc.staging is None or proc.info.detector_shape != \
+                info.detector_shape or proc.info.dtype != info.dtype:  # fmt: skip
+            return LaneTake(None, 0, [], None)
+        n, last_frame, parts, oversized = self.lane.drain(self.target(proc, info),
+                                                          MAX_LANE_MESSAGES, max_bytes)  # fmt: skip
+        if n:
+            self.decoder.lane_consumed(n, last_frame)
+            proc.touch()
+            counters.messages += n
+            counters.lane += n
+        if oversized:
+            counters.messages += 1
+            counters.reject(DecodeError("oversized", oversized))
+        return LaneTake(info.series_id, n, parts, oversized)
