@@ -124,29 +124,34 @@ def stage_table(name: str) -> list[tuple[str, float]]:
 
     rows.append(("decompress + accumulate, fused kernel", best_us(fused, 2048)))
     rows.append(("engine loop: decode + route + stage + kernel", engine_us(name, msgs)))
-    rows.append(("compiled lane (all four, inproc; V1 only)",
-                 lane_us(images, proc) if name == "dectris-v1" else float("nan")))  # fmt: skip
+    rows.append(("compiled lane: receive+parse+decompress+fold", lane_us(name, images, proc)))
     return rows
 
 
-def lane_us(images: list[list[bytes]], proc: SeriesProcessor) -> float:
+def lane_us(name: str, images: list[list[bytes]], proc: SeriesProcessor) -> float:
     """`fast_lane`: every image message received, matched, decompressed and folded by the
     compiled loop from an inproc PULL socket whose PUSH side queued them beforehand."""
-    from tcbf_live.detectors.dectris_v1_fields import image_layout
+    from tcbf_live.detectors import dectris_v1_fields, dectris_v2_lean
     from tcbf_live.stream.fast_lane import Lane, LaneTarget
 
-    layout = image_layout(images[0], json.loads(images[0][1]))
+    if name == "dectris-v1":
+        lay = dectris_v1_fields.image_layout(images[0], json.loads(images[0][1]))
+        templates = (lay.dimage, lay.image_d, lay.dconfig)
+    else:
+        templates = (dectris_v2_lean.image_layout(memoryview(images[0][0]),
+                                                  b"threshold_1").template,)  # fmt: skip
     ctx = zmq.Context.instance()
 
     def run():
         push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
         push.set_hwm(0)
         pull.set_hwm(0)
-        pull.bind("inproc://lane")
-        push.connect("inproc://lane")
+        endpoint = f"inproc://lane-{time.perf_counter_ns()}"
+        pull.bind(endpoint)
+        push.connect(endpoint)
         for m in images:
             push.send_multipart(m)
-        target = LaneTarget(layout.dimage, layout.image_d, layout.dconfig, 1 << 31, 0, 2,
+        target = LaneTarget(templates, 1 << 31, 0, 2,
                             np.empty(96 * 96, "<u2"),
                             proc.acc.kernel_args(proc.acc.empty_state()))  # fmt: skip
         lane = Lane(pull)
@@ -198,8 +203,10 @@ def main() -> None:
         d = dict(rows)
         total = (d["receive (recv_capped, inproc)"] + d["parse (lean, blob left compressed)"]
                  + d["decompress + accumulate, fused kernel"])  # fmt: skip
-        print(f"{name}: receive + parse + fused kernel = {total:.1f} us per frame "
-              f"= {1e6 / total:,.0f} frames/s per core")
+        print(
+            f"{name}: receive + parse + fused kernel = {total:.1f} us per frame "
+            f"= {1e6 / total:,.0f} frames/s per core"
+        )
 
 
 if __name__ == "__main__":

@@ -177,14 +177,16 @@ class DectrisV1Decoder(CollectsErrors):
             return None
         return series
 
-    def lane(self) -> tuple[SeriesInfo, ImageLayout] | None:
-        """The series and layout whose bslz4 image messages a compiled ingest loop may read
-        now (`stream.fast_lane`), reporting them with `lane_consumed`; None when not."""
+    def lane(self) -> tuple[SeriesInfo, tuple] | None:
+        """The series, and the templates of its image parts, whose bslz4 image messages a
+        compiled ingest loop may read now (`stream.fast_lane`), reporting them with
+        `lane_consumed`; None when not."""
         series = self._lean_series()
         if series is None or not self.defer_bslz4:
             return None
-        layout = self._lean[1]
-        return (series.info, layout) if lane_ready(series.info, layout.image_d_dict) else None
+        lay = self._lean[1]
+        ready = lane_ready(series.info, lay.image_d_dict)
+        return (series.info, (lay.dimage, lay.image_d, lay.dconfig)) if ready else None
 
     def lane_consumed(self, n: int, last_frame: int) -> None:
         """`n` image messages of the lane's series were read elsewhere, the last one's frame id

@@ -268,6 +268,21 @@ class DectrisV2Decoder(CollectsErrors):
         state.images += 1
         return frame
 
+    def lane(self) -> tuple[SeriesInfo, tuple] | None:
+        """The series, and the template of its image messages, whose bslz4 images a compiled
+        ingest loop may read now (`stream.fast_lane`), reporting them with `lane_consumed`;
+        None when not."""
+        if self._lean is None or not self.defer_bslz4:
+            return None
+        state, layout = self._lean
+        if self._known.get(state.info.series_id) is not state or layout.algorithm != "bslz4":
+            return None
+        return state.info, (layout.template,)
+
+    def lane_consumed(self, n: int, last_frame: int) -> None:
+        """`n` image messages of the lane's series were read elsewhere."""
+        self._lean[0].images += n
+
     def _image(self, m: dict) -> FrameBatch:
         series = _int(m, "series_id", 0, 1 << 62)
         state = known_series(self._known, series, "image")

@@ -3,10 +3,10 @@
 The images of one series are laid out alike: the same keys in the same order, the same series
 id, channel, dims, typed array and compression; only the image id, the times (unsigned integers
 or arrays of them) and the blob change. `image_layout` learns that layout from an image message
-that the decoder (`dectris_v2`) has fully parsed with `cbor2` and accepted: two bytes patterns,
-the bytes up to the blob's head and the bytes after the blob, every value copied literally
-(type, series id, channel, array) but the image id (captured), other unsigned integers such as
-the times (any unsigned integer) and the blob (its length read from its head). A message that
+that the decoder (`dectris_v2`) has fully parsed with `cbor2` and accepted: a token template
+(`cbor_template`, matched in numba) with every value copied literally (type, series id,
+channel, array) but the image id (captured), other unsigned integers such as the times (any
+unsigned integer) and the blob (its length read from its head). A message that
 matches decodes under `cbor2` to what the learned one did, with its own image id and blob, so
 the decoder takes the id and a view of the blob from the match and builds nothing else;
 anything that does not match goes to the full parse.
@@ -14,15 +14,16 @@ anything that does not match goes to the full parse.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+import numpy as np
+
+from tcbf_live.detectors.cbor_template import BLOB, IMAGE_ID, LITERAL, UINT, Builder, match
 
 SELF_DESCRIBED = b"\xd9\xd9\xf7"
 TYPED = {64: "|u1", 69: "<u2", 70: "<u4"}
 MAX_DEPTH = 32
 _WIDTH = {24: 1, 25: 2, 26: 4, 27: 8}
-_UINT = rb"[\x00-\x17]|\x18.|\x19..|\x1a.{4}|\x1b.{8}"  # any unsigned integer item
-_BYTES_HEAD = rb"([\x40-\x57]|\x58.|\x59..|\x5a.{4}|\x5b.{8})"  # a byte string's head
 _IMAGE_ID, _DATA = b"\x68image_id", b"\x64data"  # keys as CBOR text items
 _LITERAL = (b"\x64type", b"\x69series_id")  # the values the decoder reads: learned bytes
 
@@ -31,32 +32,19 @@ class Unusual(Exception):
     """The message is not laid out as this module reads it (the full parse decides)."""
 
 
-def _argument(head: bytes) -> int:
-    """The argument of a CBOR head (its integer value, a string's length)."""
-    return head[0] & 31 if len(head) == 1 else int.from_bytes(head[1:], "big")
-
-
 @dataclass(frozen=True)
 class ImageLayout:
     """The learned layout of one series' image messages (see the module docstring)."""
 
-    before: re.Pattern  # up to the blob's head; its last group is the head
-    after: re.Pattern  # from the blob's end to the message's end
-    id_before: bool  # the image id (group 1) is in `before`, else in `after`
+    template: tuple[np.ndarray, np.ndarray]  # `cbor_template` (text, prog)
     algorithm: str | None  # the blob's compression (tag 56500), None: raw pixels
     element_size: int  # the compression's element size (0 for raw pixels)
 
     def read(self, buf: memoryview) -> tuple[int, memoryview] | None:
         """(image id, blob) of a message laid out so, or None."""
-        first = self.before.match(buf)
-        if first is None:
-            return None
-        start = first.end()
-        end = start + _argument(first[first.lastindex])
-        rest = self.after.fullmatch(buf, end) if end <= len(buf) else None
-        if rest is None:
-            return None
-        return _argument(first[1] if self.id_before else rest[1]), buf[start:end]
+        s = np.frombuffer(buf, np.uint8)
+        image_id, start, length = match(s, 0, s.shape[0], *self.template)
+        return None if image_id < 0 else (image_id, buf[start : start + length])
 
 
 def _head(buf: memoryview, pos: int) -> tuple[int, int, int]:
@@ -88,19 +76,23 @@ def _skip(buf: memoryview, pos: int, depth: int = 0) -> int:
     return pos
 
 
-def _value(buf: memoryview, start: int, end: int) -> bytes:
-    """The pattern of a value: any unsigned integer for one, an array of as many for an array
+def _value(buf: memoryview, start: int, end: int, out: Builder) -> None:
+    """The tokens of a value: any unsigned integer for one, an array of as many for an array
     of them (times), else the learned bytes."""
     major, count, pos = _head(buf, start)
     if major == 0:
-        return rb"(?:" + _UINT + rb")"
+        out.add(UINT)
+        return
     if major == 4 and count:
         items = [pos]
         while len(items) <= count and items[-1] < end and buf[items[-1]] >> 5 == 0:
             items.append(_skip(buf, items[-1]))
         if len(items) == count + 1 and items[-1] == end:
-            return re.escape(bytes(buf[start:pos])) + (rb"(?:" + _UINT + rb")") * count
-    return re.escape(bytes(buf[start:end]))
+            out.add(LITERAL, bytes(buf[start:pos]))
+            for _ in range(count):
+                out.add(UINT)
+            return
+    out.add(LITERAL, bytes(buf[start:end]))
 
 
 def _blob(buf: memoryview, pos: int, channel: bytes) -> tuple[int, str | None, int]:
@@ -142,36 +134,36 @@ def _blob(buf: memoryview, pos: int, channel: bytes) -> tuple[int, str | None, i
 def image_layout(buf: memoryview, channel: bytes) -> ImageLayout | None:
     """The layout of this image message (accepted by the full parse) for `channel` (UTF-8),
     or None when it has no single image id, data map and channel blob to locate."""
+    out, seen_id, seen_data = Builder(), False, False
     try:
         pos = 3 if buf[:3] == SELF_DESCRIBED else 0
         major, count, pos = _head(buf, pos)
         if major != 5:
             return None
-        parts, split, id_before = [re.escape(bytes(buf[:pos]))], None, None
+        out.add(LITERAL, bytes(buf[:pos]))
         for _ in range(count):
             key_end = _skip(buf, pos)
             key, end = bytes(buf[pos:key_end]), _skip(buf, key_end)
-            parts.append(re.escape(key))
-            if key == _IMAGE_ID and id_before is None and buf[key_end] >> 5 == 0:
-                id_before = split is None
-                parts.append(rb"(" + _UINT + rb")")
-            elif key == _DATA and split is None:
+            out.add(LITERAL, key)
+            if key == _IMAGE_ID and not seen_id and buf[key_end] >> 5 == 0:
+                seen_id = True
+                out.add(IMAGE_ID)
+            elif key == _DATA and not seen_data:
                 head, algorithm, element_size = _blob(buf, key_end, channel)
                 _, length, start = _head(buf, head)
-                parts += [re.escape(bytes(buf[key_end:head])) + _BYTES_HEAD, None,
-                          re.escape(bytes(buf[start + length : end]))]  # fmt: skip
-                split = len(parts) - 2
+                out.add(LITERAL, bytes(buf[key_end:head]))
+                out.add(BLOB)
+                out.add(LITERAL, bytes(buf[start + length : end]))
+                seen_data = True
             elif key in (_IMAGE_ID, _DATA):
                 return None  # repeated (cbor2 keeps the last)
             elif key in _LITERAL:
-                parts.append(re.escape(bytes(buf[key_end:end])))
+                out.add(LITERAL, bytes(buf[key_end:end]))
             else:
-                parts.append(_value(buf, key_end, end))
+                _value(buf, key_end, end, out)
             pos = end
     except (Unusual, IndexError, UnicodeDecodeError):
         return None
-    if pos != len(buf) or split is None or id_before is None:
+    if pos != len(buf) or not seen_data or not seen_id:
         return None
-    before, after = b"".join(parts[:split]), b"".join(parts[split + 1 :])
-    return ImageLayout(re.compile(before, re.DOTALL), re.compile(after, re.DOTALL), id_before,
-                       algorithm, element_size)  # fmt: skip
+    return ImageLayout(out.template(), algorithm, element_size)

@@ -1,5 +1,5 @@
-"""The compiled ingest lane: DECTRIS stream V1 image messages received, read, decompressed and
-folded in one numba loop, with no Python per frame (issue 14).
+"""The compiled ingest lane: DECTRIS image messages (stream V1 and V2) received, read,
+decompressed and folded in one numba loop, with no Python per frame (issue 14).
 
 Measured on the 2-core machine (docs/engine.md, benchmarks/dectris_rate.py), the Python path
 spends 26-34 us of CPU per V1 frame: receive 3, parse 8-9, decompress and fold 8-13, the rest
@@ -15,7 +15,8 @@ within the series, blob of the announced size with a real header, one frame afte
 decompression), folds the frame in (`staging.fold_blob`). Anything else, a control message, a
 fifth part, a damaged blob, stops the loop with that message's parts held: `drain` hands them
 to the caller as the parts of one message, for the full decoder, which counts and reports
-whatever is wrong with them. The loop also stops when the socket is empty or after a bounded
+whatever is wrong with them. V2 (`drain_v2`) is the same with one CBOR part matched by
+`cbor_template`. The loop also stops when the socket is empty or after a bounded
 number of messages, so the caller's loop stays responsive.
 """
 
@@ -30,6 +31,7 @@ import numba
 import numpy as np
 import zmq
 
+from tcbf_live.detectors.cbor_template import match as cbor_match
 from tcbf_live.detectors.json_template import Template, match
 from tcbf_live.stream.staging import fold_blob, fold_buffers
 from tcbf_live.stream.transport import MAX_MESSAGE_PARTS
@@ -161,13 +163,40 @@ def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
         result[LAST_FRAME] = frame
 
 
+@numba.njit(nogil=True, cache=True)
+def drain_v2(sock: int, msgs: np.ndarray, max_messages: int, image: Template, frame_limit: int,
+             index_offset: int, element_size: int, scratch: np.ndarray, k: tuple,
+             result: np.ndarray) -> None:  # fmt: skip
+    """`drain_v1` for DECTRIS stream V2: one-part CBOR image messages that match the series'
+    `cbor_template`, the image id below `frame_limit`, the blob one bslz4 frame."""
+    vals, cum = fold_buffers(k)
+    result[:] = 0
+    result[LAST_FRAME] = -1
+    m = msgs.ctypes.data
+    while result[LEAN] < max_messages:
+        _init(m)
+        if _recv(m, sock, DONTWAIT) < 0:
+            _close(m)
+            result[ERRNO] = _errno()
+            return
+        part = _part(msgs, 0)
+        image_id, start, length = cbor_match(part, 0, part.shape[0], image[0], image[1])
+        if (_more(m) != 0 or image_id < 0 or image_id >= frame_limit
+                or not fold_blob(part, start, start + length, element_size, scratch,
+                                 image_id - index_offset, k, vals, cum)):  # fmt: skip
+            result[HELD] = 1  # the decoder reads it (and the rest of a multipart message)
+            return
+        _close(m)
+        result[LEAN] += 1
+        result[LAST_FRAME] = image_id
+
+
 @dataclass(frozen=True)
 class LaneTarget:
-    """Where `drain` folds: a series' learned layout and its accumulate kernel arguments."""
+    """Where `drain` folds: a series' learned templates (V1: dimage, dimage_d, dconfig; V2:
+    the image message) and its accumulate kernel arguments."""
 
-    dimage: Template
-    image_d: Template
-    dconfig: Template
+    templates: tuple[Template, ...]
     frame_limit: int  # frame ids from here on go to the decoder (index_out_of_range)
     index_offset: int
     element_size: int
@@ -194,10 +223,14 @@ class Lane:
         the parts of the message the lane stopped at, for the decoder: empty when none, why
         that message was released unread: over `max_bytes` or MAX_MESSAGE_PARTS, as
         `recv_capped`). The parts are the whole message (its rest is received here)."""
-        r = self.result
-        drain_v1(self.sock.underlying, self.msgs, max_messages, target.dimage, target.image_d,
-                 target.dconfig, target.frame_limit, target.index_offset, target.element_size,
-                 target.scratch, target.kernel_args, r)  # fmt: skip
+        r, t = self.result, target
+        if len(t.templates) == PARTS - 1:  # V1: the three JSON parts
+            drain_v1(self.sock.underlying, self.msgs, max_messages, *t.templates, t.frame_limit,
+                     t.index_offset, t.element_size, t.scratch, t.kernel_args, r)  # fmt: skip
+        else:
+            drain_v2(self.sock.underlying, self.msgs, max_messages, t.templates[0],
+                     t.frame_limit, t.index_offset, t.element_size, t.scratch, t.kernel_args,
+                     r)  # fmt: skip
         parts, more, total = [], False, 0
         for p in range(int(r[HELD])):
             m = self.msgs.ctypes.data + MSG_BYTES * p

@@ -16,6 +16,7 @@ import zmq
 from tcbf_live.detectors.base import DecodeError, SeriesInfo
 from tcbf_live.detectors.compression import native_bslz4
 from tcbf_live.detectors.dectris_v1 import DectrisV1Decoder
+from tcbf_live.detectors.dectris_v2 import DectrisV2Decoder
 from tcbf_live.stream.fast_lane import MAX_FRAME_ID, Lane, LaneTarget, bind_libzmq
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def lane_for(sock: zmq.Socket, decoder, shared: bool, enabled: bool) -> LaneRead
     """The lane reader for this socket, or None: not asked for, a PUB share (each worker keeps
     only its share of every message), another protocol, no libzmq to bind, or no in-kernel
     bslz4."""
-    if not enabled or shared or not isinstance(decoder, DectrisV1Decoder):
+    if not enabled or shared or not isinstance(decoder, DectrisV1Decoder | DectrisV2Decoder):
         return None
     if bind_libzmq() is None or not native_bslz4():
         return None
@@ -55,7 +56,7 @@ def lane_for(sock: zmq.Socket, decoder, shared: bool, enabled: bool) -> LaneRead
 
 
 class LaneReader:
-    def __init__(self, lane: Lane, decoder: DectrisV1Decoder):
+    def __init__(self, lane: Lane, decoder: DectrisV1Decoder | DectrisV2Decoder):
         self.lane, self.decoder = lane, decoder
         self._scratch: np.ndarray | None = None
 
@@ -64,10 +65,9 @@ class LaneReader:
         if self._scratch is None or self._scratch.dtype != dtype or self._scratch.size != pixels:
             self._scratch = np.empty(pixels, dtype)
         limit = MAX_FRAME_ID + 1 if info.frames_expected is None else info.frames_expected
-        layout, staging = self.decoder.lane()[1], proc.staging
-        return LaneTarget(layout.dimage, layout.image_d, layout.dconfig, limit,
-                          staging.index_offset, dtype.itemsize, self._scratch,
-                          staging.acc.kernel_args())  # fmt: skip
+        templates, staging = self.decoder.lane()[1], proc.staging
+        return LaneTarget(templates, limit, staging.index_offset, dtype.itemsize,
+                          self._scratch, staging.acc.kernel_args())  # fmt: skip
 
     def take(self, lookup: Callable[[SeriesInfo], SeriesProcessor | None], max_bytes: int,
              counters: StreamCounters) -> LaneTake:  # fmt: skip

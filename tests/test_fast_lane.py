@@ -108,7 +108,7 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest():
     lane_proc = processor()
     staging = lane_proc.staging
     layout = image_layout(stream[0], json.loads(stream[0][1]))
-    target = LaneTarget(layout.dimage, layout.image_d, layout.dconfig, 64, 0, 2,
+    target = LaneTarget((layout.dimage, layout.image_d, layout.dconfig), 64, 0, 2,
                         np.empty(32 * 32, "<u2"), staging.acc.kernel_args())  # fmt: skip
     lane, folded, handed, oversized = Lane(pull), 0, [], []
     while True:

@@ -111,25 +111,39 @@ def test_one_and_two_workers_give_what_one_process_gives(sim, name):
         assert sum(folded) == PASSES * sim.n_frames and all(folded), folded
 
 
-def test_the_compiled_lane_gives_what_the_decoder_gives(sim):
-    """V1 images read by the compiled lane (`stream.fast_lane`): the same result as one
-    process, with the messages it cannot take (a damaged blob, a zeroed bslz4 header, a fifth
-    part, a stray control message) handed to the decoder and counted as it counts them."""
-    stream = messages(sim, "dectris-v1")
-    first = next(k for k, m in enumerate(stream) if len(m) == 4)
-    image = list(stream[first + 100])
-    image[2] = bytes(image[2][:40]) + bytes(24) + bytes(image[2][64:])  # damaged LZ4 blocks
-    stream[first + 100] = image
-    image = list(stream[first + 120])  # zeroed header: the decoder restores it
-    stream[first + 120] = [*image[:2], bytes(12) + bytes(image[2][12:]), image[3]]
-    stream[first + 130] = [*stream[first + 130], b'{"htype": "dimage_appendix"}']  # 5 parts
-    stray = protocol("dectris-v1").encoder.end(77, 0)  # another series' end: counted
-    stream[first + 140 : first + 140] = list(stray)
-    one = receive(Engine, "dectris-v1", stream, lane=False)  # the decoder only
+def with_faults(name: str, stream: list) -> list:
+    """`stream` with messages the compiled lane must hand to the decoder: a damaged blob, a
+    message with one part too many, a stray control message (V1 also: a zeroed bslz4 header,
+    which the decoder restores)."""
+    first = next(k for k, m in enumerate(stream) if protocol(name).rank(m) is None)
+    if name == "dectris-v1":
+        image = list(stream[first + 100])
+        image[2] = bytes(image[2][:40]) + bytes(24) + bytes(image[2][64:])  # damaged blocks
+        stream[first + 100] = image
+        image = list(stream[first + 120])
+        stream[first + 120] = [*image[:2], bytes(12) + bytes(image[2][12:]), image[3]]
+        extra = b'{"htype": "dimage_appendix"}'
+    else:
+        message = bytes(stream[first + 100][0])
+        at = len(message) // 2  # inside the blob, which is most of the message
+        stream[first + 100] = [message[:at] + b"\xff" * 8 + message[at + 8 :]]
+        extra = b"\xa0"
+    stream[first + 130] = [*stream[first + 130], extra]  # one part too many
+    stream[first + 140 : first + 140] = list(protocol(name).encoder.end(77, 0))  # stray
+    return stream
+
+
+@pytest.mark.parametrize("name", ["dectris-v1", "dectris-v2"])
+def test_the_compiled_lane_gives_what_the_decoder_gives(sim, name):
+    """Images read by the compiled lane (`stream.fast_lane`), in one process and in a worker:
+    the same result as the decoder alone, with the messages the lane cannot take
+    (`with_faults`) handed to the decoder and counted as it counts them."""
+    stream = with_faults(name, messages(sim, name))
+    one = receive(Engine, name, stream, lane=False)  # the decoder only
     assert one.counters.lane == 0 and one.counters.rejected
     for engine_of in (Engine, workers(1)):  # the lane in one process, in a worker
         for lane in (False, True):
-            eng = receive(engine_of, "dectris-v1", stream, pace_s=0.0005, lane=lane)
+            eng = receive(engine_of, name, stream, pace_s=0.0005, lane=lane)
             assert_same(eng.last_result, one.last_result)
             assert eng.counters.rejected == one.counters.rejected
             read = (eng.counters.lane if engine_of is Engine
