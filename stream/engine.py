@@ -25,7 +25,6 @@ from tcbf_live.detectors.base import (
     Event,
     FrameBatch,
     SeriesEnd,
-    SeriesInfo,
     SeriesStart,
 )
 from tcbf_live.detectors.registry import protocol
@@ -70,8 +69,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
         self.receiver = self._receiver()  # bound/connected now (raw TCP: in the thread)
-        if isinstance(self.receiver, Receiver) and settings.compiled_lane and on_frames is None:
-            self.receiver.use_lane(self._lane_series, self._lock)
+        if (isinstance(self.receiver, Receiver) and settings.compiled_lane and on_frames is None
+                and settings.processing.repeat_scans != "new-series"):  # fmt: skip
+            self.receiver.use_lane(lambda info: self.table.open.get(info.series_id), self._lock)
 
     def _receiver(self) -> Receiver:
         """Where events come from: the detector link (a coordinator: its workers)."""
@@ -116,17 +116,18 @@ class Engine:
 
     # ------------------------------------------------------------------ alignment thread
     def _align_loop(self) -> None:
-        """Re-align on a timer while frames arrive, at a lower priority than ingest; never
-        holds the ingest lock for longer than copying the per-position maps."""
+        """Re-align while frames arrive (lower priority than ingest; a slow update waits as long
+        as it took); holds the ingest lock only to copy the per-position maps."""
         lower_thread_priority()
-        last: tuple[int, int] = (-1, -1)
-        while not self._stop.wait(self.settings.align_interval_s):
+        last, wait_s = (-1, -1), self.settings.align_interval_s
+        while not self._stop.wait(wait_s):
             with self._lock:
                 proc = self._current
                 if proc is None or not proc.solvable or proc.progress() == last:
                     continue  # nothing to align, or no new row since the last update
                 last = proc.progress()
                 inputs = proc.inputs()  # merge: copies of the state, under the ingest lock
+            t0 = time.monotonic()
             try:
                 with self._align_lock:
                     out = proc.solve(inputs)  # solve: without the ingest lock
@@ -134,6 +135,10 @@ class Engine:
                     log.debug("%s (%d frames)", out.summary(), out.frames)
             except Exception:  # an alignment failure must not stop the engine
                 log.exception("alignment update failed")
+            took_s = time.monotonic() - t0
+            if took_s > self.settings.align_interval_s >= wait_s:  # says so when it slows
+                log.info("an alignment update took %.1f s: the next waits as long", took_s)
+            wait_s = max(self.settings.align_interval_s, took_s)
 
     # ------------------------------------------------------------------ ingest thread
     def _run(self) -> None:
@@ -233,11 +238,6 @@ class Engine:
             self._finish(sid, complete=True)
         elif sid not in self.table.ended:  # ended ones: e.g. all frames came before the end
             self._reject("wrong_series", f"end of series {sid}, which is not open")
-
-    def _lane_series(self, info: SeriesInfo) -> SeriesProcessor | None:
-        """The open series the compiled lane may fold into (`stream.lane_reader`)."""
-        new_series = self.settings.processing.repeat_scans == "new-series"  # split by index
-        return None if new_series else self.table.open.get(info.series_id)
 
     def _on_lane(self, event: LaneFolded) -> None:
         """Frames the compiled lane folded into an open series (under the ingest lock)."""
