@@ -234,6 +234,9 @@ def stop_on_signals(engine: Engine, headless: bool) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+GIL_SWITCH_S = 0.0005
+
+
 def series_refused(engine: Engine) -> int:
     """Series the engine refused (unusable metadata, over the memory budget, failed)."""
     return sum(engine.tally.refused.values())
@@ -246,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
     recorder = Recorder(RecordSettings(Path(args.record), args.overwrite)) if args.record else None
     plan = worker_plan(args, settings)
+    # ingest returns from the compiled lane (no GIL) to Python often; waiting up to the default
+    # 5 ms for the GIL held by the alignment thread cost V2 a third of its rate (52,000 ->
+    # 83,000 frames/s in one process at 0.5 ms, docs/engine.md): this process, not the library
+    sys.setswitchinterval(GIL_SWITCH_S)
     if plan is not None:
         engine = start_coordinator(settings, plan, files)
     else:
@@ -301,6 +308,9 @@ def run(args: argparse.Namespace) -> int:
     if engine.counters.rejected:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(engine.counters.rejected.items()))
         sys.stderr.write(f"rejected messages: {reasons}\n")
+    if engine.counters.lane:  # in this process (workers say theirs in their lines)
+        sys.stderr.write(f"compiled lane: {engine.counters.lane} of "
+                         f"{engine.counters.messages} messages\n")  # fmt: skip
     for error in files.errors:
         sys.stderr.write(f"tcbf-live run: error: {error}\n")
     for error in files.internal:
