@@ -177,6 +177,11 @@ class DectrisV1Decoder(CollectsErrors):
             return None
         return series
 
+    @property
+    def header_open(self) -> bool:
+        """A header part is announced and not here yet (the config after dheader, a blob)."""
+        return self._state in ("config", "header_blob")
+
     def lane(self) -> tuple[SeriesInfo, tuple] | None:
         """The series, and the templates of its image parts, whose bslz4 image messages a
         compiled ingest loop may read now (`stream.fast_lane`), reporting them with

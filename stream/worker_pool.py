@@ -14,7 +14,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -40,6 +40,7 @@ from tcbf_live.stream.worker_link import (
     unpack,
 )
 from tcbf_live.stream.worker_process import spawned
+from tcbf_live.stream.worker_series import Peer
 
 if TYPE_CHECKING:
     from tcbf_live.stream.coordinator import Coordinator, WorkerPlan
@@ -48,23 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SETTLE_S = 0.01  # control messages are ordered once none arrived for this long
+HEADER_WAIT_S = 1.0  # a relay waits at most this long for the rest of a header
 DEDUP_S = 2.0  # PUB: the same control message from several workers within this is one
-
-
-@dataclass
-class _Peer:
-    index: int
-    name: str
-    last_seen: float
-    messages: int = 0
-    rejected: dict = field(default_factory=dict)
-    frames: int = 0
-    lane: int = 0  # image messages its compiled lane read
-    held: int = 0  # bytes of frame messages it holds for a series not known or calibrated
-    gone: str | None = None  # "died" / "stalled"
-    cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
-    peak_rss_mb: float = 0.0
-    flushed: bool = False
 
 
 @dataclass
@@ -89,10 +75,12 @@ class WorkerPool(Calibrating):
         self.link.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = self.link.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.decoder = self.wire.decoder(DecoderOptions(channel=settings.channel))
-        self.peers: dict[bytes, _Peer] = {}
+        self.peers: dict[bytes, Peer] = {}
         self.processes: dict[bytes, mp.Process] = {}
         self.window: list[tuple[int, float, list, bool, bool]] = []  # ts, t, parts, relay, first
         self.last_ctl = 0.0
+        self.unrelayed: list = []  # decoded control messages not relayed yet (`relay`)
+        self.unrelayed_since = 0.0
         self.candidates: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (id, run)
         self.first_candidate: dict[tuple[int, int], float] = {}
         self.ends: dict[tuple[int, int], _End] = {}  # the pending ends, by (id, run)
@@ -141,7 +129,7 @@ class WorkerPool(Calibrating):
             sync_interval_s=self.plan.sync_interval_s, backlog_bytes=self.plan.backlog_bytes,
             processing=settings_to_dict(s.processing), lane=s.compiled_lane,
         )  # fmt: skip
-        self.peers[ident] = _Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
+        self.peers[ident] = Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip
         self.tell(ident, pack("welcome", {"config": config.to_json()}))
         log.info("worker %d joined (%s)", n, self.peers[ident].name)
@@ -262,33 +250,17 @@ class WorkerPool(Calibrating):
                     end.waiting.discard(ident)
         elif kind == "refused":
             self.engine.refuse_series(int(head["sid"]), str(head.get("why", "")))
-        elif kind == "beat":
-            self.beat(peer, head)
+        elif kind == "beat" and peer.read_beat(head, self.engine.counters):
+            self.idle_since = time.monotonic()
         elif kind == "flushed":
             peer.flushed = True
-
-    def beat(self, peer: _Peer, head: dict) -> None:
-        """Add what a worker's counters grew by since its last report."""
-        c = self.engine.counters
-        messages = int(head.get("messages", 0))
-        if messages > peer.messages:
-            self.idle_since = time.monotonic()
-        c.messages += messages - peer.messages
-        rejected = {str(k): int(v) for k, v in dict(head.get("rejected", {})).items()}
-        c.rejected.update(Counter({k: v - peer.rejected.get(k, 0) for k, v in rejected.items()
-                                   if v > peer.rejected.get(k, 0)}))  # fmt: skip
-        peer.messages, peer.rejected = messages, rejected
-        peer.frames = int(head.get("frames", peer.frames))
-        peer.lane = int(head.get("lane", peer.lane))
-        peer.held = int(head.get("held", 0))
-        peer.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
-        peer.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
 
     # ------------------------------------------------------------------ control messages
     def settled(self, now: float) -> None:
         """Decode the control window once it has been quiet for SETTLE_S and relay it to every
         worker as one message (its parts stay together: a V1 header's parts are decoded
         before any frame a worker holds is tried again)."""
+        self.relay(now)
         if not self.window or now - self.last_ctl < SETTLE_S:
             return
         window, self.window = sorted(self.window, key=lambda w: w[0]), []
@@ -302,9 +274,10 @@ class WorkerPool(Calibrating):
                 events.append((e, first))
             if relay:
                 relayed.append(raw)
-        if relayed:
-            sizes = [len(raw) for raw in relayed]
-            self.tell_all(pack("ctl", {"sizes": sizes}, raw=[p for raw in relayed for p in raw]))
+        if relayed and not self.unrelayed:
+            self.unrelayed_since = now
+        self.unrelayed += relayed
+        self.relay(now)
         for e, first in events:  # in order: a start waits behind an earlier end
             if isinstance(e, SeriesStart):  # its run of the id, counted as workers count
                 sid = e.info.series_id
@@ -316,6 +289,18 @@ class WorkerPool(Calibrating):
                 end = _End(e, self.live(), now + self.plan.end_wait_s, gen)
                 self.ends[e.series_id, gen] = end
                 self.queue.append((e, end))
+
+    def relay(self, now: float) -> None:
+        """Relay the decoded control messages to every worker as one message, never in the
+        middle of a header: a V1 `dheader` whose config part (or a header blob) is still on
+        its way waits for it (at most HEADER_WAIT_S), so a worker never decodes a frame
+        between two parts of one header (its decoder would take the frame for the part)."""
+        if not self.unrelayed or (getattr(self.decoder, "header_open", False)
+                                  and now - self.unrelayed_since < HEADER_WAIT_S):  # fmt: skip
+            return
+        relayed, self.unrelayed = self.unrelayed, []
+        sizes = [len(raw) for raw in relayed]
+        self.tell_all(pack("ctl", {"sizes": sizes}, raw=[p for raw in relayed for p in raw]))
 
     def due(self, now: float) -> Iterator[list[Event]]:
         """The queued starts and ends, in order, each once it is due (an end: every live

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -28,6 +29,42 @@ class WorkerSeries:
         self.offered = 0  # frames sent to the coordinator to calibrate on
         self.frames = 0  # frames received
         self.ending = False  # ended before its calibration came
+
+
+@dataclass
+class Peer:
+    """A worker as the coordinator knows it: its last beat, its state."""
+
+    index: int
+    name: str
+    last_seen: float
+    messages: int = 0
+    rejected: dict = field(default_factory=dict)
+    frames: int = 0
+    lane: int = 0  # image messages its compiled lane read
+    held: int = 0  # bytes of frame messages it holds for a series not known or calibrated
+    gone: str | None = None  # "died" / "stalled"
+    cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
+    peak_rss_mb: float = 0.0
+    flushed: bool = False
+
+    def read_beat(self, head: dict, counters: StreamCounters) -> bool:
+        """Add what the worker's counters grew by since its last beat to `counters`; True when
+        it received messages since then."""
+        messages = int(head.get("messages", 0))
+        grew = messages > self.messages
+        counters.messages += messages - self.messages
+        rejected = {str(k): int(v) for k, v in dict(head.get("rejected", {})).items()}
+        before = self.rejected
+        counters.rejected.update(Counter({k: v - before.get(k, 0) for k, v in rejected.items()
+                                          if v > before.get(k, 0)}))  # fmt: skip
+        self.messages, self.rejected = messages, rejected
+        self.frames = int(head.get("frames", self.frames))
+        self.lane = int(head.get("lane", self.lane))
+        self.held = int(head.get("held", 0))
+        self.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
+        self.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
+        return grew
 
 
 class Backlog:

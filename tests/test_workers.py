@@ -397,3 +397,26 @@ def test_auto_uses_workers_only_where_they_beat_one_process(monkeypatch, cores, 
     args = argparse.Namespace(workers="auto", record=None, repeat="accumulate")
     sub = SubscriberSettings(endpoint="tcp://127.0.0.1:9999", socket_type=socket_type)
     assert worker_count(args, EngineSettings(subscriber=sub, protocol="dectris-v1")) == expect
+
+
+def test_a_header_is_relayed_whole(sim):
+    """A V1 dheader whose config part is still on its way (it reached another worker, which
+    forwarded it later) is not relayed alone: a worker would decode a frame between the two
+    parts, take it for the config and never start the series (seen with two workers on a busy
+    2-core machine). After HEADER_WAIT_S it goes anyway."""
+    from tcbf_live.detectors.registry import DecoderOptions
+    from tcbf_live.stream import worker_pool
+
+    head = list(protocol("dectris-v1").encoder.start(sim.series_info(5)))
+    assert [len(m) for m in head[:2]] == [1, len(head[1])] and len(head) == 2
+    for waited_s, expect in ((0.5, [[1, len(head[1])]]), (worker_pool.HEADER_WAIT_S + 0.1,
+                                                          [[1], [len(head[1])]])):  # fmt: skip
+        pool = worker_pool.WorkerPool.__new__(worker_pool.WorkerPool)
+        pool.decoder = protocol("dectris-v1").decoder(DecoderOptions())
+        pool.unrelayed, pool.unrelayed_since, sent = [], 0.0, []
+        pool.tell_all = lambda parts, sent=sent: sent.append(unpack(parts)[1]["sizes"])
+        for k, message in enumerate(head):
+            pool.decoder.decode(message)
+            pool.unrelayed.append(message)
+            pool.relay(waited_s if k == 0 else waited_s + 0.01)
+        assert sent == expect

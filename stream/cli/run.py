@@ -234,6 +234,9 @@ def stop_on_signals(engine: Engine, headless: bool) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+# ingest returns from the compiled lane (no GIL) to Python often; waiting up to the default
+# 5 ms for the GIL held by the alignment thread cost V2 a third of its rate (52,000 -> 83,000
+# frames/s in one process at 0.5 ms, docs/engine.md): set for this process, not by the library
 GIL_SWITCH_S = 0.0005
 
 
@@ -249,9 +252,6 @@ def run(args: argparse.Namespace) -> int:
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
     recorder = Recorder(RecordSettings(Path(args.record), args.overwrite)) if args.record else None
     plan = worker_plan(args, settings)
-    # ingest returns from the compiled lane (no GIL) to Python often; waiting up to the default
-    # 5 ms for the GIL held by the alignment thread cost V2 a third of its rate (52,000 ->
-    # 83,000 frames/s in one process at 0.5 ms, docs/engine.md): this process, not the library
     sys.setswitchinterval(GIL_SWITCH_S)
     if plan is not None:
         engine = start_coordinator(settings, plan, files)
