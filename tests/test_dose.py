@@ -97,6 +97,18 @@ def test_frc_crossing_and_half_bit():
     assert half_bit_threshold(np.array([10.0]))[0] > 0.5
 
 
+def test_an_frc_below_threshold_from_the_lowest_rings_gives_no_resolution():
+    """The crossing lies among the skipped lowest rings: no resolution (NaN), never a number
+    extrapolated from two rings that are both below it (this gave "resolution -119 A")."""
+    from tcbf_live.stream.tcbf.dose import FRC
+
+    q = np.arange(1, 11) / 20.0
+    for low in ([0.9, 0.134, 0.133, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0, 0.0],  # once -119 A
+                [0.9, 0.12, 0.08, 0.05, 0.05, 0.02, 0.0, 0.0, 0.0, 0.0]):  # fmt: skip
+        d, limited = FRC(q, np.array(low), np.full(10, 1e6)).resolution_A()
+        assert np.isnan(d) and not limited
+
+
 def test_dose_projection_from_a_power_law():
     doses = np.array([10.0, 30.0, 100.0, 300.0])
     history = np.column_stack([doses, 50.0 * doses**-0.5])
@@ -140,7 +152,9 @@ def test_frc_of_pure_noise_halves_through_the_pipeline(high_dose):
     assert judged.sum() >= 0.5 * len(judged)
     assert np.all(np.abs(r.frc.frc[judged]) < FRC_THRESHOLD), r.frc.frc
     assert np.all(r.frc.frc[1:] < half_bit_threshold(r.frc.n_pixels[1:]))
-    assert r.resolution_A > 2 * full.resolution_A  # nothing to resolve: a coarse "resolution"
+    # nothing to resolve: not determined (below the threshold from the lowest rings on), or a
+    # coarse crossing among the lowest rings (few pixels), never a fine one
+    assert r.resolution_A is None or r.resolution_A > 2 * full.resolution_A
 
 
 def test_trust_switches_on_coarse_levels_first():

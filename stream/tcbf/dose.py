@@ -58,7 +58,9 @@ class FRC:
         ring below it whose next ring is below it too, so a single-ring dip at a zero of the
         contrast transfer (sin chi = 0) does not end the count (linear interpolation between
         rings, lowest rings skipped). If it never drops, d is the highest frequency measured
-        and `limited` is True (the sampling, not the data, limits)."""
+        and `limited` is True (the sampling, not the data, limits). If it is already below at
+        the lowest ring examined, the crossing lies among the skipped rings and d is NaN: not
+        determined (interpolating there extrapolated to meaningless, even negative, d)."""
         t = (np.full_like(self.frc, FRC_THRESHOLD) if threshold == "0.143"
              else half_bit_threshold(self.n_pixels))  # fmt: skip
         low = self.frc < t
@@ -71,7 +73,9 @@ class FRC:
         if i == 0:
             return 1.0 / float(self.q_per_A[0]), False
         f0, f1 = self.frc[i - 1] - t[i - 1], self.frc[i] - t[i]
-        x = f0 / (f0 - f1) if f0 != f1 else 0.0
+        if f0 <= 0:  # no crossing between ring i - 1 and ring i
+            return math.nan, False
+        x = f0 / (f0 - f1)
         q = self.q_per_A[i - 1] + x * (self.q_per_A[i] - self.q_per_A[i - 1])
         return 1.0 / float(q), False
 

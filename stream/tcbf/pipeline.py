@@ -273,6 +273,7 @@ class Pipeline:
         half_bit, _ = frc.resolution_A("half-bit")
         if sampling is None:  # no step: the curve is in 1/px, a resolution in A is unknown
             res = half_bit = None
+        res, half_bit = (None if d is None or math.isnan(d) else d for d in (res, half_bit))
         if res is not None and not limited and math.isfinite(dose):
             self.resolution_history.append((dose, res))
         history = np.array(self.resolution_history, float).reshape(-1, 2)

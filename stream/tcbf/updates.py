@@ -111,8 +111,10 @@ class PipelineResult:
         summary lines and the viewer's dose panel ('better than' when the sampling, not the
         data, limits it); `angstrom` is the unit's symbol (the viewer's is 'Å')."""
         bound = "better than " if self.resolution_limited else ""
+        h = self.resolution_half_bit_A
+        half_bit = "not determined" if h is None else f"{h:.3g} {angstrom}"
         return (f"resolution {bound}{self.resolution_A:.3g} {angstrom} (FRC 0.143), "
-                f"{self.resolution_half_bit_A:.3g} {angstrom} (half-bit)")  # fmt: skip
+                f"{half_bit} (half-bit)")  # fmt: skip
 
     def summary(self) -> str:
         ab = self.aberrations
