@@ -196,3 +196,11 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
         align["tiles"].attrs["bin_px"] = it.bin_px
     if tcbf.aberrations is not None:
         write_attrs(f.create_group("aberrations"), fields_of(tcbf.aberrations, ABERRATIONS))
+    d = tcbf.depth
+    if d is not None:  # refocused sections (`tcbf.depth`), one image per offset
+        g.create_dataset("depth_sections", data=d.images, chunks=(1, *d.images.shape[1:]))
+        write_attrs(g["depth_sections"], sampling | {
+            "offsets_A": d.offsets_A, "sharpness": d.sharpness, "phase_flipped": d.phase_flipped,
+            "depth_of_field_A": d.depth_of_field_A, "sharpest_offset_A": d.sharpest_offset_A,
+            "offset_convention": "change of defocus from the fitted one (C10 - offset)",
+        })  # fmt: skip

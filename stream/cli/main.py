@@ -40,9 +40,24 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+NEGATIVE_VALUES = ("--depth-sections",)  # flags whose value may start with '-': -200:200:50
+
+
+def joined_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--depth-sections -200:200:50` as `--depth-sections=-200:200:50` (argparse would read
+    the value as an unknown flag)."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] in NEGATIVE_VALUES and a.startswith("-"):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

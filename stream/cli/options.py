@@ -12,6 +12,7 @@ from tcbf_live.stream.cli.common import UsageError, parse_finite, parse_pair
 from tcbf_live.stream.series import ProcessingSettings
 from tcbf_live.stream.tcbf.alignment import DEFAULT_MIN_TILE_ELECTRONS, AlignmentSettings
 from tcbf_live.stream.tcbf.calibration import Calibration, CalibrationError
+from tcbf_live.stream.tcbf.depth import parse_offsets
 from tcbf_live.stream.tcbf.optics import wavelength_A
 from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.tcbf.reconstruction import default_upsampling
@@ -81,9 +82,21 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--target-resolution", type=parse_finite, metavar="A",
                    help="report the dose projected to reach this resolution (an estimate from "
                    "the resolution-versus-dose history)")  # fmt: skip
+    a.add_argument("--depth-sections", type=parse_depth_offsets, metavar="START:STOP:STEP",
+                   help="also refocus the final image by these changes of defocus (A; or a "
+                   "list A,B,..), each with a sharpness figure: /tcbf/depth_sections")  # fmt: skip
+    a.add_argument("--depth-live", action="store_true",
+                   help="compute the depth sections at every live update too (slower updates)")
     a.add_argument("--defocus-sign", type=parse_defocus_sign, metavar="+1|-1",
                    help="known sign of the defocus (+1: C10 < 0); resolves the 180 deg "
                    "ambiguity (default: rotation folded into (-90, 90] deg)")  # fmt: skip
+
+
+def parse_depth_offsets(text: str) -> tuple[float, ...]:
+    try:
+        return parse_offsets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -224,6 +237,8 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
             upsample=args.upsample,
             phase_flip=not args.no_phase_flip,
             target_resolution_A=args.target_resolution,
+            depth_offsets_A=args.depth_sections or (),
+            depth_live=args.depth_live,
         ),
     )
 

@@ -22,6 +22,7 @@ from tcbf_live.stream.tcbf.alignment import (
     align,
 )
 from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
+from tcbf_live.stream.tcbf.depth import DepthSections, depth_sections
 from tcbf_live.stream.tcbf.dose import (
     FRC,
     LevelTrust,
@@ -180,6 +181,7 @@ class Pipeline:
         aberrations = self.aberrations(aligned.result)
         image = self.image(inputs, aligned.shifts_px, aberrations, final)
         res = self.resolution(image, dose)
+        depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
         self.last = PipelineResult(
             image=image.image, shift_and_add=image.shift_and_add,
             phase_flipped=image.phase_flipped, upsampling_factor=self.upsampling,
@@ -192,9 +194,23 @@ class Pipeline:
             target_resolution_A=self.settings.target_resolution_A,
             dose_for_target_e_per_A2=res.dose_for_target, trust=self.last_trust,
             alignment_s=aligned.seconds, screen=screen, slips=aligned.slips,
-            pixels_excluded=int(self.bad_px.sum()),
+            pixels_excluded=int(self.bad_px.sum()), depth=depth,
         )  # fmt: skip
         return self.last
+
+    def depth(self, inputs: AlignmentInputs, shifts_px: np.ndarray,
+              aberrations: AberrationFit | None, final: bool) -> DepthSections | None:  # fmt: skip
+        """Step 5 (when asked): sections refocused to `depth_offsets_A` (`depth.py`); they need
+        the fitted aberrations, the wavelength and the semi-angle."""
+        s, acq = self.settings, self.acquisition
+        if not s.depth_offsets_A or not (final or s.depth_live) or aberrations is None \
+                or not (self.wavelength_A and acq.semiangle_mrad):  # fmt: skip
+            return None
+        alpha_rad = self.k_px * self.sampling_mrad * 1e-3
+        return depth_sections(inputs.stack, self.exposure(inputs), self.scan_shape,
+                              self.upsampling, shifts_px, alpha_rad, aberrations, acq.step_A,
+                              self.wavelength_A, acq.semiangle_mrad, s.depth_offsets_A,
+                              self.shift_and_add.half, self.bad_px, s.phase_flip)  # fmt: skip
 
     # ------------------------------------------------------------------ the four steps
     def align(self, inputs: AlignmentInputs, dose: float, final: bool) -> _Aligned | None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from tcbf_live.stream.tcbf.aberrations import AberrationFit
 from tcbf_live.stream.tcbf.alignment import AlignmentResult, AlignmentSettings
+from tcbf_live.stream.tcbf.depth import DepthSections
 from tcbf_live.stream.tcbf.dose import FRC, LevelTrust
 from tcbf_live.stream.tcbf.screening import FrameScreen
 
@@ -44,6 +45,10 @@ class PipelineSettings:
     target_resolution_A: float | None = None  # report the dose projected to reach it
     rebuild_tolerance_px: float = 0.1  # shift change (upsampled px) that forces a rebuild
     ring_images: bool = False  # also keep annular vBF images (the viewer's axial-radius slider)
+    # depth sections (`depth`) at these changes of defocus (A), at the final update (and at
+    # every live one with `depth_live`); () for none
+    depth_offsets_A: tuple[float, ...] = ()
+    depth_live: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class PipelineResult:
     screen: FrameScreen | None = None  # dose model and excluded frames this update used
     pixels_excluded: int = 0  # BF pixels that turned hot or dead during the scan, left out
     slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
+    depth: DepthSections | None = None  # refocused sections (PipelineSettings.depth_offsets_A)
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -130,4 +136,8 @@ class PipelineResult:
         if self.dose_for_target_e_per_A2 is not None:
             res += (f"; {self.target_resolution_A:g} A needs ~{self.dose_for_target_e_per_A2:.3g}"
                     " e/A^2 (estimate)")  # fmt: skip
-        return f"tcBF: bins {levels}; {fit}{res}; update {self.latency_s * 1e3:.0f} ms"
+        d = self.depth
+        depth = ("" if d is None else f"; depth sections {d.offsets_A[0]:+.4g}.."
+                 f"{d.offsets_A[-1]:+.4g} A: sharpest at {d.sharpest_offset_A:+.4g} A (depth of "
+                 f"field {d.depth_of_field_A:.3g} A)")  # fmt: skip
+        return f"tcBF: bins {levels}; {fit}{res}{depth}; update {self.latency_s * 1e3:.0f} ms"
