@@ -6,6 +6,7 @@ every result is compared with the same frames processed offline."""
 
 import socket
 import threading
+import time
 from dataclasses import replace
 
 import msgpack
@@ -578,3 +579,36 @@ def test_a_run_that_took_its_last_pass_opens_no_stub_of_the_next():
                 + [FrameBatch(5, n + i, frames[i : i + 8]) for i in range(0, 16, 8)])  # fmt: skip
     eng.close_series()
     assert [(r.frames_received, r.complete) for r in results] == [(n, True)]
+
+
+def test_a_slow_alignment_update_waits_as_long_before_the_next(endpoint, caplog):
+    """An update that takes longer than --align-interval is followed by as long a rest, so live
+    alignment takes at most about half a core (docs/engine.md), and the log says so once."""
+
+    class SlowSeries:  # what the alignment thread reads of the current series
+        solvable, rows = True, 0
+
+        def progress(self):
+            self.rows += 1  # a new row every time: every wake-up aligns
+            return self.rows, 0
+
+        def inputs(self):
+            return None
+
+        def solve(self, inputs):
+            solves.append(time.monotonic())
+            time.sleep(0.3)
+
+    solves: list[float] = []
+    eng, _ = idle_engine(endpoint, align_interval_s=0.05)
+    eng._current = SlowSeries()
+    aligner = threading.Thread(target=eng._align_loop, daemon=True)
+    with caplog.at_level("INFO", logger="tcbf_live.stream.engine"):
+        aligner.start()
+        time.sleep(1.5)
+        eng.stop()
+        aligner.join(2.0)
+    eng.receiver.close()
+    gaps = np.diff(solves)  # without the rest: 0.35 s apart; with it: >= 0.6 s
+    assert len(gaps) >= 1 and gaps.min() >= 0.55, gaps
+    assert sum("the next waits as long" in r.message for r in caplog.records) == 1
