@@ -60,12 +60,12 @@ class LaneReader:
         self.lane, self.decoder = lane, decoder
         self._scratch: np.ndarray | None = None
 
-    def target(self, proc: SeriesProcessor, info: SeriesInfo) -> LaneTarget:
+    def target(self, proc: SeriesProcessor, info: SeriesInfo, templates: tuple) -> LaneTarget:
         dtype, pixels = np.dtype(info.dtype), math.prod(info.detector_shape)
         if self._scratch is None or self._scratch.dtype != dtype or self._scratch.size != pixels:
             self._scratch = np.empty(pixels, dtype)
         limit = MAX_FRAME_ID + 1 if info.frames_expected is None else info.frames_expected
-        templates, staging = self.decoder.lane()[1], proc.staging
+        staging = proc.staging
         return LaneTarget(templates, limit, staging.index_offset, dtype.itemsize,
                           self._scratch, staging.acc.kernel_args())  # fmt: skip
 
@@ -75,13 +75,12 @@ class LaneReader:
         series (a calibrated one of the same geometry, or None: nothing is read). The messages
         folded and one released unread are counted in `counters`; the caller counts the one
         handed back (`parts`) as it counts what it receives."""
-        got = self.decoder.lane()
-        proc = None if got is None else lookup(got[0])
-        info = None if got is None else got[0]
+        info, templates = self.decoder.lane() or (None, None)
+        proc = None if info is None else lookup(info)
         if proc is None or proc.staging is None or proc.info.detector_shape != \
                 info.detector_shape or proc.info.dtype != info.dtype:  # fmt: skip
             return LaneTake(None, 0, [], None)
-        n, last_frame, parts, oversized = self.lane.drain(self.target(proc, info),
+        n, last_frame, parts, oversized = self.lane.drain(self.target(proc, info, templates),
                                                           MAX_LANE_MESSAGES, max_bytes)  # fmt: skip
         if n:
             self.decoder.lane_consumed(n, last_frame)
