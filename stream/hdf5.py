@@ -21,6 +21,7 @@ import numpy as np
 from tcbf_live import __version__
 from tcbf_live.stream.outputs import atomic_output
 from tcbf_live.stream.result import POSITION_MAPS, SeriesResult
+from tcbf_live.stream.tcbf import descan
 
 SOFTWARE = "tcbf-live"
 
@@ -196,6 +197,15 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
         align["tiles"].attrs["bin_px"] = it.bin_px
     if tcbf.aberrations is not None:
         write_attrs(f.create_group("aberrations"), fields_of(tcbf.aberrations, ABERRATIONS))
+    s = tcbf.descan
+    if s is not None:  # the BF disk's drift (`tcbf.descan`); per position and the model
+        f.create_group("descan")["centre_px"] = s.centres_px
+        write_attrs(f["descan"], {
+            "model": ("constant", "plane", "quadratic")[s.order], "terms": descan.TERMS[
+                : len(s.coefficients_px)], "coefficients_px": s.coefficients_px,
+            "errors_px": s.errors_px, "per_step_px": s.per_step_px, "residual_px": s.residual_px,
+            "drift_px": s.drift_px(), "moment_gain": s.gain,
+        })  # fmt: skip
     d = tcbf.depth
     if d is not None:  # refocused sections (`tcbf.depth`), one image per offset
         g.create_dataset("depth_sections", data=d.images, chunks=(1, *d.images.shape[1:]))

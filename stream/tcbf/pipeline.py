@@ -23,6 +23,7 @@ from tcbf_live.stream.tcbf.alignment import (
 )
 from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
 from tcbf_live.stream.tcbf.depth import DepthSections, depth_sections
+from tcbf_live.stream.tcbf.descan import DescanFit, disk_moments, fit_descan, moment_gain
 from tcbf_live.stream.tcbf.dose import (
     FRC,
     LevelTrust,
@@ -118,6 +119,7 @@ class Pipeline:
         self.bad_px = np.zeros(len(self.k_px), bool)  # BF pixels that turned hot or dead
         self.radius_px = float(np.hypot(*self.k_px.T).max())
         mp = calibration.mean_pattern
+        self.descan_gain = moment_gain(mp, calibration.bf_pixels, calibration.center_px)
         weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
         self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
         # angular sampling: the stream's / the flags', else the calibration's, else semiangle
@@ -182,6 +184,7 @@ class Pipeline:
         image = self.image(inputs, aligned.shifts_px, aberrations, final)
         res = self.resolution(image, dose)
         depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
+        descan = self.descan(inputs) if final else None
         self.last = PipelineResult(
             image=image.image, shift_and_add=image.shift_and_add,
             phase_flipped=image.phase_flipped, upsampling_factor=self.upsampling,
@@ -194,9 +197,14 @@ class Pipeline:
             target_resolution_A=self.settings.target_resolution_A,
             dose_for_target_e_per_A2=res.dose_for_target, trust=self.last_trust,
             alignment_s=aligned.seconds, screen=screen, slips=aligned.slips,
-            pixels_excluded=int(self.bad_px.sum()), depth=depth,
+            pixels_excluded=int(self.bad_px.sum()), depth=depth, descan=descan,
         )  # fmt: skip
         return self.last
+
+    def descan(self, inputs: AlignmentInputs) -> DescanFit | None:
+        """The BF disk's drift over the scan (`descan.py`), from the stack's first moments."""
+        moments = disk_moments(inputs.stack, self.k_px, self.exposure(inputs))
+        return fit_descan(moments, self.scan_shape, self.descan_gain)
 
     def depth(self, inputs: AlignmentInputs, shifts_px: np.ndarray,
               aberrations: AberrationFit | None, final: bool) -> DepthSections | None:  # fmt: skip

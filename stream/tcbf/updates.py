@@ -13,6 +13,7 @@ import numpy as np
 from tcbf_live.stream.tcbf.aberrations import AberrationFit
 from tcbf_live.stream.tcbf.alignment import AlignmentResult, AlignmentSettings
 from tcbf_live.stream.tcbf.depth import DepthSections
+from tcbf_live.stream.tcbf.descan import DescanFit
 from tcbf_live.stream.tcbf.dose import FRC, LevelTrust
 from tcbf_live.stream.tcbf.screening import FrameScreen
 
@@ -107,6 +108,7 @@ class PipelineResult:
     pixels_excluded: int = 0  # BF pixels that turned hot or dead during the scan, left out
     slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
     depth: DepthSections | None = None  # refocused sections (PipelineSettings.depth_offsets_A)
+    descan: DescanFit | None = None  # the BF disk's drift over the scan (final update)
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -140,4 +142,8 @@ class PipelineResult:
         depth = ("" if d is None else f"; depth sections {d.offsets_A[0]:+.4g}.."
                  f"{d.offsets_A[-1]:+.4g} A: sharpest at {d.sharpest_offset_A:+.4g} A (depth of "
                  f"field {d.depth_of_field_A:.3g} A)")  # fmt: skip
-        return f"tcBF: bins {levels}; {fit}{res}{depth}; update {self.latency_s * 1e3:.0f} ms"
+        s = self.descan
+        descan = ("" if s is None else f"; descan {('constant', 'plane', 'quadratic')[s.order]}, "
+                  f"drift {s.drift_px():.2g} px")  # fmt: skip
+        return (f"tcBF: bins {levels}; {fit}{res}{depth}{descan}; update "
+                f"{self.latency_s * 1e3:.0f} ms")  # fmt: skip
