@@ -32,6 +32,26 @@ def test_a_linear_descan_is_measured(d):
     assert fit.drift_px() == pytest.approx(true_drift, rel=0.15)
 
 
+def test_reconstruct_writes_the_descan(tmp_path, capsys):
+    import h5py
+
+    from tcbf_live.detectors.files import write_dataset
+    from tcbf_live.stream.cli.main import main
+
+    d = (0.02, 0.0, 0.0, 0.015)
+    sim = Simulator(tutorial_config(dose_e_per_A2=1000.0, descan_px_per_step=d))
+    cfg, data, out = sim.cfg, tmp_path / "d.npy", tmp_path / "r.h5"
+    write_dataset(str(data), cfg.scan_shape, cfg.detector_shape, cfg.dtype, sim.ground_truth(),
+                  iter([(0, sim.frames(0, sim.n_frames))]))  # fmt: skip
+    assert main(["reconstruct", str(data), "--output", str(out)]) == 0
+    assert "descan plane, drift" in capsys.readouterr().err
+    with h5py.File(out) as f:
+        g = f["descan"]
+        assert g.attrs["model"] == "plane" and g.attrs["terms"] == "1, row, col"
+        assert g["centre_px"].shape == (*cfg.scan_shape, 2)
+        np.testing.assert_allclose(g.attrs["per_step_px"], np.reshape(d, (2, 2)), atol=0.003)
+
+
 def test_no_descan_is_a_constant():
     fit = solved((0.0, 0.0, 0.0, 0.0)).descan
     assert fit.order == 0 and fit.drift_px() == 0.0
