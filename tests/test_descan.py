@@ -70,3 +70,23 @@ def test_the_moment_gain_of_a_uniform_disk_is_one_half():
 def test_too_few_positions_or_no_gain_give_no_model():
     assert descan.fit_descan(np.zeros((8, 2)), (2, 4), 0.5) is None
     assert descan.fit_descan(np.zeros((100, 2)), (10, 10), 0.0) is None
+
+
+def test_live_updates_measure_it_incrementally():
+    """Live: measured on the positions so far; the moments of a position are taken once and
+    again only when its frames or exposure change, and the end equals a fresh computation."""
+    d = (0.02, 0.0, 0.0, 0.015)
+    sim = Simulator(tutorial_config(dose_e_per_A2=1000.0, descan_px_per_step=d))
+    frames = sim.frames(0, sim.n_frames)
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    half = len(frames) // 2
+    proc.add(FrameBatch(1, 0, frames[:half]))
+    live = proc.solve()
+    assert live.descan is not None and live.descan.order >= 1
+    assert np.isnan(live.descan.centres_px.reshape(-1, 2)[half:]).all()  # not acquired yet
+    proc.add(FrameBatch(1, half, frames[half:]))
+    final = proc.solve(final=True).descan
+    pl, inputs = proc.pipeline, proc.inputs()
+    fresh = descan.disk_moments(inputs.stack, pl.k_px, pl._moments_of[1]) / pl.descan_gain
+    np.testing.assert_allclose(final.centres_px.reshape(-1, 2), fresh, rtol=1e-12)
+    assert abs(final.per_step_px[0, 0] - d[0]) < 0.003

@@ -120,6 +120,9 @@ class Pipeline:
         self.radius_px = float(np.hypot(*self.k_px.T).max())
         mp = calibration.mean_pattern
         self.descan_gain = moment_gain(mp, calibration.bf_pixels, calibration.center_px)
+        n_pos = acq.scan_shape[0] * acq.scan_shape[1]
+        self._moments = np.full((n_pos, 2), np.nan)
+        self._moments_of = (np.zeros(n_pos, np.int64), np.zeros(n_pos))
         weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
         self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
         # angular sampling: the stream's / the flags', else the calibration's, else semiangle
@@ -184,7 +187,7 @@ class Pipeline:
         image = self.image(inputs, aligned.shifts_px, aberrations, final)
         res = self.resolution(image, dose)
         depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
-        descan = self.descan(inputs) if final else None
+        descan = self.descan(inputs)
         self.last = PipelineResult(
             image=image.image, shift_and_add=image.shift_and_add,
             phase_flipped=image.phase_flipped, upsampling_factor=self.upsampling,
@@ -202,9 +205,16 @@ class Pipeline:
         return self.last
 
     def descan(self, inputs: AlignmentInputs) -> DescanFit | None:
-        """The BF disk's drift over the scan (`descan.py`), from the stack's first moments."""
-        moments = disk_moments(inputs.stack, self.k_px, self.exposure(inputs))
-        return fit_descan(moments, self.scan_shape, self.descan_gain)
+        """The BF disk's drift over the scan (`descan.py`), from the stack's first moments,
+        recomputed only at positions whose frames or exposure changed since the last update."""
+        exposure = self.exposure(inputs)
+        seen = self._moments_of  # (hits, exposure) each position's moments were taken at
+        changed = np.flatnonzero((inputs.hits != seen[0]) | (exposure != seen[1]))
+        if changed.size:
+            self._moments[changed] = disk_moments(inputs.stack[changed], self.k_px,
+                                                  exposure[changed])  # fmt: skip
+            seen[0][changed], seen[1][changed] = inputs.hits[changed], exposure[changed]
+        return fit_descan(self._moments, self.scan_shape, self.descan_gain)
 
     def depth(self, inputs: AlignmentInputs, shifts_px: np.ndarray,
               aberrations: AberrationFit | None, final: bool) -> DepthSections | None:  # fmt: skip

@@ -108,7 +108,7 @@ class PipelineResult:
     pixels_excluded: int = 0  # BF pixels that turned hot or dead during the scan, left out
     slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
     depth: DepthSections | None = None  # refocused sections (PipelineSettings.depth_offsets_A)
-    descan: DescanFit | None = None  # the BF disk's drift over the scan (final update)
+    descan: DescanFit | None = None  # the BF disk's drift over the scan (every update)
 
     @property
     def errors_px(self) -> np.ndarray:
