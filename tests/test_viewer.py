@@ -83,6 +83,7 @@ def test_view_state_round_trip_and_malformed_messages_rejected(tutorial):
     result = proc.result(final=True, complete=True)
     assert dose_lines(back)[1] == result.tcbf.resolution_text("Å")
     assert result.tcbf.resolution_text() in result.dose_summary()
+    assert back["descan_text"].startswith("descan constant: drift 0 px")
     import msgpack
 
     header = msgpack.unpackb(parts[0])
@@ -129,6 +130,7 @@ def test_viewer_renders_every_panel_from_a_live_engine(qtbot, tutorial, endpoint
     assert shifts.tile_curve.getData()[0].size > 0
     assert window.panel(ErrorPanel).curve.getData()[0].size == len(s["errors_px"]) > 0
     assert "defocus 1.4" in shifts.fit_label.text() or "defocus 1.5" in shifts.fit_label.text()
+    assert "descan constant: drift 0 px" in shifts.fit_label.text()  # the tutorial has none
     assert "1152/1152 frames" in window.status.text()
     assert tcbf.progress.value() == 100
     # the slider re-draws the axial vBF from the ring images

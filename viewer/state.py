@@ -174,6 +174,7 @@ SCALARS = {
     "resolution_half_bit_A": _opt(_is_num),
     "resolution_limited": lambda v: isinstance(v, bool),
     "resolution_text": lambda v: isinstance(v, str) and len(v) <= 200,
+    "descan_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "target_resolution_A": _opt(_is_num),
     "dose_for_target_e_per_A2": _opt(_is_num),
     "trust": lambda v: isinstance(v, list) and len(v) <= MAX_LIST and all(map(_trust_row, v)),
