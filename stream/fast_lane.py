@@ -242,7 +242,10 @@ class Lane:
             self.lib.zmq_msg_close(m)
         count = len(parts)
         while more:  # libzmq delivers a message whole: the rest is queued
-            frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # (never seen) the decoder gets what there is, and says so
+                break
             total, count, more = total + len(frame), count + 1, frame.more
             if total <= max_bytes and count <= MAX_MESSAGE_PARTS:
                 parts.append(frame.buffer)
