@@ -201,7 +201,7 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
     if s is not None:  # the BF disk's drift (`tcbf.descan`); per position and the model
         f.create_group("descan")["centre_px"] = s.centres_px
         write_attrs(f["descan"], {
-            "model": ("constant", "plane", "quadratic")[s.order],
+            "model": s.model,
             "terms": ", ".join(descan.TERMS[: len(s.coefficients_px)]),
             "coefficients_px": s.coefficients_px,
             "errors_px": s.errors_px, "per_step_px": s.per_step_px, "residual_px": s.residual_px,

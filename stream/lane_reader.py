@@ -41,7 +41,6 @@ class LaneTake:
     series_id: int | None  # the series the lane folded into (None: it had none to fold into)
     folded: int  # image messages folded
     parts: list  # the message the lane stopped at, for the decoder (empty: none)
-    oversized: str | None  # why that message was released unread (see `Lane.drain`)
 
 
 def lane_for(sock: zmq.Socket, decoder, shared: bool, enabled: bool) -> LaneReader | None:
@@ -79,7 +78,7 @@ class LaneReader:
         proc = None if info is None else lookup(info)
         if proc is None or proc.staging is None or proc.info.detector_shape != \
                 info.detector_shape or proc.info.dtype != info.dtype:  # fmt: skip
-            return LaneTake(None, 0, [], None)
+            return LaneTake(None, 0, [])
         n, last_frame, parts, oversized = self.lane.drain(self.target(proc, info, templates),
                                                           MAX_LANE_MESSAGES, max_bytes)  # fmt: skip
         if n:
@@ -90,4 +89,4 @@ class LaneReader:
         if oversized:
             counters.messages += 1
             counters.reject(DecodeError("oversized", oversized))
-        return LaneTake(info.series_id, n, parts, oversized)
+        return LaneTake(info.series_id, n, parts)

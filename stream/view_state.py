@@ -117,7 +117,7 @@ def _tcbf_keys(t) -> dict[str, Any]:
         }
     if t.descan is not None:  # the BF disk's drift (`tcbf.descan`), worded once here
         d, (a, b), (c, e) = t.descan, *t.descan.per_step_px
-        s["descan_text"] = (f"descan {('constant', 'plane', 'quadratic')[d.order]}: drift "
+        s["descan_text"] = (f"descan {d.model}: drift "
                             f"{d.drift_px():.2g} px; per step row {a:+.3g} {b:+.3g}, col "
                             f"{c:+.3g} {e:+.3g} px")  # fmt: skip
     return s

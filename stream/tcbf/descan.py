@@ -39,6 +39,10 @@ class DescanFit:
     gain: float  # moment / displacement on the calibration's pattern
 
     @property
+    def model(self) -> str:
+        return ("constant", "plane", "quadratic")[self.order]
+
+    @property
     def per_step_px(self) -> np.ndarray:
         """(2, 2): d centre / d (row, col) at the scan origin (detector px per scan step); zeros
         for a constant model."""

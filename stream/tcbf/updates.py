@@ -143,7 +143,7 @@ class PipelineResult:
                  f"{d.offsets_A[-1]:+.4g} A: sharpest at {d.sharpest_offset_A:+.4g} A (depth of "
                  f"field {d.depth_of_field_A:.3g} A)")  # fmt: skip
         s = self.descan
-        descan = ("" if s is None else f"; descan {('constant', 'plane', 'quadratic')[s.order]}, "
+        descan = ("" if s is None else f"; descan {s.model}, "
                   f"drift {s.drift_px():.2g} px")  # fmt: skip
         return (f"tcBF: bins {levels}; {fit}{res}{depth}{descan}; update "
                 f"{self.latency_s * 1e3:.0f} ms")  # fmt: skip
