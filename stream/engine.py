@@ -29,7 +29,7 @@ from tcbf_live.detectors.base import (
 )
 from tcbf_live.detectors.registry import protocol
 from tcbf_live.stream.arming import Arm
-from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
+from tcbf_live.stream.budget import BudgetExceeded
 from tcbf_live.stream.engine_settings import STALE_DEFAULT_S, EngineSettings
 from tcbf_live.stream.lane_reader import LaneFolded
 from tcbf_live.stream.priority import lower_thread_priority
@@ -58,8 +58,7 @@ class Engine:
         self.counters = StreamCounters()
         self.last_result: SeriesResult | None = None  # the last finished series with frames
         self.tally = Tallies()  # what the series ended with (exit codes)
-        budget = settings.memory_budget_bytes or settings.processing.memory_budget_bytes
-        self.budget_bytes = memory_budget_bytes(budget)
+        self.budget_bytes = settings.budget_bytes()
         self.table = SeriesTable(settings.processing, self.budget_bytes)  # the open series
         self._current: SeriesProcessor | None = None  # the one snapshots show (latest frames)
         self._lock = threading.Lock()  # ingest state (accumulators)

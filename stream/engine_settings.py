@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tcbf_live.stream.budget import memory_budget_bytes
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings
 
@@ -28,6 +29,10 @@ class EngineSettings:
     # DECTRIS V1: image messages of a calibrated series read, decompressed and folded by the
     # compiled lane (`stream.fast_lane`); False: every message through the Python decoder
     compiled_lane: bool = True
+
+    def budget_bytes(self) -> int:
+        """The memory budget the series of this engine share (stream.budget)."""
+        return memory_budget_bytes(self.memory_budget_bytes or self.processing.memory_budget_bytes)
 
 
 STALE_DEFAULT_S = 30.0

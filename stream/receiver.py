@@ -111,7 +111,8 @@ def receive_event_batches(
         if took is not None and took.parts:
             counters.messages += 1
             events.extend(decode_counted(decoder, took.parts, counters))
-        for _ in range(max_messages):
+        lane_reads = took is not None and took.series_id is not None  # then it reads on
+        for _ in range(0 if lane_reads else max_messages):
             try:
                 parts = recv_capped(sock, max_message_bytes, max_message_parts)
             except zmq.Again:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
+from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.budget import BudgetExceeded, check_info
 from tcbf_live.stream.result import POSITION_MAPS, SeriesResult, suspicions
 from tcbf_live.stream.staging import Staging
@@ -246,15 +247,13 @@ class SeriesProcessor:
                 raise BudgetExceeded(f"series {self.info.series_id}, calibrated: {why}")
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
+        integer = np.dtype(self.info.dtype).kind == "u"  # signed: a float32 stack
         self.acc = Accumulators(
-            self.scan_shape,
-            cal,
-            layout,
-            axial_radius_px=axial,
-            serpentine=self.info.scan_order == "serpentine",
-            frame_limit=self.frame_limit,
-            integer_stack=np.dtype(self.info.dtype).kind == "u",  # signed: float32 stack
-        )
+            self.scan_shape, cal, layout, axial_radius_px=axial,
+            serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
+            integer_stack=integer,  # the memory `run` touched at start-up, where it fits:
+            stack_memory=memory_reserve.take_stack(self.scan_shape, cal.n_bf, integer),
+        )  # fmt: skip
         self.staging = Staging(self.acc, self.index_offset)
         self._pipeline = Pipeline(Acquisition.of(self.info), cal, layout, s.pipeline)
 

@@ -122,7 +122,7 @@ class Worker:
                 self.received(t.parts, received)
             self.cpu_s["lane"] += time.thread_time() - t0
             t0 = time.thread_time()
-        for _ in range(limit):
+        for _ in range(0 if t and t.series_id is not None else limit):  # the lane reads on
             try:
                 parts = recv_capped(self.sock, self.config.max_message_bytes)
             except zmq.Again:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tcbf_live.detectors import registry
+from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.cli.common import (
     UsageError,
     add_curve_args,
@@ -255,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(GIL_SWITCH_S)
     if plan is not None:
         engine = start_coordinator(settings, plan, files)
-    else:
+    else:  # the stack's memory touched before the socket connects (stream.memory_reserve)
+        memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes())
         engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
                         on_frames=recorder).start()  # fmt: skip
     stop_on_signals(engine, args.headless)

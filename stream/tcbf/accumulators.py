@@ -10,7 +10,7 @@ phases follow LiberTEM's UDF split (process_partition / merge / get_results): do
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -78,14 +78,22 @@ class AccumulatorState:
 
     @classmethod
     def zeros(cls, n_pos: int, n_bf: int, n_tiles: int, frame_limit: int,
-              integer_stack: bool = True) -> AccumulatorState:  # fmt: skip
-        """An empty state (uint16 stack for unsigned-integer frames, else float32)."""
+              integer_stack: bool = True,
+              stack_memory: np.ndarray | None = None) -> AccumulatorState:  # fmt: skip
+        """An empty state (uint16 stack for unsigned-integer frames, else float32). The stack
+        is a view of `stack_memory` where given (uint8, all zero, large enough: memory
+        touched beforehand, `stream.memory_reserve`)."""
+        kind = np.dtype(np.uint16 if integer_stack else np.float32)
+        if stack_memory is None:
+            stack = np.zeros((n_pos, n_bf), kind)
+        else:
+            stack = stack_memory[: n_pos * n_bf * kind.itemsize].view(kind).reshape(n_pos, n_bf)
         return cls(
             totals=np.zeros(n_pos, np.float64),
             bf_sum=np.zeros(n_pos, np.float64),
             axial_sum=np.zeros(n_pos, np.float64),
             hits=np.zeros(n_pos, np.uint32),
-            stack=np.zeros((n_pos, n_bf), np.uint16 if integer_stack else np.float32),
+            stack=stack,
             tiles=np.zeros((n_pos, n_tiles), np.float32),
             seen=np.zeros(frame_limit, np.uint8),
             stats=np.zeros(STATS_SLOTS, np.int64),
@@ -238,14 +246,15 @@ class Accumulators:
     serpentine: bool = False
     frame_limit: int | None = None  # frames accepted (repeat scans: several passes)
     integer_stack: bool = True  # unsigned integer frames: uint16 stack, exact int64 sums
+    stack_memory: InitVar[np.ndarray | None] = None  # see AccumulatorState.zeros
     state: AccumulatorState = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self, stack_memory: np.ndarray | None):
         cal = self.calibration
         self.state = AccumulatorState.zeros(self.n_positions, cal.n_bf,
                                             self.tiles_layout.total_tiles,
                                             self.frame_limit or self.n_positions,
-                                            self.integer_stack)  # fmt: skip
+                                            self.integer_stack, stack_memory)  # fmt: skip
         self._bf_index = cal.bf_flat_index
         d = cal.bf_pixels - np.asarray(cal.center_px)
         self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
