@@ -72,6 +72,7 @@ class Worker:
         self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
         self.stopping, self._warm = False, False  # _warm: the kernels ran once (numba cache)
         self.unsent = 0  # link messages given up after waiting for room
+        self.early_cal: tuple | None = None  # a calibration that came before its series' start
         self._process0: float | None = None  # process CPU time at the first message
 
     def run(self) -> None:
@@ -214,13 +215,16 @@ class Worker:
         if repeat:
             if sid not in self.series and sid not in self.closed:  # joined late
                 self.series[sid] = WorkerSeries(info, self.runs.setdefault(sid, 1))
-            return
-        if sid in self.series:  # restarted: the open run ends here (uncalibrated: dropped)
-            self.on_end(sid, drain=False)
-            self.drop(sid, "ended")
-        self.closed.pop(sid, None)
-        self.runs[sid] = self.runs.get(sid, 0) + 1
-        self.series[sid] = WorkerSeries(info, self.runs[sid])
+        else:
+            if sid in self.series:  # restarted: the open run ends here (uncalibrated: dropped)
+                self.on_end(sid, drain=False)
+                self.drop(sid, "ended")
+            self.closed.pop(sid, None)
+            self.runs[sid] = self.runs.get(sid, 0) + 1
+            self.series[sid] = WorkerSeries(info, self.runs[sid])
+        early, self.early_cal = self.early_cal, None
+        if early is not None and early[0] == sid:  # (`calibrated` checks the run)
+            self.calibrated(*early)
 
     def fold(self, frames: list) -> None:
         """Fold frame events by series (held until calibrated), keeping a PUB share only."""
@@ -242,7 +246,7 @@ class Worker:
             s.frames += sum(worker_series.frame_count(b) for b in batches)
             if s.proc is None:
                 self.offer(sid, s, batches)
-                self.keep(s, batches)
+                s.keep(batches, self.config.backlog_bytes - self.backlog.bytes, self.counters)
             else:
                 self.accumulate(sid, s, batches)
 
@@ -262,15 +266,6 @@ class Worker:
             self.send(pack("cal", {"sid": sid, "gen": s.gen, "first": d.first},
                            {"frames": d.frames}))  # fmt: skip
 
-    def keep(self, s: WorkerSeries, batches: list) -> None:
-        for b in batches:
-            size = worker_series.batch_bytes(b)
-            if s.held_bytes + self.backlog.bytes + size > self.config.backlog_bytes:
-                self.counters.reject(DecodeError("backlog_full", "frames before calibration"))
-                continue
-            s.held.append(b)
-            s.held_bytes += size
-
     def accumulate(self, sid: int, s: WorkerSeries, batches: list) -> None:
         failed = s.proc.decode_failures
         t0 = time.thread_time()
@@ -288,7 +283,10 @@ class Worker:
 
     def calibrated(self, sid: int, gen: int | None, cal: Calibration) -> None:
         s = self.series.get(sid)
-        if s is None or s.proc is not None or gen not in (None, s.gen):
+        if s is None:  # its start has not reached this worker yet: it comes with the start
+            self.early_cal = (sid, gen, cal)
+            return
+        if s.proc is not None or gen not in (None, s.gen):
             return
         try:
             s.proc = SeriesProcessor(s.info, replace(self.settings, calibration=cal))

@@ -30,6 +30,16 @@ class WorkerSeries:
         self.frames = 0  # frames received
         self.ending = False  # ended before its calibration came
 
+    def keep(self, batches: list, limit_bytes: int, counters: StreamCounters) -> None:
+        """Hold frames until the calibration comes, within `limit_bytes` (else rejected)."""
+        for b in batches:
+            size = batch_bytes(b)
+            if self.held_bytes + size > limit_bytes:
+                counters.reject(DecodeError("backlog_full", "frames before calibration"))
+                continue
+            self.held.append(b)
+            self.held_bytes += size
+
 
 @dataclass
 class Peer:

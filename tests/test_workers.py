@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
+from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.detectors.registry import protocol
 from tcbf_live.detectors.routing import DETAIL, END, START
 from tcbf_live.simulators import Simulator, tutorial_config
@@ -420,3 +421,40 @@ def test_a_header_is_relayed_whole(sim):
             pool.unrelayed.append(message)
             pool.relay(waited_s if k == 0 else waited_s + 0.01)
         assert sent == expect
+
+
+def test_a_calibration_before_its_series_start_is_kept_for_it(sim):
+    """The coordinator calibrates on another worker's frames while this worker's first image
+    of the series is still on its way: the calibration arrives before the start here. It was
+    dropped, and the worker then held every frame of the series until the end (a third of a
+    65,536-frame V1 series missing in 1 of 5 two-worker runs on 2 cores). It is kept and
+    applied at the start of the run it belongs to, and only to that run."""
+    from tcbf_live.stream.series import SeriesProcessor
+    from tcbf_live.stream.worker import Worker
+    from tcbf_live.stream.worker_link import WorkerConfig, settings_to_dict
+
+    proc = SeriesProcessor(sim.series_info(5), ProcessingSettings())
+    proc.add(FrameBatch(5, 0, sim.frames(0, 64)))
+    cal = proc.raw_calibration
+    ctx = zmq.Context()
+    link = ctx.socket(zmq.DEALER)
+    link.connect(f"tcp://127.0.0.1:{_free_port()}")
+    data = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull")
+    config = WorkerConfig(0, "native", data.endpoint, "pull", 1000, 1 << 20, None, None, 0.5,
+                          1 << 20, settings_to_dict(ProcessingSettings()))  # fmt: skip
+    w = Worker(link, config, data)
+    try:
+        w.calibrated(5, 1, cal)  # before series 5 started here
+        w.on_start(sim.series_info(5), repeat=False)
+        assert w.series[5].proc is not None  # calibrated: its frames accumulate
+        w.calibrated(6, 1, cal)
+        w.on_start(sim.series_info(7), repeat=False)  # another series: not for it
+        assert w.series[7].proc is None and w.early_cal is None
+        w.drop(5, "ended")
+        w.calibrated(5, 1, cal)  # run 1's, late; run 2 starts next: not for it
+        w.on_start(sim.series_info(5), repeat=False)
+        assert w.series[5].gen == 2 and w.series[5].proc is None
+    finally:
+        w.sock.close(linger=0)
+        link.close(linger=0)
+        ctx.term()

@@ -87,6 +87,8 @@ def moment_gain(mean_pattern: np.ndarray, bf_pixels: np.ndarray, center_px) -> f
             delta = [0.0, 0.0]
             delta[axis] = sign * GAIN_SHIFT_PX
             values = ndi.shift(pattern, delta, order=1, mode="nearest")[rows, cols]
+            if not values.sum() > 0:  # no pattern (a worker's calibration): no gain
+                return float("nan")
             moved.append(values @ k[:, axis] / values.sum())
         gains.append((moved[0] - moved[1]) / (2 * GAIN_SHIFT_PX))
     return float(np.mean(gains))
