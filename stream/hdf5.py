@@ -197,6 +197,8 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
         align["tiles"].attrs["bin_px"] = it.bin_px
     if tcbf.aberrations is not None:
         write_attrs(f.create_group("aberrations"), fields_of(tcbf.aberrations, ABERRATIONS))
+        if tcbf.higher is not None:  # C21, C23, C30 with uncertainties (`tcbf.higher_order`)
+            write_attrs(f["aberrations"], tcbf.higher.file_attributes())
     s = tcbf.descan
     if s is not None:  # the BF disk's drift (`tcbf.descan`); per position and the model
         f.create_group("descan")["centre_px"] = s.centres_px

@@ -62,11 +62,11 @@ def view_state(result: SeriesResult, rejected: int = 0) -> dict[str, Any]:
         if result.tile_members:
             s["tile_members"] = np.ascontiguousarray(np.stack(result.tile_members), np.int32)
     if result.tcbf is not None:
-        s.update(_tcbf_keys(result.tcbf))
+        s.update(_tcbf_keys(result.tcbf, info.step_A))
     return s
 
 
-def _tcbf_keys(t) -> dict[str, Any]:
+def _tcbf_keys(t, step_A: float | None) -> dict[str, Any]:
     """The keys of an alignment update (`PipelineResult`): image, shifts, tiles, FRC,
     aberrations."""
     last = t.alignment.iterations[-1] if t.alignment.iterations else None
@@ -88,6 +88,9 @@ def _tcbf_keys(t) -> dict[str, Any]:
                  tile_shifts_px=_f32(last.shifts_px),
                  tile_used=np.ascontiguousarray(last.used, np.uint8),
                  tile_quality=_f32(last.quality))  # fmt: skip
+        h = t.higher  # the third-order fit to these tiles, and what it leaves (`higher_order`)
+        if h is not None and len(h.residuals_A) == len(last.k_px) and step_A:
+            s.update(third_order_text=h.text(), tile_residual_px=_f32(h.residuals_A / step_A))
     if t.frc is not None:
         s.update(frc_q_per_A=_f32(t.frc.q_per_A), frc=_f32(t.frc.frc),
                  frc_half_bit=_f32(half_bit_threshold(t.frc.n_pixels)),

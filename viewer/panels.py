@@ -173,7 +173,10 @@ class ShiftPanel(Panel):
         self.tile_curve = pg.PlotCurveItem(pen=pg.mkPen((255, 170, 0), width=2),
                                            connect="pairs", name="measured (tiles)")  # fmt: skip
         self.tile_dots = pg.ScatterPlotItem(size=5, brush=pg.mkBrush(255, 170, 0))
-        for item in (self.model_curve, self.tile_curve, self.tile_dots):
+        self.residual_curve = pg.PlotCurveItem(pen=pg.mkPen((230, 40, 40), width=2),
+                                               connect="pairs",
+                                               name="measured - third-order fit")  # fmt: skip
+        for item in (self.model_curve, self.tile_curve, self.tile_dots, self.residual_curve):
             self.plot.addItem(item)
         self.decimate = slider(1, 16, 4)
         self.decimate.valueChanged.connect(lambda _: self.state and self.draw(self.state, False))
@@ -196,6 +199,13 @@ class ShiftPanel(Panel):
             tk, tv = s["tile_k_px"][used], s["tile_shifts_px"][used]
             self.tile_curve.setData(*arrow_segments(tk * samp, tv * scale))
             self.tile_dots.setData(tk[:, 1] * samp, tk[:, 0] * samp)
+        if "tile_residual_px" in s:  # what the third-order fit leaves, tile by tile
+            r = s["tile_residual_px"]
+            fitted = np.all(np.isfinite(r), axis=1)
+            self.residual_curve.setData(*arrow_segments(s["tile_k_px"][fitted] * samp,
+                                                        r[fitted] * scale))  # fmt: skip
+        else:
+            self.residual_curve.setData([], [])
         ab = s.get("aberrations")
         if not ab:
             self.fit_label.setText("shift model in scan px per detector px (no optics given)")
@@ -207,6 +217,7 @@ class ShiftPanel(Panel):
             f"astigmatism C12 {ab['C12_A']:.3g} Å at {ab['phi12_deg']:.1f}°\n"
             f"rotation {ab['rotation_deg']:.2f}°{'  transposed' if ab['transpose'] else ''}"
             f"\ntile misfit to the model {misfit:.3f} px"
+            + (f"\nthird order: {s['third_order_text']}" if s.get("third_order_text") else "")
             + (f"\n{s['descan_text']}" if s.get("descan_text") else "")
         )
 

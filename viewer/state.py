@@ -175,6 +175,7 @@ SCALARS = {
     "resolution_limited": lambda v: isinstance(v, bool),
     "resolution_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "descan_text": lambda v: isinstance(v, str) and len(v) <= 200,
+    "third_order_text": lambda v: isinstance(v, str) and len(v) <= 300,
     "target_resolution_A": _opt(_is_num),
     "dose_for_target_e_per_A2": _opt(_is_num),
     "trust": lambda v: isinstance(v, list) and len(v) <= MAX_LIST and all(map(_trust_row, v)),
@@ -188,7 +189,8 @@ ARRAYS = {
     "mean_pattern": (F4, 2), "bf_pixels": (I4, 2), "tile_members": (I4, 2),
     "tcbf_image": (F4, 2), "errors_px": (F4, 1), "bf_k_px": (F4, 2), "shifts_px": (F4, 2),
     "tile_k_px": (F4, 2), "tile_shifts_px": (F4, 2), "tile_used": (U1, 1),
-    "tile_quality": (F4, 1), "frc_q_per_A": (F4, 1), "frc": (F4, 1), "frc_half_bit": (F4, 1),
+    "tile_quality": (F4, 1), "tile_residual_px": (F4, 2), "frc_q_per_A": (F4, 1),
+    "frc": (F4, 1), "frc_half_bit": (F4, 1),
     "resolution_vs_dose": (F4, 2), "ring_bf": (F4, 3), "ring_radii_px": (F4, 1),
 }  # fmt: skip
 REQUIRED = ("series_id", "scan_shape", "frames_received", "frames_expected", "incoherent_bf",
@@ -204,6 +206,7 @@ NEEDS = {
     "tile_k_px": ("tile_shifts_px", "tile_used"),
     "tile_shifts_px": ("tile_k_px",),
     "tile_used": ("tile_k_px",),
+    "tile_residual_px": ("tile_k_px",),
     "ring_bf": ("ring_radii_px",),
     "ring_radii_px": ("ring_bf",),
     "resolution_A": ("resolution_half_bit_A", "frc_q_per_A", "frc", "frc_half_bit"),
@@ -254,8 +257,9 @@ def validate_state(s: dict[str, Any]) -> None:
                              f"bin levels and {n} BF pixels")  # fmt: skip
         if members.size and (members.min() < 0 or members.max() >= n):
             raise StateError(f"tile indices outside [0, {n})")
-    for a, b in (("bf_k_px", "shifts_px"), ("tile_k_px", "tile_shifts_px")):
-        if a in s and (s[a].shape[1:] != (2,) or s[b].shape != s[a].shape):
+    for a, b in (("bf_k_px", "shifts_px"), ("tile_k_px", "tile_shifts_px"),
+                 ("tile_k_px", "tile_residual_px")):  # fmt: skip
+        if a in s and b in s and (s[a].shape[1:] != (2,) or s[b].shape != s[a].shape):
             raise StateError(f"{a!r} {s[a].shape} and {b!r} {s[b].shape} must be (n, 2)")
     if "tile_k_px" in s:
         n = len(s["tile_k_px"])

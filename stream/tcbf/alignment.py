@@ -73,6 +73,9 @@ class IterationResult:
     used: np.ndarray  # (n_tiles,) bool: entered the model fit
     matrix_px: np.ndarray  # (2, 2) model after this iteration
     error_px: float  # weighted rms misfit of the used tiles to the model
+    # weights of the tiles whose peak was accepted, within the fit radius, whatever the linear
+    # model's outlier rejection decided (the higher-order fit's data, `higher_order.py`)
+    measured_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ def align_iteration(
     # tiles extrapolated); keep the previous one
     if np.linalg.norm(matrix - matrix_px, 2) * tiles.radius_px > 2 * settings.max_residual_px:
         matrix, used, error = matrix_px, np.zeros_like(used), float("nan")
-    return IterationResult(tiles.bin_px, tiles.k_px, measured, quality, used, matrix, error)
+    return IterationResult(tiles.bin_px, tiles.k_px, measured, quality, used, matrix, error,
+                           fit_w)  # fmt: skip
 
 
 MIN_PAIR_OFFSETS = 3  # offsets with a clear, mutually consistent peak for a pair estimate

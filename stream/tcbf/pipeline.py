@@ -31,6 +31,7 @@ from tcbf_live.stream.tcbf.dose import (
     fourier_ring_correlation,
     level_trust,
 )
+from tcbf_live.stream.tcbf.higher_order import fit_alignment
 from tcbf_live.stream.tcbf.optics import information_limit_per_A, matrix_A_per_rad, wavelength_A
 from tcbf_live.stream.tcbf.reconstruction import (
     EXPOSURE_TOLERANCE,
@@ -184,6 +185,8 @@ class Pipeline:
         if aligned is None:
             return None
         aberrations = self.aberrations(aligned.result)
+        higher = fit_alignment(aligned.result, aberrations, self.acquisition.step_A,
+                               self.sampling_mrad)  # fmt: skip
         image = self.image(inputs, aligned.shifts_px, aberrations, final)
         res = self.resolution(image, dose)
         depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
@@ -192,6 +195,7 @@ class Pipeline:
             image=image.image, shift_and_add=image.shift_and_add,
             phase_flipped=image.phase_flipped, upsampling_factor=self.upsampling,
             sampling_A=image.sampling_A, bf_k_px=self.k_px, shifts_px=aligned.shifts_px,
+            higher=higher,
             alignment=aligned.result, aberrations=aberrations, rows=inputs.window[0],
             frames=inputs.frames, latency_s=time.perf_counter() - t0, rebuilt=image.rebuilt,
             final=final, ring_radii_px=image.ring_radii_px, ring_bf=image.ring_bf, frc=res.frc,

@@ -15,6 +15,7 @@ from tcbf_live.stream.tcbf.alignment import AlignmentResult, AlignmentSettings
 from tcbf_live.stream.tcbf.depth import DepthSections
 from tcbf_live.stream.tcbf.descan import DescanFit
 from tcbf_live.stream.tcbf.dose import FRC, LevelTrust
+from tcbf_live.stream.tcbf.higher_order import HigherOrderFit
 from tcbf_live.stream.tcbf.screening import FrameScreen
 
 
@@ -109,6 +110,7 @@ class PipelineResult:
     slips: tuple[tuple[int, int], ...] = ()  # (scan line, +-1 px): frames land off from there
     depth: DepthSections | None = None  # refocused sections (PipelineSettings.depth_offsets_A)
     descan: DescanFit | None = None  # the BF disk's drift over the scan (every update)
+    higher: HigherOrderFit | None = None  # C10..C30 with uncertainties (`higher_order.py`)
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -142,8 +144,9 @@ class PipelineResult:
         depth = ("" if d is None else f"; depth sections {d.offsets_A[0]:+.4g}.."
                  f"{d.offsets_A[-1]:+.4g} A: sharpest at {d.sharpest_offset_A:+.4g} A (depth of "
                  f"field {d.depth_of_field_A:.3g} A)")  # fmt: skip
+        third = "" if self.higher is None else f"; third order: {self.higher.text()}"
         s = self.descan
         descan = ("" if s is None else f"; descan {s.model}, "
                   f"drift {s.drift_px():.2g} px")  # fmt: skip
-        return (f"tcBF: bins {levels}; {fit}{res}{depth}{descan}; update "
+        return (f"tcBF: bins {levels}; {fit}{third}{res}{depth}{descan}; update "
                 f"{self.latency_s * 1e3:.0f} ms")  # fmt: skip
