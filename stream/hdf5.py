@@ -164,8 +164,9 @@ def write_dose(dose: h5py.Group, result: SeriesResult) -> None:
     if t.frc is not None:
         frc = np.column_stack([t.frc.q_per_A, t.frc.frc, t.frc.n_pixels])
         _columns(dose, "frc", frc, "q_per_A, frc, ring_pixels")
-    rvd = t.resolution_vs_dose if t.resolution_vs_dose is not None else np.zeros((0, 2))
-    _columns(dose, "resolution_vs_dose", rvd, "scan_dose_e_per_A2, resolution_A")
+    rvd = t.resolution_vs_dose if t.resolution_vs_dose is not None else np.zeros((0, 4))
+    columns = "scan_dose_e_per_A2, resolution_A, resolution_better_A, resolution_worse_A"
+    _columns(dose, "resolution_vs_dose", rvd, columns)
     if t.target_resolution_A is not None:
         estimate = t.dose_for_target_e_per_A2
         write_attrs(dose, {"target_resolution_A": t.target_resolution_A,

@@ -109,6 +109,44 @@ def test_an_frc_below_threshold_from_the_lowest_rings_gives_no_resolution():
         assert np.isnan(d) and not limited
 
 
+def test_the_low_frequency_gap_of_tcbf_is_not_the_resolution():
+    """tcBF transfers little near q = 0 (sin chi ~ 0): on a large image several of the lowest
+    rings fall in that gap and are below the threshold. The crossing is looked for only after
+    the curve has risen above it (a 256x256 scan on a 64x64 detector said "278 A"); the range
+    is where the curve one sigma up and down crosses."""
+    from tcbf_live.stream.tcbf.dose import FRC
+
+    q = np.arange(1, 13) / 40.0
+    curve = np.array([0.5, -0.1, 0.0, 0.05, 0.4, 0.7, 0.8, 0.6, 0.3, 0.1, 0.05, 0.0])
+    frc = FRC(q, curve, np.full(12, 400.0))  # sigma 0.05 per ring
+    d, limited = frc.resolution_A()
+    assert not limited and 1 / d == pytest.approx(q[8] + (0.3 - 0.143) / 0.2 * q[0])
+    better, worse = frc.resolution_range_A()
+    assert 1 / worse == pytest.approx(q[8] + (0.25 - 0.143) / 0.2 * q[0])
+    assert 1 / better == pytest.approx(q[9] + (0.15 - 0.143) / 0.05 * q[0])
+    assert better < d < worse
+
+
+def test_resolution_vs_dose_is_monotone_within_its_range():
+    """The tutorial sample scanned row by row: each update's resolution, with the range its
+    FRC's noise allows, is never worse than an earlier one beyond both ranges (it jumped
+    between 13 and 18 A before: a plateau of the FRC near 0.143 read as a single number)."""
+    sim = Simulator(tutorial_config())
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    cols = sim.cfg.scan_shape[1]
+    for r0 in range(0, sim.cfg.scan_shape[0], 2):
+        proc.add(FrameBatch(1, r0 * cols, sim.frames(r0 * cols, 2 * cols)))
+        r = proc.solve(final=r0 + 2 >= sim.cfg.scan_shape[0])
+    h = r.resolution_vs_dose
+    assert h.shape[1] == 4 and len(h) >= 6 and np.all(np.diff(h[:, 0]) > 0)
+    assert np.all((h[:, 2] <= h[:, 1]) & ((h[:, 1] <= h[:, 3]) | np.isnan(h[:, 3])))
+    for j in range(1, len(h)):  # later: never worse than an earlier one beyond the ranges
+        worst_before = np.nanmax(np.where(np.isnan(h[:j, 3]), np.inf, h[:j, 3]))
+        assert h[j, 2] <= worst_before
+    assert h[-1, 1] < 14.0  # measured 12.6 A at 100 e/A^2
+    assert "(FRC 0.143; " in r.summary()
+
+
 def test_dose_projection_from_a_power_law():
     doses = np.array([10.0, 30.0, 100.0, 300.0])
     history = np.column_stack([doses, 50.0 * doses**-0.5])
@@ -199,7 +237,7 @@ def test_run_summary_and_result_file_dose_group(tmp_path, capsys, high_dose):
         d = f["dose"]
         assert d.attrs["dose_e_per_A2"] == pytest.approx(1000.0, rel=0.02)
         assert d.attrs["beam_current_pA"] > 0 and np.isfinite(d.attrs["resolution_A"])
-        assert d["frc"].shape[1] == 3 and d["resolution_vs_dose"].shape == (1, 2)
+        assert d["frc"].shape[1] == 3 and d["resolution_vs_dose"].shape == (1, 4)
         assert d["trust"].shape == (4, 7) and d["map"].shape == cfg.scan_shape
         tiles = f["alignment/tiles"][()]  # per-tile peak quality of the last iteration
         assert tiles.shape[1] == 6 and np.all(tiles[tiles[:, 5] > 0, 4] >= 4.0)

@@ -329,6 +329,8 @@ class ErrorPanel(Panel):
         self.rvd_plot.setLabel("bottom", "scan dose (e/Å²)")
         self.rvd_plot.setLabel("left", "resolution (Å)")
         self.rvd_curve = self.rvd_plot.plot(pen="w", symbol="o", symbolSize=5)
+        self.rvd_bars = pg.ErrorBarItem(pen=pg.mkPen((200, 200, 200), width=1), beam=0.0)
+        self.rvd_plot.addItem(self.rvd_bars)
         return box("alignment error and resolution", self.plot, self.rvd_plot)
 
     def draw(self, state: State, new_series: bool) -> None:
@@ -341,3 +343,7 @@ class ErrorPanel(Panel):
         rvd = s.get("resolution_vs_dose")
         if rvd is not None and len(rvd):
             self.rvd_curve.setData(rvd[:, 0], rvd[:, 1])
+            if rvd.shape[1] == 4:  # the range the FRC's noise allows (worse end NaN: open)
+                top = np.nan_to_num(rvd[:, 3] - rvd[:, 1], nan=0.0)
+                bottom = np.nan_to_num(rvd[:, 1] - rvd[:, 2], nan=0.0)
+                self.rvd_bars.setData(x=rvd[:, 0], y=rvd[:, 1], top=top, bottom=bottom)

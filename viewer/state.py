@@ -269,5 +269,5 @@ def validate_state(s: dict[str, Any]) -> None:
     frc = [s[k].shape for k in ("frc_q_per_A", "frc", "frc_half_bit") if k in s]
     if len(set(frc)) > 1:
         raise StateError(f"FRC arrays of different lengths {frc}")
-    if "resolution_vs_dose" in s and s["resolution_vs_dose"].shape[1:] != (2,):
-        raise StateError("'resolution_vs_dose' must be (n, 2)")
+    if "resolution_vs_dose" in s and s["resolution_vs_dose"].shape[1:] not in ((2,), (4,)):
+        raise StateError("'resolution_vs_dose' must be (n, 2) or (n, 4) (with its range)")

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft as sfft
 
+from tcbf_live.stream.tcbf.optics import quadratic_chi
 from tcbf_live.stream.tcbf.tiles import TileSet
 
 FRC_THRESHOLD = 0.143
 ELEMENTARY_CHARGE_C = 1.602176634e-19
 MIN_RING_PIXELS = 500  # below this a ring's FRC of pure noise exceeds 0.143 too often (> 3 sd)
 LOWEST_RINGS = 2  # skipped when looking for the crossing (few pixels, near-DC contrast)
+TRANSFER_FLOOR = 0.3  # FRC: frequencies where |sin chi| is below this are left out
 
 
 def half_bit_threshold(n_pixels: np.ndarray) -> np.ndarray:
@@ -53,26 +55,41 @@ class FRC:
         f = np.clip(self.frc, -0.999, 0.999)
         return 2 * f / (1 - f)
 
-    def resolution_A(self, threshold: str = "0.143") -> tuple[float, bool]:
-        """(d, limited): d = 1/q where the FRC drops below the threshold for good: the first
-        ring below it whose next ring is below it too, so a single-ring dip at a zero of the
-        contrast transfer (sin chi = 0) does not end the count (linear interpolation between
-        rings, lowest rings skipped). If it never drops, d is the highest frequency measured
-        and `limited` is True (the sampling, not the data, limits). If it is already below at
-        the lowest ring examined, the crossing lies among the skipped rings and d is NaN: not
-        determined (interpolating there extrapolated to meaningless, even negative, d)."""
+    @property
+    def sigma(self) -> np.ndarray:
+        """Per-ring standard deviation of the FRC of noise, 1 / sqrt(Fourier pixels)."""
+        return 1.0 / np.sqrt(np.maximum(self.n_pixels, 1.0))
+
+    def resolution_range_A(self, threshold: str = "0.143") -> tuple[float, float]:
+        """(better, worse): `resolution_A` of the curve one sigma above and one below it
+        (NaN: not determined at that end); the spread a single curve's noise allows."""
+        return (self.resolution_A(threshold, +1.0)[0], self.resolution_A(threshold, -1.0)[0])
+
+    def resolution_A(self, threshold: str = "0.143",
+                     sigmas: float = 0.0) -> tuple[float, bool]:  # fmt: skip
+        """(d, limited): d = 1/q where the FRC drops below the threshold for good, after it
+        has first been above it for two rings (the lowest rings skipped): the first ring below
+        it whose next ring is below it too, so a single-ring dip at a zero of the contrast
+        transfer (sin chi = 0) does not end the count (linear interpolation between rings). If
+        it never drops, d is the highest frequency measured and `limited` is True (the
+        sampling, not the data, limits). If it is never above, d is NaN: not determined."""
         t = (np.full_like(self.frc, FRC_THRESHOLD) if threshold == "0.143"
              else half_bit_threshold(self.n_pixels))  # fmt: skip
-        low = self.frc < t
+        frc = self.frc + sigmas * self.sigma
+        low = frc < t
         stays = low & np.append(low[1:], True)  # below here and at the next ring
-        below = np.flatnonzero(stays[LOWEST_RINGS:]) + LOWEST_RINGS
-
+        high = ~low & np.append(~low[1:], False)  # above here and at the next ring
+        # the search starts where the curve is first above the threshold for two rings: below
+        # that, tcBF transfers little (sin chi ~ 0 near q = 0), and on a large image (a 256x256
+        # scan) several rings fall in that gap: "resolution 278 A" was its lower edge
+        rises = np.flatnonzero(high[LOWEST_RINGS:]) + LOWEST_RINGS
+        if rises.size == 0:
+            return math.nan, False  # never above the threshold: not determined
+        below = np.flatnonzero(stays[rises[0] :]) + rises[0]
         if below.size == 0:
             return 1.0 / float(self.q_per_A[-1]), True
         i = int(below[0])
-        if i == 0:
-            return 1.0 / float(self.q_per_A[0]), False
-        f0, f1 = self.frc[i - 1] - t[i - 1], self.frc[i] - t[i]
+        f0, f1 = frc[i - 1] - t[i - 1], frc[i] - t[i]
         if f0 <= 0:  # no crossing between ring i - 1 and ring i
             return math.nan, False
         x = f0 / (f0 - f1)
@@ -86,12 +103,15 @@ def fourier_ring_correlation(
     sampling_A: float | None = None,
     weight: np.ndarray | None = None,
     ring_px: float = 2.0,
+    transfer: np.ndarray | None = None,
 ) -> FRC:
     """FRC(q) = Re sum F1 F2* / sqrt(sum |F1|^2 sum |F2|^2) over rings of width `ring_px`
     frequency steps of the image's shorter side, up to its Nyquist frequency.
 
     Both images get the same treatment: minus their (weighted) mean, times `weight` (a taper
-    that is 0 where there are no data)."""
+    that is 0 where there are no data). `transfer` (the FFT grid, bool): the frequencies that
+    count; tcBF passes where |sin chi| >= TRANSFER_FLOOR, so that a zero of the contrast
+    transfer, where no dose brings signal, does not read as the resolution limit."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if weight is None:
@@ -108,7 +128,7 @@ def fourier_ring_correlation(
     nyquist = 0.5 / step
     n_rings = max(1, int(nyquist / (ring_px * dq)))
     ring = np.floor(q / (ring_px * dq)).astype(np.int64)
-    keep = (ring < n_rings) & (q > 0)
+    keep = (ring < n_rings) & (q > 0) & (True if transfer is None else transfer)
     idx = ring[keep]
     cross = np.bincount(idx, (fa * np.conj(fb)).real[keep], n_rings)
     pa = np.bincount(idx, (np.abs(fa) ** 2)[keep], n_rings)
@@ -117,6 +137,14 @@ def fourier_ring_correlation(
     frc = np.where(pa * pb > 0, cross / np.sqrt(np.maximum(pa * pb, 1e-300)), 0.0)
     centres = (np.arange(n_rings) + 0.5) * ring_px * dq
     return FRC(centres, frc, n)
+
+
+def transfer_mask(shape: tuple[int, int], sampling_A: float, wavelength_A: float,
+                  p_A: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Frequencies of an image (FFT grid) where the tcBF contrast transfer |sin chi| is at
+    least TRANSFER_FLOOR (chi of the fitted defocus and astigmatism): what the FRC counts."""
+    chi, _ = quadratic_chi(shape, sampling_A, wavelength_A, np.asarray(p_A, float))
+    return np.abs(np.sin(chi)) >= TRANSFER_FLOOR
 
 
 def dose_for_resolution(target_A: float, history: np.ndarray) -> float | None:

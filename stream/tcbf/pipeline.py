@@ -30,6 +30,7 @@ from tcbf_live.stream.tcbf.dose import (
     dose_for_resolution,
     fourier_ring_correlation,
     level_trust,
+    transfer_mask,
 )
 from tcbf_live.stream.tcbf.higher_order import fit_alignment
 from tcbf_live.stream.tcbf.optics import information_limit_per_A, matrix_A_per_rad, wavelength_A
@@ -101,8 +102,9 @@ class _Resolution:
     resolution_A: float | None
     limited: bool
     half_bit_A: float | None
-    history: np.ndarray  # (updates, 2): dose, resolution
+    history: np.ndarray  # (updates, 4): dose, resolution, its range (better, worse)
     dose_for_target: float | None
+    range_A: tuple[float, float]  # (better, worse): the FRC one sigma up and down
 
 
 class Pipeline:
@@ -188,7 +190,7 @@ class Pipeline:
         higher = fit_alignment(aligned.result, aberrations, self.acquisition.step_A,
                                self.sampling_mrad)  # fmt: skip
         image = self.image(inputs, aligned.shifts_px, aberrations, final)
-        res = self.resolution(image, dose)
+        res = self.resolution(image, dose, aberrations)
         depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
         descan = self.descan(inputs)
         self.last = PipelineResult(
@@ -201,6 +203,7 @@ class Pipeline:
             final=final, ring_radii_px=image.ring_radii_px, ring_bf=image.ring_bf, frc=res.frc,
             resolution_A=res.resolution_A, resolution_limited=res.limited,
             resolution_half_bit_A=res.half_bit_A, resolution_vs_dose=res.history,
+            resolution_range_A=res.range_A,
             target_resolution_A=self.settings.target_resolution_A,
             dose_for_target_e_per_A2=res.dose_for_target, trust=self.last_trust,
             alignment_s=aligned.seconds, screen=screen, slips=aligned.slips,
@@ -302,22 +305,27 @@ class Pipeline:
             radii, rings = self.rings.update(inputs.stack, exposure, self.scan_shape)
         return _Image(image, saa, (half0, half1), flipped, rebuilt, sampling, radii, rings)
 
-    def resolution(self, image: _Image, dose: float) -> _Resolution:
+    def resolution(self, image: _Image, dose: float,
+                   aberrations: AberrationFit | None) -> _Resolution:  # fmt: skip
         """Step 4: resolution from the FRC of the two half-sets, its history against the dose
         so far, and the dose projected for the target resolution."""
-        sampling = image.sampling_A
-        frc = fourier_ring_correlation(*image.halves, sampling, self.shift_and_add.coverage())
+        sampling, lam = image.sampling_A, self.wavelength_A
+        transfer = None if aberrations is None or not (sampling and lam) else \
+            transfer_mask(image.image.shape, sampling, lam, aberrations.p_matrix_A())  # fmt: skip
+        frc = fourier_ring_correlation(*image.halves, sampling, self.shift_and_add.coverage(),
+                                       transfer=transfer)  # fmt: skip
         res, limited = frc.resolution_A("0.143")
         half_bit, _ = frc.resolution_A("half-bit")
         if sampling is None:  # no step: the curve is in 1/px, a resolution in A is unknown
             res = half_bit = None
         res, half_bit = (None if d is None or math.isnan(d) else d for d in (res, half_bit))
+        spread = frc.resolution_range_A("0.143") if res is not None else (math.nan, math.nan)
         if res is not None and not limited and math.isfinite(dose):
-            self.resolution_history.append((dose, res))
-        history = np.array(self.resolution_history, float).reshape(-1, 2)
+            self.resolution_history.append((dose, res, *spread))
+        history = np.array(self.resolution_history, float).reshape(-1, 4)
         target = self.settings.target_resolution_A
-        needed = dose_for_resolution(target, history) if target else None
-        return _Resolution(frc, res, limited, half_bit, history, needed)
+        needed = dose_for_resolution(target, history[:, :2]) if target else None
+        return _Resolution(frc, res, limited, half_bit, history, needed, spread)
 
     # ------------------------------------------------------------------ helpers
     def tile_sets(self, inputs: AlignmentInputs) -> dict[int, TileSet]:

@@ -6,6 +6,7 @@ that builds the inputs and publishes the results.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -100,7 +101,10 @@ class PipelineResult:
     resolution_A: float | None = None  # FRC 0.143 crossing (None: unknown)
     resolution_limited: bool = False  # never crossed: the grid's Nyquist limit, not the data
     resolution_half_bit_A: float | None = None
-    resolution_vs_dose: np.ndarray | None = None  # (updates, 2): scan-average dose, resolution
+    # (updates, 4): scan-average dose, resolution, its range (better, worse: the FRC one sigma
+    # up and down; NaN: not determined at that end)
+    resolution_vs_dose: np.ndarray | None = None
+    resolution_range_A: tuple[float, float] = (float("nan"), float("nan"))
     target_resolution_A: float | None = None
     dose_for_target_e_per_A2: float | None = None  # estimate from the power-law fit
     trust: tuple[LevelTrust, ...] = ()
@@ -123,7 +127,10 @@ class PipelineResult:
         bound = "better than " if self.resolution_limited else ""
         h = self.resolution_half_bit_A
         half_bit = "not determined" if h is None else f"{h:.3g} {angstrom}"
-        return (f"resolution {bound}{self.resolution_A:.3g} {angstrom} (FRC 0.143), "
+        lo, hi = self.resolution_range_A
+        spread = "" if bound or math.isnan(lo) else \
+            f"; {lo:.3g}-{'?' if math.isnan(hi) else f'{hi:.3g}'} {angstrom}"  # fmt: skip
+        return (f"resolution {bound}{self.resolution_A:.3g} {angstrom} (FRC 0.143{spread}), "
                 f"{half_bit} (half-bit)")  # fmt: skip
 
     def summary(self) -> str:
