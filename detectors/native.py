@@ -31,7 +31,7 @@ from tcbf_live.detectors.compression import decompress_lz4_block
 PROTOCOL = "tcbf-live"
 VERSION = 1
 ENCODINGS = ("raw", "lz4")
-ALLOWED_DTYPES = {"|u1", "<u2", ">u2", "<u4", ">u4", "<i2", "<i4", "<f4", ">f4"}
+ALLOWED_DTYPES = {"|u1", "<u2", ">u2", "<u4", ">u4", "<i2", "<i4", "<f2", ">f2", "<f4", ">f4"}
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: ground truth included, a header is a few kB
 MAX_FRAMES = 1 << 28  # frames per series / scan positions accepted from a header
 MAX_PIXELS = 1 << 26  # detector pixels accepted from a header (8192^2, as for DECTRIS)

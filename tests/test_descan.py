@@ -87,6 +87,6 @@ def test_live_updates_measure_it_incrementally():
     proc.add(FrameBatch(1, half, frames[half:]))
     final = proc.solve(final=True).descan
     pl, inputs = proc.pipeline, proc.inputs()
-    fresh = descan.disk_moments(inputs.stack, pl.k_px, pl._moments_of[1]) / pl.descan_gain
+    fresh = descan.disk_moments(inputs.stack, pl.k_px, pl.moments._of[1]) / pl.descan_gain
     np.testing.assert_allclose(final.centres_px.reshape(-1, 2), fresh, rtol=1e-12)
     assert abs(final.per_step_px[0, 0] - d[0]) < 0.003

@@ -74,6 +74,24 @@ def disk_moments(stack: np.ndarray, k_px: np.ndarray, exposure: np.ndarray) -> n
     return out
 
 
+class DiskMoments:
+    """`disk_moments` of every position, kept between updates and recomputed only where a
+    position's frames or exposure changed (a live update costs the new positions)."""
+
+    def __init__(self, n_pos: int, k_px: np.ndarray):
+        self.k_px = k_px
+        self.moments = np.full((n_pos, 2), np.nan)
+        self._of = (np.zeros(n_pos, np.int64), np.zeros(n_pos))  # (hits, exposure) taken at
+
+    def update(self, stack: np.ndarray, hits: np.ndarray, exposure: np.ndarray) -> np.ndarray:
+        seen = self._of
+        changed = np.flatnonzero((hits != seen[0]) | (exposure != seen[1]))
+        if changed.size:
+            self.moments[changed] = disk_moments(stack[changed], self.k_px, exposure[changed])
+            seen[0][changed], seen[1][changed] = hits[changed], exposure[changed]
+        return self.moments
+
+
 def moment_gain(mean_pattern: np.ndarray, bf_pixels: np.ndarray, center_px) -> float:
     """Moment displacement per px of disk displacement over the fixed BF support, from the mean
     pattern displaced by +-GAIN_SHIFT_PX along each axis (the aperture's own edge profile)."""

@@ -139,10 +139,13 @@ def fourier_ring_correlation(
     return FRC(centres, frc, n)
 
 
-def transfer_mask(shape: tuple[int, int], sampling_A: float, wavelength_A: float,
-                  p_A: np.ndarray) -> np.ndarray:  # fmt: skip
+def transfer_mask(shape: tuple[int, int], sampling_A: float | None, wavelength_A: float | None,
+                  p_A: np.ndarray | None) -> np.ndarray | None:  # fmt: skip
     """Frequencies of an image (FFT grid) where the tcBF contrast transfer |sin chi| is at
-    least TRANSFER_FLOOR (chi of the fitted defocus and astigmatism): what the FRC counts."""
+    least TRANSFER_FLOOR (chi of the fitted defocus and astigmatism): what the FRC counts.
+    None (every frequency) without the aberrations, the sampling or the wavelength."""
+    if p_A is None or not sampling_A or not wavelength_A:
+        return None
     chi, _ = quadratic_chi(shape, sampling_A, wavelength_A, np.asarray(p_A, float))
     return np.abs(np.sin(chi)) >= TRANSFER_FLOOR
 

@@ -23,7 +23,7 @@ from tcbf_live.stream.tcbf.alignment import (
 )
 from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
 from tcbf_live.stream.tcbf.depth import DepthSections, depth_sections
-from tcbf_live.stream.tcbf.descan import DescanFit, disk_moments, fit_descan, moment_gain
+from tcbf_live.stream.tcbf.descan import DescanFit, DiskMoments, fit_descan, moment_gain
 from tcbf_live.stream.tcbf.dose import (
     FRC,
     LevelTrust,
@@ -113,6 +113,9 @@ class Pipeline:
     def __init__(self, acquisition: Acquisition, calibration: Calibration, layout: TileLevels,
                  settings: PipelineSettings):  # fmt: skip
         acq = self.acquisition = acquisition
+        if acq.noiseless:  # no shot noise to wait for: every level is trusted from the start
+            settings = replace(settings, alignment=replace(settings.alignment,
+                                                           min_tile_electrons=0.0))  # fmt: skip
         self.settings = settings
         self.layout = layout
         self.scan_shape = acq.scan_shape
@@ -124,8 +127,7 @@ class Pipeline:
         mp = calibration.mean_pattern
         self.descan_gain = moment_gain(mp, calibration.bf_pixels, calibration.center_px)
         n_pos = acq.scan_shape[0] * acq.scan_shape[1]
-        self._moments = np.full((n_pos, 2), np.nan)
-        self._moments_of = (np.zeros(n_pos, np.int64), np.zeros(n_pos))
+        self.moments = DiskMoments(n_pos, self.k_px)
         weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
         self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
         # angular sampling: the stream's / the flags', else the calibration's, else semiangle
@@ -208,20 +210,14 @@ class Pipeline:
             dose_for_target_e_per_A2=res.dose_for_target, trust=self.last_trust,
             alignment_s=aligned.seconds, screen=screen, slips=aligned.slips,
             pixels_excluded=int(self.bad_px.sum()), depth=depth, descan=descan,
+            noiseless=self.acquisition.noiseless,
         )  # fmt: skip
         return self.last
 
     def descan(self, inputs: AlignmentInputs) -> DescanFit | None:
-        """The BF disk's drift over the scan (`descan.py`), from the stack's first moments,
-        recomputed only at positions whose frames or exposure changed since the last update."""
-        exposure = self.exposure(inputs)
-        seen = self._moments_of  # (hits, exposure) each position's moments were taken at
-        changed = np.flatnonzero((inputs.hits != seen[0]) | (exposure != seen[1]))
-        if changed.size:
-            self._moments[changed] = disk_moments(inputs.stack[changed], self.k_px,
-                                                  exposure[changed])  # fmt: skip
-            seen[0][changed], seen[1][changed] = inputs.hits[changed], exposure[changed]
-        return fit_descan(self._moments, self.scan_shape, self.descan_gain)
+        """The BF disk's drift over the scan (`descan.py`), from the stack's first moments."""
+        moments = self.moments.update(inputs.stack, inputs.hits, self.exposure(inputs))
+        return fit_descan(moments, self.scan_shape, self.descan_gain)
 
     def depth(self, inputs: AlignmentInputs, shifts_px: np.ndarray,
               aberrations: AberrationFit | None, final: bool) -> DepthSections | None:  # fmt: skip
@@ -309,9 +305,8 @@ class Pipeline:
                    aberrations: AberrationFit | None) -> _Resolution:  # fmt: skip
         """Step 4: resolution from the FRC of the two half-sets, its history against the dose
         so far, and the dose projected for the target resolution."""
-        sampling, lam = image.sampling_A, self.wavelength_A
-        transfer = None if aberrations is None or not (sampling and lam) else \
-            transfer_mask(image.image.shape, sampling, lam, aberrations.p_matrix_A())  # fmt: skip
+        sampling, p = image.sampling_A, aberrations and aberrations.p_matrix_A()
+        transfer = transfer_mask(image.image.shape, sampling, self.wavelength_A, p)
         frc = fourier_ring_correlation(*image.halves, sampling, self.shift_and_add.coverage(),
                                        transfer=transfer)  # fmt: skip
         res, limited = frc.resolution_A("0.143")
@@ -324,7 +319,7 @@ class Pipeline:
             self.resolution_history.append((dose, res, *spread))
         history = np.array(self.resolution_history, float).reshape(-1, 4)
         target = self.settings.target_resolution_A
-        needed = dose_for_resolution(target, history[:, :2]) if target else None
+        needed = target and dose_for_resolution(target, history[:, :2])
         return _Resolution(frc, res, limited, half_bit, history, needed, spread)
 
     # ------------------------------------------------------------------ helpers

@@ -33,11 +33,17 @@ class Acquisition:
     semiangle_mrad: float | None = None
     counts_per_electron: float = 1.0
     transpose: bool | None = None  # detector wiring, when announced
+    # float intensities without a counts calibration (no counts per electron announced or
+    # given): read as noiseless, every bin level trusted, the dose in counts
+    noiseless: bool = False
 
     @classmethod
     def of(cls, metadata: object) -> Acquisition:
-        """From any object carrying these fields (e.g. a `SeriesInfo`)."""
-        return cls(**{f.name: getattr(metadata, f.name) for f in fields(cls)})
+        """From any object carrying these fields (e.g. a `SeriesInfo`); `noiseless` from its
+        `dtype` (float) and a counts per electron left at 1 (not announced, not given)."""
+        known = {f.name: getattr(metadata, f.name) for f in fields(cls) if f.name != "noiseless"}
+        floats = np.dtype(getattr(metadata, "dtype", "<u2")).kind == "f"
+        return cls(**known, noiseless=floats and known["counts_per_electron"] == 1.0)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class PipelineResult:
     depth: DepthSections | None = None  # refocused sections (PipelineSettings.depth_offsets_A)
     descan: DescanFit | None = None  # the BF disk's drift over the scan (every update)
     higher: HigherOrderFit | None = None  # C10..C30 with uncertainties (`higher_order.py`)
+    noiseless: bool = False  # float intensities read as noiseless (`Acquisition.noiseless`)
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -155,5 +162,8 @@ class PipelineResult:
         s = self.descan
         descan = ("" if s is None else f"; descan {s.model}, "
                   f"drift {s.drift_px():.2g} px")  # fmt: skip
+        if self.noiseless:
+            res += ("; float frames without --counts-per-electron: read as noiseless, every bin "
+                    "level trusted, the dose in counts")  # fmt: skip
         return (f"tcBF: bins {levels}; {fit}{third}{res}{depth}{descan}; update "
                 f"{self.latency_s * 1e3:.0f} ms")  # fmt: skip
