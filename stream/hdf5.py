@@ -197,7 +197,9 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
                  "k_row_px, k_col_px, shift_row_px, shift_col_px, peak_quality, used")  # fmt: skip
         align["tiles"].attrs["bin_px"] = it.bin_px
     if tcbf.aberrations is not None:
-        write_attrs(f.create_group("aberrations"), fields_of(tcbf.aberrations, ABERRATIONS))
+        ab = tcbf.aberrations
+        errors = {f"{k}_err": v for k, v in (ab.errors or {}).items()}
+        write_attrs(f.create_group("aberrations"), fields_of(ab, ABERRATIONS) | errors)
         if tcbf.higher is not None:  # C21, C23, C30 with uncertainties (`tcbf.higher_order`)
             write_attrs(f["aberrations"], tcbf.higher.file_attributes())
     s = tcbf.descan

@@ -129,3 +129,23 @@ def test_simulated_coma_trefoil_and_cs_are_recovered(edge_px, tolerance):
             assert abs(d) <= 0.1 and abs(d) < 4 * m * c[name].angle_error_rad
     assert abs(c["C10"].value_A - ab.C10_A) < 4 * c["C10"].error_A
     assert "third order: C21" in result.summary()
+
+
+@pytest.mark.parametrize("dose", [1e4, 100.0])
+def test_the_linear_fit_reports_errors_that_cover_the_truth(dose):
+    """Defocus, C12 and rotation with 1-sigma errors from the tiles' scatter: the truth within
+    3 sigma (measured on the tutorial: 0.0-2.1 sigma over 1e4, 1e3 and 100 e/A^2)."""
+    from tcbf_live.detectors.base import FrameBatch
+    from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+
+    sim = Simulator(tutorial_config(dose_e_per_A2=dose))
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    proc.add(FrameBatch(1, 0, sim.frames(0, sim.n_frames)))
+    r = proc.solve(final=True)
+    ab, e = r.aberrations, r.aberrations.errors
+    assert 0 < e["C10_A"] < 0.01 * 15000
+    assert abs(ab.defocus_A - 15000.0) < 3 * e["C10_A"]
+    assert abs(ab.C12_A) < 3 * e["C12_A"]  # none in the truth
+    assert abs(math.remainder(ab.rotation_rad - math.radians(-15.0), 2 * math.pi)) < \
+        3 * e["rotation_rad"]  # fmt: skip
+    assert "(1 sigma: defocus" in r.summary()

@@ -176,6 +176,7 @@ SCALARS = {
     "resolution_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "descan_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "third_order_text": lambda v: isinstance(v, str) and len(v) <= 300,
+    "aberration_errors_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "target_resolution_A": _opt(_is_num),
     "dose_for_target_e_per_A2": _opt(_is_num),
     "trust": lambda v: isinstance(v, list) and len(v) <= MAX_LIST and all(map(_trust_row, v)),

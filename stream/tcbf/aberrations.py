@@ -16,7 +16,7 @@ one. Without it the rotation is folded into (-90, 90] deg, as py4DSTEM does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,18 @@ class AberrationFit:
     transpose: bool
     matrix_A_per_rad: np.ndarray  # M in s_A = M alpha_rad
     residual_px: float  # rms misfit of the linear model
+    # 1-sigma statistical errors by field name (C10_A, C12_A, phi12_rad, rotation_rad), from
+    # the tiles' scatter (`higher_order.linear_uncertainties`); None: not known
+    errors: dict | None = field(default=None, compare=False)
+
+    def errors_text(self) -> str:
+        """' (1 sigma: defocus 25 A, C12 25 A, 12 deg, rotation 0.09 deg)', or '' unknown."""
+        e = self.errors
+        if not e:
+            return ""
+        return (f" (1 sigma: defocus {e['C10_A']:.2g} A, C12 {e['C12_A']:.2g} A, "
+                f"{math.degrees(e['phi12_rad']):.2g} deg, rotation "
+                f"{math.degrees(e['rotation_rad']):.2g} deg)")  # fmt: skip
 
     @property
     def defocus_A(self) -> float:

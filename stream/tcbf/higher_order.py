@@ -92,6 +92,7 @@ class HigherOrderFit:
     residual_A: float  # weighted rms misfit of the used tiles
     tiles_used: int
     residuals_A: np.ndarray  # (n_tiles, 2) measured - model (with the offset); NaN: unused
+    rotation_error_rad: float = float("nan")
 
     @property
     def cartesian_A(self) -> np.ndarray:
@@ -224,23 +225,46 @@ def fit_alignment(result: AlignmentResult, linear: AberrationFit | None, step_A:
                             it.measured_weights, linear.transpose, linear.rotation_rad)  # fmt: skip
 
 
+def linear_uncertainties(result: AlignmentResult, linear: AberrationFit | None, step_A: float,
+                         sampling_mrad: float) -> dict[str, float] | None:  # fmt: skip
+    """1-sigma statistical errors of the linear fit's C10, C12, phi12 and rotation (keys as
+    the AberrationFit fields): the linear model (and the offset) fitted to the same tiles
+    (`fit_alignment`), the covariance scaled by their scatter. None where it cannot be."""
+    if linear is None or not result.iterations or not (step_A and sampling_mrad):
+        return None
+    it = result.iterations[-1]
+    if it.measured_weights is None:
+        return None
+    fit = fit_higher_order(it.k_px * (sampling_mrad * 1e-3), it.shifts_px * step_A,
+                           it.measured_weights, linear.transpose, linear.rotation_rad,
+                           third_order=False)  # fmt: skip
+    if fit is None:
+        return None
+    c12 = fit.coefficients()["C12"]
+    return {"C10_A": fit.coefficients()["C10"].error_A, "C12_A": c12.error_A,
+            "phi12_rad": c12.angle_error_rad, "rotation_rad": fit.rotation_error_rad}
+
+
 def calibration_floor(name: str, relative_calibration_error: float) -> float:
     """Relative error of C<name> from a relative error of the angular sampling (module doc)."""
     return abs((1.0 + relative_calibration_error) ** -RADIAL_ORDER[name] - 1.0)
 
 
 def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: np.ndarray,
-                     transpose: bool, rotation_rad: float) -> HigherOrderFit | None:  # fmt: skip
+                     transpose: bool, rotation_rad: float,
+                     third_order: bool = True) -> HigherOrderFit | None:  # fmt: skip
     """Fit M and C21, C23, C30 to tile shifts (A, scan frame) at detector-frame tilts (rad),
     starting from the linear fit's rotation (and keeping its side of the 180 degree
-    ambiguity); None with fewer than MIN_TILES weighted tiles
-    or a singular design (the tilts do not span the disk)."""
+    ambiguity); None with fewer than MIN_TILES weighted tiles or a singular design (the tilts
+    do not span the disk). `third_order=False`: M alone (the linear model's uncertainties;
+    the higher orders zero and their covariance zero)."""
     a = np.asarray(alpha_det_rad, float)
     s = np.asarray(shifts_A, float)
     use = np.asarray(weights, float) > 0
     rotation = rotation_rad
+    higher_n = 5 if third_order else 0
     for _ in range(ROUNDS):
-        fitted = _solve(a, s, weights, use, transpose, rotation)
+        fitted = _solve(a, s, weights, use, transpose, rotation, higher_n)
         if fitted is None:
             return None
         m, higher, cov, resid = fitted
@@ -250,25 +274,33 @@ def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: n
         rotation = _branch(polar_decomposition(m, transpose)[0], rotation_rad)
         if keep.sum() >= MIN_TILES:
             use = keep
-    fitted = _solve(a, s, weights, use, transpose, rotation)
+    fitted = _solve(a, s, weights, use, transpose, rotation, higher_n)
     if fitted is None:
         return None
-    m, higher, cov9, resid = fitted
+    m, higher, cov_p, resid = fitted
     resid2 = np.sum(resid**2, axis=1)
     rotation = _branch(polar_decomposition(m, transpose)[0], rotation_rad)
     u = _rotation(rotation, transpose)
     # C10, C12a, C12b are linear in M for a fixed U (P = M U^T): propagate the covariance
-    jac = np.zeros((8, 9))
+    jac = np.zeros((8, 4 + higher_n))
     for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # M entries, row-major
         dp = np.zeros((2, 2))
         dp[i, j] = 1.0
         dp = dp @ u.T
         jac[:3, k] = [0.5 * (dp[0, 0] + dp[1, 1]), 0.5 * (dp[0, 0] - dp[1, 1]),
                       0.5 * (dp[0, 1] + dp[1, 0])]  # fmt: skip
-    jac[3:, 4:] = np.eye(5)
+    jac[3 : 3 + higher_n, 4:] = np.eye(higher_n)
     rms = math.sqrt(np.sum(weights[use] * resid2[use]) / np.sum(weights[use]))
-    return HigherOrderFit(m, higher, jac @ cov9 @ jac.T, float(rotation), bool(transpose),
-                          rms, int(use.sum()), np.where(use[:, None], resid, np.nan))  # fmt: skip
+    grad = np.zeros(4)  # the rotation's gradient in M (numerical: the polar decomposition)
+    for k in range(4):
+        dm = np.zeros(4)
+        dm[k] = 1e-6 * max(np.abs(m).max(), 1e-12)
+        up = polar_decomposition(m + dm.reshape(2, 2), transpose)[0]
+        grad[k] = math.remainder(up - polar_decomposition(m, transpose)[0], 2 * math.pi) / dm[k]
+    rotation_error = math.sqrt(max(grad @ cov_p[:4, :4] @ grad, 0.0))
+    return HigherOrderFit(m, higher if third_order else np.zeros(5), jac @ cov_p @ jac.T,
+                          float(rotation), bool(transpose), rms, int(use.sum()),
+                          np.where(use[:, None], resid, np.nan), rotation_error)  # fmt: skip
 
 
 def _branch(theta: float, start: float) -> float:
@@ -284,7 +316,7 @@ def _rotation(theta: float, transpose: bool) -> np.ndarray:
     return np.array([[c, -s], [s, c]]) @ (TRANSPOSE if transpose else np.eye(2))
 
 
-def _solve(a, s, weights, use, transpose, rotation):
+def _solve(a, s, weights, use, transpose, rotation, higher_n=5):
     """One weighted least-squares solve for the 9 parameters (M row-major, then the higher
     orders) and a common offset of all shifts (the images' registration fixes no absolute
     origin: coma's shift field has a mean of (2/3) C21 <alpha^2>, which a fit without the
@@ -292,14 +324,15 @@ def _solve(a, s, weights, use, transpose, rotation):
     per tile) or None."""
     if use.sum() < MIN_TILES:
         return None
-    n = len(a)
-    design = np.zeros((n, 2, 11))
+    n, p = len(a), 4 + higher_n  # the parameters; then the offset (two more)
+    design = np.zeros((n, 2, p + 2))
     design[:, 0, 0], design[:, 0, 1] = a[:, 0], a[:, 1]
     design[:, 1, 2], design[:, 1, 3] = a[:, 0], a[:, 1]
-    design[:, :, 4:9] = higher_basis(a @ _rotation(rotation, transpose).T)
-    design[:, 0, 9], design[:, 1, 10] = 1.0, 1.0
+    if higher_n:
+        design[:, :, 4:p] = higher_basis(a @ _rotation(rotation, transpose).T)
+    design[:, 0, p], design[:, 1, p + 1] = 1.0, 1.0
     w = np.repeat(np.asarray(weights, float)[use], 2)
-    x = design[use].reshape(-1, 11)
+    x = design[use].reshape(-1, p + 2)
     y = s[use].reshape(-1)
     xtw = x.T * w
     normal = xtw @ x
@@ -312,7 +345,7 @@ def _solve(a, s, weights, use, transpose, rotation):
     inv = np.linalg.inv(normal_n) / np.outer(scale, scale)
     params = inv @ (xtw @ y)
     resid = s - np.einsum("nkp,p->nk", design, params)
-    dof = max(2 * int(use.sum()) - 11, 1)
+    dof = max(2 * int(use.sum()) - p - 2, 1)
     chi2 = float(np.sum(w * (y - x @ params) ** 2)) / dof
-    cov = inv[:9, :9] * chi2  # (the weights' scale cancels)
-    return params[:4].reshape(2, 2), params[4:9], cov, resid
+    cov = inv[:p, :p] * chi2  # (the weights' scale cancels)
+    return params[:4].reshape(2, 2), params[4:p], cov, resid

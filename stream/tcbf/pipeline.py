@@ -32,7 +32,7 @@ from tcbf_live.stream.tcbf.dose import (
     level_trust,
     transfer_mask,
 )
-from tcbf_live.stream.tcbf.higher_order import fit_alignment
+from tcbf_live.stream.tcbf.higher_order import fit_alignment, linear_uncertainties
 from tcbf_live.stream.tcbf.optics import information_limit_per_A, matrix_A_per_rad, wavelength_A
 from tcbf_live.stream.tcbf.reconstruction import (
     EXPOSURE_TOLERANCE,
@@ -272,8 +272,10 @@ class Pipeline:
         m_a = matrix_A_per_rad(result.matrix_px, self.acquisition.step_A, self.sampling_mrad)
         errors = result.errors_px[np.isfinite(result.errors_px)]
         misfit = float(errors[-1]) if errors.size else float("nan")
-        return decompose(m_a, self.settings.alignment.defocus_sign, misfit,
-                         self.acquisition.transpose)  # fmt: skip
+        fit = decompose(m_a, self.settings.alignment.defocus_sign, misfit,
+                        self.acquisition.transpose)  # fmt: skip
+        errors = linear_uncertainties(result, fit, self.acquisition.step_A, self.sampling_mrad)
+        return replace(fit, errors=errors)
 
     def image(self, inputs: AlignmentInputs, shifts_px: np.ndarray,
               aberrations: AberrationFit | None, final: bool) -> _Image:  # fmt: skip

@@ -145,7 +145,7 @@ class PipelineResult:
         fit = (
             f"defocus {ab.defocus_A:.4g} A, C12 {ab.C12_A:.3g} A at "
             f"{np.degrees(ab.phi12_rad):.1f} deg, rotation {np.degrees(ab.rotation_rad):.2f} deg"
-            f"{', transposed' if ab.transpose else ''}"
+            f"{', transposed' if ab.transpose else ''}{ab.errors_text()}"
             if ab is not None
             else "aberrations need --energy/--step and an angular sampling"
         )
