@@ -79,6 +79,7 @@ class SeriesInfo:
     rotation_deg: float | None = None
     transpose: bool | None = None
     counts_per_electron: float = 1.0
+    dose_e_per_A2: float | None = None  # per position, when stated (float frames' gain from it)
     mask_value: int | None = None  # pixels carrying this value are dead/hot (2**bits - 1)
     # pixels the detector flags as defective (True = exclude), e.g. a DECTRIS pixel mask sent
     # with header_detail "all": needed when the detector does not apply it to the images

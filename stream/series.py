@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -54,6 +54,7 @@ METADATA_OVERRIDES = (
     "semiangle_mrad",
     "angular_sampling_mrad",
     "counts_per_electron",
+    "dose_e_per_A2",
 )
 
 
@@ -368,8 +369,9 @@ class SeriesProcessor:
         if final and screen is None and self._pipeline is not None:  # no model: still say why
             screen = self._pipeline.screen(self.inputs())
         excluded = screen.excluded.reshape(self.scan_shape).copy() if screen else None
+        gain = self._pipeline and self._pipeline.acquisition.counts_per_electron  # (--dose)
         return SeriesResult(
-            info=self.info,
+            info=replace(self.info, counts_per_electron=gain) if gain else self.info,
             calibration=self.calibration,
             bins=lay.bins,
             n_tiles=lay.n_tiles,

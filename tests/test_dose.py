@@ -280,7 +280,33 @@ def test_float_intensities_without_a_counts_calibration_are_read_as_noiseless(dt
     assert r.noiseless and r.alignment.schedule[-1] == 4
     assert r.aberrations.defocus_A == pytest.approx(15000.0, rel=0.005)
     assert "read as noiseless" in r.summary()
-    given = ProcessingSettings(metadata={"counts_per_electron": 2.0})  # calibrated: counts
-    proc = SeriesProcessor(info, given)
+    stated = ProcessingSettings(metadata={"dose_e_per_A2": 100.0})  # --dose: the gain from it
+    proc = SeriesProcessor(info, stated)
     proc.add(FrameBatch(1, 0, frames))
-    assert not proc.solve(final=True) or not proc.solve(final=True).noiseless
+    r = proc.solve(final=True)
+    assert not r.noiseless and r.screen is not None
+    assert proc.result().dose_e_per_A2 == pytest.approx(100.0, rel=1e-3)
+    assert r.aberrations.defocus_A == pytest.approx(15000.0, rel=0.01)
+
+
+def test_reconstruct_with_a_stated_dose(tmp_path, capsys, expect_usage_error):
+    """`reconstruct --dose 100` on noise-free frames normalised to sum 1: the file's dose is
+    the stated one and the frames are not read as noiseless; a dose that is not positive is
+    a usage error (one line, exit code 2)."""
+    from tcbf_live.detectors.files import write_dataset
+
+    sim = Simulator(tutorial_config(noise=False))
+    cfg = sim.cfg
+    frames = sim.frames(0, sim.n_frames)
+    frames = (frames / frames.sum(axis=(1, 2), keepdims=True)).astype(np.float32)
+    data, out = tmp_path / "sim.npy", tmp_path / "r.h5"
+    write_dataset(str(data), cfg.scan_shape, cfg.detector_shape, np.float32, sim.ground_truth(),
+                  iter([(0, frames)]))  # fmt: skip
+    argv = ["reconstruct", str(data), "--energy", "300000", "--step", str(cfg.step_A),
+            "--semiangle", "4", "--output", str(out)]  # fmt: skip
+    assert main([*argv, "--dose", "100"]) == 0
+    with h5py.File(out) as f:
+        assert f["dose"].attrs["dose_e_per_A2"] == pytest.approx(100.0, rel=1e-3)
+        assert f["aberrations"].attrs["defocus_A"] == pytest.approx(15000.0, rel=0.01)
+    capsys.readouterr()
+    expect_usage_error([*argv, "--dose", "-5", "--overwrite"])

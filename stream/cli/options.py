@@ -48,6 +48,9 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
         "--angular-sampling", type=parse_finite, metavar="MRAD", help="mrad per detector px"
     )
     p.add_argument("--counts-per-electron", type=parse_finite, metavar="G")
+    p.add_argument("--dose", type=parse_finite, metavar="E_PER_A2",
+                   help="the dose per position (e/A^2) if known: float frames get their counts "
+                   "per electron from it (else they are read as noiseless)")  # fmt: skip
     p.add_argument("--calibration-frames", type=int, default=64, metavar="N")
     p.add_argument("--bf-threshold", type=parse_finite, default=0.5, metavar="T",
                    help="BF disk = mean pattern >= T x plateau (default 0.5)")  # fmt: skip
@@ -186,7 +189,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
     if args.calibration_frames < 1 or not 0 < args.bf_threshold < 1:
         raise UsageError("need --calibration-frames >= 1 and 0 < --bf-threshold < 1")
     for name in ("energy", "step", "semiangle", "angular_sampling", "counts_per_electron",
-                 "min_tile_electrons", "axial_radius"):  # fmt: skip
+                 "dose", "min_tile_electrons", "axial_radius"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -223,6 +226,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
             "semiangle_mrad": args.semiangle,
             "angular_sampling_mrad": args.angular_sampling,
             "counts_per_electron": args.counts_per_electron,
+            "dose_e_per_A2": args.dose,
         },
         calibration_frames=args.calibration_frames,
         bf_threshold=args.bf_threshold,

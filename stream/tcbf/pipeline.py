@@ -166,6 +166,7 @@ class Pipeline:
         """Copies of the (merged) state for one update: the hits, totals and BF sums, and the
         tile sums of the alignment window only (live: take them under the ingest lock)."""
         hits = state.hits.copy()
+        self.acquisition = self.acquisition.with_stated_dose(state.totals, hits)
         window = self.window(hits.reshape(self.scan_shape) > 0)
         (r0, r1), (c0, c1) = window
         tiles = state.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()

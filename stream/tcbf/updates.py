@@ -7,7 +7,7 @@ that builds the inputs and publishes the results.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -33,17 +33,29 @@ class Acquisition:
     semiangle_mrad: float | None = None
     counts_per_electron: float = 1.0
     transpose: bool | None = None  # detector wiring, when announced
+    dose_e_per_A2: float | None = None  # stated per position: the counts per electron from it
     # float intensities without a counts calibration (no counts per electron announced or
-    # given): read as noiseless, every bin level trusted, the dose in counts
+    # given, no dose stated): read as noiseless, every bin level trusted, the dose in counts
     noiseless: bool = False
 
     @classmethod
     def of(cls, metadata: object) -> Acquisition:
         """From any object carrying these fields (e.g. a `SeriesInfo`); `noiseless` from its
-        `dtype` (float) and a counts per electron left at 1 (not announced, not given)."""
+        `dtype` (float), a counts per electron left at 1 and no dose stated."""
         known = {f.name: getattr(metadata, f.name) for f in fields(cls) if f.name != "noiseless"}
         floats = np.dtype(getattr(metadata, "dtype", "<u2")).kind == "f"
-        return cls(**known, noiseless=floats and known["counts_per_electron"] == 1.0)
+        uncalibrated = known["counts_per_electron"] == 1.0 and not known["dose_e_per_A2"]
+        return cls(**known, noiseless=floats and uncalibrated)
+
+    def with_stated_dose(self, totals: np.ndarray, hits: np.ndarray) -> Acquisition:
+        """Where a dose is stated (and the step known): the counts per electron that make the
+        acquired positions' mean counts per frame that dose; else unchanged."""
+        frames = float(hits.sum())
+        if not self.dose_e_per_A2 or not self.step_A or frames <= 0:
+            return self
+        counts = float(totals[np.isfinite(totals)].sum()) / frames
+        gain = counts / (self.dose_e_per_A2 * self.step_A**2)
+        return replace(self, counts_per_electron=gain) if gain > 0 else self
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,7 @@ class PipelineResult:
         descan = ("" if s is None else f"; descan {s.model}, "
                   f"drift {s.drift_px():.2g} px")  # fmt: skip
         if self.noiseless:
-            res += ("; float frames without --counts-per-electron: read as noiseless, every bin "
-                    "level trusted, the dose in counts")  # fmt: skip
+            res += ("; float frames without --counts-per-electron or --dose: read as "
+                    "noiseless, every bin level trusted, the dose in counts")  # fmt: skip
         return (f"tcBF: bins {levels}; {fit}{third}{res}{depth}{descan}; update "
                 f"{self.latency_s * 1e3:.0f} ms")  # fmt: skip
