@@ -143,9 +143,34 @@ def test_the_linear_fit_reports_errors_that_cover_the_truth(dose):
     proc.add(FrameBatch(1, 0, sim.frames(0, sim.n_frames)))
     r = proc.solve(final=True)
     ab, e = r.aberrations, r.aberrations.errors
-    assert 0 < e["C10_A"] < 0.01 * 15000
+    assert 0 < e["C10_A"] < 0.02 * 15000
     assert abs(ab.defocus_A - 15000.0) < 3 * e["C10_A"]
     assert abs(ab.C12_A) < 3 * e["C12_A"]  # none in the truth
     assert abs(math.remainder(ab.rotation_rad - math.radians(-15.0), 2 * math.pi)) < \
         3 * e["rotation_rad"]  # fmt: skip
     assert "(1 sigma: defocus" in r.summary()
+
+
+def test_the_defocus_error_covers_a_coarse_schedule_bias():
+    """The weak-phase case (20 mrad, 150 A defocus) at 3e4 e/A^2 aligns only to bin 8 and reads
+    its defocus ~3 % high; the statistical sigma alone (0.9 A) put the truth 5.5 sigma away.
+    With the tile-size floor it is within 2 sigma."""
+    from tcbf_live.detectors.base import FrameBatch
+    from tcbf_live.simulators.simulate import SimulationConfig
+    from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+    from tcbf_live.stream.tcbf.alignment import AlignmentSettings
+    from tcbf_live.stream.tcbf.pipeline import PipelineSettings
+
+    cfg = SimulationConfig(scan_shape=(24, 48), step_A=0.5, detector_shape=(128, 128),
+                           energy_eV=300e3, semiangle_mrad=20.0, angular_sampling_mrad=1.23,
+                           rolloff_mrad=0.2, aberrations=Aberrations.from_defocus(150.0),
+                           dose_e_per_A2=3e4, sample="random", feature_A=0.5,
+                           phase_rms=0.038)  # fmt: skip
+    sim = Simulator(cfg)
+    settings = ProcessingSettings(pipeline=PipelineSettings(
+        alignment=AlignmentSettings(defocus_sign=+1)))  # fmt: skip
+    proc = SeriesProcessor(sim.series_info(1), settings)
+    proc.add(FrameBatch(1, 0, sim.frames(0, sim.n_frames)))
+    ab = proc.solve(final=True).aberrations
+    assert abs(ab.defocus_A - 150.0) < 2 * ab.errors["C10_A"]
+    assert ab.errors["C10_A"] < 0.05 * 150.0
