@@ -42,6 +42,7 @@ HIGHER = ("C21a", "C21b", "C23a", "C23b", "C30")
 RADIAL_ORDER = {"C10": 1, "C12": 1, "C21": 2, "C23": 2, "C30": 3}  # shift ~ C alpha^n
 ANGULAR_ORDER = {"C12": 2, "C21": 1, "C23": 3}
 MIN_TILES = 12  # 11 parameters (with the offset): fewer tiles leave no check
+MIN_LINEAR_TILES = 5  # the linear model and the offset: 6 parameters
 ROUNDS = 4  # rotation updates
 # the linear fit's systematic floor on C10 and C12, relative to |C10|: TILE_FLOOR x (tile size /
 # disk radius)^2. Coarse tiles average shifts over much of the disk, and the weak-phase case
@@ -264,7 +265,8 @@ def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: n
                      third_order: bool = True) -> HigherOrderFit | None:  # fmt: skip
     """Fit M and C21, C23, C30 to tile shifts (A, scan frame) at detector-frame tilts (rad),
     starting from the linear fit's rotation (and keeping its side of the 180 degree
-    ambiguity); None with fewer than MIN_TILES weighted tiles or a singular design (the tilts
+    ambiguity); None with fewer weighted tiles than MIN_TILES (MIN_LINEAR_TILES for the linear
+    model alone) or a singular design (the tilts
     do not span the disk). `third_order=False`: M alone (the linear model's uncertainties;
     the higher orders zero and their covariance zero)."""
     a = np.asarray(alpha_det_rad, float)
@@ -281,7 +283,7 @@ def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: n
         rms = math.sqrt(np.sum(weights[use] * resid2[use]) / np.sum(weights[use]))
         keep = use & (np.sqrt(resid2) <= 3.0 * rms)
         rotation = _branch(polar_decomposition(m, transpose)[0], rotation_rad)
-        if keep.sum() >= MIN_TILES:
+        if keep.sum() >= (MIN_TILES if third_order else MIN_LINEAR_TILES):
             use = keep
     fitted = _solve(a, s, weights, use, transpose, rotation, higher_n)
     if fitted is None:
@@ -331,7 +333,7 @@ def _solve(a, s, weights, use, transpose, rotation, higher_n=5):
     origin: coma's shift field has a mean of (2/3) C21 <alpha^2>, which a fit without the
     offset would read as a smaller coma); (M, higher, covariance of the 9, residual (N, 2)
     per tile) or None."""
-    if use.sum() < MIN_TILES:
+    if use.sum() < (MIN_TILES if higher_n else MIN_LINEAR_TILES):
         return None
     n, p = len(a), 4 + higher_n  # the parameters; then the offset (two more)
     design = np.zeros((n, 2, p + 2))
