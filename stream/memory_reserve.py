@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tcbf_live.stream import pages
 from tcbf_live.stream.budget import format_bytes
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def take_stack(scan_shape: tuple[int, int], n_bf: int, integer: bool) -> np.ndar
     nbytes = int(scan_shape[0]) * int(scan_shape[1]) * int(n_bf) * (2 if integer else 4)
     if buf.nbytes * MIN_USE <= nbytes <= buf.nbytes:
         log.info("the stack (%s) is in the memory prepared at start-up", format_bytes(nbytes))
+        pages.release(buf[nbytes:])  # the unused end goes back (the budget counts the stack)
         return buf
     log.info("memory prepared at start-up released: the calibrated stack needs %s, not %s",
              format_bytes(nbytes), format_bytes(buf.nbytes))  # fmt: skip

@@ -256,7 +256,8 @@ class SeriesProcessor:
             stack_memory=memory_reserve.take_stack(self.scan_shape, cal.n_bf, integer),
         )  # fmt: skip
         self.staging = Staging(self.acc, self.index_offset)
-        self._pipeline = Pipeline(Acquisition.of(self.info), cal, layout, s.pipeline)
+        counts = cal.whole_counts or "counts_per_electron" in s.metadata  # (float intensities)
+        self._pipeline = Pipeline(Acquisition.of(self.info, counts), cal, layout, s.pipeline)
 
     # ------------------------------------------------------------------ merge
     def partition(self) -> AccumulatorState:
@@ -369,8 +370,8 @@ class SeriesProcessor:
         if final and screen is None and self._pipeline is not None:  # no model: still say why
             screen = self._pipeline.screen(self.inputs())
         excluded = screen.excluded.reshape(self.scan_shape).copy() if screen else None
-        gain = self._pipeline and self._pipeline.acquisition.counts_per_electron  # (--dose)
-        return SeriesResult(
+        gain = self._pipeline.acquisition.counts_per_electron if self._pipeline else None
+        return SeriesResult(  # (the gain a stated dose gave float intensities: `--dose`)
             info=replace(self.info, counts_per_electron=gain) if gain else self.info,
             calibration=self.calibration,
             bins=lay.bins,

@@ -283,8 +283,8 @@ class Worker:
 
     def calibrated(self, sid: int, gen: int | None, cal: Calibration) -> None:
         s = self.series.get(sid)
-        if s is None:  # its start has not reached this worker yet: it comes with the start
-            self.early_cal = (sid, gen, cal)
+        if s is None or (gen is not None and gen > s.gen):  # its start (a restart: its next
+            self.early_cal = (sid, gen, cal)  # run) has not reached this worker yet: kept
             return
         if s.proc is not None or gen not in (None, s.gen):
             return

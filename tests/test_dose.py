@@ -125,6 +125,13 @@ def test_the_low_frequency_gap_of_tcbf_is_not_the_resolution():
     assert 1 / worse == pytest.approx(q[8] + (0.25 - 0.143) / 0.2 * q[0])
     assert 1 / better == pytest.approx(q[9] + (0.15 - 0.143) / 0.05 * q[0])
     assert better < d < worse
+    # rings the transfer mask empties (n = 0 at the zeros of sin chi) are left out, not read
+    # as "below": with one after every ring the answer is the same curve's
+    gaps = FRC(np.arange(1, 25) / 80.0, np.ravel(np.column_stack([curve, np.zeros(12)])),
+               np.ravel(np.column_stack([np.full(12, 400.0), np.zeros(12)])))  # fmt: skip
+    assert 1 / gaps.resolution_A()[0] == pytest.approx(17 / 80 + (0.3 - 0.143) / 0.2 * 2 / 80)
+    lo, hi = gaps.resolution_range_A()
+    assert lo < gaps.resolution_A()[0] < hi
 
 
 def test_resolution_vs_dose_is_monotone_within_its_range():
@@ -280,6 +287,9 @@ def test_float_intensities_without_a_counts_calibration_are_read_as_noiseless(dt
     assert r.noiseless and r.alignment.schedule[-1] == 4
     assert r.aberrations.defocus_A == pytest.approx(15000.0, rel=0.005)
     assert "read as noiseless" in r.summary()
+    counts = SeriesProcessor(info, ProcessingSettings())  # whole numbers stored as floats
+    counts.add(FrameBatch(1, 0, np.round(frames * 1e4).astype(dtype)))
+    assert not counts.solve(final=True).noiseless
     stated = ProcessingSettings(metadata={"dose_e_per_A2": 100.0})  # --dose: the gain from it
     proc = SeriesProcessor(info, stated)
     proc.add(FrameBatch(1, 0, frames))
@@ -310,3 +320,5 @@ def test_reconstruct_with_a_stated_dose(tmp_path, capsys, expect_usage_error):
         assert f["aberrations"].attrs["defocus_A"] == pytest.approx(15000.0, rel=0.01)
     capsys.readouterr()
     expect_usage_error([*argv, "--dose", "-5", "--overwrite"])
+    capsys.readouterr()
+    expect_usage_error([*argv, "--dose", "100", "--counts-per-electron", "2", "--overwrite"])

@@ -454,6 +454,10 @@ def test_a_calibration_before_its_series_start_is_kept_for_it(sim):
         w.calibrated(5, 1, cal)  # run 1's, late; run 2 starts next: not for it
         w.on_start(sim.series_info(5), repeat=False)
         assert w.series[5].gen == 2 and w.series[5].proc is None
+        w.calibrated(5, 3, cal)  # run 3's, while run 2 is still open here: kept for run 3
+        assert w.series[5].proc is None
+        w.on_start(sim.series_info(5), repeat=False)
+        assert w.series[5].gen == 3 and w.series[5].proc is not None
     finally:
         w.sock.close(linger=0)
         link.close(linger=0)

@@ -193,6 +193,8 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.dose is not None and args.counts_per_electron is not None:
+        raise UsageError("give --dose (float intensities) or --counts-per-electron, not both")
     if args.step is not None and not 1e-3 <= args.step <= 1e6:
         raise UsageError("--step must be between 0.001 and 1e6 A")
     if args.energy is not None and not 1e3 <= args.energy <= 1e7:

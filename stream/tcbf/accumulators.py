@@ -285,8 +285,8 @@ class Accumulators:
         """Fold frames (B, Qx, Qy) with arbitrary acquisition indices (B,) into the sums (of
         `into`, another state of this geometry, when given)."""
         flat = frames.reshape(frames.shape[0], -1)
-        if flat.dtype == np.float16:  # (the kernels have no float16: half the bytes, a copy)
-            flat = flat.astype(np.float32)
+        if flat.dtype.kind == "f" and flat.dtype.itemsize == 2:  # (no float16 kernels: a copy)
+            flat = flat.astype("=f4")
         accumulate_frames(flat, indices, *self.kernel_args(into))
 
     def kernel_args(self, into: AccumulatorState | None = None) -> tuple:

@@ -35,6 +35,7 @@ class Calibration:
     angular_sampling_mrad: float | None = None
     hot_pixels: int = 0  # found persistently far above all their neighbours (masked)
     dead_pixels: int = 0  # found persistently far below all their neighbours (masked)
+    whole_counts: bool = True  # the frames held whole numbers (False: float intensities)
 
     @property
     def n_bf(self) -> int:
@@ -225,4 +226,5 @@ def calibrate(
         angular_sampling_mrad=angular_sampling_mrad,
         hot_pixels=int(hot.sum()),
         dead_pixels=int(dead.sum()),
+        whole_counts=frames.dtype.kind != "f" or bool(np.all(np.mod(frames, 1) == 0)),
     )

@@ -55,46 +55,63 @@ class FRC:
         f = np.clip(self.frc, -0.999, 0.999)
         return 2 * f / (1 - f)
 
-    @property
-    def sigma(self) -> np.ndarray:
-        """Per-ring standard deviation of the FRC of noise, 1 / sqrt(Fourier pixels)."""
-        return 1.0 / np.sqrt(np.maximum(self.n_pixels, 1.0))
-
     def resolution_range_A(self, threshold: str = "0.143") -> tuple[float, float]:
-        """(better, worse): `resolution_A` of the curve one sigma above and one below it
-        (NaN: not determined at that end); the spread a single curve's noise allows."""
-        return (self.resolution_A(threshold, +1.0)[0], self.resolution_A(threshold, -1.0)[0])
+        """(better, worse): the crossings of the curve one sigma (1/sqrt(ring pixels), the FRC
+        of noise) above and one below it, the search starting where the curve itself first
+        rises (so both bracket `resolution_A`; NaN: not determined at that end); the spread a
+        single curve's noise allows."""
+        start = self._search(threshold, 0.0)[0]
+        if start is None:
+            return (math.nan, math.nan)
+        ends = [self._search(threshold, k, start)[1] for k in (+1.0, -1.0)]
+        d = [e[0] for e in ends]
+        if any(math.isnan(x) for x in d):
+            return (d[0], d[1])
+        return (min(d), max(d))
 
     def resolution_A(self, threshold: str = "0.143",
                      sigmas: float = 0.0) -> tuple[float, bool]:  # fmt: skip
         """(d, limited): d = 1/q where the FRC drops below the threshold for good, after it
         has first been above it for two rings (the lowest rings skipped): the first ring below
         it whose next ring is below it too, so a single-ring dip at a zero of the contrast
-        transfer (sin chi = 0) does not end the count (linear interpolation between rings). If
-        it never drops, d is the highest frequency measured and `limited` is True (the
-        sampling, not the data, limits). If it is never above, d is NaN: not determined."""
-        t = (np.full_like(self.frc, FRC_THRESHOLD) if threshold == "0.143"
-             else half_bit_threshold(self.n_pixels))  # fmt: skip
-        frc = self.frc + sigmas * self.sigma
+        transfer (sin chi = 0) does not end the count (linear interpolation between rings).
+        Rings without Fourier pixels (all outside `fourier_ring_correlation`'s transfer mask)
+        are left out. If it never drops, d is the highest frequency measured and `limited` is
+        True (the sampling, not the data, limits). If it is never above, d is NaN: not
+        determined."""
+        return self._search(threshold, sigmas)[1]
+
+    def _search(self, threshold: str, sigmas: float,
+                start: int | None = None) -> tuple[int | None, tuple[float, bool]]:  # fmt: skip
+        """(the ring where the search started, (d, limited)) for the curve `sigmas` sigma up;
+        `start`: begin there instead of where this curve first rises (indices of the rings
+        with pixels)."""
+        valid = self.n_pixels > 0
+        q, n = self.q_per_A[valid], self.n_pixels[valid]
+        t = np.full(len(q), FRC_THRESHOLD) if threshold == "0.143" else half_bit_threshold(n)
+        frc = self.frc[valid] + sigmas / np.sqrt(n)
         low = frc < t
         stays = low & np.append(low[1:], True)  # below here and at the next ring
         high = ~low & np.append(~low[1:], False)  # above here and at the next ring
         # the search starts where the curve is first above the threshold for two rings: below
         # that, tcBF transfers little (sin chi ~ 0 near q = 0), and on a large image (a 256x256
         # scan) several rings fall in that gap: "resolution 278 A" was its lower edge
-        rises = np.flatnonzero(high[LOWEST_RINGS:]) + LOWEST_RINGS
-        if rises.size == 0:
-            return math.nan, False  # never above the threshold: not determined
-        below = np.flatnonzero(stays[rises[0] :]) + rises[0]
+        if start is None:
+            rises = np.flatnonzero(high[LOWEST_RINGS:]) + LOWEST_RINGS
+            if rises.size == 0:
+                return None, (math.nan, False)  # never above the threshold: not determined
+            start = int(rises[0])
+        below = np.flatnonzero(stays[start:]) + start
         if below.size == 0:
-            return 1.0 / float(self.q_per_A[-1]), True
+            return start, (1.0 / float(q[-1]), True)
         i = int(below[0])
+        if i == 0:
+            return start, (math.nan, False)
         f0, f1 = frc[i - 1] - t[i - 1], frc[i] - t[i]
         if f0 <= 0:  # no crossing between ring i - 1 and ring i
-            return math.nan, False
+            return start, (math.nan, False)
         x = f0 / (f0 - f1)
-        q = self.q_per_A[i - 1] + x * (self.q_per_A[i] - self.q_per_A[i - 1])
-        return 1.0 / float(q), False
+        return start, (1.0 / float(q[i - 1] + x * (q[i] - q[i - 1])), False)
 
 
 def fourier_ring_correlation(

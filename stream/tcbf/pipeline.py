@@ -322,7 +322,7 @@ class Pipeline:
             self.resolution_history.append((dose, res, *spread))
         history = np.array(self.resolution_history, float).reshape(-1, 4)
         target = self.settings.target_resolution_A
-        needed = target and dose_for_resolution(target, history[:, :2])
+        needed = dose_for_resolution(target, history[:, :2]) if target else None
         return _Resolution(frc, res, limited, half_bit, history, needed, spread)
 
     # ------------------------------------------------------------------ helpers

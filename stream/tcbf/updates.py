@@ -34,24 +34,29 @@ class Acquisition:
     counts_per_electron: float = 1.0
     transpose: bool | None = None  # detector wiring, when announced
     dose_e_per_A2: float | None = None  # stated per position: the counts per electron from it
-    # float intensities without a counts calibration (no counts per electron announced or
-    # given, no dose stated): read as noiseless, every bin level trusted, the dose in counts
-    noiseless: bool = False
+    # float intensities without a counts calibration (not whole numbers, no counts per
+    # electron announced or given): with a stated dose their gain comes from it
+    # (`with_stated_dose`), else they are read as noiseless: every bin level trusted
+    intensities: bool = False
 
     @classmethod
-    def of(cls, metadata: object) -> Acquisition:
-        """From any object carrying these fields (e.g. a `SeriesInfo`); `noiseless` from its
-        `dtype` (float), a counts per electron left at 1 and no dose stated."""
-        known = {f.name: getattr(metadata, f.name) for f in fields(cls) if f.name != "noiseless"}
+    def of(cls, metadata: object, counts: bool = True) -> Acquisition:
+        """From any object carrying these fields (e.g. a `SeriesInfo`); `counts`: the frames
+        are counts (whole numbers, or a counts per electron was given)."""
+        known = {f.name: getattr(metadata, f.name) for f in fields(cls) if f.name != "intensities"}
         floats = np.dtype(getattr(metadata, "dtype", "<u2")).kind == "f"
-        uncalibrated = known["counts_per_electron"] == 1.0 and not known["dose_e_per_A2"]
-        return cls(**known, noiseless=floats and uncalibrated)
+        return cls(**known, intensities=floats and not counts
+                   and known["counts_per_electron"] == 1.0)  # fmt: skip
+
+    @property
+    def noiseless(self) -> bool:
+        return self.intensities and not self.dose_e_per_A2
 
     def with_stated_dose(self, totals: np.ndarray, hits: np.ndarray) -> Acquisition:
-        """Where a dose is stated (and the step known): the counts per electron that make the
-        acquired positions' mean counts per frame that dose; else unchanged."""
+        """Float intensities with a stated dose (and a known step): the counts per electron
+        that make the acquired positions' mean counts per frame that dose; else unchanged."""
         frames = float(hits.sum())
-        if not self.dose_e_per_A2 or not self.step_A or frames <= 0:
+        if not (self.intensities and self.dose_e_per_A2 and self.step_A) or frames <= 0:
             return self
         counts = float(totals[np.isfinite(totals)].sum()) / frames
         gain = counts / (self.dose_e_per_A2 * self.step_A**2)
