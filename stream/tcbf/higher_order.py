@@ -136,16 +136,6 @@ class HigherOrderFit:
         a = np.asarray(alpha_det_rad, float)
         return a @ self.matrix_A_per_rad.T + higher_basis(a @ self._u().T) @ self.higher_A
 
-    @property
-    def significant(self) -> bool:
-        """Some higher-order term is determined: the shift model is not linear."""
-        c = self.coefficients()
-        return any(c[n].determined for n in ("C21", "C23", "C30"))
-
-    def shifts_px(self, k_px: np.ndarray, sampling_mrad: float, step_A: float) -> np.ndarray:
-        """Model correction shifts (N, 2) in scan px of detector positions `k_px` (px)."""
-        return self.shifts_A(np.asarray(k_px, float) * (sampling_mrad * 1e-3)) / step_A
-
     def text(self) -> str:
         """'C21 6.8e+05+-3.1e+04 A at -37.8+-2.7 deg, C23 < 4e+04 A (not determined), ...'."""
         parts = []
