@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-BLOCK_POSITIONS = 4096
+from tcbf_live.stream.tcbf.kernels import stack_moments
+
 GAIN_SHIFT_PX = 0.5  # the known displacement `moment_gain` applies to the mean pattern
 ORDERS = (0, 1, 2)
 TERMS = ("1", "row", "col", "row^2", "row col", "col^2")  # scan position in steps
@@ -59,18 +60,17 @@ class DescanFit:
         return float(np.hypot(*(model - model[0]).T).max())
 
 
-def disk_moments(stack: np.ndarray, k_px: np.ndarray, exposure: np.ndarray) -> np.ndarray:
-    """(n_pos, 2) first moment of each position's BF-pixel counts about the calibrated centre
-    (`k_px`: (N_bf, 2) pixel positions relative to it); NaN where nothing was acquired."""
-    k = np.asarray(k_px, np.float64)
-    total, moments = np.zeros(stack.shape[0]), np.zeros((stack.shape[0], 2))
-    for start in range(0, stack.shape[0], BLOCK_POSITIONS):  # float64 copies of a block only
-        counts = stack[start : start + BLOCK_POSITIONS].astype(np.float64)
-        total[start : start + len(counts)] = counts.sum(axis=1)
-        moments[start : start + len(counts)] = counts @ k
-    good = (np.asarray(exposure) > 0) & (total > 0)
-    out = np.full((stack.shape[0], 2), np.nan)
-    out[good] = moments[good] / total[good, None]
+def disk_moments(stack: np.ndarray, k_px: np.ndarray, exposure: np.ndarray,
+                 rows: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """(n, 2) first moment of the BF-pixel counts about the calibrated centre (`k_px`: (N_bf,
+    2) pixel positions relative to it) of the positions `rows` of `stack` (None: all; the
+    stack is read in place), `exposure` theirs; NaN where nothing was acquired."""
+    rows = np.arange(stack.shape[0]) if rows is None else np.asarray(rows, np.int64)
+    sums = np.empty((len(rows), 3))
+    stack_moments(stack, rows, np.ascontiguousarray(k_px, np.float64), sums)
+    good = (np.asarray(exposure) > 0) & (sums[:, 0] > 0)
+    out = np.full((len(rows), 2), np.nan)
+    out[good] = sums[good, 1:] / sums[good, :1]
     return out
 
 
@@ -87,7 +87,7 @@ class DiskMoments:
         seen = self._of
         changed = np.flatnonzero((hits != seen[0]) | (exposure != seen[1]))
         if changed.size:
-            self.moments[changed] = disk_moments(stack[changed], self.k_px, exposure[changed])
+            self.moments[changed] = disk_moments(stack, self.k_px, exposure[changed], changed)
             seen[0][changed], seen[1][changed] = hits[changed], exposure[changed]
         return self.moments
 

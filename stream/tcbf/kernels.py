@@ -293,3 +293,19 @@ def add_rows(target, rows, values, fresh, top) -> None:
         else:
             for j in range(target.shape[1]):
                 target[r, j] += values[i, j]
+
+
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def stack_moments(stack: np.ndarray, rows: np.ndarray, k_px: np.ndarray, out: np.ndarray) -> None:
+    """For the positions `rows` of `stack` (n_pos, N_bf): out[j] = (sum of the counts, sum
+    counts x k_row, sum counts x k_col) of position rows[j], `k_px` (N_bf, 2) float64; one
+    pass, no copy of the stack (the descan's first moments: `descan.disk_moments`)."""
+    for j in range(rows.shape[0]):
+        row = stack[rows[j]]
+        t = r = c = 0.0
+        for i in range(row.shape[0]):
+            v = np.float64(row[i])
+            t += v
+            r += v * k_px[i, 0]
+            c += v * k_px[i, 1]
+        out[j, 0], out[j, 1], out[j, 2] = t, r, c
