@@ -109,12 +109,8 @@ class HigherOrderFit:
         linear = [0.5 * (p[0, 0] + p[1, 1]), 0.5 * (p[0, 0] - p[1, 1]), 0.5 * (p[0, 1] + p[1, 0])]
         return np.concatenate([linear, self.higher_A])
 
-    def _u(self) -> np.ndarray:
-        c, s = math.cos(self.rotation_rad), math.sin(self.rotation_rad)
-        return np.array([[c, -s], [s, c]]) @ (TRANSPOSE if self.transpose else np.eye(2))
-
     def _p(self) -> np.ndarray:
-        return self.matrix_A_per_rad @ self._u().T
+        return self.matrix_A_per_rad @ _rotation(self.rotation_rad, self.transpose).T
 
     def coefficients(self) -> dict[str, Coefficient]:
         """C10, C12, C21, C23, C30 with uncertainties; magnitudes below 3 sigma withheld."""
@@ -134,13 +130,14 @@ class HigherOrderFit:
     def shifts_A(self, alpha_det_rad: np.ndarray) -> np.ndarray:
         """Model correction shifts (N, 2) in A, scan frame, of detector-frame tilts (N, 2)."""
         a = np.asarray(alpha_det_rad, float)
-        return a @ self.matrix_A_per_rad.T + higher_basis(a @ self._u().T) @ self.higher_A
+        u = _rotation(self.rotation_rad, self.transpose)
+        return a @ self.matrix_A_per_rad.T + higher_basis(a @ u.T) @ self.higher_A
 
     def text(self) -> str:
         """'C21 6.8e+05+-3.1e+04 A at -37.8+-2.7 deg, C23 < 4e+04 A (not determined), ...'."""
-        parts = []
+        parts, coefficients = [], self.coefficients()
         for name in ("C21", "C23", "C30"):
-            co = self.coefficients()[name]
+            co = coefficients[name]
             if not co.determined:
                 parts.append(f"{name} < {co.bound_A:.2g} A (not determined)")
                 continue
@@ -211,7 +208,8 @@ def _polar(name: str, a: float, b: float, cov: np.ndarray) -> Coefficient:
 
 
 def fit_alignment(result: AlignmentResult, linear: AberrationFit | None, step_A: float,
-                  sampling_mrad: float) -> HigherOrderFit | None:  # fmt: skip
+                  sampling_mrad: float, third_order: bool = True,
+                  ) -> HigherOrderFit | None:  # fmt: skip
     """`fit_higher_order` on the alignment's last iteration (its finest level): the tiles'
     measured shifts, accepted peaks within the fit radius, from the linear fit's rotation."""
     if linear is None or not result.iterations or not (step_A and sampling_mrad):
@@ -220,24 +218,20 @@ def fit_alignment(result: AlignmentResult, linear: AberrationFit | None, step_A:
     if it.measured_weights is None:
         return None
     return fit_higher_order(it.k_px * (sampling_mrad * 1e-3), it.shifts_px * step_A,
-                            it.measured_weights, linear.transpose, linear.rotation_rad)  # fmt: skip
+                            it.measured_weights, linear.transpose, linear.rotation_rad,
+                            third_order)  # fmt: skip
 
 
 def linear_uncertainties(result: AlignmentResult, linear: AberrationFit | None, step_A: float,
                          sampling_mrad: float) -> dict[str, float] | None:  # fmt: skip
-    """1-sigma statistical errors of the linear fit's C10, C12, phi12 and rotation (keys as
-    the AberrationFit fields): the linear model (and the offset) fitted to the same tiles
-    (`fit_alignment`), the covariance scaled by their scatter. None where it cannot be."""
-    if linear is None or not result.iterations or not (step_A and sampling_mrad):
-        return None
-    it = result.iterations[-1]
-    if it.measured_weights is None:
-        return None
-    fit = fit_higher_order(it.k_px * (sampling_mrad * 1e-3), it.shifts_px * step_A,
-                           it.measured_weights, linear.transpose, linear.rotation_rad,
-                           third_order=False)  # fmt: skip
+    """1-sigma errors of the linear fit's C10, C12, phi12 and rotation (keys as the
+    AberrationFit fields): the linear model (and the offset) fitted to the same tiles
+    (`fit_alignment`), the covariance scaled by their scatter, C10 and C12 with the tile-size
+    floor (TILE_FLOOR) in quadrature. None where it cannot be."""
+    fit = fit_alignment(result, linear, step_A, sampling_mrad, third_order=False)
     if fit is None:
         return None
+    it = result.iterations[-1]
     c10, c12 = fit.coefficients()["C10"], fit.coefficients()["C12"]
     radius_px = float(np.hypot(*it.k_px.T).max()) + it.bin_px / 2
     floor = TILE_FLOOR * (it.bin_px / radius_px) ** 2 * abs(c10.value_A)  # (module doc)
