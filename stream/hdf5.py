@@ -211,7 +211,11 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
             "coefficients_px": s.coefficients_px,
             "errors_px": s.errors_px, "per_step_px": s.per_step_px, "residual_px": s.residual_px,
             "drift_px": s.drift_px(), "moment_gain": s.gain,
+            "compensated": s.read_shift_px is not None, "positions_clipped": s.clipped,
+            "method": "BF first moments" if s.read_shift_px is None else "centre of mass",
         })  # fmt: skip
+        if s.read_shift_px is not None:  # where each position's BF pixels were read
+            f["descan"]["read_shift_px"] = s.read_shift_px
     d = tcbf.depth
     if d is not None:  # refocused sections (`tcbf.depth`), one image per offset
         g.create_dataset("depth_sections", data=d.images, chunks=(1, *d.images.shape[1:]))

@@ -29,33 +29,16 @@ from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.budget import BudgetExceeded, check_info
 from tcbf_live.stream.result import POSITION_MAPS, SeriesResult, suspicions
 from tcbf_live.stream.staging import Staging
+from tcbf_live.stream.tcbf import calibration as calib
+from tcbf_live.stream.tcbf import pipeline as pl
 from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState, StateDelta, prepare
-from tcbf_live.stream.tcbf.calibration import (
-    DEFAULT_BF_THRESHOLD,
-    Calibration,
-    CalibrationError,
-    calibrate,
-)
-from tcbf_live.stream.tcbf.pipeline import (
-    Acquisition,
-    AlignmentInputs,
-    Pipeline,
-    PipelineResult,
-    PipelineSettings,
-)
+from tcbf_live.stream.tcbf.descan_compensation import DescanCompensation, scan_positions
 
 log = logging.getLogger(__name__)
 
 # the stream metadata a flag may override (`ProcessingSettings.metadata`)
-METADATA_OVERRIDES = (
-    "scan_shape",
-    "energy_eV",
-    "step_A",
-    "semiangle_mrad",
-    "angular_sampling_mrad",
-    "counts_per_electron",
-    "dose_e_per_A2",
-)
+METADATA_OVERRIDES = ("scan_shape", "energy_eV", "step_A", "semiangle_mrad",
+                      "angular_sampling_mrad", "counts_per_electron", "dose_e_per_A2")  # fmt: skip
 
 
 class SeriesError(ValueError):
@@ -69,16 +52,17 @@ class ProcessingSettings:
     # stream metadata given explicitly (flags), taking precedence: keys of METADATA_OVERRIDES
     metadata: Mapping[str, Any] = field(default_factory=dict)
     calibration_frames: int = 64
-    bf_threshold: float = DEFAULT_BF_THRESHOLD
-    calibration: Calibration | None = None  # fixed calibration (from a file)
+    bf_threshold: float = calib.DEFAULT_BF_THRESHOLD
+    calibration: calib.Calibration | None = None  # fixed calibration (from a file)
     mask: np.ndarray | None = field(default=None, compare=False)  # extra excluded pixels
     bins: tuple[int, ...] | None = None  # alignment bin levels (detector px)
     axial_radius_px: float | None = None  # None: 25 % of the BF radius
     repeat_scans: str = "accumulate"  # frames beyond one pass: "accumulate" | "new-series"
-    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    pipeline: pl.PipelineSettings = field(default_factory=pl.PipelineSettings)
     # bytes the series may allocate (stream.budget); None: not checked. Checked again with
     # the calibrated BF pixel count before the stack is allocated (BudgetExceeded)
     memory_budget_bytes: int | None = None
+    compensate_descan: bool = False  # read each position's BF pixels at the drifting disk
 
     def __post_init__(self):
         unknown = set(self.metadata) - set(METADATA_OVERRIDES)
@@ -120,12 +104,13 @@ class SeriesProcessor:
         else:
             self.frame_limit = int(self.info.frames_expected)
         self.index_offset = pass_index * self.n_positions
-        self.calibration: Calibration | None = settings.calibration
-        self.raw_calibration: Calibration | None = None
+        self.calibration: calib.Calibration | None = settings.calibration
+        self.raw_calibration: calib.Calibration | None = None
         self.acc: Accumulators | None = None
         self.calibration_error: str | None = None
         self.decode_failures = 0  # frames skipped because their pixels did not decode
-        self._pipeline: Pipeline | None = None
+        self._pipeline: pl.Pipeline | None = None
+        self.descan: DescanCompensation | None = None
         self.staging: Staging | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
         self._t_first: float | None = None
@@ -177,9 +162,12 @@ class SeriesProcessor:
                             why)  # fmt: skip
 
     def touch(self) -> None:
+        """Note activity (called as frames are folded); refit the descan when it is due."""
         now = time.perf_counter()
         self._t_first = self._t_first or now
         self._t_last = now
+        if self.descan is not None and self.descan.due(self.acc.frames_accepted):
+            self.descan.refit(self.acc)
 
     def calibrate_now(self) -> None:
         """Calibrate from the frames held so far and fold them in. If the frames show no
@@ -188,14 +176,17 @@ class SeriesProcessor:
         if self.acc is not None or not self._pending:
             return
         # exactly the first N frames that arrived, however they were batched
-        frames = np.concatenate([f for _, f in self._pending])[: self.settings.calibration_frames]
-        pending, self._pending = self._pending, []
-        if self.calibrate_on(frames):
+        n, pending, self._pending = self.settings.calibration_frames, self._pending, []
+        frames = np.concatenate([f for _, f in pending])[:n]
+        indices = np.concatenate([np.arange(i, i + len(f)) for i, f in pending])[:n]
+        serpentine = self.info.scan_order == "serpentine"
+        if self.calibrate_on(frames, scan_positions(indices, self.scan_shape, serpentine)):
             for first, f in pending:
                 self.acc.add(first, f)
 
-    def calibrate_on(self, frames: np.ndarray) -> bool:
-        """Calibrate on `frames` (N, Qx, Qy) and size the accumulators, folding nothing (a
+    def calibrate_on(self, frames: np.ndarray, positions: np.ndarray | None = None) -> bool:
+        """Calibrate on `frames` (N, Qx, Qy) (at scan `positions`, when known: a drifting disk
+        is realigned) and size the accumulators, folding nothing (a
         coordinator calibrates on frames its workers fold). False, with `calibration_error`
         set and logged, when they show no usable BF disk."""
         self.touch()  # a coordinator's series starts here (its frames come as deltas)
@@ -207,7 +198,7 @@ class SeriesProcessor:
                 supplied = np.asarray(supplied, bool) | flagged
             # else: calibrate refuses the user's mask, naming its shape
         try:
-            cal = calibrate(
+            cal = calib.calibrate(
                 frames,
                 mask_value=self.info.mask_value,
                 supplied_mask=supplied,
@@ -215,8 +206,9 @@ class SeriesProcessor:
                 semiangle_mrad=self.info.semiangle_mrad,
                 angular_sampling_mrad=self.info.angular_sampling_mrad,
                 counts_per_electron=self.info.counts_per_electron,
+                positions=positions,
             )
-        except CalibrationError as err:
+        except calib.CalibrationError as err:
             self.calibration_error = str(err)
             log.error("series %d: cannot calibrate on the first %d frames: %s",
                       self.info.series_id, len(frames), err)  # fmt: skip
@@ -229,7 +221,7 @@ class SeriesProcessor:
         self._build(cal)
         return True
 
-    def _build(self, cal: Calibration) -> None:
+    def _build(self, cal: calib.Calibration) -> None:
         """Size the accumulators for a calibration (checked against the memory budget)."""
         s = self.settings
         self.raw_calibration = cal  # before `prepare`: what a worker builds the same layout from
@@ -252,12 +244,14 @@ class SeriesProcessor:
         self.acc = Accumulators(
             self.scan_shape, cal, layout, axial_radius_px=axial,
             serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
-            integer_stack=integer,  # the memory `run` touched at start-up, where it fits:
+            integer_stack=integer, moments=s.compensate_descan,
+            # the memory `run` touched at start-up, where it fits:
             stack_memory=memory_reserve.take_stack(self.scan_shape, cal.n_bf, integer),
         )  # fmt: skip
+        self.descan = DescanCompensation.start(self.acc) if s.compensate_descan else None
         self.staging = Staging(self.acc, self.index_offset)
         counts = cal.whole_counts or "counts_per_electron" in s.metadata  # (float intensities)
-        self._pipeline = Pipeline(Acquisition.of(self.info, counts), cal, layout, s.pipeline)
+        self._pipeline = pl.Pipeline(pl.Acquisition.of(self.info, counts), cal, layout, s.pipeline)
 
     # ------------------------------------------------------------------ merge
     def partition(self) -> AccumulatorState:
@@ -321,7 +315,7 @@ class SeriesProcessor:
         return self._pipeline is not None
 
     @property
-    def pipeline(self) -> Pipeline | None:
+    def pipeline(self) -> pl.Pipeline | None:
         """The series' tcBF pipeline (for inspection; `solve` is the way to run it)."""
         return self._pipeline
 
@@ -330,14 +324,15 @@ class SeriesProcessor:
         rows = self.acc.frames_accepted // self.scan_shape[1] if self.acc is not None else 0
         return self.info.series_id, rows
 
-    def inputs(self) -> AlignmentInputs | None:
+    def inputs(self) -> pl.AlignmentInputs | None:
         """Copies for one solve (hold the ingest lock while calling, if live)."""
         if self.acc is None or self._pipeline is None:
             return None
-        return self._pipeline.inputs(self.acc.state, self.acc.frames_accepted)
+        inputs = self._pipeline.inputs(self.acc.state, self.acc.frames_accepted)
+        return inputs if self.descan is None else self.descan.inputs(inputs, self.acc)
 
-    def solve(self, inputs: AlignmentInputs | None = None,
-              final: bool = False) -> PipelineResult | None:  # fmt: skip
+    def solve(self, inputs: pl.AlignmentInputs | None = None,
+              final: bool = False) -> pl.PipelineResult | None:  # fmt: skip
         """One alignment + reconstruction update: on `inputs` (taken under the ingest lock by
         a live caller) or, single-threaded (offline, or after ingest has ended), on everything
         accumulated; `final` calibrates on whatever arrived first and starts cold."""

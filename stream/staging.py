@@ -165,12 +165,13 @@ def fold_blob(blob, start, stop, element_size, scratch, idx, k, vals, cum) -> bo
     index `idx` (`claim` counts a duplicate or out-of-range index); False, with nothing changed,
     for a blob that does not decompress to exactly one frame."""
     (n_pos, cols, serpentine, bf_index, tile_start, tile_stop, axial_index, masked_index,
-     stack_max, zero, exact, totals, bf_sum, axial_sum, hits, stack, tiles, seen, stats) = k
+     stack_max, zero, exact, totals, bf_sum, axial_sum, hits, stack, tiles, seen, stats,
+     moments, read_offset, masked_flag, det_cols) = k
     if not bslz4_into(blob, start, stop, scratch, element_size):
         return False
     j = claim(idx, n_pos, cols, serpentine, seen, stats)
     if j >= 0:
         fold(scratch, j, bf_index, tile_start, tile_stop, axial_index, masked_index,
              type(zero)(stack_max), zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack,
-             tiles, stats)  # fmt: skip
+             tiles, stats, moments, read_offset, masked_flag, det_cols)  # fmt: skip
     return True

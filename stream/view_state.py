@@ -122,7 +122,7 @@ def _tcbf_keys(t, step_A: float | None) -> dict[str, Any]:
             s["aberration_errors_text"] = ab.errors_text().strip(" ()")
     if t.descan is not None:  # the BF disk's drift (`tcbf.descan`), worded once here
         d, (a, b), (c, e) = t.descan, *t.descan.per_step_px
-        s["descan_text"] = (f"descan {d.model}: drift "
+        s["descan_text"] = (f"descan {d.model}{' (compensated)' * d.compensated}: drift "
                             f"{d.drift_px():.2g} px; per step row {a:+.3g} {b:+.3g}, col "
                             f"{c:+.3g} {e:+.3g} px")  # fmt: skip
     return s

@@ -74,7 +74,9 @@ def test_whatever_matches_parses_to_the_same_fields():
 
 
 @pytest.mark.skipif(bind_libzmq() is None, reason="pyzmq's libzmq cannot be bound here")
-def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest():
+@pytest.mark.parametrize("compensate", [False, True])
+def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest(compensate):
+    """... with descan compensation too: moments folded, half the positions read off-centre."""
     rng = np.random.default_rng(5)
     frames = rng.poisson(0.2, (64, 32, 32)).astype("<u2")
     yy, xx = np.mgrid[:32, :32]
@@ -84,8 +86,12 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest():
                       angular_sampling_mrad=1.0)  # fmt: skip
 
     def processor():
-        proc = SeriesProcessor(info, ProcessingSettings(calibration_frames=8))
+        settings = ProcessingSettings(calibration_frames=8, compensate_descan=compensate)
+        proc = SeriesProcessor(info, settings)
         proc.add(FrameBatch(7, 0, frames[:8]))  # calibrates
+        if compensate:
+            proc.descan.next_frames = 10**9  # (no refit: both paths read at the same shifts)
+            proc.acc.set_read_shift(np.tile([1, -2], (64, 1)), np.arange(64) % 2 == 1)
         return proc
 
     def image(i, blob=None):
@@ -135,3 +141,4 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest():
                                       "<u2") for m in images])  # fmt: skip
     for name, a in ref.acc.state.arrays().items():
         np.testing.assert_array_equal(lane_proc.acc.state.arrays()[name], a, err_msg=name)
+    assert np.any(ref.acc.state.moments) == compensate

@@ -37,7 +37,7 @@ def contract() -> list[tuple[str, str, set[str]]]:
 def result_file(tmp_path_factory):
     sim = Simulator(tutorial_config())
     pipeline = PipelineSettings(target_resolution_A=10.0, depth_offsets_A=(-500.0, 0.0, 500.0))
-    settings = ProcessingSettings(pipeline=pipeline)
+    settings = ProcessingSettings(pipeline=pipeline, compensate_descan=True)  # (all of /descan)
     proc = SeriesProcessor(sim.series_info(1), settings)
     proc.add(FrameBatch(1, 0, sim.frames(0, sim.n_frames)))
     proc.solve(final=True)

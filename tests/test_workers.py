@@ -395,9 +395,13 @@ def test_auto_uses_workers_only_where_they_beat_one_process(monkeypatch, cores, 
     from tcbf_live.stream.cli.workers import worker_count
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    args = argparse.Namespace(workers="auto", record=None, repeat="accumulate")
+    args = argparse.Namespace(workers="auto", record=None, repeat="accumulate",
+                              compensate_descan=False)  # fmt: skip
     sub = SubscriberSettings(endpoint="tcp://127.0.0.1:9999", socket_type=socket_type)
-    assert worker_count(args, EngineSettings(subscriber=sub, protocol="dectris-v1")) == expect
+    settings = EngineSettings(subscriber=sub, protocol="dectris-v1")
+    assert worker_count(args, settings) == expect
+    args.compensate_descan = True  # descan compensation receives in one process
+    assert worker_count(args, settings) == 0
 
 
 def test_a_header_is_relayed_whole(sim):

@@ -59,6 +59,10 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                    help="bool (Qx, Qy) array of detector pixels to exclude; its shape is "
                    "checked against the detector before any frame is used")  # fmt: skip
     p.add_argument("--axial-radius", type=parse_finite, metavar="PX", help="axial vBF radius")
+    p.add_argument("--compensate-descan", action="store_true",
+                   help="read each position's BF pixels where the BF disk is there (the disk's "
+                   "drift over the scan, measured live from each frame's centre of mass); "
+                   "in one process (--workers 0)")  # fmt: skip
     a = p.add_argument_group("alignment and reconstruction")
     a.add_argument(
         "--bins",
@@ -237,6 +241,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         bins=validate_bins(args.bins) if args.bins else None,
         axial_radius_px=args.axial_radius,
         repeat_scans=getattr(args, "repeat", "accumulate"),
+        compensate_descan=args.compensate_descan,
         memory_budget_bytes=budget_from_args(args),
         pipeline=PipelineSettings(
             alignment=alignment,

@@ -58,7 +58,7 @@ def worker_count(args: argparse.Namespace, settings: EngineSettings) -> int:
     text = str(args.workers).strip().lower()
     if text == "auto":
         shareable = proto.rank is not None and sub.socket_type == "pull" and not sub.bind
-        plain = not args.record and args.repeat == "accumulate"
+        plain = not (args.record or args.compensate_descan) and args.repeat == "accumulate"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         return cores if shareable and plain and cores >= AUTO_MIN_CORES else 0
     try:
@@ -86,6 +86,8 @@ def worker_plan(args: argparse.Namespace, settings: EngineSettings):
         else "--bind: one socket binds the detector's address; workers connect" if
         settings.subscriber.bind
         else "--record keeps frames in one process" if args.record
+        else "--compensate-descan moves where frames are read in one process"
+        if args.compensate_descan
         else "--repeat new-series splits series by frame index in one process"
         if args.repeat != "accumulate" else None
     )  # fmt: skip

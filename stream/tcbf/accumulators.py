@@ -75,6 +75,9 @@ class AccumulatorState:
     tiles: np.ndarray = field(metadata={"merge": "add", "unit": "counts"})  # (n_pos, tiles) f32
     seen: np.ndarray = field(metadata={"merge": "or", "unit": "flag"})  # (frame limit,) u8
     stats: np.ndarray = field(metadata={"merge": "stats", "unit": "frames"})  # int64[5]
+    # (n_pos, 2) f64: counts x detector (row, col) of the unmasked pixels, summed over frames
+    # (the disk's centre of mass per position; folded only with descan compensation)
+    moments: np.ndarray = field(metadata={"merge": "add", "unit": "counts px"})
 
     @classmethod
     def zeros(cls, n_pos: int, n_bf: int, n_tiles: int, frame_limit: int,
@@ -97,6 +100,7 @@ class AccumulatorState:
             tiles=np.zeros((n_pos, n_tiles), np.float32),
             seen=np.zeros(frame_limit, np.uint8),
             stats=np.zeros(STATS_SLOTS, np.int64),
+            moments=np.zeros((n_pos, 2), np.float64),
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -246,6 +250,7 @@ class Accumulators:
     serpentine: bool = False
     frame_limit: int | None = None  # frames accepted (repeat scans: several passes)
     integer_stack: bool = True  # unsigned integer frames: uint16 stack, exact int64 sums
+    moments: bool = False  # fold each frame's first moments (descan compensation)
     stack_memory: InitVar[np.ndarray | None] = None  # see AccumulatorState.zeros
     state: AccumulatorState = field(init=False)
 
@@ -260,6 +265,14 @@ class Accumulators:
         self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
         self._axial_index = np.flatnonzero(self.axial).astype(np.int32)
         self._masked = cal.masked_flat_index
+        self._masked_flag = cal.mask.ravel().astype(np.uint8)
+        # where each position's BF pixels are read, relative to the calibrated disk: whole
+        # detector px (row, col) and the flat offset the kernel adds (`set_read_shift`)
+        self.read_shift_px = np.zeros((self.n_positions, 2), np.int16)
+        self._read_offset = np.zeros(self.n_positions, np.int64)
+        self.clipped = np.zeros(self.n_positions, bool)  # its shift would leave the detector
+        lo, hi = cal.bf_pixels.min(axis=0), cal.bf_pixels.max(axis=0)
+        self._shift_range = (-lo, np.asarray(cal.detector_shape) - 1 - hi)  # stays on the chip
         self._zero = np.int64(0) if self.integer_stack else 0.0
         self._stack_max = float(np.iinfo(np.uint16).max if self.integer_stack else np.inf)
 
@@ -275,6 +288,18 @@ class Accumulators:
         s = self.state
         return AccumulatorState.zeros(s.hits.size, s.stack.shape[1], s.tiles.shape[1],
                                       s.seen.size, self.integer_stack)  # fmt: skip
+
+    def set_read_shift(self, shift_px: np.ndarray, where: np.ndarray) -> int:
+        """Read the BF pixels of the positions `where` (bool, (n_pos,)) at the whole-pixel
+        displacements `shift_px` ((n_pos, 2) detector px, rounded) from now on; a shift that
+        would take the BF disk off the detector is clipped to its edge. Returns how many
+        positions were clipped. (Call it from the thread that folds frames.)"""
+        want = np.rint(np.nan_to_num(shift_px[where])).astype(np.int64)
+        got = np.clip(want, *self._shift_range)
+        self.read_shift_px[where] = got
+        self._read_offset[where] = got[:, 0] * self.calibration.detector_shape[1] + got[:, 1]
+        self.clipped[where] = np.any(got != want, axis=1)
+        return int(self.clipped[where].sum())
 
     def add(self, first: int, frames: np.ndarray) -> None:
         """Fold frames (B, Qx, Qy) with acquisition indices first, first+1, ... into the sums."""
@@ -296,7 +321,8 @@ class Accumulators:
             self.n_positions, self.scan_shape[1], self.serpentine, self._bf_index,
             lay.tile_start, lay.tile_stop, self._axial_index, self._masked, self._stack_max,
             self._zero, self.integer_stack, s.totals, s.bf_sum, s.axial_sum, s.hits,
-            s.stack, s.tiles, s.seen, s.stats,
+            s.stack, s.tiles, s.seen, s.stats, s.moments, self._read_offset,
+            self._masked_flag, self.calibration.detector_shape[1] if self.moments else 0,
         )  # fmt: skip
 
     def merge(self, other: AccumulatorState, *, stack: bool = True) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.ndimage as ndi
 
+from tcbf_live.stream.tcbf.descan_compensation import Drift, steady
+
 DEFAULT_BF_THRESHOLD = 0.5
 
 
@@ -36,6 +38,9 @@ class Calibration:
     hot_pixels: int = 0  # found persistently far above all their neighbours (masked)
     dead_pixels: int = 0  # found persistently far below all their neighbours (masked)
     whole_counts: bool = True  # the frames held whole numbers (False: float intensities)
+    # the disk's drift over the calibration frames, when significant (their mean pattern is
+    # then taken with the disks realigned: `descan_compensation.calibration_drift`)
+    drift: Drift | None = None
 
     @property
     def n_bf(self) -> int:
@@ -139,21 +144,21 @@ def hot_and_dead(mean: np.ndarray, usable: np.ndarray, n_frames: int,
 
 
 def typical_frames(frames: np.ndarray) -> np.ndarray:
-    """The calibration frames without the anomalous ones (a blank frame, a flat frame, one with
-    a zinger): frames whose total is more than HOT_DEAD_SIGMA robust sigmas (1.4826 MAD,
-    floored by the Poisson width) from the median total. One 60,000-count pixel in 64 frames
-    would otherwise raise that pixel's mean ~900 counts and mark it persistently hot, and pull
-    the disk centre. At least half the frames are always kept."""
+    """Which calibration frames (bool, (N,)) to keep: not the anomalous ones (a blank frame, a
+    flat frame, one with a zinger): frames whose total is more than HOT_DEAD_SIGMA robust
+    sigmas (1.4826 MAD, floored by the Poisson width) from the median total. One 60,000-count
+    pixel in 64 frames would otherwise raise that pixel's mean ~900 counts and mark it
+    persistently hot, and pull the disk centre. At least half the frames are always kept."""
     n = frames.shape[0]
     if n < 8:
-        return frames
+        return np.ones(n, bool)
     flat = frames.reshape(n, -1)
     totals = (np.where(np.isfinite(flat), flat, 0) if flat.dtype.kind == "f" else flat).sum(
         axis=1, dtype=np.float64)  # fmt: skip
     med = float(np.median(totals))
     scale = max(1.4826 * float(np.median(np.abs(totals - med))), np.sqrt(max(med, 1.0)))
     keep = np.abs(totals - med) <= HOT_DEAD_SIGMA * scale
-    return frames[keep] if keep.sum() >= n // 2 else frames
+    return keep if keep.sum() >= n // 2 else np.ones(n, bool)
 
 
 def calibrate(
@@ -164,8 +169,11 @@ def calibrate(
     semiangle_mrad: float | None = None,
     angular_sampling_mrad: float | None = None,
     counts_per_electron: float = 1.0,
+    positions: np.ndarray | None = None,
 ) -> Calibration:
-    """Calibrate from frames (N, Qx, Qy).
+    """Calibrate from frames (N, Qx, Qy) (at scan `positions` (N, 2) row, col, when known:
+    a disk drifting over them is measured and the frames realigned before they are averaged,
+    so the drift neither blurs the disk nor inflates its radius).
 
     Masked pixels: those carrying `mask_value` in most frames, plus `supplied_mask`, plus
     persistent hot and dead pixels found in the mean pattern (`hot_and_dead`), plus pixels
@@ -187,7 +195,11 @@ def calibrate(
         frames = (
             np.where(frames == mask_value, 0, frames) if np.any(frames == mask_value) else frames
         )
-    frames = typical_frames(frames)
+    keep = typical_frames(frames)
+    frames = frames[keep]
+    drift = None if positions is None else steady(frames, mask, np.asarray(positions)[keep])
+    if drift is not None:
+        frames, drift = drift
     if frames.dtype.kind == "f":
         finite = np.isfinite(frames)
         count = finite.sum(axis=0)
@@ -226,5 +238,6 @@ def calibrate(
         angular_sampling_mrad=angular_sampling_mrad,
         hot_pixels=int(hot.sum()),
         dead_pixels=int(dead.sum()),
-        whole_counts=frames.dtype.kind != "f" or bool(np.all(np.mod(frames, 1) == 0)),
+        whole_counts=frames.dtype.kind != "f" or bool(np.all(np.mod(frames[finite], 1) == 0)),
+        drift=drift,
     )

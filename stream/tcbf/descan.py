@@ -1,5 +1,5 @@
-"""Descan: the BF disk's drift over the scan, measured from the per-BF-pixel stack (issue 15,
-the measurement; compensating it in accumulation is not done).
+"""Descan: the BF disk's drift over the scan, measured from the per-BF-pixel stack (without
+compensation; with it, from each frame's centre of mass: `descan_compensation.py`).
 
 Pure numerics. Centre per position: the first moment of that position's BF-pixel counts over
 the calibrated disk, relative to the calibrated centre. Over a fixed support a displaced disk's
@@ -37,7 +37,15 @@ class DescanFit:
     errors_px: np.ndarray  # (terms, 2) standard errors
     residual_px: float  # rms scatter of the per-position centres about the model
     centres_px: np.ndarray  # (rows, cols, 2) measured centre per position (NaN: none)
-    gain: float  # moment / displacement on the calibration's pattern
+    gain: float  # moment / displacement on the calibration's pattern (1: centres of mass)
+    # compensated in accumulation: where each position's BF pixels were read (rows, cols, 2)
+    # whole detector px, and how many positions a shift off the detector clipped
+    read_shift_px: np.ndarray | None = None
+    clipped: int = 0
+
+    @property
+    def compensated(self) -> bool:
+        return self.read_shift_px is not None
 
     @property
     def model(self) -> str:
@@ -52,11 +60,15 @@ class DescanFit:
             c[:, 0], c[:, 1] = self.coefficients_px[1], self.coefficients_px[2]
         return c
 
-    def drift_px(self) -> float:
-        """Largest displacement of the modelled centre from its value at the scan origin."""
+    def model_px(self) -> np.ndarray:
+        """(n_pos, 2) the modelled centre at every scan position (raster order)."""
         rows, cols = self.centres_px.shape[:2]
         r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        model = _design(r.ravel(), c.ravel(), self.order) @ self.coefficients_px
+        return _design(r.ravel(), c.ravel(), self.order) @ self.coefficients_px
+
+    def drift_px(self) -> float:
+        """Largest displacement of the modelled centre from its value at the scan origin."""
+        model = self.model_px()
         return float(np.hypot(*(model - model[0]).T).max())
 
 
@@ -117,9 +129,11 @@ def _design(r: np.ndarray, c: np.ndarray, order: int) -> np.ndarray:
     return np.column_stack(terms[: (1, 3, 6)[order]]).astype(np.float64)
 
 
-def fit_descan(moments: np.ndarray, scan_shape: tuple[int, int], gain: float) -> DescanFit | None:
+def fit_descan(moments: np.ndarray, scan_shape: tuple[int, int], gain: float,
+               max_order: int = 2) -> DescanFit | None:  # fmt: skip
     """The descan model of the per-position `moments` (n_pos, 2, from `disk_moments`) divided by
-    `gain`; None with fewer than 12 measured positions or a gain that cannot be trusted."""
+    `gain` (1 for centres of mass, `descan_compensation`), of order `max_order` at most; None
+    with fewer than 12 measured positions or a gain that cannot be trusted."""
     if not gain > 0.05:
         return None
     centres = moments / gain
@@ -129,7 +143,7 @@ def fit_descan(moments: np.ndarray, scan_shape: tuple[int, int], gain: float) ->
     if n < 12:
         return None
     best = None
-    for order in ORDERS:
+    for order in ORDERS[: max_order + 1]:
         a = _design(rows[good], cols[good], order)
         if n <= 2 * a.shape[1]:
             break

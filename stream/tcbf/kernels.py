@@ -191,10 +191,16 @@ def claim(idx, n_pos, cols, serpentine, seen, stats) -> int:
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, exact,
-          vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats) -> None:  # fmt: skip
+          vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats, moments, read_offset,
+          masked_flag, det_cols) -> None:  # fmt: skip
     """Add one flat frame `f` into position `j` of every accumulator. Tile sums are prefix-sum
     differences for integer frames (exact in int64); float frames sum each tile, so that one
-    non-finite pixel spoils only its own tiles."""
+    non-finite pixel spoils only its own tiles.
+
+    Descan compensation (`descan_compensation.py`): the BF pixels are read at the flat offset
+    `read_offset[j]` (the disk's whole-pixel displacement there; a masked pixel under the
+    shifted disk reads its unshifted BF pixel), and when `det_cols` > 0 the frame's first
+    moments (unmasked counts x detector row, col) are added to `moments[j]`."""
     n_bf = bf_index.shape[0]
     tot = zero
     for p in range(f.shape[0]):
@@ -210,12 +216,23 @@ def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, 
                 k += 1
                 continue
             tot += f[p]
+    if det_cols > 0:
+        frame_moments(f, det_cols, masked_index, moments[j])
+    off = read_offset[j]
     run = zero
-    for i in range(n_bf):
-        v = f[bf_index[i]]
-        vals[i] = v
-        run += v
-        cum[i + 1] = run
+    if off == 0:
+        for i in range(n_bf):
+            v = f[bf_index[i]]
+            vals[i] = v
+            run += v
+            cum[i + 1] = run
+    else:
+        for i in range(n_bf):
+            p = bf_index[i] + off
+            v = f[bf_index[i]] if masked_flag[p] else f[p]
+            vals[i] = v
+            run += v
+            cum[i + 1] = run
     srow = stack[j]
     for i in range(n_bf):  # separate loop: vectorises
         s = srow[i] + vals[i]
@@ -263,6 +280,10 @@ def accumulate_frames(
     tiles: np.ndarray,  # (n_pos, total_tiles) float32
     seen: np.ndarray,  # (frame limit,) uint8
     stats: np.ndarray,  # int64[5]
+    moments: np.ndarray,  # (n_pos, 2) float64: first moments (when det_cols > 0)
+    read_offset: np.ndarray,  # (n_pos,) int64 flat offset the BF pixels are read at
+    masked_flag: np.ndarray,  # (Qx*Qy,) uint8: 1 = masked
+    det_cols: int,  # detector columns; 0: no moments
 ) -> None:
     vals = np.zeros(bf_index.shape[0], type(zero))  # a frame's BF values
     cum = np.zeros(bf_index.shape[0] + 1, type(zero))  # their running sum (exact for integers)
@@ -272,7 +293,32 @@ def accumulate_frames(
         if j >= 0:
             fold(frames[b], j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
                   zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
-                  stats)  # fmt: skip
+                  stats, moments, read_offset, masked_flag, det_cols)  # fmt: skip
+
+
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def frame_moments(f, det_cols, masked_index, out) -> None:
+    """out += (sum of counts x detector row, sum of counts x detector col) of the flat frame
+    `f` over its unmasked pixels (the frame's centre of mass times its counts). In float64,
+    which vectorises where 64-bit integer products do not (AVX2): exact for whole counts
+    while a frame's sums stay below 2**53."""
+    mr = 0.0
+    mc = 0.0
+    for r in range(f.shape[0] // det_cols):
+        rs = 0.0
+        cs = 0.0
+        row = f[r * det_cols : (r + 1) * det_cols]
+        for c in range(det_cols):
+            v = np.float64(row[c])
+            rs += v
+            cs += v * np.float64(c)
+        mr += rs * r
+        mc += cs
+    for m in masked_index:
+        mr -= np.float64(f[m]) * (m // det_cols)
+        mc -= np.float64(f[m]) * (m % det_cols)
+    out[0] += mr
+    out[1] += mc
 
 
 @numba.njit(nogil=True, cache=True)

@@ -2,7 +2,7 @@
 
 No sockets and no threads: the live engine calls `Pipeline.update` from its alignment
 thread on a timer (and once more when the series ends), the offline `reconstruct` command once
-at the end, both with inputs taken by `SeriesProcessor.alignment_inputs()`. Each update
+at the end, both with inputs taken by `SeriesProcessor.inputs()`. Each update
 warm-starts from the previous shift model.
 """
 
@@ -16,11 +16,7 @@ import numpy as np
 
 from tcbf_live.stream.tcbf.aberrations import AberrationFit, decompose
 from tcbf_live.stream.tcbf.accumulators import AccumulatorState
-from tcbf_live.stream.tcbf.alignment import (
-    AlignmentResult,
-    acquired_rows,
-    align,
-)
+from tcbf_live.stream.tcbf.alignment import AlignmentResult, acquired_rows, align
 from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
 from tcbf_live.stream.tcbf.depth import DepthSections, depth_sections
 from tcbf_live.stream.tcbf.descan import DescanFit, DiskMoments, fit_descan, moment_gain
@@ -126,12 +122,10 @@ class Pipeline:
         self.radius_px = float(np.hypot(*self.k_px.T).max())
         mp = calibration.mean_pattern
         self.descan_gain = moment_gain(mp, calibration.bf_pixels, calibration.center_px)
-        n_pos = acq.scan_shape[0] * acq.scan_shape[1]
-        self.moments = DiskMoments(n_pos, self.k_px)
+        self.moments = DiskMoments(acq.scan_shape[0] * acq.scan_shape[1], self.k_px)
         weights = mp[calibration.bf_pixels[:, 0], calibration.bf_pixels[:, 1]]
         self.geometry = TileGeometry.build(layout.bins, layout.member_tile, self.k_px, weights)
-        # angular sampling: the stream's / the flags', else the calibration's, else semiangle
-        # over the measured disk radius
+        # angular sampling: the stream's / flags', else the calibration's, else semiangle/radius
         self.sampling_mrad = calibration.angular_sampling_mrad  # resolved by SeriesProcessor
         self.wavelength_A = wavelength_A(acq.energy_eV) if acq.energy_eV else None
         self.upsampling = settings.upsample or default_upsampling(
@@ -216,7 +210,12 @@ class Pipeline:
         return self.last
 
     def descan(self, inputs: AlignmentInputs) -> DescanFit | None:
-        """The BF disk's drift over the scan (`descan.py`), from the stack's first moments."""
+        """The BF disk's drift over the scan (`descan.py`): from the stack's first moments, or
+        compensated (`descan_compensation.py`) from the frames' centres of mass."""
+        if inputs.descan_centres is not None:
+            fit = fit_descan(inputs.descan_centres, self.scan_shape, 1.0)
+            shifts = inputs.read_shift_px.reshape(*self.scan_shape, 2)
+            return fit and replace(fit, clipped=inputs.read_clipped, read_shift_px=shifts)
         moments = self.moments.update(inputs.stack, inputs.hits, self.exposure(inputs))
         return fit_descan(moments, self.scan_shape, self.descan_gain)
 

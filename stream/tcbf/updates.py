@@ -98,6 +98,11 @@ class AlignmentInputs:
     # (n_pos,) frames x relative dose of each position, 0 where missing or excluded: what every
     # per-position value is divided by (set by `Pipeline.update` from the frame screen)
     exposure: np.ndarray | None = None
+    # descan compensation (`descan_compensation.py`): per-position disk displacement from the
+    # centres of mass (n_pos, 2), where the BF pixels were read, positions clipped at the edge
+    descan_centres: np.ndarray | None = None
+    read_shift_px: np.ndarray | None = None
+    read_clipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,8 +182,9 @@ class PipelineResult:
                  f"field {d.depth_of_field_A:.3g} A)")  # fmt: skip
         third = "" if self.higher is None else f"; third order: {self.higher.text()}"
         s = self.descan
-        descan = ("" if s is None else f"; descan {s.model}, "
-                  f"drift {s.drift_px():.2g} px")  # fmt: skip
+        descan = "" if s is None else f"; descan {s.model}, drift {s.drift_px():.2g} px" + (
+            " (compensated)" if s.compensated else " (--compensate-descan reads the BF pixels "
+            "where the disk is)" * (s.drift_px() >= 1.0))  # fmt: skip
         if self.noiseless:
             res += ("; float frames without --counts-per-electron or --dose: read as "
                     "noiseless, every bin level trusted, the dose in counts")  # fmt: skip
