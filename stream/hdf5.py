@@ -136,6 +136,8 @@ def write_result(
         write_calibration(f, result)
         if result.tcbf is not None:
             write_tcbf(f, result.tcbf)
+        # the choice of alignment and its reason (also when there is no model)
+        f.require_group("alignment").attrs["method_note"] = result.alignment_note
         write_dose(f.require_group("dose"), result)
     return path
 
@@ -189,8 +191,9 @@ def write_tcbf(f: h5py.File, tcbf) -> None:
     align = f["alignment"]
     align["shifts_px"] = tcbf.shifts_px
     align["error"] = tcbf.errors_px
-    write_attrs(align, {"schedule": tuple(tcbf.alignment.schedule), "rows": tuple(tcbf.rows),
-                        "matrix_px": tcbf.alignment.matrix_px})  # fmt: skip
+    a = tcbf.alignment
+    write_attrs(align, {"schedule": tuple(a.schedule), "rows": tuple(tcbf.rows),
+                        "matrix_px": a.matrix_px, "method": a.method})  # fmt: skip
     if tcbf.alignment.iterations:  # the last iteration, tile by tile
         it = tcbf.alignment.iterations[-1]
         _columns(align, "tiles", np.column_stack([it.k_px, it.shifts_px, it.quality, it.used]),

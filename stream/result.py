@@ -69,6 +69,9 @@ class SeriesResult:
     # why this result must not be presented as a good one (missed trigger, sheared lines)
     suspect: tuple[str, ...] = ()
     detector_dropped: int | None = None  # images the detector says it dropped (SIMPLON)
+    # why the alignment is what it is where the tiles could not give it (the global search's
+    # outcome, `tcbf.global_alignment`; with or without a model); "" when the tiles gave it
+    alignment_note: str = ""
 
     @property
     def pixels_excluded(self) -> int:

@@ -391,4 +391,5 @@ class SeriesProcessor:
             suspect=suspicions(
                 acc.state.seen, self.frame_limit, acc.out_of_range, last, complete
             ),  # fmt: skip
+            alignment_note=self._pipeline.fallback.note() if self._pipeline else "",
         )

@@ -94,6 +94,12 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                    "list A,B,..), each with a sharpness figure: /tcbf/depth_sections")  # fmt: skip
     a.add_argument("--depth-live", action="store_true",
                    help="compute the depth sections at every live update too (slower updates)")
+    a.add_argument("--defocus-hint", type=parse_finite, metavar="A",
+                   help="the microscope's nominal |defocus| (A): a prior for the global search "
+                   "where no tile level is trusted (searched within 0.5-2x of it)")  # fmt: skip
+    a.add_argument("--no-global-search", action="store_true",
+                   help="no global search where the tile alignment finds no model (it costs "
+                   "seconds per attempt)")  # fmt: skip
     a.add_argument("--defocus-sign", type=parse_defocus_sign, metavar="+1|-1",
                    help="known sign of the defocus (+1: C10 < 0); resolves the 180 deg "
                    "ambiguity (default: rotation folded into (-90, 90] deg)")  # fmt: skip
@@ -193,7 +199,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
     if args.calibration_frames < 1 or not 0 < args.bf_threshold < 1:
         raise UsageError("need --calibration-frames >= 1 and 0 < --bf-threshold < 1")
     for name in ("energy", "step", "semiangle", "angular_sampling", "counts_per_electron",
-                 "dose", "min_tile_electrons", "axial_radius"):  # fmt: skip
+                 "dose", "min_tile_electrons", "axial_radius", "defocus_hint"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -223,6 +229,8 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
         bins=args.bins,
         min_tile_electrons=args.min_tile_electrons,
         defocus_sign=args.defocus_sign,
+        global_search=not args.no_global_search,
+        defocus_hint_A=args.defocus_hint,
     )
     return ProcessingSettings(
         metadata={
@@ -256,10 +264,11 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
 
 def report(result, output: str) -> str:
     """End-of-job lines: counters and dose, alignment and aberrations, the file written."""
+    why = f"; {result.alignment_note}" if result.alignment_note else ""
     tcbf = (
         result.tcbf.summary()
         if result.tcbf is not None
-        else ("tcBF: no shift model (too few rows or electrons for any trusted bin level)")
+        else f"tcBF: no shift model (too few rows or electrons for any trusted bin level{why})"
     )
     return (f"{result.summary()}\n{tcbf}\n{result.dose_summary()}\n"
             f"{result.screening_summary()}\nwrote {output}\n")  # fmt: skip

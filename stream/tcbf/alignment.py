@@ -54,6 +54,10 @@ class AlignmentSettings:
     fit_radius_fraction: float = 0.8  # model fit: tiles within this fraction of the disk
     max_residual_px: float = 2.0  # a warm-started tile moving further than this is an outlier
     defocus_sign: int | None = None  # +1 / -1: known sign of the defocus (resolves 180 deg)
+    # where the tiles give no model: the global search (`global_alignment`), with the nominal
+    # defocus as a prior when given (A, > 0 underfocus)
+    global_search: bool = True
+    defocus_hint_A: float | None = None
 
     def __post_init__(self):
         if self.upsample < 1 or self.iterations_per_level < 1 or self.min_rows < 1:
@@ -84,6 +88,8 @@ class AlignmentResult:
     iterations: tuple[IterationResult, ...] = ()
     rows: tuple[int, int] = (0, 0)  # scan rows [first, last) the alignment used
     converged: bool = False  # at least one iteration fitted a model
+    method: str = "tiles"  # "tiles" (cross-correlation) or "global" (`global_alignment`)
+    note: str = ""  # why this method, in words (the global search's outcome)
 
     @property
     def schedule(self) -> tuple[int, ...]:
@@ -103,6 +109,20 @@ def acquired_rows(valid: np.ndarray, min_fraction: float = 0.5) -> tuple[int, in
     """[first, last) rows with at least `min_fraction` of their positions acquired."""
     good = np.flatnonzero(valid.mean(axis=1) >= min_fraction)
     return (int(good[0]), int(good[-1]) + 1) if good.size else (0, 0)
+
+
+def alignment_window(valid: np.ndarray,
+                     cap: int) -> tuple[tuple[int, int], tuple[int, int]]:  # fmt: skip
+    """Scan rows and columns the alignment uses: the acquired rows of `valid` (rows, cols), at
+    most `cap` of them (the middle ones) and of the columns (centred): a 128 x 128 field holds
+    ample signal for the 4 numbers of the model and bounds the cost."""
+    r0, r1 = acquired_rows(valid)
+    if r1 - r0 > cap:
+        r0 += (r1 - r0 - cap) // 2
+        r1 = r0 + cap
+    cols = valid.shape[1]
+    c0 = max(0, (cols - cap) // 2)
+    return (r0, r1), (c0, min(cols, c0 + cap))
 
 
 def edge_taper(shape: tuple[int, int], edge_blend_px: float) -> np.ndarray:

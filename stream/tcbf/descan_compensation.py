@@ -44,7 +44,8 @@ DRIFT_SIGMAS = 4.0  # ... and the drift is this many standard errors from none
 def centres_of_mass(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(N, 2) centre of mass (detector px, row/col) of each frame (N, Qx, Qy) over the pixels
     `mask` does not exclude; NaN for a frame without counts."""
-    w = np.where(mask, 0.0, np.nan_to_num(frames.astype(np.float64, copy=False)))
+    f = frames.astype(np.float64, copy=False)
+    w = np.where(mask | ~np.isfinite(f), 0.0, f)  # (a non-finite pixel: left out)
     total = w.sum(axis=(1, 2))
     rows = w.sum(axis=2) @ np.arange(frames.shape[1])
     cols = w.sum(axis=1) @ np.arange(frames.shape[2])

@@ -16,7 +16,7 @@ import numpy as np
 
 from tcbf_live.stream.tcbf.aberrations import AberrationFit, decompose
 from tcbf_live.stream.tcbf.accumulators import AccumulatorState
-from tcbf_live.stream.tcbf.alignment import AlignmentResult, acquired_rows, align
+from tcbf_live.stream.tcbf.alignment import AlignmentResult, align, alignment_window
 from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
 from tcbf_live.stream.tcbf.depth import DepthSections, depth_sections
 from tcbf_live.stream.tcbf.descan import DescanFit, DiskMoments, fit_descan, moment_gain
@@ -28,6 +28,7 @@ from tcbf_live.stream.tcbf.dose import (
     level_trust,
     transfer_mask,
 )
+from tcbf_live.stream.tcbf.global_alignment import GlobalFallback
 from tcbf_live.stream.tcbf.higher_order import fit_alignment, linear_uncertainties
 from tcbf_live.stream.tcbf.optics import information_limit_per_A, matrix_A_per_rad, wavelength_A
 from tcbf_live.stream.tcbf.reconstruction import (
@@ -140,28 +141,20 @@ class Pipeline:
         self.resolution_history: list[tuple[float, float]] = []
         self.last_trust: tuple[LevelTrust, ...] = ()
         self.matrix_px: np.ndarray | None = None  # warm start for the next update
+        self.method = "tiles"  # what gave matrix_px (`global_alignment` where tiles cannot)
+        st = settings.alignment
+        self.fallback = GlobalFallback(st.global_search, st.defocus_hint_A, acq.transpose,
+                                       acq.step_A, self.sampling_mrad)  # fmt: skip
         self.last: PipelineResult | None = None
         self._slips: set[tuple[int, int]] = set()
-
-    def window(self, valid: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Scan rows and columns the alignment uses: the acquired rows, at most
-        `max_field_px` of them (the middle ones) and of the columns (centred): a 128 x 128
-        field holds ample signal for the 4 numbers of the model and bounds the cost."""
-        cap = self.settings.alignment.max_field_px
-        r0, r1 = acquired_rows(valid)
-        if r1 - r0 > cap:
-            r0 += (r1 - r0 - cap) // 2
-            r1 = r0 + cap
-        cols = self.scan_shape[1]
-        c0 = max(0, (cols - cap) // 2)
-        return (r0, r1), (c0, min(cols, c0 + cap))
 
     def inputs(self, state: AccumulatorState, frames: int) -> AlignmentInputs:
         """Copies of the (merged) state for one update: the hits, totals and BF sums, and the
         tile sums of the alignment window only (live: take them under the ingest lock)."""
         hits = state.hits.copy()
         self.acquisition = self.acquisition.with_stated_dose(state.totals, hits)
-        window = self.window(hits.reshape(self.scan_shape) > 0)
+        window = alignment_window(hits.reshape(self.scan_shape) > 0,
+                                  self.settings.alignment.max_field_px)
         (r0, r1), (c0, c1) = window
         tiles = state.tiles.reshape(*self.scan_shape, -1)[r0:r1, c0:c1].copy()
         totals = state.totals.copy()
@@ -254,13 +247,19 @@ class Pipeline:
         seconds = time.perf_counter() - t_align
         del pixels  # release the grouped sums (never reused by a later update)
         rows = inputs.window[0]
+        if not found.converged and (final or self.matrix_px is None or self.method == "global"):
+            est = self.fallback.attempt(inputs.stack, self.exposure(inputs), self.scan_shape,
+                                        inputs.window, self.k_px, self.bad_px, final)  # fmt: skip
+            if est is not None and est.determined:  # (no tile iterations: the tiles failed)
+                found = AlignmentResult(est.matrix_px, (), rows, True, "global",
+                                        self.fallback.note())  # fmt: skip
         if not found.converged and self.matrix_px is None:
             return None
         if found.converged:
-            self.matrix_px = found.matrix_px
-            result = AlignmentResult(found.matrix_px, found.iterations, rows, True)
+            self.matrix_px, self.method = found.matrix_px, found.method
+            result = replace(found, rows=rows)
         else:  # nothing trusted this time: keep the previous model
-            result = AlignmentResult(self.matrix_px, found.iterations, rows, False)
+            result = AlignmentResult(self.matrix_px, found.iterations, rows, False, self.method)
         slips = self.all_slips(self.slips(levels, result))
         return _Aligned(result, result.shifts_px(self.k_px), slips, seconds)
 
@@ -274,6 +273,10 @@ class Pipeline:
         misfit = float(errors[-1]) if errors.size else float("nan")
         fit = decompose(m_a, self.settings.alignment.defocus_sign, misfit,
                         self.acquisition.transpose)  # fmt: skip
+        if result.method == "global":  # the jackknife of the global search
+            return replace(fit, errors=self.fallback.errors(fit, lambda m: decompose(
+                matrix_A_per_rad(m, self.acquisition.step_A, self.sampling_mrad),
+                self.settings.alignment.defocus_sign, misfit, fit.transpose)))  # fmt: skip
         errors = linear_uncertainties(result, fit, self.acquisition.step_A, self.sampling_mrad)
         return replace(fit, errors=errors)
 

@@ -172,6 +172,8 @@ class PipelineResult:
             else "aberrations need --energy/--step and an angular sampling"
         )
         levels = ",".join(str(b) for b in self.alignment.schedule) or "none"
+        if self.alignment.method == "global":  # where no tile level is trusted (its why)
+            levels = f"none: {self.alignment.note}"
         res = f"; {self.resolution_text()}" if self.resolution_A is not None else ""
         if self.dose_for_target_e_per_A2 is not None:
             res += (f"; {self.target_resolution_A:g} A needs ~{self.dose_for_target_e_per_A2:.3g}"
