@@ -281,12 +281,16 @@ def p4_on_our_grid(image: np.ndarray, res: dict, shape: tuple[int, int],
     return out, how
 
 
-def run_ours(sim, frames):
+def run_ours(sim, frames, global_search: bool = True):
     from tcbf_live.detectors.base import FrameBatch
     from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+    from tcbf_live.stream.tcbf import PipelineSettings
+    from tcbf_live.stream.tcbf.alignment import AlignmentSettings
 
     t = time.perf_counter()
-    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    align = AlignmentSettings(global_search=global_search)
+    proc = SeriesProcessor(sim.series_info(1),
+                           ProcessingSettings(pipeline=PipelineSettings(alignment=align)))
     proc.add(FrameBatch(1, 0, frames))
     res = proc.solve(final=True)
     return res, time.perf_counter() - t
@@ -371,6 +375,10 @@ def run_case(name, cfg, third, args, root: Path) -> dict:
                                                   SHIFT_SEARCH_SCAN_PX * f)  # fmt: skip
         row["ours_sched"] = res.alignment.schedule
         bins = [int(b) for b in res.alignment.schedule[1:]]  # [0]: the cold-start pair estimate
+        if res.alignment.method == "global":  # py4DSTEM gets the schedule our tiles ran
+            tiles, _ = run_ours(sim, frames, global_search=False)
+            bins = [int(b) for b in tiles.alignment.schedule[1:]] if tiles else bins
+            row["notes"].append(f"ours: global search (tiles alone: schedule {bins})")
         if res.higher is not None:
             row["ours_higher"] = {k: (c.value_A, c.angle_rad, c.determined)
                                   for k, c in res.higher.coefficients().items()}  # fmt: skip

@@ -123,3 +123,24 @@ def test_switched_off_or_hinted():
     assert res.alignment.method == "global"
     assert "prior: defocus hint 12000 A" in res.alignment.note
     assert res.aberrations.defocus_A == pytest.approx(15000.0, rel=0.1)
+
+
+def test_live_the_first_model_comes_half_way_and_is_refined():
+    """Weak phase at 2x10^3 e/A^2 fed 4 rows at a time: no model at 8 rows (1.2x the null),
+    the global model at 12 of 24 rows (measured 159.6 +- 9.0 A), kept while the search is not
+    due (16 rows), refined at 20 (152.0 +- 7.8 A)."""
+    sim = Simulator(weak_phase(2e3))
+    frames = sim.frames(0, sim.n_frames)
+    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    seen = {}
+    for rows in (8, 12, 16, 20):
+        first = 0 if rows == 8 else (rows - 4) * 48
+        proc.add(FrameBatch(1, first, frames[first : rows * 48]))
+        res = proc.solve()
+        seen[rows] = None if res is None else (res.alignment.method, res.aberrations)
+    assert seen[8] is None
+    for rows in (12, 16, 20):
+        method, ab = seen[rows]
+        assert method == "global" and abs(ab.defocus_A - 150.0) < 3 * ab.errors["C10_A"]
+    assert seen[16][1].defocus_A == seen[12][1].defocus_A  # not due: the same model kept
+    assert seen[20][1].errors["C10_A"] < seen[12][1].errors["C10_A"]

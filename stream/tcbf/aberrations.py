@@ -39,10 +39,11 @@ class AberrationFit:
     errors: dict | None = field(default=None, compare=False)
 
     def errors_text(self) -> str:
-        """' (1 sigma: defocus 25 A, C12 25 A, 12 deg, rotation 0.09 deg)', or '' unknown."""
+        """' (1 sigma: defocus 25 A, C12 25 A, 12 deg, rotation 0.09 deg)', or that they are
+        unknown (a model from too few tiles where the global search found none)."""
         e = self.errors
         if not e:
-            return ""
+            return " (1 sigma: unknown, too few tiles)"
         return (f" (1 sigma: defocus {e['C10_A']:.2g} A, C12 {e['C12_A']:.2g} A, "
                 f"{math.degrees(e['phi12_rad']):.2g} deg, rotation "
                 f"{math.degrees(e['rotation_rad']):.2g} deg)")  # fmt: skip

@@ -168,14 +168,23 @@ def transfer_mask(shape: tuple[int, int], sampling_A: float | None, wavelength_A
 
 
 def dose_for_resolution(target_A: float, history: np.ndarray) -> float | None:
-    """Dose (e/A^2) at which a power law fitted to `history` (rows: dose, resolution in A;
-    resolution-limited points excluded by the caller) reaches `target_A`. None when the
-    history does not show the resolution improving with dose. An estimate."""
-    h = np.asarray(history, float).reshape(-1, 2)
+    """Dose (e/A^2) at which a power law fitted to `history` (rows: dose, resolution in A, and
+    optionally its range: better, worse; resolution-limited points excluded by the caller)
+    reaches `target_A`. With a range each point weighs by its inverse spread in log
+    resolution (an FRC crossing that one noisy ring moves counts little), else equally. None
+    when the history does not show the resolution improving with dose. An estimate."""
+    h = np.asarray(history, float)
+    h = h.reshape(-1, h.shape[-1] if h.ndim > 1 else 2)
+    if h.shape[1] >= 4:  # the range, where both ends are known; else a factor 1.5 each way
+        spread = np.log(h[:, 3] / h[:, 2]) / 2
+        spread = np.where(np.isfinite(spread) & (spread > 0), spread, math.log(1.5))
+        h = np.column_stack([h[:, :2], np.maximum(spread, 0.02)])
+    else:
+        h = np.column_stack([h[:, :2], np.ones(len(h))])
     h = h[np.isfinite(h).all(axis=1) & (h[:, 0] > 0) & (h[:, 1] > 0)]
     if len(h) < 2 or np.ptp(np.log(h[:, 0])) < 0.1:
         return None
-    slope, intercept = np.polyfit(np.log(h[:, 0]), np.log(h[:, 1]), 1)
+    slope, intercept = np.polyfit(np.log(h[:, 0]), np.log(h[:, 1]), 1, w=1.0 / h[:, 2])
     if not slope < -0.05:
         return None
     dose = math.exp((math.log(target_A) - intercept) / slope)

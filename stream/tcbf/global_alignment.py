@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.fft as sfft
 import scipy.optimize as opt
+
+from tcbf_live.stream.tcbf.alignment import AlignmentResult
+from tcbf_live.stream.tcbf.higher_order import MIN_LINEAR_TILES
 
 MAX_FREQUENCIES = 600  # scan frequencies used at most (the lowest)
 Q_MAX = 0.5  # cycles per scan px at most (Nyquist)
@@ -129,11 +132,14 @@ class PowerTable:
         """S of candidate matrices (n, 2, 2) over the first n_q frequencies of each band
         ((n_bands, n) scores), nearest grid point per frequency."""
         out = np.empty((len(bands), len(matrices)))
-        idx = np.arange(len(self.q))
+        n = self.size
+        flat, base = self.power.ravel(), (np.arange(len(self.q)) * n * n)[None, :]
+        q0, q1 = (self.q[:, j][None, :] * n for j in (0, 1))  # u in grid steps
         for a in range(0, len(matrices), 1024):  # bounded temporaries
-            u = np.einsum("qj,nji->nqi", self.q, matrices[a : a + 1024])
-            iu = np.rint(u * self.size).astype(np.int64) % self.size
-            terms = self.power[idx, iu[..., 0], iu[..., 1]] - 1.0
+            m = matrices[a : a + 1024]
+            u0 = np.rint(q0 * m[:, 0, 0, None] + q1 * m[:, 1, 0, None]).astype(np.int64) % n
+            u1 = np.rint(q0 * m[:, 0, 1, None] + q1 * m[:, 1, 1, None]).astype(np.int64) % n
+            terms = flat[base + u0 * n + u1] - 1.0  # (candidates, n_q): u = M^T q
             for b, n_q in enumerate(bands):
                 out[b, a : a + 1024] = terms[:, :n_q].sum(axis=1)
         return out
@@ -206,6 +212,16 @@ def estimate(images: np.ndarray, k_px: np.ndarray, transpose: bool | None = None
     ratios = scores.max(axis=1) / np.maximum(null_peaks, 1e-9)  # like with like: coarse peaks
     b = int(np.argmax(ratios))
     n_q, ratio = bands[b], float(ratios[b])
+    ok = ratio >= MIN_SIGNIFICANCE
+    band = "q <= 0.25/px" if b == 0 else "all q"
+    reason = (f"global search ({band}, {n_q} frequencies): image power {scores[b].max():.0f}, "
+              f"{ratio:.2f}x the most that {SHUFFLES} shuffles of the positions reach "
+              f"({null_peaks[b]:.0f})")  # fmt: skip
+    if not ok:  # nothing to refine
+        return GlobalEstimate(None, np.full((2, 2), np.nan), np.empty((0, 2, 2)), float("nan"),
+                              float(null_peaks[b]), n_q, time.perf_counter() - t0,
+                              f"{reason}; needs {MIN_SIGNIFICANCE}x", ratio,
+                              tuple(float(r) for r in ratios))  # fmt: skip
     m, peak = _refine(cands[int(np.argmax(scores[b]))], spectra[:, :n_q], q[:n_q], k)
     subsets = np.empty((SUBSETS, 2, 2))
     for j in range(SUBSETS):  # jackknife: leave every 8th pixel out
@@ -213,13 +229,7 @@ def estimate(images: np.ndarray, k_px: np.ndarray, transpose: bool | None = None
         subsets[j] = _refine(m, spectra[keep, :n_q], q[:n_q], k[keep])[0]
     spread = (SUBSETS - 1) / SUBSETS * ((subsets - subsets.mean(axis=0)) ** 2).sum(axis=0)
     errors = np.sqrt(spread + (FLOOR * np.linalg.norm(m, 2)) ** 2)
-    ok = ratio >= MIN_SIGNIFICANCE
-    band = "q <= 0.25/px" if b == 0 else "all q"
-    reason = (f"global search ({band}, {n_q} frequencies): image power {scores[b].max():.0f}, "
-              f"{ratio:.2f}x the most that {SHUFFLES} shuffles of the positions reach "
-              f"({null_peaks[b]:.0f})")  # fmt: skip
-    reason += "" if ok else f"; needs {MIN_SIGNIFICANCE}x"
-    return GlobalEstimate(m if ok else None, errors, subsets, peak, float(null_peaks[b]), n_q,
+    return GlobalEstimate(m, errors, subsets, peak, float(null_peaks[b]), n_q,
                           time.perf_counter() - t0, reason, ratio,
                           tuple(float(r) for r in ratios))  # fmt: skip
 
@@ -268,6 +278,8 @@ class GlobalFallback:
             self.prior = f"defocus hint {defocus_hint_A:g} A (searched within 0.5-2x)"
         self.rows_tried = 0
         self.last: GlobalEstimate | None = None
+        self.why = "no model"  # what the tiles gave, in words
+        self.model: AlignmentResult | None = None  # the last model the search determined
 
     def attempt(self, stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[int, int],
                 window: tuple[tuple[int, int], tuple[int, int]], k_px: np.ndarray,
@@ -282,12 +294,40 @@ class GlobalFallback:
         self.last = estimate(images, k_px[use], self.transpose, self.scale_band)
         return self.last
 
+    def consider(self, found: AlignmentResult, current: str | None, stack: np.ndarray,
+                 exposure: np.ndarray, scan_shape: tuple[int, int],
+                 window: tuple[tuple[int, int], tuple[int, int]], k_px: np.ndarray,
+                 excluded_px: np.ndarray, final: bool) -> AlignmentResult:  # fmt: skip
+        """The tiles' outcome `found`, or the global search's model where the tiles gave none
+        or one too thin for an uncertainty (fewer measured tiles than MIN_LINEAR_TILES) and
+        the search determines one. `current`: the method of the model in use (None: none yet).
+        Live, a model from the tiles, thin or not, stands (the search takes seconds, and would
+        hold up the tiles' fast updates); the final update replaces a thin one."""
+        its = found.iterations
+        weights = its[-1].measured_weights if its else None
+        n = int(np.count_nonzero(weights > 0)) if weights is not None else 0
+        thin = found.converged and n < MIN_LINEAR_TILES
+        if (found.converged and not thin) or not (final or current != "tiles"):
+            return found
+        if not final and found.converged and current is None:  # live: the thin model stands
+            return found
+        self.why = "no model" if not found.converged else \
+            f"{n} measured tiles, too few for an uncertainty"  # fmt: skip
+        est = self.attempt(stack, exposure, scan_shape, window, k_px, excluded_px, final)
+        if est is not None and est.determined:
+            self.model = AlignmentResult(est.matrix_px, (), found.rows, True, "global",
+                                         self.note())  # fmt: skip
+            return self.model
+        if est is None and current == "global" and self.model is not None:  # not due: kept
+            return replace(self.model, rows=found.rows)
+        return found
+
     def note(self) -> str:
         """Why the model is what it is, for the result (empty: the tiles gave it)."""
         if self.last is None:
             return ""
         e = self.last
-        return (f"tile alignment: no model; {e.reason}; prior: {self.prior}; "
+        return (f"tile alignment: {self.why}; {e.reason}; prior: {self.prior}; "
                 f"{e.seconds:.1f} s")  # fmt: skip
 
     def errors(self, fit, decompose_px) -> dict[str, float]:

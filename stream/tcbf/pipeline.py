@@ -247,12 +247,9 @@ class Pipeline:
         seconds = time.perf_counter() - t_align
         del pixels  # release the grouped sums (never reused by a later update)
         rows = inputs.window[0]
-        if not found.converged and (final or self.matrix_px is None or self.method == "global"):
-            est = self.fallback.attempt(inputs.stack, self.exposure(inputs), self.scan_shape,
-                                        inputs.window, self.k_px, self.bad_px, final)  # fmt: skip
-            if est is not None and est.determined:  # (no tile iterations: the tiles failed)
-                found = AlignmentResult(est.matrix_px, (), rows, True, "global",
-                                        self.fallback.note())  # fmt: skip
+        found = self.fallback.consider(found, None if self.matrix_px is None else self.method,
+                                       inputs.stack, self.exposure(inputs), self.scan_shape,
+                                       inputs.window, self.k_px, self.bad_px, final)  # fmt: skip
         if not found.converged and self.matrix_px is None:
             return None
         if found.converged:
@@ -324,7 +321,7 @@ class Pipeline:
             self.resolution_history.append((dose, res, *spread))
         history = np.array(self.resolution_history, float).reshape(-1, 4)
         target = self.settings.target_resolution_A
-        needed = dose_for_resolution(target, history[:, :2]) if target else None
+        needed = dose_for_resolution(target, history) if target else None
         return _Resolution(frc, res, limited, half_bit, history, needed, spread)
 
     # ------------------------------------------------------------------ helpers
