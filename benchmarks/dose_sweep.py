@@ -19,23 +19,13 @@ import time
 import numpy as np
 
 from tcbf_live.detectors.base import FrameBatch
-from tcbf_live.simulators.config import Aberrations, SimulationConfig
-from tcbf_live.simulators.simulate import Simulator, tutorial_config
+from tcbf_live.simulators.simulate import Simulator, tutorial_config, weak_phase_config
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf import PipelineSettings
 from tcbf_live.stream.tcbf.alignment import AlignmentSettings
 
 WEAK = (1e5, 3e4, 1e4, 5e3, 2e3, 1e3, 5e2)
 TUTORIAL = (1000.0, 100.0, 50.0, 30.0, 20.0, 10.0)
-
-
-def weak_phase(dose: float, seed: int) -> SimulationConfig:
-    return SimulationConfig(
-        scan_shape=(24, 48), step_A=0.5, detector_shape=(128, 128), energy_eV=300e3,
-        semiangle_mrad=20.0, angular_sampling_mrad=1.23, rolloff_mrad=0.2,
-        aberrations=Aberrations.from_defocus(150.0), dose_e_per_A2=dose, sample="random",
-        feature_A=0.5, phase_rms=0.038, seed=seed,
-    )  # fmt: skip
 
 
 def solve(sim: Simulator, frames: np.ndarray, global_search: bool):
@@ -68,7 +58,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="three doses per sample, one seed")
     args = p.parse_args()
     seeds = 1 if args.quick else args.seeds
-    cases = [("weak phase", weak_phase, WEAK[2::2] if args.quick else WEAK, 0.0),
+    cases = [("weak phase", lambda d, s: weak_phase_config(dose_e_per_A2=d, seed=s),
+              WEAK[2::2] if args.quick else WEAK, 0.0),
              ("tutorial", lambda d, s: tutorial_config(dose_e_per_A2=d, seed=s),
               TUTORIAL[1::2] if args.quick else TUTORIAL, -15.0)]  # fmt: skip
     print("| sample, method | dose (e/A^2) | electrons in the scan | model | defocus (error) | "

@@ -8,6 +8,7 @@ from tcbf_live.simulators.simulate import (
     Simulator,
     scan_position,
     tutorial_config,
+    weak_phase_config,
 )
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "interaction_constant",
     "scan_position",
     "tutorial_config",
+    "weak_phase_config",
     "wavelength_A",
 ]

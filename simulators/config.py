@@ -159,4 +159,17 @@ def tutorial_config(**overrides) -> SimulationConfig:
     return replace(base, **overrides)
 
 
-PRESETS = {"tutorial": tutorial_config}
+def weak_phase_config(**overrides) -> SimulationConfig:
+    """py4DSTEM's low-dose test object (docs/tcbf.md): 24x48 scan, 128^2 detector, 300 kV,
+    20 mrad, 150 A defocus, 0.5 A step, 1.23 mrad/px (~800 BF px), a weak random phase of
+    0.038 rad rms, 10^5 e/A^2."""
+    base = SimulationConfig(
+        scan_shape=(24, 48), step_A=0.5, detector_shape=(128, 128), energy_eV=300e3,
+        semiangle_mrad=20.0, angular_sampling_mrad=1.23, rolloff_mrad=0.2,
+        aberrations=Aberrations.from_defocus(150.0), dose_e_per_A2=1e5, sample="random",
+        feature_A=0.5, phase_rms=0.038,
+    )  # fmt: skip
+    return replace(base, **overrides)
+
+
+PRESETS = {"tutorial": tutorial_config, "weak-phase": weak_phase_config}

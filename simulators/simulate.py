@@ -28,6 +28,7 @@ from tcbf_live.simulators.config import (  # PRESETS, tutorial_config: imported 
     SimulationConfig,
     SimulationError,
     tutorial_config,  # noqa: F401
+    weak_phase_config,  # noqa: F401
 )
 from tcbf_live.simulators.detector import build_detector_lut, detect_batch
 from tcbf_live.simulators.optics import aperture, detector_to_scan_matrix, wavelength_A

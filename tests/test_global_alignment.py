@@ -12,8 +12,8 @@ import pytest
 import scipy.ndimage as ndi
 
 from tcbf_live.detectors.base import FrameBatch
-from tcbf_live.simulators.config import Aberrations, SimulationConfig
-from tcbf_live.simulators.simulate import Simulator, tutorial_config
+from tcbf_live.simulators.config import SimulationConfig
+from tcbf_live.simulators.simulate import Simulator, tutorial_config, weak_phase_config
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf import PipelineSettings
 from tcbf_live.stream.tcbf import global_alignment as ga
@@ -58,12 +58,7 @@ def test_pure_noise_is_not_a_model():
 
 def weak_phase(dose, seed=0):
     """The 0.038 rad weak-phase case of docs/tcbf.md (tile alignment: no model at 5e3)."""
-    return SimulationConfig(
-        scan_shape=(24, 48), step_A=0.5, detector_shape=(128, 128), energy_eV=300e3,
-        semiangle_mrad=20.0, angular_sampling_mrad=1.23, rolloff_mrad=0.2,
-        aberrations=Aberrations.from_defocus(150.0), dose_e_per_A2=dose, sample="random",
-        feature_A=0.5, phase_rms=0.038, seed=seed,
-    )  # fmt: skip
+    return weak_phase_config(dose_e_per_A2=dose, seed=seed)
 
 
 def solved(cfg, **alignment):

@@ -13,7 +13,11 @@ from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.detectors.files import write_dataset
 from tcbf_live.simulators.optics import Aberrations
 from tcbf_live.simulators.sender import SendSettings, stream_series
-from tcbf_live.simulators.simulate import SimulationConfig, Simulator, tutorial_config
+from tcbf_live.simulators.simulate import (
+    Simulator,
+    tutorial_config,
+    weak_phase_config,
+)
 from tcbf_live.stream.cli.main import main
 from tcbf_live.stream.engine import Engine, EngineSettings
 from tcbf_live.stream.receiver import SubscriberSettings
@@ -60,12 +64,7 @@ def tutorial():
 def weak_object_cfg():
     """py4DSTEM's low-dose test object: 300 kV, 20 mrad, defocus 150 A, 0.5 A step, 1.23
     mrad/px (793 BF px), weak random phase 0.038 rad rms, 24x48 scan."""
-    return SimulationConfig(
-        scan_shape=(24, 48), step_A=0.5, detector_shape=(128, 128), energy_eV=300e3,
-        semiangle_mrad=20.0, angular_sampling_mrad=1.23, rolloff_mrad=0.2,
-        aberrations=Aberrations.from_defocus(150.0), dose_e_per_A2=1e5, sample="random",
-        feature_A=0.5, phase_rms=0.038,
-    )  # fmt: skip
+    return weak_phase_config()
 
 
 def test_tutorial_reconstruct_recovers_defocus_rotation_and_image(tutorial, tmp_path, capsys):
