@@ -156,17 +156,12 @@ def test_the_defocus_error_covers_a_coarse_schedule_bias():
     its defocus ~3 % high; the statistical sigma alone (0.9 A) put the truth 5.5 sigma away.
     With the tile-size floor it is within 2 sigma."""
     from tcbf_live.detectors.base import FrameBatch
-    from tcbf_live.simulators.simulate import SimulationConfig
+    from tcbf_live.simulators.simulate import weak_phase_config
     from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
     from tcbf_live.stream.tcbf.alignment import AlignmentSettings
     from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 
-    cfg = SimulationConfig(scan_shape=(24, 48), step_A=0.5, detector_shape=(128, 128),
-                           energy_eV=300e3, semiangle_mrad=20.0, angular_sampling_mrad=1.23,
-                           rolloff_mrad=0.2, aberrations=Aberrations.from_defocus(150.0),
-                           dose_e_per_A2=3e4, sample="random", feature_A=0.5,
-                           phase_rms=0.038)  # fmt: skip
-    sim = Simulator(cfg)
+    sim = Simulator(weak_phase_config(dose_e_per_A2=3e4))
     settings = ProcessingSettings(pipeline=PipelineSettings(
         alignment=AlignmentSettings(defocus_sign=+1)))  # fmt: skip
     proc = SeriesProcessor(sim.series_info(1), settings)
