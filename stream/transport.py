@@ -242,7 +242,8 @@ def set_receive_cap(sock: zmq.Socket, max_message_bytes: int) -> None:
 
 SENDER_SOCKETS = {"pub": zmq.XPUB, "push": zmq.PUSH}  # XPUB: a PUB that sees subscriptions
 RECEIVING = (zmq.SUB, zmq.PULL)
-BOTH_WAYS = {k: (zmq.RCVHWM, zmq.SNDHWM) for k in (zmq.DEALER, zmq.ROUTER)}  # worker links
+# worker links (DEALER, ROUTER) and the control endpoint (REP, REQ)
+BOTH_WAYS = {k: (zmq.RCVHWM, zmq.SNDHWM) for k in (zmq.DEALER, zmq.ROUTER, zmq.REP, zmq.REQ)}
 
 
 def open_link(ctx: zmq.Context, kind: int, endpoint: str, *, bind_here: bool, hwm: int,

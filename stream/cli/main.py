@@ -22,7 +22,7 @@ from tcbf_live.viewer.display import WindowUnavailable
 
 
 def build_parser() -> OneLineParser:
-    from tcbf_live.stream.cli import demo, listen, reconstruct, run, workers
+    from tcbf_live.stream.cli import control, demo, listen, reconstruct, run, workers
     from tcbf_live.stream.cli import simulate as sim_cli
     from tcbf_live.stream.cli import view as viewer_cli
 
@@ -37,6 +37,7 @@ def build_parser() -> OneLineParser:
     viewer_cli.add_parser(sub)
     listen.add_parser(sub)
     workers.add_parser(sub)
+    control.add_parser(sub)
     return parser
 
 

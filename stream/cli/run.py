@@ -25,6 +25,7 @@ from tcbf_live.stream.cli.common import (
     link_curve,
     parse_finite,
 )
+from tcbf_live.stream.cli.control import check_control, start_control
 from tcbf_live.stream.cli.exitcodes import (
     EPILOG,
     ExitCode,
@@ -122,6 +123,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="publish the result stream (for tcbf-live view)")  # fmt: skip
+    p.add_argument("--control", metavar="ENDPOINT",
+                   help="answer requests of acquisition scripts here (status, aberrations, "
+                   "save, stop; JSON over ZeroMQ REQ/REP, docs/control.md); loopback, or "
+                   "CURVE keys (--curve-secret) beyond it")  # fmt: skip
     add_curve_args(p, server=True, client=True)
     add_worker_args(p)
     p.set_defaults(run=run)
@@ -159,6 +164,7 @@ def check_record(args: argparse.Namespace) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
+    check_control(args)
     if not args.headless:
         from tcbf_live.viewer.app import check_window
 
@@ -269,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         engine.join()
         raise
 
-    publisher = None
+    control, publisher = start_control(args, engine), None
     if args.publish:
         from tcbf_live.stream.publisher import SnapshotPublisher
 
@@ -294,8 +300,9 @@ def run(args: argparse.Namespace) -> int:
         engine.stop()
         engine.join()
     finally:
-        if publisher is not None:
-            publisher.close()
+        for endpoint in (publisher, control):
+            if endpoint is not None:
+                endpoint.close()
         if detector is not None:
             try:
                 detector.disarm()
@@ -313,10 +320,8 @@ def run(args: argparse.Namespace) -> int:
     if engine.counters.lane:  # in this process (workers say theirs in their lines)
         sys.stderr.write(f"compiled lane: {engine.counters.lane} of "
                          f"{engine.counters.messages} messages\n")  # fmt: skip
-    for error in files.errors:
-        sys.stderr.write(f"tcbf-live run: error: {error}\n")
-    for error in files.internal:
-        sys.stderr.write(f"tcbf-live run: internal error: {error}\n")
+    sys.stderr.writelines([*(f"tcbf-live run: error: {e}\n" for e in files.errors),
+                           *(f"tcbf-live run: internal error: {e}\n" for e in files.internal)])
     refused = series_refused(engine)
     code = files.exit_code(refused)
     if code is ExitCode.EMPTY:
