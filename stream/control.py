@@ -24,13 +24,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from pathlib import Path
 
 import numpy as np
 import zmq
 
-from tcbf_live.stream.transport import CurveKeys, OversizedMessage, open_link, recv_capped
+from tcbf_live.stream.transport import (
+    CurveKeys,
+    OversizedMessage,
+    ServedSocket,
+    open_link,
+    recv_capped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ def aberrations(result) -> dict:
             "frames": t.frames}  # fmt: skip
 
 
-class ControlServer:
+class ControlServer(ServedSocket):
     """The REP endpoint over an engine (`snapshot()`, `stop()`); `save_dir`: where "save" may
     write (the directory of `--output`)."""
 
@@ -79,21 +84,10 @@ class ControlServer:
         self.engine, self.protocol = engine, protocol
         self.save_dir = Path(save_dir).resolve()
         self.requests = 0
-        self._sock = open_link(zmq.Context.instance(), zmq.REP, endpoint, bind_here=True, hwm=4,
-                               role="the control endpoint (--control)",
-                               max_message_bytes=MAX_REQUEST_BYTES, curve=curve)  # fmt: skip
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tcbf-control", daemon=True)
-
-    def start(self) -> ControlServer:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5.0)
-        self._sock.close(linger=0)
+        super().__init__(open_link(zmq.Context.instance(), zmq.REP, endpoint, bind_here=True,
+                                   hwm=4, role="the control endpoint (--control)",
+                                   max_message_bytes=MAX_REQUEST_BYTES, curve=curve),
+                         "tcbf-control")  # fmt: skip
 
     def _run(self) -> None:
         while not self._stop.is_set():

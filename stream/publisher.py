@@ -13,13 +13,13 @@ viewer a receive callable: the viewer decodes and validates, the sockets stay he
 from __future__ import annotations
 
 import logging
-import threading
 
 import zmq
 
 from tcbf_live.stream.transport import (
     CurveKeys,
     OversizedMessage,
+    ServedSocket,
     open_link,
     recv_capped,
 )
@@ -33,27 +33,16 @@ DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 MAX_VIEW_MESSAGE_BYTES = MAX_STATE_BYTES + MAX_HEADER_BYTES
 
 
-class SnapshotPublisher:
+class SnapshotPublisher(ServedSocket):
     def __init__(self, engine, endpoint: str = DEFAULT_PUBLISH, rate_hz: float = 10.0,
                  curve: CurveKeys | None = None):  # fmt: skip
         self.engine = engine
         self.interval_s = 1.0 / rate_hz
         self.sent = 0
         self.dropped = 0
-        self._sock = open_link(zmq.Context.instance(), zmq.PUB, endpoint, bind_here=True, hwm=2,
-                               role="the result stream (--publish)", curve=curve)  # fmt: skip
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tcbf-publish", daemon=True)
-
-    def start(self) -> SnapshotPublisher:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5.0)
-        self._sock.close()
+        super().__init__(open_link(zmq.Context.instance(), zmq.PUB, endpoint, bind_here=True,
+                                   hwm=2, role="the result stream (--publish)", curve=curve),
+                         "tcbf-publish")  # fmt: skip
 
     def _run(self) -> None:
         states = EngineStates(self.engine)

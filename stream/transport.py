@@ -321,3 +321,24 @@ def recv_capped(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_MESSAGE_P
             f"message of {count} parts, {total} bytes (cap {max_parts} parts, {max_bytes} bytes)"
         )
     return parts
+
+
+class ServedSocket:
+    """A bound socket served by one daemon thread running the subclass's `_run` until `_stop`
+    is set: the result stream (`publisher`) and the control endpoint (`control`). `close`
+    stops the thread, then closes the socket."""
+
+    def __init__(self, sock: zmq.Socket, name: str):
+        self._sock = sock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self._sock.close(linger=0)
