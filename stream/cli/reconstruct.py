@@ -26,6 +26,7 @@ from tcbf_live.stream.cli.options import (
     processing_from_args,
     report,
 )
+from tcbf_live.stream.cli.progress import Progress
 from tcbf_live.stream.outputs import check_output, input_path
 from tcbf_live.stream.result import SeriesResult
 from tcbf_live.stream.series import SeriesProcessor
@@ -54,10 +55,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def reconstruct_dataset(data: RecordedDataset, processor: SeriesProcessor) -> SeriesResult:
-    """Feed every frame through `processor`, then the final alignment; return the result."""
+    """Feed every frame through `processor`, then the final alignment; return the result.
+    Progress (frames/s, time left) on a terminal (`progress.Progress`)."""
     sid = processor.info.series_id
+    progress = Progress(data.n_frames)
     for first, frames in data.iter_batches(READ_BATCH):
         processor.add(FrameBatch(sid, first, frames))
+        progress.update(first + len(frames))
+    progress.finish(" aligning ...")
     processor.solve(final=True)
     return processor.result(final=True, complete=True)
 
