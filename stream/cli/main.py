@@ -22,7 +22,7 @@ from tcbf_live.viewer.display import WindowUnavailable
 
 
 def build_parser() -> OneLineParser:
-    from tcbf_live.stream.cli import control, demo, listen, reconstruct, run, workers
+    from tcbf_live.stream.cli import control, demo, export, listen, reconstruct, run, workers
     from tcbf_live.stream.cli import simulate as sim_cli
     from tcbf_live.stream.cli import view as viewer_cli
 
@@ -38,6 +38,7 @@ def build_parser() -> OneLineParser:
     listen.add_parser(sub)
     workers.add_parser(sub)
     control.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 
