@@ -118,8 +118,10 @@ def _tcbf_keys(t, step_A: float | None) -> dict[str, Any]:
             "transpose": bool(ab.transpose),
             "residual_px": ab.residual_px,
         }
-        if ab.errors:  # the viewer's aberration keys are fixed: the errors as one line
-            s["aberration_errors_text"] = ab.errors_text().strip(" ()")
+        # the viewer's aberration keys are fixed: the errors as one line (or "unknown")
+        s["aberration_errors_text"] = ab.errors_text().strip(" ()")
+    if t.alignment.method == "global":  # no tile level gave the model: how it was found
+        s["method_text"] = t.alignment.note[:400]
     if t.descan is not None:  # the BF disk's drift (`tcbf.descan`), worded once here
         d, (a, b), (c, e) = t.descan, *t.descan.per_step_px
         s["descan_text"] = (f"descan {d.model}{' (compensated)' * d.compensated}: drift "

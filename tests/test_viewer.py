@@ -297,3 +297,31 @@ def test_the_status_bar_says_when_a_result_is_suspect(qtbot, tutorial):
     for hostile in ([1] * 3, ["x" * 5000]):
         with pytest.raises(StateError):
             decode_state([bytes(p) for p in encode_state(dict(state, suspect=hostile))])
+
+
+def test_the_shift_panel_says_when_the_global_search_gave_the_model(qtbot):
+    """At 20 e/A^2 on the tutorial no tile level is trusted: the panel says how the model was
+    found (the global search, its ratio to the null) in place of the tiles' misfit."""
+    from tcbf_live.simulators import Simulator, tutorial_config
+
+    sim = Simulator(tutorial_config(dose_e_per_A2=20.0))
+    proc = SeriesProcessor(sim.series_info(3), ProcessingSettings())
+    proc.add(FrameBatch(3, 0, sim.frames(0, sim.n_frames)))
+    proc.solve(final=True)
+    state = decode_state([bytes(p) for p in encode_state(view_state(
+        proc.result(final=True, complete=True)))])  # fmt: skip
+    assert state["method_text"].startswith("tile alignment: no model; global search")
+
+    class Fixed:
+        def latest(self):
+            return state
+
+        def close(self):
+            pass
+
+    window = ViewerWindow(Fixed(), refresh_hz=20)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.state is not None, timeout=5000)
+    text = window.panel(ShiftPanel).fit_label.text()
+    assert "global search" in text and "tile misfit" not in text and "1 sigma: defocus" in text

@@ -216,7 +216,8 @@ class ShiftPanel(Panel):
             f"defocus {ab['defocus_A']:.4g} Å (C10 {ab['C10_A']:.4g} Å)\n"
             f"astigmatism C12 {ab['C12_A']:.3g} Å at {ab['phi12_deg']:.1f}°\n"
             f"rotation {ab['rotation_deg']:.2f}°{'  transposed' if ab['transpose'] else ''}"
-            f"\ntile misfit to the model {misfit:.3f} px"
+            + (f"\n{s['method_text']}" if s.get("method_text") else
+               f"\ntile misfit to the model {misfit:.3f} px")
             + (f"\n{s['aberration_errors_text']}" if s.get("aberration_errors_text") else "")
             + (f"\nthird order: {s['third_order_text']}" if s.get("third_order_text") else "")
             + (f"\n{s['descan_text']}" if s.get("descan_text") else "")

@@ -177,6 +177,7 @@ SCALARS = {
     "descan_text": lambda v: isinstance(v, str) and len(v) <= 200,
     "third_order_text": lambda v: isinstance(v, str) and len(v) <= 300,
     "aberration_errors_text": lambda v: isinstance(v, str) and len(v) <= 200,
+    "method_text": lambda v: isinstance(v, str) and len(v) <= 400,
     "target_resolution_A": _opt(_is_num),
     "dose_for_target_e_per_A2": _opt(_is_num),
     "trust": lambda v: isinstance(v, list) and len(v) <= MAX_LIST and all(map(_trust_row, v)),
