@@ -267,6 +267,23 @@ def test_run_with_the_in_process_viewer_writes_the_result_and_stops_on_ctrl_c(tm
         assert "tcbf/image" in f
 
 
+def show_state(qtbot, state):
+    """A viewer window showing one fixed (decoded) view state."""
+
+    class Fixed:
+        def latest(self):
+            return state
+
+        def close(self):
+            pass
+
+    window = ViewerWindow(Fixed(), refresh_hz=20)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.state is not None, timeout=5000)
+    return window
+
+
 def test_the_status_bar_says_when_a_result_is_suspect(qtbot, tutorial):
     """A missed trigger (the series ended a frame short) and excluded frames are in the view
     state and shown in red in the status bar: a sheared image is never shown as a good one."""
@@ -280,17 +297,7 @@ def test_the_status_bar_says_when_a_result_is_suspect(qtbot, tutorial):
         proc.result(final=True, complete=True)))])  # fmt: skip
     assert state["frames_excluded"] == 1 and "missed trigger" in state["suspect"][0]
 
-    class Fixed:
-        def latest(self):
-            return state
-
-        def close(self):
-            pass
-
-    window = ViewerWindow(Fixed(), refresh_hz=20)
-    qtbot.addWidget(window)
-    window.show()
-    qtbot.waitUntil(lambda: window.state is not None, timeout=5000)
+    window = show_state(qtbot, state)
     text = window.status.text()
     assert "excluded 1" in text and "SUSPECT: missed trigger" in text
     assert "d03030" in window.status.styleSheet()
@@ -312,16 +319,6 @@ def test_the_shift_panel_says_when_the_global_search_gave_the_model(qtbot):
         proc.result(final=True, complete=True)))])  # fmt: skip
     assert state["method_text"].startswith("tile alignment: no model; global search")
 
-    class Fixed:
-        def latest(self):
-            return state
-
-        def close(self):
-            pass
-
-    window = ViewerWindow(Fixed(), refresh_hz=20)
-    qtbot.addWidget(window)
-    window.show()
-    qtbot.waitUntil(lambda: window.state is not None, timeout=5000)
+    window = show_state(qtbot, state)
     text = window.panel(ShiftPanel).fit_label.text()
     assert "global search" in text and "tile misfit" not in text and "1 sigma: defocus" in text
