@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from tcbf_live.detectors import base as detector
 from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
 from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.budget import BudgetExceeded, check_info
@@ -32,7 +33,7 @@ from tcbf_live.stream.staging import Staging
 from tcbf_live.stream.tcbf import calibration as calib
 from tcbf_live.stream.tcbf import pipeline as pl
 from tcbf_live.stream.tcbf.accumulators import Accumulators, AccumulatorState, StateDelta, prepare
-from tcbf_live.stream.tcbf.descan_compensation import DescanCompensation, scan_positions
+from tcbf_live.stream.tcbf.descan_compensation import DescanCompensation
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ class SeriesProcessor:
         n, pending, self._pending = self.settings.calibration_frames, self._pending, []
         frames = np.concatenate([f for _, f in pending])[:n]
         indices = np.concatenate([np.arange(i, i + len(f)) for i, f in pending])[:n]
-        serpentine = self.info.scan_order == "serpentine"
-        if self.calibrate_on(frames, scan_positions(indices, self.scan_shape, serpentine)):
+        at = detector.scan_position(indices % self.n_positions, self.scan_shape,
+                                    self.info.scan_order)  # fmt: skip
+        if self.calibrate_on(frames, np.column_stack(at)):
             for first, f in pending:
                 self.acc.add(first, f)
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.detectors.base import FrameBatch, scan_position
 from tcbf_live.detectors.files import write_dataset
 from tcbf_live.simulators.simulate import Simulator, tutorial_config
 from tcbf_live.stream.cli.main import main
@@ -92,9 +92,12 @@ def test_calibration_on_a_drifting_disk_is_not_smeared():
     assert calibrate(disk_frames([(0, 0)] * 32), positions=positions).drift is None
 
 
-def test_scan_positions_follow_the_kernel():
-    pos = dc.scan_positions(np.array([0, 3, 4, 7, 8 + 5]), (2, 4), serpentine=True)
-    assert pos.tolist() == [[0, 0], [0, 3], [1, 3], [1, 0], [1, 2]]
+def test_calibration_positions_follow_the_kernel():
+    """The calibration frames' positions (`detectors.base.scan_position` of the index within
+    its pass, as the series computes them) are where the kernel puts those frames."""
+    idx = np.array([0, 3, 4, 7, 8 + 5])
+    rows, cols = scan_position(idx % 8, (2, 4), "serpentine")
+    assert np.column_stack([rows, cols]).tolist() == [[0, 0], [0, 3], [1, 3], [1, 0], [1, 2]]
 
 
 def run(d, compensate, **kw):

@@ -121,17 +121,6 @@ def steady(frames: np.ndarray, mask: np.ndarray,
     return None if drift is None else (realigned(frames, drift.displacement_px(positions)), drift)
 
 
-def scan_positions(indices: np.ndarray, scan_shape: tuple[int, int],
-                   serpentine: bool) -> np.ndarray:  # fmt: skip
-    """(n, 2) scan (row, col) of acquisition indices (repeat passes wrap), as the kernel maps
-    them (`kernels.claim`)."""
-    k = np.asarray(indices, np.int64) % (scan_shape[0] * scan_shape[1])
-    row, col = np.divmod(k, scan_shape[1])
-    if serpentine:
-        col = np.where(row % 2 == 1, scan_shape[1] - 1 - col, col)
-    return np.column_stack([row, col])
-
-
 class DescanCompensation:
     """The live descan model of one series and where each position's BF pixels are read.
 
