@@ -77,6 +77,11 @@ class RecordedDataset:
                 raise DatasetError(f"{sidecar}: not valid JSON") from None
         else:
             raise DatasetError(f"{path}: expected .npy or .h5/.hdf5[:/dataset]")
+        self._adopt(spec)
+
+    def _adopt(self, spec: str) -> None:
+        """Check `self.array` (4D, or 3D with a scan shape) and `self.meta`, and take the
+        scan shape and order (the overrides first)."""
         shape = tuple(int(n) for n in self.array.shape)
         if self.array.ndim not in (3, 4):
             self.close()

@@ -207,10 +207,15 @@ def present_runs(present: np.ndarray | None, n_frames: int,
 
 
 def open_recording(spec: str, overrides: dict[str, Any]):
-    """A .mib (Merlin), a DECTRIS master file (a `run --record` file too), or a 4D .npy /
-    HDF5 dataset: the frame sources `simulate --replay` and `reconstruct` read."""
+    """A .mib (Merlin), a DECTRIS master file (a `run --record` file too), a file RosettaSciIO
+    reads (`rsciio_files`: .hspy, .zspy, .blo, EMPAD .xml, .emd) or a 4D .npy / HDF5 dataset:
+    the frame sources `simulate --replay` and `reconstruct` read."""
+    from tcbf_live.detectors.rsciio_files import RsciioDataset, is_rsciio_file
+
     if spec.endswith(".mib"):
         return MibFile(spec, overrides)
+    if is_rsciio_file(spec):
+        return RsciioDataset(spec, overrides)
     if spec.endswith((".h5", ".hdf5")) and is_dectris_master(spec):
         return DectrisMaster(spec, overrides)
     return RecordedDataset(spec, overrides)

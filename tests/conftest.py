@@ -34,3 +34,19 @@ def expect_usage_error(capsys):
         return err
 
     return check
+
+
+def tutorial_dataset(folder, *reconstruct_flags: str):
+    """The tutorial preset (`tutorial_config()`) written as FOLDER/d.npy with its metadata,
+    and its `reconstruct` result FOLDER/d.h5 with `reconstruct_flags` (asserted to succeed).
+    Returns (dataset, result)."""
+    from tcbf_live.detectors.files import write_dataset
+    from tcbf_live.simulators import Simulator, tutorial_config
+    from tcbf_live.stream.cli.main import main
+
+    sim = Simulator(tutorial_config())
+    cfg, data, out = sim.cfg, folder / "d.npy", folder / "d.h5"
+    write_dataset(str(data), cfg.scan_shape, cfg.detector_shape, cfg.dtype, sim.ground_truth(),
+                  iter([(0, sim.frames(0, sim.n_frames))]))  # fmt: skip
+    assert main(["reconstruct", str(data), "--output", str(out), *reconstruct_flags]) == 0
+    return data, out

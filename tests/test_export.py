@@ -8,20 +8,13 @@ import pytest
 
 emdfile = pytest.importorskip("emdfile")
 
-from tcbf_live.detectors.files import write_dataset  # noqa: E402
-from tcbf_live.simulators import Simulator, tutorial_config  # noqa: E402
+from conftest import tutorial_dataset  # noqa: E402
 from tcbf_live.stream.cli.main import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    sim = Simulator(tutorial_config())
-    cfg, data, out = sim.cfg, tmp / "d.npy", tmp / "r.h5"
-    write_dataset(str(data), cfg.scan_shape, cfg.detector_shape, cfg.dtype, sim.ground_truth(),
-                  iter([(0, sim.frames(0, sim.n_frames))]))  # fmt: skip
-    assert main(["reconstruct", str(data), "--output", str(out), "--semiangle", "4"]) == 0
-    return out
+    return tutorial_dataset(tmp_path_factory.mktemp("export"), "--semiangle", "4")[1]
 
 
 def test_the_emd_file_holds_the_images_shifts_and_aberrations(result, tmp_path):

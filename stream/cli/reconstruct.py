@@ -42,13 +42,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="align and reconstruct a recorded 4D-STEM dataset (offline, same engine)",
         description="Process INPUT (a 4D .npy (rows, cols, Qx, Qy) or 3D frame stack with "
         "--scan, an HDF5 FILE.h5:/path dataset, a `simulate --save` or `run --record` file, a "
-        "DECTRIS master file or a Merlin .mib) with the live "
+        "DECTRIS master file, a Merlin .mib, or a file RosettaSciIO reads: .hspy, .zspy, "
+        ".blo, EMPAD .xml, .emd) with the live "
         "engine's code path and write the HDF5 result (never over the input; over an existing "
         "file only with --overwrite).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="FILE.npy, FILE.h5[:/dataset], FILE.mib")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=("builtin", "libertem"), default="builtin",
+                   help="builtin (this process) or libertem: LiberTEM's readers and executors "
+                   "(local worker processes or a Dask cluster; the [libertem] extra)")  # fmt: skip
+    e.add_argument("--workers", type=int, metavar="N",
+                   help="--engine libertem: N local worker processes (default: one per core; "
+                   "0: in this process)")  # fmt: skip
+    e.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="--engine libertem: run on this Dask scheduler's workers (the input on "
+                   "a path they all see)")  # fmt: skip
     add_processing_args(p)
     add_output_args(p)
     p.set_defaults(run=run)
@@ -67,9 +78,35 @@ def reconstruct_dataset(data: RecordedDataset, processor: SeriesProcessor) -> Se
     return processor.result(final=True, complete=True)
 
 
+def reconstruct_libertem(args: argparse.Namespace, processor: SeriesProcessor) -> SeriesResult:
+    """Accumulate and merge on LiberTEM's executors, solve here (`cli/libertem_engine.py`)."""
+    from tcbf_live.stream.cli.libertem_engine import accumulate
+
+    accumulate(args.input, processor, args.workers, args.scheduler)
+    processor.solve(final=True)
+    return processor.result(final=True, complete=True)
+
+
+def check_engine(args: argparse.Namespace) -> None:
+    """The engine flags fit together (UsageError, exit code 2, otherwise)."""
+    if args.engine == "builtin":
+        if args.workers is not None or args.scheduler:
+            raise UsageError("--workers and --scheduler need --engine libertem")
+        return
+    if args.compensate_descan:
+        raise UsageError("--compensate-descan needs the built-in engine (it refits the drift "
+                         "as frames arrive in order)")  # fmt: skip
+    if args.workers is not None and (args.workers < 0 or args.scheduler):
+        raise UsageError("--workers N (N >= 0) or --scheduler, not both")
+    from tcbf_live.stream.cli.libertem_engine import check_available
+
+    check_available()
+
+
 def run(args: argparse.Namespace) -> int:
     from tcbf_live.stream.hdf5 import write_result
 
+    check_engine(args)
     settings = processing_from_args(args)
     source = input_path(args.input)
     sidecar = [source.with_suffix(".json")] if source.suffix == ".npy" else []
@@ -92,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
             log.warning("no --semiangle or --angular-sampling: shifts only, no aberrations")
         try:
             processor = SeriesProcessor(info, settings)
-            result = reconstruct_dataset(data, processor)
+            if args.engine == "libertem":
+                result = reconstruct_libertem(args, processor)
+            else:
+                result = reconstruct_dataset(data, processor)
         except BudgetExceeded as exc:  # found at calibration: the BF disk is too large
             sys.stderr.write(f"tcbf-live reconstruct: {args.input}: {exc}; no file written\n")
             return int(ExitCode.UNUSABLE)

@@ -79,29 +79,35 @@ class AccumulatorState:
     # (the disk's centre of mass per position; folded only with descan compensation)
     moments: np.ndarray = field(metadata={"merge": "add", "unit": "counts px"})
 
+    @staticmethod
+    def layout(n_pos: int, n_bf: int, n_tiles: int, frame_limit: int,
+               integer_stack: bool = True) -> dict[str, tuple[tuple, np.dtype]]:  # fmt: skip
+        """Field name -> (shape, dtype) of a state of this geometry (uint16 stack for
+        unsigned-integer frames, else float32), in declaration order."""
+        f8, stack = np.dtype(np.float64), np.dtype(np.uint16 if integer_stack else np.float32)
+        return {
+            "totals": ((n_pos,), f8), "bf_sum": ((n_pos,), f8), "axial_sum": ((n_pos,), f8),
+            "hits": ((n_pos,), np.dtype(np.uint32)), "stack": ((n_pos, n_bf), stack),
+            "tiles": ((n_pos, n_tiles), np.dtype(np.float32)),
+            "seen": ((frame_limit,), np.dtype(np.uint8)),
+            "stats": ((STATS_SLOTS,), np.dtype(np.int64)), "moments": ((n_pos, 2), f8),
+        }  # fmt: skip
+
     @classmethod
     def zeros(cls, n_pos: int, n_bf: int, n_tiles: int, frame_limit: int,
               integer_stack: bool = True,
               stack_memory: np.ndarray | None = None) -> AccumulatorState:  # fmt: skip
-        """An empty state (uint16 stack for unsigned-integer frames, else float32). The stack
-        is a view of `stack_memory` where given (uint8, all zero, large enough: memory
-        touched beforehand, `stream.memory_reserve`)."""
-        kind = np.dtype(np.uint16 if integer_stack else np.float32)
-        if stack_memory is None:
-            stack = np.zeros((n_pos, n_bf), kind)
-        else:
-            stack = stack_memory[: n_pos * n_bf * kind.itemsize].view(kind).reshape(n_pos, n_bf)
-        return cls(
-            totals=np.zeros(n_pos, np.float64),
-            bf_sum=np.zeros(n_pos, np.float64),
-            axial_sum=np.zeros(n_pos, np.float64),
-            hits=np.zeros(n_pos, np.uint32),
-            stack=stack,
-            tiles=np.zeros((n_pos, n_tiles), np.float32),
-            seen=np.zeros(frame_limit, np.uint8),
-            stats=np.zeros(STATS_SLOTS, np.int64),
-            moments=np.zeros((n_pos, 2), np.float64),
-        )
+        """An empty state (`layout`). The stack is a view of `stack_memory` where given
+        (uint8, all zero, large enough: memory touched beforehand, `stream.memory_reserve`)."""
+        arrays = {}
+        for name, (shape, dtype) in cls.layout(n_pos, n_bf, n_tiles, frame_limit,
+                                               integer_stack).items():  # fmt: skip
+            if name == "stack" and stack_memory is not None:
+                size = int(np.prod(shape)) * dtype.itemsize
+                arrays[name] = stack_memory[:size].view(dtype).reshape(shape)
+            else:
+                arrays[name] = np.zeros(shape, dtype)
+        return cls(**arrays)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Field name -> array, in declaration order (for loops that must not re-list them)."""
@@ -252,14 +258,21 @@ class Accumulators:
     integer_stack: bool = True  # unsigned integer frames: uint16 stack, exact int64 sums
     moments: bool = False  # fold each frame's first moments (descan compensation)
     stack_memory: InitVar[np.ndarray | None] = None  # see AccumulatorState.zeros
-    state: AccumulatorState = field(init=False)
+    # the arrays to fold into (e.g. a LiberTEM UDF's partition buffers); None: new zeros
+    state: AccumulatorState | None = None
 
     def __post_init__(self, stack_memory: np.ndarray | None):
         cal = self.calibration
-        self.state = AccumulatorState.zeros(self.n_positions, cal.n_bf,
-                                            self.tiles_layout.total_tiles,
-                                            self.frame_limit or self.n_positions,
-                                            self.integer_stack, stack_memory)  # fmt: skip
+        sizes = (self.n_positions, cal.n_bf, self.tiles_layout.total_tiles,
+                 self.frame_limit or self.n_positions, self.integer_stack)  # fmt: skip
+        if self.state is None:
+            self.state = AccumulatorState.zeros(*sizes, stack_memory)
+        arrays = self.state.arrays()
+        for name, want in AccumulatorState.layout(*sizes).items():  # given arrays must fit
+            a = arrays[name]
+            if (a.shape, a.dtype) != want:
+                raise ValueError(f"state.{name} is {a.shape} {a.dtype}, the geometry needs "
+                                 f"{want[0]} {want[1]}")  # fmt: skip
         self._bf_index = cal.bf_flat_index
         d = cal.bf_pixels - np.asarray(cal.center_px)
         self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
