@@ -116,6 +116,12 @@ class RecordedDataset:
         return self._scan_shape
 
     @property
+    def stored_by_position(self) -> bool:
+        """A 4D array indexed by scan position (serpentine rows stored in scan order), not a
+        stack in acquisition order."""
+        return not self._flat
+
+    @property
     def detector_shape(self) -> tuple[int, int]:
         return int(self.array.shape[-2]), int(self.array.shape[-1])
 

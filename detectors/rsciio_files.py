@@ -57,10 +57,13 @@ def scan_metadata(signal: dict[str, Any]) -> dict[str, float]:
 
 
 def _scan_signal(signals: list[dict], path: Path) -> dict:
-    for s in signals:
-        n_nav = sum(1 for a in s["axes"] if a.get("navigate"))
-        if len(s["axes"]) - n_nav == 2 and n_nav in (1, 2):
-            return s
+    """The first signal with two signal and two navigation axes (a 4D scan), else the first
+    with one navigation axis (a frame stack, with --scan)."""
+    for want in (2, 1):
+        for s in signals:
+            n_nav = sum(1 for a in s["axes"] if a.get("navigate"))
+            if len(s["axes"]) - n_nav == 2 and n_nav == want:
+                return s
     shapes = ", ".join(str(tuple(s["data"].shape)) for s in signals)
     raise DatasetError(f"{path}: no 4D-STEM signal (two signal axes and one or two "
                        f"navigation axes) among {shapes or 'no signals'}")  # fmt: skip

@@ -92,7 +92,14 @@ class TcbfUDF(UDF):
 
     def get_result_buffers(self) -> dict:
         """Every `AccumulatorState` field (per position: `kind="nav"`, the counters:
-        "single"), and the solve phase's results (`use="result_only"`)."""
+        "single"), and the solve phase's results (`use="result_only"`). The dataset must be
+        the scan (no region of interest, one frame per position): refused otherwise."""
+        scan = self.params.acquisition.scan_shape
+        nav = tuple(int(n) for n in self.meta.dataset_shape.nav)
+        if self.meta.roi is not None or int(np.prod(nav)) != scan[0] * scan[1]:
+            raise ValueError(f"TcbfUDF processes the whole scan {scan[0]}x{scan[1]} (one frame "
+                             f"per position, no roi); the dataset's navigation is {nav}"
+                             + (" with a roi" if self.meta.roi is not None else ""))  # fmt: skip
         out = {}
         for name, (shape, dtype) in self._layout().items():
             if name == "stats":
@@ -111,6 +118,11 @@ class TcbfUDF(UDF):
     def process_partition(self, partition: np.ndarray) -> None:
         """Fold the partition's frames (N, Qx, Qy), indices relative to its first frame."""
         p, n = self.params, partition.shape[0]
+        if (partition.dtype.kind == "u") != p.integer_stack:  # e.g. LiberTEM's corrections
+            raise ValueError(f"frames of type {partition.dtype} reach a TcbfUDF calibrated on "
+                             f"{'unsigned-integer' if p.integer_stack else 'float or signed'} "
+                             "frames: calibrate on frames of the dataset's type (LiberTEM "
+                             "hands float frames over when dark/gain corrections are given)")
         state = AccumulatorState(**{k: getattr(self.results, k) for k in self._layout()})
         acc = Accumulators((1, n), p.calibration, p.layout, p.axial_radius_px,
                            integer_stack=p.integer_stack, state=state)  # fmt: skip
@@ -156,19 +168,24 @@ def headline(model) -> dict[str, float]:
     return out
 
 
-def state_of(buffers: dict, scan_shape: tuple[int, int], scan_order: str) -> AccumulatorState:
-    """The `AccumulatorState` (positions in scan order) of the UDF's accumulator buffers
-    (arrays or LiberTEM's buffers, nav in acquisition order)."""
+def state_of(buffers: dict, scan_shape: tuple[int, int], scan_order: str,
+             nav: str = "acquisition") -> AccumulatorState:  # fmt: skip
+    """The `AccumulatorState` (positions in scan order, `seen` by acquisition index) of the
+    UDF's accumulator buffers (arrays or LiberTEM's buffers), whose nav order is `nav`:
+    "acquisition" (a live acquisition, a frame stack, a .mib) or "scan" (a 4D array stored
+    by position, as `write_dataset` writes it)."""
     n_pos = scan_shape[0] * scan_shape[1]
     arrays = {k: np.asarray(getattr(v, "data", v)) for k, v in buffers.items()}
     for k, a in arrays.items():  # nav: (rows, cols, ...) or flat (positions, ...)
         if k != "stats":
             arrays[k] = a.reshape(n_pos) if a.size == n_pos else a.reshape(n_pos, -1)
-    if scan_order != "raster":  # acquisition index -> scan position (`seen` stays by index)
+    if scan_order != "raster":  # acquisition index i is at scan position at[i]
         rows, cols = scan_position(np.arange(n_pos), scan_shape, scan_order)
         at = rows * scan_shape[1] + cols
         for k, a in arrays.items():
-            if k not in ("stats", "seen"):
+            if nav == "scan" and k == "seen":
+                arrays[k] = a[at]  # by position -> by acquisition index
+            elif nav == "acquisition" and k not in ("stats", "seen"):
                 moved = np.empty_like(a)
                 moved[at] = a
                 arrays[k] = moved

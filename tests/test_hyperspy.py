@@ -86,6 +86,9 @@ def test_export_hspy_refuses_to_replace_and_other_names(tutorial, tmp_path, expe
     assert out.read_text() == "keep"
     assert ".hspy" in expect_usage_error(["export", str(result), "--hspy", str(tmp_path / "x")])
     assert "--emd" in expect_usage_error(["export", str(result)])
+    assert ".emd" in expect_usage_error(["export", str(result), "--emd", str(tmp_path / "a.hspy"),
+                                         "--hspy", str(tmp_path / "a.hspy")])  # fmt: skip
+    assert not (tmp_path / "a.hspy").exists()
 
 
 def test_reconstruct_reads_hspy_and_zspy_through_rosettasciio(tutorial):

@@ -134,6 +134,49 @@ def test_live_libertem_memory_detector(frames):
     assert abs(models[-1][1] - TRUE_DEFOCUS_A) < 0.02 * TRUE_DEFOCUS_A
 
 
+def test_serpentine_files_and_a_fixed_calibration_give_the_builtin_result(frames, tmp_path):
+    """A 4D file stores a serpentine scan by position (LiberTEM's nav order is then the scan
+    order, not the acquisition order), and `--calibration FILE` replaces the calibration on
+    the first frames: both as the built-in engine does, bit for bit."""
+    from tcbf_live.detectors.files import write_dataset
+    from tcbf_live.stream.tcbf.calibration import calibrate
+
+    cfg, f = frames
+    data = tmp_path / "serpentine.npy"
+    write_dataset(str(data), cfg.scan_shape, cfg.detector_shape, cfg.dtype, {},
+                  iter([(0, f)]), scan_order="serpentine")  # fmt: skip
+    moved = calibrate(f[:64])
+    (tmp_path / "cal.json").write_text(moved.to_json())
+    flags = ["--energy", "3e5", "--step", str(cfg.step_A), "--semiangle", "4"]
+    for extra, name in (([], "s"), (["--calibration", str(tmp_path / "cal.json")], "c")):
+        args = ["reconstruct", str(data), *flags, *extra]
+        assert main([*args, "--output", str(tmp_path / f"{name}-builtin.h5")]) == 0
+        assert main([*args, "--output", str(tmp_path / f"{name}-libertem.h5"), "--engine",
+                     "libertem", "--workers", "0"]) == 0  # fmt: skip
+        same_result(tmp_path / f"{name}-builtin.h5", tmp_path / f"{name}-libertem.h5")
+
+
+def test_what_the_udf_cannot_process_is_refused_clearly(frames):
+    """Float frames (e.g. LiberTEM's dark/gain corrections) into a UDF calibrated on counts,
+    a region of interest, another scan shape: a clear error, never a truncated stack."""
+    cfg, f = frames
+    data = f.reshape(*cfg.scan_shape, *cfg.detector_shape)
+    ctx = Context.make_with("inline")
+    udf = udf_for(cfg, f)
+    floats = MemoryDataSet(data=data.astype(np.float32) - 0.25, num_partitions=2,
+                           sig_dims=2).initialize(ctx.executor)  # fmt: skip
+    with pytest.raises(Exception, match="calibrated on unsigned-integer frames"):
+        ctx.run_udf(floats, udf)
+    ds = MemoryDataSet(data=data, num_partitions=2, sig_dims=2).initialize(ctx.executor)
+    roi = np.zeros(cfg.scan_shape, bool)
+    roi[:4] = True
+    with pytest.raises(Exception, match="whole scan 24x48"):
+        ctx.run_udf(ds, udf_for(cfg, f), roi=roi)
+    half = MemoryDataSet(data=data[:12], num_partitions=2, sig_dims=2).initialize(ctx.executor)
+    with pytest.raises(Exception, match=r"navigation is \(12, 48\)"):
+        ctx.run_udf(half, udf_for(cfg, f))
+
+
 def test_accumulators_refuse_arrays_of_another_geometry(frames):
     cfg, f = frames
     udf = udf_for(cfg, f)
@@ -151,6 +194,8 @@ def test_engine_flags_are_checked(tutorial, tmp_path, expect_usage_error, monkey
         [*base, "--engine", "libertem", "--compensate-descan"])  # fmt: skip
     assert "not both" in expect_usage_error(
         [*base, "--engine", "libertem", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    assert "tcp://HOST:PORT" in expect_usage_error(
+        [*base, "--engine", "libertem", "--scheduler", "notaurl"])
     monkeypatch.setitem(sys.modules, "libertem.api", None)  # as if LiberTEM were not installed
     assert "tcbf-live[libertem]" in expect_usage_error([*base, "--engine", "libertem"])
     assert not (tmp_path / "x.h5").exists()

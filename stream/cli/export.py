@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     wanted = [name for name in FORMATS if getattr(args, name)]
     if not wanted:
         raise UsageError("say which format: --emd FILE.emd and/or --hspy FILE.hspy")
-    if args.hspy and not args.hspy.endswith(".hspy"):
-        raise UsageError(f"--hspy {args.hspy}: the file name must end in .hspy")
+    for name in wanted:
+        if not getattr(args, name).endswith(f".{name}"):
+            raise UsageError(f"--{name} {getattr(args, name)}: the file name must end in .{name}")
     for name in wanted:
         module, extra, _ = FORMATS[name]
         try:

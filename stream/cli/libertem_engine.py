@@ -12,6 +12,7 @@ the same `SeriesProcessor` as the built-in engine, so both write the same result
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 
 import numpy as np
@@ -41,6 +42,9 @@ def context(workers: int | None, scheduler: str | None):
 
     if scheduler:
         from libertem.executor.dask import DaskJobExecutor
+
+        if not re.fullmatch(r"[a-z]+://[^/\s]+:\d+", scheduler):
+            raise UsageError(f"--scheduler {scheduler}: expected tcp://HOST:PORT")
 
         try:
             ctx = Context(executor=DaskJobExecutor.connect(scheduler))
@@ -74,23 +78,17 @@ def load(ctx, spec: str, scan_shape: tuple[int, int], detector_shape: tuple[int,
     return ds
 
 
-def accumulate(spec: str, proc: SeriesProcessor, workers: int | None,
-               scheduler: str | None) -> None:  # fmt: skip
-    """Calibrate `proc` on the first frames and merge every frame's accumulators into it,
-    both through LiberTEM (progress on a terminal)."""
-    from libertem.udf.raw import PickUDF
-
+def accumulate(spec: str, proc: SeriesProcessor, workers: int | None, scheduler: str | None,
+               nav: str = "acquisition") -> None:  # fmt: skip
+    """Calibrate `proc` on the first frames (unless it has a fixed calibration) and merge
+    every frame's accumulators into it, both through LiberTEM (progress on a terminal).
+    `nav`: the file's frame order, "acquisition" or "scan" (`libertem_udf.state_of`)."""
     from tcbf_live.stream.libertem_udf import TcbfUDF, state_of
 
     scan, info = proc.scan_shape, proc.info
     with context(workers, scheduler) as ctx:
         ds = load(ctx, spec, scan, tuple(info.detector_shape))
-        n = min(proc.settings.calibration_frames, proc.n_positions)
-        roi = np.zeros(proc.n_positions, bool)
-        roi[:n] = True
-        first = ctx.run_udf(ds, PickUDF(), roi=roi.reshape(scan))["intensity"].data
-        at = np.column_stack(scan_position(np.arange(n), scan, info.scan_order))
-        if not proc.calibrate_on(np.asarray(first), at):
+        if not proc.calibrated and not calibrate(ctx, ds, proc, nav):
             return  # the caller reports `calibration_error`
         udf = TcbfUDF.for_series(proc, solve=False)
         progress = Progress(proc.n_positions)
@@ -98,5 +96,24 @@ def accumulate(spec: str, proc: SeriesProcessor, workers: int | None,
             progress.update(int(np.count_nonzero(part.damage.data)))
         progress.finish(" aligning ...")
         names = [k for k in part.buffers[0] if k in proc.acc.state.arrays()]
-        state = state_of({k: part.buffers[0][k] for k in names}, scan, info.scan_order)
+        state = state_of({k: part.buffers[0][k] for k in names}, scan, info.scan_order, nav)
     proc.merge(state)
+
+
+def calibrate(ctx, ds, proc: SeriesProcessor, nav: str) -> bool:
+    """Calibrate `proc` on the first `--calibration-frames` acquired frames, picked from the
+    dataset by LiberTEM (`PickUDF`; in nav order, with their scan positions)."""
+    from libertem.udf.raw import PickUDF
+
+    scan, n = proc.scan_shape, min(proc.settings.calibration_frames, proc.n_positions)
+    rows, cols = scan_position(np.arange(n), scan, proc.info.scan_order)
+    positions = rows * scan[1] + cols  # of acquisition indices 0 .. n-1
+    if nav == "acquisition":  # nav index = acquisition index
+        picked = np.arange(n)
+    else:  # nav index = position: picked (and returned) in position order
+        picked = positions = np.sort(positions)
+    roi = np.zeros(proc.n_positions, bool)
+    roi[picked] = True
+    frames = ctx.run_udf(ds, PickUDF(), roi=roi.reshape(scan))["intensity"].data
+    at = np.column_stack(np.divmod(positions, scan[1]))
+    return proc.calibrate_on(np.asarray(frames), at)

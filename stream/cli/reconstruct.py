@@ -78,11 +78,13 @@ def reconstruct_dataset(data: RecordedDataset, processor: SeriesProcessor) -> Se
     return processor.result(final=True, complete=True)
 
 
-def reconstruct_libertem(args: argparse.Namespace, processor: SeriesProcessor) -> SeriesResult:
+def reconstruct_libertem(args: argparse.Namespace, data, processor: SeriesProcessor
+                         ) -> SeriesResult:  # fmt: skip
     """Accumulate and merge on LiberTEM's executors, solve here (`cli/libertem_engine.py`)."""
     from tcbf_live.stream.cli.libertem_engine import accumulate
 
-    accumulate(args.input, processor, args.workers, args.scheduler)
+    nav = "scan" if getattr(data, "stored_by_position", False) else "acquisition"
+    accumulate(args.input, processor, args.workers, args.scheduler, nav)
     processor.solve(final=True)
     return processor.result(final=True, complete=True)
 
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             processor = SeriesProcessor(info, settings)
             if args.engine == "libertem":
-                result = reconstruct_libertem(args, processor)
+                result = reconstruct_libertem(args, data, processor)
             else:
                 result = reconstruct_dataset(data, processor)
         except BudgetExceeded as exc:  # found at calibration: the BF disk is too large
