@@ -183,7 +183,8 @@ def write_dose(dose: h5py.Group, result: SeriesResult) -> None:
 def write_tcbf(f: h5py.File, tcbf) -> None:
     """/tcbf (image, shift-and-add), /alignment (shifts, misfit, tiles), /aberrations."""
     g = f.create_group("tcbf")
-    sampling = {"sampling_A": tcbf.sampling_A, "upsampling_factor": tcbf.upsampling_factor}
+    sampling = {"sampling_A": tcbf.sampling_A, "upsampling_factor": tcbf.upsampling_factor,
+                "chi_model": tcbf.chi_model}
     g["image"] = tcbf.image
     write_attrs(g["image"], sampling | {"phase_flipped": tcbf.phase_flipped})
     write_attrs(g, sampling)

@@ -94,12 +94,13 @@ def test_too_few_tiles_give_no_fit_and_the_calibration_floor_grows_with_the_orde
     assert calibration_floor("C30", 0.01) == pytest.approx(0.0294, abs=1e-4)
 
 
-def third_order_case(edge_px: float, dose: float):
+def third_order_case(edge_px: float, dose: float, full_chi: bool = True):
     """The tutorial's optics (4 mrad, 10.7 A steps) with coma, trefoil and Cs each moving the
     disk edge by `edge_px` scan px (large coefficients: the tutorial's small angles), C12 and
     rotation as well; aligned and fitted as `reconstruct` does."""
     from tcbf_live.detectors.base import FrameBatch
     from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+    from tcbf_live.stream.tcbf.updates import PipelineSettings
 
     a, step = 4e-3, 256 / 24
     ab = Aberrations(C10_A=-15000.0, C12_A=100.0, phi12_rad=0.3,
@@ -107,16 +108,17 @@ def third_order_case(edge_px: float, dose: float):
                      C23_A=edge_px * step / a**2, phi23_rad=math.radians(10.0),
                      C30_A=edge_px * step / a**3)  # fmt: skip
     sim = Simulator(tutorial_config(scan_shape=(48, 48), aberrations=ab, dose_e_per_A2=dose))
-    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
+    settings = ProcessingSettings(pipeline=PipelineSettings(full_chi=full_chi))
+    proc = SeriesProcessor(sim.series_info(1), settings)
     proc.add(FrameBatch(1, 0, sim.frames(0, sim.n_frames)))
-    return ab, proc.solve(final=True)
+    return ab, proc.solve(final=True), sim
 
 
 @pytest.mark.parametrize("edge_px,tolerance", [(1.0, 0.15), (0.3, 0.35)])
 def test_simulated_coma_trefoil_and_cs_are_recovered(edge_px, tolerance):
     """Magnitudes within 15 % where a term moves the disk edge by 1 px, 35 % at 0.3 px; angles
     within m |dphi| <= 0.1 rad; every truth within 4 reported sigma (measured: docs/tcbf.md)."""
-    ab, result = third_order_case(edge_px, 1e4)
+    ab, result, _ = third_order_case(edge_px, 1e4)
     c = result.higher.coefficients()
     for name, m in (("C21", 1), ("C23", 3), ("C30", 0)):
         truth = getattr(ab, f"{name}_A")
@@ -169,3 +171,45 @@ def test_the_defocus_error_covers_a_coarse_schedule_bias():
     ab = proc.solve(final=True).aberrations
     assert abs(ab.defocus_A - 150.0) < 2 * ab.errors["C10_A"]
     assert ab.errors["C10_A"] < 0.05 * 150.0
+
+
+def test_the_transfer_of_a_quadratic_chi_is_sin_chi():
+    """`full_chi._transfer` for a pure C10/C12 chi, pixels well inside the aperture and small
+    q: the shifted BF pixel's transfer is sin chi(q) (the linear sign flip's), imaginary 0."""
+    from tcbf_live.stream.tcbf.full_chi import _transfer
+    from tcbf_live.stream.tcbf.optics import quadratic_chi, wavelength_A
+
+    lam, c = wavelength_A(300e3), np.array([-15000.0, 300.0, -200.0, 0, 0, 0, 0, 0])
+    p = np.array([[c[0] + c[1], c[2]], [c[2], c[0] - c[1]]])
+    alpha = np.array([[0.0, 0.0], [1e-3, -0.5e-3], [-0.8e-3, 0.6e-3]])
+    shape, sampling = (32, 32), 4.0
+    q0, q1 = np.fft.fftfreq(32, sampling), np.fft.fftfreq(32, sampling)
+    out = np.zeros(shape, complex)
+    _transfer(q0, q1, alpha, alpha @ p.T, c, lam, 1.0, out)  # a wide aperture: no edge
+    chi, _ = quadratic_chi(shape, sampling, lam, p)
+    np.testing.assert_allclose(out.real / len(alpha), np.sin(chi), atol=1e-9)
+    np.testing.assert_allclose(out.imag, 0.0, atol=1e-9)
+
+
+def test_the_final_image_uses_the_full_chi_and_is_closer_to_the_truth():
+    """Coma, trefoil and Cs each moving the disk edge by 1 px: the final image corrected with
+    the full fitted chi (`full_chi.py`) correlates better with the true phase than the
+    linear model's sign flip of the same data (measured 0.677 against 0.628)."""
+    from tcbf_live.stream.tcbf.optics import information_limit_per_A
+
+    _, result, sim = third_order_case(1.0, 1e4)
+    _, linear, _ = third_order_case(1.0, 1e4, full_chi=False)
+    assert result.chi_model == "third order" and "third order chi" in result.summary()
+    assert linear.chi_model == "linear"
+    f = result.upsampling_factor
+    truth = sim.phase_on_grid(f, information_limit_per_A(sim.cfg.semiangle_mrad,
+                                                         sim.wavelength_A))  # fmt: skip
+
+    def best_correlation(image):
+        b = 6 * f
+        return max(np.corrcoef(np.roll(image, (dy, dx), (0, 1))[b:-b, b:-b].ravel(),
+                               truth[b:-b, b:-b].ravel())[0, 1]
+                   for dy in range(-2 * f, 2 * f + 1, 2) for dx in range(-2 * f, 2 * f + 1, 2))
+
+    full, lin = best_correlation(result.image), best_correlation(linear.image)
+    assert full > lin + 0.02 and full > 0.65, (full, lin)

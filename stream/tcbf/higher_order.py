@@ -127,6 +127,16 @@ class HigherOrderFit:
         cov = self.covariance
         return float(cov[a, b] / math.sqrt(cov[a, a] * cov[b, b]))
 
+    @property
+    def third_order(self) -> bool:
+        """A third-order term is determined (the final image then uses the full chi)."""
+        c = self.coefficients()
+        return any(c[name].determined for name in ("C21", "C23", "C30"))
+
+    def scan_tilts(self, alpha_det_rad: np.ndarray) -> np.ndarray:
+        """Detector-frame tilts (N, 2) rotated into the scan frame (the frame of `higher_A`)."""
+        return np.asarray(alpha_det_rad, float) @ _rotation(self.rotation_rad, self.transpose).T
+
     def shifts_A(self, alpha_det_rad: np.ndarray) -> np.ndarray:
         """Model correction shifts (N, 2) in A, scan frame, of detector-frame tilts (N, 2)."""
         a = np.asarray(alpha_det_rad, float)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,16 +21,25 @@ from tcbf_live.stream.tcbf.calibration import Calibration, hot_and_dead
 from tcbf_live.stream.tcbf.depth import DepthSections, depth_sections
 from tcbf_live.stream.tcbf.descan import DescanFit, DiskMoments, fit_descan, moment_gain
 from tcbf_live.stream.tcbf.dose import (
-    FRC,
     LevelTrust,
     dose_for_resolution,
     fourier_ring_correlation,
     level_trust,
     transfer_mask,
 )
+from tcbf_live.stream.tcbf.full_chi import full_chi_image
 from tcbf_live.stream.tcbf.global_alignment import GlobalFallback
-from tcbf_live.stream.tcbf.higher_order import fit_alignment, linear_uncertainties
-from tcbf_live.stream.tcbf.optics import information_limit_per_A, matrix_A_per_rad, wavelength_A
+from tcbf_live.stream.tcbf.higher_order import (
+    HigherOrderFit,
+    fit_alignment,
+    linear_uncertainties,
+)
+from tcbf_live.stream.tcbf.optics import (
+    alpha_rad,
+    information_limit_per_A,
+    matrix_A_per_rad,
+    wavelength_A,
+)
 from tcbf_live.stream.tcbf.reconstruction import (
     EXPOSURE_TOLERANCE,
     RingImages,
@@ -40,6 +49,7 @@ from tcbf_live.stream.tcbf.reconstruction import (
     window_pixel_means,
 )
 from tcbf_live.stream.tcbf.screening import FrameScreen, screen_frames, slip_lines
+from tcbf_live.stream.tcbf.steps import AlignedStep, ImageStep, ResolutionStep
 from tcbf_live.stream.tcbf.tiles import (
     RegroupedTiles,
     TileGeometry,
@@ -65,43 +75,6 @@ FINAL_REBUILD_PX = 0.1  # ... and at the end
 # than this since they were deposited: the dose model's last refinements are far smaller, so
 # the final image needs no full rebuild (256 x 256: 0.7 s instead of 1.6 s after the last frame)
 FINAL_EXPOSURE_TOLERANCE = 0.005
-
-
-@dataclass(frozen=True)
-class _Aligned:
-    """Step 1's output: the shift model in use and what came with it."""
-
-    result: AlignmentResult
-    shifts_px: np.ndarray  # (N_bf, 2) model correction shifts
-    slips: tuple[tuple[int, int], ...]
-    seconds: float  # the alignment proper (tiles re-formed, registration, fit)
-
-
-@dataclass(frozen=True)
-class _Image:
-    """Step 3's output."""
-
-    image: np.ndarray
-    shift_and_add: np.ndarray
-    halves: tuple[np.ndarray, np.ndarray]  # the checkerboard half reconstructions
-    phase_flipped: bool
-    rebuilt: bool
-    sampling_A: float | None
-    ring_radii_px: np.ndarray | None
-    ring_bf: np.ndarray | None
-
-
-@dataclass(frozen=True)
-class _Resolution:
-    """Step 4's output."""
-
-    frc: FRC
-    resolution_A: float | None
-    limited: bool
-    half_bit_A: float | None
-    history: np.ndarray  # (updates, 4): dose, resolution, its range (better, worse)
-    dose_for_target: float | None
-    range_A: tuple[float, float]  # (better, worse): the FRC one sigma up and down
 
 
 class Pipeline:
@@ -179,7 +152,7 @@ class Pipeline:
         aberrations = self.aberrations(aligned.result)
         higher = fit_alignment(aligned.result, aberrations, self.acquisition.step_A,
                                self.sampling_mrad)  # fmt: skip
-        image = self.image(inputs, aligned.shifts_px, aberrations, final)
+        image = self.image(inputs, aligned.shifts_px, aberrations, final, higher)
         res = self.resolution(image, dose, aberrations)
         depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
         descan = self.descan(inputs)
@@ -198,7 +171,7 @@ class Pipeline:
             dose_for_target_e_per_A2=res.dose_for_target, trust=self.last_trust,
             alignment_s=aligned.seconds, screen=screen, slips=aligned.slips,
             pixels_excluded=int(self.bad_px.sum()), depth=depth, descan=descan,
-            noiseless=self.acquisition.noiseless,
+            noiseless=self.acquisition.noiseless, chi_model=image.chi_model,
         )  # fmt: skip
         return self.last
 
@@ -227,7 +200,7 @@ class Pipeline:
                               self.shift_and_add.half, self.bad_px, s.phase_flip)  # fmt: skip
 
     # ------------------------------------------------------------------ the four steps
-    def align(self, inputs: AlignmentInputs, dose: float, final: bool) -> _Aligned | None:
+    def align(self, inputs: AlignmentInputs, dose: float, final: bool) -> AlignedStep | None:
         """Step 1: the shift model from the tiles of the alignment window. The final update
         starts cold and re-forms the tiles at every level: exact rather than fast, and
         independent of when the live updates ran, so a live run ends with exactly what
@@ -258,7 +231,7 @@ class Pipeline:
         else:  # nothing trusted this time: keep the previous model
             result = AlignmentResult(self.matrix_px, found.iterations, rows, False, self.method)
         slips = self.all_slips(self.slips(levels, result))
-        return _Aligned(result, result.shifts_px(self.k_px), slips, seconds)
+        return AlignedStep(result, result.shifts_px(self.k_px), slips, seconds)
 
     def aberrations(self, result: AlignmentResult) -> AberrationFit | None:
         """Step 2: defocus, astigmatism and geometry from the shift model (needs the scan step
@@ -278,11 +251,13 @@ class Pipeline:
         return replace(fit, errors=errors)
 
     def image(self, inputs: AlignmentInputs, shifts_px: np.ndarray,
-              aberrations: AberrationFit | None, final: bool) -> _Image:  # fmt: skip
+              aberrations: AberrationFit | None, final: bool,
+              higher: HigherOrderFit | None = None) -> ImageStep:  # fmt: skip
         """Step 3: the shift-and-add image, phase-flipped when the aberrations are known. Live
         updates rebuild only when the shifts moved by half an upsampled pixel (they drift by a
         few hundredths of a scan pixel per update); the final one at a tenth, so the end
-        result is the shift-and-add of its own shifts."""
+        result is the shift-and-add of its own shifts. The final image uses the full chi
+        where a third-order term is determined (`full_chi.py`); halves and FRC stay linear."""
         exposure = self.exposure(inputs)
         rebuilt = self.shift_and_add.update(
             inputs.stack, exposure, shifts_px, FINAL_REBUILD_PX if final else LIVE_REBUILD_PX,
@@ -292,19 +267,27 @@ class Pipeline:
         saa, half0, half1 = self.shift_and_add.images()
         step, lam = self.acquisition.step_A, self.wavelength_A
         sampling = step / self.upsampling if step else None
-        image, flipped = saa - 1.0, False
+        image, flipped, model = saa - 1.0, False, "linear"
         if self.settings.phase_flip and aberrations is not None and lam:
             q_max = information_limit_per_A(self.acquisition.semiangle_mrad, lam)
-            image = phase_flip(saa, sampling, lam, aberrations.p_matrix_A(), q_max,
-                               self.shift_and_add.coverage())  # fmt: skip
-            flipped = True
+            weight = self.shift_and_add.coverage()
+            image = phase_flip(saa, sampling, lam, aberrations.p_matrix_A(), q_max, weight)
+            flipped, model = True, "linear"
+            if final and self.settings.full_chi and higher and higher.third_order and q_max:
+                a = alpha_rad(self.k_px, self.sampling_mrad)
+                image = full_chi_image(inputs.stack, exposure, self.scan_shape, self.upsampling,
+                                       higher.shifts_A(a) / step, higher.scan_tilts(a),
+                                       higher.cartesian_A, self.k_px, self.bad_px, step, lam,
+                                       self.acquisition.semiangle_mrad * 1e-3, q_max, weight)
+                model = "third order"
         radii = rings = None
         if self.settings.ring_images:
             radii, rings = self.rings.update(inputs.stack, exposure, self.scan_shape)
-        return _Image(image, saa, (half0, half1), flipped, rebuilt, sampling, radii, rings)
+        return ImageStep(image, saa, (half0, half1), flipped, rebuilt, sampling, radii, rings,
+                      model)
 
-    def resolution(self, image: _Image, dose: float,
-                   aberrations: AberrationFit | None) -> _Resolution:  # fmt: skip
+    def resolution(self, image: ImageStep, dose: float,
+                   aberrations: AberrationFit | None) -> ResolutionStep:  # fmt: skip
         """Step 4: resolution from the FRC of the two half-sets, its history against the dose
         so far, and the dose projected for the target resolution."""
         sampling, p = image.sampling_A, aberrations and aberrations.p_matrix_A()
@@ -322,7 +305,7 @@ class Pipeline:
         history = np.array(self.resolution_history, float).reshape(-1, 4)
         target = self.settings.target_resolution_A
         needed = dose_for_resolution(target, history) if target else None
-        return _Resolution(frc, res, limited, half_bit, history, needed, spread)
+        return ResolutionStep(frc, res, limited, half_bit, history, needed, spread)
 
     # ------------------------------------------------------------------ helpers
     def tile_sets(self, inputs: AlignmentInputs) -> dict[int, TileSet]:

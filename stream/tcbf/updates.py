@@ -75,6 +75,9 @@ class PipelineSettings:
     # every live one with `depth_live`); () for none
     depth_offsets_A: tuple[float, ...] = ()
     depth_live: bool = False
+    # the final image with the full fitted chi where a third-order term is determined
+    # (`full_chi.py`); False: the linear model's sign flip, as the live updates
+    full_chi: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class PipelineResult:
     descan: DescanFit | None = None  # the BF disk's drift over the scan (every update)
     higher: HigherOrderFit | None = None  # C10..C30 with uncertainties (`higher_order.py`)
     noiseless: bool = False  # float intensities read as noiseless (`Acquisition.noiseless`)
+    chi_model: str = "linear"  # the chi `image` was corrected with: or "third order"
 
     @property
     def errors_px(self) -> np.ndarray:
@@ -183,6 +187,8 @@ class PipelineResult:
                  f"{d.offsets_A[-1]:+.4g} A: sharpest at {d.sharpest_offset_A:+.4g} A (depth of "
                  f"field {d.depth_of_field_A:.3g} A)")  # fmt: skip
         third = "" if self.higher is None else f"; third order: {self.higher.text()}"
+        if self.chi_model != "linear":
+            third += f" (the image with the {self.chi_model} chi)"
         s = self.descan
         descan = "" if s is None else f"; descan {s.model}, drift {s.drift_px():.2g} px" + (
             " (compensated)" if s.compensated else " (--compensate-descan reads the BF pixels "
