@@ -98,3 +98,15 @@ class RsciioDataset(RecordedDataset):
     def series_info(self, series_id: int) -> SeriesInfo:
         """As `RecordedDataset`'s, without ground truth (the metadata are the file's)."""
         return replace(super().series_info(series_id), ground_truth=None)
+
+    def close(self) -> None:
+        """Close the file RosettaSciIO keeps open for the lazy array (HDF5, TIFF)."""
+        try:
+            from rsciio.utils.file import get_file_handle
+
+            handle = get_file_handle(self.array, warn=False) if hasattr(self.array, "dask") \
+                else None  # fmt: skip
+        except (ImportError, AttributeError):  # an older RosettaSciIO: left to the collector
+            handle = None
+        if handle is not None:
+            handle.close()

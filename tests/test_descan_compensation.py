@@ -18,6 +18,7 @@ from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf import descan_compensation as dc
 from tcbf_live.stream.tcbf.accumulators import Accumulators, prepare
 from tcbf_live.stream.tcbf.calibration import calibrate
+from tcbf_live.stream.tcbf.updates import PipelineSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tcbf import correlation  # noqa: E402
@@ -101,9 +102,14 @@ def test_calibration_positions_follow_the_kernel():
 
 
 def run(d, compensate, **kw):
+    """The tutorial with descan `d`; the image by the linear model's sign flip in every run, so
+    the comparisons are of the descan alone (a third-order term read at 3 sigma would switch
+    one run to the full-chi image, `full_chi.py`)."""
     sim = Simulator(tutorial_config(descan_px_per_step=d, **kw))
     frames = sim.frames(0, sim.n_frames)
-    proc = SeriesProcessor(sim.series_info(1), ProcessingSettings(compensate_descan=compensate))
+    settings = ProcessingSettings(compensate_descan=compensate,
+                                  pipeline=PipelineSettings(full_chi=False))  # fmt: skip
+    proc = SeriesProcessor(sim.series_info(1), settings)
     for first in range(0, len(frames), 64):
         proc.add(FrameBatch(1, first, frames[first : first + 64]))
     res = proc.solve(final=True)

@@ -174,9 +174,10 @@ def test_the_defocus_error_covers_a_coarse_schedule_bias():
 
 
 def test_the_transfer_of_a_quadratic_chi_is_sin_chi():
-    """`full_chi._transfer` for a pure C10/C12 chi, pixels well inside the aperture and small
-    q: the shifted BF pixel's transfer is sin chi(q) (the linear sign flip's), imaginary 0."""
-    from tcbf_live.stream.tcbf.full_chi import _transfer
+    """`kernels.weak_phase_transfer` for a pure C10/C12 chi, pixels well inside the aperture
+    and small q: the shifted BF pixel's transfer is sin chi(q) (the linear sign flip's),
+    imaginary 0."""
+    from tcbf_live.stream.tcbf.kernels import weak_phase_transfer
     from tcbf_live.stream.tcbf.optics import quadratic_chi, wavelength_A
 
     lam, c = wavelength_A(300e3), np.array([-15000.0, 300.0, -200.0, 0, 0, 0, 0, 0])
@@ -185,7 +186,7 @@ def test_the_transfer_of_a_quadratic_chi_is_sin_chi():
     shape, sampling = (32, 32), 4.0
     q0, q1 = np.fft.fftfreq(32, sampling), np.fft.fftfreq(32, sampling)
     out = np.zeros(shape, complex)
-    _transfer(q0, q1, alpha, alpha @ p.T, c, lam, 1.0, out)  # a wide aperture: no edge
+    weak_phase_transfer(q0, q1, alpha, alpha @ p.T, c, lam, 1.0, out)  # a wide aperture: no edge
     chi, _ = quadratic_chi(shape, sampling, lam, p)
     np.testing.assert_allclose(out.real / len(alpha), np.sin(chi), atol=1e-9)
     np.testing.assert_allclose(out.imag, 0.0, atol=1e-9)

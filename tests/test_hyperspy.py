@@ -115,6 +115,9 @@ def test_rosettasciio_input_is_lazy_and_its_metadata_are_read(tutorial):
         assert info.semiangle_mrad == 4.0 and info.ground_truth is None
         np.testing.assert_array_equal(d.frames(40, 20),
                                       signal["data"].reshape(-1, 128, 128)[40:60])  # fmt: skip
+    from rsciio.utils.file import get_file_handle
+
+    assert not get_file_handle(d.array, warn=False)  # closed with the dataset
     odd = {**signal, "axes": [{**a, "units": "<undefined>"} for a in signal["axes"]]}
     assert set(scan_metadata(odd)) == {"energy_eV", "semiangle_mrad"}
 

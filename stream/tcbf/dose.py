@@ -134,6 +134,8 @@ def fourier_ring_correlation(
     if weight is None:
         weight = np.ones_like(a)
     inside = weight > 0.5
+    if not inside.any():  # nothing covered yet (a partial scan's first rows): no signal
+        inside = np.ones_like(inside)
     fa = sfft.fft2((a - a[inside].mean()) * weight, workers=1)
     fb = sfft.fft2((b - b[inside].mean()) * weight, workers=1)
     rows, cols = a.shape

@@ -27,55 +27,17 @@ combination with the linear model (the grouping gains 0.03, the full chi 0.02 mo
 
 from __future__ import annotations
 
-import math
-
-import numba
 import numpy as np
 import scipy.fft as sfft
 import scipy.ndimage as ndi
 
-from tcbf_live.stream.tcbf.kernels import deposit
+from tcbf_live.stream.tcbf.kernels import deposit, weak_phase_transfer
 from tcbf_live.stream.tcbf.reconstruction import KDE_SIGMA_SCAN_PX, pixel_gains, splat_weights
 
 GROUPS_PER_RADIUS = 2.6  # group tile size = disk radius / this (about 30 groups)
 MAX_GROUP_BYTES = 128 << 20  # the per-group accumulators (num and den, float64)
 TRANSFER_EVALUATIONS = 8e6  # pixel x frequency evaluations of S_a (about 0.4 s on one core)
 WIENER = 0.05  # regularisation, relative to the largest summed |S_g|^2
-
-
-@numba.njit(nogil=True, cache=True)
-def _w(c, ax, ay):
-    """W (A) at scan-frame tilt (ax, ay) rad of the cartesian coefficients c (8,): C10, C12a,
-    C12b, C21a, C21b, C23a, C23b, C30 (`HigherOrderFit.cartesian_A`; grad W = the shift)."""
-    a2 = ax * ax + ay * ay
-    return (0.5 * c[0] * a2 + 0.5 * (c[1] * (ax * ax - ay * ay) + 2.0 * c[2] * ax * ay)
-            + (c[3] * ax + c[4] * ay) * a2 / 3.0
-            + (c[5] * (ax * ax * ax - 3.0 * ax * ay * ay)
-               + c[6] * (3.0 * ax * ax * ay - ay * ay * ay)) / 3.0
-            + 0.25 * c[7] * a2 * a2)  # fmt: skip
-
-
-@numba.njit(nogil=True, cache=True)
-def _transfer(q0, q1, alpha, shifts_A, c, wavelength_A, amax, out):
-    """out[i, j] += sum over pixels of S_a(q0[i], q1[j]) (module doc), not yet averaged."""
-    k = 2.0 * math.pi / wavelength_A
-    for p in range(alpha.shape[0]):
-        ax, ay = alpha[p, 0], alpha[p, 1]
-        w0 = _w(c, ax, ay)
-        for i in range(q0.size):
-            for j in range(q1.size):
-                lx, ly = wavelength_A * q0[i], wavelength_A * q1[j]
-                lin = 2.0 * math.pi * (q0[i] * shifts_A[p, 0] + q1[j] * shifts_A[p, 1])
-                s = 0j
-                bx, by = ax + lx, ay + ly
-                if bx * bx + by * by <= amax * amax:
-                    d = k * (_w(c, bx, by) - w0) - lin
-                    s += complex(math.cos(d), -math.sin(d))
-                bx, by = ax - lx, ay - ly
-                if bx * bx + by * by <= amax * amax:
-                    d = k * (_w(c, bx, by) - w0) + lin
-                    s -= complex(math.cos(d), math.sin(d))
-                out[i, j] += 0.5j * s
 
 
 def pixel_groups(k_px: np.ndarray, radius_px: float, max_groups: int) -> np.ndarray:
@@ -125,7 +87,7 @@ def full_chi_image(stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[in
             continue
         pick = members[np.linspace(0, members.size - 1, min(per_pixel, members.size)).astype(int)]
         s_g = np.zeros((q0.size, q1.size), complex)
-        _transfer(q0, q1, np.ascontiguousarray(alpha_rad[pick], float), shifts_A[pick],
+        weak_phase_transfer(q0, q1, np.ascontiguousarray(alpha_rad[pick], float), shifts_A[pick],
                   np.asarray(coefficients_A, float), wavelength_A, semiangle_rad, s_g)  # fmt: skip
         s_g /= pick.size
         n_d = ndi.gaussian_filter(den[..., g], sigma, mode="constant")

@@ -265,12 +265,12 @@ class Pipeline:
             excluded_px=self.bad_px,
         )  # fmt: skip
         saa, half0, half1 = self.shift_and_add.images()
+        weight = self.shift_and_add.coverage()  # (once: the flip and the FRC taper with it)
         step, lam = self.acquisition.step_A, self.wavelength_A
         sampling = step / self.upsampling if step else None
         image, flipped, model = saa - 1.0, False, "linear"
         if self.settings.phase_flip and aberrations is not None and lam:
             q_max = information_limit_per_A(self.acquisition.semiangle_mrad, lam)
-            weight = self.shift_and_add.coverage()
             image = phase_flip(saa, sampling, lam, aberrations.p_matrix_A(), q_max, weight)
             flipped, model = True, "linear"
             if final and self.settings.full_chi and higher and higher.third_order and q_max:
@@ -284,7 +284,7 @@ class Pipeline:
         if self.settings.ring_images:
             radii, rings = self.rings.update(inputs.stack, exposure, self.scan_shape)
         return ImageStep(image, saa, (half0, half1), flipped, rebuilt, sampling, radii, rings,
-                      model)
+                         model, weight)
 
     def resolution(self, image: ImageStep, dose: float,
                    aberrations: AberrationFit | None) -> ResolutionStep:  # fmt: skip
@@ -292,7 +292,7 @@ class Pipeline:
         so far, and the dose projected for the target resolution."""
         sampling, p = image.sampling_A, aberrations and aberrations.p_matrix_A()
         transfer = transfer_mask(image.image.shape, sampling, self.wavelength_A, p)
-        frc = fourier_ring_correlation(*image.halves, sampling, self.shift_and_add.coverage(),
+        frc = fourier_ring_correlation(*image.halves, sampling, image.coverage,
                                        transfer=transfer)  # fmt: skip
         res, limited = frc.resolution_A("0.143")
         half_bit, _ = frc.resolution_A("half-bit")

@@ -370,8 +370,7 @@ def slip_lines(
         hi = np.minimum(np.floor(np.arange(m) + dr).astype(int), rows - 1) + 1
         for row, val in ((0, vote_left), (1, vote_left**2), (2, vote_right), (3, vote_right**2),
                          (4, np.ones(m))):  # fmt: skip
-            np.add.at(acc[row], lo, val)
-            np.add.at(acc[row], hi, -val)
+            acc[row] += np.bincount(lo, val, rows + 2) - np.bincount(hi, val, rows + 2)
     sums = np.cumsum(acc, axis=1)[:, :rows]
     count = np.maximum(sums[4], 1)
     out: list[tuple[int, int]] = []

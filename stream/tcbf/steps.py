@@ -33,6 +33,7 @@ class ImageStep:
     ring_radii_px: np.ndarray | None
     ring_bf: np.ndarray | None
     chi_model: str = "linear"  # or "third order" (`full_chi.py`)
+    coverage: np.ndarray | None = None  # where data landed (0..1): the flip's and FRC's taper
 
 
 @dataclass(frozen=True)
