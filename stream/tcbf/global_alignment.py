@@ -299,7 +299,8 @@ class GlobalFallback:
                  window: tuple[tuple[int, int], tuple[int, int]], k_px: np.ndarray,
                  excluded_px: np.ndarray, final: bool) -> AlignmentResult:  # fmt: skip
         """The tiles' outcome `found`, or the global search's model where the tiles gave none
-        or one too thin for an uncertainty (fewer measured tiles than MIN_LINEAR_TILES) and
+        or a thin one (fewer measured tiles than MIN_LINEAR_TILES: its uncertainty rests on
+        two degrees of freedom or none) and
         the search determines one. `current`: the method of the model in use (None: none yet).
         Live, a model from the tiles, thin or not, stands (the search takes seconds, and would
         hold up the tiles' fast updates); the final update replaces a thin one."""
@@ -312,7 +313,7 @@ class GlobalFallback:
         if not final and found.converged and current is None:  # live: the thin model stands
             return found
         self.why = "no model" if not found.converged else \
-            f"{n} measured tiles, too few for an uncertainty"  # fmt: skip
+            f"{n} measured tiles, too few for a firm uncertainty"  # fmt: skip
         est = self.attempt(stack, exposure, scan_shape, window, k_px, excluded_px, final)
         if est is not None and est.determined:
             self.model = AlignmentResult(est.matrix_px, (), found.rows, True, "global",

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.stats as stats
 
 from tcbf_live.stream.tcbf.aberrations import AberrationFit
 from tcbf_live.stream.tcbf.alignment import AlignmentResult
@@ -42,7 +43,8 @@ HIGHER = ("C21a", "C21b", "C23a", "C23b", "C30")
 RADIAL_ORDER = {"C10": 1, "C12": 1, "C21": 2, "C23": 2, "C30": 3}  # shift ~ C alpha^n
 ANGULAR_ORDER = {"C12": 2, "C21": 1, "C23": 3}
 MIN_TILES = 12  # 11 parameters (with the offset): fewer tiles leave no check
-MIN_LINEAR_TILES = 5  # the linear model and the offset: 6 parameters
+MIN_LINEAR_TILES = 5  # a tile model this thin is replaced by the global search at the end
+MIN_ERROR_TILES = 4  # the linear model and the offset (6 parameters) from 8 numbers: 2 dof
 ROUNDS = 4  # rotation updates
 # the linear fit's systematic floor on C10 and C12, relative to |C10|: TILE_FLOOR x (tile size /
 # disk radius)^2. Coarse tiles average shifts over much of the disk, and the weak-phase case
@@ -54,6 +56,7 @@ TILE_FLOOR = 0.15
 DETERMINED_SIGMA = 3.0  # a magnitude below this many of its sigmas is withheld (a pair's
 # magnitude is Rayleigh-distributed where the term is absent: 2 sigma would pass 13.5 % of
 # absent terms, 3 sigma 1.1 %)
+Z_95 = 1.959964  # the normal distribution's 97.5 % point
 BOUND_SIGMA = 2.0  # a withheld magnitude's bound: value + this many sigmas
 
 
@@ -259,7 +262,7 @@ def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: n
                      third_order: bool = True) -> HigherOrderFit | None:  # fmt: skip
     """Fit M and C21, C23, C30 to tile shifts (A, scan frame) at detector-frame tilts (rad),
     starting from the linear fit's rotation (and keeping its side of the 180 degree
-    ambiguity); None with fewer weighted tiles than MIN_TILES (MIN_LINEAR_TILES for the linear
+    ambiguity); None with fewer weighted tiles than MIN_TILES (MIN_ERROR_TILES for the linear
     model alone) or a singular design (the tilts
     do not span the disk). `third_order=False`: M alone (the linear model's uncertainties;
     the higher orders zero and their covariance zero)."""
@@ -277,7 +280,7 @@ def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: n
         rms = math.sqrt(np.sum(weights[use] * resid2[use]) / np.sum(weights[use]))
         keep = use & (np.sqrt(resid2) <= 3.0 * rms)
         rotation = _branch(polar_decomposition(m, transpose)[0], rotation_rad)
-        if keep.sum() >= (MIN_TILES if third_order else MIN_LINEAR_TILES):
+        if keep.sum() >= (MIN_TILES if third_order else MIN_ERROR_TILES):
             use = keep
     fitted = _solve(a, s, weights, use, transpose, rotation, higher_n)
     if fitted is None:
@@ -327,7 +330,7 @@ def _solve(a, s, weights, use, transpose, rotation, higher_n=5):
     origin: coma's shift field has a mean of (2/3) C21 <alpha^2>, which a fit without the
     offset would read as a smaller coma); (M, higher, covariance of the 9, residual (N, 2)
     per tile) or None."""
-    if use.sum() < (MIN_TILES if higher_n else MIN_LINEAR_TILES):
+    if use.sum() < (MIN_TILES if higher_n else MIN_ERROR_TILES):
         return None
     n, p = len(a), 4 + higher_n  # the parameters; then the offset (two more)
     design = np.zeros((n, 2, p + 2))
@@ -352,5 +355,8 @@ def _solve(a, s, weights, use, transpose, rotation, higher_n=5):
     resid = s - np.einsum("nkp,p->nk", design, params)
     dof = max(2 * int(use.sum()) - p - 2, 1)
     chi2 = float(np.sum(w * (y - x @ params) ** 2)) / dof
-    cov = inv[:p, :p] * chi2  # (the weights' scale cancels)
+    # the scatter's own uncertainty: sigmas scaled so that +-1.96 of them is Student's 95 %
+    # interval for `dof` (x2.2 at 2 dof, a thin live model's; x1.04 at 30)
+    t = float(stats.t.ppf(0.975, dof)) / Z_95
+    cov = inv[:p, :p] * chi2 * t * t  # (the weights' scale cancels)
     return params[:4].reshape(2, 2), params[4:p], cov, resid
