@@ -14,7 +14,7 @@ chi. It varies across the disk, and a sum over the whole disk cancels where the 
 transfers disagree: one filter of the summed image (tried: correlation with the true phase
 0.58 against 0.63 for the linear sign flip) is not enough. So the disk is split into groups
 of neighbouring BF pixels (about 30, tiles of a third of the disk radius), each group is
-shift-and-added with the model's shifts (`deposit`, one channel per group), its transfer S_g
+shift-and-added with the model's shifts (`ShiftAndAdd`, one channel per group), its transfer S_g
 is the mean of S_a over its pixels, and the groups are combined in Fourier space by their
 transfers, a Wiener filter:
 
@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.fft as sfft
-import scipy.ndimage as ndi
 
-from tcbf_live.stream.tcbf.kernels import deposit, weak_phase_transfer
-from tcbf_live.stream.tcbf.reconstruction import KDE_SIGMA_SCAN_PX, pixel_gains, splat_weights
+from tcbf_live.stream.tcbf.kernels import weak_phase_transfer
+from tcbf_live.stream.tcbf.reconstruction import ShiftAndAdd
 
 GROUPS_PER_RADIUS = 2.6  # group tile size = disk radius / this (about 30 groups)
 MAX_GROUP_BYTES = 128 << 20  # the per-group accumulators (num and den, float64)
@@ -65,14 +64,8 @@ def full_chi_image(stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[in
     groups = pixel_groups(k_px, float(np.hypot(*k_px.T).max()),
                           max(2, min(64, MAX_GROUP_BYTES // per_group)))  # fmt: skip
     n_groups = int(groups.max()) + 1
-    num = np.zeros((*shape, n_groups))
-    den = np.zeros((*shape, n_groups))
-    inv_gain = np.where(excluded, 0.0, 1.0 / pixel_gains(stack, exposure))
-    offsets, weights = splat_weights(np.asarray(shifts_px, float) * factor)
-    weights[excluded] = 0.0
-    positions = np.flatnonzero(exposure).astype(np.int64)
-    deposit(stack, np.asarray(exposure, np.float64), positions, scan_shape[1], factor, offsets,
-            weights, inv_gain, groups, num, den)  # fmt: skip
+    saa = ShiftAndAdd(scan_shape, factor, 0.0, groups)  # one channel per group
+    saa.update(stack, exposure, shifts_px, excluded_px=excluded)
     sampling = step_A / factor
     q0, q1 = sfft.fftfreq(shape[0], sampling), sfft.rfftfreq(shape[1], sampling)
     per_pixel = max(1, int(TRANSFER_EVALUATIONS / (q0.size * q1.size * n_groups)))
@@ -80,7 +73,6 @@ def full_chi_image(stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[in
     inside = weight > 0.5
     total = np.zeros((q0.size, q1.size), complex)
     power = np.zeros((q0.size, q1.size))
-    sigma = KDE_SIGMA_SCAN_PX * factor
     for g in range(n_groups):
         members = np.flatnonzero((groups == g) & ~excluded)
         if members.size == 0:
@@ -90,10 +82,7 @@ def full_chi_image(stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[in
         weak_phase_transfer(q0, q1, np.ascontiguousarray(alpha_rad[pick], float), shifts_A[pick],
                   np.asarray(coefficients_A, float), wavelength_A, semiangle_rad, s_g)  # fmt: skip
         s_g /= pick.size
-        n_d = ndi.gaussian_filter(den[..., g], sigma, mode="constant")
-        image = np.where(n_d > 1e-3 * max(float(n_d.max()), 1e-30),
-                         ndi.gaussian_filter(num[..., g], sigma, mode="constant")
-                         / np.maximum(n_d, 1e-30), 1.0)  # fmt: skip
+        image = saa.channel_image(g)
         centred = (image - image[inside].mean()) * weight if inside.any() else image - 1.0
         total += members.size * s_g * sfft.rfft2(centred, workers=1)
         power += members.size * np.abs(s_g) ** 2

@@ -96,7 +96,9 @@ class ShiftAndAdd:
         self.factor = int(factor)
         self.tolerance_px = tolerance_px  # shift change (scan px) x factor that forces a rebuild
         self.half = None if half is None else np.asarray(half, np.int64)
-        shape = (scan_shape[0] * self.factor, scan_shape[1] * self.factor, 2)
+        # one accumulator channel per value of `half` (two halves; more: `channel_image`)
+        channels = 2 if self.half is None else max(2, int(self.half.max()) + 1)
+        shape = (scan_shape[0] * self.factor, scan_shape[1] * self.factor, channels)
         self.num = np.zeros(shape)
         self.den = np.zeros(shape)
         self.shifts_px: np.ndarray | None = None
@@ -172,6 +174,13 @@ class ShiftAndAdd:
         den = [ndi.gaussian_filter(self.den[..., h], sigma, mode="constant") for h in (0, 1)]
         return (_ratio(num[0] + num[1], den[0] + den[1]), _ratio(num[0], den[0]),
                 _ratio(num[1], den[1]))  # fmt: skip
+
+    def channel_image(self, channel: int) -> np.ndarray:
+        """The image of one accumulator channel (the pixels whose `half` is `channel`),
+        smoothed as `images`; 1 where nothing landed."""
+        sigma = KDE_SIGMA_SCAN_PX * self.factor
+        return _ratio(ndi.gaussian_filter(self.num[..., channel], sigma, mode="constant"),
+                      ndi.gaussian_filter(self.den[..., channel], sigma, mode="constant"))
 
 
 class RingImages:
