@@ -210,6 +210,16 @@ def make_cases(only: list[str] | None) -> list[tuple[str, object, bool]]:
                         C21_A=edge_px * step / a**2, phi21_rad=math.radians(-40.0),
                         C23_A=edge_px * step / a**2, phi23_rad=math.radians(10.0),
                         C30_A=edge_px * step / a**3)  # fmt: skip
+    # tests/test_transfer_fit.py::high_angle_case(1e5): 300 kV, 25 mrad, where tile peaks
+    # read coma and trefoil low
+    high = Aberrations(C10_A=-100.0, C12_A=20.0, phi12_rad=0.3, C21_A=800.0,
+                       phi21_rad=math.radians(-40), C23_A=600.0, phi23_rad=math.radians(10),
+                       C30_A=2e4)  # fmt: skip
+    high_cfg = tutorial_config(scan_shape=(64, 64), step_A=0.5, detector_shape=(64, 64),
+                               semiangle_mrad=25.0, angular_sampling_mrad=1.95,
+                               rolloff_mrad=0.2, aberrations=high, rotation_deg=-15.0,
+                               dose_e_per_A2=1e5, sample="random", feature_A=0.5,
+                               phase_rms=0.05, seed=1)  # fmt: skip
     cases = [
         ("tutorial", tutorial_config(), False),
         ("tutorial-1e3", tutorial_config(dose_e_per_A2=1000.0), False),
@@ -220,6 +230,7 @@ def make_cases(only: list[str] | None) -> list[tuple[str, object, bool]]:
             tutorial_config(scan_shape=(48, 48), aberrations=third, dose_e_per_A2=1e4),
             True,
         ),  # fmt: skip
+        ("high-angle", high_cfg, True),
     ]
     return [c for c in cases if not only or c[0] in only]
 
@@ -485,7 +496,7 @@ def print_report(rows: list[dict], elapsed: float) -> None:
                 print(f"    error: {p['error']}")
             for w in p4.get("warnings", []):
                 print(f"    warning: {w}")
-            if r["case"] == "third-order" and "ours_higher" in r:
+            if r["case"] in ("third-order", "high-angle") and "ours_higher" in r:
                 _print_third_order(r, p4, ab)
     print(f"\ntotal {elapsed:.0f} s")
 

@@ -324,17 +324,19 @@ def test_every_core_kernel_lives_in_kernels_and_releases_the_gil():
     import numba
 
     import tcbf_live.stream.tcbf as core
-    from tcbf_live.stream.tcbf import kernels
+    from tcbf_live.stream.tcbf import chi_kernels, kernels
 
-    found = [name for name, f in vars(kernels).items() if isinstance(f, numba.core.registry.
-             CPUDispatcher)]  # fmt: skip
-    assert {"deposit", "group_sums", "scatter_groups", "ring_sums"} <= set(found)
-    for name in found:
-        f = getattr(kernels, name)
+    found = {}
+    for module in (kernels, chi_kernels):  # the solve's kernels, the transfer's kernels
+        found |= {name: f for name, f in vars(module).items()
+                  if isinstance(f, numba.core.registry.CPUDispatcher)}  # fmt: skip
+    assert {"deposit", "group_sums", "scatter_groups", "ring_sums", "transfer_objective"} <= \
+        set(found)  # fmt: skip
+    for name, f in found.items():
         assert f.targetoptions.get("nogil") is True, name
         assert type(f._cache).__name__ != "NullCache", name  # cache=True
     for mod in pkgutil.iter_modules(core.__path__):
-        if mod.name == "kernels" or mod.name.startswith("accumulat"):  # ingest: its own kernels
+        if mod.name.endswith("kernels") or mod.name.startswith("accumulat"):  # ingest: its own
             continue
         m = importlib.import_module(f"{core.__name__}.{mod.name}")
         own = [n for n, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)

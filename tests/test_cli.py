@@ -189,7 +189,8 @@ def test_reconstruct_and_alignment_flags_give_one_line_errors(tmp_path, expect_u
     expect_usage_error(["reconstruct", str(tmp_path / "missing.npy"), "--output", out])
     common = ["--energy", "3e5", "--step", "1", "--output", out]
     for bad in (["--bins", "32,12"], ["--bins", "8,16"], ["--bins", "x"], ["--upsample", "0"],
-                ["--defocus-sign", "2"], ["--min-tile-electrons", "-1"]):  # fmt: skip
+                ["--defocus-sign", "2"], ["--min-tile-electrons", "-1"],
+                ["--transfer-fit", "sometimes"]):  # fmt: skip
         expect_usage_error(["reconstruct", str(data), *common, *bad])
     expect_usage_error(["run", "--headless", "--output", out, "--align-interval", "-1"])
     for bad in (["--align-interval", "inf"], ["--align-interval", "1e10"], ["--step", "inf"],

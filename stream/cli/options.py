@@ -17,6 +17,7 @@ from tcbf_live.stream.tcbf.optics import wavelength_A
 from tcbf_live.stream.tcbf.pipeline import PipelineSettings
 from tcbf_live.stream.tcbf.reconstruction import default_upsampling
 from tcbf_live.stream.tcbf.tiles import validate_bins
+from tcbf_live.stream.tcbf.transfer_fit import TRANSFER_FIT
 
 
 def parse_bins(text: str) -> tuple[int, ...]:
@@ -94,6 +95,10 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                    "list A,B,..), each with a sharpness figure: /tcbf/depth_sections")  # fmt: skip
     a.add_argument("--depth-live", action="store_true",
                    help="compute the depth sections at every live update too (slower updates)")
+    a.add_argument("--transfer-fit", choices=TRANSFER_FIT, default="determined",
+                   help="refit C21, C23 and C30 on the BF pixels' transfer at the end "
+                   "(seconds): where the tiles find one at 5 sigma (default), always (also from "
+                   "the linear model), or off (the tiles' shift fit stands)")  # fmt: skip
     a.add_argument("--defocus-hint", type=parse_finite, metavar="A",
                    help="the microscope's nominal |defocus| (A): a prior for the global search "
                    "where no tile level is trusted (searched within 0.5-2x of it)")  # fmt: skip
@@ -258,6 +263,7 @@ def processing_from_args(args: argparse.Namespace) -> ProcessingSettings:
             target_resolution_A=args.target_resolution,
             depth_offsets_A=args.depth_sections or (),
             depth_live=args.depth_live,
+            transfer_fit=args.transfer_fit,
         ),
     )
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
-from tcbf_live.stream.tcbf.kernels import weak_phase_transfer
+from tcbf_live.stream.tcbf.chi_kernels import weak_phase_transfer
 from tcbf_live.stream.tcbf.reconstruction import ShiftAndAdd
 
 GROUPS_PER_RADIUS = 2.6  # group tile size = disk radius / this (about 30 groups)

@@ -56,6 +56,7 @@ TILE_FLOOR = 0.15
 DETERMINED_SIGMA = 3.0  # a magnitude below this many of its sigmas is withheld (a pair's
 # magnitude is Rayleigh-distributed where the term is absent: 2 sigma would pass 13.5 % of
 # absent terms, 3 sigma 1.1 %)
+FIRM_SIGMA = 5.0  # see `HigherOrderFit.firm_third_order`
 Z_95 = 1.959964  # the normal distribution's 97.5 % point
 BOUND_SIGMA = 2.0  # a withheld magnitude's bound: value + this many sigmas
 
@@ -104,6 +105,9 @@ class HigherOrderFit:
     tiles_used: int
     residuals_A: np.ndarray  # (n_tiles, 2) measured - model (with the offset); NaN: unused
     rotation_error_rad: float = float("nan")
+    method: str = "tiles"  # "transfer": refined on the pixels' transfer (`transfer_fit.py`)
+    pixel_groups: int = 0  # (transfer) pixel groups fitted
+    field_px: int = 0  # (transfer) side of the scan block fitted
 
     @property
     def cartesian_A(self) -> np.ndarray:
@@ -113,7 +117,7 @@ class HigherOrderFit:
         return np.concatenate([linear, self.higher_A])
 
     def _p(self) -> np.ndarray:
-        return self.matrix_A_per_rad @ _rotation(self.rotation_rad, self.transpose).T
+        return self.matrix_A_per_rad @ rotation_matrix(self.rotation_rad, self.transpose).T
 
     def coefficients(self) -> dict[str, Coefficient]:
         """C10, C12, C21, C23, C30 with uncertainties; magnitudes below 3 sigma withheld."""
@@ -131,6 +135,15 @@ class HigherOrderFit:
         return float(cov[a, b] / math.sqrt(cov[a, a] * cov[b, b]))
 
     @property
+    def firm_third_order(self) -> bool:
+        """A third-order magnitude at FIRM_SIGMA or more (what the final update spends seconds
+        refitting on the pixels' transfer; 3 sigma passes the odd false term: the tutorial's
+        C21 read at 3.4 sigma where none exists)."""
+        c = self.coefficients()
+        return any(c[n].determined and abs(c[n].value_A) >= FIRM_SIGMA * c[n].error_A
+                   for n in ("C21", "C23", "C30"))  # fmt: skip
+
+    @property
     def third_order(self) -> bool:
         """A third-order term is determined (the final image then uses the full chi)."""
         c = self.coefficients()
@@ -138,12 +151,13 @@ class HigherOrderFit:
 
     def scan_tilts(self, alpha_det_rad: np.ndarray) -> np.ndarray:
         """Detector-frame tilts (N, 2) rotated into the scan frame (the frame of `higher_A`)."""
-        return np.asarray(alpha_det_rad, float) @ _rotation(self.rotation_rad, self.transpose).T
+        u = rotation_matrix(self.rotation_rad, self.transpose)
+        return np.asarray(alpha_det_rad, float) @ u.T
 
     def shifts_A(self, alpha_det_rad: np.ndarray) -> np.ndarray:
         """Model correction shifts (N, 2) in A, scan frame, of detector-frame tilts (N, 2)."""
         a = np.asarray(alpha_det_rad, float)
-        u = _rotation(self.rotation_rad, self.transpose)
+        u = rotation_matrix(self.rotation_rad, self.transpose)
         return a @ self.matrix_A_per_rad.T + higher_basis(a @ u.T) @ self.higher_A
 
     def text(self) -> str:
@@ -157,7 +171,8 @@ class HigherOrderFit:
             angle = ("" if math.isnan(co.angle_rad) else f" at {math.degrees(co.angle_rad):.1f}"
                      f"+-{math.degrees(co.angle_error_rad):.1f} deg")  # fmt: skip
             parts.append(f"{name} {co.value_A:.3g}+-{co.error_A:.2g} A{angle}")
-        return ", ".join(parts) + f" (C10-C30 correlation {self.correlation(0, 7):.2f})"
+        how = "" if self.method == "tiles" else ", from the pixels' transfer"
+        return ", ".join(parts) + f" (C10-C30 correlation {self.correlation(0, 7):.2f}{how})"
 
     def file_attributes(self) -> dict[str, object]:
         """The /aberrations attributes of this fit (docs/result-file.md): each higher-order
@@ -181,7 +196,8 @@ class HigherOrderFit:
         return out | {
             "polar": self.polar_dict() | units, "polar_err": errors | units,
             "C10_C30_correlation": self.correlation(0, 7), "third_order_tiles": self.tiles_used,
-            "third_order_residual_A": self.residual_A,
+            "third_order_residual_A": self.residual_A, "third_order_method": self.method,
+            "third_order_pixel_groups": self.pixel_groups,
         }
 
     def polar_dict(self) -> dict[str, float]:
@@ -288,7 +304,7 @@ def fit_higher_order(alpha_det_rad: np.ndarray, shifts_A: np.ndarray, weights: n
     m, higher, cov_p, resid = fitted
     resid2 = np.sum(resid**2, axis=1)
     rotation = _branch(polar_decomposition(m, transpose)[0], rotation_rad)
-    u = _rotation(rotation, transpose)
+    u = rotation_matrix(rotation, transpose)
     # C10, C12a, C12b are linear in M for a fixed U (P = M U^T): propagate the covariance
     jac = np.zeros((8, 4 + higher_n))
     for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # M entries, row-major
@@ -319,7 +335,8 @@ def _branch(theta: float, start: float) -> float:
     return math.atan2(math.sin(theta), math.cos(theta))
 
 
-def _rotation(theta: float, transpose: bool) -> np.ndarray:
+def rotation_matrix(theta: float, transpose: bool) -> np.ndarray:
+    """U = R(theta) T: detector-frame tilts to the scan frame."""
     c, s = math.cos(theta), math.sin(theta)
     return np.array([[c, -s], [s, c]]) @ (TRANSPOSE if transpose else np.eye(2))
 
@@ -337,7 +354,7 @@ def _solve(a, s, weights, use, transpose, rotation, higher_n=5):
     design[:, 0, 0], design[:, 0, 1] = a[:, 0], a[:, 1]
     design[:, 1, 2], design[:, 1, 3] = a[:, 0], a[:, 1]
     if higher_n:
-        design[:, :, 4:p] = higher_basis(a @ _rotation(rotation, transpose).T)
+        design[:, :, 4:p] = higher_basis(a @ rotation_matrix(rotation, transpose).T)
     design[:, 0, p], design[:, 1, p + 1] = 1.0, 1.0
     w = np.repeat(np.asarray(weights, float)[use], 2)
     x = design[use].reshape(-1, p + 2)

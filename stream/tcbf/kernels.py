@@ -16,14 +16,12 @@ Solve (plain loops over the per-BF-pixel stack):
 - `deposit`: bilinear splat of BF-pixel values onto the upsampled shift-and-add grid;
 - `group_sums`, `scatter_groups`: tile images re-formed from pixel groups moved by their shift;
 - `ring_sums`: annular virtual-BF images;
-- `window_column_sums`: each BF pixel's sum over a scan window;
-- `weak_phase_transfer` (with `chi_polynomial_A`): the shifted BF pixels' weak-phase transfer
-  for a chi to third order (`full_chi.py`).
+- `window_column_sums`: each BF pixel's sum over a scan window.
+
+The weak-phase transfer of a chi to third order has its own module (`chi_kernels.py`).
 """
 
 from __future__ import annotations
-
-import math
 
 import numba
 import numpy as np
@@ -359,39 +357,3 @@ def stack_moments(stack: np.ndarray, rows: np.ndarray, k_px: np.ndarray, out: np
             r += v * k_px[i, 0]
             c += v * k_px[i, 1]
         out[j, 0], out[j, 1], out[j, 2] = t, r, c
-
-
-@numba.njit(nogil=True, cache=True)
-def chi_polynomial_A(c, ax, ay):
-    """W (A) at scan-frame tilt (ax, ay) rad of the cartesian coefficients c (8,): C10, C12a,
-    C12b, C21a, C21b, C23a, C23b, C30 (`HigherOrderFit.cartesian_A`; grad W = the shift)."""
-    a2 = ax * ax + ay * ay
-    return (0.5 * c[0] * a2 + 0.5 * (c[1] * (ax * ax - ay * ay) + 2.0 * c[2] * ax * ay)
-            + (c[3] * ax + c[4] * ay) * a2 / 3.0
-            + (c[5] * (ax * ax * ax - 3.0 * ax * ay * ay)
-               + c[6] * (3.0 * ax * ax * ay - ay * ay * ay)) / 3.0
-            + 0.25 * c[7] * a2 * a2)  # fmt: skip
-
-
-@numba.njit(nogil=True, cache=True)
-def weak_phase_transfer(q0, q1, alpha, shifts_A, c, wavelength_A, amax, out):
-    """out[i, j] += sum over the pixels (scan-frame tilts `alpha`, applied shifts `shifts_A`) of
-    their weak-phase transfer S_a(q0[i], q1[j]) after the shift (`full_chi.py`), not averaged."""
-    k = 2.0 * math.pi / wavelength_A
-    for p in range(alpha.shape[0]):
-        ax, ay = alpha[p, 0], alpha[p, 1]
-        w0 = chi_polynomial_A(c, ax, ay)
-        for i in range(q0.size):
-            for j in range(q1.size):
-                lx, ly = wavelength_A * q0[i], wavelength_A * q1[j]
-                lin = 2.0 * math.pi * (q0[i] * shifts_A[p, 0] + q1[j] * shifts_A[p, 1])
-                s = 0j
-                bx, by = ax + lx, ay + ly
-                if bx * bx + by * by <= amax * amax:
-                    d = k * (chi_polynomial_A(c, bx, by) - w0) - lin
-                    s += complex(math.cos(d), -math.sin(d))
-                bx, by = ax - lx, ay - ly
-                if bx * bx + by * by <= amax * amax:
-                    d = k * (chi_polynomial_A(c, bx, by) - w0) + lin
-                    s -= complex(math.cos(d), math.sin(d))
-                out[i, j] += 0.5j * s

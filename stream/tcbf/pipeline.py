@@ -58,6 +58,7 @@ from tcbf_live.stream.tcbf.tiles import (
     tile_sets,
     without_excluded,
 )
+from tcbf_live.stream.tcbf.transfer_fit import Optics, refit
 from tcbf_live.stream.tcbf.updates import (
     Acquisition,
     AlignmentInputs,
@@ -150,8 +151,7 @@ class Pipeline:
         if aligned is None:
             return None
         aberrations = self.aberrations(aligned.result)
-        higher = fit_alignment(aligned.result, aberrations, self.acquisition.step_A,
-                               self.sampling_mrad)  # fmt: skip
+        higher = self.third_order(inputs, aligned, aberrations, final)
         image = self.image(inputs, aligned.shifts_px, aberrations, final, higher)
         res = self.resolution(image, dose, aberrations)
         depth = self.depth(inputs, aligned.shifts_px, aberrations, final)
@@ -232,6 +232,21 @@ class Pipeline:
             result = AlignmentResult(self.matrix_px, found.iterations, rows, False, self.method)
         slips = self.all_slips(self.slips(levels, result))
         return AlignedStep(result, result.shifts_px(self.k_px), slips, seconds)
+
+    def third_order(self, inputs: AlignmentInputs, aligned: AlignedStep,
+                    aberrations: AberrationFit | None,
+                    final: bool) -> HigherOrderFit | None:  # fmt: skip
+        """Step 2b: C21, C23 and C30 from the tiles' shifts (every update); at the final one
+        refitted on the pixels' transfer as `transfer_fit` says (`transfer_fit.refit`)."""
+        acq = self.acquisition
+        higher = fit_alignment(aligned.result, aberrations, acq.step_A, self.sampling_mrad)
+        if not (final and aberrations and self.wavelength_A and acq.semiangle_mrad):
+            return higher
+        optics = Optics(acq.step_A, self.sampling_mrad * 1e-3, self.wavelength_A,
+                        acq.semiangle_mrad * 1e-3, aberrations.transpose)  # fmt: skip
+        return refit(higher, aberrations.matrix_A_per_rad, aberrations.rotation_rad,
+                     self.settings.transfer_fit, inputs.stack, self.exposure(inputs),
+                     self.scan_shape, inputs.window, self.k_px, self.bad_px, optics)  # fmt: skip
 
     def aberrations(self, result: AlignmentResult) -> AberrationFit | None:
         """Step 2: defocus, astigmatism and geometry from the shift model (needs the scan step

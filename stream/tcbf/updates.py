@@ -78,6 +78,10 @@ class PipelineSettings:
     # the final image with the full fitted chi where a third-order term is determined
     # (`full_chi.py`); False: the linear model's sign flip, as the live updates
     full_chi: bool = True
+    # the final update refits the third order on the pixels' transfer (`transfer_fit.py`,
+    # seconds): "determined" where the tiles' shift fit finds a term at 5 sigma, "always" (from
+    # the linear model where the tiles give no third order), "off" (the shift fit stands)
+    transfer_fit: str = "determined"
 
 
 @dataclass(frozen=True)
