@@ -19,12 +19,12 @@ needed) and free of binning blur. It is the global alignment's shift-and-add pow
 (L-BFGS, exact gradient in the eight coefficients and the detector rotation) from
 the tile fit's values, which lie in the right basin (and side of the 180 degree twin).
 
-Finite field: each image is windowed in the object frame (a Hann window over the block,
-moved by the pixel group's model shift and cut at the scan's edge), so that windowed images
-remain near shifted copies (shrinking the windows to stay inside the scan was worse: a 48 px
-field left C21 9 % and C23 11 % off without noise, against 4 % and 6 %). What is left (the
-window against a transfer spread over several scan pixels) is the systematic floor below,
-measured on noise-free simulations (docs/tcbf.md).
+Finite field: each image is windowed by a Hann window that follows the object (image a holds
+the object moved by -s_a, its window sits at -s_a), so that windowed images stay shifted copies
+of one windowed object. A frequency's sidebands are displaced from the pixel's shift by
+(local defocus) x lambda q; only frequencies where that stays within SIDEBAND_REACH of the
+window's half-width are fitted. What is left is the systematic floor below, measured on
+noise-free simulations (docs/tcbf.md).
 
 Uncertainty: jackknife over SUBSETS interleaved subsets of the pixel groups (each refitted
 from the full solution), scaled to Student's 95 % for its degrees of freedom, plus the floor
@@ -55,18 +55,18 @@ MAX_WORK = 1.2e6  # sub-tilts x frequencies per evaluation (~0.1 s on one core):
 SUBSETS = 8  # jackknife
 JACKKNIFE_ITERATIONS = 10  # each subset refitted from the full solution
 MIN_FIELD_PX = 16  # a smaller block of complete positions: no fit
+MIN_FREQUENCIES = 16  # fewer within the sidebands' reach (a large defocus): no fit
 # a frequency q is fitted where its sidebands, displaced from the pixel's own shift by
 # (local defocus) x lambda q, stay within this fraction of the window's half-width
 SIDEBAND_REACH = 0.15
 RAMP_PX = 0.5  # width of the modelled aperture edge, in detector pixels
 # systematic floor: the coefficient that moves the disk edge by this many scan px, times
 # (FLOOR_FIELD_PX / the field's side) and (the sidebands' reach / SIDEBAND_REACH, 1 where the
-# frequency limit acts: the high-angle cases; 0.5 for the tutorial's optics). Noise-free fits
-# of the high-angle case (64 px field) left up to 0.03 px on C21 and C23, 0.08-0.1 px on
-# C30 (13-17 % high there, 1.00x on the tutorial's optics) and 0.12 px on C10 at -300 A
-# (docs/tcbf.md)
-FLOOR_EDGE_PX = {1: 0.1, 2: 0.06, 3: 0.06}  # by radial order (C1x, C2x, C30)
-ROTATION_FLOOR_RAD = math.radians(0.5)  # noise-free: 0.01 deg at -100 A, 0.6 deg at -300 A
+# frequency limit acts: the high-angle cases; at least 0.25). Noise-free fits (64 px field,
+# -100 and -300 A at 25 mrad; the tutorial's optics) left at most 0.005 px on C21 and C23,
+# 0.02 px on C30 (3-4 %), 0.01 deg on the rotation (docs/tcbf.md)
+FLOOR_EDGE_PX = {1: 0.02, 2: 0.02, 3: 0.03}  # by radial order (C1x, C2x, C30)
+ROTATION_FLOOR_RAD = math.radians(0.1)
 FLOOR_FIELD_PX = 64.0
 ORDER = (1, 1, 1, 2, 2, 2, 2, 3)  # radial order of each cartesian coefficient
 GAUSS_2X2 = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # sub-tilts: centroid +- spread per axis
@@ -129,7 +129,8 @@ def pixel_spectra(stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[int
     """Contrast images of the pixel groups on the central block (<= MAX_FIELD_PX) of the
     complete rows `window`, each windowed in the object frame by its mean model shift
     `shifts_px` (N, 2, scan px), and their spectra (DC left out); frequencies thinned to keep
-    the work under MAX_WORK. None when the block is smaller than MIN_FIELD_PX."""
+    the work under MAX_WORK (evenly in |q|). None when the block is smaller than MIN_FIELD_PX
+    or fewer than MIN_FREQUENCIES frequencies lie within the sidebands' reach."""
     (r0, r1), (c0, c1) = window
     n0, n1 = min(r1 - r0, MAX_FIELD_PX), min(c1 - c0, MAX_FIELD_PX)
     r0, c0 = r0 + (r1 - r0 - n0) // 2, c0 + (c1 - c0 - n1) // 2
@@ -161,18 +162,26 @@ def pixel_spectra(stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[int
     shift_g /= counts[:, None]
     x0 = np.arange(n0) - (n0 - 1) / 2
     x1 = np.arange(n1) - (n1 - 1) / 2
-    w0 = _hann((x0[None, :] - shift_g[:, :1]) / half[0])  # (n_g, n0)
-    w1 = _hann((x1[None, :] - shift_g[:, 1:]) / half[1])
+    # image a holds the object moved by -s_a (I_a(x) = O(x + s_a)): its window sits at -s_a
+    w0 = _hann((x0[None, :] + shift_g[:, :1]) / half[0])  # (n_g, n0)
+    w1 = _hann((x1[None, :] + shift_g[:, 1:]) / half[1])
     images = contrast.T.reshape(n_g, n0, n1) * w0[:, :, None] * w1[:, None, :]
     spectra = sfft.rfft2(images, workers=1).reshape(n_g, -1)[:, 1:]  # DC left out
     q0, q1 = np.broadcast_arrays(sfft.fftfreq(n0)[:, None], sfft.rfftfreq(n1)[None, :])
     q = np.stack([q0.ravel(), q1.ravel()], axis=1)[1:]  # cycles per scan px
-    near = np.hypot(*q.T) <= reach
+    # each frequency once (rfft keeps q and -q on its first column, and on its last where
+    # the columns are even), within the sidebands' reach
+    edge_col = (q[:, 1] == 0) | ((n1 % 2 == 0) & (q[:, 1] == q1.max()))
+    near = (np.hypot(*q.T) <= reach) & ~(edge_col & (q[:, 0] < 0))
     q, spectra = q[near], spectra[:, near]
+    if q.shape[0] < MIN_FREQUENCIES:
+        return None
     work = int(np.count_nonzero(sub_w[ok])) * q.shape[0]
     thin = max(1, math.ceil(work / MAX_WORK))
-    used = float(np.hypot(*q.T).max()) * sideband_px / (min(n0, n1) / 2) if q.size else 0.0
-    return PixelSpectra(q[::thin], np.ascontiguousarray(spectra[ok][:, ::thin]), mean[ok],
+    order = np.argsort(np.hypot(*q.T), kind="stable")[::thin]  # thinned evenly in |q|
+    q, spectra = q[order], spectra[:, order]
+    used = float(np.hypot(*q.T).max()) * sideband_px / (min(n0, n1) / 2)
+    return PixelSpectra(q, np.ascontiguousarray(spectra[ok]), mean[ok],
                         sub_k[ok], sub_w[ok], int(min(n0, n1)),
                         min(used, SIDEBAND_REACH))  # fmt: skip
 
@@ -257,16 +266,18 @@ def fit_transfer(shift_fit: HigherOrderFit, stack: np.ndarray, exposure: np.ndar
         if data is None or data.weights.size < 2 * SUBSETS:
             return None
         p = refine(p, data, optics)
-    if np.sign(p[0]) != np.sign(start[0]) or not np.all(np.isfinite(p)):
+    if (start[0] and np.sign(p[0]) != np.sign(start[0])) or not np.all(np.isfinite(p)):
         return None
     index = np.arange(data.weights.size)
     jack = np.array([refine(p, data.subset(index % SUBSETS != j), optics, JACKKNIFE_ITERATIONS)
                      for j in range(SUBSETS)])  # fmt: skip
+    if not np.all(np.isfinite(jack)):
+        return None
     d = jack - jack.mean(axis=0)
     t = float(stats.t.ppf(0.975, SUBSETS - 1)) / Z_95
     cov = (SUBSETS - 1) / SUBSETS * (d.T @ d) * t * t
     alpha_max = float(np.hypot(*k.T).max()) * optics.sampling_rad
-    scale = FLOOR_FIELD_PX / data.field_px * data.reach / SIDEBAND_REACH
+    scale = FLOOR_FIELD_PX / data.field_px * max(data.reach / SIDEBAND_REACH, 0.25)
     floor = [FLOOR_EDGE_PX[n] * scale * optics.step_A / alpha_max**n for n in ORDER]
     cov[:8, :8] += np.diag(np.square(floor))
     cov[8, 8] += ROTATION_FLOOR_RAD**2
