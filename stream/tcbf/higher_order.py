@@ -107,7 +107,6 @@ class HigherOrderFit:
     rotation_error_rad: float = float("nan")
     method: str = "tiles"  # "transfer": refined on the pixels' transfer (`transfer_fit.py`)
     pixel_groups: int = 0  # (transfer) pixel groups fitted
-    field_px: int = 0  # (transfer) side of the scan block fitted
 
     @property
     def cartesian_A(self) -> np.ndarray:

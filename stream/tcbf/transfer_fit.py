@@ -285,7 +285,7 @@ def fit_transfer(shift_fit: HigherOrderFit, stack: np.ndarray, exposure: np.ndar
     return replace(fit, covariance=cov[:8, :8], residual_A=shift_fit.residual_A,
                    tiles_used=shift_fit.tiles_used, residuals_A=shift_fit.residuals_A,
                    rotation_error_rad=math.sqrt(max(cov[8, 8], 0.0)), method="transfer",
-                   pixel_groups=int(data.weights.size), field_px=data.field_px)  # fmt: skip
+                   pixel_groups=int(data.weights.size))  # fmt: skip
 
 
 def refit(tiles_fit: HigherOrderFit | None, linear_matrix_A_per_rad: np.ndarray,
@@ -301,9 +301,7 @@ def refit(tiles_fit: HigherOrderFit | None, linear_matrix_A_per_rad: np.ndarray,
         return tiles_fit
     start = tiles_fit
     if not (tiles_fit and tiles_fit.third_order):  # "always": from the linear model
-        start = HigherOrderFit(linear_matrix_A_per_rad, np.zeros(5), np.zeros((8, 8)),
-                               rotation_rad, optics.transpose, float("nan"), 0,
-                               np.zeros((0, 2)))  # fmt: skip
+        start = _bare(linear_matrix_A_per_rad, np.zeros(5), rotation_rad, optics.transpose)
     fitted = fit_transfer(start, stack, exposure, scan_shape, window, k_px, excluded, optics)
     return fitted or tiles_fit
 
@@ -313,5 +311,11 @@ def _model(p: np.ndarray, optics: Optics) -> HigherOrderFit:
     c = p[:8]
     sym = np.array([[c[0] + c[1], c[2]], [c[2], c[0] - c[1]]])
     m = sym @ rotation_matrix(p[8], optics.transpose)
-    return HigherOrderFit(m, np.array(c[3:]), np.zeros((8, 8)), float(p[8]), optics.transpose,
-                          float("nan"), 0, np.zeros((0, 2)))  # fmt: skip
+    return _bare(m, np.array(c[3:]), float(p[8]), optics.transpose)
+
+
+def _bare(m: np.ndarray, higher_A: np.ndarray, rotation_rad: float,
+          transpose: bool) -> HigherOrderFit:  # fmt: skip
+    """M, the higher orders and the geometry, without uncertainties or tiles."""
+    return HigherOrderFit(m, higher_A, np.zeros((8, 8)), rotation_rad, transpose, float("nan"),
+                          0, np.zeros((0, 2)))  # fmt: skip
