@@ -325,20 +325,32 @@ def recv_capped(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_MESSAGE_P
 
 class ServedSocket:
     """A bound socket served by one daemon thread running the subclass's `_run` until `_stop`
-    is set: the result stream (`publisher`) and the control endpoint (`control`). `close`
-    stops the thread, then closes the socket."""
+    is set: the result stream (`publisher`) and the control endpoint (`control`). The socket is
+    closed by the thread that uses it, as it ends (libzmq sockets are not thread-safe: closing
+    one under a send in another thread aborts the process); `close` stops the thread and waits
+    for it."""
 
     def __init__(self, sock: zmq.Socket, name: str):
         self._sock = sock
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
     def start(self):
         self._thread.start()
         return self
 
-    def close(self) -> None:
+    def _serve(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._sock.close(linger=0)
+
+    def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5.0)
-        self._sock.close(linger=0)
+        if self._thread.ident is None:  # never started: nothing else holds the socket
+            self._sock.close(linger=0)
+        elif self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("%s still busy after %.0f s: its socket closes when it ends",
+                            self._thread.name, timeout_s)  # fmt: skip

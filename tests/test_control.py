@@ -4,6 +4,8 @@ reply and the endpoint stays up; beyond loopback only with CURVE keys."""
 
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from contextlib import redirect_stdout
@@ -19,13 +21,15 @@ from tcbf_live.stream.control import MAX_REQUEST_BYTES, ControlClient
 
 
 def start_run(tmp_path, rate_fps: float):
-    """`simulate` (tutorial preset, paced) into `run --control` on loopback, both in threads;
-    returns (control endpoint, run thread with .codes, sender thread)."""
+    """`simulate` (tutorial preset, paced; a process) into `run --control` on loopback (a
+    thread); returns (control endpoint, run thread with .codes, sender process). After a stop
+    the sender waits on a receiver that is gone: `stop_sender` kills it."""
     data, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    sender = threading.Thread(target=main, daemon=True, args=(
-        ["simulate", "--bind", data, "--quiet", "--wait-subscriber", "30", "--rate",
-         str(rate_fps), "--socket", "push"],))  # fmt: skip
-    sender.start()
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "tcbf_live", "simulate", "--bind", data, "--quiet",
+         "--wait-subscriber", "30", "--rate", str(rate_fps), "--socket", "push"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     codes = []
     runner = threading.Thread(target=lambda: codes.append(main(
         ["run", "--headless", "--connect", data, "--socket", "pull", "--output",
@@ -34,6 +38,11 @@ def start_run(tmp_path, rate_fps: float):
     runner.codes = codes
     runner.start()
     return control, runner, sender
+
+
+def stop_sender(sender: subprocess.Popen) -> None:
+    sender.kill()
+    sender.wait(10)
 
 
 def ask(client, cmd, **fields):
@@ -82,7 +91,7 @@ def test_status_aberrations_save_and_stop_on_a_running_run(tmp_path):
             assert f["acquisition"].attrs["frames_received"] < 1152
     finally:
         client.close()
-        sender.join(2)  # (after a stop it waits on a receiver that is gone: a daemon)
+        stop_sender(sender)
 
 
 def test_bad_requests_get_an_error_and_the_endpoint_stays_up(tmp_path):
@@ -110,7 +119,7 @@ def test_bad_requests_get_an_error_and_the_endpoint_stays_up(tmp_path):
         runner.join(30)
     finally:
         client.close()
-        sender.join(2)  # (after a stop it waits on a receiver that is gone: a daemon)
+        stop_sender(sender)
 
 
 def test_the_control_command_prints_the_reply_and_exits_by_it(tmp_path):
@@ -128,7 +137,7 @@ def test_the_control_command_prints_the_reply_and_exits_by_it(tmp_path):
             assert main(["control", "stop", "--connect", control]) == 0
         runner.join(30)
     finally:
-        sender.join(2)  # (after a stop it waits on a receiver that is gone: a daemon)
+        stop_sender(sender)
     nobody = f"tcp://127.0.0.1:{free_port()}"
     assert main(["control", "status", "--connect", nobody, "--timeout", "0.3"]) == 4
 

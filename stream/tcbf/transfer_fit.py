@@ -40,10 +40,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.fft as sfft
 import scipy.optimize as optimize
-import scipy.stats as stats
 
 from tcbf_live.stream.tcbf.chi_kernels import transfer_objective
-from tcbf_live.stream.tcbf.higher_order import Z_95, HigherOrderFit, rotation_matrix
+from tcbf_live.stream.tcbf.higher_order import HigherOrderFit, rotation_matrix, student_scale
 
 TRANSFER_FIT = ("determined", "always", "off")  # `PipelineSettings.transfer_fit`
 MAX_FIELD_PX = 96  # the central block of complete positions used (a side)
@@ -274,7 +273,7 @@ def fit_transfer(shift_fit: HigherOrderFit, stack: np.ndarray, exposure: np.ndar
     if not np.all(np.isfinite(jack)):
         return None
     d = jack - jack.mean(axis=0)
-    t = float(stats.t.ppf(0.975, SUBSETS - 1)) / Z_95
+    t = student_scale(SUBSETS - 1)
     cov = (SUBSETS - 1) / SUBSETS * (d.T @ d) * t * t
     alpha_max = float(np.hypot(*k.T).max()) * optics.sampling_rad
     scale = FLOOR_FIELD_PX / data.field_px * max(data.reach / SIDEBAND_REACH, 0.25)
