@@ -83,21 +83,21 @@ def image_correlation(sim, res):
 
 
 def test_below_the_tile_floor_the_global_search_gives_the_defocus():
-    """Weak phase at 10^3 e/A^2 (5x below where the tiles give up): measured defocus 149.9
-    +- 12.1 A (truth 150), rotation -2.4 +- 5.0 deg, image correlation 0.56."""
-    sim, proc, res = solved(weak_phase(1e3))
+    """Weak phase at 5x10^2 e/A^2 (10x below where the tiles give up): measured defocus 152.0
+    +- 11.5 A (truth 150), rotation -0.8 +- 4.1 deg, image correlation 0.43."""
+    sim, proc, res = solved(weak_phase(5e2))
     ab = res.aberrations
     assert res.alignment.method == "global" and res.alignment.schedule == ()
     assert abs(ab.defocus_A - 150.0) < min(0.1 * 150.0, 3 * ab.errors["C10_A"])
     assert abs(math.degrees(ab.rotation_rad)) < 3 * math.degrees(ab.errors["rotation_rad"])
-    assert image_correlation(sim, res) > 0.4
+    assert image_correlation(sim, res) > 0.3
     assert "global search" in res.summary() and "prior: none" in res.alignment.note
 
 
-def test_the_tutorial_at_20_e_per_A2_without_a_prior():
-    """Tiles: no model below ~50 e/A^2 on the tutorial sample; the global search at 20:
-    measured 15,083 +- 297 A (truth 14,981), rotation -15.4 deg, image correlation 0.32."""
-    sim, proc, res = solved(tutorial_config(dose_e_per_A2=20.0))
+def test_the_tutorial_at_10_e_per_A2_without_a_prior():
+    """Tiles: no model below ~50 e/A^2 on the tutorial sample; the global search at 10:
+    measured 15,347 +- 515 A (truth 15,000), rotation -15.1 deg, image correlation 0.25."""
+    sim, proc, res = solved(tutorial_config(dose_e_per_A2=10.0))
     ab = res.aberrations
     assert res.alignment.method == "global"
     assert abs(ab.defocus_A - 15000.0) < min(1500.0, 3 * ab.errors["C10_A"])
@@ -125,9 +125,9 @@ def test_switched_off_or_hinted():
 
 
 def test_live_the_first_model_comes_half_way_and_is_refined():
-    """Weak phase at 2x10^3 e/A^2 fed 4 rows at a time: no model at 8 rows (1.2x the null),
-    the global model at 12 of 24 rows (measured 159.6 +- 9.0 A), kept while the search is not
-    due (16 rows), refined at 20 (152.0 +- 7.8 A)."""
+    """Weak phase at 2x10^3 e/A^2 fed 4 rows at a time: no model at 8 rows (0.9x the null),
+    the global model at 12 of 24 rows (measured 159.7 +- 7.5 A), kept while the search is not
+    due (16 rows), refined at 20 (153.4 +- 6.4 A)."""
     sim = Simulator(weak_phase(2e3))
     frames = sim.frames(0, sim.n_frames)
     proc = SeriesProcessor(sim.series_info(1), ProcessingSettings())
