@@ -323,6 +323,9 @@ def recv_capped(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_MESSAGE_P
     return parts
 
 
+LINGER_MS = 200  # a served socket's queued messages may take this long once it closes
+
+
 class ServedSocket:
     """A bound socket served by one daemon thread running the subclass's `_run` until `_stop`
     is set: the result stream (`publisher`) and the control endpoint (`control`). The socket is
@@ -342,8 +345,8 @@ class ServedSocket:
     def _serve(self) -> None:
         try:
             self._run()
-        finally:
-            self._sock.close(linger=0)
+        finally:  # a reply just queued (the control endpoint's answer to "stop") still goes
+            self._sock.close(linger=LINGER_MS)
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -20,29 +21,38 @@ from tcbf_live.stream.cli.main import main
 from tcbf_live.stream.control import MAX_REQUEST_BYTES, ControlClient
 
 
-def start_run(tmp_path, rate_fps: float):
-    """`simulate` (tutorial preset, paced; a process) into `run --control` on loopback (a
-    thread); returns (control endpoint, run thread with .codes, sender process). After a stop
-    the sender waits on a receiver that is gone: `stop_sender` kills it."""
-    data, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    sender = subprocess.Popen(
-        [sys.executable, "-m", "tcbf_live", "simulate", "--bind", data, "--quiet",
-         "--wait-subscriber", "30", "--rate", str(rate_fps), "--socket", "push"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    codes = []
-    runner = threading.Thread(target=lambda: codes.append(main(
-        ["run", "--headless", "--connect", data, "--socket", "pull", "--output",
-         str(tmp_path / "r.h5"), "--timeout", "20", "--align-interval", "0.2",
-         "--control", control])), daemon=True)  # fmt: skip
-    runner.codes = codes
-    runner.start()
-    return control, runner, sender
+@pytest.fixture
+def start_run(tmp_path):
+    """start_run(rate_fps): `simulate` (tutorial preset, paced; a process) into `run --control`
+    on loopback (a thread); returns (control endpoint, run thread with .codes). After a stop
+    the sender waits on a receiver that is gone: it is killed at the test's end (its stderr
+    shown if it had failed on its own)."""
+    senders = []
 
+    def start(rate_fps: float):
+        data, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        err = open(tmp_path / f"sender{len(senders)}.err", "w")  # noqa: SIM115 (closed below)
+        senders.append((subprocess.Popen(
+            [sys.executable, "-m", "tcbf_live", "simulate", "--bind", data, "--quiet",
+             "--wait-subscriber", "30", "--rate", str(rate_fps), "--socket", "push"],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path), err))  # fmt: skip
+        codes = []
+        runner = threading.Thread(target=lambda: codes.append(main(
+            ["run", "--headless", "--connect", data, "--socket", "pull", "--output",
+             str(tmp_path / "r.h5"), "--timeout", "20", "--align-interval", "0.2",
+             "--control", control])), daemon=True)  # fmt: skip
+        runner.codes = codes
+        runner.start()
+        return control, runner
 
-def stop_sender(sender: subprocess.Popen) -> None:
-    sender.kill()
-    sender.wait(10)
+    yield start
+    for sender, err in senders:
+        failed = sender.poll() not in (None, 0)
+        sender.kill()
+        sender.wait(10)
+        err.close()
+        if failed:
+            sys.stderr.write(Path(err.name).read_text())
 
 
 def ask(client, cmd, **fields):
@@ -54,8 +64,8 @@ def ask(client, cmd, **fields):
     raise AssertionError("the control endpoint never answered")
 
 
-def test_status_aberrations_save_and_stop_on_a_running_run(tmp_path):
-    control, runner, sender = start_run(tmp_path, rate_fps=100.0)  # 1152 frames: ~12 s
+def test_status_aberrations_save_and_stop_on_a_running_run(tmp_path, start_run):
+    control, runner = start_run(rate_fps=100.0)  # 1152 frames: ~12 s
     client = ControlClient(control, timeout_s=2.0)
     try:
         assert ask(client, "status")["ok"]
@@ -91,13 +101,12 @@ def test_status_aberrations_save_and_stop_on_a_running_run(tmp_path):
             assert f["acquisition"].attrs["frames_received"] < 1152
     finally:
         client.close()
-        stop_sender(sender)
 
 
-def test_bad_requests_get_an_error_and_the_endpoint_stays_up(tmp_path):
+def test_bad_requests_get_an_error_and_the_endpoint_stays_up(start_run):
     """Malformed requests are answered with an error; one over the size cap is dropped by
     ZeroMQ with its connection (MAXMSGSIZE), before it is read; the endpoint answers on."""
-    control, runner, sender = start_run(tmp_path, rate_fps=100.0)
+    control, runner = start_run(rate_fps=100.0)
     ctx = zmq.Context.instance()
     client = ControlClient(control, timeout_s=2.0)
     try:
@@ -119,25 +128,21 @@ def test_bad_requests_get_an_error_and_the_endpoint_stays_up(tmp_path):
         runner.join(30)
     finally:
         client.close()
-        stop_sender(sender)
 
 
-def test_the_control_command_prints_the_reply_and_exits_by_it(tmp_path):
-    control, runner, sender = start_run(tmp_path, rate_fps=300.0)
-    try:
-        client = ControlClient(control, timeout_s=2.0)
-        ask(client, "status")  # the endpoint is up
-        client.close()
-        out = io.StringIO()
-        with redirect_stdout(out):
-            code = main(["control", "status", "--connect", control])
-        assert code == 0 and json.loads(out.getvalue())["ok"]
-        with redirect_stdout(io.StringIO()):
-            assert main(["control", "save", "--path", "../x.h5", "--connect", control]) == 1
-            assert main(["control", "stop", "--connect", control]) == 0
-        runner.join(30)
-    finally:
-        stop_sender(sender)
+def test_the_control_command_prints_the_reply_and_exits_by_it(start_run):
+    control, runner = start_run(rate_fps=300.0)
+    client = ControlClient(control, timeout_s=2.0)
+    ask(client, "status")  # the endpoint is up
+    client.close()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["control", "status", "--connect", control])
+    assert code == 0 and json.loads(out.getvalue())["ok"]
+    with redirect_stdout(io.StringIO()):
+        assert main(["control", "save", "--path", "../x.h5", "--connect", control]) == 1
+        assert main(["control", "stop", "--connect", control]) == 0
+    runner.join(30)
     nobody = f"tcp://127.0.0.1:{free_port()}"
     assert main(["control", "status", "--connect", nobody, "--timeout", "0.3"]) == 4
 

@@ -143,3 +143,27 @@ def test_live_the_first_model_comes_half_way_and_is_refined():
         assert method == "global" and abs(ab.defocus_A - 150.0) < 3 * ab.errors["C10_A"]
     assert seen[16][1].defocus_A == seen[12][1].defocus_A  # not due: the same model kept
     assert seen[20][1].errors["C10_A"] < seen[12][1].errors["C10_A"]
+
+
+def test_errors_come_from_the_search_that_gave_the_model():
+    """A live global model kept after a later search found none: its errors are still its own
+    search's jackknife (that search's subsets), not the empty ones of the newest."""
+    from types import SimpleNamespace
+
+    m = 0.35 * np.eye(2)
+    found = ga.estimate(*shifted_copies(m, noise=0.3))
+    rng = np.random.default_rng(2)
+    k = np.argwhere(np.ones((13, 13))) - 6.0
+    nothing = ga.estimate(rng.standard_normal((len(k), 24, 32)), k)
+    assert found.determined and not nothing.determined and len(nothing.subsets) == 0
+
+    def decompose_px(mat):  # stand-in for the aberration split: the entries themselves
+        return SimpleNamespace(C10_A=mat[0, 0], C12_A=mat[0, 1], phi12_rad=mat[1, 0],
+                               rotation_rad=mat[1, 1])  # fmt: skip
+
+    fallback = ga.GlobalFallback(True, None, None, None, None)
+    fallback.model_estimate, fallback.last = found, found
+    own = fallback.errors(decompose_px(found.matrix_px), decompose_px)
+    fallback.last = nothing  # the next search: no model
+    assert fallback.errors(decompose_px(found.matrix_px), decompose_px) == own
+    assert all(np.isfinite(v) and v > 0 for v in own.values())

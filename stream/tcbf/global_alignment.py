@@ -18,8 +18,12 @@ different images); it is resolved, as for the tile fit, when M is split into abe
 
 - *Determined or not*: the same coarse search on the data with the scan positions shuffled
   (which destroys every parallax and keeps the noise), SHUFFLES times, gives the peak that
-  noise alone reaches; the model counts as determined when the data's coarse peak exceeds
-  the highest of those by MIN_SIGNIFICANCE. The null is measured, not assumed: the terms
+  noise alone reaches; with the BF pixels' detector positions shuffled (each image kept
+  whole, so an image common to all pixels, the incoherent BF image, scores as high as in the
+  data near M = 0), SHUFFLES times, the peak that the sample's contrast reaches without
+  parallax. The model counts as determined when the data's coarse peak exceeds the highest
+  of both by MIN_SIGNIFICANCE (the first alone let the tutorial at 2 e/A^2 through at M
+  near 0, its incoherent image). The null is measured, not assumed: the terms
   of S are correlated and heavy-tailed, and the peak over ~10^4 candidates of pure noise
   ranged over 45-85 for 110 frequencies in tests where the nominal sigma is 10.5.
 - *Uncertainty*: a jackknife over 8 interleaved subsets of the BF pixels (each estimate
@@ -41,7 +45,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.fft as sfft
 import scipy.optimize as opt
-from scipy.signal import windows
 
 from tcbf_live.stream.tcbf.alignment import AlignmentResult
 from tcbf_live.stream.tcbf.higher_order import MIN_LINEAR_TILES, student_scale
@@ -52,14 +55,15 @@ LOW_BAND = 0.25  # the low band: where a weak signal is, without the noise of th
 SHUFFLES = 3  # the null: the search repeated on the data with the positions shuffled ...
 MIN_SIGNIFICANCE = 1.5  # ... the data's peak must exceed the highest of theirs by this factor
 SUBSETS = 8  # jackknife over interleaved BF-pixel subsets
-# systematic floor of each entry, relative to |M|: the window (fixed in the scan frame, so
-# the windowed images are not exact shifted copies) pulls |M| low by up to 4-6 % on synthetic
-# shifted copies; on simulated samples the errors were -1 to +2 %
+# systematic floor of each entry, relative to |M|: the field, fixed while the object moves
+# through it, pulls |M| low by 1.5-4 % on noisy shifted copies of an object with structure at
+# the scan step (more for a smoother one: docs/tcbf.md); on the simulated samples the errors
+# were -4.5 to +4.7 % at the lowest doses, +0.7 to +2.6 % without noise to speak of
 FLOOR = 0.03
 ROTATION_FLOOR_RAD = FLOOR / math.sqrt(2)  # the same floor on M's antisymmetric part
 TABLE_BYTES = 64 << 20  # one power table at most (frequencies x grid)
 FIELD_PX = 96  # the central block of the alignment window searched (bounds memory and time)
-TAPER = 0.15  # the fraction of each side of the field under the window's cosine taper
+TAPER = 0.15  # the fraction of the field under the window's cosine taper (half at each end)
 TRANSPOSE = np.array([[0.0, 1.0], [1.0, 0.0]])
 
 
@@ -68,7 +72,8 @@ class GlobalEstimate:
     """The outcome of one global search (`estimate`)."""
 
     matrix_px: np.ndarray | None  # (2, 2) shifts_px = k_px @ matrix_px.T; None: not determined
-    errors_px: np.ndarray  # (2, 2) jackknife standard errors of the entries (NaN: none)
+    errors_px: np.ndarray  # (2, 2) 1-sigma errors of the entries: jackknife x Student, floor
+    # in quadrature (NaN: none)
     subsets: np.ndarray  # (SUBSETS, 2, 2) the leave-one-out matrices (for derived errors)
     peak: float  # S at the refined optimum (full data)
     null_peak: float  # the highest coarse S on the shuffled data
@@ -83,6 +88,15 @@ class GlobalEstimate:
         return self.matrix_px is not None
 
 
+def tukey(n: int, taper: float = TAPER) -> np.ndarray:
+    """A Tukey window of n samples, flat but for a cosine taper over `taper` of its length
+    (half at each end), sampled inside the support so that no sample is zero."""
+    x = (np.arange(n) + 1.0) / (n + 1.0)
+    edge = np.minimum(x, 1.0 - x)  # distance to the nearer end, as a fraction of the length
+    half = taper / 2
+    return np.where(edge < half, 0.5 * (1.0 - np.cos(np.pi * edge / max(half, 1e-12))), 1.0)
+
+
 def pixel_spectra(images: np.ndarray,
                   n_max: int = MAX_FREQUENCIES) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(spectra (N, n_q), q (n_q, 2) cycles per scan px) of the BF-pixel images (N, rows, cols):
@@ -90,10 +104,11 @@ def pixel_spectra(images: np.ndarray,
 
     The window's flat top keeps nearly every position's full weight (a Hann window keeps a
     quarter of the samples' weight: at 5x10^2 e/A^2 the weak-phase peak stood 1.1-1.4x its
-    null with it, 1.9-2.1x with this one); its short taper is enough for the few-pixel wrap
-    of the circular shift. Zero-padding instead read the tutorial's scale 5 % high."""
+    null with it, 1.9-2.1x with this one); its short taper softens the edge that the circular
+    shift wraps round. Zero-padding instead read the tutorial's scale 5 % high. Single
+    precision: the refinement's objective is summed in complex64."""
     n, rows, cols = images.shape
-    win = np.outer(windows.tukey(rows, TAPER), windows.tukey(cols, TAPER)).astype(np.float32)
+    win = np.outer(tukey(rows), tukey(cols)).astype(np.float32)  # complex64 spectra
     centred = (images - images.mean(axis=(1, 2), keepdims=True)) * win
     spec = sfft.rfft2(centred, axes=(1, 2), workers=1)
     qr = np.broadcast_to(sfft.fftfreq(rows)[:, None], spec.shape[1:])
@@ -211,20 +226,22 @@ def estimate(images: np.ndarray, k_px: np.ndarray, transpose: bool | None = None
                        scale_band)  # fmt: skip
     bands = (int(np.count_nonzero(np.hypot(*q.T) <= LOW_BAND)), len(q))
     scores = PowerTable(spectra, q, k).scores(cands, bands)
-    rng = np.random.default_rng(seed)  # the null: scan positions shuffled, noise kept
+    rng = np.random.default_rng(seed)  # the nulls: scan positions or pixel positions shuffled
     null_peaks = np.zeros(len(bands))
     for _ in range(SHUFFLES):
         flat = images.reshape(len(images), -1)[:, rng.permutation(images[0].size)]
         null_spectra, _ = pixel_spectra(flat.reshape(images.shape), n_max)
-        null_peaks = np.maximum(null_peaks,
-                                PowerTable(null_spectra, q, k).scores(cands, bands).max(axis=1))
+        moved = k[rng.permutation(len(k))]
+        for table in (PowerTable(null_spectra, q, k), PowerTable(spectra, q, moved)):
+            null_peaks = np.maximum(null_peaks, table.scores(cands, bands).max(axis=1))
     ratios = scores.max(axis=1) / np.maximum(null_peaks, 1e-9)  # like with like: coarse peaks
     b = int(np.argmax(ratios))
     n_q, ratio = bands[b], float(ratios[b])
     ok = ratio >= MIN_SIGNIFICANCE
     band = "q <= 0.25/px" if b == 0 else "all q"
     reason = (f"global search ({band}, {n_q} frequencies): image power {scores[b].max():.0f}, "
-              f"{ratio:.2f}x the most that {SHUFFLES} shuffles of the positions reach "
+              f"{ratio:.2f}x the most that {SHUFFLES} shuffles of the scan positions and "
+              f"{SHUFFLES} of the pixels reach "
               f"({null_peaks[b]:.0f})")  # fmt: skip
     if not ok:  # nothing to refine
         return GlobalEstimate(None, np.full((2, 2), np.nan), np.empty((0, 2, 2)), float("nan"),
@@ -269,6 +286,8 @@ def _jackknife(values: np.ndarray, centre: float, period: float | None = None) -
     if period:  # angles: differences folded into (-period/2, period/2]
         d = (d + period / 2) % period - period / 2
     n = len(d)
+    if n < 2:
+        return math.nan
     return float(np.sqrt((n - 1) / n * np.sum((d - d.mean()) ** 2))) * student_scale(n - 1)
 
 
@@ -289,6 +308,7 @@ class GlobalFallback:
         self.last: GlobalEstimate | None = None
         self.why = "no model"  # what the tiles gave, in words
         self.model: AlignmentResult | None = None  # the last model the search determined
+        self.model_estimate: GlobalEstimate | None = None  # ... and the search that gave it
 
     def attempt(self, stack: np.ndarray, exposure: np.ndarray, scan_shape: tuple[int, int],
                 window: tuple[tuple[int, int], tuple[int, int]], k_px: np.ndarray,
@@ -327,6 +347,7 @@ class GlobalFallback:
         if est is not None and est.determined:
             self.model = AlignmentResult(est.matrix_px, (), found.rows, True, "global",
                                          self.note())  # fmt: skip
+            self.model_estimate = est
             return self.model
         if est is None and current == "global" and self.model is not None:  # not due: kept
             return replace(self.model, rows=found.rows)
@@ -342,11 +363,12 @@ class GlobalFallback:
 
     def errors(self, fit, decompose_px) -> dict[str, float]:
         """1-sigma errors of the aberrations `fit` of the global model: the jackknife over
-        its subsets (`decompose_px` turns a matrix in px into an AberrationFit) scaled to
+        subsets of the search that gave the model in use (a later search may have found none;
+        `decompose_px` turns a matrix in px into an AberrationFit) scaled to
         Student's 95 % for its 7 degrees of freedom, C10 and C12 with FLOOR x |C10| and the
-        rotation with ROTATION_FLOOR_RAD in quadrature (without that floor, 4 of 30 rotations
-        of the dose sweep lay beyond 2 sigma, one at 4)."""
-        subs = [decompose_px(m) for m in self.last.subsets]
+        rotation with ROTATION_FLOOR_RAD in quadrature (without both, 5 of 15 rotations at the
+        lowest doses of the dose sweep lay beyond 2 sigma, one at 4)."""
+        subs = [decompose_px(m) for m in self.model_estimate.subsets]
         floor = FLOOR * abs(fit.C10_A)
         return {
             "C10_A": math.hypot(_jackknife([s.C10_A for s in subs], fit.C10_A), floor),

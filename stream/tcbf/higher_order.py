@@ -80,6 +80,7 @@ def student_scale(dof: int) -> float:
     degrees of freedom (x2.2 at 2, x1.21 at 7, x1.04 at 30)."""
     return float(stats.t.ppf(0.975, max(dof, 1))) / Z_95
 
+
 @dataclass(frozen=True)
 class Coefficient:
     """One aberration of the fit: magnitude and angle with their 1-sigma uncertainties."""
@@ -376,8 +377,6 @@ def _solve(a, s, weights, use, transpose, rotation, higher_n=5):
     resid = s - np.einsum("nkp,p->nk", design, params)
     dof = max(2 * int(use.sum()) - p - 2, 1)
     chi2 = float(np.sum(w * (y - x @ params) ** 2)) / dof
-    # the scatter's own uncertainty: sigmas scaled so that +-1.96 of them is Student's 95 %
-    # interval for `dof` (x2.2 at 2 dof, a thin live model's; x1.04 at 30)
-    t = student_scale(dof)
+    t = student_scale(dof)  # the scatter's own uncertainty (x2.2 for a thin live model's 2)
     cov = inv[:p, :p] * chi2 * t * t  # (the weights' scale cancels)
     return params[:4].reshape(2, 2), params[4:p], cov, resid
