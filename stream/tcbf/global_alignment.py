@@ -49,7 +49,7 @@ import scipy.optimize as opt
 from tcbf_live.stream.tcbf.alignment import AlignmentResult
 from tcbf_live.stream.tcbf.higher_order import MIN_LINEAR_TILES, student_scale
 
-MAX_FREQUENCIES = 600  # scan frequencies used at most (the lowest)
+MAX_FREQUENCIES = 600  # scan frequencies used at most (thinned evenly in |q|)
 Q_MAX = 0.5  # cycles per scan px at most (Nyquist)
 LOW_BAND = 0.25  # the low band: where a weak signal is, without the noise of the rest
 SHUFFLES = 3  # the null: the search repeated on the data with the positions shuffled ...
@@ -100,7 +100,10 @@ def tukey(n: int, taper: float = TAPER) -> np.ndarray:
 def pixel_spectra(images: np.ndarray,
                   n_max: int = MAX_FREQUENCIES) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(spectra (N, n_q), q (n_q, 2) cycles per scan px) of the BF-pixel images (N, rows, cols):
-    mean-free, under a Tukey window (TAPER), the lowest `n_max` frequencies of the half plane.
+    mean-free, under a Tukey window (TAPER), at most `n_max` frequencies of the half plane up
+    to Q_MAX, thinned evenly in |q| where there are more. (The lowest `n_max` alone read the
+    tutorial's scale 10 % high on a 96x96 field, at every dose: 600 frequencies reached only
+    0.14 cycles/px there; thinned, +1.4 %.)
 
     The window's flat top keeps nearly every position's full weight (a Hann window keeps a
     quarter of the samples' weight: at 5x10^2 e/A^2 the weak-phase peak stood 1.1-1.4x its
@@ -115,7 +118,8 @@ def pixel_spectra(images: np.ndarray,
     qc = np.broadcast_to(sfft.rfftfreq(cols)[None, :], spec.shape[1:])
     radius = np.hypot(qr, qc)
     keep = (radius > 0) & (radius <= Q_MAX) & ~((qc == 0) & (qr < 0))  # one of each +-q
-    order = np.argsort(radius[keep], kind="stable")[:n_max]
+    order = np.argsort(radius[keep], kind="stable")
+    order = order[:: -(-len(order) // n_max)][:n_max]  # thinned evenly in |q|, all kept if few
     q = np.column_stack([qr[keep], qc[keep]])[order]
     return spec[:, keep][:, order], q
 
