@@ -1,18 +1,21 @@
-"""Memory for a series' per-BF-pixel stack, touched before the scan starts.
+"""Memory for a series' accumulators, touched before the scan starts.
 
 Fresh anonymous memory is mapped on first write: the kernel zeroes each page as the
 accumulate kernel first writes to it, on the ingest thread, while frames arrive. On bare
-metal that costs ~0.1 ms per MB (~30 ms for the 274 MB stack of a 256x256 scan with 2,091 BF
-pixels); on virtual machines whose host reclaims free guest memory (free page reporting, as
-on the VM the benchmarks ran on) the first touch runs at ~0.5 GB/s and the same stack cost
-0.55 s, more than a bare receive of the whole stream (0.4 s; `benchmarks/dectris_rate.py`).
+metal that costs ~0.1 ms per MB (~35 ms for the 333 MB of a 256x256 scan with 2,091 BF
+pixels: a 274 MB stack and 58 MB of tile sums); on virtual machines whose host reclaims free
+guest memory (free page reporting, as on the VM the benchmarks ran on) the first touch runs at
+~0.5 GB/s and the stack alone cost 0.55 s, more than a bare receive of the whole stream (0.4
+s; `benchmarks/dectris_rate.py`). With the stack prepared, the tile sums' first touch was
+still 8-14 % of the ingest thread's samples in a profile (perf, V2, one process).
 
-`run` therefore sizes the stack of the series it expects from its flags (scan, semi-angle
-and angular sampling: the BF disk radius in pixels) and touches that memory once at start,
-before its socket connects (`prepare`). The series' calibration takes it if the calibrated
-stack fits and uses at least half of it (`take`); otherwise it is released before the stack
-is allocated, so the memory budget holds either way. One process, one reserve: it is the
-process's memory, not a series setting (workers, which are other processes, prepare none).
+`run` therefore sizes the state of the series it expects from its flags (scan, semi-angle
+and angular sampling: the BF disk radius in pixels; the tile levels of `--bins` or the
+default ones for that disk) and touches that memory once at start, before its socket
+connects (`prepare`). The series' calibration takes it if the calibrated state fits and uses
+at least half of it (`take`); otherwise it is released before the state is allocated, so the
+memory budget holds either way. One process, one reserve: it is the process's memory, not a
+series setting (workers, which are other processes, prepare none).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 
 from tcbf_live.stream import pages
 from tcbf_live.stream.budget import format_bytes
+from tcbf_live.stream.tcbf.accumulators import AccumulatorState
+from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +41,39 @@ BF_MARGIN_PX = 1.0  # the disk radius estimated from the optics, plus this (pixe
 _reserve: np.ndarray | None = None  # fresh (all zero), touched, not yet taken
 
 
-def expected_stack_bytes(metadata: Mapping[str, Any]) -> int | None:
-    """Bytes of the (uint16) stack of the series that metadata given as flags describe: the
-    scan, and a BF disk of radius semi-angle / angular sampling (pixels); None when one of
-    them is not given."""
+def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None
+                    ) -> dict[str, tuple[tuple, np.dtype]] | None:  # fmt: skip
+    """The accumulator layout (`AccumulatorState.layout`, uint16 stack) of the series that
+    metadata given as flags describe: the scan, and a BF disk of radius semi-angle / angular
+    sampling plus `BF_MARGIN_PX` (pixels), tiled at `bins` (default: the disk's default
+    levels); None when one of them is not given."""
     scan = metadata.get("scan_shape")
     semiangle, sampling = metadata.get("semiangle_mrad"), metadata.get("angular_sampling_mrad")
     if not scan or not semiangle or not sampling:
         return None
-    n_bf = math.ceil(math.pi * (semiangle / sampling + BF_MARGIN_PX) ** 2)
-    return int(scan[0]) * int(scan[1]) * n_bf * 2
+    radius = semiangle / sampling + BF_MARGIN_PX
+    reach = math.ceil(radius)
+    grid = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1).T
+    disk = grid[np.hypot(*grid.T) <= radius]
+    levels = TileLevels.build(disk, (0, 0), bins or default_bins(radius - BF_MARGIN_PX))
+    n_pos = int(scan[0]) * int(scan[1])
+    return AccumulatorState.layout(n_pos, len(disk), levels.total_tiles, n_pos)
 
 
-def prepare_expected(metadata: Mapping[str, Any], budget_bytes: int) -> None:
-    """`prepare` the stack of the series the flags describe (`expected_stack_bytes`), where it
+def prepare_expected(metadata: Mapping[str, Any], budget_bytes: int,
+                     bins: tuple[int, ...] | None = None) -> None:  # fmt: skip
+    """`prepare` the state of the series the flags describe (`expected_layout`), where it
     takes at most half the memory budget; says what it did in the log."""
-    nbytes = expected_stack_bytes(metadata)
+    layout = expected_layout(metadata, bins)
+    nbytes = None if layout is None else AccumulatorState.block_bytes(layout)
     if nbytes is None:
         log.info("no memory prepared: --scan, --semiangle and --angular-sampling size it")
     elif nbytes > budget_bytes // 2:
-        log.info("no memory prepared: the expected stack (%s) is over half the budget (%s)",
-                 format_bytes(nbytes), format_bytes(budget_bytes))  # fmt: skip
+        log.info("no memory prepared: the expected accumulators (%s) are over half the budget "
+                 "(%s)", format_bytes(nbytes), format_bytes(budget_bytes))  # fmt: skip
     else:
         seconds = prepare(nbytes)
-        log.info("prepared %s for the stack of the expected series in %.2f s",
+        log.info("prepared %s for the accumulators of the expected series in %.2f s",
                  format_bytes(nbytes), seconds)  # fmt: skip
 
 
@@ -79,20 +93,21 @@ def prepared_bytes() -> int:
     return 0 if _reserve is None else int(_reserve.nbytes)
 
 
-def take_stack(scan_shape: tuple[int, int], n_bf: int, integer: bool) -> np.ndarray | None:
-    """The reserve (uint8, all zero) for the stack of a calibrated series (uint16 for integer
-    frames, else float32), or None: nothing prepared, too small, or more than twice the size
-    (then it is released first, so the caller's allocation fits the budget). Taken once."""
+def take(layout: dict[str, tuple[tuple, np.dtype]]) -> np.ndarray | None:
+    """The reserve (uint8, all zero) for the accumulators of a calibrated series
+    (`AccumulatorState.layout`), or None: nothing prepared, too small, or more than twice the
+    size (then it is released first, so the caller's allocation fits the budget). Taken once."""
     global _reserve
     buf, _reserve = _reserve, None
     if buf is None:
         return None
-    nbytes = int(scan_shape[0]) * int(scan_shape[1]) * int(n_bf) * (2 if integer else 4)
+    nbytes = AccumulatorState.block_bytes(layout)
     if buf.nbytes * MIN_USE <= nbytes <= buf.nbytes:
-        log.info("the stack (%s) is in the memory prepared at start-up", format_bytes(nbytes))
-        pages.release(buf[nbytes:])  # the unused end goes back (the budget counts the stack)
+        log.info("the accumulators (%s) are in the memory prepared at start-up",
+                 format_bytes(nbytes))  # fmt: skip
+        pages.release(buf[nbytes:])  # the unused end goes back (the budget counts the state)
         return buf
-    log.info("memory prepared at start-up released: the calibrated stack needs %s, not %s",
+    log.info("memory prepared at start-up released: the calibrated accumulators need %s, not %s",
              format_bytes(nbytes), format_bytes(buf.nbytes))  # fmt: skip
     return None
 

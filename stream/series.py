@@ -243,12 +243,14 @@ class SeriesProcessor:
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
         integer = np.dtype(self.info.dtype).kind == "u"  # signed: a float32 stack
+        n_pos = int(np.prod(self.scan_shape))
         self.acc = Accumulators(
             self.scan_shape, cal, layout, axial_radius_px=axial,
             serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
             integer_stack=integer, moments=s.compensate_descan,
             # the memory `run` touched at start-up, where it fits:
-            stack_memory=memory_reserve.take_stack(self.scan_shape, cal.n_bf, integer),
+            memory=memory_reserve.take(AccumulatorState.layout(
+                n_pos, cal.n_bf, layout.total_tiles, self.frame_limit or n_pos, integer)),
         )  # fmt: skip
         self.descan = DescanCompensation.start(self.acc) if s.compensate_descan else None
         self.staging = Staging(self.acc, self.index_offset)

@@ -262,8 +262,9 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(GIL_SWITCH_S)
     if plan is not None:
         engine = start_coordinator(settings, plan, files)
-    else:  # the stack's memory touched before the socket connects (stream.memory_reserve)
-        memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes())
+    else:  # the accumulators' memory touched before the socket connects (stream.memory_reserve)
+        memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes(),
+                                        settings.processing.bins)  # fmt: skip
         engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
                         on_frames=recorder).start()  # fmt: skip
     stop_on_signals(engine, args.headless)

@@ -47,6 +47,7 @@ def prepare(
 
 
 STATS_SLOTS = 5  # accepted, duplicate, out of range, out of order, next index
+ALIGN_BYTES = 64  # arrays carved from one block of memory start on a cache line
 
 
 @dataclass
@@ -93,20 +94,32 @@ class AccumulatorState:
             "stats": ((STATS_SLOTS,), np.dtype(np.int64)), "moments": ((n_pos, 2), f8),
         }  # fmt: skip
 
+    @staticmethod
+    def block_bytes(layout: dict[str, tuple[tuple, np.dtype]]) -> int:
+        """Bytes of one block that holds every array of `layout`, each on its own cache line
+        (`zeros(..., memory=)`)."""
+        sizes = (int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout.values())
+        return ALIGN_BYTES + sum(-(-n // ALIGN_BYTES) * ALIGN_BYTES for n in sizes)
+
     @classmethod
     def zeros(cls, n_pos: int, n_bf: int, n_tiles: int, frame_limit: int,
               integer_stack: bool = True,
-              stack_memory: np.ndarray | None = None) -> AccumulatorState:  # fmt: skip
-        """An empty state (`layout`). The stack is a view of `stack_memory` where given
-        (uint8, all zero, large enough: memory touched beforehand, `stream.memory_reserve`)."""
+              memory: np.ndarray | None = None) -> AccumulatorState:  # fmt: skip
+        """An empty state (`layout`). Where `memory` is given (uint8, all zero, at least
+        `block_bytes`: memory touched beforehand, `stream.memory_reserve`), every array is a
+        view of it, each starting on a cache line."""
+        layout = cls.layout(n_pos, n_bf, n_tiles, frame_limit, integer_stack)
+        if memory is None:
+            return cls(**{name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()})
+        if memory.nbytes < cls.block_bytes(layout):
+            raise ValueError(f"{memory.nbytes} bytes do not hold a state of "
+                             f"{cls.block_bytes(layout)}")  # fmt: skip
+        at = -memory.ctypes.data % ALIGN_BYTES
         arrays = {}
-        for name, (shape, dtype) in cls.layout(n_pos, n_bf, n_tiles, frame_limit,
-                                               integer_stack).items():  # fmt: skip
-            if name == "stack" and stack_memory is not None:
-                size = int(np.prod(shape)) * dtype.itemsize
-                arrays[name] = stack_memory[:size].view(dtype).reshape(shape)
-            else:
-                arrays[name] = np.zeros(shape, dtype)
+        for name, (shape, dtype) in layout.items():
+            n = int(np.prod(shape)) * dtype.itemsize
+            arrays[name] = memory[at : at + n].view(dtype).reshape(shape)
+            at += -(-n // ALIGN_BYTES) * ALIGN_BYTES
         return cls(**arrays)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -257,16 +270,16 @@ class Accumulators:
     frame_limit: int | None = None  # frames accepted (repeat scans: several passes)
     integer_stack: bool = True  # unsigned integer frames: uint16 stack, exact int64 sums
     moments: bool = False  # fold each frame's first moments (descan compensation)
-    stack_memory: InitVar[np.ndarray | None] = None  # see AccumulatorState.zeros
+    memory: InitVar[np.ndarray | None] = None  # one block for the state: AccumulatorState.zeros
     # the arrays to fold into (e.g. a LiberTEM UDF's partition buffers); None: new zeros
     state: AccumulatorState | None = None
 
-    def __post_init__(self, stack_memory: np.ndarray | None):
+    def __post_init__(self, memory: np.ndarray | None):
         cal = self.calibration
         sizes = (self.n_positions, cal.n_bf, self.tiles_layout.total_tiles,
                  self.frame_limit or self.n_positions, self.integer_stack)  # fmt: skip
         if self.state is None:
-            self.state = AccumulatorState.zeros(*sizes, stack_memory)
+            self.state = AccumulatorState.zeros(*sizes, memory)
         arrays = self.state.arrays()
         for name, want in AccumulatorState.layout(*sizes).items():  # given arrays must fit
             a = arrays[name]
