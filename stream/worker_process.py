@@ -14,6 +14,7 @@ import socket
 import zmq
 
 from tcbf_live.detectors.registry import protocol
+from tcbf_live.stream.priority import freeze_startup_objects
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.transport import CurveKeys, open_link
 from tcbf_live.stream.worker import Worker
@@ -74,6 +75,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
         ctx.destroy(linger=1000)
         return 1
     log.info("worker %d: receiving from %s (%s)", config.index, data.endpoint, config.protocol)
+    freeze_startup_objects()
     try:
         worker.run()
     finally:

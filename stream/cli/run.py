@@ -260,11 +260,13 @@ def run(args: argparse.Namespace) -> int:
     recorder = Recorder(RecordSettings(Path(args.record), args.overwrite)) if args.record else None
     plan = worker_plan(args, settings)
     sys.setswitchinterval(GIL_SWITCH_S)
+    # the accumulators' memory touched before the socket connects (stream.memory_reserve);
+    # with workers, the coordinator's state (the deltas are merged into it)
+    memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes(),
+                                    settings.processing.bins)  # fmt: skip
     if plan is not None:
         engine = start_coordinator(settings, plan, files)
-    else:  # the accumulators' memory touched before the socket connects (stream.memory_reserve)
-        memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes(),
-                                        settings.processing.bins)  # fmt: skip
+    else:
         engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
                         on_frames=recorder).start()  # fmt: skip
     stop_on_signals(engine, args.headless)
