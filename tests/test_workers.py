@@ -466,3 +466,69 @@ def test_a_calibration_before_its_series_start_is_kept_for_it(sim):
         w.sock.close(linger=0)
         link.close(linger=0)
         ctx.term()
+
+
+def test_the_coordinator_merges_into_memory_prepared_at_start_up(sim, caplog):
+    """`run` prepares the accumulators' memory before its coordinator starts (as for one
+    process): the workers' deltas are merged into it, and the result is one process's."""
+    import logging
+
+    from tcbf_live.stream import memory_reserve
+
+    stream = messages(sim, "dectris-v2")
+    one = receive(Engine, "dectris-v2", stream).last_result
+    info = sim.series_info(5)
+    flags = {"scan_shape": info.scan_shape, "semiangle_mrad": info.semiangle_mrad,
+             "angular_sampling_mrad": info.angular_sampling_mrad}  # fmt: skip
+    try:
+        memory_reserve.prepare_expected(flags, budget_bytes=1 << 30)
+        assert memory_reserve.prepared_bytes() > 0
+        with caplog.at_level(logging.INFO, logger="tcbf_live.stream.memory_reserve"):
+            eng = receive(workers(1), "dectris-v2", stream)
+    finally:
+        memory_reserve.release()
+    assert any("in the memory prepared at start-up" in r.getMessage() for r in caplog.records)
+    assert_same(eng.last_result, one)
+
+
+def test_start_up_objects_are_out_of_the_collectors_reach():
+    """What a worker does before its first frame: every object alive goes to the collector's
+    permanent generation, so its full collections no longer walk them."""
+    import gc
+
+    from tcbf_live.stream.priority import freeze_startup_objects
+
+    tracked = len(gc.get_objects())
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > tracked // 2 and len(gc.get_objects()) < tracked // 100
+    finally:
+        gc.unfreeze()
+
+
+def test_run_prepares_the_coordinators_memory_before_it_starts(monkeypatch, tmp_path):
+    """`run --workers N` touches the accumulators' memory before the coordinator starts, as
+    `run` in one process does (the coordinator merges the deltas into it)."""
+    from tcbf_live.stream import memory_reserve
+    from tcbf_live.stream.cli import run as run_cli
+    from tcbf_live.stream.cli.common import UsageError
+    from tcbf_live.stream.cli.main import main
+    from tcbf_live.stream.tcbf.accumulators import AccumulatorState
+
+    seen = []
+
+    def coordinator_not_started(*_args):
+        seen.append(memory_reserve.prepared_bytes())
+        raise UsageError("stopped before the coordinator starts")
+
+    monkeypatch.setattr(run_cli, "start_coordinator", coordinator_not_started)
+    try:
+        code = main(["run", "--protocol", "dectris-v2", "--connect",
+                     f"tcp://127.0.0.1:{_free_port()}", "--workers", "1", "--scan", "32x32",
+                     "--semiangle", "20", "--angular-sampling", "1", "--headless",
+                     "--output", str(tmp_path / "r.h5")])  # fmt: skip
+    finally:
+        memory_reserve.release()
+    layout = memory_reserve.expected_layout({"scan_shape": (32, 32), "semiangle_mrad": 20.0,
+                                             "angular_sampling_mrad": 1.0})  # fmt: skip
+    assert code == 2 and seen == [AccumulatorState.block_bytes(layout)]
