@@ -2,7 +2,7 @@
 
 Fresh anonymous memory is mapped on first write: the kernel zeroes each page as the
 accumulate kernel first writes to it, on the ingest thread, while frames arrive. On bare
-metal that costs ~0.1 ms per MB (~35 ms for the 333 MB of a 256x256 scan with 2,091 BF
+metal that costs ~0.1 ms per MB (~35 ms for the 335 MB of a 256x256 scan with 2,091 BF
 pixels: a 274 MB stack and 58 MB of tile sums); on virtual machines whose host reclaims free
 guest memory (free page reporting, as on the VM the benchmarks ran on) the first touch runs at
 ~0.5 GB/s and the stack alone cost 0.55 s, more than a bare receive of the whole stream (0.4
@@ -21,7 +21,6 @@ series setting (workers, which are other processes, prepare none).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,11 +30,11 @@ import numpy as np
 from tcbf_live.stream import pages
 from tcbf_live.stream.budget import format_bytes
 from tcbf_live.stream.tcbf.accumulators import AccumulatorState
-from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins
+from tcbf_live.stream.tcbf.tiles import default_bins, disk_tile_counts
 
 log = logging.getLogger(__name__)
 
-MIN_USE = 0.5  # a stack smaller than this fraction of the reserve does not take it
+MIN_USE = 0.5  # a state smaller than this fraction of the reserve does not take it
 BF_MARGIN_PX = 1.0  # the disk radius estimated from the optics, plus this (pixel edges)
 
 _reserve: np.ndarray | None = None  # fresh (all zero), touched, not yet taken
@@ -46,18 +45,16 @@ def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = 
     """The accumulator layout (`AccumulatorState.layout`, uint16 stack) of the series that
     metadata given as flags describe: the scan, and a BF disk of radius semi-angle / angular
     sampling plus `BF_MARGIN_PX` (pixels), tiled at `bins` (default: the disk's default
-    levels); None when one of them is not given."""
+    levels); None when one of them is not given. Counted, not listed: any flags size it in
+    microseconds (`tiles.disk_tile_counts`), and the budget then decides."""
     scan = metadata.get("scan_shape")
     semiangle, sampling = metadata.get("semiangle_mrad"), metadata.get("angular_sampling_mrad")
     if not scan or not semiangle or not sampling:
         return None
     radius = semiangle / sampling + BF_MARGIN_PX
-    reach = math.ceil(radius)
-    grid = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1).T
-    disk = grid[np.hypot(*grid.T) <= radius]
-    levels = TileLevels.build(disk, (0, 0), bins or default_bins(radius - BF_MARGIN_PX))
+    n_bf, n_tiles = disk_tile_counts(radius, bins or default_bins(radius - BF_MARGIN_PX))
     n_pos = int(scan[0]) * int(scan[1])
-    return AccumulatorState.layout(n_pos, len(disk), levels.total_tiles, n_pos)
+    return AccumulatorState.layout(n_pos, n_bf, sum(n_tiles), n_pos)
 
 
 def prepare_expected(metadata: Mapping[str, Any], budget_bytes: int,

@@ -20,11 +20,13 @@ def lower_thread_priority(niceness: int = ALIGN_NICENESS) -> bool:
     return True
 
 
-def freeze_startup_objects() -> None:
+def freeze_startup_objects(collect: bool = True) -> None:
     """Put every object alive now (modules, compiled kernels, settings) out of the cyclic
     garbage collector's reach (`gc.freeze`). Its full collections walk every tracked object,
     some 10^5 once numpy, scipy and numba are imported; in a worker they took 23 % of the
-    receiving thread's samples (perf, V2, one worker, 2-core VM). Call once, after start-up
-    and before frames arrive."""
-    gc.collect()
+    receiving thread's samples (perf, V2, one worker, 2-core VM). Call it after start-up,
+    before data flows (`collect`: collect first, so no garbage is frozen), and again without
+    collecting once the compiled kernels have run (a worker: after its first delta)."""
+    if collect:
+        gc.collect()
     gc.freeze()

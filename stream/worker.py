@@ -3,8 +3,7 @@
 own state. Control messages (`detectors.routing`) go to the coordinator, which relays them to
 every worker in one order (PUB: each decodes them in place). Frames of a series not yet known
 or calibrated wait in a backlog bounded in bytes; every `sync_interval_s` each series' growth
-goes to the coordinator as a `StateDelta` (one not sent stays in the state).
-"""
+goes to the coordinator as a `StateDelta` (one not sent stays in the state)."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from tcbf_live.stream import worker_series
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
 from tcbf_live.stream.lane_reader import lane_for
 from tcbf_live.stream.pages import release
+from tcbf_live.stream.priority import freeze_startup_objects
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
@@ -70,7 +70,8 @@ class Worker:
         self.runs: dict[int, int] = {}  # starts of each id so far (its runs: `gen`)
         self.backlog = Backlog(config.backlog_bytes, BACKLOG_S)
         self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
-        self.stopping, self._warm = False, False  # _warm: the kernels ran once (numba cache)
+        self.stopping = self._warm = False  # _warm: the kernels ran once (numba cache)
+        self.freeze_after_first_delta = False  # a worker process: `freeze_startup_objects`
         self.unsent = 0  # link messages given up after waiting for room
         self.early_cal: tuple | None = None  # a calibration that came before its series' start
         self._process0: float | None = None  # process CPU time at the first message
@@ -361,6 +362,9 @@ class Worker:
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
                 self.link.send_multipart(delta_message(sid, s.gen, delta, final), copy=False)
+            if delta.rows.size and self.freeze_after_first_delta:  # the kernels have run
+                freeze_startup_objects(collect=False)
+                self.freeze_after_first_delta = False
 
     def beat(self, block_s: float = 0.0) -> None:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""

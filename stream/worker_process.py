@@ -66,6 +66,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
                               socket_type=config.socket_type, rcvhwm=config.rcvhwm,
                               max_message_bytes=config.max_message_bytes, curve=data_curve,
                               detector=wire.detector)  # fmt: skip
+    freeze_startup_objects()  # before the detector socket opens: no frames wait for it
     try:
         worker = Worker(link, config, data)
     except (zmq.ZMQError, ValueError) as err:
@@ -75,7 +76,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
         ctx.destroy(linger=1000)
         return 1
     log.info("worker %d: receiving from %s (%s)", config.index, data.endpoint, config.protocol)
-    freeze_startup_objects()
+    worker.freeze_after_first_delta = True
     try:
         worker.run()
     finally:

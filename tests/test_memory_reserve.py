@@ -12,6 +12,7 @@ from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.accumulators import ALIGN_BYTES, AccumulatorState
+from tcbf_live.stream.tcbf.tiles import TileLevels, disk_tile_counts
 
 
 @pytest.fixture(autouse=True)
@@ -41,21 +42,32 @@ def expected_bytes(meta, bins=None) -> int:
     return AccumulatorState.block_bytes(memory_reserve.expected_layout(meta, bins))
 
 
+@pytest.mark.parametrize("radius, bins", [(27.0, (32, 16, 8, 4)), (21.0, (32, 16, 8, 4)),
+                                          (5.5, (4, 2, 1)), (40.3, (16, 8)), (1.0, (2, 1)),
+                                          (63.9, (64, 32, 16, 8, 4, 2))])  # fmt: skip
+def test_the_disk_is_counted_as_the_tile_layout_lists_it(radius, bins):
+    reach = math.ceil(radius)
+    grid = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1).T
+    disk = grid[(grid**2).sum(axis=1) <= radius**2]
+    assert disk_tile_counts(radius, bins) == (len(disk), TileLevels.build(disk, (0, 0),
+                                                                            bins).n_tiles)
+
+
 def test_expected_state_is_the_disk_of_the_optics_plus_a_pixel_at_its_tile_levels():
     meta = {"scan_shape": (4, 5), "semiangle_mrad": 20.0, "angular_sampling_mrad": 1.0}
     layout = memory_reserve.expected_layout(meta)
-    (n_pos, n_bf), _ = layout["stack"]
-    assert n_pos == 20 and abs(n_bf - math.pi * 21**2) < 2 * math.pi * 21  # the disk, r 21 px
-    # default levels of a 40 px disk: 32, 16, 8, 4 px; the disk of radius 21 px needs at least
-    # its area in tiles of each, and at most the cells of its bounding square
-    (_, n_tiles), _ = layout["tiles"]
-    levels = (32, 16, 8, 4)
-    assert sum(math.pi * 21**2 / b**2 for b in levels) <= n_tiles
-    assert n_tiles <= sum((math.ceil(42 / b) + 1) ** 2 for b in levels)
-    (_, fewer), _ = memory_reserve.expected_layout(meta, bins=(16, 8))["tiles"]
-    assert fewer < n_tiles - 20
+    n_bf, n_tiles = disk_tile_counts(21.0, (32, 16, 8, 4))  # default levels of a 40 px disk
+    assert layout["stack"][0] == (20, n_bf) and layout["tiles"][0] == (20, sum(n_tiles))
+    assert memory_reserve.expected_layout(meta, bins=(16, 8))["tiles"][0] == (20, sum(
+        disk_tile_counts(21.0, (16, 8))[1]))  # fmt: skip
     for missing in meta:
         assert memory_reserve.expected_layout(meta | {missing: None}) is None
+    # a unit slip (20 mrad at 0.001 mrad/px: a 20,000 px disk) is sized, not listed, and
+    # refused by the budget
+    slip = meta | {"angular_sampling_mrad": 0.001}
+    assert AccumulatorState.block_bytes(memory_reserve.expected_layout(slip)) > 1 << 31
+    memory_reserve.prepare_expected(slip, budget_bytes=1 << 31)
+    assert memory_reserve.prepared_bytes() == 0
 
 
 def test_the_series_accumulates_in_the_prepared_memory_exactly(sim):
@@ -78,11 +90,26 @@ def test_the_series_accumulates_in_the_prepared_memory_exactly(sim):
     assert not np.shares_memory(fed(sim).acc.state.stack, buf)  # the next series: its own
 
 
-def test_a_state_does_not_fit_in_less_than_its_block():
-    layout = AccumulatorState.layout(6, 5, 4, 6)
+def test_a_state_carved_from_a_block_stays_inside_it_each_array_on_a_cache_line():
+    for integer in (True, False):
+        layout = AccumulatorState.layout(7, 5, 3, 9, integer)
+        need = AccumulatorState.block_bytes(layout)
+        block = np.zeros(need + ALIGN_BYTES, np.uint8)
+        for start in range(ALIGN_BYTES):  # every alignment of the block's start
+            memory = block[start : start + need]
+            state = AccumulatorState.zeros(7, 5, 3, 9, integer, memory=memory)
+            spans = []
+            for name, a in state.arrays().items():
+                assert (a.shape, a.dtype) == layout[name] and a.flags.c_contiguous, name
+                assert a.ctypes.data % ALIGN_BYTES == 0, name
+                lo = a.ctypes.data - memory.ctypes.data
+                assert 0 <= lo and lo + a.nbytes <= need, name
+                spans.append((lo, lo + a.nbytes))
+            spans.sort()
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    need = AccumulatorState.block_bytes(AccumulatorState.layout(7, 5, 3, 9))
     with pytest.raises(ValueError, match="do not hold"):
-        AccumulatorState.zeros(6, 5, 4, 6, memory=np.zeros(AccumulatorState.block_bytes(layout)
-                                                            - 1, np.uint8))  # fmt: skip
+        AccumulatorState.zeros(7, 5, 3, 9, memory=np.zeros(need - 1, np.uint8))
 
 
 @pytest.mark.parametrize("factor", [0.4, 2.5])

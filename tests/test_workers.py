@@ -468,9 +468,10 @@ def test_a_calibration_before_its_series_start_is_kept_for_it(sim):
         ctx.term()
 
 
-def test_the_coordinator_merges_into_memory_prepared_at_start_up(sim, caplog):
-    """`run` prepares the accumulators' memory before its coordinator starts (as for one
-    process): the workers' deltas are merged into it, and the result is one process's."""
+def test_the_coordinator_takes_the_prepared_memory_with_the_one_process_result(sim, caplog):
+    """Memory prepared before the coordinator starts (as `run` does,
+    `test_run_prepares_the_coordinators_memory_before_it_starts`) is taken by its series:
+    the workers' deltas are merged into it, and the result is one process's."""
     import logging
 
     from tcbf_live.stream import memory_reserve
@@ -492,8 +493,9 @@ def test_the_coordinator_merges_into_memory_prepared_at_start_up(sim, caplog):
 
 
 def test_start_up_objects_are_out_of_the_collectors_reach():
-    """What a worker does before its first frame: every object alive goes to the collector's
-    permanent generation, so its full collections no longer walk them."""
+    """What a worker process does before its detector socket opens and after its first delta
+    (`worker_process.serve`, `Worker.freeze_after_first_delta`): every object alive goes to
+    the collector's permanent generation, so its full collections no longer walk them."""
     import gc
 
     from tcbf_live.stream.priority import freeze_startup_objects

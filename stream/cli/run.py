@@ -258,17 +258,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     files = SeriesFiles(args.output, args.protocol, args.overwrite)
     recorder = Recorder(RecordSettings(Path(args.record), args.overwrite)) if args.record else None
-    plan = worker_plan(args, settings)
-    sys.setswitchinterval(GIL_SWITCH_S)
-    # the accumulators' memory touched before the socket connects (stream.memory_reserve);
-    # with workers, the coordinator's state (the deltas are merged into it)
-    memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes(),
-                                    settings.processing.bins)  # fmt: skip
-    if plan is not None:
-        engine = start_coordinator(settings, plan, files)
-    else:
-        engine = Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
-                        on_frames=recorder).start()  # fmt: skip
+    engine = start_engine(settings, worker_plan(args, settings), files, recorder)
     stop_on_signals(engine, args.headless)
     try:
         detector = arm_detector(args, engine) if args.simplon else None
@@ -334,6 +324,20 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"tcbf-live run: {n} series refused or not processable (see above); "
                          "no result written\n")  # fmt: skip
     return int(code)
+
+
+def start_engine(settings: EngineSettings, plan, files: SeriesFiles,
+                 recorder: Recorder | None) -> Engine:  # fmt: skip
+    """The receiving engine, started: in this process, or a coordinator with its workers
+    (`plan`). The accumulators' memory (the coordinator's, with workers) is touched first,
+    before any data flows (`stream.memory_reserve`)."""
+    sys.setswitchinterval(GIL_SWITCH_S)
+    memory_reserve.prepare_expected(settings.processing.metadata, settings.budget_bytes(),
+                                    settings.processing.bins)  # fmt: skip
+    if plan is not None:
+        return start_coordinator(settings, plan, files)
+    return Engine(settings, on_series_end=recorder.ending(files) if recorder else files,
+                  on_frames=recorder).start()  # fmt: skip
 
 
 def arm_detector(args: argparse.Namespace, engine: Engine):

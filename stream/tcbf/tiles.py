@@ -50,6 +50,26 @@ def validate_bins(bins: tuple[int, ...]) -> tuple[int, ...]:
     return levels
 
 
+def disk_tile_counts(radius_px: float, bins: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """Pixels (x, y integers with x^2 + y^2 <= radius^2) of a disk centred on a pixel, and
+    the tiles of each bin level (coarse to fine) that hold at least one of them: what
+    `TileLevels.build` gives for that pixel set anchored at its centre, in O(radius) without
+    listing the pixels (sizing memory before a calibration). Per column x the disk spans
+    |y| <= floor(sqrt(r^2 - x^2)); a column of tiles is reached from its x closest to 0."""
+    reach = math.floor(radius_px)
+    x = np.arange(-reach, reach + 1)
+    half = np.floor(np.sqrt(np.maximum(radius_px**2 - x**2, 0.0))).astype(np.int64)
+    n_pixels = int(np.sum(2 * half + 1))
+    counts = []
+    for b in validate_bins(tuple(bins)):
+        u = np.arange(-reach // b, reach // b + 1)
+        closest = np.clip(0, u * b, u * b + b - 1)
+        span = np.floor(np.sqrt(np.maximum(radius_px**2 - closest**2, 0.0))).astype(np.int64)
+        reached = closest**2 <= radius_px**2
+        counts.append(int(np.sum(np.where(reached, span // b - (-span) // b + 1, 0))))
+    return n_pixels, tuple(counts)
+
+
 @dataclass(frozen=True)
 class TileLevels:
     """BF pixel -> tile maps for nested bin levels (coarse to fine).
