@@ -321,8 +321,7 @@ class Worker:
     def on_end(self, sid: int, drain: bool) -> None:
         """A series ended: read what is still queued here (sent before the end), then send
         the last delta and "ended" (with the frames received, for a series never calibrated)."""
-        if drain:  # what is queued here now was sent before the end: read it first (a
-            #          bounded amount: the next series may already be streaming)
+        if drain:  # a bounded amount: the next series may already be streaming
             for _ in range(max(1, self.config.rcvhwm // 64) + 1):
                 if not self.sock.poll(0) or not self.on_data():
                     break
