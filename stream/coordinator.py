@@ -83,9 +83,11 @@ class Coordinator(Engine):
         earlier run of the same id counts as a stranger's)."""
         proc = self.table.open.get(sid)
         if proc is None or not proc.calibrated or not this_run:
-            reason, detail = self.table.stranger(sid)
-            self.counters.rejected[reason] += max(0, int(delta.stats[ACCEPTED]))
-            log.warning("frames of series %d from a worker: %s", sid, detail)
+            frames = max(0, int(delta.stats[ACCEPTED]))
+            if frames or delta.rows.size:  # an empty delta (a last one after the end) loses none
+                reason, detail = self.table.stranger(sid)
+                self.counters.rejected[reason] += frames
+                log.warning("frames of series %d from a worker: %s", sid, detail)
             return
         t0 = time.thread_time()
         try:

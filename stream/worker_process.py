@@ -54,6 +54,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
     another name); `data_curve`: keys for a CURVE detector link (native streams)."""
+    freeze_startup_objects()  # before it joins: the coordinator waits for joined workers
     ctx = zmq.Context()
     try:
         link, config = join(ctx, link_endpoint, curve, identity or os.urandom(8), join_timeout_s)
@@ -66,7 +67,6 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
                               socket_type=config.socket_type, rcvhwm=config.rcvhwm,
                               max_message_bytes=config.max_message_bytes, curve=data_curve,
                               detector=wire.detector)  # fmt: skip
-    freeze_startup_objects()  # before the detector socket opens: no frames wait for it
     try:
         worker = Worker(link, config, data)
     except (zmq.ZMQError, ValueError) as err:

@@ -534,3 +534,26 @@ def test_run_prepares_the_coordinators_memory_before_it_starts(monkeypatch, tmp_
     layout = memory_reserve.expected_layout({"scan_shape": (32, 32), "semiangle_mrad": 20.0,
                                              "angular_sampling_mrad": 1.0})  # fmt: skip
     assert code == 2 and seen == [AccumulatorState.block_bytes(layout)]
+
+
+def test_a_stray_delta_counts_its_frames_and_an_empty_one_nothing(caplog):
+    """A worker's delta for a series the coordinator has no open run of: its frames are
+    counted as rejected and logged; an empty one (a last delta after the end, as a 2-worker
+    run on a loaded CI machine sent) loses nothing and is neither counted nor logged."""
+    import logging
+
+    from tcbf_live.stream.tcbf.accumulators import StateDelta
+
+    settings = EngineSettings(subscriber=SubscriberSettings(
+        endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull"), protocol="dectris-v2")
+    eng = Coordinator(settings, WorkerPlan(local=0, remote=1,
+                                           link=f"tcp://127.0.0.1:{_free_port()}"))  # fmt: skip
+    none = np.zeros(0, np.int64)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tcbf_live.stream.coordinator"):
+            eng.merge_delta(5, StateDelta(none, {}, none, np.zeros(5, np.int64)))
+            assert not eng.counters.rejected and not caplog.records
+            eng.merge_delta(5, StateDelta(none, {}, none, np.array([3, 0, 0, 0, 3])))
+        assert eng.counters.rejected == {"no_series": 3} and len(caplog.records) == 1
+    finally:
+        eng.receiver.close()
