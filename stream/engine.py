@@ -130,8 +130,9 @@ class Engine:
             try:
                 with self._align_lock:
                     out = proc.solve(inputs)  # solve: without the ingest lock
-                if out is not None:
-                    log.debug("%s (%d frames)", out.summary(), out.frames)
+                if out is not None:  # the update's latency, as the viewer sees it
+                    log.debug("%s (%d frames; update %.3f s)", out.summary(), out.frames,
+                              time.monotonic() - t0)  # fmt: skip
             except Exception:  # an alignment failure must not stop the engine
                 log.exception("alignment update failed")
             took_s = time.monotonic() - t0

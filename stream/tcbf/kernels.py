@@ -74,23 +74,55 @@ def deposit(
                         den[rr, cc, hh] += weights[i, q]
 
 
+GROUP_BLOCK = 16  # positions per block of `group_sums`: one 64-byte line of float32 per group
+
+
 @numba.njit(nogil=True, cache=True)
-def group_sums(stack, exposure, rows, cols, scan_cols, group_of, out):
-    """out[p, g] = sum over BF pixels i of group g of stack[p, i] / exposure[p] (frames x
-    relative dose), for the positions
-    p of the window rows [rows[0], rows[1]) x cols [cols[0], cols[1]) (row-major)."""
+def group_sums(stack, exposure, rows, cols, scan_cols, order, bounds, exact, zero, out_t):
+    """out_t[g, q] = sum over the BF pixels of group g of stack[p, i] / exposure[p] (frames x
+    relative dose), for the positions p of the window rows [rows[0], rows[1]) x cols
+    [cols[0], cols[1]) (q: row-major in the window); group g's pixels are
+    order[bounds[g]:bounds[g + 1]].
+
+    Integer stacks (`exact`, `zero` an int64 0): one running sum over the pixels in group
+    order, each group a difference of it (exact, and no branch per group: the loop over each
+    group's few pixels mispredicted on their varying counts). Float stacks (`zero` 0.0): each
+    group summed on its own, so that a non-finite pixel spoils only its group. Positions go in
+    blocks of GROUP_BLOCK, written a whole cache line per group: writing out_t one position at
+    a time strides it by the window's size, and those lines fought over the same L1 sets.
+    Together 2.2x faster than summing into each position's row and transposing (measured at
+    128x128 positions, 2,091 BF px, 412 groups: 31 against 68 ms)."""
     width = cols[1] - cols[0]
-    for r in range(rows[0], rows[1]):
-        for c in range(cols[0], cols[1]):
-            p = r * scan_cols + c
+    n = (rows[1] - rows[0]) * width
+    n_groups = bounds.shape[0] - 1
+    cum = np.zeros(order.shape[0] + 1, type(zero))
+    block = np.zeros((n_groups, GROUP_BLOCK), np.float32)
+    for q0 in range(0, n, GROUP_BLOCK):
+        m = min(GROUP_BLOCK, n - q0)
+        for b in range(m):
+            p = (rows[0] + (q0 + b) // width) * scan_cols + cols[0] + (q0 + b) % width
             h = exposure[p]
             if h == 0:
+                block[:, b] = 0.0
                 continue
             scale = 1.0 / h
-            dst = out[(r - rows[0]) * width + (c - cols[0])]
             row = stack[p]
-            for i in range(row.shape[0]):
-                dst[group_of[i]] += row[i] * scale
+            if exact:
+                run = zero
+                for k in range(order.shape[0]):
+                    run += row[np.uint32(order[k])]
+                    cum[k + 1] = run
+                for g in range(n_groups):
+                    block[g, b] = (cum[bounds[g + 1]] - cum[bounds[g]]) * scale
+            else:
+                for g in range(n_groups):
+                    acc = zero
+                    for k in range(bounds[g], bounds[g + 1]):
+                        acc += row[np.uint32(order[k])]
+                    block[g, b] = acc * scale
+        for g in range(n_groups):
+            for b in range(m):
+                out_t[g, q0 + b] = block[g, b]
 
 
 @numba.njit(nogil=True, cache=True)

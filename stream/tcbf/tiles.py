@@ -232,12 +232,17 @@ class PixelGroups:
         uniq, first, group_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         self.first_pixel = first
         self.move = np.ascontiguousarray(uniq[:, 1:], dtype=np.int64)
-        self.members = np.bincount(group_of.ravel(), minlength=len(uniq)).astype(np.float32)
+        counts = np.bincount(group_of.ravel(), minlength=len(uniq))
+        self.members = counts.astype(np.float32)
         self.shape = (rows[1] - rows[0], cols[1] - cols[0])
-        sums = np.zeros((self.shape[0] * self.shape[1], len(uniq)), np.float32)
+        order = np.argsort(group_of.ravel(), kind="stable").astype(np.int64)  # group by group
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        exact = bool(np.issubdtype(stack.dtype, np.integer))
+        # (groups, positions): the group images, for the scatter
+        self.sums_t = np.empty((len(uniq), self.shape[0] * self.shape[1]), np.float32)
         group_sums(stack, exposure, np.asarray(rows, np.int64), np.asarray(cols, np.int64),
-                   scan_cols, group_of.ravel().astype(np.int64), sums)  # fmt: skip
-        self.sums_t = np.ascontiguousarray(sums.T)  # (groups, positions) for the scatter
+                   scan_cols, order, bounds, exact, np.int64(0) if exact else 0.0,
+                   self.sums_t)  # fmt: skip
         window = exposure.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
         self.valid = np.ascontiguousarray(window.ravel() > 0)
 
