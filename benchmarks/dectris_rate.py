@@ -13,6 +13,9 @@ replays.
 Each stream goes, alternately, to
   bare:       `common.bare_receive` in a child process (recv_multipart(copy=False) and nothing
               else, RCVHWM as the engine's);
+  libertem-dectris (V1 only, in the peer Python; --no-peer-receiver leaves it out): LiberTEM's
+              Rust receiver (`DectrisConnection`, passive), its stacks of 64 frames only handed
+              back ("receive") or also decompressed into a numpy batch ("+ decode");
   tcbf-live:  `python -m tcbf_live run --protocol dectris-vN --connect ... --headless`, with
               `--workers N` when that flag exists (N = 0 without it: today's engine).
 Rates (k frames/s):
@@ -56,6 +59,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 SERIES_ID = 7
 DETECTOR_PX = 96
+DUMP_FORMAT = "-md5"  # dimage parts carry the blob's MD5 (as a DCU; LiberTEM's receiver needs it)
 WARMUP_SCAN = (64, 64)  # an untimed first run: numba cache load, first calibration
 RUN_TIMEOUT_S = 120.0
 WORKERS_READY_S = 4.0  # workers started and connected (spawn, imports) before the sender
@@ -63,6 +67,7 @@ SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loo
 SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
 RUN_ARGS: list[str] = []  # --run-args
 LOGS: list[Path] = []  # --logs
+PEER: list[str] = []  # --peer-python
 STAGES = re.compile(r"((?:worker \d+: \d+ frames|coordinator: merge).*)")
 
 PEER_SENDER = """
@@ -79,6 +84,41 @@ sim.send_footer()
 print(json.dumps({"sender_s": t1 - t0, "frames": n}), flush=True)
 sys.stdin.read()  # stay (the footer in flight) until the receiver is done
 """
+
+
+# LiberTEM's Rust receiver (libertem-dectris, V1 only), in the peer Python: its background
+# thread receives into shared memory; "peer-recv" only hands each stack back, "peer-decode"
+# also decompresses it into a numpy batch (what a caller needs before anything else)
+PEER_RECEIVER = """
+import json, os, sys, time
+import numpy as np
+import libertem_dectris
+uri, n, decode = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+conn = libertem_dectris.DectrisConnection(uri=uri, frame_stack_size=64,
+    handle_path=f"/tmp/tcbf-bench-shm-{os.getpid()}", num_slots=4000, bytes_per_frame=2 * 96**2,
+    huge=False)
+conn.start_passive()
+while conn.wait_for_arm(timeout=1.0) is None:
+    pass
+cam = libertem_dectris.CamClient(conn.get_socket_path())
+got, t0, t1, buf = 0, None, None, None
+while got < n and (stack := conn.get_next_stack(max_size=64)) is not None:
+    if t0 is None:
+        t0, c0, first = time.perf_counter(), time.process_time(), len(stack)
+    if decode:
+        if buf is None:
+            shape = (64, *reversed(stack.get_shape()))
+            buf = np.zeros(shape, np.dtype(stack.get_dtype_string()))
+        cam.decode_range_into_buffer(stack, buf, 0, len(stack))
+    got += len(stack)
+    cam.done(stack)
+    t1 = time.perf_counter()
+cpu = time.process_time() - c0
+conn.close()
+print(json.dumps({"frames": got, "fps": (got - first) / (t1 - t0),
+                  "cpu_us": cpu / got * 1e6}), flush=True)
+"""
+PEER_RECEIVERS = {"peer-recv": "0", "peer-decode": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +163,7 @@ def tile_series(cache: Path, scan: tuple[int, int], small: Path) -> Path:
     """The series' dump built from a smaller one's frames repeated over the scan (a periodic
     sample: the same wire data and rates, no simulation; for machines where the simulator
     cannot run)."""
-    dump = cache / f"series_{scan[0]}x{scan[1]}_{DETECTOR_PX}px.dump"
+    dump = cache / f"series_{scan[0]}x{scan[1]}_{DETECTOR_PX}px{DUMP_FORMAT}.dump"
     if dump.exists() and dump.with_suffix(".json").exists():
         return dump
     import numpy as np
@@ -156,7 +196,7 @@ def tile_series(cache: Path, scan: tuple[int, int], small: Path) -> Path:
 def make_series(cache: Path, scan: tuple[int, int]) -> Path:
     """The cached V1 message dump of the series (built once, ~1 min for 256x256), with its
     metadata beside it (.json)."""
-    dump = cache / f"series_{scan[0]}x{scan[1]}_{DETECTOR_PX}px.dump"
+    dump = cache / f"series_{scan[0]}x{scan[1]}_{DETECTOR_PX}px{DUMP_FORMAT}.dump"
     if dump.exists() and dump.with_suffix(".json").exists():
         return dump
     from tcbf_live.detectors.compression import compress_bslz4
@@ -267,7 +307,10 @@ def start_sender(proto: str, endpoint: str, dump: Path, n_frames: int, scan: tup
 
 def receiver_argv(proto: str, receiver: str, endpoint: str, n_frames: int,
                   scan: tuple[int, int], meta: dict, out: Path) -> list[str]:  # fmt: skip
-    """bare, or tcbf-live with N workers ("tcbf-0": no --workers flag)."""
+    """bare, LiberTEM's receiver (peer-*), or tcbf-live with N workers ("tcbf-0": no
+    --workers flag)."""
+    if receiver in PEER_RECEIVERS:
+        return [PEER[0], "-c", PEER_RECEIVER, endpoint, str(n_frames), PEER_RECEIVERS[receiver]]
     if receiver == "bare":
         from tcbf_live.stream.receiver import SubscriberSettings
 
@@ -306,9 +349,11 @@ def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_di
         sender.kill()
         sent, _ = sender.communicate()
     times = json.loads(sent.strip().splitlines()[-1]) if sent.strip() else {}
-    if receiver == "bare":
+    if receiver == "bare" or receiver in PEER_RECEIVERS:
         got = json.loads(out.strip().splitlines()[-1]) if rx.returncode == 0 else {}
         frames, own = got.get("frames", 0), got.get("fps", 0.0)
+        if "cpu_us" in got:
+            print(f"    {proto} {label(receiver)}: {got['cpu_us']:.1f} us of CPU per frame")
     else:
         m = SUMMARY.search(err)
         frames, own = (int(m[1]), float(m[3])) if m else (0, 0.0)
@@ -346,6 +391,8 @@ def receivers(workers: list[int], has_flag: bool) -> list[str]:
 def label(receiver: str) -> str:
     if receiver == "bare":
         return "bare pyzmq"
+    if receiver in PEER_RECEIVERS:
+        return "libertem-dectris " + ("+ decode" if receiver == "peer-decode" else "receive")
     n = receiver.removeprefix("tcbf-") or "0"
     return f"tcbf-live, {n} worker{'s' if n != '1' else ''}"
 
@@ -356,7 +403,8 @@ Results = dict[tuple[str, str, str], list[Run]]  # (protocol, memory, receiver) 
 def measure(protos: list[str], names: list[str], memory: list[str], rounds: int, dump: Path,
             meta: dict, peer: str, out_dir: Path) -> Results:  # fmt: skip
     """Alternating rounds of every (protocol, memory state, receiver)."""
-    keys = [(p, m, r) for p in protos for m in memory for r in names]
+    keys = [(p, m, r) for p in protos for m in memory for r in names
+            if p == "v1" or r not in PEER_RECEIVERS]  # LiberTEM's receiver reads V1 only
     runs: Results = {k: [] for k in keys}
     for k in range(rounds):
         for p, m, r in keys:
@@ -412,6 +460,9 @@ def main() -> None:
     ap.add_argument("--run-args", default="", help="more flags for `tcbf-live run`, e.g. "
                     "'--align-interval 0' (quote them)")  # fmt: skip
     ap.add_argument("--logs", type=Path, metavar="DIR", help="keep each receiver's log here")
+    ap.add_argument("--no-peer-receiver", dest="peer_receiver", action="store_false",
+                    help="V1: leave out LiberTEM's Rust receiver (libertem-dectris in the peer "
+                    "Python), receiving alone and with its decompression")  # fmt: skip
     ap.add_argument("--memory", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
                     help="the memory state each run starts in (see above)")  # fmt: skip
     args = ap.parse_args()
@@ -426,6 +477,9 @@ def main() -> None:
         args.cache, scan)  # fmt: skip
     meta = json.loads(dump.with_suffix(".json").read_text())
     names = receivers(args.workers, workers_flag())
+    PEER.append(args.peer_python)
+    if args.peer_receiver and "v1" in protos:
+        names += list(PEER_RECEIVERS)
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         for r in names[1:]:  # warm-up, untimed
             one_run("v2", r, dump, meta, args.peer_python, Path(tmp), scan=WARMUP_SCAN)
