@@ -67,7 +67,6 @@ SENDERS = {"v1": "DectrisSim", "v2": "pre-encoded send_multipart(copy=False) loo
 SUMMARY = re.compile(r"series \d+: (\d+)/(\d+) frames, .* (\d+) frames/s")
 RUN_ARGS: list[str] = []  # --run-args
 LOGS: list[Path] = []  # --logs
-PEER: list[str] = []  # --peer-python
 STAGES = re.compile(r"((?:worker \d+: \d+ frames|coordinator: merge).*)")
 
 PEER_SENDER = """
@@ -93,17 +92,22 @@ PEER_RECEIVER = """
 import json, os, sys, time
 import numpy as np
 import libertem_dectris
-uri, n, decode = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+uri, n, decode, frame_bytes = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 conn = libertem_dectris.DectrisConnection(uri=uri, frame_stack_size=64,
-    handle_path=f"/tmp/tcbf-bench-shm-{os.getpid()}", num_slots=4000, bytes_per_frame=2 * 96**2,
-    huge=False)
+    handle_path=f"/tmp/tcbf-bench-shm-{os.getpid()}", num_slots=4000,
+    bytes_per_frame=frame_bytes, huge=False)
 conn.start_passive()
+until = time.monotonic() + 60
 while conn.wait_for_arm(timeout=1.0) is None:
-    pass
+    if time.monotonic() > until:
+        conn.close()
+        sys.exit("no series armed within 60 s")
 cam = libertem_dectris.CamClient(conn.get_socket_path())
-got, t0, t1, buf = 0, None, None, None
+got, first, buf = 0, 0, None
+t0 = t1 = time.perf_counter()
+c0 = time.process_time()
 while got < n and (stack := conn.get_next_stack(max_size=64)) is not None:
-    if t0 is None:
+    if got == 0:
         t0, c0, first = time.perf_counter(), time.process_time(), len(stack)
     if decode:
         if buf is None:
@@ -115,8 +119,8 @@ while got < n and (stack := conn.get_next_stack(max_size=64)) is not None:
     t1 = time.perf_counter()
 cpu = time.process_time() - c0
 conn.close()
-print(json.dumps({"frames": got, "fps": (got - first) / (t1 - t0),
-                  "cpu_us": cpu / got * 1e6}), flush=True)
+print(json.dumps({"frames": got, "fps": (got - first) / (t1 - t0) if t1 > t0 else 0.0,
+                  "cpu_us": cpu / max(got, 1) * 1e6}), flush=True)
 """
 PEER_RECEIVERS = {"peer-recv": "0", "peer-decode": "1"}
 
@@ -305,12 +309,13 @@ def start_sender(proto: str, endpoint: str, dump: Path, n_frames: int, scan: tup
                             env=_env())  # fmt: skip
 
 
-def receiver_argv(proto: str, receiver: str, endpoint: str, n_frames: int,
-                  scan: tuple[int, int], meta: dict, out: Path) -> list[str]:  # fmt: skip
-    """bare, LiberTEM's receiver (peer-*), or tcbf-live with N workers ("tcbf-0": no
-    --workers flag)."""
+def receiver_argv(proto: str, receiver: str, endpoint: str, n_frames: int, scan: tuple[int, int],
+                  meta: dict, out: Path, peer: str) -> list[str]:  # fmt: skip
+    """bare, LiberTEM's receiver (peer-*, in the Python `peer`), or tcbf-live with N workers
+    ("tcbf-0": no --workers flag)."""
     if receiver in PEER_RECEIVERS:
-        return [PEER[0], "-c", PEER_RECEIVER, endpoint, str(n_frames), PEER_RECEIVERS[receiver]]
+        return [peer, "-c", PEER_RECEIVER, endpoint, str(n_frames), PEER_RECEIVERS[receiver],
+                str(2 * DETECTOR_PX**2)]  # fmt: skip
     if receiver == "bare":
         from tcbf_live.stream.receiver import SubscriberSettings
 
@@ -332,7 +337,7 @@ def one_run(proto: str, receiver: str, dump: Path, meta: dict, peer: str, out_di
     scan = scan or tuple(meta["scan"])
     n = scan[0] * scan[1]
     endpoint = free_endpoint()
-    argv = receiver_argv(proto, receiver, endpoint, n, scan, meta, out_dir / "result.h5")
+    argv = receiver_argv(proto, receiver, endpoint, n, scan, meta, out_dir / "result.h5", peer)
     rx = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=_env())  # fmt: skip
     if receiver not in ("bare", "tcbf-", "tcbf-0"):  # as at a detector: every worker connected
@@ -477,11 +482,12 @@ def main() -> None:
         args.cache, scan)  # fmt: skip
     meta = json.loads(dump.with_suffix(".json").read_text())
     names = receivers(args.workers, workers_flag())
-    PEER.append(args.peer_python)
     if args.peer_receiver and "v1" in protos:
         names += list(PEER_RECEIVERS)
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
-        for r in names[1:]:  # warm-up, untimed
+        for r in names[1:]:  # warm-up, untimed (ours: numba's cache; LiberTEM's reads V1 only)
+            if r in PEER_RECEIVERS:
+                continue
             one_run("v2", r, dump, meta, args.peer_python, Path(tmp), scan=WARMUP_SCAN)
         results = measure(protos, names, args.memory, args.rounds, dump, meta, args.peer_python,
                           Path(tmp))  # fmt: skip

@@ -58,21 +58,30 @@ def dataset(cache: Path) -> Path:
 
 
 def one_run(data: Path, workers: int, rate: float, out_dir: Path) -> tuple[list[float], str]:
-    """(the live updates' latencies in s, the run's summary line)."""
+    """(the live updates' latencies in s, the run's summary line). The receiver's log goes to
+    a file: a pipe nobody reads while the sender runs would fill and stall it."""
     endpoint = free_endpoint()
-    rx = subprocess.Popen(
-        cli("-v", "run", "--protocol", "native", "--connect", endpoint, "--socket", "pull",
-            "--bins", SCHEDULE, "--workers", str(workers), "--headless", "--timeout", "10",
-            "--output", str(out_dir / f"w{workers}.h5"), "--overwrite"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-    )  # fmt: skip
-    time.sleep(3.0 if workers else 1.0)  # every receiver connected before the series starts
-    sender = subprocess.run(
-        cli("simulate", "--replay", str(data), "--protocol", "native", "--socket", "push",
-            "--bind", endpoint, "--rate", str(rate), "--quiet"),
-        capture_output=True, text=True, env=_env(),
-    )  # fmt: skip
-    _, err = rx.communicate(timeout=300)
+    log_path = out_dir / f"w{workers}.log"
+    with open(log_path, "w") as log:
+        rx = subprocess.Popen(
+            cli("-v", "run", "--protocol", "native", "--connect", endpoint, "--socket", "pull",
+                "--bins", SCHEDULE, "--workers", str(workers), "--headless", "--timeout", "10",
+                "--output", str(out_dir / f"w{workers}.h5"), "--overwrite"),
+            stdout=subprocess.DEVNULL, stderr=log, text=True, env=_env(),
+        )  # fmt: skip
+        time.sleep(3.0 if workers else 1.0)  # every receiver connected before the series starts
+        try:
+            sender = subprocess.run(
+                cli("simulate", "--replay", str(data), "--protocol", "native", "--socket",
+                    "push", "--bind", endpoint, "--rate", str(rate), "--quiet"),
+                capture_output=True, text=True, env=_env(), timeout=300,
+            )  # fmt: skip
+            rx.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            rx.kill()
+            rx.wait()
+            raise
+    err = log_path.read_text()
     if rx.returncode != 0 or sender.returncode != 0:
         print(f"workers {workers}: rc {rx.returncode} / sender {sender.returncode}\n{err[-3000:]}")
     summary = next((line for line in err.splitlines() if SUMMARY.search(line)), "")

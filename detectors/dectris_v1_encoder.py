@@ -78,7 +78,7 @@ def encode_image(series_id: int, frame_id: int, frame: np.ndarray, encoding: str
     rows, cols = frame.shape
     return [
         _j({"htype": "dimage-1.0", "series": int(series_id), "frame": int(frame_id),
-            "hash": hashlib.md5(blob).hexdigest()}),  # as a DCU: the MD5 of part 3  # fmt: skip
+            "hash": hashlib.md5(blob, usedforsecurity=False).hexdigest()}),  # fmt: skip
         _j(
             {
                 "htype": "dimage_d-1.0",

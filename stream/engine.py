@@ -128,8 +128,9 @@ class Engine:
                 inputs = proc.inputs()  # merge: copies of the state, under the ingest lock
             t0 = time.monotonic()
             try:
-                with self._align_lock:
-                    out = proc.solve(inputs)  # solve: without the ingest lock
+                with self._align_lock:  # without the ingest lock; never after the final solve
+                    t0, prior = time.monotonic(), proc.pipeline and proc.pipeline.last
+                    out = None if prior and prior.final else proc.solve(inputs)
                 if out is not None:  # the update's latency, as the viewer sees it
                     log.debug("%s (%d frames; update %.3f s)", out.summary(), out.frames,
                               time.monotonic() - t0)  # fmt: skip

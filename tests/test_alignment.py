@@ -270,32 +270,33 @@ def test_group_sums_of_integer_and_float_stacks_match_a_direct_sum():
     from tcbf_live.stream.tcbf.kernels import GROUP_BLOCK, group_sums
 
     rng = np.random.default_rng(8)
-    rows, cols, n_bf, n_groups = 7, 5, 40, 9
+    rows, cols, n_bf, n_groups = 7, 5, 1200, 9
     group_of = rng.integers(0, n_groups, n_bf)
     order = np.argsort(group_of, kind="stable").astype(np.int64)
     bounds = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=n_groups))])
     exposure = rng.uniform(0.5, 2.0, rows * cols)
-    exposure[[3, 20]] = 0.0  # no frames there
-    window = (np.array([1, 7]), np.array([0, 5]))  # scan rows 1..6: 30 positions, 2 blocks
-    stack16 = rng.integers(0, 3000, (rows * cols, n_bf)).astype(np.uint16)
+    exposure[[11, 32]] = 0.0  # no frames there: one position in each block of the window
+    window = (np.array([1, 7]), np.array([1, 4]))  # scan rows 1..6, cols 1..3: 18 positions
+    # counts up to 65535 over 1,200 px: running totals near 4e7 > 2**24, exact only in integers
+    stack16 = rng.integers(0, 65536, (rows * cols, n_bf)).astype(np.uint16)
     stack32 = stack16.astype(np.float32) / 7
     stack32[12, 5] = np.nan  # a non-finite pixel spoils its own group at its position only
     for stack, exact in ((stack16, True), (stack32, False)):
-        out = np.full((n_groups, 30), -1.0, np.float32)
+        out = np.full((n_groups, 18), -1.0, np.float32)  # every entry must be written
         group_sums(stack, exposure, *window, cols, order, bounds.astype(np.int64), exact,
                    np.int64(0) if exact else 0.0, out)  # fmt: skip
-        ref = np.zeros((n_groups, 30))
-        for q in range(30):
-            p = cols + q  # window row 0 is scan row 1
+        ref = np.zeros((n_groups, 18))
+        for q in range(18):
+            p = (1 + q // 3) * cols + 1 + q % 3
             if exposure[p] > 0:
                 for i in range(n_bf):
                     ref[group_of[i], q] += float(stack[p, i]) / exposure[p]
         spoiled = np.zeros_like(ref, bool)
         if not exact:
-            spoiled[group_of[5], 12 - cols] = True
+            spoiled[group_of[5], 4] = True  # position 12 = window row 1, col 1
             assert np.isnan(out[spoiled]).all()
         np.testing.assert_allclose(out[~spoiled], ref[~spoiled], rtol=2e-7)
-    assert GROUP_BLOCK < 30 < 2 * GROUP_BLOCK  # a whole block and a part of one were written
+    assert GROUP_BLOCK < 18 < 2 * GROUP_BLOCK  # a whole block and a part of one were written
 
 
 def test_phase_flip_makes_the_transfer_positive_for_either_defocus_sign():

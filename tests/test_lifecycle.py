@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -581,12 +582,49 @@ def test_a_run_that_took_its_last_pass_opens_no_stub_of_the_next():
     assert [(r.frames_received, r.complete) for r in results] == [(n, True)]
 
 
+def test_no_live_update_runs_after_the_final_solve_it_waited_for(endpoint):
+    """The series ended (its final solve ran) while a live update waited for the alignment
+    lock: that update must not replace the final result with a live one."""
+
+    class EndedSeries:
+        solvable, rows = True, 0
+        pipeline = SimpleNamespace(last=SimpleNamespace(final=True))
+
+        def progress(self):
+            self.rows += 1
+            return self.rows, 0
+
+        def inputs(self):
+            return None
+
+        def solve(self, inputs):
+            solves.append(inputs)
+
+    solves: list = []
+    eng, _ = idle_engine(endpoint, align_interval_s=0.02)
+    series = EndedSeries()
+    eng._current = series
+    aligner = threading.Thread(target=eng._align_loop, daemon=True)
+    aligner.start()
+    until = time.monotonic() + 10
+    while series.rows < 3 and time.monotonic() < until:  # it woke up with new rows, 3 times
+        time.sleep(0.01)
+    assert series.rows >= 3 and not solves  # and solved none: the final result stands
+    series.pipeline.last.final = False  # a live series: it aligns
+    while not solves and time.monotonic() < until:
+        time.sleep(0.01)
+    eng.stop()
+    aligner.join(2.0)
+    eng.receiver.close()
+    assert solves
+
+
 def test_a_slow_alignment_update_waits_as_long_before_the_next(endpoint, caplog):
     """An update that takes longer than --align-interval is followed by as long a rest, so live
     alignment takes at most about half a core (docs/engine.md), and the log says so once."""
 
     class SlowSeries:  # what the alignment thread reads of the current series
-        solvable, rows = True, 0
+        solvable, rows, pipeline = True, 0, None
 
         def progress(self):
             self.rows += 1  # a new row every time: every wake-up aligns

@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("numba").setLevel(logging.WARNING)  # -v: ours, not the JIT's (~0.5 MB)
     try:
         return int(args.run(args) or 0)
     except (UsageError, DatasetError, SimulationError, SeriesError, WindowUnavailable) as exc:
