@@ -346,10 +346,14 @@ def test_a_series_without_frames_does_not_hold_up_the_next(sim):
         ended_at[result.info.series_id] = time.monotonic()
         results.append(result)
 
+    def first_sent(eng, k):
+        if k == 0:
+            sent_at.append(time.monotonic())
+
     plan = WorkerPlan(local=2, end_wait_s=20.0)
     eng = receive(lambda s: Coordinator(s, plan, on_series_end=on_end), "dectris-v2",
                   empty + messages(sim, "dectris-v2"), max_series=2, idle_timeout_s=5.0,
-                  during=lambda e, k: sent_at.append(time.monotonic()) if k == 0 else None)  # fmt: skip
+                  during=first_sent)  # fmt: skip
     assert [(r.info.series_id, r.frames_received) for r in results][-1] == (
         5, PASSES * sim.n_frames)  # fmt: skip
     assert not eng.lost
