@@ -16,7 +16,7 @@ from tcbf_live.detectors.base import SeriesInfo
 from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.tcbf.dose import beam_current_pA
 from tcbf_live.stream.tcbf.pipeline import PipelineResult
-from tcbf_live.stream.tcbf.screening import slip_suspected
+from tcbf_live.stream.tcbf.slips import slip_suspected
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def suspicions(seen: np.ndarray, frame_limit: int, out_of_range: int,
     """Reasons not to trust the image: frames missing from the end of a series that ended
     normally with no other gap (the detector took fewer frames than triggers: every frame
     after a missed trigger sits one position early), and a slip of the frames by one
-    position seen in the parallax of the tile images (`screening.slip_lines`)."""
+    position seen in the parallax of the tile images (`slips.slip_lines`)."""
     out = []
     if complete:
         short = slip_suspected(seen, frame_limit)

@@ -19,7 +19,8 @@ from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.alignment import AlignmentSettings
 from tcbf_live.stream.tcbf.calibration import calibrate, hot_and_dead
 from tcbf_live.stream.tcbf.pipeline import PipelineSettings
-from tcbf_live.stream.tcbf.screening import dose_model, screen_frames, slip_suspected
+from tcbf_live.stream.tcbf.screening import dose_model, screen_frames
+from tcbf_live.stream.tcbf.slips import slip_suspected
 
 ZERO, FLAT, HOT = 500, 700, 300  # injected positions (acquisition index = raster position)
 

@@ -18,7 +18,8 @@ Solve (plain loops over the per-BF-pixel stack):
 - `ring_sums`: annular virtual-BF images;
 - `window_column_sums`: each BF pixel's sum over a scan window.
 
-The weak-phase transfer of a chi to third order has its own module (`chi_kernels.py`).
+The weak-phase transfer of a chi to third order has its own module (`chi_kernels.py`), and the
+missed-trigger votes theirs (`slips.slip_votes`).
 """
 
 from __future__ import annotations

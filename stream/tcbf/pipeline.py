@@ -48,7 +48,8 @@ from tcbf_live.stream.tcbf.reconstruction import (
     phase_flip,
     window_pixel_means,
 )
-from tcbf_live.stream.tcbf.screening import FrameScreen, screen_frames, slip_lines
+from tcbf_live.stream.tcbf.screening import FrameScreen, screen_frames
+from tcbf_live.stream.tcbf.slips import slip_lines
 from tcbf_live.stream.tcbf.steps import AlignedStep, ImageStep, ResolutionStep
 from tcbf_live.stream.tcbf.tiles import (
     RegroupedTiles,
@@ -336,7 +337,7 @@ class Pipeline:
 
     @staticmethod
     def slips(levels: dict[int, TileSet], result: AlignmentResult) -> tuple:
-        """Missed-trigger check (`screening.slip_lines`) on the finest level the alignment
+        """Missed-trigger check (`slips.slip_lines`) on the finest level the alignment
         used, with the fitted model's tile shifts; lines as scan rows."""
         if not result.schedule:
             return ()

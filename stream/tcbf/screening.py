@@ -23,12 +23,8 @@ and silently wrecks the fit. A missing frame is harmless (it carries no signal),
    or at once when it belongs to a run that crosses a line end in acquisition order (a burst in
    time): a zero or flat frame, a zinger or overload pixel, a non-finite value. An excluded
    frame is treated exactly as a missing one (exposure 0).
-3. **Missed triggers.** A detector that skips a trigger records one frame fewer and every
-   later frame lands one position early (the image shears). Live, `slip_lines` finds the line
-   from the parallax (tile images are shifted copies of one object, so line r of one tile and
-   line r + dr of another must agree at lag 0 unless the frames slipped between them); at the
-   series end, frames missing from the end of an acquisition with no other gap
-   (`slip_suspected`) say the same.
+3. **Missed triggers** (a detector that skips a trigger: every later frame lands one position
+   early) are found from the parallax and from the frames that arrived, in `slips.py`.
 """
 
 from __future__ import annotations
@@ -310,87 +306,3 @@ def _unsupported(z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
             nb[rd, cd] = grid[rs, cs]
             support |= (np.abs(nb) > half) & (np.sign(nb) == np.sign(grid))
     return (big & ~support).ravel()
-
-
-# ---------------------------------------------------------------------------- missed triggers
-SLIP_SIGMA = 5.0  # standard errors by which a sideways-lag preference must exceed zero
-MAX_SLIP_PAIRS = 200  # tile pairs used by `slip_lines` (evenly chosen beyond that)
-
-
-def slip_lines(
-    images: np.ndarray, shifts_px: np.ndarray, valid: np.ndarray, first_line: int = 0
-) -> list[tuple[int, int]]:
-    """Scan lines at which the frames start landing one position off (a missed trigger), from
-    the parallax itself.
-
-    Neighbouring lines of one image hold different parts of the sample, so their sideways
-    offset says little. But tcBF tile images are shifted copies of one object: with correction
-    shifts `s_t`, line r of tile t shows the same object line as line r + (s_t - s_u)_row of
-    tile u, at the column offset (s_t - s_u)_col. Once that offset is undone the two lines agree
-    best at lag 0, unless the frames slipped by one position between the two acquisition
-    lines, when lag +-1 wins. For every hypothesis "slip at the start of line L", the pairs of
-    lines that straddle L vote with (best of lag +-1) - (lag 0) correlation; a line where this
-    preference exceeds SLIP_SIGMA standard errors is reported with the step's sign (+1: later
-    lines' content lies one column further right). `images` (n, rows, cols) over fully acquired
-    lines `valid` (rows, cols); returns [(line + first_line, step)]."""
-    images = np.asarray(images, np.float64)
-    n, rows, cols = images.shape
-    # lines at least half acquired, up to the first that is not (the live scan front);
-    # missing or excluded positions take their line's mean: no signal
-    usable = valid.mean(axis=1) >= 0.5
-    rows = int(np.argmin(usable)) if not usable.all() else rows
-    if rows < 4 or cols < 8:
-        return []
-    ok = valid[:rows]
-    img = images[:, :rows]
-    line_mean = (img * ok).sum(axis=2, keepdims=True) / np.maximum(ok.sum(axis=1), 1)[:, None]
-    img = np.where(ok, img, line_mean) - line_mean
-    img /= np.maximum(np.sqrt((img**2).mean(axis=2, keepdims=True)), 1e-30)
-    d = shifts_px[:, None, :] - shifts_px[None, :, :]  # (t, u, 2)
-    t_idx, u_idx = np.nonzero((d[..., 0] >= 1.0) & (d[..., 0] <= rows - 4))
-    if t_idx.size == 0:
-        return []
-    pick = np.linspace(0, t_idx.size - 1, min(t_idx.size, MAX_SLIP_PAIRS)).astype(int)
-    q = np.fft.rfftfreq(cols)
-    acc = np.zeros((5, rows + 2))  # per hypothesis L: sums and squares of both votes, count
-    for t, u in zip(t_idx[pick], u_idx[pick], strict=True):
-        dr, dc = d[t, u]
-        n0 = int(np.floor(dr))
-        w = dr - n0
-        m = rows - n0 - 1
-        a = img[t, :m]
-        b = (1 - w) * img[u, n0 : n0 + m] + w * img[u, n0 + 1 : n0 + 1 + m]
-        b = np.fft.irfft(np.fft.rfft(b, axis=1) * np.exp(2j * np.pi * q * dc), cols, axis=1)
-        cc = [(a[:, max(0, -k) : cols - max(0, k)] * b[:, max(0, k) : cols + min(0, k)]).mean(1)
-              for k in (-1, 0, 1)]  # fmt: skip
-        # a missed trigger moves later content one column left (lag -1); an extra frame right
-        vote_left, vote_right = cc[0] - cc[1], cc[2] - cc[1]  # (m,) per line r
-        # line r straddles the hypotheses L = r + 1 ... floor(r + dr)
-        lo = np.arange(m) + 1
-        hi = np.minimum(np.floor(np.arange(m) + dr).astype(int), rows - 1) + 1
-        for row, val in ((0, vote_left), (1, vote_left**2), (2, vote_right), (3, vote_right**2),
-                         (4, np.ones(m))):  # fmt: skip
-            acc[row] += np.bincount(lo, val, rows + 2) - np.bincount(hi, val, rows + 2)
-    sums = np.cumsum(acc, axis=1)[:, :rows]
-    count = np.maximum(sums[4], 1)
-    out: list[tuple[int, int]] = []
-    for step, (s1, s2) in ((-1, sums[0:2]), (1, sums[2:4])):
-        mean = s1 / count
-        se = np.sqrt(np.maximum(s2 / count - mean**2, 1e-12) / count)
-        tstat = np.where(sums[4] >= 4, mean / se, -np.inf)
-        hits = np.flatnonzero(tstat > SLIP_SIGMA)
-        # one slip per run of neighbouring hypotheses: the strongest
-        runs = np.split(hits, np.flatnonzero(np.diff(hits) > 1) + 1) if hits.size else []
-        out += [(int(r[np.argmax(tstat[r])]) + first_line, step) for r in runs]
-    return sorted(out)
-
-
-def slip_suspected(seen: np.ndarray, frames_expected: int) -> int:
-    """Frames missing from the *end* of an acquisition that otherwise has no gap: what a
-    detector that recorded fewer frames than triggers (missed triggers) leaves. 0 if the
-    missing frames are anywhere else (dropped in transport) or none are missing."""
-    seen = np.asarray(seen[:frames_expected], bool)
-    got = int(seen.sum())
-    if got == 0 or got == frames_expected:
-        return 0
-    return frames_expected - got if seen[:got].all() else 0
