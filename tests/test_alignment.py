@@ -357,14 +357,14 @@ def test_every_core_kernel_lives_in_kernels_and_releases_the_gil():
     import numba
 
     import tcbf_live.stream.tcbf as core
-    from tcbf_live.stream.tcbf import chi_kernels, kernels
+    from tcbf_live.stream.tcbf import chi_kernels, kernels, spectral_kernels
 
     found = {}
-    for module in (kernels, chi_kernels):  # the solve's kernels, the transfer's kernels
+    for module in (kernels, chi_kernels, spectral_kernels):  # the solve's, transfer's, spectra's
         found |= {name: f for name, f in vars(module).items()
                   if isinstance(f, numba.core.registry.CPUDispatcher)}  # fmt: skip
-    assert {"deposit", "group_sums", "scatter_groups", "ring_sums", "transfer_objective"} <= \
-        set(found)  # fmt: skip
+    assert {"deposit", "group_sums", "scatter_groups", "ring_sums", "transfer_objective",
+            "shift_spectra", "cross_power", "blend_moved", "slip_votes"} <= set(found)  # fmt: skip
     for name, f in found.items():
         assert f.targetoptions.get("nogil") is True, name
         assert type(f._cache).__name__ != "NullCache", name  # cache=True
@@ -375,3 +375,33 @@ def test_every_core_kernel_lives_in_kernels_and_releases_the_gil():
         own = [n for n, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)
                and f.py_func.__module__ == m.__name__]  # fmt: skip
         assert not own, (mod.name, own)
+
+
+def test_spectral_kernels_equal_their_numpy_expressions():
+    """The fused pass (`spectral_kernels`) against the array expressions it replaced: each
+    spectrum moved by its separable ramp, the weighted mean, the cross power, a blend step."""
+    from tcbf_live.stream.tcbf.alignment import ramps
+    from tcbf_live.stream.tcbf.spectral_kernels import (
+        blend_moved,
+        cross_power,
+        ramp_factors,
+        shift_spectra,
+    )
+
+    rng = np.random.default_rng(7)
+    shape = (12, 10)
+    spectra = (rng.normal(size=(5, *shape)) + 1j * rng.normal(size=(5, *shape))).astype("c8")
+    shifts = rng.uniform(-3, 3, size=(5, 2))
+    share = rng.uniform(size=5).astype(np.float32)
+    moved, reference = np.empty_like(spectra), np.empty(shape, np.complex64)
+    shift_spectra(spectra, *ramp_factors(shape, shifts), share, moved, reference)
+    want = spectra * ramps(shape, shifts)
+    np.testing.assert_allclose(moved, want, atol=1e-5)
+    np.testing.assert_allclose(reference, np.tensordot(share, want, axes=1), atol=1e-5)
+    cross = np.empty_like(reference)
+    cross_power(moved[2], reference, cross)
+    np.testing.assert_allclose(cross, moved[2] * np.conj(reference), atol=1e-5)
+    e0, e1 = ramp_factors(shape, [[0.7, -1.2]])
+    expected = 0.25 * reference + 0.75 * moved[3] * ramps(shape, [[0.7, -1.2]])[0]
+    blend_moved(reference, moved[3], e0[0], e1[0], 0.25, 0.75)
+    np.testing.assert_allclose(reference, expected, atol=1e-5)

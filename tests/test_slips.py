@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from tcbf_live.stream.tcbf.slips import normalised_lines, slip_votes
+from tcbf_live.stream.tcbf.slips import normalised_lines
+from tcbf_live.stream.tcbf.spectral_kernels import slip_votes
 
 
 def direct_votes(img: np.ndarray, t: np.ndarray, u: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -31,6 +31,12 @@ import scipy.fft as sfft
 
 from tcbf_live.stream.tcbf.registration import correlation_peak
 from tcbf_live.stream.tcbf.shift_model import robust_fit
+from tcbf_live.stream.tcbf.spectral_kernels import (
+    blend_moved,
+    cross_power,
+    ramp_factors,
+    shift_spectra,
+)
 from tcbf_live.stream.tcbf.tiles import TileSet, TileSource
 
 DEFAULT_MIN_TILE_ELECTRONS = 2.5e5  # Yu et al.: electrons per binned vBF image to trust it
@@ -145,11 +151,7 @@ def padded_shape(shape: tuple[int, int], margin_px: int | None = None) -> tuple[
 
 def ramps(shape: tuple[int, int], shifts_px: np.ndarray) -> np.ndarray:
     """(n, P0, P1) Fourier factors that move content by +shift (F{f(r - a)} = F e^{-2 pi i q a})."""
-    q0 = sfft.fftfreq(shape[0]).astype(np.float32)
-    q1 = sfft.fftfreq(shape[1]).astype(np.float32)
-    s = np.asarray(shifts_px, np.float32).reshape(-1, 2)
-    e0 = np.exp(-2j * np.pi * s[:, :1] * q0[None, :]).astype(np.complex64)
-    e1 = np.exp(-2j * np.pi * s[:, 1:] * q1[None, :]).astype(np.complex64)
+    e0, e1 = ramp_factors(shape, shifts_px)
     return e0[:, :, None] * e1[:, None, :]
 
 
@@ -189,10 +191,13 @@ def align_iteration(
     from per-pixel data); only the rest of the model shift is applied here, as a Fourier ramp."""
     model = tiles.k_px @ matrix_px.T
     done = np.zeros_like(model) if applied_px is None else applied_px
-    shifted = spectra * ramps(spectra.shape[1:], model - done)
     w = weights.astype(np.float64)
     total_w = w.sum()
-    reference = np.tensordot(w / total_w, shifted, axes=1) if total_w > 0 else None
+    shifted = np.empty_like(spectra)
+    reference = np.empty(spectra.shape[1:], np.complex64)  # the mean of all pre-shifted tiles
+    share = (w / max(total_w, 1e-300)).astype(np.float32)
+    shift_spectra(spectra, *ramp_factors(spectra.shape[1:], model - done), share, shifted,
+                  reference)  # fmt: skip
     n = len(tiles.k_px)
     search = int(np.ceil(settings.max_residual_px)) + 1  # warm start: residuals are small
     residual = np.zeros((n, 2))
@@ -200,19 +205,20 @@ def align_iteration(
     quality = np.zeros(n)
     used = np.zeros(n, bool)
     ref_weight = 0.0
+    cross = np.empty_like(reference)
     for t in np.argsort(np.hypot(*tiles.k_px.T), kind="stable"):
-        if w[t] <= 0 or reference is None:
+        if w[t] <= 0 or total_w <= 0:
             continue
-        d, quality[t] = correlation_peak(shifted[t] * np.conj(reference), settings.upsample, search)
+        cross_power(shifted[t], reference, cross)
+        d, quality[t] = correlation_peak(cross, settings.upsample, search)
         if quality[t] < settings.min_quality or np.hypot(*d) > settings.max_residual_px:
             continue
         used[t] = True
         residual[t] = -d
-        aligned = shifted[t] * ramps(spectra.shape[1:], residual[t])[0]
-        if ref_weight == 0.0:
-            reference = aligned  # the first tile replaces the reconstruction
-        else:
-            reference = (ref_weight * reference + w[t] * aligned) / (ref_weight + w[t])
+        e0, e1 = ramp_factors(spectra.shape[1:], residual[t])
+        # the first tile replaces the reconstruction; later ones join the running mean
+        blend_moved(reference, shifted[t], e0[0], e1[0], ref_weight / (ref_weight + w[t]),
+                    w[t] / (ref_weight + w[t]))  # fmt: skip
         ref_weight += w[t]
     measured = model + residual
     # the fit leaves out tiles at the disk rim: there the aperture cuts each pixel's transfer on

@@ -19,15 +19,21 @@ def _freqs(n: int) -> np.ndarray:
     return 2j * np.pi * sfft.fftfreq(n)
 
 
-def _upsampled_idft(spec: np.ndarray, centre: np.ndarray, upsample: int, size: int) -> np.ndarray:
-    """IDFT of `spec` on a size x size grid of spacing 1/upsample centred at `centre` (px)."""
-    n0, n1 = spec.shape
+@functools.lru_cache(maxsize=64)
+def _offset_factors(n: int, upsample: int, size: int) -> np.ndarray:
+    """(size, n) IDFT factors of the grid's offsets from its centre (shared: never written)."""
     offs = (np.arange(size) - size // 2) / upsample
-    x = centre[0] + offs
-    y = centre[1] + offs
-    ex = np.exp(x[:, None] * _freqs(n0)[None, :]).astype(spec.dtype)
-    ey = np.exp(_freqs(n1)[:, None] * y[None, :]).astype(spec.dtype)
-    return ex @ spec @ ey
+    return np.exp(offs[:, None] * _freqs(n)[None, :])
+
+
+def _upsampled_idft(spec: np.ndarray, centre: np.ndarray, upsample: int, size: int) -> np.ndarray:
+    """IDFT of `spec` on a size x size grid of spacing 1/upsample centred at `centre` (px).
+    Each factor e^(2 pi i (centre + offset) q) is the cached offsets' times the centre's: n
+    complex exponentials per axis instead of size x n."""
+    n0, n1 = spec.shape
+    ex = _offset_factors(n0, upsample, size) * np.exp(centre[0] * _freqs(n0))[None, :]
+    ey = _offset_factors(n1, upsample, size) * np.exp(centre[1] * _freqs(n1))[None, :]
+    return ex.astype(spec.dtype) @ spec @ ey.T.astype(spec.dtype)
 
 
 def _parabola(m: float, c: float, p: float) -> float:

@@ -9,9 +9,10 @@ of an acquisition with no other gap (`slip_suspected`) say the same.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import scipy.fft
+
+from tcbf_live.stream.tcbf.spectral_kernels import slip_votes
 
 SLIP_SIGMA = 5.0  # standard errors by which a sideways-lag preference must exceed zero
 MAX_SLIP_PAIRS = 200  # tile pairs used by `slip_lines` (evenly chosen beyond that)
@@ -81,74 +82,6 @@ def normalised_lines(images: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray,
     scale = 1.0 / np.maximum(rms, 1e-30)
     spectra *= scale
     return spectra, (img[..., [0, -1]] - mean) * scale
-
-
-@numba.njit(nogil=True, cache=True, fastmath=True)
-def slip_votes(
-    spectra: np.ndarray,  # (tiles, rows, cols // 2 + 1) rfft of every tile's lines
-    ends: np.ndarray,  # (tiles, rows, 2) each line's first and last sample
-    cols: int,
-    t: np.ndarray,  # (pairs,) tile compared ...
-    u: np.ndarray,  # (pairs,) ... with this one
-    d: np.ndarray,  # (pairs, 2) their correction-shift difference (rows, cols)
-) -> np.ndarray:
-    """`slip_lines`' vote sums, (5, rows + 2): per hypothesis "slip at line L", the sums and
-    squares of both votes and their count, as differences (a cumulative sum gives them).
-
-    In Fourier space, with no line transformed back: line r of tile t against tile u's line
-    r + dr (interpolated between the two nearest) moved by dc along the line (a phase ramp).
-    The circular correlation at lag k is sum_q w_q Re(conj(A_q) B_q e^(2 pi i q k / cols)) /
-    cols over the half spectrum (w_q = 2, or 1 at q = 0 and at Nyquist, where sin vanishes: the
-    imaginary part the ramp gives that coefficient drops out). The one product that wraps round
-    at lag +-1 (a's last sample times b's first, or a's first times b's last, b's read from the
-    spectrum) is taken off, so each lag averages the cols - |k| products that overlap."""
-    rows, nq = spectra.shape[1], spectra.shape[2]
-    even = cols % 2 == 0
-    weight = np.empty(nq)
-    cos = np.empty(nq)
-    sin = np.empty(nq)
-    for q in range(nq):
-        weight[q] = (1.0 if q == 0 or (even and q == nq - 1) else 2.0) / cols
-        cos[q] = np.cos(2 * np.pi * q / cols) * weight[q]
-        sin[q] = np.sin(2 * np.pi * q / cols) * weight[q]
-    ramp_re = np.empty(nq)
-    ramp_im = np.empty(nq)
-    acc = np.zeros((5, rows + 2))
-    for p in range(t.size):
-        a, b, dr, dc = t[p], u[p], d[p, 0], d[p, 1]
-        n0 = int(np.floor(dr))
-        w = dr - n0
-        for q in range(nq):
-            ramp_re[q] = np.cos(2 * np.pi * q * dc / cols)
-            ramp_im[q] = np.sin(2 * np.pi * q * dc / cols)
-        for r in range(rows - n0 - 1):
-            same = across = along = first = last = 0.0
-            for q in range(nq):
-                # B = ((1 - w) S_u[r + n0] + w S_u[r + n0 + 1]) * ramp; P = conj(A) B
-                near, far, own = spectra[b, r + n0, q], spectra[b, r + n0 + 1, q], spectra[a, r, q]
-                s_re = (1 - w) * near.real + w * far.real
-                s_im = (1 - w) * near.imag + w * far.imag
-                b_re = s_re * ramp_re[q] - s_im * ramp_im[q]
-                b_im = s_re * ramp_im[q] + s_im * ramp_re[q]
-                p_re = own.real * b_re + own.imag * b_im
-                p_im = own.real * b_im - own.imag * b_re
-                same += weight[q] * p_re
-                across += cos[q] * p_re  # lag +-1: across -+ along
-                along += sin[q] * p_im
-                first += weight[q] * b_re  # b at column 0 ...
-                last += cos[q] * b_re + sin[q] * b_im  # ... and at column cols - 1
-            same /= cols
-            left = (across + along - ends[a, r, 0] * last) / (cols - 1)  # lag -1
-            right = (across - along - ends[a, r, 1] * first) / (cols - 1)  # lag +1
-            # a missed trigger moves later content one column left (lag -1); an extra frame
-            # right. Line r straddles the hypotheses L = r + 1 ... floor(r + dr)
-            lo = r + 1
-            hi = min(int(np.floor(r + dr)), rows - 1) + 1
-            for row, val in enumerate((left - same, (left - same) ** 2, right - same,
-                                       (right - same) ** 2, 1.0)):  # fmt: skip
-                acc[row, lo] += val
-                acc[row, hi] -= val
-    return acc
 
 
 def slip_suspected(seen: np.ndarray, frames_expected: int) -> int:
