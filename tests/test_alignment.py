@@ -267,7 +267,7 @@ def test_pixel_groups_move_each_pixel_by_its_own_shift():
 
 
 def test_group_sums_of_integer_and_float_stacks_match_a_direct_sum():
-    from tcbf_live.stream.tcbf.kernels import GROUP_BLOCK, group_sums
+    from tcbf_live.stream.tcbf.tile_kernels import GROUP_BLOCK, group_sums
 
     rng = np.random.default_rng(8)
     rows, cols, n_bf, n_groups = 7, 5, 1200, 9
@@ -357,14 +357,15 @@ def test_every_core_kernel_lives_in_kernels_and_releases_the_gil():
     import numba
 
     import tcbf_live.stream.tcbf as core
-    from tcbf_live.stream.tcbf import chi_kernels, kernels, spectral_kernels
+    from tcbf_live.stream.tcbf import chi_kernels, kernels, spectral_kernels, tile_kernels
 
     found = {}
-    for module in (kernels, chi_kernels, spectral_kernels):  # the solve's, transfer's, spectra's
+    for module in (kernels, chi_kernels, spectral_kernels, tile_kernels):
         found |= {name: f for name, f in vars(module).items()
                   if isinstance(f, numba.core.registry.CPUDispatcher)}  # fmt: skip
     assert {"deposit", "group_sums", "scatter_groups", "ring_sums", "transfer_objective",
-            "shift_spectra", "cross_power", "blend_moved", "slip_votes"} <= set(found)  # fmt: skip
+            "shift_spectra", "cross_power", "blend_moved", "slip_votes", "merge_tiles",
+            "normalise_tiles"} <= set(found)  # fmt: skip
     for name, f in found.items():
         assert f.targetoptions.get("nogil") is True, name
         assert type(f._cache).__name__ != "NullCache", name  # cache=True

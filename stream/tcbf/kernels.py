@@ -1,4 +1,4 @@
-"""Every numba kernel of the science core.
+"""The numba kernels of ingest and of the solve's passes over the per-BF-pixel stack.
 
 Compiled once and cached (`cache=True`); each releases the GIL (`nogil=True`) so ingest and
 the alignment thread run on two cores.
@@ -14,12 +14,12 @@ BF pixel is read once and short per-tile loops are avoided (27 % of the kernel's
 
 Solve (plain loops over the per-BF-pixel stack):
 - `deposit`: bilinear splat of BF-pixel values onto the upsampled shift-and-add grid;
-- `group_sums`, `scatter_groups`: tile images re-formed from pixel groups moved by their shift;
 - `ring_sums`: annular virtual-BF images;
 - `window_column_sums`: each BF pixel's sum over a scan window.
 
-The weak-phase transfer of a chi to third order has its own module (`chi_kernels.py`), and the
-missed-trigger votes theirs (`slips.slip_votes`).
+The weak-phase transfer of a chi to third order has its own module (`chi_kernels.py`), the
+tile images re-formed from pixel groups theirs (`tile_kernels.py`), and the kernels over
+spectra theirs (`spectral_kernels.py`).
 """
 
 from __future__ import annotations
@@ -75,88 +75,6 @@ def deposit(
                         den[rr, cc, hh] += weights[i, q]
 
 
-GROUP_BLOCK = 16  # positions per block of `group_sums`: one 64-byte line of float32 per group
-
-
-@numba.njit(nogil=True, cache=True)
-def group_sums(stack, exposure, rows, cols, scan_cols, order, bounds, exact, zero, out_t):
-    """out_t[g, q] = sum over the BF pixels of group g of stack[p, i] / exposure[p] (frames x
-    relative dose), for the positions p of the window rows [rows[0], rows[1]) x cols
-    [cols[0], cols[1]) (q: row-major in the window); group g's pixels are
-    order[bounds[g]:bounds[g + 1]].
-
-    Integer stacks (`exact`, `zero` an int64 0): one running sum over the pixels in group
-    order, each group a difference of it (exact, and no branch per group: the loop over each
-    group's few pixels mispredicted on their varying counts). Float stacks (`zero` 0.0): each
-    group summed on its own, so that a non-finite pixel spoils only its group. Positions go in
-    blocks of GROUP_BLOCK, written a whole cache line per group: writing out_t one position at
-    a time strides it by the window's size, and those lines fought over the same L1 sets.
-    Together 2.2x faster than summing into each position's row and transposing (measured at
-    128x128 positions, 2,091 BF px, 412 groups: 31 against 68 ms)."""
-    width = cols[1] - cols[0]
-    n = (rows[1] - rows[0]) * width
-    n_groups = bounds.shape[0] - 1
-    cum = np.zeros(order.shape[0] + 1, type(zero))
-    block = np.zeros((n_groups, GROUP_BLOCK), np.float32)
-    for q0 in range(0, n, GROUP_BLOCK):
-        m = min(GROUP_BLOCK, n - q0)
-        for b in range(m):
-            p = (rows[0] + (q0 + b) // width) * scan_cols + cols[0] + (q0 + b) % width
-            h = exposure[p]
-            if h == 0:
-                block[:, b] = 0.0
-                continue
-            scale = 1.0 / h
-            row = stack[p]
-            if exact:
-                run = zero
-                for k in range(order.shape[0]):
-                    run += row[np.uint32(order[k])]
-                    cum[k + 1] = run
-                for g in range(n_groups):
-                    block[g, b] = (cum[bounds[g + 1]] - cum[bounds[g]]) * scale
-            else:
-                for g in range(n_groups):
-                    acc = zero
-                    for k in range(bounds[g], bounds[g + 1]):
-                        acc += row[np.uint32(order[k])]
-                    block[g, b] = acc * scale
-        for g in range(n_groups):
-            for b in range(m):
-                out_t[g, q0 + b] = block[g, b]
-
-
-@numba.njit(nogil=True, cache=True)
-def scatter_groups(groups_t, valid, tile_of_group, move, members, out, count):
-    """Add every group image (groups_t[g], row-major over the window) moved by its integer
-    shift into its tile; then mean per member, and the tile's mean where nothing landed."""
-    n_tiles, n_rows, width = out.shape
-    for g in range(groups_t.shape[0]):
-        t = tile_of_group[g]
-        dr = move[g, 0]
-        dc = move[g, 1]
-        m = members[g]
-        src = groups_t[g]
-        for r in range(max(0, -dr), min(n_rows, n_rows - dr)):
-            base = r * width
-            for c in range(max(0, -dc), min(width, width - dc)):
-                if valid[base + c]:
-                    out[t, r + dr, c + dc] += src[base + c]
-                    count[t, r + dr, c + dc] += m
-    for t in range(n_tiles):
-        total = 0.0
-        covered = 0
-        for r in range(n_rows):
-            for c in range(width):
-                if count[t, r, c] > 0:
-                    out[t, r, c] /= count[t, r, c]
-                    total += out[t, r, c]
-                    covered += 1
-        fill = total / covered if covered else 0.0
-        for r in range(n_rows):
-            for c in range(width):
-                if count[t, r, c] == 0:
-                    out[t, r, c] = fill
 
 
 @numba.njit(nogil=True, cache=True)

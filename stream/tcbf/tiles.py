@@ -21,7 +21,12 @@ from typing import Protocol
 
 import numpy as np
 
-from tcbf_live.stream.tcbf.kernels import group_sums, scatter_groups
+from tcbf_live.stream.tcbf.tile_kernels import (
+    group_sums,
+    merge_tiles,
+    normalise_tiles,
+    scatter_groups,
+)
 
 OUTSIDE_PX = 1 << 30  # a pixel group moved this far lands on no tile (left out)
 FINEST_DEFAULT_BIN = 4
@@ -223,14 +228,15 @@ class TileSource(Protocol):
 class PixelGroups:
     """BF pixels grouped by (finest tile, integer shift), with their summed images over a scan
     window: one pass over the per-pixel stack serves every bin level (levels nest, so each
-    group lies in one tile of every level), and each level then moves a few hundred group
-    images instead of thousands of pixel images."""
+    group lies in one tile of every level), and the groups are moved into the finest tiles
+    once; every level's tiles are then sums of those (`tile_kernels`)."""
 
     def __init__(self, stack, exposure, rows, cols, scan_cols, finest_tile, move, matrix_px=None):
         self.matrix_px = matrix_px  # the model the integer shifts came from
         keys = np.column_stack([finest_tile, move])
         uniq, first, group_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        self.first_pixel = first
+        self.finest_tile = finest_tile  # (N_bf,) finest tile of each BF pixel
+        self.fine_of_group = np.ascontiguousarray(uniq[:, 0], dtype=np.int64)
         self.move = np.ascontiguousarray(uniq[:, 1:], dtype=np.int64)
         counts = np.bincount(group_of.ravel(), minlength=len(uniq))
         self.members = counts.astype(np.float32)
@@ -245,14 +251,24 @@ class PixelGroups:
                    self.sums_t)  # fmt: skip
         window = exposure.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
         self.valid = np.ascontiguousarray(window.ravel() > 0)
+        self._finest: tuple[np.ndarray, np.ndarray] | None = None  # sums, member counts
 
     def tile_images(self, pixel_tile: np.ndarray, n_tiles: int) -> np.ndarray:
         """(n_tiles, rows, cols): mean per member of each tile, every pixel moved by its shift."""
+        if self._finest is None:
+            n_fine = int(self.finest_tile.max()) + 1
+            fine = np.zeros((n_fine, *self.shape), np.float32)
+            fine_count = np.zeros_like(fine)
+            scatter_groups(self.sums_t, self.valid, self.fine_of_group, self.move, self.members,
+                           fine, fine_count)  # fmt: skip
+            self._finest = (fine, fine_count)
+        fine, fine_count = self._finest
+        tile_of_fine = np.zeros(len(fine), np.int64)
+        tile_of_fine[self.finest_tile] = pixel_tile  # levels nest: one tile per finest tile
         out = np.zeros((n_tiles, *self.shape), np.float32)
         count = np.zeros_like(out)
-        tile_of_group = pixel_tile[self.first_pixel].astype(np.int64)
-        scatter_groups(self.sums_t, self.valid, tile_of_group, self.move, self.members, out,
-                       count)  # fmt: skip
+        merge_tiles(fine, fine_count, tile_of_fine, out, count)
+        normalise_tiles(out, count)
         return out
 
 
