@@ -244,7 +244,7 @@ def test_pixel_groups_move_each_pixel_by_its_own_shift():
     coarse = np.array([0, 0, 1, 1, 1, 1])
     move = np.array([[0, 0], [1, -1], [0, 2], [0, 2], [-1, 0], [2, 1]])
     window = ((1, 6), (0, 6))  # rows 1..5, cols 0..5 of the scan
-    groups = PixelGroups(stack, hits, *window, cols, finest, move)
+    groups = PixelGroups(stack, hits, hits.astype(float), *window, cols, finest, move)
     assert len(groups.members) == 5  # pixels 2 and 3 share tile and shift
     for tile_of, n in ((finest, 3), (coarse, 2)):
         out = groups.tile_images(tile_of, n)
@@ -274,23 +274,21 @@ def test_group_sums_of_integer_and_float_stacks_match_a_direct_sum():
     group_of = rng.integers(0, n_groups, n_bf)
     order = np.argsort(group_of, kind="stable").astype(np.int64)
     bounds = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=n_groups))])
-    exposure = rng.uniform(0.5, 2.0, rows * cols)
-    exposure[[11, 32]] = 0.0  # no frames there: one position in each block of the window
-    window = (np.array([1, 7]), np.array([1, 4]))  # scan rows 1..6, cols 1..3: 18 positions
+    # scan rows 1..6, cols 1..3: 18 positions, all but window position 7 listed, to the
+    # window's targets 0..17 (position 7 is left as it was)
+    targets = np.array([q for q in range(18) if q != 7])
+    positions = (1 + targets // 3) * cols + 1 + targets % 3
     # counts up to 65535 over 1,200 px: running totals near 4e7 > 2**24, exact only in integers
     stack16 = rng.integers(0, 65536, (rows * cols, n_bf)).astype(np.uint16)
     stack32 = stack16.astype(np.float32) / 7
     stack32[12, 5] = np.nan  # a non-finite pixel spoils its own group at its position only
     for stack, exact in ((stack16, True), (stack32, False)):
-        out = np.full((n_groups, 18), -1.0, np.float32)  # every entry must be written
-        group_sums(stack, exposure, *window, cols, order, bounds.astype(np.int64), exact,
+        out = np.full((n_groups, 18), -1.0, np.float32)  # every listed entry must be written
+        group_sums(stack, positions, targets, order, bounds.astype(np.int64), exact,
                    np.int64(0) if exact else 0.0, out)  # fmt: skip
-        ref = np.zeros((n_groups, 18))
-        for q in range(18):
-            p = (1 + q // 3) * cols + 1 + q % 3
-            if exposure[p] > 0:
-                for i in range(n_bf):
-                    ref[group_of[i], q] += float(stack[p, i]) / exposure[p]
+        ref = np.full((n_groups, 18), -1.0)
+        for q, p in zip(targets, positions, strict=True):
+            ref[:, q] = np.bincount(group_of, stack[p].astype(np.float64), n_groups)
         spoiled = np.zeros_like(ref, bool)
         if not exact:
             spoiled[group_of[5], 4] = True  # position 12 = window row 1, col 1
@@ -333,14 +331,16 @@ def test_regrouped_tiles_reuse_their_groups_until_a_pixel_moves_too_far():
     exposure = np.ones(rows * cols)
     excluded = np.zeros(len(k), bool)
     excluded[5] = True
-    source = RegroupedTiles(stack, exposure, ((0, rows), (0, cols)), cols, layout, k, excluded,
-                            0.5)  # fmt: skip
+    hits = np.ones(rows * cols, np.uint32)
+    source = RegroupedTiles(stack, hits, exposure, ((0, rows), (0, cols)), cols, layout, k,
+                            excluded, 0.5)  # fmt: skip
     m = np.array([[0.1, 0.0], [0.0, 0.1]])
     images, used = source.tile_images(4, m)
     first = source.groups
     move = np.rint(k @ m.T).astype(np.int64)
     move[5] = 1 << 30  # left out: lands on no tile
-    ref = PixelGroups(stack, exposure, (0, rows), (0, cols), cols, layout.member_tile[-1], move)
+    ref = PixelGroups(stack, hits, exposure, (0, rows), (0, cols), cols, layout.member_tile[-1],
+                      move)  # fmt: skip
     np.testing.assert_array_equal(images, ref.tile_images(layout.member_tile[0], 4))
     assert used is m or np.array_equal(used, m)
     source.tile_images(2, m * 2.0)  # edge pixels (|k| <= 4 px) move by 0.4 px: same groups
@@ -406,3 +406,57 @@ def test_spectral_kernels_equal_their_numpy_expressions():
     expected = 0.25 * reference + 0.75 * moved[3] * ramps(shape, [[0.7, -1.2]])[0]
     blend_moved(reference, moved[3], e0[0], e1[0], 0.25, 0.75)
     np.testing.assert_allclose(reference, expected, atol=1e-5)
+
+
+def test_pixel_groups_refreshed_for_a_later_update_equal_fresh_ones():
+    """A later live update refreshes the last update's groups: only positions whose frame count
+    changed, or that are new to the window, are summed again; the result equals groups formed
+    afresh. Refitted exposures (the dose model) need no new sums; an excluded pixel does."""
+    from tcbf_live.stream.tcbf.tiles import RegroupedTiles, TileLevels
+
+    rng = np.random.default_rng(11)
+    rows, cols = 12, 9
+    bf = np.array([(r, c) for r in range(-4, 4) for c in range(-4, 4)]) + 10
+    layout = TileLevels.build(bf, (10, 10), (4, 2))
+    k = (bf[layout.order] - 10).astype(float)
+    m = np.array([[0.2, 0.05], [-0.05, 0.2]])
+    stack = rng.integers(0, 9, (rows * cols, len(k))).astype(np.uint16)
+    hits = np.zeros(rows * cols, np.uint32)
+    hits[: 6 * cols] = 1  # rows 0..5 acquired
+    excluded = np.zeros(len(k), bool)
+
+    def source(window, exposure, previous=None, out=excluded):
+        return RegroupedTiles(stack, hits, exposure, window, cols, layout, k, out, 0.5, previous)
+
+    def fresh_sums(window, exposure):
+        fresh = source(window, exposure)
+        fresh.tile_images(4, m)
+        return fresh.groups.sums_t
+
+    first = source(((0, 6), (1, 8)), hits.astype(float))
+    first.tile_images(4, m)
+    assert first.groups.summed == 6 * 7
+    hits[6 * cols :] = 1  # the rest of the scan arrives; position 20 gets a second frame
+    stack[20] += rng.integers(0, 9, len(k)).astype(np.uint16)
+    hits[20] = 2
+    exposure = hits * rng.uniform(0.8, 1.2, rows * cols)  # the dose model refitted
+    window = ((2, 12), (1, 8))
+    later = source(window, exposure, first.groups)
+    images, used = later.tile_images(2, m * 1.2)  # within 0.5 px: the same grouping
+    assert later.groups is first.groups and np.array_equal(used, m)
+    assert later.groups.summed == 6 * 7 + 1  # rows 6..11 and position 20 (row 2, col 2)
+    fresh = source(window, exposure)
+    want, _ = fresh.tile_images(2, m)
+    np.testing.assert_allclose(later.groups.sums_t, fresh.groups.sums_t)
+    np.testing.assert_allclose(images, want, rtol=1e-6)
+    stack[30] += 1  # a repeat-pass frame at position 30 (row 3, col 3), same window
+    hits[30] += 1
+    same = source(window, exposure, later.groups)
+    same.tile_images(4, m)
+    assert same.groups is later.groups and same.groups.summed == 1
+    np.testing.assert_allclose(same.groups.sums_t, fresh_sums(window, exposure))
+    bad = excluded.copy()
+    bad[3] = True
+    other = source(window, exposure, later.groups, bad)
+    other.tile_images(4, m)
+    assert other.groups is not later.groups  # a pixel left out since: formed afresh

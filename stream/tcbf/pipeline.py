@@ -52,6 +52,7 @@ from tcbf_live.stream.tcbf.screening import FrameScreen, screen_frames
 from tcbf_live.stream.tcbf.slips import slip_lines
 from tcbf_live.stream.tcbf.steps import AlignedStep, ImageStep, ResolutionStep
 from tcbf_live.stream.tcbf.tiles import (
+    PixelGroups,
     RegroupedTiles,
     TileGeometry,
     TileLevels,
@@ -122,6 +123,7 @@ class Pipeline:
                                        acq.step_A, self.sampling_mrad)  # fmt: skip
         self.last: PipelineResult | None = None
         self._slips: set[tuple[int, int]] = set()
+        self.groups: PixelGroups | None = None  # the last live update's, for the next
 
     def inputs(self, state: AccumulatorState, frames: int) -> AlignmentInputs:
         """Copies of the (merged) state for one update: the hits, totals and BF sums, and the
@@ -213,13 +215,14 @@ class Pipeline:
         self.last_trust = level_trust(levels, st.min_tile_electrons, dose)
         if not final and self.matrix_px is not None:
             st = replace(st, iterations_per_level=st.live_iterations_per_level)
-        pixels = RegroupedTiles(inputs.stack, self.exposure(inputs), inputs.window,
+        pixels = RegroupedTiles(inputs.stack, inputs.hits, self.exposure(inputs), inputs.window,
                                 self.scan_shape[1], self.layout, self.k_px, self.bad_px,
-                                FINAL_REGROUP_PX if final else REGROUP_PX)  # fmt: skip
+                                FINAL_REGROUP_PX if final else REGROUP_PX,
+                                None if final else self.groups)  # fmt: skip
         t_align = time.perf_counter()
         found = align(levels, st, matrix_px=None if final else self.matrix_px, pixels=pixels)
         seconds = time.perf_counter() - t_align
-        del pixels  # release the grouped sums (never reused by a later update)
+        self.groups = None if final else pixels.kept()  # the next live update refreshes them
         rows = inputs.window[0]
         found = self.fallback.consider(found, None if self.matrix_px is None else self.method,
                                        inputs.stack, self.exposure(inputs), self.scan_shape,

@@ -229,29 +229,65 @@ class PixelGroups:
     """BF pixels grouped by (finest tile, integer shift), with their summed images over a scan
     window: one pass over the per-pixel stack serves every bin level (levels nest, so each
     group lies in one tile of every level), and the groups are moved into the finest tiles
-    once; every level's tiles are then sums of those (`tile_kernels`)."""
+    once; every level's tiles are then sums of those (`tile_kernels`).
 
-    def __init__(self, stack, exposure, rows, cols, scan_cols, finest_tile, move, matrix_px=None):
+    The group images hold raw counts, divided by each position's exposure only when moved, so
+    a later update with the same grouping (`refresh`) sums again only the positions whose
+    frame count changed or that are new to its window: the rows that arrived since."""
+
+    def __init__(self, stack, hits, exposure, rows, cols, scan_cols, finest_tile, move,
+                 matrix_px=None):  # fmt: skip
         self.matrix_px = matrix_px  # the model the integer shifts came from
+        self.move_px = move  # (N_bf, 2) each pixel's integer shift (OUTSIDE_PX: left out)
         keys = np.column_stack([finest_tile, move])
-        uniq, first, group_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        uniq, group_of = np.unique(keys, axis=0, return_inverse=True)
         self.finest_tile = finest_tile  # (N_bf,) finest tile of each BF pixel
         self.fine_of_group = np.ascontiguousarray(uniq[:, 0], dtype=np.int64)
         self.move = np.ascontiguousarray(uniq[:, 1:], dtype=np.int64)
         counts = np.bincount(group_of.ravel(), minlength=len(uniq))
         self.members = counts.astype(np.float32)
-        self.shape = (rows[1] - rows[0], cols[1] - cols[0])
-        order = np.argsort(group_of.ravel(), kind="stable").astype(np.int64)  # group by group
-        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._order = np.argsort(group_of.ravel(), kind="stable").astype(np.int64)
+        self._bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.sums_t = np.zeros((len(uniq), 0), np.float32)  # (groups, window positions)
+        self.window = ((0, 0), (0, 0))
+        self._hits = np.zeros(0, np.int64)  # each window position's frames when summed
+        self.summed = 0  # positions summed by the last refresh (for the log and the tests)
+        self._finest: tuple[np.ndarray, np.ndarray] | None = None  # tile sums, member counts
+        self.refresh(stack, hits, exposure, rows, cols, scan_cols)
+
+    def refresh(self, stack, hits, exposure, rows, cols, scan_cols) -> None:
+        """The group images over the window rows x cols: positions summed before with the
+        same frame count are kept, the others summed from the stack."""
+        shape = (rows[1] - rows[0], cols[1] - cols[0])
+        pos = (np.arange(*rows)[:, None] * scan_cols + np.arange(*cols)[None, :]).ravel()
+        now = hits[pos].astype(np.int64)
+        if (tuple(rows), tuple(cols)) == self.window:
+            sums, done = self.sums_t, self._hits == now
+        else:
+            sums = np.zeros((len(self.members), pos.size), np.float32)
+            done = np.zeros(pos.size, bool)
+            (o0, o1), _ = self.window
+            lo, hi = max(rows[0], o0), min(rows[1], o1)
+            if lo < hi and tuple(cols) == self.window[1]:  # rows shared with the last window
+                new = slice((lo - rows[0]) * shape[1], (hi - rows[0]) * shape[1])
+                old = slice((lo - o0) * shape[1], (hi - o0) * shape[1])
+                sums[:, new] = self.sums_t[:, old]
+                done[new] = self._hits[old] == now[new]
+        todo = np.flatnonzero(~done & (now > 0))
         exact = bool(np.issubdtype(stack.dtype, np.integer))
-        # (groups, positions): the group images, for the scatter
-        self.sums_t = np.empty((len(uniq), self.shape[0] * self.shape[1]), np.float32)
-        group_sums(stack, exposure, np.asarray(rows, np.int64), np.asarray(cols, np.int64),
-                   scan_cols, order, bounds, exact, np.int64(0) if exact else 0.0,
-                   self.sums_t)  # fmt: skip
-        window = exposure.reshape(-1, scan_cols)[rows[0] : rows[1], cols[0] : cols[1]]
-        self.valid = np.ascontiguousarray(window.ravel() > 0)
-        self._finest: tuple[np.ndarray, np.ndarray] | None = None  # sums, member counts
+        group_sums(stack, pos[todo], todo, self._order, self._bounds, exact,
+                   np.int64(0) if exact else 0.0, sums)  # fmt: skip
+        sums[:, np.flatnonzero(now == 0)] = 0.0
+        self.sums_t, self._hits, self.window = sums, now, (tuple(rows), tuple(cols))
+        self.summed = todo.size
+        self.shape = shape
+        w = exposure[pos]
+        self.scale = np.divide(1.0, w, out=np.zeros(w.shape), where=w > 0)  # 0: left out
+        self.release_tiles()
+
+    def release_tiles(self) -> None:
+        """Drop the finest tiles' sums (formed again by the next `tile_images`)."""
+        self._finest = None
 
     def tile_images(self, pixel_tile: np.ndarray, n_tiles: int) -> np.ndarray:
         """(n_tiles, rows, cols): mean per member of each tile, every pixel moved by its shift."""
@@ -259,7 +295,7 @@ class PixelGroups:
             n_fine = int(self.finest_tile.max()) + 1
             fine = np.zeros((n_fine, *self.shape), np.float32)
             fine_count = np.zeros_like(fine)
-            scatter_groups(self.sums_t, self.valid, self.fine_of_group, self.move, self.members,
+            scatter_groups(self.sums_t, self.scale, self.fine_of_group, self.move, self.members,
                            fine, fine_count)  # fmt: skip
             self._finest = (fine, fine_count)
         fine, fine_count = self._finest
@@ -276,29 +312,50 @@ class RegroupedTiles(TileSource):
     """Tile images of any level from the per-pixel stack over one window, each pixel's image
     moved by its model shift (nearest scan px): tiles are then sharp and share one window (see
     `alignment.align`). The grouped pixel sums are formed once and reused by every level until
-    a model moves some pixel by more than `regroup_px` from where they were formed. Holds the
-    stack it reads: make one per update and drop it afterwards."""
+    a model moves some pixel by more than `regroup_px` from where they were formed; `previous`
+    (the last update's `groups`) is reused the same way, refreshed where frames arrived since,
+    when no pixel was excluded in between. Holds the stack it reads."""
 
-    def __init__(self, stack: np.ndarray, exposure: np.ndarray, window: Window, scan_cols: int,
-                 layout: TileLevels, k_px: np.ndarray, excluded_px: np.ndarray,
-                 regroup_px: float):  # fmt: skip
-        self._args = (stack, exposure, window[0], window[1], scan_cols, layout.member_tile[-1])
+    def __init__(self, stack: np.ndarray, hits: np.ndarray, exposure: np.ndarray,
+                 window: Window, scan_cols: int, layout: TileLevels, k_px: np.ndarray,
+                 excluded_px: np.ndarray, regroup_px: float,
+                 previous: PixelGroups | None = None):  # fmt: skip
+        self._args = (stack, hits, exposure, window[0], window[1], scan_cols)
         self.layout = layout
         self.k_px = k_px
         self.excluded_px = excluded_px  # (N_bf,) bool: moved off every tile
         self.regroup_px = regroup_px
         self.groups: PixelGroups | None = None
+        self.previous = previous
 
     def tile_images(self, bin_px: int, matrix_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(images (n_tiles, rows, cols) of level `bin_px`, the model their shifts came from)."""
         shifts = self.k_px @ matrix_px.T
-        if (
-            self.groups is None
-            or np.abs(shifts - self.k_px @ self.groups.matrix_px.T).max() > self.regroup_px
-        ):
+        if self.groups is None and self.previous is not None and self.fits(self.previous, shifts):
+            self.previous.refresh(*self._args)
+            self.groups = self.previous
+        self.previous = None
+        if self.groups is None or not self.fits(self.groups, shifts):
             move = np.rint(shifts).astype(np.int64)
             move[self.excluded_px] = OUTSIDE_PX
-            self.groups = PixelGroups(*self._args, move, matrix_px.copy())
+            self.groups = PixelGroups(*self._args, self.layout.member_tile[-1], move,
+                                      matrix_px.copy())  # fmt: skip
         lvl = self.layout.bins.index(bin_px)
         images = self.groups.tile_images(self.layout.member_tile[lvl], self.layout.n_tiles[lvl])
         return images, self.groups.matrix_px
+
+    def kept(self) -> PixelGroups | None:
+        """The groups, to be refreshed by a later update, without their tile sums (formed
+        again after a refresh): what stays in memory between updates is the group images."""
+        if self.groups is not None:
+            self.groups.release_tiles()
+        return self.groups
+
+    def fits(self, groups: PixelGroups, shifts: np.ndarray) -> bool:
+        """Whether `groups` serve the model shifts: the same pixels left out, and none moved
+        by more than `regroup_px` from the model they were formed with."""
+        out = groups.move_px[:, 0] == OUTSIDE_PX
+        if not np.array_equal(out, self.excluded_px):
+            return False
+        moved = np.abs(shifts - self.k_px @ groups.matrix_px.T)[~out]
+        return moved.size == 0 or moved.max() <= self.regroup_px
