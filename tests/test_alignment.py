@@ -396,13 +396,18 @@ def test_spectral_kernels_equal_their_numpy_expressions():
     share = rng.uniform(size=5).astype(np.float32)
     moved, reference = np.empty_like(spectra), np.empty(shape, np.complex64)
     shift_spectra(spectra, *ramp_factors(shape, shifts), share, moved, reference)
-    want = spectra * ramps(shape, shifts)
+    q0, q1 = np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1])
+    ramp = np.exp(-2j * np.pi * (shifts[:, :1, None] * q0[None, :, None]
+                                 + shifts[:, 1:, None] * q1[None, None, :]))  # fmt: skip
+    want = spectra * ramp
     np.testing.assert_allclose(moved, want, atol=1e-5)
     np.testing.assert_allclose(reference, np.tensordot(share, want, axes=1), atol=1e-5)
     cross = np.empty_like(reference)
     cross_power(moved[2], reference, cross)
     np.testing.assert_allclose(cross, moved[2] * np.conj(reference), atol=1e-5)
     e0, e1 = ramp_factors(shape, [[0.7, -1.2]])
+    np.testing.assert_allclose(ramps(shape, [[0.7, -1.2]])[0], np.exp(
+        -2j * np.pi * (0.7 * q0[:, None] - 1.2 * q1[None, :])), atol=1e-5)  # fmt: skip
     expected = 0.25 * reference + 0.75 * moved[3] * ramps(shape, [[0.7, -1.2]])[0]
     blend_moved(reference, moved[3], e0[0], e1[0], 0.25, 0.75)
     np.testing.assert_allclose(reference, expected, atol=1e-5)
@@ -455,6 +460,8 @@ def test_pixel_groups_refreshed_for_a_later_update_equal_fresh_ones():
     same.tile_images(4, m)
     assert same.groups is later.groups and same.groups.summed == 1
     np.testing.assert_allclose(same.groups.sums_t, fresh_sums(window, exposure))
+    idle = source(window, exposure, later.groups)  # an update that formed no tile images
+    assert idle.kept() is later.groups  # keeps the groups it was given for the next one
     bad = excluded.copy()
     bad[3] = True
     other = source(window, exposure, later.groups, bad)

@@ -215,10 +215,10 @@ class Pipeline:
         self.last_trust = level_trust(levels, st.min_tile_electrons, dose)
         if not final and self.matrix_px is not None:
             st = replace(st, iterations_per_level=st.live_iterations_per_level)
+        previous, self.groups = None if final else self.groups, None  # final: formed afresh
         pixels = RegroupedTiles(inputs.stack, inputs.hits, self.exposure(inputs), inputs.window,
                                 self.scan_shape[1], self.layout, self.k_px, self.bad_px,
-                                FINAL_REGROUP_PX if final else REGROUP_PX,
-                                None if final else self.groups)  # fmt: skip
+                                FINAL_REGROUP_PX if final else REGROUP_PX, previous)  # fmt: skip
         t_align = time.perf_counter()
         found = align(levels, st, matrix_px=None if final else self.matrix_px, pixels=pixels)
         seconds = time.perf_counter() - t_align

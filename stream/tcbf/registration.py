@@ -23,7 +23,9 @@ def _freqs(n: int) -> np.ndarray:
 def _offset_factors(n: int, upsample: int, size: int) -> np.ndarray:
     """(size, n) IDFT factors of the grid's offsets from its centre (shared: never written)."""
     offs = (np.arange(size) - size // 2) / upsample
-    return np.exp(offs[:, None] * _freqs(n)[None, :])
+    factors = np.exp(offs[:, None] * _freqs(n)[None, :])
+    factors.setflags(write=False)
+    return factors
 
 
 def _upsampled_idft(spec: np.ndarray, centre: np.ndarray, upsample: int, size: int) -> np.ndarray:

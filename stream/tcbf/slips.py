@@ -79,7 +79,9 @@ def normalised_lines(images: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray,
     q = np.arange(spectra.shape[2])
     weight = np.where((q == 0) | (2 * q == cols), 1.0, 2.0)  # the half spectrum's share
     rms = np.sqrt((weight * (spectra.real**2 + spectra.imag**2)).sum(axis=2, keepdims=True)) / cols
-    scale = 1.0 / np.maximum(rms, 1e-30)
+    # a constant line leaves only the transform's rounding: no signal, not unit-RMS noise
+    flat = rms <= 1e-9 * np.abs(mean) + 1e-30
+    scale = np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, rms))
     spectra *= scale
     return spectra, (img[..., [0, -1]] - mean) * scale
 

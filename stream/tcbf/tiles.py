@@ -233,7 +233,11 @@ class PixelGroups:
 
     The group images hold raw counts, divided by each position's exposure only when moved, so
     a later update with the same grouping (`refresh`) sums again only the positions whose
-    frame count changed or that are new to its window: the rows that arrived since."""
+    frame count changed or that are new to its window: the rows that arrived since. This rests
+    on a stack row changing only together with its frame count in `hits` (every writer: the
+    ingest kernel, a merged delta). A grouping is reused while no pixel moved by more than
+    `regroup_px` from the model it was formed with, so a pixel's integer move lags the current
+    model by at most regroup_px + 0.5 px, as between the levels of one update."""
 
     def __init__(self, stack, hits, exposure, rows, cols, scan_cols, finest_tile, move,
                  matrix_px=None):  # fmt: skip
@@ -346,10 +350,12 @@ class RegroupedTiles(TileSource):
 
     def kept(self) -> PixelGroups | None:
         """The groups, to be refreshed by a later update, without their tile sums (formed
-        again after a refresh): what stays in memory between updates is the group images."""
-        if self.groups is not None:
-            self.groups.release_tiles()
-        return self.groups
+        again after a refresh): what stays in memory between updates is the group images.
+        An update that formed no tile images (no trusted level) keeps `previous`."""
+        kept = self.groups if self.groups is not None else self.previous
+        if kept is not None:
+            kept.release_tiles()
+        return kept
 
     def fits(self, groups: PixelGroups, shifts: np.ndarray) -> bool:
         """Whether `groups` serve the model shifts: the same pixels left out, and none moved

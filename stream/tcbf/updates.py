@@ -91,8 +91,9 @@ class AlignmentInputs:
     `stack` is the live per-BF-pixel array: rows of positions counted in `hits` are complete
     (the kernel fills a row before counting it), so reading them without the lock is safe for
     a single pass. During a repeat pass (`--repeat accumulate`) a position being written while
-    an update reads it can be off by one frame in that update; the final update runs after
-    ingest and is exact."""
+    an update reads it can be off by one frame in that update (and in the pixel groups kept
+    for the next live updates until that position's frame count changes again: a stack row
+    changes only with its count in `hits`); the final update runs after ingest and is exact."""
 
     hits: np.ndarray  # (n_pos,) copy
     electrons_total: float  # electrons in the whole scan so far (dose)
