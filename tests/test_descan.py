@@ -74,7 +74,8 @@ def test_too_few_positions_or_no_gain_give_no_model():
 
 def test_live_updates_measure_it_incrementally():
     """Live: measured on the positions so far; the moments of a position are taken once and
-    again only when its frames or exposure change, and the end equals a fresh computation."""
+    again only when its frames change or it is excluded or readmitted, and the end equals a
+    fresh computation."""
     d = (0.02, 0.0, 0.0, 0.015)
     sim = Simulator(tutorial_config(dose_e_per_A2=1000.0, descan_px_per_step=d))
     frames = sim.frames(0, sim.n_frames)
@@ -90,3 +91,29 @@ def test_live_updates_measure_it_incrementally():
     fresh = descan.disk_moments(inputs.stack, pl.k_px, pl.moments._of[1]) / pl.descan_gain
     np.testing.assert_allclose(final.centres_px.reshape(-1, 2), fresh, rtol=1e-12)
     assert abs(final.per_step_px[0, 0] - d[0]) < 0.003
+
+
+def test_disk_moments_are_recomputed_for_new_frames_and_exclusions_only():
+    """A refit of the dose model moves every exposure a little: no moment depends on it, so
+    none is recomputed; new frames, an exclusion and a readmission are."""
+    rng = np.random.default_rng(2)
+    k = rng.uniform(-5, 5, (40, 2))
+    stack = rng.integers(0, 50, (12, 40)).astype(np.uint16)
+    hits = np.ones(12, np.int64)
+    exposure = np.ones(12)
+    moments = descan.DiskMoments(12, k)
+    first = moments.update(stack, hits, exposure).copy()
+    assert moments.recomputed == 12
+    np.testing.assert_allclose(first, descan.disk_moments(stack, k, exposure))
+    moments.update(stack, hits, exposure * rng.uniform(0.9, 1.1, 12))  # the dose model refitted
+    assert moments.recomputed == 0
+    exposure[5] = 0.0  # excluded
+    assert np.isnan(moments.update(stack, hits, exposure)[5]).all() and moments.recomputed == 1
+    exposure[5] = 1.0  # readmitted
+    np.testing.assert_allclose(moments.update(stack, hits, exposure), first)
+    assert moments.recomputed == 1
+    stack[7] += 3  # a repeat-pass frame
+    hits[7] = 2
+    again = moments.update(stack, hits, exposure)
+    assert moments.recomputed == 1
+    np.testing.assert_allclose(again, descan.disk_moments(stack, k, exposure))

@@ -88,19 +88,24 @@ def disk_moments(stack: np.ndarray, k_px: np.ndarray, exposure: np.ndarray,
 
 class DiskMoments:
     """`disk_moments` of every position, kept between updates and recomputed only where a
-    position's frames or exposure changed (a live update costs the new positions)."""
+    position's frames changed or it was excluded or readmitted (a live update costs the new
+    positions). A moment is a ratio of sums of the counts: the exposure's value, which every
+    refit of the dose model moves a little, does not enter it (recomputing every position for
+    it took 40 ms per update at 128x128 positions, 2,091 BF px)."""
 
     def __init__(self, n_pos: int, k_px: np.ndarray):
         self.k_px = k_px
         self.moments = np.full((n_pos, 2), np.nan)
-        self._of = (np.zeros(n_pos, np.int64), np.zeros(n_pos))  # (hits, exposure) taken at
+        self._of = (np.zeros(n_pos, np.int64), np.zeros(n_pos, bool))  # (hits, exposed) taken at
+        self.recomputed = 0  # positions the last update recomputed
 
     def update(self, stack: np.ndarray, hits: np.ndarray, exposure: np.ndarray) -> np.ndarray:
-        seen = self._of
-        changed = np.flatnonzero((hits != seen[0]) | (exposure != seen[1]))
+        seen, exposed = self._of, exposure > 0
+        changed = np.flatnonzero((hits != seen[0]) | (exposed != seen[1]))
         if changed.size:
             self.moments[changed] = disk_moments(stack, self.k_px, exposure[changed], changed)
-            seen[0][changed], seen[1][changed] = hits[changed], exposure[changed]
+            seen[0][changed], seen[1][changed] = hits[changed], exposed[changed]
+        self.recomputed = changed.size
         return self.moments
 
 
