@@ -52,6 +52,7 @@ class WorkerPlan:
     end_wait_s: float = 5.0  # an end waits at most this long for every worker's last delta
     worker_timeout_s: float = 3.0  # a worker silent this long is stalled
     ready_timeout_s: float = 60.0  # local workers must have joined by then
+    row_block_rows: int = 0  # rows of a worker's row block per series (0: `RowBlock.capacity`)
 
 
 class Coordinator(Engine):
@@ -146,11 +147,12 @@ class Coordinator(Engine):
             startup = cpu.pop("start-up", 0.0)  # kernels loaded (first call): not per frame
             other = process - startup - sum(cpu.values())  # ZeroMQ's I/O thread, the loop
             stages = ", ".join(f"{k} {v * per:.1f}" for k, v in cpu.items())
-            rss = p.peak_rss_mb
+            rss, (waits, waited) = p.peak_rss_mb, p.row_waits
             lines.append(f"worker {p.index}: {p.frames} frames ({p.lane} by the compiled lane); "
                          f"CPU us/frame: {stages}, "
                          f"other {other * per:.1f} (process {process * per:.1f}, less "
-                         f"{startup:.2f} s start-up); peak RSS {rss:.0f} MiB")  # fmt: skip
+                         f"{startup:.2f} s start-up); peak RSS {rss:.0f} MiB; deltas forced "
+                         f"by a full row block: {waits} ({waited:.2f} s)")  # fmt: skip
         e = self
         frames = max(e.counters.frames, 1)
         lines.append(f"coordinator: merge {e.merge_cpu_s * 1e6 / frames:.2f} us/frame "

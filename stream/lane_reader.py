@@ -79,8 +79,12 @@ class LaneReader:
         if proc is None or proc.staging is None or proc.info.detector_shape != \
                 info.detector_shape or proc.info.dtype != info.dtype:  # fmt: skip
             return LaneTake(None, 0, [])
+        rows = proc.staging.acc.rows  # a worker's row block: one call fills at most the rest
+        limit = MAX_LANE_MESSAGES if rows is None else min(MAX_LANE_MESSAGES, rows.free)
+        if limit == 0:  # nothing is read until a delta frees rows
+            return LaneTake(info.series_id, 0, [])
         n, last_frame, parts, oversized = self.lane.drain(self.target(proc, info, templates),
-                                                          MAX_LANE_MESSAGES, max_bytes)  # fmt: skip
+                                                          limit, max_bytes)  # fmt: skip
         if n:
             self.decoder.lane_consumed(n, last_frame)
             proc.touch()

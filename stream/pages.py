@@ -1,11 +1,11 @@
-"""Memory given back: a large array that is all zeros returned to the operating system.
+"""Memory given back: the pages of a large array that is all zeros returned to the operating
+system, and this process's peak resident memory.
 
-A worker sends what it accumulated as deltas (`DeltaTaker` takes every row with frames and
-zeroes it), so right after a delta its state is all zeros; its arrays keep the whole scan's
-geometry, and without this its resident memory would grow to the whole per-BF-pixel stack as
-the scan covers it. `release` hands the array's pages back (Linux `madvise(MADV_DONTNEED)`:
-anonymous memory reads back as zeros), so a worker holds about the frames since its last
-delta. Elsewhere it does nothing (the memory stays resident, the values stay zero).
+`release` hands an array's pages back (Linux `madvise(MADV_DONTNEED)`: anonymous memory reads
+back as zeros); `memory_reserve` gives back the part of its prepared block a series does not
+take. (Workers once released their whole state after every delta and then wrote every frame
+into fresh memory; they now fold into a recycled block of rows, `tcbf.row_block`.) Elsewhere
+it does nothing (the memory stays resident, the values stay zero).
 """
 
 from __future__ import annotations

@@ -166,12 +166,12 @@ def fold_blob(blob, start, stop, element_size, scratch, idx, k, vals, cum) -> bo
     for a blob that does not decompress to exactly one frame."""
     (n_pos, cols, serpentine, bf_index, tile_start, tile_stop, axial_index, masked_index,
      stack_max, zero, exact, totals, bf_sum, axial_sum, hits, stack, tiles, seen, stats,
-     moments, read_offset, masked_flag, det_cols) = k
+     moments, read_offset, masked_flag, det_cols, slot_of, slot_pos, slot_count) = k
     if not bslz4_into(blob, start, stop, scratch, element_size):
         return False
-    j = claim(idx, n_pos, cols, serpentine, seen, stats)
+    j, r = claim(idx, n_pos, cols, serpentine, seen, stats, slot_of, slot_pos, slot_count)
     if j >= 0:
-        fold(scratch, j, bf_index, tile_start, tile_stop, axial_index, masked_index,
+        fold(scratch, j, r, bf_index, tile_start, tile_stop, axial_index, masked_index,
              type(zero)(stack_max), zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack,
              tiles, stats, moments, read_offset, masked_flag, det_cols)  # fmt: skip
     return True

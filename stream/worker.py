@@ -25,13 +25,13 @@ from tcbf_live.detectors.base import (
 from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.stream import worker_series
 from tcbf_live.stream.budget import BudgetExceeded, memory_budget_bytes
-from tcbf_live.stream.lane_reader import lane_for
-from tcbf_live.stream.pages import release
+from tcbf_live.stream.lane_reader import MAX_LANE_MESSAGES, lane_for
 from tcbf_live.stream.priority import freeze_startup_objects
 from tcbf_live.stream.receiver import StreamCounters, SubscriberSettings, open_socket
 from tcbf_live.stream.series import SeriesError, SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX, DeltaTaker
+from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX
 from tcbf_live.stream.tcbf.calibration import Calibration
+from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.transport import OversizedMessage, recv_capped
 from tcbf_live.stream.worker_link import (
     LinkError,
@@ -49,6 +49,8 @@ WAITING = ("no_start", "wrong_series")  # a frame message whose series this work
 BACKLOG_S = 30.0  # frame messages wait this long for their series' start, then are rejected
 BEAT_S = 0.25  # counters to the coordinator (also: this worker is alive)
 CLOSED = 64  # ended or dropped series remembered (to name their stragglers)
+ROOM = MAX_LANE_MESSAGES  # rows free in every row block before detector messages are read
+ROOM_WAIT_S = 30.0  # frames in hand wait this long for rows (the coordinator takes no delta)
 
 
 class Worker:
@@ -58,8 +60,7 @@ class Worker:
         self.link, self.config = link, config
         self.wire = protocol(config.protocol)
         self.shared = config.socket_type == "sub"  # every worker receives every message
-        budget = memory_budget_bytes(None)
-        self.settings = settings_from_dict(config.processing, budget)
+        self.settings = settings_from_dict(config.processing, memory_budget_bytes(None))
         self.sock = open_socket(data)
         self.decoder = self.wire.decoder(DecoderOptions(defer_bslz4=self.wire.bslz4_frames,
                                                         channel=config.channel))  # fmt: skip
@@ -73,6 +74,7 @@ class Worker:
         self.stopping = self._warm = False  # _warm: the kernels ran once (numba cache)
         self.freeze_after_first_delta = False  # a worker process: `freeze_startup_objects`
         self.unsent = 0  # link messages given up after waiting for room
+        self.row_waits = (0, 0.0)  # deltas forced by a full row block: times, seconds
         self.early_cal: tuple | None = None  # a calibration that came before its series' start
         self._process0: float | None = None  # process CPU time at the first message
 
@@ -85,7 +87,7 @@ class Worker:
             ready = dict(poller.poll(20))
             if self.link in ready:
                 self.on_link()
-            if self.sock in ready and not self.stopping:
+            if self.sock in ready and not self.stopping and self.make_room(ROOM, 0.1):
                 self.on_data()
             now = time.monotonic()
             if now - last_sync >= self.config.sync_interval_s:
@@ -229,15 +231,8 @@ class Worker:
 
     def fold(self, frames: list) -> None:
         """Fold frame events by series (held until calibrated), keeping a PUB share only."""
-        if not frames:
-            return
-        if self.shared and self.config.share is not None:
-            k, n = self.config.share
-            frames = [b for b in frames if (b.first // worker_series.frame_count(b)) % n == k]
-        groups: dict[int, list] = {}
-        for b in frames:
-            groups.setdefault(b.series_id, []).append(b)
-        for sid, batches in groups.items():
+        share = self.config.share if self.shared else None
+        for sid, batches in worker_series.by_series(frames, share).items():
             s = self.series.get(sid)
             if s is None:
                 why = "series_refused" if self.closed.get(sid) == "refused" else "wrong_series"
@@ -246,28 +241,38 @@ class Worker:
                 continue
             s.frames += sum(worker_series.frame_count(b) for b in batches)
             if s.proc is None:
-                self.offer(sid, s, batches)
+                for message in s.offers(batches, self.settings.calibration_frames, self.counters):
+                    self.send(message)
                 s.keep(batches, self.config.backlog_bytes - self.backlog.bytes, self.counters)
             else:
                 self.accumulate(sid, s, batches)
 
-    def offer(self, sid: int, s: WorkerSeries, batches: list) -> None:
-        """Frames the coordinator may calibrate on: the series' first `calibration_frames`
-        indices, and this worker's first that many whatever their index."""
-        n = self.settings.calibration_frames
-        for b in batches:
-            if s.offered >= n and b.first >= n:
-                continue
-            try:
-                d = b if isinstance(b, FrameBatch) else b.decoded()
-            except DecodeError as err:
-                self.counters.reject(err)
-                continue
-            s.offered += len(d.frames)
-            self.send(pack("cal", {"sid": sid, "gen": s.gen, "first": d.first},
-                           {"frames": d.frames}))  # fmt: skip
-
     def accumulate(self, sid: int, s: WorkerSeries, batches: list) -> None:
+        """Fold in what fits in the series' row block, a delta taken whenever it is full."""
+        while batches and sid in self.series:
+            head, batches = worker_series.fitting(batches, s.free_rows())
+            if head:
+                self._accumulate(sid, s, head)
+            elif not self.make_room(1, ROOM_WAIT_S, only=s):
+                n = sum(worker_series.frame_count(b) for b in batches)
+                worker_series.lost(n, sid, self.config.index, self.counters)
+                return
+
+    def make_room(self, rows: int, wait_s: float, only: WorkerSeries | None = None) -> bool:
+        """Deltas until every calibrated series (`only`: that one) has `rows` rows free, waiting
+        at most `wait_s` for the link (back-pressure: nothing is read); counted in the beats."""
+        series = [only] if only is not None else list(self.series.values())
+        if not any(s.short_of(rows) for s in series):
+            return True
+        t0 = time.monotonic()
+        while time.monotonic() - t0 <= wait_s and not self.stopping:
+            self.sync(wait_ms=20)
+            if not any(s.short_of(rows) for s in series):
+                break
+        self.row_waits = (self.row_waits[0] + 1, self.row_waits[1] + time.monotonic() - t0)
+        return not any(s.short_of(rows) for s in series)
+
+    def _accumulate(self, sid: int, s: WorkerSeries, batches: list) -> None:
         failed = s.proc.decode_failures
         t0 = time.thread_time()
         try:
@@ -294,7 +299,8 @@ class Worker:
         except (BudgetExceeded, SeriesError) as err:
             self.refuse(sid, str(err))
             return
-        s.taker = DeltaTaker(s.proc.acc.state)
+        rows = s.proc.acc.recycle_rows(self.config.row_block_rows or None)  # a new state
+        s.taker = DeltaTaker(s.proc.acc.state, rows)
         held, s.held, s.held_bytes = s.held, [], 0
         self.accumulate(sid, s, held)
         if s.ending:
@@ -323,8 +329,8 @@ class Worker:
         the last delta and "ended" (with the frames received, for a series never calibrated)."""
         if drain:  # a bounded amount: the next series may already be streaming
             for _ in range(max(1, self.config.rcvhwm // 64) + 1):
-                if not self.sock.poll(0) or not self.on_data():
-                    break
+                if not (self.sock.poll(0) and self.make_room(ROOM, ROOM_WAIT_S) and self.on_data()):
+                    break  # (a full row block: the lane would read nothing)
         s = self.series.get(sid)
         if s is None:
             return
@@ -336,40 +342,34 @@ class Worker:
         self.send(pack("ended", {"sid": sid, "gen": s.gen, "frames": s.frames}), 5.0)
         self.drop(sid, "ended")
 
-    def sync(self, only: int | None = None, final: bool = False) -> None:
+    def sync(self, only: int | None = None, final: bool = False, wait_ms: int = 0) -> None:
         """Each calibrated series' growth since its last delta, to the coordinator; nothing
-        is taken when the link has no room (it stays in the state for the next one)."""
+        is taken when the link has no room within `wait_ms` (it stays for the next one)."""
         t0 = time.thread_time()
-        try:
-            self._sync(only, final)
-        finally:
-            self.cpu_s["delta"] += time.thread_time() - t0
-
-    def _sync(self, only: int | None, final: bool) -> None:
         for sid, s in list(self.series.items()):
             if s.taker is None or (only is not None and sid != only):
                 continue
-            if not self.link.poll(0 if not final else 5000, zmq.POLLOUT):
+            if not self.link.poll(5000 if final else wait_ms, zmq.POLLOUT):
                 if final:
                     log.error("worker %d: the last delta of series %d could not be sent: its "
                               "frames are missing", self.config.index, sid)  # fmt: skip
-                return
+                break
+            worker_series.lost(s.newly_lost(), sid, self.config.index, self.counters)
             delta = s.taker.take()
-            if delta.rows.size:  # everything was taken: the state's memory goes back
-                release(s.proc.acc.state.stack)
-                release(s.proc.acc.state.tiles)
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
                 self.link.send_multipart(delta_message(sid, s.gen, delta, final), copy=False)
             if delta.rows.size and self.freeze_after_first_delta:  # the kernels have run
                 freeze_startup_objects(collect=False)
                 self.freeze_after_first_delta = False
+        self.cpu_s["delta"] += time.thread_time() - t0
 
     def beat(self, block_s: float = 0.0) -> None:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""
         process = time.process_time() - (self._process0 or 0.0)
         self.send(worker_series.beat(self.counters, {**self.cpu_s, "process": process},
-                                     self.unsent, self.backlog.bytes), block_s)  # fmt: skip
+                                     self.unsent, self.backlog.bytes, self.row_waits),
+                  block_s)  # fmt: skip
 
     # ------------------------------------------------------------------ coordinator messages
     def on_link(self) -> None:

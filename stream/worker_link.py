@@ -146,6 +146,7 @@ class WorkerConfig:
     backlog_bytes: int  # frames held before their series is known or calibrated
     processing: dict  # `settings_to_dict`
     lane: bool = True  # V1 images through the compiled lane where it can (`stream.fast_lane`)
+    row_block_rows: int = 0  # rows of each series' row block (`RowBlock`; 0: sized by bytes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

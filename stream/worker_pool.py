@@ -128,6 +128,7 @@ class WorkerPool(Calibrating):
             share=(n, max(total, n + 1)) if self.shared else None,
             sync_interval_s=self.plan.sync_interval_s, backlog_bytes=self.plan.backlog_bytes,
             processing=settings_to_dict(s.processing), lane=s.compiled_lane,
+            row_block_rows=self.plan.row_block_rows,
         )  # fmt: skip
         self.peers[ident] = Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip

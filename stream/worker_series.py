@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 
@@ -12,8 +13,10 @@ from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, S
 from tcbf_live.stream.pages import peak_rss_mb
 from tcbf_live.stream.receiver import StreamCounters
 from tcbf_live.stream.series import SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import DeltaTaker
+from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.worker_link import pack
+
+log = logging.getLogger(__name__)
 
 
 class WorkerSeries:
@@ -29,6 +32,40 @@ class WorkerSeries:
         self.offered = 0  # frames sent to the coordinator to calibrate on
         self.frames = 0  # frames received
         self.ending = False  # ended before its calibration came
+        self.lost_reported = 0  # frames its row block found no row for, reported so far
+
+    def offers(self, batches: list, n: int, counters: StreamCounters) -> list[list]:
+        """The link messages offering frames the coordinator may calibrate on: the series'
+        first `n` indices, and this worker's first `n` frames whatever their index."""
+        out = []
+        for b in batches:
+            if self.offered >= n and b.first >= n:
+                continue
+            try:
+                d = b if isinstance(b, FrameBatch) else b.decoded()
+            except DecodeError as err:
+                counters.reject(err)
+                continue
+            self.offered += len(d.frames)
+            out.append(pack("cal", {"sid": self.info.series_id, "gen": self.gen,
+                                    "first": d.first}, {"frames": d.frames}))  # fmt: skip
+        return out
+
+    def free_rows(self) -> int:
+        """Rows free in its row block (`RowBlock`; calibrated series only)."""
+        return self.proc.acc.rows.free
+
+    def newly_lost(self) -> int:
+        """Frames the kernels found no row for since the last call (`RowBlock.lost`)."""
+        n = self.proc.acc.rows.lost - self.lost_reported
+        self.lost_reported += n
+        return n
+
+    def short_of(self, rows: int) -> bool:
+        """Fewer than `rows` rows free in its row block (a block of fewer than 2 x `rows`
+        rows: fewer than half of them, at least one)?"""
+        block = self.proc.acc.rows if self.proc is not None else None
+        return block is not None and block.free < max(1, min(rows, block.slot_pos.size // 2))
 
     def keep(self, batches: list, limit_bytes: int, counters: StreamCounters) -> None:
         """Hold frames until the calibration comes, within `limit_bytes` (else rejected)."""
@@ -56,6 +93,7 @@ class Peer:
     gone: str | None = None  # "died" / "stalled"
     cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
     peak_rss_mb: float = 0.0
+    row_waits: tuple[int, float] = (0, 0.0)  # deltas its full row block forced: times, s
     flushed: bool = False
 
     def read_beat(self, head: dict, counters: StreamCounters) -> bool:
@@ -74,6 +112,8 @@ class Peer:
         self.held = int(head.get("held", 0))
         self.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
         self.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
+        waits = head.get("row_waits", (0, 0.0))
+        self.row_waits = (int(waits[0]), float(waits[1])) if len(waits) == 2 else (0, 0.0)
         return grew
 
 
@@ -123,10 +163,53 @@ def frame_count(b: FrameBatch | CompressedFrame) -> int:
     return len(b.frames) if isinstance(b, FrameBatch) else 1
 
 
-def beat(c: StreamCounters, cpu_s: dict, unsent: int, held_bytes: int) -> list:
+def by_series(frames: list, share: tuple[int, int] | None) -> dict[int, list]:
+    """Frame events grouped by series, in order; with a PUB `share` (k, n), only the
+    batches of share k of n."""
+    if share is not None:
+        k, n = share
+        frames = [b for b in frames if (b.first // frame_count(b)) % n == k]
+    groups: dict[int, list] = {}
+    for b in frames:
+        groups.setdefault(b.series_id, []).append(b)
+    return groups
+
+
+def lost(n: int, sid: int, worker: int, counters: StreamCounters) -> None:
+    """Frames that found no row in the series' row block (the coordinator took no delta for
+    too long, or the kernel found the block full: `RowBlock.lost`): rejected, logged."""
+    if n <= 0:
+        return
+    log.error("worker %d: %d frame(s) of series %d lost: no free rows in its row block",
+              worker, n, sid)  # fmt: skip
+    for _ in range(n):
+        counters.reject(DecodeError("no_room", f"frames of series {sid}"))
+
+
+def fitting(batches: list, free: int) -> tuple[list, list]:
+    """`batches` split into a head of at most `free` frames (a FrameBatch cut where it must)
+    and the rest."""
+    head, n = [], 0
+    for k, b in enumerate(batches):
+        m = frame_count(b)
+        if n + m <= free:
+            head.append(b)
+            n += m
+            continue
+        if isinstance(b, FrameBatch) and free > n:
+            cut = free - n
+            rest = replace(b, first=b.first + cut, frames=b.frames[cut:])
+            return [*head, replace(b, frames=b.frames[:cut])], [rest, *batches[k + 1 :]]
+        return head, batches[k:]
+    return head, []
+
+
+def beat(c: StreamCounters, cpu_s: dict, unsent: int, held_bytes: int,
+         row_waits: tuple[int, float] = (0, 0.0)) -> list:  # fmt: skip
     """A worker's "beat": its counters, CPU seconds by stage, messages it could not send,
-    bytes held and peak memory (the coordinator adds the growth and reports the rest)."""
+    bytes held, peak memory and its waits for free rows (times, seconds; the coordinator adds
+    the growth and reports the rest)."""
     return pack("beat", {"messages": c.messages, "rejected": dict(c.rejected),
                          "frames": c.frames, "lane": c.lane, "unsent": unsent,
                          "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_s,
-                         "held": held_bytes})  # fmt: skip
+                         "held": held_bytes, "row_waits": list(row_waits)})  # fmt: skip

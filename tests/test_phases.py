@@ -10,7 +10,8 @@ import pytest
 from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.simulators import Simulator, tutorial_config
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import AccumulatorState, DeltaTaker, StateDelta, merged
+from tcbf_live.stream.tcbf.accumulators import AccumulatorState, StateDelta, merged
+from tcbf_live.stream.tcbf.deltas import DeltaTaker
 
 PASSES = 2
 

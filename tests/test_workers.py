@@ -112,6 +112,113 @@ def test_one_and_two_workers_give_what_one_process_gives(sim, name):
         assert sum(folded) == PASSES * sim.n_frames and all(folded), folded
 
 
+@pytest.mark.parametrize("name", ["native", "dectris-v2"])
+def test_workers_whose_row_blocks_fill_between_deltas_give_what_one_process_gives(sim, name):
+    """Row blocks of 48 rows (`RowBlock`; a scan of 384 positions) and deltas every 10 s:
+    each worker's block fills again and again, a delta is taken whenever it is full and
+    nothing is received meanwhile. The first 150 messages are paced (the series calibrates
+    while they arrive), the rest come at once: native's 4-frame batches are cut to the rows
+    free; V2's compiled lane reads no more messages than there are rows free."""
+
+    def burst(eng, k):
+        if k < 150:
+            time.sleep(0.002)
+
+    stream = messages(sim, name)
+    one = receive(Engine, name, stream).last_result
+    eng = receive(workers(2, row_block_rows=48, sync_interval_s=10.0), name, stream,
+                  during=burst)  # fmt: skip
+    assert_same(eng.last_result, one)
+    assert not eng.lost and not eng.counters.rejected
+    peers = eng.receiver.peers.values()
+    assert all(p.row_waits[0] >= 2 for p in peers)  # each block was full several times
+    assert name != "dectris-v2" or all(p.lane > 100 for p in peers)
+
+
+def test_frames_that_find_no_rows_while_the_coordinator_takes_no_deltas_are_counted(
+    sim, monkeypatch
+):
+    """A worker whose link has no room (no coordinator) cannot free its rows: it waits a
+    bounded time for the link (`ROOM_WAIT_S`, here 1 s), then counts the frames that did not
+    fit as lost."""
+    from tcbf_live.stream import worker
+    from tcbf_live.stream.series import SeriesProcessor
+    from tcbf_live.stream.worker import Worker
+    from tcbf_live.stream.worker_link import WorkerConfig, settings_to_dict
+
+    proc = SeriesProcessor(sim.series_info(5), ProcessingSettings())
+    proc.add(FrameBatch(5, 0, sim.frames(0, 64)))
+    ctx = zmq.Context()
+    link = ctx.socket(zmq.DEALER)
+    link.setsockopt(zmq.IMMEDIATE, 1)  # no peer, no room: sends are not queued
+    link.connect(f"tcp://127.0.0.1:{_free_port()}")
+    data = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull")
+    config = WorkerConfig(0, "native", data.endpoint, "pull", 1000, 1 << 20, None, None, 0.5,
+                          1 << 20, settings_to_dict(ProcessingSettings()),
+                          row_block_rows=4)  # fmt: skip
+    w = Worker(link, config, data)
+    monkeypatch.setattr(worker, "ROOM_WAIT_S", 1.0)
+    try:
+        w.on_start(sim.series_info(5), repeat=False)
+        w.calibrated(5, 1, proc.raw_calibration)
+        t0 = time.monotonic()
+        w.fold([FrameBatch(5, 0, sim.frames(0, 10))])
+        assert 0.9 < time.monotonic() - t0 < 5.0  # waited for the link, boundedly
+        assert w.series[5].proc.acc.rows.used == 4 and w.series[5].proc.acc.frames_accepted == 4
+        assert w.counters.rejected == {"no_room": 6} and w.row_waits[0] == 1
+    finally:
+        w.sock.close(linger=0)
+        link.close(linger=0)
+        ctx.term()
+
+
+def test_a_series_end_reads_what_is_queued_even_with_a_full_row_block(sim):
+    """The end of a series makes a worker read what is still queued (sent before the end).
+    With its row block full, the compiled lane reads nothing: the worker takes a delta first
+    (the drain stopped at once and the queued frames were lost)."""
+    from tcbf_live.stream.series import SeriesProcessor
+    from tcbf_live.stream.worker import Worker
+    from tcbf_live.stream.worker_link import WorkerConfig, settings_to_dict
+
+    wire = protocol("dectris-v2")
+    info = sim.series_info(5)
+    proc = SeriesProcessor(info, ProcessingSettings())
+    proc.add(FrameBatch(5, 0, sim.frames(0, 64)))
+    ctx = zmq.Context()
+    coordinator, detector = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUSH)
+    link = ctx.socket(zmq.DEALER)
+    link.connect(f"tcp://127.0.0.1:{coordinator.bind_to_random_port('tcp://127.0.0.1')}")
+    data = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{detector.bind_to_random_port('tcp://127.0.0.1')}",
+                              socket_type="pull")  # fmt: skip
+    config = WorkerConfig(0, "dectris-v2", data.endpoint, "pull", 1000, 1 << 20, None, None, 60.0,
+                          1 << 20, settings_to_dict(ProcessingSettings()),
+                          row_block_rows=8)  # fmt: skip
+    w = Worker(link, config, data)
+    try:
+        (start,) = wire.encoder.start(info)
+        w.fold(w.decode(start, from_detector=False))  # as the coordinator relays it
+        w.calibrated(5, 1, proc.raw_calibration)
+        images = [wire.encoder.frames(5, i, sim.frames(i, 1), i + 1, "bslz4") for i in range(13)]
+        detector.send_multipart(images[0][0])  # read by the decoder, which learns the layout
+        for _ in range(50):
+            if w.sock.poll(100) and w.on_data():
+                break
+        for m in images[1:]:
+            detector.send_multipart(m[0])
+        for _ in range(50):  # the lane reads 7 of the 12 (the rows free), 5 stay queued
+            if w.series[5].proc.acc.rows.free == 0:
+                break
+            w.sock.poll(100)
+            w.on_data()
+        assert w.counters.lane == 7 and w.series[5].proc.acc.rows.free == 0
+        assert w.counters.frames == 0  # no delta yet
+        w.fold(w.decode(wire.encoder.end(5, 13)[0], from_detector=False))  # the relayed end
+        assert w.counters.frames == 13 and 5 not in w.series
+    finally:
+        w.sock.close(linger=0)
+        ctx.destroy(linger=0)
+
+
 def with_faults(name: str, stream: list) -> list:
     """`stream` with messages the compiled lane must hand to the decoder: a damaged blob, a
     message with one part too many, a stray control message (V1 also: a zeroed bslz4 header,
@@ -170,8 +277,14 @@ def test_a_worker_killed_mid_series_never_blocks_the_run(sim):
             eng.receiver.processes[b"w1"].kill()
 
     t0 = time.monotonic()
-    eng = receive(workers(2, end_wait_s=3.0), "dectris-v2", stream, pace_s=0.0003, during=kill,
-                  idle_timeout_s=4.0)
+    eng = receive(
+        workers(2, end_wait_s=3.0),
+        "dectris-v2",
+        stream,
+        pace_s=0.0003,
+        during=kill,
+        idle_timeout_s=4.0,
+    )
     r = eng.last_result
     assert time.monotonic() - t0 < 30
     assert r is not None and r.frames_received < n_total
@@ -396,8 +509,10 @@ def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
     ctx.term()
 
 
-@pytest.mark.parametrize(("cores", "socket_type", "expect"),
-                         [(2, "pull", 0), (4, "pull", 4), (16, "pull", 16), (16, "sub", 0)])
+@pytest.mark.parametrize(
+    ("cores", "socket_type", "expect"),
+    [(2, "pull", 0), (4, "pull", 4), (16, "pull", 16), (16, "sub", 0)],
+)
 def test_auto_uses_workers_only_where_they_beat_one_process(monkeypatch, cores, socket_type,
                                                             expect):  # fmt: skip
     """On 2 cores one process (with the V1 compiled lane) out-receives workers (docs/engine.md):
@@ -556,8 +671,12 @@ def test_a_stray_delta_counts_its_frames_and_an_empty_one_nothing(caplog):
 
     from tcbf_live.stream.tcbf.accumulators import StateDelta
 
-    settings = EngineSettings(subscriber=SubscriberSettings(
-        endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull"), protocol="dectris-v2")
+    settings = EngineSettings(
+        subscriber=SubscriberSettings(
+            endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull"
+        ),
+        protocol="dectris-v2",
+    )
     eng = Coordinator(settings, WorkerPlan(local=0, remote=1,
                                            link=f"tcp://127.0.0.1:{_free_port()}"))  # fmt: skip
     none = np.zeros(0, np.int64)

@@ -24,6 +24,7 @@ from tcbf_live.stream.tcbf.kernels import (
     accumulate_frames,
     add_rows,
 )
+from tcbf_live.stream.tcbf.row_block import RowBlock
 from tcbf_live.stream.tcbf.tiles import TileLevels, default_bins
 
 
@@ -176,6 +177,7 @@ class AccumulatorState:
         return twice
 
 
+NO_BLOCK = RowBlock.identity()  # kernel arguments of a state with a row per position
 ROW_FIELDS = tuple(f.name for f in fields(AccumulatorState)
                    if f.metadata["merge"] in ("add", "add_capped"))  # fmt: skip
 SENT = 2  # `seen` value of an index already sent in a delta (still non-zero: a duplicate)
@@ -217,31 +219,6 @@ class StateDelta:
             if v is None or v.dtype != a.dtype or v.shape != (self.rows.size, *a.shape[1:]):
                 return f"{name} does not match the series' geometry"
         return None
-
-
-class DeltaTaker:
-    """Takes a receiver's growth out of its state as `StateDelta`s: the touched rows are
-    copied and zeroed (so the next delta holds only what came after), the claimed indices are
-    marked sent (still claimed: later duplicates are still caught). Between two takes the
-    state holds only the frames since the last one, so a receiver sends each frame once."""
-
-    def __init__(self, state: AccumulatorState):
-        self.state = state
-        self._sent_stats = np.zeros(STATS_SLOTS, np.int64)
-
-    def take(self) -> StateDelta:
-        s, arrays = self.state, self.state.arrays()
-        rows = np.flatnonzero(s.hits)
-        values = {}
-        for name in ROW_FIELDS:
-            values[name] = arrays[name][rows]
-            arrays[name][rows] = 0
-        seen = np.flatnonzero(s.seen == 1)
-        s.seen[seen] = SENT
-        stats = s.stats - self._sent_stats
-        stats[NEXT_INDEX] = s.stats[NEXT_INDEX]
-        self._sent_stats = s.stats.copy()
-        return StateDelta(rows, values, seen, stats)
 
 
 def merged(states: list[AccumulatorState], *, stack: bool = True) -> AccumulatorState:
@@ -286,6 +263,7 @@ class Accumulators:
             if (a.shape, a.dtype) != want:
                 raise ValueError(f"state.{name} is {a.shape} {a.dtype}, the geometry needs "
                                  f"{want[0]} {want[1]}")  # fmt: skip
+        self.rows: RowBlock | None = None  # `recycle_rows`
         self._bf_index = cal.bf_flat_index
         d = cal.bf_pixels - np.asarray(cal.center_px)
         self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
@@ -309,11 +287,25 @@ class Accumulators:
     def nbytes(self) -> int:
         return self.state.nbytes()
 
-    def empty_state(self) -> AccumulatorState:
-        """A fresh state of this geometry (another receiver's partition, for `merge`)."""
+    def empty_state(self, rows: int | None = None) -> AccumulatorState:
+        """A fresh state of this geometry (another receiver's partition, for `merge`), with
+        one row per position or `rows` rows."""
+        s, n = self.state, rows or self.n_positions
+        return AccumulatorState.zeros(n, s.stack.shape[1], s.tiles.shape[1], s.seen.size,
+                                      self.integer_stack)  # fmt: skip
+
+    def recycle_rows(self, rows: int | None = None) -> RowBlock:
+        """From now on fold into a `RowBlock` (of `rows` rows; default `RowBlock.capacity`):
+        a worker, whose state a `DeltaTaker` of the block takes. The state so far must be
+        empty. The block's memory is touched here, not while frames arrive."""
         s = self.state
-        return AccumulatorState.zeros(s.hits.size, s.stack.shape[1], s.tiles.shape[1],
-                                      s.seen.size, self.integer_stack)  # fmt: skip
+        row_bytes = sum(a.nbytes // a.shape[0] for n, a in s.arrays().items() if n in ROW_FIELDS)
+        n = rows or RowBlock.capacity(self.n_positions, row_bytes)
+        self.state = self.empty_state(n)
+        for a in self.state.arrays().values():
+            a.fill(0)
+        self.rows = RowBlock.empty(self.n_positions, n)
+        return self.rows
 
     def set_read_shift(self, shift_px: np.ndarray, where: np.ndarray) -> int:
         """Read the BF pixels of the positions `where` (bool, (n_pos,)) at the whole-pixel
@@ -349,6 +341,7 @@ class Accumulators:
             self._zero, self.integer_stack, s.totals, s.bf_sum, s.axial_sum, s.hits,
             s.stack, s.tiles, s.seen, s.stats, s.moments, self._read_offset,
             self._masked_flag, self.calibration.detector_shape[1] if self.moments else 0,
+            *(self.rows if into is None and self.rows is not None else NO_BLOCK).kernel_args(),
         )  # fmt: skip
 
     def merge(self, other: AccumulatorState, *, stack: bool = True) -> int:

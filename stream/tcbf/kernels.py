@@ -119,34 +119,55 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 ACCEPTED, DUPLICATE, OUT_OF_RANGE, OUT_OF_ORDER, NEXT_INDEX = range(5)
 
 
+# RowBlock.count slots: rows in use, frames that found no free row
+ROWS_USED, NO_ROOM = range(2)
+
+
 @numba.njit(nogil=True, cache=True)
-def claim(idx, n_pos, cols, serpentine, seen, stats) -> int:
-    """Scan position (flat, raster) of acquisition index `idx`, or -1 for an index out of range
-    or already seen; counts it in `stats`."""
+def claim(idx, n_pos, cols, serpentine, seen, stats, slot_of, slot_pos, slot_count):
+    """(scan position (flat, raster), accumulator row) of acquisition index `idx`, or (-1, -1)
+    for an index out of range or already seen (counted in `stats`). The row is the position,
+    or with a row block (`slot_of` not empty, `RowBlock`) the position's row since the last
+    delta, else the next free one. A block that is full (its owner lets no call fold more
+    frames than it has rows free, so this is a defect) leaves the frame unclaimed, as if it
+    had not arrived, and counts it in `slot_count[NO_ROOM]`."""
     if idx < 0 or idx >= seen.shape[0]:
         stats[OUT_OF_RANGE] += 1
-        return -1
+        return -1, -1
     if seen[idx]:
         stats[DUPLICATE] += 1
-        return -1
-    seen[idx] = 1
-    if idx < stats[NEXT_INDEX]:
-        stats[OUT_OF_ORDER] += 1
-    else:
-        stats[NEXT_INDEX] = idx + 1
+        return -1, -1
     k = idx % n_pos
     row = k // cols
     col = k - row * cols
     if serpentine and (row & 1) == 1:
         col = cols - 1 - col
-    return row * cols + col
+    j = row * cols + col
+    r = j
+    if slot_of.shape[0] > 0:
+        r = slot_of[j]
+        if r < 0:
+            r = slot_count[ROWS_USED]
+            if r >= slot_pos.shape[0]:
+                slot_count[NO_ROOM] += 1
+                return -1, -1
+            slot_of[j] = r
+            slot_pos[r] = j
+            slot_count[ROWS_USED] = r + 1
+    seen[idx] = 1
+    if idx < stats[NEXT_INDEX]:
+        stats[OUT_OF_ORDER] += 1
+    else:
+        stats[NEXT_INDEX] = idx + 1
+    return j, r
 
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
-def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero, exact,
-          vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats, moments, read_offset,
-          masked_flag, det_cols) -> None:  # fmt: skip
-    """Add one flat frame `f` into position `j` of every accumulator. Tile sums are prefix-sum
+def fold(f, j, r, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, zero,
+          exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles, stats, moments,
+          read_offset, masked_flag, det_cols) -> None:  # fmt: skip
+    """Add one flat frame `f` of position `j` into row `r` of every accumulator (`claim`: `j`
+    itself, or a recycled row of a `RowBlock`). Tile sums are prefix-sum
     differences for integer frames (exact in int64); float frames sum each tile, so that one
     non-finite pixel spoils only its own tiles.
 
@@ -170,7 +191,7 @@ def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, 
                 continue
             tot += f[p]
     if det_cols > 0:
-        frame_moments(f, det_cols, masked_index, moments[j])
+        frame_moments(f, det_cols, masked_index, moments[r])
     off = read_offset[j]
     run = zero
     if off == 0:
@@ -186,14 +207,14 @@ def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, 
             vals[i] = v
             run += v
             cum[i + 1] = run
-    srow = stack[j]
+    srow = stack[r]
     for i in range(n_bf):  # separate loop: vectorises
         s = srow[i] + vals[i]
         srow[i] = s if s < cap else cap
     ax = zero
     for i in axial_index:
         ax += vals[i]
-    trow = tiles[j]
+    trow = tiles[r]
     if exact:
         for t in range(tile_start.shape[0]):
             trow[t] += cum[tile_stop[t]] - cum[tile_start[t]]
@@ -203,10 +224,10 @@ def fold(f, j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap, 
             for i in range(tile_start[t], tile_stop[t]):
                 acc += vals[i]
             trow[t] += acc
-    totals[j] += tot
-    bf_sum[j] += run
-    axial_sum[j] += ax
-    hits[j] += 1
+    totals[r] += tot
+    bf_sum[r] += run
+    axial_sum[r] += ax
+    hits[r] += 1
     stats[ACCEPTED] += 1
 
 
@@ -237,15 +258,19 @@ def accumulate_frames(
     read_offset: np.ndarray,  # (n_pos,) int64 flat offset the BF pixels are read at
     masked_flag: np.ndarray,  # (Qx*Qy,) uint8: 1 = masked
     det_cols: int,  # detector columns; 0: no moments
+    slot_of: np.ndarray,  # RowBlock (n_pos,) int64, or empty: the arrays above are per position
+    slot_pos: np.ndarray,  # RowBlock (capacity,) int64
+    slot_count: np.ndarray,  # RowBlock int64[2]
 ) -> None:
     vals = np.zeros(bf_index.shape[0], type(zero))  # a frame's BF values
     cum = np.zeros(bf_index.shape[0] + 1, type(zero))  # their running sum (exact for integers)
     cap = type(zero)(stack_max)
     for b in range(frames.shape[0]):
-        j = claim(indices[b], n_pos, cols, serpentine, seen, stats)
+        j, r = claim(indices[b], n_pos, cols, serpentine, seen, stats, slot_of, slot_pos,
+                     slot_count)  # fmt: skip
         if j >= 0:
-            fold(frames[b], j, bf_index, tile_start, tile_stop, axial_index, masked_index, cap,
-                  zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
+            fold(frames[b], j, r, bf_index, tile_start, tile_stop, axial_index, masked_index,
+                  cap, zero, exact, vals, cum, totals, bf_sum, axial_sum, hits, stack, tiles,
                   stats, moments, read_offset, masked_flag, det_cols)  # fmt: skip
 
 

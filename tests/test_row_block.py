@@ -1,0 +1,115 @@
+"""A worker's recycled rows (`stream.tcbf.row_block`): a block of rows smaller than the scan
+gives exactly the deltas of a state with a row per position; a frame that finds no row is left
+unclaimed and counted, never folded elsewhere; batches are cut to the rows free."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from tcbf_live.detectors.base import CompressedFrame, FrameBatch
+from tcbf_live.detectors.compression import compress_bslz4
+from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.tcbf.deltas import DeltaTaker
+from tcbf_live.stream.tcbf.row_block import MIN_ROWS, RowBlock
+from tcbf_live.stream.worker_series import fitting
+
+ROWS = 40  # of a 12x16 scan's 192 positions
+
+
+@pytest.fixture(scope="module")
+def series():
+    """A 12x16 scan scanned twice, integer frames; each frame also bslz4-compressed."""
+    sim = Simulator(tutorial_config(scan_shape=(12, 16), bad_pixels=8))
+    one = sim.frames(0, sim.n_frames)
+    again = np.random.default_rng(5).poisson(one.astype(np.float64)).astype(one.dtype)
+    frames = np.concatenate([one, again])
+    info = replace(sim.series_info(1), frames_expected=len(frames))
+    cal = SeriesProcessor(info, ProcessingSettings())
+    cal.add(FrameBatch(1, 0, frames[:64]))
+    blobs = [compress_bslz4(f) for f in frames]
+    return info, frames, blobs, ProcessingSettings(calibration=cal.calibration)
+
+
+def batches(frames, blobs, idx, packed: bool) -> list:
+    """Frames `idx` as one-frame batches, bslz4-compressed (`packed`) or plain."""
+    if packed:
+        f = frames[0]
+        return [CompressedFrame(1, int(i), blobs[i], f.itemsize, f.shape, f.dtype.str)
+                for i in idx]  # fmt: skip
+    return [FrameBatch(1, int(i), frames[i : i + 1]) for i in idx]
+
+
+def whole_state(info, frames, settings, idx):
+    proc = SeriesProcessor(info, settings)
+    proc.add_many([FrameBatch(1, int(i), frames[i : i + 1]) for i in idx])
+    return proc.acc.state
+
+
+def assert_same_state(a, b) -> None:
+    for name, x in a.arrays().items():
+        np.testing.assert_array_equal(x, b.arrays()[name], err_msg=name)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["frames", "bslz4"])
+def test_a_block_smaller_than_the_scan_gives_the_deltas_of_a_whole_state(series, packed):
+    """Both passes, in random order, 40 frames (<= 40 positions) between deltas: the
+    coordinator's state equals the state of one receiver with a row per position."""
+    info, frames, blobs, settings = series
+    order = np.random.default_rng(1).permutation(len(frames))
+    worker = SeriesProcessor(info, settings)
+    rows = worker.acc.recycle_rows(ROWS)
+    taker = DeltaTaker(worker.acc.state, rows)
+    assert worker.acc.state.stack.shape[0] == ROWS and worker.acc.state.seen.size == len(frames)
+    coordinator = SeriesProcessor(info, settings)
+    for k in range(0, len(order), ROWS):
+        worker.add_many(batches(frames, blobs, order[k : k + ROWS], packed))
+        assert rows.used == len(set(order[k : k + ROWS] % (len(frames) // 2)))
+        delta = taker.take()
+        assert rows.used == 0 and not worker.acc.state.hits.any()
+        assert np.all(np.diff(delta.rows) > 0) and delta.check(coordinator.acc.state) is None
+        coordinator.acc.state.apply(delta)
+    assert rows.lost == 0
+    assert_same_state(coordinator.acc.state, whole_state(info, frames, settings, order))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["frames", "bslz4"])
+def test_a_frame_that_finds_no_row_is_left_unclaimed_and_counted(series, packed):
+    info, frames, blobs, settings = series
+    worker = SeriesProcessor(info, settings)
+    rows = worker.acc.recycle_rows(ROWS)
+    taker = DeltaTaker(worker.acc.state, rows)
+    worker.add_many(batches(frames, blobs, range(ROWS + 1), packed))  # one too many positions
+    assert rows.lost == 1 and worker.acc.frames_accepted == ROWS
+    assert worker.acc.state.seen[ROWS] == 0  # not claimed: the frame may come again
+    coordinator = SeriesProcessor(info, settings)
+    coordinator.acc.state.apply(taker.take())
+    worker.add_many(batches(frames, blobs, [ROWS], packed))
+    coordinator.acc.state.apply(taker.take())
+    assert_same_state(coordinator.acc.state, whole_state(info, frames, settings, range(ROWS + 1)))
+
+
+def test_the_block_is_sized_by_bytes_within_its_bounds():
+    assert RowBlock.capacity(10**6, 5000, 64 << 20) == (64 << 20) // 5000
+    assert RowBlock.capacity(10**6, 120 << 10, 64 << 20) == MIN_ROWS  # large rows: the floor
+    assert RowBlock.capacity(500, 5000, 64 << 20) == 500  # never more rows than positions
+
+
+def test_batches_are_cut_to_the_rows_free():
+    a = FrameBatch(1, 0, np.zeros((5, 2, 2), np.uint16))
+    c = CompressedFrame(1, 5, b"", 2, (2, 2), "<u2")
+    b = FrameBatch(1, 6, np.zeros((3, 2, 2), np.uint16))
+
+    def shape(part):
+        return [(x.first, len(x.frames) if isinstance(x, FrameBatch) else "c") for x in part]
+
+    for free, head, rest in [
+        (9, [(0, 5), (5, "c"), (6, 3)], []),
+        (7, [(0, 5), (5, "c"), (6, 1)], [(7, 2)]),
+        (5, [(0, 5)], [(5, "c"), (6, 3)]),
+        (3, [(0, 3)], [(3, 2), (5, "c"), (6, 3)]),
+        (0, [], [(0, 5), (5, "c"), (6, 3)]),
+    ]:
+        h, r = fitting([a, c, b], free)
+        assert (shape(h), shape(r)) == (head, rest), free
