@@ -4,10 +4,12 @@ A sender process pre-encodes one series and pushes it over tcp loopback as fast 
 the receiver is tcbf-live's Engine, alternately without and with the raw recorder
 (stream/recorder.py) as its `on_frames` observer, writing to a temporary folder:
   native: 128x128 uint16 frames, raw payloads, batches of 16 (decoded arrays recorded);
-  dectris-v1: 96x96 uint16 frames, bslz4, one per message (chunks recorded unchanged).
+  dectris-v1, dectris-v2: 96x96 uint16 frames, bslz4, one per message (chunks recorded
+  unchanged; since 2026-11-27 the compiled lane reads them with --record too, copying each
+  folded blob out for the recorder).
 Reported: the engine's own ingest rate (first to last frame), the seconds until the recording
-is complete (writer drained, file moved into place) and the frames the recorder did not take
-(queue full). Best of 2 rounds each.
+is complete (writer drained, file moved into place), the frames the recorder did not take
+(queue full) and the share of the frames the compiled lane read. Best of 2 rounds each.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/record_speed.py
 """
@@ -29,6 +31,7 @@ from ingest_speed import free_endpoint  # noqa: E402
 CASES = {  # protocol: (detector px, batch, frames)
     "native": (128, 16, 10_000),
     "dectris-v1": (96, 1, 40_000),
+    "dectris-v2": (96, 1, 40_000),
 }
 
 
@@ -66,8 +69,9 @@ def sender(endpoint: str, protocol: str, detector: int, batch: int, n_frames: in
     ctx.term()
 
 
-def one_run(protocol: str, record: bool, folder: Path) -> tuple[float, float, int]:
-    """(engine frames/s, seconds until the recording is complete, frames not recorded)."""
+def one_run(protocol: str, record: bool, folder: Path) -> tuple[float, float, int, float]:
+    """(engine frames/s, seconds until the recording is complete, frames not recorded, the
+    share of the frames the compiled lane read)."""
     from tcbf_live.stream.engine import Engine, EngineSettings
     from tcbf_live.stream.receiver import SubscriberSettings
     from tcbf_live.stream.recorder import Recorder, RecordSettings
@@ -96,7 +100,7 @@ def one_run(protocol: str, record: bool, folder: Path) -> tuple[float, float, in
     proc.join()
     result = eng.last_result
     assert result is not None and result.frames_received == n_frames, result and result.summary()
-    return result.frames_per_s, drained, dropped
+    return result.frames_per_s, drained, dropped, eng.counters.lane / n_frames
 
 
 def main() -> None:
@@ -104,15 +108,15 @@ def main() -> None:
 
     print("engine ingest without / with --record (recording to a local temporary folder)")
     print(f"{'protocol':>11s} {'frames':>7s} {'without':>9s} {'with':>9s} {'ratio':>6s} "
-          f"{'drain s':>8s} {'not rec.':>9s}")  # fmt: skip
+          f"{'drain s':>8s} {'not rec.':>9s} {'lane':>5s}")  # fmt: skip
     with tempfile.TemporaryDirectory(dir=os.environ.get("RECORD_DIR")) as tmp:
         for protocol in CASES:
             one_run(protocol, True, Path(tmp))  # warm-up: JIT, h5py, first calibration
             bare = max(one_run(protocol, False, Path(tmp))[0] for _ in range(2))
             runs = [one_run(protocol, True, Path(tmp)) for _ in range(2)]
-            fps, drain, dropped = max(runs)
+            fps, drain, dropped, lane = max(runs)
             print(f"{protocol:>11s} {CASES[protocol][2]:7d} {bare:9.0f} {fps:9.0f} "
-                  f"{fps / bare:6.2f} {drain:8.2f} {dropped:9d}")  # fmt: skip
+                  f"{fps / bare:6.2f} {drain:8.2f} {dropped:9d} {lane:5.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,12 +46,9 @@ class Engine:
     `tally` (`series_table.Tallies`) counts what the series ended with (exit codes); every
     finished series goes to `on_series_end`, empty ones (`frames_received == 0`) included."""
 
-    def __init__(
-        self,
-        settings: EngineSettings,
-        on_series_end: Callable[[SeriesResult], None] | None = None,
-        on_frames: Callable[[SeriesProcessor, list], None] | None = None,
-    ):
+    def __init__(self, settings: EngineSettings,
+                 on_series_end: Callable[[SeriesResult], None] | None = None,
+                 on_frames: Callable[[SeriesProcessor, list], None] | None = None):  # fmt: skip
         self.settings = settings
         self.on_series_end = on_series_end
         self.on_frames = on_frames  # the frames of an open series, as received (run --record)
@@ -68,9 +65,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._aligner: threading.Thread | None = None
         self.receiver = self._receiver()  # bound/connected now (raw TCP: in the thread)
-        if (isinstance(self.receiver, Receiver) and settings.compiled_lane and on_frames is None
+        if (isinstance(self.receiver, Receiver) and settings.compiled_lane
                 and settings.processing.repeat_scans != "new-series"):  # fmt: skip
-            self.receiver.use_lane(lambda info: self.table.open.get(info.series_id), self._lock)
+            self.receiver.use_lane(lambda info: self.table.open.get(info.series_id), self._lock,
+                                   tap=on_frames is not None)  # fmt: skip
 
     def _receiver(self) -> Receiver:
         """Where events come from: the detector link (a coordinator: its workers)."""
@@ -243,6 +241,8 @@ class Engine:
     def _on_lane(self, event: LaneFolded) -> None:
         """Frames the compiled lane folded into an open series (under the ingest lock)."""
         proc = self.table.open[event.series_id]
+        if event.tapped is not None and self.on_frames is not None:  # must not wait
+            self.on_frames(proc, [event.tapped])
         self.counters.frames += event.frames
         self.table.touched(event.series_id)
         if self._current is not proc:

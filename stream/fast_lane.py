@@ -108,14 +108,33 @@ def _part(msgs: np.ndarray, k: int) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
+def tap_room(tap: tuple, n: int, nbytes: int) -> bool:
+    """Whether the tap (data, offsets, frames; empty data: no tap) holds one more blob of
+    `nbytes` after its first `n`."""
+    data, offsets, frames = tap
+    return data.shape[0] == 0 or (n < frames.shape[0] and offsets[n] + nbytes <= data.shape[0])
+
+
+@numba.njit(nogil=True, cache=True)
+def tap_put(tap: tuple, n: int, blob: np.ndarray, start: int, stop: int, frame: int) -> None:
+    """Copy blob[start:stop] of frame id `frame` into the tap as its blob `n` (`tap_room`)."""
+    data, offsets, frames = tap
+    if data.shape[0] > 0:
+        data[offsets[n] : offsets[n] + stop - start] = blob[start:stop]
+        offsets[n + 1] = offsets[n] + stop - start
+        frames[n] = frame
+
+
+@numba.njit(nogil=True, cache=True)
 def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
              image_d: Template, dconfig: Template, frame_limit: int, index_offset: int,
-             element_size: int, scratch: np.ndarray, k: tuple,
+             element_size: int, scratch: np.ndarray, k: tuple, tap: tuple,
              result: np.ndarray) -> None:  # fmt: skip
     """Fold up to `max_messages` lean image messages queued on the socket `sock` (module doc).
     `result`: [LEAN] messages folded, [LAST_FRAME] the last one's frame id, [HELD] parts of a
     message left in `msgs` for the caller (0: none; the loop stopped on an empty socket,
-    `ERRNO`, or on `max_messages`)."""
+    `ERRNO`, or on `max_messages`). With a `tap` (`run --record`), each folded message's
+    blob and frame id are copied into it; a message it has no room for is held."""
     vals, cum = fold_buffers(k)
     result[:] = 0
     result[LAST_FRAME] = -1
@@ -149,7 +168,7 @@ def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
                 break
             else:
                 whole = True
-        if not whole:
+        if not whole or not tap_room(tap, result[LEAN], size):
             result[HELD] = held
             return
         blob = _part(msgs, 2)
@@ -157,6 +176,7 @@ def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
                          k, vals, cum):  # fmt: skip
             result[HELD] = held  # the full decoder counts it
             return
+        tap_put(tap, result[LEAN], blob, 0, blob.shape[0], frame)
         for p in range(PARTS):
             _close(base + MSG_BYTES * p)
         result[LEAN] += 1
@@ -165,7 +185,7 @@ def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
 
 @numba.njit(nogil=True, cache=True)
 def drain_v2(sock: int, msgs: np.ndarray, max_messages: int, image: Template, frame_limit: int,
-             index_offset: int, element_size: int, scratch: np.ndarray, k: tuple,
+             index_offset: int, element_size: int, scratch: np.ndarray, k: tuple, tap: tuple,
              result: np.ndarray) -> None:  # fmt: skip
     """`drain_v1` for DECTRIS stream V2: one-part CBOR image messages that match the series'
     `cbor_template`, the image id below `frame_limit`, the blob one bslz4 frame."""
@@ -182,10 +202,12 @@ def drain_v2(sock: int, msgs: np.ndarray, max_messages: int, image: Template, fr
         part = _part(msgs, 0)
         image_id, start, length = cbor_match(part, 0, part.shape[0], image[0], image[1])
         if (_more(m) != 0 or image_id < 0 or image_id >= frame_limit
+                or not tap_room(tap, result[LEAN], length)
                 or not fold_blob(part, start, start + length, element_size, scratch,
                                  image_id - index_offset, k, vals, cum)):  # fmt: skip
             result[HELD] = 1  # the decoder reads it (and the rest of a multipart message)
             return
+        tap_put(tap, result[LEAN], part, start, start + length, image_id)
         _close(m)
         result[LEAN] += 1
         result[LAST_FRAME] = image_id
@@ -202,6 +224,7 @@ class LaneTarget:
     element_size: int
     scratch: np.ndarray  # one decompressed frame
     kernel_args: tuple
+    tap: tuple = (np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int64))  # none
 
 
 class Lane:
@@ -226,11 +249,12 @@ class Lane:
         r, t = self.result, target
         if len(t.templates) == PARTS - 1:  # V1: the three JSON parts
             drain_v1(self.sock.underlying, self.msgs, max_messages, *t.templates, t.frame_limit,
-                     t.index_offset, t.element_size, t.scratch, t.kernel_args, r)  # fmt: skip
+                     t.index_offset, t.element_size, t.scratch, t.kernel_args, t.tap,
+                     r)  # fmt: skip
         else:
             drain_v2(self.sock.underlying, self.msgs, max_messages, t.templates[0],
                      t.frame_limit, t.index_offset, t.element_size, t.scratch, t.kernel_args,
-                     r)  # fmt: skip
+                     t.tap, r)  # fmt: skip
         parts, more, total = [], False, 0
         for p in range(int(r[HELD])):
             m = self.msgs.ctypes.data + MSG_BYTES * p

@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from tcbf_live.stream.series import SeriesProcessor
 
 MAX_LANE_MESSAGES = 1024  # per call: the receiving loop stays responsive (control, deltas)
+TAP_BYTES = 8 << 20  # the blobs one call copies out for `run --record` (a fuller call stops)
+
+
+@dataclass(frozen=True)
+class TappedFrames:
+    """The bslz4 blobs one lane call folded, copied for the recorder (`run --record`): blob k
+    is `data[offsets[k]:offsets[k + 1]]`, its frame id `frames[k]` (as a decoder's `first`)."""
+
+    series_id: int
+    data: np.ndarray
+    offsets: np.ndarray
+    frames: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class LaneFolded:
 
     series_id: int
     frames: int
+    tapped: TappedFrames | None = None
 
 
 @dataclass(frozen=True)
@@ -41,23 +54,29 @@ class LaneTake:
     series_id: int | None  # the series the lane folded into (None: it had none to fold into)
     folded: int  # image messages folded
     parts: list  # the message the lane stopped at, for the decoder (empty: none)
+    tapped: TappedFrames | None = None  # the blobs it folded (a tapping reader only)
 
 
-def lane_for(sock: zmq.Socket, decoder, shared: bool, enabled: bool) -> LaneReader | None:
-    """The lane reader for this socket, or None: not asked for, a PUB share (each worker keeps
-    only its share of every message), another protocol, no libzmq to bind, or no in-kernel
-    bslz4."""
+def lane_for(sock: zmq.Socket, decoder, shared: bool, enabled: bool,
+             tap: bool = False) -> LaneReader | None:  # fmt: skip
+    """The lane reader for this socket (`tap`: it copies the blobs it folds out for the
+    recorder), or None: not asked for, a PUB share (each worker keeps only its share of every
+    message), another protocol, no libzmq to bind, or no in-kernel bslz4."""
     if not enabled or shared or not isinstance(decoder, DectrisV1Decoder | DectrisV2Decoder):
         return None
     if bind_libzmq() is None or not native_bslz4():
         return None
-    return LaneReader(Lane(sock), decoder)
+    return LaneReader(Lane(sock), decoder, tap)
 
 
 class LaneReader:
-    def __init__(self, lane: Lane, decoder: DectrisV1Decoder | DectrisV2Decoder):
+    def __init__(self, lane: Lane, decoder: DectrisV1Decoder | DectrisV2Decoder,
+                 tap: bool = False):  # fmt: skip
         self.lane, self.decoder = lane, decoder
         self._scratch: np.ndarray | None = None
+        self._tap = (np.empty(TAP_BYTES if tap else 0, np.uint8),
+                     np.zeros(MAX_LANE_MESSAGES + 1, np.int64),
+                     np.zeros(MAX_LANE_MESSAGES, np.int64))  # fmt: skip
 
     def target(self, proc: SeriesProcessor, info: SeriesInfo, templates: tuple) -> LaneTarget:
         dtype, pixels = np.dtype(info.dtype), math.prod(info.detector_shape)
@@ -66,7 +85,7 @@ class LaneReader:
         limit = MAX_FRAME_ID + 1 if info.frames_expected is None else info.frames_expected
         staging = proc.staging
         return LaneTarget(templates, limit, staging.index_offset, dtype.itemsize,
-                          self._scratch, staging.acc.kernel_args())  # fmt: skip
+                          self._scratch, staging.acc.kernel_args(), self._tap)  # fmt: skip
 
     def take(self, lookup: Callable[[SeriesInfo], SeriesProcessor | None], max_bytes: int,
              counters: StreamCounters) -> LaneTake:  # fmt: skip
@@ -85,6 +104,11 @@ class LaneReader:
             return LaneTake(info.series_id, 0, [])
         n, last_frame, parts, oversized = self.lane.drain(self.target(proc, info, templates),
                                                           limit, max_bytes)  # fmt: skip
+        tapped = None
+        if n and self._tap[0].size:
+            data, offsets, frames = self._tap
+            tapped = TappedFrames(info.series_id, data[: offsets[n]].copy(),
+                                  offsets[: n + 1].copy(), frames[:n].copy())  # fmt: skip
         if n:
             self.decoder.lane_consumed(n, last_frame)
             proc.touch()
@@ -93,4 +117,4 @@ class LaneReader:
         if oversized:
             counters.messages += 1
             counters.reject(DecodeError("oversized", oversized))
-        return LaneTake(info.series_id, n, parts)
+        return LaneTake(info.series_id, n, parts, tapped)

@@ -107,7 +107,7 @@ def receive_event_batches(
         events: list[Event] = []
         took = lane() if lane is not None else None
         if took is not None and took.folded:
-            events.append(LaneFolded(took.series_id, took.folded))
+            events.append(LaneFolded(took.series_id, took.folded, took.tapped))
         if took is not None and took.parts:
             counters.messages += 1
             events.extend(decode_counted(decoder, took.parts, counters))
@@ -228,11 +228,13 @@ class Receiver:
         self.decoder = wire.decoder(options)
         self._lane: Callable[[], LaneTake] | None = None
 
-    def use_lane(self, lookup: Callable[[SeriesInfo], Any], lock) -> None:
-        """DECTRIS V1: read image messages of a calibrated series (`lookup` gives its
+    def use_lane(self, lookup: Callable[[SeriesInfo], Any], lock, tap: bool = False) -> None:
+        """DECTRIS V1 and V2: read image messages of a calibrated series (`lookup` gives its
         processor) with the compiled lane (`stream.lane_reader`), holding `lock` (the ingest
-        lock) while it folds; where the lane cannot run, nothing changes."""
-        reader = None if self.sock is None else lane_for(self.sock, self.decoder, False, True)
+        lock) while it folds (`tap`: the blobs folded also come out, for the recorder); where
+        the lane cannot run, nothing changes."""
+        reader = None if self.sock is None else lane_for(self.sock, self.decoder, False, True,
+                                                         tap)  # fmt: skip
         if reader is not None:
             cap = receive_cap(self.sock)
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from tcbf_live import __version__
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
+from tcbf_live.detectors.compression import decompress
 from tcbf_live.detectors.files import META_ATTR
 from tcbf_live.detectors.vendor_files import (
     BITSHUFFLE_FILTER,
@@ -49,6 +50,7 @@ from tcbf_live.detectors.vendor_files import (
     RECORDED_DATA,
     RECORDED_FIELDS,
 )
+from tcbf_live.stream.lane_reader import TappedFrames
 from tcbf_live.stream.outputs import OutputExists, commit, series_output, temporary_name
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ QUEUE_BYTES = 256 << 20  # frames waiting for the writer, at most
 RESERVE_BYTES = 64 << 20  # disk left free beyond a series' estimate
 BSLZ4_MARGIN = 2.0  # a series' bslz4 size: this times the mean blob of its first frames
 CHUNK_OVERHEAD_BYTES = 64  # HDF5 chunk index per frame (estimate)
+YIELD_EVERY = 64  # chunk writes of a tapped run between two yields of the GIL
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ def series_meta(info: SeriesInfo) -> dict:
 def estimate_bytes(info: SeriesInfo, n_frames: int, batches: list) -> int:
     """Disk a series will take: raw frames, or bslz4 at BSLZ4_MARGIN x its first blobs."""
     blobs = [len(memoryview(b.blob).cast("B")) for b in batches if isinstance(b, CompressedFrame)]
+    for b in batches:
+        if isinstance(b, TappedFrames):
+            blobs.extend(np.diff(b.offsets).tolist())
     per_frame = info.frame_nbytes
     if blobs:
         per_frame = min(int(BSLZ4_MARGIN * np.mean(blobs)), per_frame + per_frame // 100 + 16)
@@ -138,9 +144,21 @@ class SeriesFile:
         if info.pixel_mask is not None:
             self.f.create_dataset(PIXEL_MASK, data=np.asarray(info.pixel_mask, "<u4"))
 
-    def write(self, index: int, item: FrameBatch | CompressedFrame) -> int:
-        """Store the frames at their acquisition index; returns how many."""
+    def write(self, index, item: FrameBatch | CompressedFrame | TappedFrames) -> int:
+        """Store the frames at their acquisition index (a tapped run: an index per blob, -1:
+        not recorded); returns how many."""
         write = self.ds.id.write_direct_chunk
+        if isinstance(item, TappedFrames):
+            frame_bytes = self.dtype.itemsize * int(np.prod(self.info.detector_shape))
+            for k in np.flatnonzero(index >= 0):
+                blob = item.data[item.offsets[k] : item.offsets[k + 1]].tobytes()
+                if not self.compressed:  # (a series that began with unencoded frames)
+                    blob = decompress("bslz4", self.dtype.itemsize, blob, frame_bytes)
+                write((int(index[k]), 0, 0), blob)
+                self.present[index[k]] = True
+                if k % YIELD_EVERY == YIELD_EVERY - 1:
+                    time.sleep(0)  # the ingest thread's Python parts get the GIL in between
+            return int(np.count_nonzero(index >= 0))
         if isinstance(item, CompressedFrame):
             if self.compressed:
                 write((index, 0, 0), bytes(item.blob))
@@ -209,7 +227,15 @@ class Recorder:
         except Exception:  # the recording must never stop the live processing
             log.exception("recording: frames not recorded")
 
-    def _enqueue(self, rec: SeriesRecord, b: FrameBatch | CompressedFrame) -> None:
+    def _enqueue(self, rec: SeriesRecord, b: FrameBatch | CompressedFrame | TappedFrames) -> None:
+        if isinstance(b, TappedFrames):  # the compiled lane's blobs: one item per call
+            index = b.frames - rec.offset
+            beyond = (index < 0) | (index >= rec.n_positions)
+            rec.beyond += int(np.count_nonzero(beyond))
+            index[beyond] = -1
+            if not self._put((rec.key, index, b), b.data.nbytes, bounded=True):
+                rec.queue_full += int(np.count_nonzero(index >= 0))
+            return
         index = b.first - rec.offset
         count = 1 if isinstance(b, CompressedFrame) else len(b.frames)
         room = rec.n_positions - index
@@ -245,7 +271,7 @@ class Recorder:
             log.error("series %d not recorded: %s", sid, rec.refusal)
             return rec
         rec.target = target
-        compressed = any(isinstance(b, CompressedFrame) for b in batches)
+        compressed = any(isinstance(b, CompressedFrame | TappedFrames) for b in batches)
         self._put(("open", rec, info, compressed), 0, bounded=False)
         log.info("recording series %d to %s", sid, target)
         return rec

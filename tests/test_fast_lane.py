@@ -3,6 +3,7 @@
 fields from it; the lane folds exactly what the decoder path folds and hands back, whole, every
 message it does not take."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -19,6 +20,30 @@ from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 DIMAGE = b'{"htype": "dimage-1.0", "series": 7, "frame": 12, "hash": "5d41402abc4b2a76b9719d"}'
 IMAGE_D = (b'{"htype":"dimage_d-1.0","shape":[32,32],"type":"uint16","encoding":"bs16-lz4<",'
            b'"size":2000}')  # fmt: skip
+DCONFIG = b'{"htype":"dconfig-1.0","start_time":1,"stop_time":2,"real_time":1}'
+
+
+def v1_image(frame: int, blob: bytes) -> list[bytes]:
+    """The four parts of a V1 image message of series 7."""
+    return [DIMAGE.replace(b'"frame": 12', b'"frame": %d' % frame),
+            IMAGE_D.replace(b"2000", b"%d" % len(blob)), blob, DCONFIG]  # fmt: skip
+
+
+@contextlib.contextmanager
+def queued(stream: list, name: str):
+    """A PULL socket with every message of `stream` queued on it (inproc)."""
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    pull.bind(f"inproc://{name}")
+    push.connect(f"inproc://{name}")
+    for m in stream:
+        push.send_multipart(m)
+    try:
+        yield pull
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
 
 
 @pytest.mark.parametrize(("part", "expect"), [
@@ -94,41 +119,28 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest(comp
             proc.acc.set_read_shift(np.tile([1, -2], (64, 1)), np.arange(64) % 2 == 1)
         return proc
 
-    def image(i, blob=None):
-        blob = compress_bslz4(frames[i]) if blob is None else blob
-        return [DIMAGE.replace(b'"frame": 12', b'"frame": %d' % i),
-                IMAGE_D.replace(b"2000", b"%d" % len(blob)), blob,
-                b'{"htype":"dconfig-1.0","start_time":1,"stop_time":2,"real_time":1}']  # fmt: skip
-
-    stream = [image(i) for i in range(8, 64)]
+    stream = [v1_image(i, compress_bslz4(frames[i])) for i in range(8, 64)]
     stream[10][2] = stream[10][2][:16] + b"\xff" * 8 + stream[10][2][24:]  # damaged blocks
     stream[20] = [*stream[20], b'{"htype": "dimage_appendix"}']  # a fifth part
     stream.insert(30, [b'{"htype": "dseries_end-1.0", "series": 8}'])  # a control message
     stream.insert(40, [b"x" * 5000])  # over the cap below
-    ctx = zmq.Context()
-    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    pull.bind("inproc://lane-test")
-    push.connect("inproc://lane-test")
-    for m in stream:
-        push.send_multipart(m)
     lane_proc = processor()
     staging = lane_proc.staging
     layout = image_layout(stream[0], json.loads(stream[0][1]))
     target = LaneTarget((layout.dimage, layout.image_d, layout.dconfig), 64, 0, 2,
                         np.empty(32 * 32, "<u2"), staging.acc.kernel_args())  # fmt: skip
-    lane, folded, handed, oversized = Lane(pull), 0, [], []
-    while True:
-        n, last, parts, why = lane.drain(target, 7, 4096)  # a few at a time: bounded calls
-        folded += n
-        if why:
-            oversized.append(why)
-        elif parts:
-            handed.append([bytes(p) for p in parts])
-        elif n == 0:
-            break
-    push.close(linger=0)
-    pull.close(linger=0)
-    ctx.term()
+    folded, handed, oversized = 0, [], []
+    with queued(stream, "lane-test") as pull:
+        lane = Lane(pull)
+        while True:
+            n, last, parts, why = lane.drain(target, 7, 4096)  # a few at a time: bounded calls
+            folded += n
+            if why:
+                oversized.append(why)
+            elif parts:
+                handed.append([bytes(p) for p in parts])
+            elif n == 0:
+                break
     assert handed == [[bytes(p) for p in stream[k]] for k in (10, 20, 30)]  # whole, in order
     assert len(oversized) == 1 and "5000 bytes" in oversized[0]
     assert folded == 56 - 2
@@ -142,3 +154,30 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest(comp
     for name, a in ref.acc.state.arrays().items():
         np.testing.assert_array_equal(lane_proc.acc.state.arrays()[name], a, err_msg=name)
     assert np.any(ref.acc.state.moments) == compensate
+
+
+@pytest.mark.skipif(bind_libzmq() is None, reason="pyzmq's libzmq cannot be bound here")
+def test_the_tap_copies_each_folded_blob_and_holds_a_message_it_has_no_room_for():
+    """`run --record` with the lane: each folded image's blob and frame id are copied into the
+    tap; an image whose blob would not fit is handed back unfolded, for the decoder (which
+    the recorder then sees as any other frame)."""
+    rng = np.random.default_rng(6)
+    frames = rng.poisson(3.0, (16, 32, 32)).astype("<u2")
+    info = SeriesInfo(series_id=7, scan_shape=(4, 4), detector_shape=(32, 32), dtype="<u2",
+                      energy_eV=300e3, step_A=1.0, semiangle_mrad=20.0,
+                      angular_sampling_mrad=1.0)  # fmt: skip
+    proc = SeriesProcessor(info, ProcessingSettings(calibration_frames=8))
+    proc.add(FrameBatch(7, 0, frames[:8]))
+    blobs = [compress_bslz4(frames[i]) for i in range(16)]
+    stream = [v1_image(i, blobs[i]) for i in range(8, 16)]
+    room = sum(len(b) for b in blobs[8:11]) + len(blobs[11]) - 1  # three fit, not a fourth
+    tap = (np.zeros(room, np.uint8), np.zeros(1025, np.int64), np.zeros(1024, np.int64))
+    layout = image_layout(stream[0], json.loads(stream[0][1]))
+    target = LaneTarget((layout.dimage, layout.image_d, layout.dconfig), 64, 0, 2,
+                        np.empty(32 * 32, "<u2"), proc.staging.acc.kernel_args(), tap)  # fmt: skip
+    with queued(stream, "tap-test") as pull:
+        n, last, parts, why = Lane(pull).drain(target, 100, 1 << 20)
+    assert (n, last, why) == (3, 10, None) and [bytes(p) for p in parts] == stream[3]
+    data, offsets, ids = tap
+    assert bytes(data[: offsets[3]]) == b"".join(blobs[8:11]) and list(ids[:3]) == [8, 9, 10]
+    assert proc.acc.frames_accepted == 8 + 3  # the held one is not folded

@@ -1,6 +1,7 @@
 """`run --record`: the raw frames as received, read back by `reconstruct` and `simulate --replay`
 with the same result as the live run; a full queue and a full disk never slow or stop the run."""
 
+import re
 import shutil
 import threading
 import time
@@ -92,6 +93,29 @@ def test_recording_reconstructs_and_replays_to_the_live_result(tmp_path, capsys,
     code = run_live(tmp_path, "again", protocol, ["--replay", str(record)])
     assert code in (0, 3)
     same_result(tmp_path / "live.h5", tmp_path / "again.h5")
+
+
+@pytest.mark.parametrize("protocol", ["dectris-v1", "dectris-v2"])
+def test_the_compiled_lane_records_what_the_decoder_records(tmp_path, capsys, protocol):
+    """With `--record` the compiled lane still reads the images (copying each folded blob out
+    for the recorder, `TappedFrames`): the same chunks, bit for bit, and the same result as
+    the decoder alone (`--no-compiled-lane`), with most frames read by the lane."""
+    sender = ["--scan", "24x24", "--rate", "4000"]  # paced: calibrated early, the lane reads
+    for name in ("lane", "decoder"):
+        extra = [] if name == "lane" else ["--no-compiled-lane"]
+        code = run_live(tmp_path, name, protocol, sender, "--record",
+                        str(tmp_path / f"raw-{name}.h5"), *extra)  # fmt: skip
+        assert code in (0, 3)
+        err = capsys.readouterr().err
+        assert "recorded 576 frames of series" in err, err
+        lane = re.search(r"compiled lane: (\d+) of", err)
+        assert (int(lane.group(1)) > 400) if name == "lane" else lane is None, err
+    same_result(tmp_path / "lane.h5", tmp_path / "decoder.h5")
+    with h5py.File(tmp_path / "raw-lane.h5") as a, h5py.File(tmp_path / "raw-decoder.h5") as b:
+        da, db = a[RECORDED_DATA], b[RECORDED_DATA]
+        assert a[PRESENT][()].all() and b[PRESENT][()].all()
+        for i in range(576):
+            assert da.id.read_direct_chunk((i, 0, 0)) == db.id.read_direct_chunk((i, 0, 0)), i
 
 
 def test_bslz4_recording_reads_with_the_hdf5_plugin(tmp_path):
