@@ -239,7 +239,7 @@ class Engine:
             self._reject("wrong_series", f"end of series {sid}, which is not open")
 
     def _on_lane(self, event: LaneFolded) -> None:
-        """Frames the compiled lane folded into an open series (under the ingest lock)."""
+        """Frames the compiled lane folded into an open series; its tapped blobs to on_frames."""
         proc = self.table.open[event.series_id]
         if event.tapped is not None and self.on_frames is not None:  # must not wait
             self.on_frames(proc, [event.tapped])

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from tcbf_live.stream.series import SeriesProcessor
 
 MAX_LANE_MESSAGES = 1024  # per call: the receiving loop stays responsive (control, deltas)
-TAP_BYTES = 8 << 20  # the blobs one call copies out for `run --record` (a fuller call stops)
+TAP_BYTES = 8 << 20  # the blobs one call copies out for `run --record` (a fuller call stops),
+TAP_FRAMES = 64  # ... or room for this many whole frames, if more
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ class LaneReader:
                  tap: bool = False):  # fmt: skip
         self.lane, self.decoder = lane, decoder
         self._scratch: np.ndarray | None = None
-        self._tap = (np.empty(TAP_BYTES if tap else 0, np.uint8),
-                     np.zeros(MAX_LANE_MESSAGES + 1, np.int64),
+        self._tapping = tap
+        self._tap = (np.empty(0, np.uint8), np.zeros(MAX_LANE_MESSAGES + 1, np.int64),
                      np.zeros(MAX_LANE_MESSAGES, np.int64))  # fmt: skip
 
     def target(self, proc: SeriesProcessor, info: SeriesInfo, templates: tuple) -> LaneTarget:
@@ -84,6 +85,10 @@ class LaneReader:
             self._scratch = np.empty(pixels, dtype)
         limit = MAX_FRAME_ID + 1 if info.frames_expected is None else info.frames_expected
         staging = proc.staging
+        frame_bytes = pixels * dtype.itemsize
+        room = max(TAP_BYTES, TAP_FRAMES * (frame_bytes + frame_bytes // 128 + 1024))  # (LZ4)
+        if self._tapping and self._tap[0].size < room:
+            self._tap = (np.empty(room, np.uint8), *self._tap[1:])
         return LaneTarget(templates, limit, staging.index_offset, dtype.itemsize,
                           self._scratch, staging.acc.kernel_args(), self._tap)  # fmt: skip
 

@@ -1,7 +1,8 @@
 """Raw recording (`run --record FILE`): every series' frames as they arrive, one file per series.
 
 The ingest thread only hands references to the received frames (a DECTRIS `CompressedFrame`'s
-bslz4 blob, a `FrameBatch`'s array) to a writer thread through a queue bounded in bytes; it
+bslz4 blob, a `FrameBatch`'s array, the blobs one call of the compiled lane folded:
+`TappedFrames`) to a writer thread through a queue bounded in bytes; it
 never waits for the disk: a frame that finds the queue full is counted as not recorded, and
 the run reports it. Before a series is accepted its size (frames x frame bytes; bslz4: twice
 the mean blob of its first frames) must fit the free space of the target folder, else nothing
@@ -216,7 +217,7 @@ class Recorder:
         self._thread.start()
 
     # ------------------------------------------------------------------ ingest thread
-    def __call__(self, proc, batches: list[FrameBatch | CompressedFrame]) -> None:
+    def __call__(self, proc, batches: list[FrameBatch | CompressedFrame | TappedFrames]) -> None:
         """Enqueue the frames of an open series; never waits, never raises."""
         try:
             rec = self._record_of(proc, batches)
@@ -233,7 +234,9 @@ class Recorder:
             beyond = (index < 0) | (index >= rec.n_positions)
             rec.beyond += int(np.count_nonzero(beyond))
             index[beyond] = -1
-            if not self._put((rec.key, index, b), b.data.nbytes, bounded=True):
+            if beyond.all():
+                return
+            if not self._put((rec.key, index, b), b.data.nbytes, bounded=True):  # (all of it)
                 rec.queue_full += int(np.count_nonzero(index >= 0))
             return
         index = b.first - rec.offset

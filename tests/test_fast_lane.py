@@ -157,7 +157,8 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest(comp
 
 
 @pytest.mark.skipif(bind_libzmq() is None, reason="pyzmq's libzmq cannot be bound here")
-def test_the_tap_copies_each_folded_blob_and_holds_a_message_it_has_no_room_for():
+@pytest.mark.parametrize("spare", [-1, 0])
+def test_the_tap_copies_each_folded_blob_and_holds_a_message_it_has_no_room_for(spare):
     """`run --record` with the lane: each folded image's blob and frame id are copied into the
     tap; an image whose blob would not fit is handed back unfolded, for the decoder (which
     the recorder then sees as any other frame)."""
@@ -170,14 +171,17 @@ def test_the_tap_copies_each_folded_blob_and_holds_a_message_it_has_no_room_for(
     proc.add(FrameBatch(7, 0, frames[:8]))
     blobs = [compress_bslz4(frames[i]) for i in range(16)]
     stream = [v1_image(i, blobs[i]) for i in range(8, 16)]
-    room = sum(len(b) for b in blobs[8:11]) + len(blobs[11]) - 1  # three fit, not a fourth
+    room = sum(len(b) for b in blobs[8:12]) + spare  # the fourth fits exactly, or not
+    taken = 3 if spare < 0 else 4
     tap = (np.zeros(room, np.uint8), np.zeros(1025, np.int64), np.zeros(1024, np.int64))
     layout = image_layout(stream[0], json.loads(stream[0][1]))
     target = LaneTarget((layout.dimage, layout.image_d, layout.dconfig), 64, 0, 2,
                         np.empty(32 * 32, "<u2"), proc.staging.acc.kernel_args(), tap)  # fmt: skip
     with queued(stream, "tap-test") as pull:
         n, last, parts, why = Lane(pull).drain(target, 100, 1 << 20)
-    assert (n, last, why) == (3, 10, None) and [bytes(p) for p in parts] == stream[3]
+    assert (n, last, why) == (taken, 7 + taken, None)
+    assert [bytes(p) for p in parts] == stream[taken]
     data, offsets, ids = tap
-    assert bytes(data[: offsets[3]]) == b"".join(blobs[8:11]) and list(ids[:3]) == [8, 9, 10]
-    assert proc.acc.frames_accepted == 8 + 3  # the held one is not folded
+    assert bytes(data[: offsets[taken]]) == b"".join(blobs[8 : 8 + taken])
+    assert list(ids[:taken]) == list(range(8, 8 + taken))
+    assert proc.acc.frames_accepted == 8 + taken  # the held one is not folded
