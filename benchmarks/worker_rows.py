@@ -8,8 +8,8 @@ a delta taken after each run. The two layouts alternate, so both see the same st
 machine:
 - "whole scan, released": a state with a row per scan position; after each delta its stack
   and tile pages go back to the OS (`pages.release`), so the next frames write fresh memory;
-- "row block": `Accumulators.recycle_rows()` (`tcbf.row_block`), the rows written again and
-  again; the delta takes the used rows in position order.
+- "row block": a worker's state (`ProcessingSettings.row_block_rows`, `tcbf.row_block`), the
+  rows written again and again; the delta takes the used rows in position order.
 Wall microseconds per frame of the fold, of the delta (take + release) and of both; best of
 --repeats. On a VM whose host reclaims free guest memory (docs/engine.md) the released layout
 also pays the host's first touch whenever the pages it gets back are cold.
@@ -51,8 +51,10 @@ def setup():
 
 def cycle(proc: SeriesProcessor, blobs: list, share: int, block: bool) -> tuple[float, float]:
     """(fold, delta) wall seconds for one worker's share (every `share`-th frame) of the scan."""
-    acc = SeriesProcessor(proc.info, ProcessingSettings(calibration=proc.raw_calibration)).acc
-    rows = acc.recycle_rows() if block else None
+    settings = ProcessingSettings(calibration=proc.raw_calibration,
+                                  row_block_rows=0 if block else None)  # fmt: skip
+    acc = SeriesProcessor(proc.info, settings).acc
+    rows = acc.rows
     taker = DeltaTaker(acc.state, rows)
     scratch = np.empty(96 * 96, "<u2")
     k = acc.kernel_args()

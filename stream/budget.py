@@ -219,10 +219,20 @@ def upsampling_bound(info, upsample: int | None = None,
 def check_info(info, budget_bytes: int, *, n_bf: int | None = None, n_tiles: int | None = None,
                frame_limit: int | None = None, upsample: int | None = None,
                angular_sampling_mrad: float | None = None,
-               calibration_frames: int = CALIBRATION_FRAMES) -> str | None:  # fmt: skip
+               calibration_frames: int = CALIBRATION_FRAMES,
+               block_rows: int | None = None) -> str | None:  # fmt: skip
     """`check_series` for an announced series (SeriesInfo with its scan shape): pixel size,
-    stack type and upsampling factor from its metadata. None if it fits."""
+    stack type and upsampling factor from its metadata. None if it fits. `block_rows`: a
+    worker's, which holds a state of that many rows (`RowBlock`) and reconstructs nothing."""
     kind = np.dtype(info.dtype)
+    if block_rows is not None:
+        from tcbf_live.stream.tcbf.accumulators import AccumulatorState
+
+        need = AccumulatorState.block_bytes(AccumulatorState.layout(
+            block_rows, n_bf or 0, n_tiles or 0, frame_limit or 0, kind.kind == "u"))
+        return None if need <= budget_bytes else (
+            f"a worker's block of {block_rows} rows needs {format_bytes(need)}, over the "
+            f"memory budget of {format_bytes(budget_bytes)} (set --memory-budget or {ENV_VAR})")
     return check_series(
         info.scan_shape, info.detector_shape, kind.itemsize, budget_bytes, n_bf,
         upsampling_bound(info, upsample, angular_sampling_mrad),

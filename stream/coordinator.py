@@ -33,7 +33,7 @@ from tcbf_live.stream.result import SeriesResult
 from tcbf_live.stream.series import SeriesError
 from tcbf_live.stream.tcbf.accumulators import ACCEPTED, StateDelta
 from tcbf_live.stream.transport import CurveKeys
-from tcbf_live.stream.worker_link import pack
+from tcbf_live.stream.worker_link import DELTA_CREDIT_BYTES, pack
 from tcbf_live.stream.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class WorkerPlan:
     worker_timeout_s: float = 3.0  # a worker silent this long is stalled
     ready_timeout_s: float = 60.0  # local workers must have joined by then
     row_block_rows: int = 0  # rows of a worker's row block per series (0: `RowBlock.capacity`)
+    delta_credit_bytes: int = DELTA_CREDIT_BYTES  # a worker's deltas not yet merged, at most
 
 
 class Coordinator(Engine):
@@ -147,12 +148,13 @@ class Coordinator(Engine):
             startup = cpu.pop("start-up", 0.0)  # kernels loaded (first call): not per frame
             other = process - startup - sum(cpu.values())  # ZeroMQ's I/O thread, the loop
             stages = ", ".join(f"{k} {v * per:.1f}" for k, v in cpu.items())
-            rss, (waits, waited) = p.peak_rss_mb, p.row_waits
+            rss, (waits, waited), (held, held_s) = p.peak_rss_mb, p.row_waits, p.merge_waits
             lines.append(f"worker {p.index}: {p.frames} frames ({p.lane} by the compiled lane); "
                          f"CPU us/frame: {stages}, "
                          f"other {other * per:.1f} (process {process * per:.1f}, less "
                          f"{startup:.2f} s start-up); peak RSS {rss:.0f} MiB; deltas forced "
-                         f"by a full row block: {waits} ({waited:.2f} s)")  # fmt: skip
+                         f"by a full row block: {waits} ({waited:.2f} s); deltas held back for "
+                         f"the coordinator: {held} ({held_s:.2f} s)")  # fmt: skip
         e = self
         frames = max(e.counters.frames, 1)
         lines.append(f"coordinator: merge {e.merge_cpu_s * 1e6 / frames:.2f} us/frame "

@@ -64,6 +64,7 @@ class ProcessingSettings:
     # the calibrated BF pixel count before the stack is allocated (BudgetExceeded)
     memory_budget_bytes: int | None = None
     compensate_descan: bool = False  # read each position's BF pixels at the drifting disk
+    row_block_rows: int | None = None  # a worker: a `RowBlock` of this many rows (0: by bytes)
 
     def __post_init__(self):
         unknown = set(self.metadata) - set(METADATA_OVERRIDES)
@@ -215,11 +216,9 @@ class SeriesProcessor:
             log.error("series %d: cannot calibrate on the first %d frames: %s",
                       self.info.series_id, len(frames), err)  # fmt: skip
             return False
-        log.info(
-            "calibrated on %d frames: disk centre (%.2f, %.2f) px, radius %.2f px, %d BF px, "
-            "%d masked px",
-            len(frames), *cal.center_px, cal.radius_px, cal.n_bf, int(cal.mask.sum()),
-        )  # fmt: skip
+        log.info("calibrated on %d frames: disk centre (%.2f, %.2f) px, radius %.2f px, %d BF "
+                 "px, %d masked px", len(frames), *cal.center_px, cal.radius_px, cal.n_bf,
+                 int(cal.mask.sum()))  # fmt: skip
         self._build(cal)
         return True
 
@@ -227,35 +226,37 @@ class SeriesProcessor:
         """Size the accumulators for a calibration (checked against the memory budget)."""
         s = self.settings
         self.raw_calibration = cal  # before `prepare`: what a worker builds the same layout from
-        if cal.detector_shape != tuple(self.info.detector_shape):
-            raise SeriesError(f"calibration for {cal.detector_shape}, frames are "
-                              f"{self.info.detector_shape}")  # fmt: skip
+        if cal.detector_shape != (det := tuple(self.info.detector_shape)):
+            raise SeriesError(f"calibration for {cal.detector_shape}, frames are {det}")
         cal, layout = prepare(cal, s.bins, self.info.semiangle_mrad,
                               self.info.angular_sampling_mrad)  # fmt: skip
+        integer = np.dtype(self.info.dtype).kind == "u"  # signed: a float32 stack
+        n_pos, rows = int(np.prod(self.scan_shape)), s.row_block_rows
+        state = AccumulatorState.layout(n_pos, cal.n_bf, layout.total_tiles,
+                                        self.frame_limit or n_pos, integer)  # fmt: skip
+        block = None if rows is None else Accumulators.block_rows(state, rows)  # a worker's
         if s.memory_budget_bytes is not None:  # the stack and tile sums are sized now
             why = check_info(self.info, s.memory_budget_bytes, n_bf=cal.n_bf,
                              n_tiles=layout.total_tiles, frame_limit=self.frame_limit,
                              upsample=s.pipeline.upsample,
                              angular_sampling_mrad=cal.angular_sampling_mrad,
-                             calibration_frames=s.calibration_frames)  # fmt: skip
+                             calibration_frames=s.calibration_frames, block_rows=block)
             if why is not None:
                 raise BudgetExceeded(f"series {self.info.series_id}, calibrated: {why}")
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
-        integer = np.dtype(self.info.dtype).kind == "u"  # signed: a float32 stack
-        n_pos = int(np.prod(self.scan_shape))
         self.acc = Accumulators(
             self.scan_shape, cal, layout, axial_radius_px=axial,
             serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
-            integer_stack=integer, moments=s.compensate_descan,
-            # the memory `run` touched at start-up, where it fits:
-            memory=memory_reserve.take(AccumulatorState.layout(
-                n_pos, cal.n_bf, layout.total_tiles, self.frame_limit or n_pos, integer)),
+            integer_stack=integer, moments=s.compensate_descan, block=block,
+            memory=None if rows is not None else memory_reserve.take(state),  # touched at start
         )  # fmt: skip
         self.descan = DescanCompensation.start(self.acc) if s.compensate_descan else None
         self.staging = Staging(self.acc, self.index_offset)
-        counts = cal.whole_counts or "counts_per_electron" in s.metadata  # (float intensities)
-        self._pipeline = pl.Pipeline(pl.Acquisition.of(self.info, counts), cal, layout, s.pipeline)
+        if rows is None:  # (a worker solves nothing: no images, no alignment state)
+            counts = cal.whole_counts or "counts_per_electron" in s.metadata  # (float values)
+            self._pipeline = pl.Pipeline(pl.Acquisition.of(self.info, counts), cal, layout,
+                                         s.pipeline)  # fmt: skip
 
     # ------------------------------------------------------------------ merge
     def partition(self) -> AccumulatorState:
@@ -308,8 +309,7 @@ class SeriesProcessor:
         return self.acc is not None
 
     def sizes(self) -> tuple[int, int] | None:
-        """(BF pixels, tile sums) per position once calibrated (what the memory budget counts),
-        else None."""
+        """(BF pixels, tile sums) per position once calibrated (the budget counts), else None."""
         if self.acc is None:
             return None
         return self.acc.calibration.n_bf, self.acc.tiles_layout.total_tiles
@@ -392,8 +392,6 @@ class SeriesProcessor:
             axial_radius_px=acc.axial_radius_px,
             excluded=excluded,
             excluded_reasons=dict(screen.reasons) if screen else {},
-            suspect=suspicions(
-                acc.state.seen, self.frame_limit, acc.out_of_range, last, complete
-            ),  # fmt: skip
+            suspect=suspicions(acc.state.seen, self.frame_limit, acc.out_of_range, last, complete),
             alignment_note=self._pipeline.fallback.note() if self._pipeline else "",
         )

@@ -33,13 +33,13 @@ from tcbf_live.stream.tcbf.accumulators import ACCEPTED, NEXT_INDEX
 from tcbf_live.stream.tcbf.calibration import Calibration
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.transport import OversizedMessage, recv_capped
+from tcbf_live.stream.worker_inbox import LinkInbox
 from tcbf_live.stream.worker_link import (
-    LinkError,
     WorkerConfig,
     delta_message,
+    delta_nbytes,
     pack,
     settings_from_dict,
-    unpack,
 )
 from tcbf_live.stream.worker_series import Backlog, WorkerSeries
 
@@ -58,6 +58,7 @@ class Worker:
 
     def __init__(self, link: zmq.Socket, config: WorkerConfig, data: SubscriberSettings):
         self.link, self.config = link, config
+        self.inbox = LinkInbox(link, config.index, config.delta_credit_bytes)  # and credit
         self.wire = protocol(config.protocol)
         self.shared = config.socket_type == "sub"  # every worker receives every message
         self.settings = settings_from_dict(config.processing, memory_budget_bytes(None))
@@ -84,8 +85,8 @@ class Worker:
             poller.register(sock, zmq.POLLIN)
         last_sync = last_beat = time.monotonic()
         while not self.stopping:
-            ready = dict(poller.poll(20))
-            if self.link in ready:
+            ready = dict(poller.poll(0 if self.inbox.items else 20))
+            if self.link in ready or self.inbox.items:  # (`sync` may have read the link)
                 self.on_link()
             if self.sock in ready and not self.stopping and self.make_room(ROOM, 0.1):
                 self.on_data()
@@ -295,12 +296,12 @@ class Worker:
         if s.proc is not None or gen not in (None, s.gen):
             return
         try:
-            s.proc = SeriesProcessor(s.info, replace(self.settings, calibration=cal))
-        except (BudgetExceeded, SeriesError) as err:
+            s.proc = SeriesProcessor(s.info, replace(self.settings, calibration=cal,
+                                                     row_block_rows=self.config.row_block_rows))
+        except (BudgetExceeded, SeriesError) as err:  # (only the row block is allocated)
             self.refuse(sid, str(err))
             return
-        rows = s.proc.acc.recycle_rows(self.config.row_block_rows or None)  # a new state
-        s.taker = DeltaTaker(s.proc.acc.state, rows)
+        s.taker = DeltaTaker(s.proc.acc.state, s.proc.acc.rows)
         held, s.held, s.held_bytes = s.held, [], 0
         self.accumulate(sid, s, held)
         if s.ending:
@@ -349,7 +350,7 @@ class Worker:
         for sid, s in list(self.series.items()):
             if s.taker is None or (only is not None and sid != only):
                 continue
-            if not self.link.poll(5000 if final else wait_ms, zmq.POLLOUT):
+            if not self.inbox.room(5000 if final else wait_ms):  # credit, then the queue
                 if final:
                     log.error("worker %d: the last delta of series %d could not be sent: its "
                               "frames are missing", self.config.index, sid)  # fmt: skip
@@ -358,7 +359,9 @@ class Worker:
             delta = s.taker.take()
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
-                self.link.send_multipart(delta_message(sid, s.gen, delta, final), copy=False)
+                sent = self.inbox.delta_sent(delta_nbytes(delta))
+                self.link.send_multipart(delta_message(sid, s.gen, delta, final, sent),
+                                         copy=False)  # fmt: skip
             if delta.rows.size and self.freeze_after_first_delta:  # the kernels have run
                 freeze_startup_objects(collect=False)
                 self.freeze_after_first_delta = False
@@ -368,18 +371,15 @@ class Worker:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""
         process = time.process_time() - (self._process0 or 0.0)
         self.send(worker_series.beat(self.counters, {**self.cpu_s, "process": process},
-                                     self.unsent, self.backlog.bytes, self.row_waits),
+                                     self.unsent, self.backlog.bytes,
+                                     (*self.row_waits, *self.inbox.waits), self.inbox.sent),
                   block_s)  # fmt: skip
 
     # ------------------------------------------------------------------ coordinator messages
     def on_link(self) -> None:
-        while self.link.poll(0):
-            try:
-                kind, head, arrays, raw = unpack(self.link.recv_multipart(copy=False))
-            except LinkError as err:
-                log.warning("worker %d: bad message from the coordinator: %s",
-                            self.config.index, err)  # fmt: skip
-                continue
+        self.inbox.read()
+        while self.inbox.items:  # (a "flush" below may read more: they are handled here too)
+            kind, head, arrays, raw = self.inbox.items.popleft()
             if kind == "ctl":  # control messages, in the order every worker sees
                 for k in head.get("sizes", [len(raw)]):
                     message, raw = raw[:k], raw[k:]

@@ -9,7 +9,8 @@ Kinds, worker -> coordinator: "hello", "ctl" (a detector control message, relaye
 worker), "first" (the frame message that started a series at a worker), "cal" (frames to
 calibrate on), "delta" (a `StateDelta`), "ended" (a series drained), "refused", "beat"
 (counters); coordinator -> worker: "welcome" (a `WorkerConfig`), "ctl", "cal" (the
-calibration), "drop" (a series not processed), "stop".
+calibration), "drop" (a series not processed), "merged" (the delta bytes handled so far:
+`worker_inbox`), "stop".
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DTYPES = frozenset({"<f8", "<f4", "<u4", "<u2", "|u1", "<i8", "<i4", "<i2", "|i1
 LINK_VERSION = 1
 LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
 LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
+DELTA_CREDIT_BYTES = 128 << 20  # a worker's deltas sent and not yet merged (`worker_inbox`)
 
 
 class LinkError(ValueError):
@@ -71,10 +73,20 @@ def unpack(parts: list[Any]) -> tuple[str, dict, dict[str, np.ndarray], list[Any
     return head.pop("t"), head, arrays, list(parts[1 + len(descs) :])
 
 
-def delta_message(series_id: int, gen: int, delta: StateDelta, final: bool) -> list[Any]:
-    """A worker's delta of run `gen` of a series."""
-    arrays = {"rows": delta.rows, "seen": delta.seen, "stats": delta.stats, **delta.values}
-    return pack("delta", {"sid": series_id, "gen": gen, "final": final}, arrays)
+def delta_arrays(delta: StateDelta) -> dict[str, np.ndarray]:
+    return {"rows": delta.rows, "seen": delta.seen, "stats": delta.stats, **delta.values}
+
+
+def delta_nbytes(delta: StateDelta) -> int:
+    return sum(a.nbytes for a in delta_arrays(delta).values())
+
+
+def delta_message(series_id: int, gen: int, delta: StateDelta, final: bool,
+                  sent: int = 0) -> list[Any]:  # fmt: skip
+    """A worker's delta of run `gen` of a series (`sent`: its delta bytes so far, this one
+    included: `worker_inbox`)."""
+    return pack("delta", {"sid": series_id, "gen": gen, "final": final, "sent": sent},
+                delta_arrays(delta))  # fmt: skip
 
 
 def delta_from(arrays: dict[str, np.ndarray]) -> StateDelta:
@@ -147,6 +159,7 @@ class WorkerConfig:
     processing: dict  # `settings_to_dict`
     lane: bool = True  # V1 images through the compiled lane where it can (`stream.fast_lane`)
     row_block_rows: int = 0  # rows of each series' row block (`RowBlock`; 0: sized by bytes)
+    delta_credit_bytes: int = DELTA_CREDIT_BYTES  # deltas in flight, at most (`worker_inbox`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

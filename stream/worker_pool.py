@@ -129,6 +129,7 @@ class WorkerPool(Calibrating):
             sync_interval_s=self.plan.sync_interval_s, backlog_bytes=self.plan.backlog_bytes,
             processing=settings_to_dict(s.processing), lane=s.compiled_lane,
             row_block_rows=self.plan.row_block_rows,
+            delta_credit_bytes=self.plan.delta_credit_bytes,
         )  # fmt: skip
         self.peers[ident] = Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip
@@ -216,6 +217,8 @@ class WorkerPool(Calibrating):
                 self.on_message(ident, peer, kind, head, arrays, raw)
             except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
                 self.engine.counters.reject(DecodeError("bad_link_message", f"{kind}: {exc!r}"))
+            if kind in ("delta", "beat") and type(head.get("sent")) is int:  # handled: credit
+                self.tell(ident, pack("merged", {"bytes": head["sent"]}))  # (`worker_inbox`)
 
     def on_message(self, ident, peer, kind, head, arrays, raw) -> None:
         now = time.monotonic()

@@ -94,6 +94,7 @@ class Peer:
     cpu_s: dict = field(default_factory=dict)  # its CPU seconds by stage, last reported
     peak_rss_mb: float = 0.0
     row_waits: tuple[int, float] = (0, 0.0)  # deltas its full row block forced: times, s
+    merge_waits: tuple[int, float] = (0, 0.0)  # deltas held back for the coordinator: times, s
     flushed: bool = False
 
     def read_beat(self, head: dict, counters: StreamCounters) -> bool:
@@ -112,8 +113,9 @@ class Peer:
         self.held = int(head.get("held", 0))
         self.cpu_s = {str(k): float(v) for k, v in dict(head.get("cpu_s", {})).items()}
         self.peak_rss_mb = float(head.get("peak_rss_mb", 0.0))
-        waits = head.get("row_waits", (0, 0.0))
-        self.row_waits = (int(waits[0]), float(waits[1])) if len(waits) == 2 else (0, 0.0)
+        w = head.get("waits", ())
+        if isinstance(w, list) and len(w) == 4:
+            self.row_waits, self.merge_waits = (int(w[0]), float(w[1])), (int(w[2]), float(w[3]))
         return grew
 
 
@@ -205,11 +207,12 @@ def fitting(batches: list, free: int) -> tuple[list, list]:
 
 
 def beat(c: StreamCounters, cpu_s: dict, unsent: int, held_bytes: int,
-         row_waits: tuple[int, float] = (0, 0.0)) -> list:  # fmt: skip
+         waits: tuple = (0, 0.0, 0, 0.0), sent: int = 0) -> list:  # fmt: skip
     """A worker's "beat": its counters, CPU seconds by stage, messages it could not send,
-    bytes held, peak memory and its waits for free rows (times, seconds; the coordinator adds
-    the growth and reports the rest)."""
+    bytes held, peak memory, its waits (times, seconds) for free rows and for the
+    coordinator to merge (`worker_inbox`), and its delta bytes sent (the coordinator adds the
+    growth, reports the rest and answers "merged")."""
     return pack("beat", {"messages": c.messages, "rejected": dict(c.rejected),
                          "frames": c.frames, "lane": c.lane, "unsent": unsent,
-                         "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_s,
-                         "held": held_bytes, "row_waits": list(row_waits)})  # fmt: skip
+                         "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_s, "held": held_bytes,
+                         "waits": list(waits), "sent": sent})  # fmt: skip

@@ -2,6 +2,7 @@
 gives exactly the deltas of a state with a row per position; a frame that finds no row is left
 unclaimed and counted, never folded elsewhere; batches are cut to the rows free."""
 
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch
 from tcbf_live.detectors.compression import compress_bslz4
 from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream.budget import BudgetExceeded
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.tcbf.row_block import MIN_ROWS, RowBlock
@@ -58,8 +60,8 @@ def test_a_block_smaller_than_the_scan_gives_the_deltas_of_a_whole_state(series,
     coordinator's state equals the state of one receiver with a row per position."""
     info, frames, blobs, settings = series
     order = np.random.default_rng(1).permutation(len(frames))
-    worker = SeriesProcessor(info, settings)
-    rows = worker.acc.recycle_rows(ROWS)
+    worker = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
+    rows = worker.acc.rows
     taker = DeltaTaker(worker.acc.state, rows)
     assert worker.acc.state.stack.shape[0] == ROWS and worker.acc.state.seen.size == len(frames)
     coordinator = SeriesProcessor(info, settings)
@@ -77,8 +79,8 @@ def test_a_block_smaller_than_the_scan_gives_the_deltas_of_a_whole_state(series,
 @pytest.mark.parametrize("packed", [False, True], ids=["frames", "bslz4"])
 def test_a_frame_that_finds_no_row_is_left_unclaimed_and_counted(series, packed):
     info, frames, blobs, settings = series
-    worker = SeriesProcessor(info, settings)
-    rows = worker.acc.recycle_rows(ROWS)
+    worker = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
+    rows = worker.acc.rows
     taker = DeltaTaker(worker.acc.state, rows)
     worker.add_many(batches(frames, blobs, range(ROWS + 1), packed))  # one too many positions
     assert rows.lost == 1 and worker.acc.frames_accepted == ROWS
@@ -113,3 +115,26 @@ def test_batches_are_cut_to_the_rows_free():
     ]:
         h, r = fitting([a, c, b], free)
         assert (shape(h), shape(r)) == (head, rest), free
+
+
+def test_a_worker_allocates_and_budgets_only_its_row_block(series):
+    """A 1024x1024 scan: its whole state (a stack row per position) is far over a 256 MiB
+    budget, which one process refuses at calibration. A worker's series holds only its
+    block (about 64 MiB), allocates nothing else of that size and is not refused."""
+    info, frames, _, settings = series
+    big = replace(info, scan_shape=(1024, 1024), frames_expected=1024 * 1024)
+    budget = replace(settings, memory_budget_bytes=256 << 20)
+    with pytest.raises(BudgetExceeded, match="1024x1024 scan"):
+        SeriesProcessor(big, budget)
+    tracemalloc.start()
+    try:
+        worker = SeriesProcessor(big, replace(budget, row_block_rows=0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    state = worker.acc.state
+    assert state.stack.shape[0] == worker.acc.rows.slot_pos.size < 1024 * 1024
+    assert 32 << 20 < state.nbytes() <= (64 << 20) + state.seen.nbytes + (1 << 20)
+    assert peak < state.nbytes() + (48 << 20), peak  # (the block, the row map, the seen map)
+    with pytest.raises(BudgetExceeded, match="a worker's block of 4096 rows"):
+        SeriesProcessor(big, replace(budget, row_block_rows=4096, memory_budget_bytes=1 << 20))

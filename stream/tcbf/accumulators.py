@@ -178,6 +178,7 @@ class AccumulatorState:
 
 
 NO_BLOCK = RowBlock.identity()  # kernel arguments of a state with a row per position
+
 ROW_FIELDS = tuple(f.name for f in fields(AccumulatorState)
                    if f.metadata["merge"] in ("add", "add_capped"))  # fmt: skip
 SENT = 2  # `seen` value of an index already sent in a delta (still non-zero: a duplicate)
@@ -248,22 +249,28 @@ class Accumulators:
     integer_stack: bool = True  # unsigned integer frames: uint16 stack, exact int64 sums
     moments: bool = False  # fold each frame's first moments (descan compensation)
     memory: InitVar[np.ndarray | None] = None  # one block for the state: AccumulatorState.zeros
+    # a worker: only a `RowBlock` of this many rows is allocated (`block_rows`), touched now
+    block: InitVar[int | None] = None
     # the arrays to fold into (e.g. a LiberTEM UDF's partition buffers); None: new zeros
     state: AccumulatorState | None = None
 
-    def __post_init__(self, memory: np.ndarray | None):
+    def __post_init__(self, memory: np.ndarray | None, block: int | None):
         cal = self.calibration
         sizes = (self.n_positions, cal.n_bf, self.tiles_layout.total_tiles,
                  self.frame_limit or self.n_positions, self.integer_stack)  # fmt: skip
+        if block is not None:
+            sizes = (block, *sizes[1:])
         if self.state is None:
-            self.state = AccumulatorState.zeros(*sizes, memory)
+            self.state = AccumulatorState.zeros(*sizes, None if block is not None else memory)
         arrays = self.state.arrays()
         for name, want in AccumulatorState.layout(*sizes).items():  # given arrays must fit
             a = arrays[name]
             if (a.shape, a.dtype) != want:
                 raise ValueError(f"state.{name} is {a.shape} {a.dtype}, the geometry needs "
                                  f"{want[0]} {want[1]}")  # fmt: skip
-        self.rows: RowBlock | None = None  # `recycle_rows`
+        self.rows = None if block is None else RowBlock.empty(self.n_positions, sizes[0])
+        for a in self.state.arrays().values() if block is not None else ():
+            a.fill(0)  # touched now, not while frames arrive
         self._bf_index = cal.bf_flat_index
         d = cal.bf_pixels - np.asarray(cal.center_px)
         self.axial = np.hypot(d[:, 0], d[:, 1]) <= self.axial_radius_px
@@ -280,6 +287,16 @@ class Accumulators:
         self._zero = np.int64(0) if self.integer_stack else 0.0
         self._stack_max = float(np.iinfo(np.uint16).max if self.integer_stack else np.inf)
 
+    @staticmethod
+    def block_rows(layout: dict[str, tuple[tuple, np.dtype]], rows: int = 0) -> int:
+        """Rows of a worker's `RowBlock` for the state `layout` (a row per position): `rows`,
+        or (0) `RowBlock.capacity` of its row fields' bytes per row."""
+        n_pos, row_bytes = layout["totals"][0][0], 0
+        for name in ROW_FIELDS:
+            shape, dtype = layout[name]
+            row_bytes += int(np.prod(shape[1:])) * dtype.itemsize
+        return rows or RowBlock.capacity(n_pos, row_bytes)
+
     @property
     def n_positions(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
@@ -293,19 +310,6 @@ class Accumulators:
         s, n = self.state, rows or self.n_positions
         return AccumulatorState.zeros(n, s.stack.shape[1], s.tiles.shape[1], s.seen.size,
                                       self.integer_stack)  # fmt: skip
-
-    def recycle_rows(self, rows: int | None = None) -> RowBlock:
-        """From now on fold into a `RowBlock` (of `rows` rows; default `RowBlock.capacity`):
-        a worker, whose state a `DeltaTaker` of the block takes. The state so far must be
-        empty. The block's memory is touched here, not while frames arrive."""
-        s = self.state
-        row_bytes = sum(a.nbytes // a.shape[0] for n, a in s.arrays().items() if n in ROW_FIELDS)
-        n = rows or RowBlock.capacity(self.n_positions, row_bytes)
-        self.state = self.empty_state(n)
-        for a in self.state.arrays().values():
-            a.fill(0)
-        self.rows = RowBlock.empty(self.n_positions, n)
-        return self.rows
 
     def set_read_shift(self, shift_px: np.ndarray, where: np.ndarray) -> int:
         """Read the BF pixels of the positions `where` (bool, (n_pos,)) at the whole-pixel

@@ -21,8 +21,8 @@ class DeltaTaker:
     copied and zeroed (so the next delta holds only what came after), the claimed indices are
     marked sent (still claimed: later duplicates are still caught). Between two takes the
     state holds only the frames since the last one, so a receiver sends each frame once.
-    With a `RowBlock` (`Accumulators.recycle_rows`) the rows are the block's used ones, taken
-    in position order and freed."""
+    With a `RowBlock` (a worker's: `Accumulators(block=)`) the rows are the block's used
+    ones, taken in position order and freed."""
 
     def __init__(self, state: AccumulatorState, rows: RowBlock | None = None):
         self.state, self.rows = state, rows

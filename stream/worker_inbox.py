@@ -1,0 +1,78 @@
+"""A worker's side of the link: what the coordinator sent, and the delta bytes in flight.
+
+A worker sends its deltas only while fewer than `DELTA_CREDIT_BYTES` of them are unhandled by
+the coordinator: each delta and each beat carries the bytes of deltas sent so far ("sent"),
+and the coordinator answers every one it has handled with "merged" (that count; the link
+keeps order, so everything sent before it has been merged or refused). A lost or late answer
+is made good by the next. So a slow coordinator cannot let deltas pile up in ZeroMQ's queues
+(up to a row block each, 64 MiB): the rows stay in the worker's block, which fills and stops
+the worker reading the detector (`Worker.make_room`), bounded and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from tcbf_live.stream.worker_link import DELTA_CREDIT_BYTES, LinkError, unpack
+
+log = logging.getLogger(__name__)
+
+
+class LinkInbox:
+    """The coordinator's messages to one worker, in order, with "merged" taken out."""
+
+    def __init__(self, link: zmq.Socket, index: int, credit_bytes: int = DELTA_CREDIT_BYTES):
+        self.link, self.index, self.credit_bytes = link, index, credit_bytes
+        self.items: deque[tuple[str, dict, dict, list[Any]]] = deque()
+        self.sent = 0  # bytes of deltas sent so far
+        self.merged = 0  # of those, handled by the coordinator (its last "merged")
+        self.waits = (0, 0.0)  # deltas that waited for the coordinator: times, seconds
+
+    def read(self) -> None:
+        """Queue what the link holds now; a "merged" answer only updates the credit."""
+        while self.link.poll(0):
+            try:
+                kind, head, arrays, raw = unpack(self.link.recv_multipart(copy=False))
+            except LinkError as err:
+                log.warning("worker %d: bad message from the coordinator: %s", self.index, err)
+                continue
+            if kind == "merged":
+                self.merged = max(self.merged, int(head.get("bytes", 0)))
+            else:
+                self.items.append((kind, head, arrays, raw))
+
+    def in_flight(self) -> int:
+        return self.sent - self.merged
+
+    def credit(self, wait_ms: int) -> bool:
+        """Whether another delta may be sent, waiting at most `wait_ms` for answers."""
+        self.read()
+        if self.in_flight() < self.credit_bytes:
+            return True
+        t0 = time.monotonic()
+        until = t0 + wait_ms / 1000
+        while (left := until - time.monotonic()) > 0:
+            self.link.poll(max(1, min(50, int(left * 1000))), zmq.POLLIN)
+            self.read()
+            if self.in_flight() < self.credit_bytes:
+                break
+        self.waits = (self.waits[0] + 1, self.waits[1] + time.monotonic() - t0)
+        return self.in_flight() < self.credit_bytes
+
+    def room(self, wait_ms: int) -> bool:
+        """Whether a delta may be sent now: credit, then room in the link's queue."""
+        t0 = time.monotonic()
+        if not self.credit(wait_ms):
+            return False
+        left_ms = max(0, wait_ms - int((time.monotonic() - t0) * 1000))
+        return bool(self.link.poll(left_ms, zmq.POLLOUT))
+
+    def delta_sent(self, nbytes: int) -> int:
+        """Count a delta of `nbytes` as sent; the running total its message carries."""
+        self.sent += nbytes
+        return self.sent
