@@ -216,6 +216,9 @@ def upsampling_bound(info, upsample: int | None = None,
                               max(info.detector_shape), sampling)  # fmt: skip
 
 
+WORKER_BYTES_PER_POSITION = 21  # a worker's row of each position (8), read offsets (8 + 4, 1)
+
+
 def check_info(info, budget_bytes: int, *, n_bf: int | None = None, n_tiles: int | None = None,
                frame_limit: int | None = None, upsample: int | None = None,
                angular_sampling_mrad: float | None = None,
@@ -225,11 +228,13 @@ def check_info(info, budget_bytes: int, *, n_bf: int | None = None, n_tiles: int
     stack type and upsampling factor from its metadata. None if it fits. `block_rows`: a
     worker's, which holds a state of that many rows (`RowBlock`) and reconstructs nothing."""
     kind = np.dtype(info.dtype)
-    if block_rows is not None:
+    if block_rows is not None:  # the block, a delta's copy of it, the per-position maps
         from tcbf_live.stream.tcbf.accumulators import AccumulatorState
 
-        need = AccumulatorState.block_bytes(AccumulatorState.layout(
-            block_rows, n_bf or 0, n_tiles or 0, frame_limit or 0, kind.kind == "u"))
+        n_pos = math.prod(info.scan_shape)
+        block = AccumulatorState.block_bytes(AccumulatorState.layout(
+            block_rows, n_bf or 0, n_tiles or 0, frame_limit or n_pos, kind.kind == "u"))
+        need = 2 * block + WORKER_BYTES_PER_POSITION * n_pos
         return None if need <= budget_bytes else (
             f"a worker's block of {block_rows} rows needs {format_bytes(need)}, over the "
             f"memory budget of {format_bytes(budget_bytes)} (set --memory-budget or {ENV_VAR})")

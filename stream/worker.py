@@ -344,13 +344,13 @@ class Worker:
         self.drop(sid, "ended")
 
     def sync(self, only: int | None = None, final: bool = False, wait_ms: int = 0) -> None:
-        """Each calibrated series' growth since its last delta, to the coordinator; nothing
-        is taken when the link has no room within `wait_ms` (it stays for the next one)."""
+        """Each calibrated series' growth since its last delta, to the coordinator; nothing is
+        taken without credit and room within `wait_ms` (`final`: no credit, 5 s for room)."""
         t0 = time.thread_time()
         for sid, s in list(self.series.items()):
             if s.taker is None or (only is not None and sid != only):
                 continue
-            if not self.inbox.room(5000 if final else wait_ms):  # credit, then the queue
+            if not self.inbox.room(5000 if final else wait_ms, credit=not final):
                 if final:
                     log.error("worker %d: the last delta of series %d could not be sent: its "
                               "frames are missing", self.config.index, sid)  # fmt: skip
@@ -390,8 +390,8 @@ class Worker:
                                 Calibration.from_json(head["calibration"]))  # fmt: skip
             elif kind == "drop":
                 self.drop(head["sid"], head.get("why", "refused"), head.get("gen"))
-            elif kind == "flush":
-                self.sync()
+            elif kind == "flush":  # the run ends: every series' last delta
+                self.sync(final=True)
                 self.beat(block_s=5.0)
                 self.send(pack("flushed", {}), block_s=5.0)
             elif kind == "stop":

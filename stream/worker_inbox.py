@@ -1,12 +1,14 @@
 """A worker's side of the link: what the coordinator sent, and the delta bytes in flight.
 
 A worker sends its deltas only while fewer than `DELTA_CREDIT_BYTES` of them are unhandled by
-the coordinator: each delta and each beat carries the bytes of deltas sent so far ("sent"),
-and the coordinator answers every one it has handled with "merged" (that count; the link
-keeps order, so everything sent before it has been merged or refused). A lost or late answer
-is made good by the next. So a slow coordinator cannot let deltas pile up in ZeroMQ's queues
-(up to a row block each, 64 MiB): the rows stay in the worker's block, which fills and stops
-the worker reading the detector (`Worker.make_room`), bounded and counted.
+the coordinator: each delta and each beat carries the bytes of deltas sent so far ("sent"), and
+the coordinator answers every one it has handled with "merged" (that count; the link keeps
+order, so everything sent before it has been merged or refused). A lost or late answer is made
+good by the next; a worker held back asks ("credit", answered the same way). A series' last
+delta and those of a flush do not wait for credit (each at most a row block). So a slow
+coordinator cannot let deltas pile up in ZeroMQ's queues (up to a row block each, 64 MiB): the
+rows stay in the worker's block, which fills and stops the worker reading the detector
+(`Worker.make_room`), bounded and counted.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 
 import zmq
 
-from tcbf_live.stream.worker_link import DELTA_CREDIT_BYTES, LinkError, unpack
+from tcbf_live.stream.worker_link import DELTA_CREDIT_BYTES, LinkError, pack, unpack
 
 log = logging.getLogger(__name__)
+
+ASK_S = 0.25  # a worker held back asks the coordinator again this often
 
 
 class LinkInbox:
@@ -31,7 +35,9 @@ class LinkInbox:
         self.items: deque[tuple[str, dict, dict, list[Any]]] = deque()
         self.sent = 0  # bytes of deltas sent so far
         self.merged = 0  # of those, handled by the coordinator (its last "merged")
-        self.waits = (0, 0.0)  # deltas that waited for the coordinator: times, seconds
+        self.waits = (0, 0.0)  # deltas held back for the coordinator: times, seconds waited
+        self._held = False  # the last check found no credit (one hold, however many checks)
+        self._asked = 0.0  # when the worker last asked for an answer ("credit")
 
     def read(self) -> None:
         """Queue what the link holds now; a "merged" answer only updates the credit."""
@@ -41,8 +47,8 @@ class LinkInbox:
             except LinkError as err:
                 log.warning("worker %d: bad message from the coordinator: %s", self.index, err)
                 continue
-            if kind == "merged":
-                self.merged = max(self.merged, int(head.get("bytes", 0)))
+            if kind == "merged":  # (never above what this process sent: a rejoined name)
+                self.merged = min(self.sent, max(self.merged, int(head.get("bytes", 0))))
             else:
                 self.items.append((kind, head, arrays, raw))
 
@@ -50,24 +56,29 @@ class LinkInbox:
         return self.sent - self.merged
 
     def credit(self, wait_ms: int) -> bool:
-        """Whether another delta may be sent, waiting at most `wait_ms` for answers."""
+        """Whether another delta may be sent, waiting at most `wait_ms` for answers. While it
+        waits it asks again every ASK_S ("credit": the coordinator answers what it has
+        handled), so a lost answer holds nothing back for long."""
         self.read()
-        if self.in_flight() < self.credit_bytes:
-            return True
         t0 = time.monotonic()
         until = t0 + wait_ms / 1000
-        while (left := until - time.monotonic()) > 0:
+        while self.in_flight() >= self.credit_bytes and (left := until - time.monotonic()) > 0:
+            if time.monotonic() - self._asked >= ASK_S and self.link.poll(0, zmq.POLLOUT):
+                self.link.send_multipart(pack("credit", {"sent": self.sent}))
+                self._asked = time.monotonic()
             self.link.poll(max(1, min(50, int(left * 1000))), zmq.POLLIN)
             self.read()
-            if self.in_flight() < self.credit_bytes:
-                break
-        self.waits = (self.waits[0] + 1, self.waits[1] + time.monotonic() - t0)
-        return self.in_flight() < self.credit_bytes
+        ok = self.in_flight() < self.credit_bytes
+        if not ok or self._held:  # a hold: counted once, its waiting time in full
+            self.waits = (self.waits[0] + (not self._held), self.waits[1] + time.monotonic() - t0)
+        self._held = not ok
+        return ok
 
-    def room(self, wait_ms: int) -> bool:
-        """Whether a delta may be sent now: credit, then room in the link's queue."""
+    def room(self, wait_ms: int, credit: bool = True) -> bool:
+        """Whether a delta may be sent now: credit (unless `credit` is False: a series' or
+        the run's last delta, at most a row block beyond it), then room in the link's queue."""
         t0 = time.monotonic()
-        if not self.credit(wait_ms):
+        if credit and not self.credit(wait_ms):
             return False
         left_ms = max(0, wait_ms - int((time.monotonic() - t0) * 1000))
         return bool(self.link.poll(left_ms, zmq.POLLOUT))

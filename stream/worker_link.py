@@ -1,16 +1,17 @@
 """The coordinator <-> worker link: its messages, their codec and what a worker is told.
 
-Every message is a msgpack header (a map, "t": its kind) followed by raw parts: numpy arrays
-the header describes by name, dtype and shape, then any opaque parts (a detector message being
+Every message is a msgpack header (a map, "t": its kind) followed by raw parts: numpy arrays the
+header describes by name, dtype and shape, then any opaque parts (a detector message being
 relayed). Nothing is pickled; decoding checks each array against its description (dtype from an
-allow-list, byte length = shape) and raises LinkError, which the receiving side counts and skips.
+allow-list, byte length = shape) and raises LinkError, which the receiving side counts and
+skips.
 
 Kinds, worker -> coordinator: "hello", "ctl" (a detector control message, relayed to every
 worker), "first" (the frame message that started a series at a worker), "cal" (frames to
 calibrate on), "delta" (a `StateDelta`), "ended" (a series drained), "refused", "beat"
-(counters); coordinator -> worker: "welcome" (a `WorkerConfig`), "ctl", "cal" (the
-calibration), "drop" (a series not processed), "merged" (the delta bytes handled so far:
-`worker_inbox`), "stop".
+(counters), "credit" (asks for "merged"); coordinator -> worker: "welcome" (a `WorkerConfig`),
+"ctl", "cal" (the calibration), "drop" (a series not processed), "merged" (the delta bytes
+handled so far: `worker_inbox`), "stop".
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tcbf_live.stream.tcbf.accumulators import StateDelta
 from tcbf_live.stream.tcbf.calibration import Calibration
 
 DTYPES = frozenset({"<f8", "<f4", "<u4", "<u2", "|u1", "<i8", "<i4", "<i2", "|i1"})
-LINK_VERSION = 1
+LINK_VERSION = 2  # 2: delta credit ("sent", "merged", "credit"; `worker_inbox`)
 LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
 LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
 DELTA_CREDIT_BYTES = 128 << 20  # a worker's deltas sent and not yet merged (`worker_inbox`)

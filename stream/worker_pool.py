@@ -217,7 +217,7 @@ class WorkerPool(Calibrating):
                 self.on_message(ident, peer, kind, head, arrays, raw)
             except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
                 self.engine.counters.reject(DecodeError("bad_link_message", f"{kind}: {exc!r}"))
-            if kind in ("delta", "beat") and type(head.get("sent")) is int:  # handled: credit
+            if kind in ("delta", "beat", "credit") and type(head.get("sent")) is int:  # handled
                 self.tell(ident, pack("merged", {"bytes": head["sent"]}))  # (`worker_inbox`)
 
     def on_message(self, ident, peer, kind, head, arrays, raw) -> None:

@@ -138,3 +138,6 @@ def test_a_worker_allocates_and_budgets_only_its_row_block(series):
     assert peak < state.nbytes() + (48 << 20), peak  # (the block, the row map, the seen map)
     with pytest.raises(BudgetExceeded, match="a worker's block of 4096 rows"):
         SeriesProcessor(big, replace(budget, row_block_rows=4096, memory_budget_bytes=1 << 20))
+    huge = replace(info, scan_shape=(4096, 4096), frames_expected=4096 * 4096)
+    with pytest.raises(BudgetExceeded, match="a worker's block of 16 rows"):  # 21 B/position
+        SeriesProcessor(huge, replace(budget, row_block_rows=16))

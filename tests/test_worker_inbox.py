@@ -2,6 +2,7 @@
 the coordinator has answered "merged" for all but `delta_credit_bytes` of those it sent, so a
 slow or silent coordinator cannot let deltas pile up in ZeroMQ's queues."""
 
+import threading
 import time
 
 import msgpack
@@ -132,3 +133,73 @@ def test_deltas_sent_one_at_a_time_give_what_one_process_gives(sim):
     assert_same(eng.last_result, one)
     assert not eng.lost and not eng.counters.rejected
     assert sum(p.merge_waits[0] for p in eng.receiver.peers.values()) > 0
+
+
+def test_a_worker_held_back_asks_again_so_a_lost_answer_holds_nothing_back(link_pair):
+    """The answer to the last delta never came (dropped, or the delta did not decode): the
+    waiting worker asks ("credit", at most every ASK_S) and the coordinator's answer to that
+    gives the credit back."""
+    router, dealer = link_pair
+    inbox = LinkInbox(dealer, 0, credit_bytes=1)
+    inbox.delta_sent(10)
+    assert not inbox.credit(100)
+    settle(router)
+    _, *parts = router.recv_multipart()
+    kind, head, _, _ = unpack(parts)
+    assert (kind, head) == ("credit", {"sent": 10})
+    assert not inbox.credit(100) and not router.poll(50)  # asked 0.1 s ago: not again yet
+    router.send_multipart([b"w0", *pack("merged", {"bytes": 10})])
+    settle(dealer)
+    assert inbox.credit(0) and inbox.waits[0] == 1  # one hold, counted once
+    router.send_multipart([b"w0", *pack("merged", {"bytes": 99})])  # more than was sent
+    settle(dealer)
+    inbox.read()
+    assert inbox.merged == 10  # (a name rejoined: answers to another process' deltas)
+
+
+def test_a_flush_sends_every_series_last_delta_without_waiting_for_credit(sim, link_pair):
+    """The run ends (no series end): "flush" takes each series' last delta although the one
+    before is not merged yet; nothing stays in the block."""
+    router, dealer = link_pair
+    w, _ = _worker(dealer, sim, credit=1)
+    try:
+        w.fold([FrameBatch(5, 0, sim.frames(0, 8))])
+        w.sync()
+        assert unpack(router.recv_multipart()[1:])[0] == "delta"
+        w.fold([FrameBatch(5, 8, sim.frames(8, 4))])
+        w.sync(wait_ms=100)  # held back: no credit
+        assert w.series[5].proc.acc.rows.used == 4
+        router.send_multipart([b"w0", *pack("flush")])
+        settle(dealer)
+        w.on_link()
+        kinds = []
+        while router.poll(500):
+            kind, head, arrays, _ = unpack(router.recv_multipart()[1:])
+            kinds.append(kind)
+            if kind == "delta":
+                assert np.array_equal(arrays["rows"], np.arange(8, 12))
+        assert [k for k in kinds if k != "credit"] == ["delta", "beat", "flushed"]
+        assert w.series[5].proc.acc.rows.used == 0
+    finally:
+        w.sock.close(linger=0)
+
+
+def test_messages_read_while_waiting_for_credit_are_handled_by_the_run_loop(sim, link_pair):
+    """`sync` reads the link while it waits; what it queued (here "stop") is handled at once,
+    although the socket has nothing more to signal."""
+    router, dealer = link_pair
+    w, _ = _worker(dealer, sim, credit=1)
+    try:
+        router.send_multipart([b"w0", *pack("stop")])
+        settle(dealer)
+        w.inbox.read()  # as a waiting `sync` does
+        assert not dealer.poll(0) and len(w.inbox.items) == 1
+        thread = threading.Thread(target=w.run, daemon=True)
+        thread.start()
+        thread.join(3.0)
+        stuck = thread.is_alive()
+        w.stopping = True
+        thread.join(3.0)
+        assert not stuck
+    finally:
+        w.sock.close(linger=0)
