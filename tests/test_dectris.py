@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -506,9 +508,24 @@ def test_fuzzed_merlin_bytes_only_ever_raise_decode_errors(sim, data):
 def write_dectris_series(tmp_path, frames, per_file=5, filter_values=(0, 2)):
     """A FileWriter-like series: data files with one bslz4 chunk per frame, a master file
     linking them, detectorSpecific metadata. `filter_values`: the bitshuffle filter's stored
-    values ((block size, compression) or the plugin's 5-value form)."""
+    values ((block size, compression) or the plugin's 5-value form).
+
+    With the bitshuffle HDF5 plugin registered in this process (`tests/test_record.py`
+    imports it), HDF5 would complete the values as it creates the dataset ((block,
+    compression) -> (0, 5, itemsize, block, compression); a 5-value form gets three more in
+    front), so the files are then written by a fresh interpreter, as a FileWriter writes them."""
     import h5py
 
+    if h5py.h5z.filter_avail(32008):
+        np.save(tmp_path / "frames.npy", frames)
+        script = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); "
+                  "from test_dectris import write_dectris_series as w; from pathlib import Path; "
+                  "w(Path(sys.argv[2]), np.load(sys.argv[3]), int(sys.argv[4]), "
+                  "tuple(map(int, sys.argv[5:])))")  # fmt: skip
+        subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path),
+                        str(tmp_path / "frames.npy"), str(per_file), *map(str, filter_values)],
+                       check=True, timeout=120)  # fmt: skip
+        return tmp_path / "series_7_master.h5"
     master = tmp_path / "series_7_master.h5"
     n, h, w = frames.shape
     with h5py.File(master, "w") as m:
