@@ -178,7 +178,6 @@ class AccumulatorState:
 
 
 NO_BLOCK = RowBlock.identity()  # kernel arguments of a state with a row per position
-
 ROW_FIELDS = tuple(f.name for f in fields(AccumulatorState)
                    if f.metadata["merge"] in ("add", "add_capped"))  # fmt: skip
 SENT = 2  # `seen` value of an index already sent in a delta (still non-zero: a duplicate)
