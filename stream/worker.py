@@ -356,12 +356,11 @@ class Worker:
                               "frames are missing", self.config.index, sid)  # fmt: skip
                 break
             worker_series.lost(s.newly_lost(), sid, self.config.index, self.counters)
-            delta = s.taker.take()
+            delta = s.take_delta()
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
                 sent = self.inbox.delta_sent(delta_nbytes(delta))
-                self.link.send_multipart(delta_message(sid, s.gen, delta, final, sent),
-                                         copy=False)  # fmt: skip
+                s.send_delta(self.link, delta_message(sid, s.gen, delta, final, sent))
             if delta.rows.size and self.freeze_after_first_delta:  # the kernels have run
                 freeze_startup_objects(collect=False)
                 self.freeze_after_first_delta = False

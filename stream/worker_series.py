@@ -13,6 +13,7 @@ from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, S
 from tcbf_live.stream.pages import peak_rss_mb
 from tcbf_live.stream.receiver import StreamCounters
 from tcbf_live.stream.series import SeriesProcessor
+from tcbf_live.stream.tcbf.accumulators import StateDelta
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.worker_link import pack
 
@@ -33,6 +34,9 @@ class WorkerSeries:
         self.frames = 0  # frames received
         self.ending = False  # ended before its calibration came
         self.lost_reported = 0  # frames its row block found no row for, reported so far
+        self.delta_out: dict | None = None  # buffers its deltas are taken into, reused ...
+        self.delta_sending: zmq.MessageTracker | None = None  # ... once zmq has sent them
+        self.delta_reused = False  # the last delta taken is in `delta_out`
 
     def offers(self, batches: list, n: int, counters: StreamCounters) -> list[list]:
         """The link messages offering frames the coordinator may calibrate on: the series'
@@ -50,6 +54,24 @@ class WorkerSeries:
             out.append(pack("cal", {"sid": self.info.series_id, "gen": self.gen,
                                     "first": d.first}, {"frames": d.frames}))  # fmt: skip
         return out
+
+    def take_delta(self) -> StateDelta:
+        """Its growth since the last delta (`DeltaTaker.take`): into its reused buffers when
+        zmq has sent the last delta taken into them (`send_delta`), else into new arrays."""
+        self.delta_reused = self.delta_sending is None or self.delta_sending.done
+        if self.delta_reused and self.delta_out is None:
+            self.delta_out = self.taker.buffers()
+        return self.taker.take(self.delta_out if self.delta_reused else None)
+
+    def send_delta(self, link: zmq.Socket, parts: list) -> None:
+        """Send the delta just taken, without copying it; the buffers stay busy while zmq
+        holds any of its parts."""
+        if not self.delta_reused:
+            link.send_multipart(parts, copy=False)
+            return
+        frames = [zmq.Frame(p, copy=False, track=True) for p in parts]
+        link.send_multipart(frames, copy=False)
+        self.delta_sending = zmq.MessageTracker(*frames)
 
     def free_rows(self) -> int:
         """Rows free in its row block (`RowBlock`; calibrated series only)."""

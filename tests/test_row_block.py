@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import zmq
 
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch
 from tcbf_live.detectors.compression import compress_bslz4
@@ -15,7 +16,8 @@ from tcbf_live.stream.budget import BudgetExceeded
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.tcbf.row_block import MIN_ROWS, RowBlock
-from tcbf_live.stream.worker_series import fitting
+from tcbf_live.stream.worker_link import delta_from, delta_message, unpack
+from tcbf_live.stream.worker_series import WorkerSeries, fitting
 
 ROWS = 40  # of a 12x16 scan's 192 positions
 
@@ -55,22 +57,34 @@ def assert_same_state(a, b) -> None:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["frames", "bslz4"])
-def test_a_block_smaller_than_the_scan_gives_the_deltas_of_a_whole_state(series, packed):
-    """Both passes, in random order, 40 frames (<= 40 positions) between deltas: the
-    coordinator's state equals the state of one receiver with a row per position."""
+@pytest.mark.parametrize("arrival", ["random", "in order"])
+@pytest.mark.parametrize("into", [None, "buffers"])
+def test_a_block_smaller_than_the_scan_gives_the_deltas_of_a_whole_state(
+    series, packed, arrival, into
+):
+    """Both passes, 40 frames (<= 40 positions) between deltas: the coordinator's state
+    equals the state of one receiver with a row per position. Deltas taken into new arrays or
+    into the same reused buffers (a worker's: `DeltaTaker.buffers`), from rows claimed in
+    random order (sorted) or in position order (copied as they are)."""
     info, frames, blobs, settings = series
-    order = np.random.default_rng(1).permutation(len(frames))
+    order = np.arange(len(frames))
+    if arrival == "random":
+        order = np.random.default_rng(1).permutation(len(frames))
     worker = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
     rows = worker.acc.rows
     taker = DeltaTaker(worker.acc.state, rows)
+    out = taker.buffers() if into else None
     assert worker.acc.state.stack.shape[0] == ROWS and worker.acc.state.seen.size == len(frames)
     coordinator = SeriesProcessor(info, settings)
     for k in range(0, len(order), ROWS):
         worker.add_many(batches(frames, blobs, order[k : k + ROWS], packed))
         assert rows.used == len(set(order[k : k + ROWS] % (len(frames) // 2)))
-        delta = taker.take()
+        delta = taker.take(out)
         assert rows.used == 0 and not worker.acc.state.hits.any()
         assert np.all(np.diff(delta.rows) > 0) and delta.check(coordinator.acc.state) is None
+        for name, values in delta.values.items():  # never the block's own rows
+            assert not np.shares_memory(values, worker.acc.state.arrays()[name])
+            assert np.shares_memory(values, out[name]) if out else True
         coordinator.acc.state.apply(delta)
     assert rows.lost == 0
     assert_same_state(coordinator.acc.state, whole_state(info, frames, settings, order))
@@ -141,3 +155,39 @@ def test_a_worker_allocates_and_budgets_only_its_row_block(series):
     huge = replace(info, scan_shape=(4096, 4096), frames_expected=4096 * 4096)
     with pytest.raises(BudgetExceeded, match="a worker's block of 16 rows"):  # 21 B/position
         SeriesProcessor(huge, replace(budget, row_block_rows=16))
+
+
+def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
+    """A delta goes out without a copy (`WorkerSeries.send_delta`): while zmq still holds it
+    (here an inproc peer that has not read it yet, which reads the very buffers) the next
+    delta goes to new arrays, so the first arrives intact; once it is released the buffers
+    serve again."""
+    info, frames, blobs, settings = series
+    s = WorkerSeries(info, gen=0)
+    s.proc = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
+    s.taker = DeltaTaker(s.proc.acc.state, s.proc.acc.rows)
+    ctx = zmq.Context()
+    peer, link = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    peer.bind("inproc://deltas")
+    link.connect("inproc://deltas")
+    try:
+        sent = []
+        for k in range(3):
+            s.proc.add_many(batches(frames, blobs, range(k * ROWS, (k + 1) * ROWS), False))
+            delta = s.take_delta()
+            sent.append({n: v.copy() for n, v in delta.values.items()})
+            reused = np.shares_memory(delta.values["stack"], s.delta_out["stack"])
+            assert reused == (k != 1), k  # the first delta is still unread at the second
+            s.send_delta(link, delta_message(1, 0, delta, False))
+            if k == 1:
+                for values in sent[:2]:
+                    got = delta_from(unpack(peer.recv_multipart(copy=False))[2])
+                    for name, want in values.items():
+                        np.testing.assert_array_equal(got.values[name], want, err_msg=name)
+                del got
+                s.delta_sending.wait(5.0)
+        assert sent[2]["hits"].sum() == ROWS
+    finally:
+        peer.close(linger=0)
+        link.close(linger=0)
+        ctx.term()
