@@ -15,7 +15,13 @@ default ones for that disk) and touches that memory once at start, before its so
 connects (`prepare`). The series' calibration takes it if the calibrated state fits and uses
 at least half of it (`take`); otherwise it is released before the state is allocated, so the
 memory budget holds either way. One process, one reserve: it is the process's memory, not a
-series setting (workers, which are other processes, prepare none).
+series setting.
+
+A worker (another process) holds a row block and a delta's copy of it per series, about 64 MiB
+each whatever the scan (`tcbf.row_block`): it writes `KEPT_BUFFERS` buffers of that size at
+start-up (`prepare_kept`), lends them to its series (`take_kept`) and keeps them when a series
+is dropped (`give_back`, zeroed), so series after series fold into memory written once. A
+larger block (a large detector's `MIN_ROWS` rows) is allocated as before, and freed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 from tcbf_live.stream import pages
 from tcbf_live.stream.budget import format_bytes
-from tcbf_live.stream.tcbf.accumulators import AccumulatorState
+from tcbf_live.stream.tcbf.accumulators import ROW_FIELDS, AccumulatorState
 from tcbf_live.stream.tcbf.tiles import default_bins, disk_tile_counts
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,9 @@ MIN_USE = 0.5  # a state smaller than this fraction of the reserve does not take
 BF_MARGIN_PX = 1.0  # the disk radius estimated from the optics, plus this (pixel edges)
 
 _reserve: np.ndarray | None = None  # fresh (all zero), touched, not yet taken
+KEPT_BUFFERS = 2  # a worker's: a row block and a delta's copy of it
+_kept: list[np.ndarray] = []  # all zero, touched, not lent
+_lent: dict[int, np.ndarray] = {}  # id -> a kept buffer lent to a series
 
 
 def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None
@@ -113,3 +122,49 @@ def release() -> None:
     """Free a reserve not taken (a refused series, a test)."""
     global _reserve
     _reserve = None
+
+
+def for_state(layout: dict[str, tuple[tuple, np.dtype]], block: int | None) -> np.ndarray | None:
+    """Memory written before, for a series' state of `layout` (a row per position): the
+    reserve (`take`), or for a worker's row block of `block` rows a kept buffer."""
+    if block is None:
+        return take(layout)
+    rows = {name: ((block, *shape[1:]) if name in ROW_FIELDS else shape, dtype)
+            for name, (shape, dtype) in layout.items()}  # fmt: skip
+    return take_kept(AccumulatorState.block_bytes(rows))
+
+
+def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS) -> float:
+    """Write `count` buffers of `nbytes` now, to be lent (`take_kept`); the seconds it took."""
+    t = time.perf_counter()
+    while len(_kept) + len(_lent) < count:
+        buf = np.empty(int(nbytes), np.uint8)
+        buf.fill(0)
+        _kept.append(buf)
+    return time.perf_counter() - t
+
+
+def take_kept(nbytes: int) -> np.ndarray | None:
+    """The smallest kept buffer of at least `nbytes` (uint8, all zero), lent until `give_back`;
+    None when none is that large."""
+    fits = [b for b in _kept if b.nbytes >= nbytes]
+    if not fits:
+        return None
+    buf = min(fits, key=lambda b: b.nbytes)
+    _kept.remove(buf)
+    _lent[id(buf)] = buf
+    return buf
+
+
+def give_back(a: np.ndarray, reuse: bool = True) -> bool:
+    """Return the lent buffer that `a` is a view of (False for any other array): zeroed and
+    kept for the next series, or (`reuse` False: ZeroMQ may still be sending from it) only
+    forgotten here, freed when its last user lets go."""
+    root = a.base if a.base is not None else a
+    buf = _lent.pop(id(root), None)
+    if buf is None:
+        return False
+    if reuse:
+        buf.fill(0)
+        _kept.append(buf)
+    return True

@@ -33,27 +33,6 @@ def release(a: np.ndarray) -> int:
     return hi - lo
 
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc's mallopt parameters
-
-
-def keep_freed(nbytes: int) -> bool:
-    """Keep up to `nbytes` of freed memory in this process, written once now, for the large
-    arrays it allocates again and again (a worker's row block and delta buffers, series after
-    series): glibc's malloc then serves them from its heap (no mmap per array) and gives back
-    only what exceeds `nbytes`. Without it each such array is mapped fresh and every page is
-    zeroed by the kernel on its first write, on the ingest thread (on the benchmarks' VM at
-    ~0.5 GB/s: a worker's 64 MiB block cost ~0.13 s of a series' first frames). False where
-    malloc is not glibc's (nothing changed)."""
-    mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is None or nbytes >= 1 << 31:
-        return False
-    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, int(nbytes))
-            and mallopt(_M_TOP_PAD, int(nbytes))):  # fmt: skip
-        return False
-    np.ones(int(nbytes), np.uint8)  # allocated, written and freed: the heap keeps it
-    return True
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MiB; 0 where /proc is not there)."""
     try:

@@ -249,7 +249,7 @@ class SeriesProcessor:
             self.scan_shape, cal, layout, axial_radius_px=axial,
             serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
             integer_stack=integer, moments=s.compensate_descan, block=block,
-            memory=None if rows is not None else memory_reserve.take(state),  # touched at start
+            memory=memory_reserve.for_state(state, block),  # touched at start
         )  # fmt: skip
         self.descan = DescanCompensation.start(self.acc) if s.compensate_descan else None
         self.staging = Staging(self.acc, self.index_offset)

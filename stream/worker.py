@@ -315,11 +315,11 @@ class Worker:
         """Forget a series (`gen`: only that run of the id)."""
         if gen is not None and sid in self.series and self.series[sid].gen != gen:
             return
-        s = self.series.pop(sid, None)
-        if s is not None and s.ending:
-            self.send(pack("ended", {"sid": sid, "gen": s.gen, "frames": s.frames}), 5.0)
-        if s is not None and why == "refused":
-            for _ in s.held:
+        if (s := self.series.pop(sid, None)) is not None:
+            s.release()  # (its memory kept for the next series)
+            if s.ending:
+                self.send(pack("ended", {"sid": sid, "gen": s.gen, "frames": s.frames}), 5.0)
+            for _ in s.held if why == "refused" else ():
                 self.counters.reject(DecodeError("series_refused", f"frames of series {sid}"))
         self.closed[sid] = why
         while len(self.closed) > CLOSED:

@@ -14,7 +14,7 @@ import socket
 import zmq
 
 from tcbf_live.detectors.registry import protocol
-from tcbf_live.stream import pages
+from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.priority import freeze_startup_objects
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.tcbf.row_block import BLOCK_BYTES
@@ -32,7 +32,7 @@ from tcbf_live.stream.worker_link import (
 
 log = logging.getLogger(__name__)
 
-WORKER_HEAP_BYTES = 2 * BLOCK_BYTES + (32 << 20)  # a row block, a delta's copy, the rest
+KEPT_BYTES = BLOCK_BYTES + (4 << 20)  # a row block with the `seen` map of a 2048x2048 scan
 
 
 def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity: bytes,
@@ -58,7 +58,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
     another name); `data_curve`: keys for a CURVE detector link (native streams)."""
-    pages.keep_freed(WORKER_HEAP_BYTES)  # a block and a delta's copy, written once, now
+    memory_reserve.prepare_kept(KEPT_BYTES)  # its series' row blocks and delta copies
     freeze_startup_objects()  # before it joins: the coordinator waits for joined workers
     ctx = zmq.Context()
     try:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, replace
 import zmq
 
 from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
+from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.pages import peak_rss_mb
 from tcbf_live.stream.receiver import StreamCounters
 from tcbf_live.stream.series import SeriesProcessor
-from tcbf_live.stream.tcbf.accumulators import StateDelta
+from tcbf_live.stream.tcbf.accumulators import AccumulatorState, StateDelta
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.worker_link import pack
 
@@ -60,7 +61,9 @@ class WorkerSeries:
         zmq has sent the last delta taken into them (`send_delta`), else into new arrays."""
         self.delta_reused = self.delta_sending is None or self.delta_sending.done
         if self.delta_reused and self.delta_out is None:
-            self.delta_out = self.taker.buffers()
+            layout = self.taker.buffers_layout()
+            kept = memory_reserve.take_kept(AccumulatorState.block_bytes(layout))
+            self.delta_out = self.taker.buffers(kept)
         return self.taker.take(self.delta_out if self.delta_reused else None)
 
     def send_delta(self, link: zmq.Socket, parts: list) -> None:
@@ -70,8 +73,18 @@ class WorkerSeries:
             link.send_multipart(parts, copy=False)
             return
         frames = [zmq.Frame(p, copy=False, track=True) for p in parts]
+        self.delta_sending = zmq.MessageTracker(*frames)  # (before: a send may fail midway)
         link.send_multipart(frames, copy=False)
-        self.delta_sending = zmq.MessageTracker(*frames)
+
+    def release(self) -> None:
+        """The series is dropped: its memory kept for the next (`memory_reserve.give_back`),
+        the delta buffers only once ZeroMQ has sent from them."""
+        if self.proc is not None and self.proc.acc is not None:
+            memory_reserve.give_back(self.proc.acc.state.totals)
+        if self.delta_out is not None:
+            sent = self.delta_sending is None or self.delta_sending.done
+            memory_reserve.give_back(self.delta_out["totals"], reuse=sent)
+        self.proc = self.taker = self.delta_out = None
 
     def free_rows(self) -> int:
         """Rows free in its row block (`RowBlock`; calibrated series only)."""

@@ -3,6 +3,7 @@ flags, taken by the calibrated series where it fits, released where it does not;
 accumulates into it exactly as into memory of its own."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ def no_reserve_left():
     memory_reserve.release()
     yield
     memory_reserve.release()
+    memory_reserve._kept.clear()
+    memory_reserve._lent.clear()
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +142,44 @@ def test_prepared_memory_is_zero():
     memory_reserve.prepare(3 << 20)
     buf = memory_reserve._reserve
     assert buf.nbytes == 3 << 20 and not buf.any()
+
+
+def test_kept_buffers_are_lent_smallest_first_and_kept_zeroed_unless_still_sent():
+    """A worker's kept memory (`prepare_kept`): lent by size, given back zeroed through any
+    view of it; a buffer ZeroMQ may still send from is only forgotten, never lent again."""
+    memory_reserve.prepare_kept(1 << 20, count=1)
+    memory_reserve.prepare_kept(2 << 20, count=2)  # one more, larger
+    assert memory_reserve.take_kept(3 << 20) is None
+    small, large = memory_reserve.take_kept(1000), memory_reserve.take_kept((1 << 20) + 1)
+    assert (small.nbytes, large.nbytes) == (1 << 20, 2 << 20)
+    assert memory_reserve.take_kept(1) is None  # both lent
+    small[:10] = 7
+    assert memory_reserve.give_back(small[64:].view(np.float64))
+    assert memory_reserve.take_kept(1) is small and not small.any()
+    assert not memory_reserve.give_back(np.zeros(4096, np.uint8))  # never lent
+    assert memory_reserve.give_back(large, reuse=False)
+    assert memory_reserve.take_kept(1) is None and not memory_reserve.give_back(large)
+
+
+def test_a_worker_folds_series_after_series_into_the_memory_it_kept(sim):
+    """A worker's row block comes from its kept memory, and after the series goes back to it,
+    zeroed: the next series folds into the same memory and accumulates exactly what a block
+    of new memory holds."""
+    frames = sim.frames(0, sim.n_frames)
+    settings = ProcessingSettings(calibration=fed(sim).calibration, row_block_rows=40)
+    memory_reserve.prepare_kept(8 << 20, count=1)
+    kept = memory_reserve._kept[0]
+    states = []
+    for _ in range(2):
+        proc = SeriesProcessor(sim.series_info(1), settings)
+        assert np.shares_memory(proc.acc.state.stack, kept)
+        proc.add(FrameBatch(1, 0, frames[:40]))
+        states.append({n: a.copy() for n, a in proc.acc.state.arrays().items()})
+        assert memory_reserve.give_back(proc.acc.state.totals) and not kept.any()
+    assert memory_reserve.take_kept(1) is kept  # the next one gets memory of its own
+    plain = SeriesProcessor(sim.series_info(1), replace(settings))
+    assert not np.shares_memory(plain.acc.state.stack, kept)
+    plain.add(FrameBatch(1, 0, frames[:40]))
+    for state in states:
+        for name, a in plain.acc.state.arrays().items():
+            np.testing.assert_array_equal(state[name], a, err_msg=name)

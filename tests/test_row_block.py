@@ -12,6 +12,7 @@ import zmq
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch
 from tcbf_live.detectors.compression import compress_bslz4
 from tcbf_live.simulators import Simulator, tutorial_config
+from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.budget import BudgetExceeded
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
@@ -163,6 +164,7 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
     delta goes to new arrays, so the first arrives intact; once it is released the buffers
     serve again."""
     info, frames, blobs, settings = series
+    memory_reserve.prepare_kept(8 << 20)  # (as a worker process at start)
     s = WorkerSeries(info, gen=0)
     s.proc = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
     s.taker = DeltaTaker(s.proc.acc.state, s.proc.acc.rows)
@@ -187,7 +189,16 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
                 del got
                 s.delta_sending.wait(5.0)
         assert sent[2]["hits"].sum() == ROWS
+        block, buffers = s.proc.acc.state.stack, s.delta_out["stack"]
+        s.release()  # dropped with its last delta unread: that memory is not lent again
+        assert [np.shares_memory(block, b) for b in memory_reserve._kept] == [True]
+        got = delta_from(unpack(peer.recv_multipart(copy=False))[2])
+        assert np.shares_memory(got.values["stack"], buffers)
+        for name, want in sent[2].items():
+            np.testing.assert_array_equal(got.values[name], want, err_msg=name)
     finally:
+        memory_reserve._kept.clear()
+        memory_reserve._lent.clear()
         peer.close(linger=0)
         link.close(linger=0)
         ctx.term()

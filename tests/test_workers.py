@@ -429,35 +429,6 @@ def test_a_worker_gives_back_the_memory_of_what_it_sent():
     assert a.sum() == 1
 
 
-FAULTS = """
-import resource, sys
-import numpy as np
-from tcbf_live.stream.pages import keep_freed
-kept = keep_freed(96 << 20) if sys.argv[1] == "kept" else None
-for _ in range(3):  # a worker's block, allocated, written and freed series after series
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    np.zeros((4096, 8192), np.uint16)[:] = 3  # 64 MiB
-    print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_a_worker_writes_its_large_arrays_into_memory_kept_from_start_up():
-    """`pages.keep_freed` (each worker at start): 64 MiB arrays allocated again and again
-    come from memory written once at start, no page mapped fresh; without it each one is
-    mapped again: a fault at least per 2 MiB (transparent huge pages; 16,384 of 4 KiB
-    without them)."""
-    runs = {}
-    for mode in ("kept", "plain"):
-        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True,
-                             text=True, timeout=60, check=True).stdout.split()  # fmt: skip
-        runs[mode] = [int(n) for n in out[1::2]]
-        if mode == "kept" and out[0] != "True":
-            pytest.skip("malloc is not glibc's")
-    assert all(n >= 32 for n in runs["plain"]), runs
-    assert all(n < 8 for n in runs["kept"]), runs
-
-
 def ended(engine_of, results):
     """`engine_of` with every finished series collected in `results`."""
     return lambda s: engine_of(s, on_series_end=results.append)

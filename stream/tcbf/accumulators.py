@@ -51,6 +51,20 @@ STATS_SLOTS = 5  # accepted, duplicate, out of range, out of order, next index
 ALIGN_BYTES = 64  # arrays carved from one block of memory start on a cache line
 
 
+def carve(layout: dict[str, tuple[tuple, np.dtype]], memory: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of `layout` as views of the uint8 `memory` (at least
+    `AccumulatorState.block_bytes(layout)`), each starting on a cache line."""
+    if memory.nbytes < AccumulatorState.block_bytes(layout):
+        raise ValueError(f"{memory.nbytes} bytes do not hold "
+                         f"{AccumulatorState.block_bytes(layout)}")  # fmt: skip
+    at, arrays = -memory.ctypes.data % ALIGN_BYTES, {}
+    for name, (shape, dtype) in layout.items():
+        n = int(np.prod(shape)) * dtype.itemsize
+        arrays[name] = memory[at : at + n].view(dtype).reshape(shape)
+        at += -(-n // ALIGN_BYTES) * ALIGN_BYTES
+    return arrays
+
+
 @dataclass
 class AccumulatorState:
     """Everything one receiver accumulates for one series, declared once: the partition-local
@@ -112,16 +126,7 @@ class AccumulatorState:
         layout = cls.layout(n_pos, n_bf, n_tiles, frame_limit, integer_stack)
         if memory is None:
             return cls(**{name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()})
-        if memory.nbytes < cls.block_bytes(layout):
-            raise ValueError(f"{memory.nbytes} bytes do not hold a state of "
-                             f"{cls.block_bytes(layout)}")  # fmt: skip
-        at = -memory.ctypes.data % ALIGN_BYTES
-        arrays = {}
-        for name, (shape, dtype) in layout.items():
-            n = int(np.prod(shape)) * dtype.itemsize
-            arrays[name] = memory[at : at + n].view(dtype).reshape(shape)
-            at += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-        return cls(**arrays)
+        return cls(**carve(layout, memory))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Field name -> array, in declaration order (for loops that must not re-list them)."""
@@ -249,6 +254,7 @@ class Accumulators:
     moments: bool = False  # fold each frame's first moments (descan compensation)
     memory: InitVar[np.ndarray | None] = None  # one block for the state: AccumulatorState.zeros
     # a worker: only a `RowBlock` of this many rows is allocated (`block_rows`), touched now
+    # (in `memory` when given: touched before)
     block: InitVar[int | None] = None
     # the arrays to fold into (e.g. a LiberTEM UDF's partition buffers); None: new zeros
     state: AccumulatorState | None = None
@@ -260,7 +266,7 @@ class Accumulators:
         if block is not None:
             sizes = (block, *sizes[1:])
         if self.state is None:
-            self.state = AccumulatorState.zeros(*sizes, None if block is not None else memory)
+            self.state = AccumulatorState.zeros(*sizes, memory)
         arrays = self.state.arrays()
         for name, want in AccumulatorState.layout(*sizes).items():  # given arrays must fit
             a = arrays[name]
@@ -268,7 +274,7 @@ class Accumulators:
                 raise ValueError(f"state.{name} is {a.shape} {a.dtype}, the geometry needs "
                                  f"{want[0]} {want[1]}")  # fmt: skip
         self.rows = None if block is None else RowBlock.empty(self.n_positions, sizes[0])
-        for a in self.state.arrays().values() if block is not None else ():
+        for a in self.state.arrays().values() if block is not None and memory is None else ():
             a.fill(0)  # touched now, not while frames arrive
         self._bf_index = cal.bf_flat_index
         d = cal.bf_pixels - np.asarray(cal.center_px)

@@ -12,6 +12,7 @@ from tcbf_live.stream.tcbf.accumulators import (
     STATS_SLOTS,
     AccumulatorState,
     StateDelta,
+    carve,
 )
 from tcbf_live.stream.tcbf.row_block import RowBlock
 
@@ -28,13 +29,20 @@ class DeltaTaker:
         self.state, self.rows = state, rows
         self._sent_stats = np.zeros(STATS_SLOTS, np.int64)
 
-    def buffers(self) -> dict[str, np.ndarray]:
-        """Arrays a delta of this state's rows can be taken into (`take(out=)`), one per row
-        field, as many rows as the state (a worker's: its block): reused from delta to delta,
-        they stay in memory, where new arrays each time meet fresh pages (on the benchmarks'
-        VM a fresh page costs ~0.5 GB/s; the copy, resident, runs at memory speed)."""
+    def buffers_layout(self) -> dict[str, tuple[tuple, np.dtype]]:
+        """The layout (`AccumulatorState.layout`) of `buffers`: the state's row fields."""
         arrays = self.state.arrays()
-        return {name: np.empty_like(arrays[name]) for name in ROW_FIELDS}
+        return {name: (arrays[name].shape, arrays[name].dtype) for name in ROW_FIELDS}
+
+    def buffers(self, memory: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Arrays a delta of this state's rows can be taken into (`take(out=)`), one per row
+        field, as many rows as the state (a worker's: its block), carved from `memory` (uint8,
+        `AccumulatorState.block_bytes(buffers_layout())`) when given. Reused from delta to
+        delta they stay in memory, where new arrays each time meet fresh pages (the kernel
+        zeroes each one on its first write; on the benchmarks' VM at ~0.5 GB/s)."""
+        if memory is not None:
+            return carve(self.buffers_layout(), memory)
+        return {name: np.empty(*spec) for name, spec in self.buffers_layout().items()}
 
     def take(self, out: dict[str, np.ndarray] | None = None) -> StateDelta:
         """The growth since the last take (its values views of `out`, from `buffers()`, when
