@@ -21,7 +21,7 @@ A worker (another process) holds a row block and a delta's copy of it per series
 each whatever the scan (`tcbf.row_block`): it writes `KEPT_BUFFERS` buffers of that size at
 start-up (`prepare_kept`), lends them to its series (`take_kept`) and keeps them when a series
 is dropped (`give_back`, zeroed), so series after series fold into memory written once. A
-larger block (a large detector's `MIN_ROWS` rows) is allocated as before, and freed.
+larger block (a large detector's `MIN_ROWS` rows) takes the place of a smaller kept buffer.
 """
 
 from __future__ import annotations
@@ -145,13 +145,19 @@ def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS) -> float:
 
 
 def take_kept(nbytes: int) -> np.ndarray | None:
-    """The smallest kept buffer of at least `nbytes` (uint8, all zero), lent until `give_back`;
-    None when none is that large."""
-    fits = [b for b in _kept if b.nbytes >= nbytes]
-    if not fits:
+    """The smallest kept buffer of at least `nbytes` (uint8, all zero, touched), lent until
+    `give_back`. Where none is that large, the smallest kept one is freed and a buffer of
+    `nbytes` written now in its place (the kept memory follows the geometry of the series, at
+    most as many buffers as prepared); None when none is kept (all lent, or none prepared)."""
+    if not _kept:
         return None
-    buf = min(fits, key=lambda b: b.nbytes)
+    fits = [b for b in _kept if b.nbytes >= nbytes]
+    buf = min(fits or _kept, key=lambda b: b.nbytes)
     _kept.remove(buf)
+    if not fits:
+        del buf
+        buf = np.empty(int(nbytes), np.uint8)
+        buf.fill(0)
     _lent[id(buf)] = buf
     return buf
 

@@ -146,10 +146,11 @@ def test_prepared_memory_is_zero():
 
 def test_kept_buffers_are_lent_smallest_first_and_kept_zeroed_unless_still_sent():
     """A worker's kept memory (`prepare_kept`): lent by size, given back zeroed through any
-    view of it; a buffer ZeroMQ may still send from is only forgotten, never lent again."""
+    view of it; one too small is replaced by a larger one (never more buffers than prepared);
+    a buffer ZeroMQ may still send from is only forgotten, never lent again."""
+    assert memory_reserve.take_kept(1) is None  # none prepared: the caller allocates
     memory_reserve.prepare_kept(1 << 20, count=1)
     memory_reserve.prepare_kept(2 << 20, count=2)  # one more, larger
-    assert memory_reserve.take_kept(3 << 20) is None
     small, large = memory_reserve.take_kept(1000), memory_reserve.take_kept((1 << 20) + 1)
     assert (small.nbytes, large.nbytes) == (1 << 20, 2 << 20)
     assert memory_reserve.take_kept(1) is None  # both lent
@@ -157,8 +158,12 @@ def test_kept_buffers_are_lent_smallest_first_and_kept_zeroed_unless_still_sent(
     assert memory_reserve.give_back(small[64:].view(np.float64))
     assert memory_reserve.take_kept(1) is small and not small.any()
     assert not memory_reserve.give_back(np.zeros(4096, np.uint8))  # never lent
-    assert memory_reserve.give_back(large, reuse=False)
-    assert memory_reserve.take_kept(1) is None and not memory_reserve.give_back(large)
+    assert memory_reserve.give_back(small) and memory_reserve.give_back(large)
+    bigger = memory_reserve.take_kept(3 << 20)  # in place of the smallest
+    assert bigger.nbytes == 3 << 20 and not bigger.any()
+    assert [b.nbytes for b in memory_reserve._kept] == [2 << 20]
+    assert memory_reserve.give_back(bigger, reuse=False)
+    assert memory_reserve.take_kept(1) is large and memory_reserve.take_kept(1) is None
 
 
 def test_a_worker_folds_series_after_series_into_the_memory_it_kept(sim):
