@@ -53,7 +53,7 @@ class WorkerPlan:
     worker_timeout_s: float = 3.0  # a worker silent this long is stalled
     ready_timeout_s: float = 60.0  # local workers must have joined by then
     row_block_rows: int = 0  # rows of a worker's row block per series (0: `RowBlock.capacity`)
-    delta_credit_bytes: int = DELTA_CREDIT_BYTES  # a worker's deltas not yet merged, at most
+    delta_credit_bytes: int = 2 * DELTA_CREDIT_BYTES  # all workers' deltas not merged, at most
 
 
 class Coordinator(Engine):

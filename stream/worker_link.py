@@ -35,6 +35,14 @@ LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
 DELTA_CREDIT_BYTES = 128 << 20  # a worker's deltas sent and not yet merged (`worker_inbox`)
 
 
+def credit_share(run_bytes: int, workers: int) -> int:
+    """A worker's delta credit: its share of the run's (`WorkerPlan.delta_credit_bytes`), at
+    most DELTA_CREDIT_BYTES, at least a byte (one delta at a time), so the deltas waiting at
+    the coordinator stay within the run's credit (plus a block per worker) however many
+    workers there are."""
+    return min(DELTA_CREDIT_BYTES, max(1, run_bytes // max(workers, 1)))
+
+
 class LinkError(ValueError):
     """A link message that does not decode (counted and skipped by the receiving side)."""
 

@@ -509,6 +509,42 @@ def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
     ctx.term()
 
 
+def test_the_runs_delta_credit_is_shared_among_its_workers():
+    """Each worker's credit is its share of the run's (`WorkerPlan.delta_credit_bytes`), so
+    the deltas waiting at the coordinator stay within it however many workers join; capped at
+    DELTA_CREDIT_BYTES, never zero (one delta at a time)."""
+    from tcbf_live.stream.worker_link import (
+        DELTA_CREDIT_BYTES,
+        LINK_VERSION,
+        WorkerConfig,
+        credit_share,
+    )
+
+    assert credit_share(256 << 20, 16) == 16 << 20
+    assert credit_share(256 << 20, 1) == DELTA_CREDIT_BYTES
+    assert credit_share(1, 2) == 1
+    link = f"tcp://127.0.0.1:{_free_port()}"
+    settings = EngineSettings(subscriber=SubscriberSettings(endpoint=link.replace(
+        link.rsplit(":", 1)[1], str(_free_port())), socket_type="pull"), protocol="dectris-v2",
+        idle_timeout_s=30.0)  # fmt: skip
+    plan = WorkerPlan(local=0, remote=4, link=link, delta_credit_bytes=64 << 20)
+    eng = Coordinator(settings, plan).start()
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    try:
+        peer.connect(link)
+        peer.send_multipart(pack("hello", {"version": LINK_VERSION}))
+        assert peer.poll(10000)
+        kind, head, _, _ = unpack(peer.recv_multipart())
+        assert kind == "welcome"
+        assert WorkerConfig.from_json(head["config"]).delta_credit_bytes == 16 << 20
+    finally:
+        eng.stop()
+        assert eng.join(timeout=20)
+        peer.close(linger=0)
+        ctx.term()
+
+
 @pytest.mark.parametrize(
     ("cores", "socket_type", "expect"),
     [(2, "pull", 0), (4, "pull", 4), (16, "pull", 16), (16, "sub", 0)],
