@@ -20,8 +20,9 @@ series setting.
 A worker (another process) holds a row block and a delta's copy of it per series, about 64 MiB
 each whatever the scan (`tcbf.row_block`): it writes `KEPT_BUFFERS` buffers of that size at
 start-up (`prepare_kept`), lends them to its series (`take_kept`) and keeps them when a series
-is dropped (`give_back`, zeroed), so series after series fold into memory written once. A
-larger block (a large detector's `MIN_ROWS` rows) takes the place of a smaller kept buffer.
+is dropped (`give_back`, zeroed), so series after series fold into memory written once; delta
+buffers ZeroMQ still sends from come back once it has let go. A larger block (a large
+detector's `MIN_ROWS` rows) is allocated as before, and frees a kept buffer it cannot use.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _reserve: np.ndarray | None = None  # fresh (all zero), touched, not yet taken
 KEPT_BUFFERS = 2  # a worker's: a row block and a delta's copy of it
 _kept: list[np.ndarray] = []  # all zero, touched, not lent
 _lent: dict[int, np.ndarray] = {}  # id -> a kept buffer lent to a series
+_pending: list[tuple[np.ndarray, Any]] = []  # given back while ZeroMQ still sends from them
 
 
 def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None
@@ -137,7 +139,7 @@ def for_state(layout: dict[str, tuple[tuple, np.dtype]], block: int | None) -> n
 def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS) -> float:
     """Write `count` buffers of `nbytes` now, to be lent (`take_kept`); the seconds it took."""
     t = time.perf_counter()
-    while len(_kept) + len(_lent) < count:
+    while len(_kept) + len(_lent) + len(_pending) < count:
         buf = np.empty(int(nbytes), np.uint8)
         buf.fill(0)
         _kept.append(buf)
@@ -146,31 +148,35 @@ def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS) -> float:
 
 def take_kept(nbytes: int) -> np.ndarray | None:
     """The smallest kept buffer of at least `nbytes` (uint8, all zero, touched), lent until
-    `give_back`. Where none is that large, the smallest kept one is freed and a buffer of
-    `nbytes` written now in its place (the kept memory follows the geometry of the series, at
-    most as many buffers as prepared); None when none is kept (all lent, or none prepared)."""
-    if not _kept:
-        return None
+    `give_back`; None when none is kept or large enough. A series whose block is larger (a
+    large detector) frees the smallest kept buffer, so a worker holds either the kept memory
+    or such a series' own, not both."""
+    for busy in [p for p in _pending if p[1].done]:  # ZeroMQ has let go since
+        _pending.remove(busy)
+        busy[0].fill(0)
+        _kept.append(busy[0])
     fits = [b for b in _kept if b.nbytes >= nbytes]
-    buf = min(fits or _kept, key=lambda b: b.nbytes)
-    _kept.remove(buf)
     if not fits:
-        del buf
-        buf = np.empty(int(nbytes), np.uint8)
-        buf.fill(0)
+        if _kept:
+            _kept.remove(min(_kept, key=lambda b: b.nbytes))
+        return None
+    buf = min(fits, key=lambda b: b.nbytes)
+    _kept.remove(buf)
     _lent[id(buf)] = buf
     return buf
 
 
-def give_back(a: np.ndarray, reuse: bool = True) -> bool:
-    """Return the lent buffer that `a` is a view of (False for any other array): zeroed and
-    kept for the next series, or (`reuse` False: ZeroMQ may still be sending from it) only
-    forgotten here, freed when its last user lets go."""
+def give_back(a: np.ndarray, busy: Any = None) -> bool:
+    """Return the lent buffer that `a` is a view of (False for any other array), zeroed, for
+    the next series; `busy` (a `zmq.MessageTracker`: ZeroMQ may still send from it): kept
+    only once its `done` is true."""
     root = a.base if a.base is not None else a
     buf = _lent.pop(id(root), None)
     if buf is None:
         return False
-    if reuse:
+    if busy is not None and not busy.done:
+        _pending.append((buf, busy))
+    else:
         buf.fill(0)
         _kept.append(buf)
     return True

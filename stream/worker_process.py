@@ -7,6 +7,7 @@ another host runs the same, authenticated with CURVE keys beyond loopback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import zmq
 
 from tcbf_live.detectors.registry import protocol
 from tcbf_live.stream import memory_reserve
+from tcbf_live.stream.budget import BudgetError, memory_budget_bytes
 from tcbf_live.stream.priority import freeze_startup_objects
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.tcbf.row_block import BLOCK_BYTES
@@ -32,7 +34,7 @@ from tcbf_live.stream.worker_link import (
 
 log = logging.getLogger(__name__)
 
-KEPT_BYTES = BLOCK_BYTES + (4 << 20)  # a row block with the `seen` map of a 2048x2048 scan
+KEPT_BYTES = BLOCK_BYTES + (4 << 20) + (64 << 10)  # a row block, a 2048x2048 scan's `seen`
 
 
 def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity: bytes,
@@ -58,7 +60,9 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
     another name); `data_curve`: keys for a CURVE detector link (native streams)."""
-    memory_reserve.prepare_kept(KEPT_BYTES)  # its series' row blocks and delta copies
+    with contextlib.suppress(BudgetError):  # (a bad budget is reported once it has joined)
+        if 2 * KEPT_BYTES <= memory_budget_bytes(None) // 2:  # as one process prepares
+            memory_reserve.prepare_kept(KEPT_BYTES)  # its series' row blocks and delta copies
     freeze_startup_objects()  # before it joins: the coordinator waits for joined workers
     ctx = zmq.Context()
     try:

@@ -78,12 +78,11 @@ class WorkerSeries:
 
     def release(self) -> None:
         """The series is dropped: its memory kept for the next (`memory_reserve.give_back`),
-        the delta buffers only once ZeroMQ has sent from them."""
+        the delta buffers once ZeroMQ has sent from them."""
         if self.proc is not None and self.proc.acc is not None:
             memory_reserve.give_back(self.proc.acc.state.totals)
         if self.delta_out is not None:
-            sent = self.delta_sending is None or self.delta_sending.done
-            memory_reserve.give_back(self.delta_out["totals"], reuse=sent)
+            memory_reserve.give_back(self.delta_out["totals"], busy=self.delta_sending)
         self.proc = self.taker = self.delta_out = None
 
     def free_rows(self) -> int:

@@ -21,8 +21,8 @@ def no_reserve_left():
     memory_reserve.release()
     yield
     memory_reserve.release()
-    memory_reserve._kept.clear()
-    memory_reserve._lent.clear()
+    for pool in (memory_reserve._kept, memory_reserve._lent, memory_reserve._pending):
+        pool.clear()
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +144,14 @@ def test_prepared_memory_is_zero():
     assert buf.nbytes == 3 << 20 and not buf.any()
 
 
-def test_kept_buffers_are_lent_smallest_first_and_kept_zeroed_unless_still_sent():
+class Busy:
+    done = False  # (a zmq.MessageTracker's)
+
+
+def test_kept_buffers_are_lent_smallest_first_and_kept_zeroed_once_free():
     """A worker's kept memory (`prepare_kept`): lent by size, given back zeroed through any
-    view of it; one too small is replaced by a larger one (never more buffers than prepared);
-    a buffer ZeroMQ may still send from is only forgotten, never lent again."""
+    view of it; one given back while ZeroMQ may still send from it is lent again only once
+    that is done; a series too large for any kept buffer frees one (never both held)."""
     assert memory_reserve.take_kept(1) is None  # none prepared: the caller allocates
     memory_reserve.prepare_kept(1 << 20, count=1)
     memory_reserve.prepare_kept(2 << 20, count=2)  # one more, larger
@@ -158,12 +162,16 @@ def test_kept_buffers_are_lent_smallest_first_and_kept_zeroed_unless_still_sent(
     assert memory_reserve.give_back(small[64:].view(np.float64))
     assert memory_reserve.take_kept(1) is small and not small.any()
     assert not memory_reserve.give_back(np.zeros(4096, np.uint8))  # never lent
-    assert memory_reserve.give_back(small) and memory_reserve.give_back(large)
-    bigger = memory_reserve.take_kept(3 << 20)  # in place of the smallest
-    assert bigger.nbytes == 3 << 20 and not bigger.any()
+    busy = Busy()
+    large[:5] = 1
+    assert memory_reserve.give_back(large, busy) and memory_reserve.give_back(small)
+    assert memory_reserve.take_kept((1 << 20) + 1) is None  # still sent from
+    busy.done = True
+    again = memory_reserve.take_kept((1 << 20) + 1)
+    assert again is large and not large.any()
+    assert memory_reserve.take_kept(3 << 20) is None  # too large: the small one is freed
+    assert memory_reserve._kept == [] and memory_reserve.give_back(large)
     assert [b.nbytes for b in memory_reserve._kept] == [2 << 20]
-    assert memory_reserve.give_back(bigger, reuse=False)
-    assert memory_reserve.take_kept(1) is large and memory_reserve.take_kept(1) is None
 
 
 def test_a_worker_folds_series_after_series_into_the_memory_it_kept(sim):

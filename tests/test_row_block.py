@@ -190,15 +190,21 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
                 s.delta_sending.wait(5.0)
         assert sent[2]["hits"].sum() == ROWS
         block, buffers = s.proc.acc.state.stack, s.delta_out["stack"]
-        s.release()  # dropped with its last delta unread: that memory is not lent again
+        tracker = s.delta_sending
+        s.release()  # dropped with its last delta unread: that memory is not lent yet
         assert [np.shares_memory(block, b) for b in memory_reserve._kept] == [True]
+        assert [np.shares_memory(buffers, b) for b, _ in memory_reserve._pending] == [True]
         got = delta_from(unpack(peer.recv_multipart(copy=False))[2])
         assert np.shares_memory(got.values["stack"], buffers)
         for name, want in sent[2].items():
             np.testing.assert_array_equal(got.values[name], want, err_msg=name)
+        del got
+        tracker.wait(5.0)  # read and let go: lent again
+        lent = [memory_reserve.take_kept(1) for _ in range(2)]
+        assert sorted(np.shares_memory(b, buffers) for b in lent) == [False, True]
     finally:
-        memory_reserve._kept.clear()
-        memory_reserve._lent.clear()
+        for pool in (memory_reserve._kept, memory_reserve._lent, memory_reserve._pending):
+            pool.clear()
         peer.close(linger=0)
         link.close(linger=0)
         ctx.term()
