@@ -47,8 +47,8 @@ BF_MARGIN_PX = 1.0  # the disk radius estimated from the optics, plus this (pixe
 _reserve: np.ndarray | None = None  # fresh (all zero), touched, not yet taken
 KEPT_BUFFERS = 2  # a worker's: a row block and a delta's copy of it
 _kept: list[np.ndarray] = []  # all zero, touched, not lent
-_lent: dict[int, np.ndarray] = {}  # id -> a kept buffer lent to a series
-_pending: list[tuple[np.ndarray, Any]] = []  # given back while ZeroMQ still sends from them
+_lent: dict[int, tuple[np.ndarray, int]] = {}  # id -> a kept buffer lent, the bytes asked for
+_pending: list[tuple[np.ndarray, int, Any]] = []  # given back while ZeroMQ still sends from them
 
 
 def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None
@@ -148,13 +148,13 @@ def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS) -> float:
 
 def take_kept(nbytes: int) -> np.ndarray | None:
     """The smallest kept buffer of at least `nbytes` (uint8, all zero, touched), lent until
-    `give_back`; None when none is kept or large enough. A series whose block is larger (a
-    large detector) frees the smallest kept buffer, so a worker holds either the kept memory
-    or such a series' own, not both."""
-    for busy in [p for p in _pending if p[1].done]:  # ZeroMQ has let go since
-        _pending.remove(busy)
-        busy[0].fill(0)
-        _kept.append(busy[0])
+    `give_back` (its first `nbytes` may be written); None when none is kept or large enough.
+    A series whose block is larger (a large detector) frees the smallest kept buffer: with
+    the kept buffers idle, a worker holds the kept memory or such a series' own, not both."""
+    for free in [p for p in _pending if p[2].done]:  # ZeroMQ has let go since
+        _pending.remove(free)
+        free[0][: free[1]].fill(0)  # (only what was asked for was written)
+        _kept.append(free[0])
     fits = [b for b in _kept if b.nbytes >= nbytes]
     if not fits:
         if _kept:
@@ -162,7 +162,7 @@ def take_kept(nbytes: int) -> np.ndarray | None:
         return None
     buf = min(fits, key=lambda b: b.nbytes)
     _kept.remove(buf)
-    _lent[id(buf)] = buf
+    _lent[id(buf)] = (buf, int(nbytes))
     return buf
 
 
@@ -171,12 +171,12 @@ def give_back(a: np.ndarray, busy: Any = None) -> bool:
     the next series; `busy` (a `zmq.MessageTracker`: ZeroMQ may still send from it): kept
     only once its `done` is true."""
     root = a.base if a.base is not None else a
-    buf = _lent.pop(id(root), None)
+    buf, nbytes = _lent.pop(id(root), (None, 0))
     if buf is None:
         return False
     if busy is not None and not busy.done:
-        _pending.append((buf, busy))
+        _pending.append((buf, nbytes, busy))
     else:
-        buf.fill(0)
+        buf[:nbytes].fill(0)  # (only what was asked for was written)
         _kept.append(buf)
     return True

@@ -35,12 +35,15 @@ LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
 DELTA_CREDIT_BYTES = 128 << 20  # a worker's deltas sent and not yet merged (`worker_inbox`)
 
 
-def credit_share(run_bytes: int, workers: int) -> int:
-    """A worker's delta credit: its share of the run's (`WorkerPlan.delta_credit_bytes`), at
-    most DELTA_CREDIT_BYTES, at least a byte (one delta at a time), so the deltas waiting at
-    the coordinator stay within the run's credit (plus a block per worker) however many
-    workers there are."""
-    return min(DELTA_CREDIT_BYTES, max(1, run_bytes // max(workers, 1)))
+def credit_share(run_bytes: int, workers: int, index: int = 0) -> int:
+    """Worker `index`'s delta credit: its share of the run's (`WorkerPlan.delta_credit_bytes`)
+    among the `workers` planned, at most DELTA_CREDIT_BYTES, at least a byte (one delta at a
+    time); a worker beyond the plan gets half the last one's, so all together stay within the
+    run's credit plus one share (plus a block per worker) however many join."""
+    share = run_bytes // max(workers, 1)
+    if index >= workers:
+        share >>= min(index - workers + 1, 62)
+    return min(DELTA_CREDIT_BYTES, max(1, share))
 
 
 class LinkError(ValueError):

@@ -130,7 +130,7 @@ class WorkerPool(Calibrating):
             sync_interval_s=self.plan.sync_interval_s, backlog_bytes=self.plan.backlog_bytes,
             processing=settings_to_dict(s.processing), lane=s.compiled_lane,
             row_block_rows=self.plan.row_block_rows,
-            delta_credit_bytes=credit_share(self.plan.delta_credit_bytes, max(total, n + 1)),
+            delta_credit_bytes=credit_share(self.plan.delta_credit_bytes, total, n),
         )  # fmt: skip
         self.peers[ident] = Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip

@@ -34,7 +34,7 @@ from tcbf_live.stream.worker_link import (
 
 log = logging.getLogger(__name__)
 
-KEPT_BYTES = BLOCK_BYTES + (4 << 20) + (64 << 10)  # a row block, a 2048x2048 scan's `seen`
+KEPT_BYTES = BLOCK_BYTES + (4 << 20) + (64 << 10)  # a row block, `seen` of 4 M frames
 
 
 def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity: bytes,

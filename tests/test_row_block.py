@@ -193,7 +193,7 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
         tracker = s.delta_sending
         s.release()  # dropped with its last delta unread: that memory is not lent yet
         assert [np.shares_memory(block, b) for b in memory_reserve._kept] == [True]
-        assert [np.shares_memory(buffers, b) for b, _ in memory_reserve._pending] == [True]
+        assert [np.shares_memory(buffers, b) for b, *_ in memory_reserve._pending] == [True]
         got = delta_from(unpack(peer.recv_multipart(copy=False))[2])
         assert np.shares_memory(got.values["stack"], buffers)
         for name, want in sent[2].items():

@@ -511,8 +511,8 @@ def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
 
 def test_the_runs_delta_credit_is_shared_among_its_workers():
     """Each worker's credit is its share of the run's (`WorkerPlan.delta_credit_bytes`), so
-    the deltas waiting at the coordinator stay within it however many workers join; capped at
-    DELTA_CREDIT_BYTES, never zero (one delta at a time)."""
+    the deltas waiting at the coordinator stay within it (plus a share) however many workers
+    join, planned or not; capped at DELTA_CREDIT_BYTES, never zero (one delta at a time)."""
     from tcbf_live.stream.worker_link import (
         DELTA_CREDIT_BYTES,
         LINK_VERSION,
@@ -523,6 +523,9 @@ def test_the_runs_delta_credit_is_shared_among_its_workers():
     assert credit_share(256 << 20, 16) == 16 << 20
     assert credit_share(256 << 20, 1) == DELTA_CREDIT_BYTES
     assert credit_share(1, 2) == 1
+    shares = [credit_share(256 << 20, 2, n) for n in range(40)]  # 38 join beyond the plan
+    assert shares[:4] == [128 << 20, 128 << 20, 64 << 20, 32 << 20]
+    assert sum(shares) <= (256 << 20) + (128 << 20) + len(shares) and min(shares) == 1
     link = f"tcp://127.0.0.1:{_free_port()}"
     settings = EngineSettings(subscriber=SubscriberSettings(endpoint=link.replace(
         link.rsplit(":", 1)[1], str(_free_port())), socket_type="pull"), protocol="dectris-v2",
