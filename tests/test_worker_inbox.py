@@ -118,9 +118,17 @@ def test_a_worker_holds_its_deltas_back_while_the_coordinator_has_not_merged(
         w.sock.close(linger=0)
 
 
-def test_deltas_sent_one_at_a_time_give_what_one_process_gives(sim):
+def test_deltas_sent_one_at_a_time_give_what_one_process_gives(sim, monkeypatch):
     """Two workers with a credit of 1 byte (each delta waits for the coordinator to merge the
-    one before) and 48-row blocks: the same result as one process, and the waits counted."""
+    one before) and 48-row blocks: the same result as one process, and the waits counted
+    (each merge made to take 20 ms, twice the sync interval, so that deltas wait)."""
+    from tcbf_live.stream.coordinator import Coordinator
+
+    merge = Coordinator.merge_delta
+
+    def slow_merge(self, *args, **kwargs):
+        time.sleep(0.02)
+        return merge(self, *args, **kwargs)
 
     def burst(eng, k):
         if k < 150:
@@ -128,6 +136,7 @@ def test_deltas_sent_one_at_a_time_give_what_one_process_gives(sim):
 
     stream = messages(sim, "native")
     one = receive(Engine, "native", stream).last_result
+    monkeypatch.setattr(Coordinator, "merge_delta", slow_merge)
     eng = receive(workers(2, row_block_rows=48, sync_interval_s=0.01, delta_credit_bytes=1),
                   "native", stream, during=burst)  # fmt: skip
     assert_same(eng.last_result, one)
