@@ -13,7 +13,7 @@ from test_workers import assert_same, messages, receive, workers
 
 from tcbf_live.detectors.base import FrameBatch
 from tcbf_live.simulators import Simulator, tutorial_config
-from tcbf_live.stream import worker
+from tcbf_live.stream import memory_reserve, worker
 from tcbf_live.stream.engine import Engine
 from tcbf_live.stream.receiver import SubscriberSettings
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
@@ -212,3 +212,35 @@ def test_messages_read_while_waiting_for_credit_are_handled_by_the_run_loop(sim,
         assert not stuck
     finally:
         w.sock.close(linger=0)
+
+
+def test_a_worker_folds_the_next_series_into_the_memory_the_last_gave_back(sim, link_pair):
+    """`Worker.drop` gives a series' kept memory back (`WorkerSeries.release`): the next run
+    of the id folds into the same block; its delta buffers, still in ZeroMQ's hands when the
+    series was dropped (the coordinator had not read the last delta), serve again once read."""
+    router, dealer = link_pair
+    memory_reserve.prepare_kept(8 << 20)  # as a worker process at start
+    w, proc = _worker(dealer, sim, credit=1 << 30)
+    try:
+        block = w.series[5].proc.acc.state.stack
+        assert any(np.shares_memory(block, b) for b, _ in memory_reserve._lent.values())
+        w.fold([FrameBatch(5, 0, sim.frames(0, 8))])
+        w.sync()  # the delta, into the other kept buffer, unread by the coordinator
+        buffers = w.series[5].delta_out["stack"]
+        w.drop(5, "ended")
+        assert [np.shares_memory(block, b) for b in memory_reserve._kept] == [True]
+        kind, _, arrays, _ = unpack(router.recv_multipart(copy=False)[1:])
+        assert kind == "delta" and arrays["stack"].sum() > 0
+        del arrays  # the coordinator lets go
+        time.sleep(0.2)
+        w.on_start(sim.series_info(5), repeat=False)  # the id's next run
+        w.calibrated(5, 2, proc.raw_calibration)
+        again = w.series[5].proc.acc.state
+        assert np.shares_memory(again.stack, block) and not again.stack.any()
+        w.fold([FrameBatch(5, 0, sim.frames(0, 8))])
+        w.sync()
+        assert np.shares_memory(w.series[5].delta_out["stack"], buffers)
+    finally:
+        w.sock.close(linger=0)
+        for pool in (memory_reserve._kept, memory_reserve._lent, memory_reserve._pending):
+            pool.clear()
