@@ -27,9 +27,10 @@ detector's `MIN_ROWS` rows) is allocated as before, and frees a kept buffer it c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,18 @@ def take_kept(nbytes: int) -> np.ndarray | None:
     _kept.remove(buf)
     _lent[id(buf)] = (buf, int(nbytes))
     return buf
+
+
+@contextlib.contextmanager
+def lent_for_build(buf: np.ndarray | None) -> Iterator[np.ndarray | None]:
+    """`buf` (from `for_state`) for building a series' state in: given back if the building
+    raises, so that a failed series does not leave a worker one kept buffer short."""
+    try:
+        yield buf
+    except BaseException:
+        if buf is not None:
+            give_back(buf)
+        raise
 
 
 def give_back(a: np.ndarray, busy: Any = None) -> bool:

@@ -245,14 +245,16 @@ class SeriesProcessor:
                 raise BudgetExceeded(f"series {self.info.series_id}, calibrated: {why}")
         self.calibration = cal
         axial = s.axial_radius_px if s.axial_radius_px is not None else 0.25 * cal.radius_px
-        self.acc = Accumulators(
-            self.scan_shape, cal, layout, axial_radius_px=axial,
-            serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
-            integer_stack=integer, moments=s.compensate_descan, block=block,
-            memory=memory_reserve.for_state(state, block),  # touched at start
-        )  # fmt: skip
-        self.descan = DescanCompensation.start(self.acc) if s.compensate_descan else None
-        self.staging = Staging(self.acc, self.index_offset)
+        with memory_reserve.lent_for_build(memory_reserve.for_state(state, block)) as memory:
+            acc = Accumulators(
+                self.scan_shape, cal, layout, axial_radius_px=axial,
+                serpentine=self.info.scan_order == "serpentine", frame_limit=self.frame_limit,
+                integer_stack=integer, moments=s.compensate_descan, block=block,
+                memory=memory,  # touched at start
+            )  # fmt: skip
+            descan = DescanCompensation.start(acc) if s.compensate_descan else None
+            staging = Staging(acc, self.index_offset)
+        self.acc, self.descan, self.staging = acc, descan, staging  # (all built, or none)
         if rows is None:  # (a worker solves nothing: no images, no alignment state)
             counts = cal.whole_counts or "counts_per_electron" in s.metadata  # (float values)
             self._pipeline = pl.Pipeline(pl.Acquisition.of(self.info, counts), cal, layout,

@@ -56,12 +56,13 @@ ROOM_WAIT_S = 30.0  # frames in hand wait this long for rows (the coordinator ta
 class Worker:
     """Receive, fold and report the share of a stream this process gets."""
 
-    def __init__(self, link: zmq.Socket, config: WorkerConfig, data: SubscriberSettings):
+    def __init__(self, link: zmq.Socket, config: WorkerConfig, data: SubscriberSettings,
+                 budget_bytes: int | None = None):  # fmt: skip
         self.link, self.config = link, config
         self.inbox = LinkInbox(link, config.index, config.delta_credit_bytes)  # and credit
         self.wire = protocol(config.protocol)
         self.shared = config.socket_type == "sub"  # every worker receives every message
-        self.settings = settings_from_dict(config.processing, memory_budget_bytes(None))
+        self.settings = settings_from_dict(config.processing, memory_budget_bytes(budget_bytes))
         self.sock = open_socket(data)
         self.decoder = self.wire.decoder(DecoderOptions(defer_bslz4=self.wire.bslz4_frames,
                                                         channel=config.channel))  # fmt: skip

@@ -100,7 +100,8 @@ class WorkerPool(Calibrating):
             ident = f"w{k}".encode()
             p = spawn.Process(target=spawned, name=f"tcbf-worker-{k}", daemon=True,
                               args=(self.endpoint, ident, self.settings.subscriber.curve,
-                                    logging.getLogger().getEffectiveLevel()))  # fmt: skip
+                                    logging.getLogger().getEffectiveLevel(),
+                                    self.settings.budget_bytes()))  # fmt: skip
             p.start()
             self.processes[ident] = p
 

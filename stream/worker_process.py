@@ -56,12 +56,14 @@ def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity
 
 def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | None = None,
           data_curve: CurveKeys | None = None, identity: bytes | None = None,
-          join_timeout_s: float = 30.0) -> int:  # fmt: skip
+          join_timeout_s: float = 30.0, budget_bytes: int | None = None) -> int:  # fmt: skip
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
-    another name); `data_curve`: keys for a CURVE detector link (native streams)."""
+    another name); `data_curve`: keys for a CURVE detector link (native streams);
+    `budget_bytes`: the memory one series may use here (None: `stream.budget`'s default;
+    a local worker gets its run's)."""
     with contextlib.suppress(BudgetError):  # (a bad budget is reported once it has joined)
-        if 2 * KEPT_BYTES <= memory_budget_bytes(None) // 2:  # as one process prepares
+        if 2 * KEPT_BYTES <= memory_budget_bytes(budget_bytes) // 2:  # as one process prepares
             memory_reserve.prepare_kept(KEPT_BYTES)  # its series' row blocks and delta copies
     freeze_startup_objects()  # before it joins: the coordinator waits for joined workers
     ctx = zmq.Context()
@@ -77,7 +79,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
                               max_message_bytes=config.max_message_bytes, curve=data_curve,
                               detector=wire.detector)  # fmt: skip
     try:
-        worker = Worker(link, config, data)
+        worker = Worker(link, config, data, budget_bytes)
     except (zmq.ZMQError, ValueError) as err:
         log.error("worker %d: cannot open the detector link %s: %s", config.index,
                   data.endpoint, err)  # fmt: skip
@@ -95,7 +97,10 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
     return 0
 
 
-def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int) -> None:
-    """A local worker process spawned by the coordinator (`run --workers N`)."""
+def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int,
+            budget_bytes: int | None = None) -> None:  # fmt: skip
+    """A local worker process spawned by the coordinator (`run --workers N`), under the run's
+    memory budget (`budget_bytes`: `run --memory-budget` or its default)."""
     logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
-    raise SystemExit(serve(link, identity=identity, data_curve=data_curve))
+    raise SystemExit(serve(link, identity=identity, data_curve=data_curve,
+                           budget_bytes=budget_bytes))  # fmt: skip

@@ -196,3 +196,24 @@ def test_a_worker_folds_series_after_series_into_the_memory_it_kept(sim):
     for state in states:
         for name, a in plain.acc.state.arrays().items():
             np.testing.assert_array_equal(state[name], a, err_msg=name)
+
+
+def test_a_series_whose_build_fails_gives_its_kept_buffer_back(sim, monkeypatch):
+    """A series whose state cannot be built after its block was lent (here its staging
+    raises) returns the kept buffer, zeroed: the worker's next series folds into it."""
+    from tcbf_live.stream import series as series_module
+
+    settings = ProcessingSettings(calibration=fed(sim).calibration, row_block_rows=40)
+    memory_reserve.prepare_kept(8 << 20, count=1)
+    kept = memory_reserve._kept[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("staging failed")
+
+    monkeypatch.setattr(series_module, "Staging", broken)
+    with pytest.raises(RuntimeError, match="staging failed"):
+        SeriesProcessor(sim.series_info(1), settings)
+    assert memory_reserve._kept == [kept] and not memory_reserve._lent and not kept.any()
+    monkeypatch.undo()
+    proc = SeriesProcessor(sim.series_info(1), settings)
+    assert np.shares_memory(proc.acc.state.stack, kept)

@@ -727,3 +727,36 @@ def test_a_stray_delta_counts_its_frames_and_an_empty_one_nothing(caplog):
         assert eng.counters.rejected == {"no_series": 3} and len(caplog.records) == 1
     finally:
         eng.receiver.close()
+
+
+def test_local_workers_take_the_runs_memory_budget(monkeypatch):
+    """`run --memory-budget` reaches the workers it spawns: each is started with the run's
+    budget and prepares its kept memory (2 x KEPT_BYTES) only within half of it, as one
+    process does; `tcbf-live worker --memory-budget` sets a remote worker's."""
+    from tcbf_live.stream import memory_reserve, worker_pool, worker_process
+
+    started = []
+
+    class Spawn:
+        def Process(self, target, name, daemon, args):  # noqa: N802 (multiprocessing's name)
+            started.append((target, args))
+            return type("P", (), {"start": lambda self: None, "join": lambda self, t: None,
+                                  "is_alive": lambda self: False})()  # fmt: skip
+
+    monkeypatch.setattr(worker_pool.mp, "get_context", lambda how: Spawn())
+    link = f"tcp://127.0.0.1:{_free_port()}"
+    sub = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull")
+    settings = EngineSettings(subscriber=sub, protocol="dectris-v2", memory_budget_bytes=300 << 20)
+    pool = Coordinator(settings, WorkerPlan(local=2, link=link)).receiver
+    try:
+        pool.start_local()
+    finally:
+        pool.close()
+    assert [(t, a[-1]) for t, a in started] == [(worker_process.spawned, 300 << 20)] * 2
+    nobody, least = f"tcp://127.0.0.1:{_free_port()}", 4 * worker_process.KEPT_BYTES
+    try:
+        for budget, kept in ((least - 1, 0), (least, 2)):
+            assert worker_process.serve(nobody, budget_bytes=budget, join_timeout_s=0.1) == 1
+            assert len(memory_reserve._kept) == kept, budget
+    finally:
+        memory_reserve._kept.clear()

@@ -8,6 +8,7 @@ import os
 
 from tcbf_live.detectors import registry
 from tcbf_live.stream.cli.common import UsageError, add_curve_args, curve_from_args, parse_finite
+from tcbf_live.stream.cli.options import parse_memory_budget
 from tcbf_live.stream.engine import EngineSettings
 from tcbf_live.stream.transport import CurveError, CurveKeys, is_loopback, valid_endpoint
 
@@ -131,6 +132,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="give up when the run does not answer within S seconds",
     )
+    p.add_argument("--memory-budget", type=parse_memory_budget, metavar="BYTES",
+                   help="memory one series may use on this host, e.g. 8G (default: half its "
+                   "memory, or $TCBF_MEMORY_BUDGET); a local worker of `run --workers N` "
+                   "takes its run's")  # fmt: skip
     add_curve_args(p, server=False, client=True)
     p.set_defaults(run=run_worker)
 
@@ -148,7 +153,7 @@ def run_worker(args: argparse.Namespace) -> int:
         raise UsageError("a coordinator beyond loopback is reached with CURVE: "
                          "--curve-secret FILE --curve-server-key FILE")  # fmt: skip
     return serve(args.coordinator, curve=curve, endpoint=args.connect,
-                 join_timeout_s=args.join_timeout)  # fmt: skip
+                 join_timeout_s=args.join_timeout, budget_bytes=args.memory_budget)  # fmt: skip
 
 
 def start_coordinator(settings: EngineSettings, plan, on_series_end):
