@@ -141,8 +141,10 @@ class Coordinator(Engine):
         """CPU microseconds per frame by stage, each worker (its last report) and this
         coordinator: the figures that carry to a host with more cores (docs/engine.md)."""
         lines = []
-        for p in sorted(self.receiver.peers.values(), key=lambda p: p.index):
+        for ident, p in sorted(self.receiver.peers.items(), key=lambda ip: ip[1].index):
             per = 1e6 / max(p.frames, 1)
+            seg = self.receiver.segments.get(ident)
+            shared = f"{seg.bytes_read / 2**20:.0f} MiB read in shared memory" if seg else "none"
             cpu = dict(p.cpu_s)
             process = cpu.pop("process", 0.0)
             startup = cpu.pop("start-up", 0.0)  # kernels loaded (first call): not per frame
@@ -154,7 +156,8 @@ class Coordinator(Engine):
                          f"other {other * per:.1f} (process {process * per:.1f}, less "
                          f"{startup:.2f} s start-up); peak RSS {rss:.0f} MiB; deltas forced "
                          f"by a full row block: {waits} ({waited:.2f} s); deltas held back for "
-                         f"the coordinator: {held} ({held_s:.2f} s)")  # fmt: skip
+                         f"the coordinator: {held} ({held_s:.2f} s); of its deltas {shared}"
+                         )  # fmt: skip
         e = self
         frames = max(e.counters.frames, 1)
         lines.append(f"coordinator: merge {e.merge_cpu_s * 1e6 / frames:.2f} us/frame "

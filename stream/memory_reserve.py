@@ -21,8 +21,10 @@ A worker (another process) holds a row block and a delta's copy of it per series
 each whatever the scan (`tcbf.row_block`): it writes `KEPT_BUFFERS` buffers of that size at
 start-up (`prepare_kept`), lends them to its series (`take_kept`) and keeps them when a series
 is dropped (`give_back`, zeroed), so series after series fold into memory written once; delta
-buffers ZeroMQ still sends from come back once it has let go. A larger block (a large
-detector's `MIN_ROWS` rows) is allocated as before, and frees a kept buffer it cannot use.
+buffers ZeroMQ still sends from come back once it has let go (a local worker's are shared
+with the coordinator, `shared_segments`, and come back once it has merged them). A larger
+block (a large detector's `MIN_ROWS` rows) is allocated as before, and frees a kept buffer
+of the process's own memory it cannot use (a shared one stays: the coordinator maps it too).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tcbf_live.stream import pages
+from tcbf_live.stream import pages, shared_segments
 from tcbf_live.stream.budget import format_bytes
 from tcbf_live.stream.tcbf.accumulators import ROW_FIELDS, AccumulatorState
 from tcbf_live.stream.tcbf.tiles import default_bins, disk_tile_counts
@@ -49,7 +51,8 @@ _reserve: np.ndarray | None = None  # fresh (all zero), touched, not yet taken
 KEPT_BUFFERS = 2  # a worker's: a row block and a delta's copy of it
 _kept: list[np.ndarray] = []  # all zero, touched, not lent
 _lent: dict[int, tuple[np.ndarray, int]] = {}  # id -> a kept buffer lent, the bytes asked for
-_pending: list[tuple[np.ndarray, int, Any]] = []  # given back while ZeroMQ still sends from them
+_pending: list[tuple[np.ndarray, int, Any]] = []  # given back while still sent or read from
+_shared: list[tuple[str, np.ndarray]] = []  # kept buffers in shared memory: segment name, buffer
 
 
 def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None
@@ -137,14 +140,53 @@ def for_state(layout: dict[str, tuple[tuple, np.dtype]], block: int | None) -> n
     return take_kept(AccumulatorState.block_bytes(rows))
 
 
-def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS) -> float:
-    """Write `count` buffers of `nbytes` now, to be lent (`take_kept`); the seconds it took."""
+def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS, shared: bool = False) -> float:
+    """Write `count` buffers of `nbytes` now, to be lent (`take_kept`); the seconds it took.
+    `shared`: in segments the coordinator maps (`shared_segments`; a local worker's), where
+    /dev/shm has the room, else in the process's own memory (said in the log)."""
     t = time.perf_counter()
     while len(_kept) + len(_lent) + len(_pending) < count:
-        buf = np.empty(int(nbytes), np.uint8)
-        buf.fill(0)
+        buf = None
+        if shared:
+            try:
+                name, buf = shared_segments.create(int(nbytes), len(_shared))
+                _shared.append((name, buf))
+            except shared_segments.SegmentError as err:
+                log.info("deltas sent over the link, not shared: %s", err)
+                shared = False
+        if buf is None:
+            buf = np.empty(int(nbytes), np.uint8)
+            buf.fill(0)
         _kept.append(buf)
     return time.perf_counter() - t
+
+
+def shared_names() -> list[str]:
+    """The shared segments of this process (`prepare_kept(shared=True)`), in order."""
+    return [name for name, _ in _shared]
+
+
+def locate(a: np.ndarray) -> tuple[int, int] | None:
+    """(segment number, byte offset) of a C-contiguous array that lies in one of this
+    process's shared segments, else None."""
+    if not a.flags.c_contiguous:
+        return None
+    start = a.__array_interface__["data"][0]
+    for k, (_, buf) in enumerate(_shared):
+        base = buf.__array_interface__["data"][0]
+        if base <= start and start + a.nbytes <= base + buf.nbytes:
+            return k, start - base
+    return None
+
+
+def unshare() -> None:
+    """The segments are this process's memory alone from now on (`locate` finds none)."""
+    _shared.clear()
+
+
+def unlink_shared() -> None:
+    """Remove the shared segments' files (at exit; the mappings stay while they are used)."""
+    shared_segments.unlink(shared_names())
 
 
 def take_kept(nbytes: int) -> np.ndarray | None:
@@ -152,14 +194,15 @@ def take_kept(nbytes: int) -> np.ndarray | None:
     `give_back` (its first `nbytes` may be written); None when none is kept or large enough.
     A series whose block is larger (a large detector) frees the smallest kept buffer: with
     the kept buffers idle, a worker holds the kept memory or such a series' own, not both."""
-    for free in [p for p in _pending if p[2].done]:  # ZeroMQ has let go since
+    for free in [p for p in _pending if p[2].done]:  # sent or merged since
         _pending.remove(free)
         free[0][: free[1]].fill(0)  # (only what was asked for was written)
         _kept.append(free[0])
     fits = [b for b in _kept if b.nbytes >= nbytes]
     if not fits:
-        if _kept:
-            _kept.remove(min(_kept, key=lambda b: b.nbytes))
+        own = [b for b in _kept if locate(b) is None]  # (a segment stays: it is mapped twice)
+        if own:
+            _kept.remove(min(own, key=lambda b: b.nbytes))
         return None
     buf = min(fits, key=lambda b: b.nbytes)
     _kept.remove(buf)
@@ -181,10 +224,12 @@ def lent_for_build(buf: np.ndarray | None) -> Iterator[np.ndarray | None]:
 
 def give_back(a: np.ndarray, busy: Any = None) -> bool:
     """Return the lent buffer that `a` is a view of (False for any other array), zeroed, for
-    the next series; `busy` (a `zmq.MessageTracker`: ZeroMQ may still send from it): kept
+    the next series; `busy` (a `zmq.MessageTracker` or `MergedMark`: ZeroMQ may still send
+    from it, the coordinator still read it): kept
     only once its `done` is true."""
-    root = a.base if a.base is not None else a
-    buf, nbytes = _lent.pop(id(root), (None, 0))
+    while isinstance(a.base, np.ndarray):  # (a view's base: the buffer it was carved from)
+        a = a.base
+    buf, nbytes = _lent.pop(id(a), (None, 0))
     if buf is None:
         return False
     if busy is not None and not busy.done:

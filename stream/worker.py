@@ -75,8 +75,7 @@ class Worker:
         self.cpu_s: Counter = Counter()  # CPU seconds of this thread by stage (beats say)
         self.stopping = self._warm = False  # _warm: the kernels ran once (numba cache)
         self.freeze_after_first_delta = False  # a worker process: `freeze_startup_objects`
-        self.unsent = 0  # link messages given up after waiting for room
-        self.row_waits = (0, 0.0)  # deltas forced by a full row block: times, seconds
+        self.unsent, self.row_waits = 0, (0, 0.0)  # sends given up; full-block deltas: n, s
         self.early_cal: tuple | None = None  # a calibration that came before its series' start
         self._process0: float | None = None  # process CPU time at the first message
 
@@ -361,7 +360,8 @@ class Worker:
             self.counters.frames += int(delta.stats[ACCEPTED])
             if delta.rows.size or delta.seen.size or delta.stats[:NEXT_INDEX].any() or final:
                 sent = self.inbox.delta_sent(delta_nbytes(delta))
-                s.send_delta(self.link, delta_message(sid, s.gen, delta, final, sent))
+                s.send_delta(self.link, delta_message(sid, s.gen, delta, final, sent, s.locate),
+                             worker_series.MergedMark(self.inbox, sent))  # fmt: skip
             if delta.rows.size and self.freeze_after_first_delta:  # the kernels have run
                 freeze_startup_objects(collect=False)
                 self.freeze_after_first_delta = False

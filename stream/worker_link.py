@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -25,11 +26,13 @@ import msgpack
 import numpy as np
 
 from tcbf_live.stream.series import ProcessingSettings
+from tcbf_live.stream.shared_segments import PeerSegments
 from tcbf_live.stream.tcbf.accumulators import StateDelta
 from tcbf_live.stream.tcbf.calibration import Calibration
 
 DTYPES = frozenset({"<f8", "<f4", "<u4", "<u2", "|u1", "<i8", "<i4", "<i2", "|i1"})
-LINK_VERSION = 2  # 2: delta credit ("sent", "merged", "credit"; `worker_inbox`)
+LINK_VERSION = 3  # 2: delta credit ("sent", "merged", "credit"; `worker_inbox`); 3: shared
+# segments (a hello's "segments", WorkerConfig.shared, arrays described at a segment offset)
 LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
 LINK_MAX_BYTES = 1 << 31  # a delta of a large scan (the stack rows of one sync)
 DELTA_CREDIT_BYTES = 128 << 20  # a worker's deltas sent and not yet merged (`worker_inbox`)
@@ -51,16 +54,24 @@ class LinkError(ValueError):
 
 
 def pack(kind: str, header: dict | None = None, arrays: dict[str, np.ndarray] | None = None,
-         raw: list[Any] = ()) -> list[Any]:  # fmt: skip
-    """The parts of one link message."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
-    head = {"t": kind, **(header or {}),
-            "arrays": [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]}  # fmt: skip
-    return [msgpack.packb(head), *arrays.values(), *raw]
+         raw: list[Any] = (), locate: Callable[[np.ndarray], tuple[int, int] | None] | None = None,
+         ) -> list[Any]:  # fmt: skip
+    """The parts of one link message. `locate`: where an array lies in memory the receiver
+    maps (segment, offset: `memory_reserve.locate`); such an array is described, not sent."""
+    descs, parts = [], []
+    for k, v in (arrays or {}).items():
+        v = np.ascontiguousarray(v)
+        where = None if locate is None else locate(v)
+        descs.append([k, v.dtype.str, list(v.shape), *(where or ())])
+        if where is None:
+            parts.append(v)
+    return [msgpack.packb({"t": kind, **(header or {}), "arrays": descs}), *parts, *raw]
 
 
-def unpack(parts: list[Any]) -> tuple[str, dict, dict[str, np.ndarray], list[Any]]:
-    """(kind, header, arrays, raw parts) of a link message; LinkError if malformed."""
+def unpack(parts: list[Any], segments: PeerSegments | None = None,
+           ) -> tuple[str, dict, dict[str, np.ndarray], list[Any]]:  # fmt: skip
+    """(kind, header, arrays, raw parts) of a link message; LinkError if malformed. An array
+    described in shared memory is read from `segments` (a local worker's, else refused)."""
     try:
         head = msgpack.unpackb(parts[0], raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several types for hostile bytes
@@ -68,21 +79,32 @@ def unpack(parts: list[Any]) -> tuple[str, dict, dict[str, np.ndarray], list[Any
     if not isinstance(head, dict) or not isinstance(head.get("t"), str):
         raise LinkError("header is not a map with a kind")
     descs = head.pop("arrays", [])
-    if not isinstance(descs, list) or len(descs) > len(parts) - 1:
-        raise LinkError("array descriptions do not match the parts")
-    arrays = {}
-    for desc, buf in zip(descs, parts[1:], strict=False):
-        if (not isinstance(desc, list) or len(desc) != 3 or not isinstance(desc[0], str)
+    if not isinstance(descs, list):
+        raise LinkError("array descriptions are not a list")
+    arrays, k = {}, 1
+    for desc in descs:
+        if (not isinstance(desc, list) or len(desc) not in (3, 5) or not isinstance(desc[0], str)
                 or desc[1] not in DTYPES
                 or not isinstance(desc[2], list)
                 or not all(type(n) is int and n >= 0 for n in desc[2])):  # fmt: skip
             raise LinkError(f"bad array description {desc!r:.80}")
-        name, dtype, shape = desc
-        data = memoryview(buf).cast("B")
-        if data.nbytes != math.prod(shape) * np.dtype(dtype).itemsize:
-            raise LinkError(f"array {name!r}: {data.nbytes} bytes for {shape} {dtype}")
+        name, dtype, shape = desc[:3]
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if len(desc) == 5:
+            if segments is None:
+                raise LinkError(f"array {name!r} in shared memory from a peer that shares none")
+            try:
+                data = segments.view(desc[3], desc[4], nbytes)
+            except ValueError as err:
+                raise LinkError(f"array {name!r}: {err}") from None
+        else:
+            if k >= len(parts):
+                raise LinkError("array descriptions do not match the parts")
+            data, k = memoryview(parts[k]).cast("B"), k + 1
+            if data.nbytes != nbytes:
+                raise LinkError(f"array {name!r}: {data.nbytes} bytes for {shape} {dtype}")
         arrays[name] = np.frombuffer(data, dtype).reshape(shape)
-    return head.pop("t"), head, arrays, list(parts[1 + len(descs) :])
+    return head.pop("t"), head, arrays, list(parts[k:])
 
 
 def delta_arrays(delta: StateDelta) -> dict[str, np.ndarray]:
@@ -94,11 +116,11 @@ def delta_nbytes(delta: StateDelta) -> int:
 
 
 def delta_message(series_id: int, gen: int, delta: StateDelta, final: bool,
-                  sent: int = 0) -> list[Any]:  # fmt: skip
+                  sent: int = 0, locate: Callable | None = None) -> list[Any]:  # fmt: skip
     """A worker's delta of run `gen` of a series (`sent`: its delta bytes so far, this one
-    included: `worker_inbox`)."""
+    included: `worker_inbox`; `locate`: `pack`'s, for arrays in shared memory)."""
     return pack("delta", {"sid": series_id, "gen": gen, "final": final, "sent": sent},
-                delta_arrays(delta))  # fmt: skip
+                delta_arrays(delta), locate=locate)  # fmt: skip
 
 
 def delta_from(arrays: dict[str, np.ndarray]) -> StateDelta:
@@ -172,6 +194,7 @@ class WorkerConfig:
     lane: bool = True  # V1 images through the compiled lane where it can (`stream.fast_lane`)
     row_block_rows: int = 0  # rows of each series' row block (`RowBlock`; 0: sized by bytes)
     delta_credit_bytes: int = DELTA_CREDIT_BYTES  # deltas in flight, at most (`worker_inbox`)
+    shared: bool = False  # the coordinator mapped the segments of its hello (`shared_segments`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -26,6 +26,7 @@ from tcbf_live.detectors.base import DecodeError, Event, SeriesEnd, SeriesStart
 from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.detectors.routing import starts_first
 from tcbf_live.stream.receiver import StreamCounters, decode_counted
+from tcbf_live.stream.shared_segments import PeerSegments, SegmentError
 from tcbf_live.stream.transport import open_link, release_context
 from tcbf_live.stream.worker_calibration import CAL_WAIT_S, Calibrating
 from tcbf_live.stream.worker_link import (
@@ -77,6 +78,7 @@ class WorkerPool(Calibrating):
         self.endpoint = self.link.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.decoder = self.wire.decoder(DecoderOptions(channel=settings.channel))
         self.peers: dict[bytes, Peer] = {}
+        self.segments: dict[bytes, PeerSegments] = {}  # local workers' shared memory
         self.processes: dict[bytes, mp.Process] = {}
         self.window: list[tuple[int, float, list, bool, bool]] = []  # ts, t, parts, relay, first
         self.last_ctl = 0.0
@@ -120,6 +122,11 @@ class WorkerPool(Calibrating):
         if ident in self.peers:  # a restarted worker under the same name: a new peer
             self.lose(ident, "restarted", "joined again")
         local = ident in self.processes
+        if local and head.get("segments"):  # its deltas are read where it takes them
+            try:
+                self.segments[ident] = PeerSegments.open(head["segments"], head.get("pid"))
+            except SegmentError as err:
+                log.warning("worker %s sends its deltas over the link: %s", ident, err)
         n = int(ident[1:]) if local else self.plan.local + sum(
             1 for i in self.peers if i not in self.processes)  # fmt: skip
         s, sub = self.settings, self.settings.subscriber
@@ -132,6 +139,7 @@ class WorkerPool(Calibrating):
             processing=settings_to_dict(s.processing), lane=s.compiled_lane,
             row_block_rows=self.plan.row_block_rows,
             delta_credit_bytes=credit_share(self.plan.delta_credit_bytes, total, n),
+            shared=ident in self.segments,
         )  # fmt: skip
         self.peers[ident] = Peer(n, f"{head.get('host', '?')}:{head.get('pid', '?')}",
                                   time.monotonic())  # fmt: skip
@@ -165,6 +173,8 @@ class WorkerPool(Calibrating):
     def lose(self, ident: bytes, how: str, detail: str) -> None:
         peer = self.peers[ident]
         peer.gone = how
+        if how != "stalled" and ident in self.segments:  # (a stalled one may come back)
+            self.segments.pop(ident).close()
         for end in self.ends.values():
             end.waiting.discard(ident)
         what = (f"worker {peer.index} ({peer.name}) {how} ({detail}): frames it had not sent "
@@ -195,12 +205,12 @@ class WorkerPool(Calibrating):
                 ident, *parts = self.link.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            ident = bytes(ident.bytes)
             try:
-                kind, head, arrays, raw = unpack(parts)
+                kind, head, arrays, raw = unpack(parts, self.segments.get(ident))
             except LinkError as err:
                 self.engine.counters.reject(DecodeError("bad_link_message", str(err)))
                 continue
-            ident = bytes(ident.bytes)
             peer = self.peers.get(ident)
             if kind == "hello":
                 if head.get("version") != LINK_VERSION:
@@ -380,5 +390,7 @@ class WorkerPool(Calibrating):
                 p.join(1.0)
         self.link.close(linger=0)
         release_context(self.ctx)
+        for seg in self.segments.values():
+            seg.close()
         for line in self.engine.stage_lines():
             log.info("%s", line)

@@ -44,7 +44,8 @@ def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity
                      role="the worker link", max_message_bytes=LINK_MAX_BYTES, curve=curve,
                      linger_s=5.0, identity=identity)  # fmt: skip
     link.send_multipart(pack("hello", {"host": socket.gethostname(), "pid": os.getpid(),
-                                       "version": LINK_VERSION}))  # fmt: skip
+                                       "version": LINK_VERSION,
+                                       "segments": memory_reserve.shared_names()}))  # fmt: skip
     if not link.poll(int(timeout_s * 1000)):
         link.close(linger=0)
         raise TimeoutError(f"no coordinator answered at {link_endpoint} in {timeout_s:.0f} s")
@@ -56,15 +57,17 @@ def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity
 
 def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | None = None,
           data_curve: CurveKeys | None = None, identity: bytes | None = None,
-          join_timeout_s: float = 30.0, budget_bytes: int | None = None) -> int:  # fmt: skip
+          join_timeout_s: float = 30.0, budget_bytes: int | None = None,
+          shared: bool = False) -> int:  # fmt: skip
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
     another name); `data_curve`: keys for a CURVE detector link (native streams);
     `budget_bytes`: the memory one series may use here (None: `stream.budget`'s default;
-    a local worker gets its run's)."""
+    a local worker gets its run's); `shared`: its deltas in memory the coordinator maps (a
+    local worker: `shared_segments`)."""
     with contextlib.suppress(BudgetError):  # (a bad budget is reported once it has joined)
         if 2 * KEPT_BYTES <= memory_budget_bytes(budget_bytes) // 2:  # as one process prepares
-            memory_reserve.prepare_kept(KEPT_BYTES)  # its series' row blocks and delta copies
+            memory_reserve.prepare_kept(KEPT_BYTES, shared=shared)  # row blocks, delta copies
     freeze_startup_objects()  # before it joins: the coordinator waits for joined workers
     ctx = zmq.Context()
     try:
@@ -73,6 +76,10 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
         log.error("worker: %s", err)
         ctx.destroy(linger=0)
         return 1
+    finally:
+        memory_reserve.unlink_shared()  # (the coordinator mapped them when it took the hello)
+    if not config.shared:  # (it did not map them: this worker's deltas go over the link)
+        memory_reserve.unshare()
     wire = protocol(config.protocol)
     data = SubscriberSettings(endpoint=endpoint or config.endpoint,
                               socket_type=config.socket_type, rcvhwm=config.rcvhwm,
@@ -103,4 +110,4 @@ def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int
     memory budget (`budget_bytes`: `run --memory-budget` or its default)."""
     logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
     raise SystemExit(serve(link, identity=identity, data_curve=data_curve,
-                           budget_bytes=budget_bytes))  # fmt: skip
+                           budget_bytes=budget_bytes, shared=True))  # fmt: skip

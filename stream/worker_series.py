@@ -6,7 +6,9 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import numpy as np
 import zmq
 
 from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
@@ -19,6 +21,30 @@ from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.worker_link import pack
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergedMark:
+    """Done once the coordinator has merged every delta byte sent up to `sent` (the
+    worker's `LinkInbox`, kept current by its reads): a shared delta's buffers are free."""
+
+    inbox: Any
+    sent: int
+
+    @property
+    def done(self) -> bool:
+        return self.inbox.merged >= self.sent
+
+
+@dataclass(frozen=True)
+class AllDone:
+    """Done when every mark (a `zmq.MessageTracker`, a `MergedMark` or None) is."""
+
+    marks: tuple
+
+    @property
+    def done(self) -> bool:
+        return all(m is None or m.done for m in self.marks)
 
 
 class WorkerSeries:
@@ -35,9 +61,10 @@ class WorkerSeries:
         self.frames = 0  # frames received
         self.ending = False  # ended before its calibration came
         self.lost_reported = 0  # frames its row block found no row for, reported so far
-        self.delta_out: dict | None = None  # buffers its deltas are taken into, reused ...
-        self.delta_sending: zmq.MessageTracker | None = None  # ... once zmq has sent them
-        self.delta_reused = False  # the last delta taken is in `delta_out`
+        self.delta_out: dict | None = None  # buffers its deltas are taken into, two halves
+        self.delta_busy: list = [None, None]  # each half's last delta: sent / merged yet?
+        self.delta_halves: tuple[int, ...] = ()  # the halves the last delta is in (): new arrays
+        self.delta_segment: int | None = None  # `delta_out`'s shared segment (a local worker)
 
     def offers(self, batches: list, n: int, counters: StreamCounters) -> list[list]:
         """The link messages offering frames the coordinator may calibrate on: the series'
@@ -57,32 +84,58 @@ class WorkerSeries:
         return out
 
     def take_delta(self) -> StateDelta:
-        """Its growth since the last delta (`DeltaTaker.take`): into its reused buffers when
-        zmq has sent the last delta taken into them (`send_delta`), else into new arrays."""
-        self.delta_reused = self.delta_sending is None or self.delta_sending.done
-        if self.delta_reused and self.delta_out is None:
+        """Its growth since the last delta (`DeltaTaker.take`) into its reused buffers: into
+        a half that its last delta has left (sent by ZeroMQ, or merged by the coordinator from
+        shared memory: `send_delta`), so that one delta can be taken while the last is still
+        read; into both when it needs more rows and both are free; else into new arrays."""
+        if self.delta_out is None:
             layout = self.taker.buffers_layout()
             kept = memory_reserve.take_kept(AccumulatorState.block_bytes(layout))
             self.delta_out = self.taker.buffers(kept)
-        return self.taker.take(self.delta_out if self.delta_reused else None)
+            where = None if kept is None else memory_reserve.locate(kept)
+            self.delta_segment = None if where is None else where[0]
+        half = len(self.delta_out["totals"]) // 2
+        free = [k for k in (0, 1) if AllDone((self.delta_busy[k],)).done]
+        if self.proc.acc.rows.used <= half and free:
+            self.delta_halves = (free[0],)
+        else:
+            self.delta_halves = (0, 1) if len(free) == 2 else ()
+        if not self.delta_halves:
+            return self.taker.take(None)
+        start = self.delta_halves[0] * half
+        return self.taker.take({name: a[start:] for name, a in self.delta_out.items()})
 
-    def send_delta(self, link: zmq.Socket, parts: list) -> None:
-        """Send the delta just taken, without copying it; the buffers stay busy while zmq
-        holds any of its parts."""
-        if not self.delta_reused:
+    def locate(self, a: np.ndarray) -> tuple[int, int] | None:
+        """Where `a` lies in the shared segment of the delta buffers (`worker_link.pack`);
+        None elsewhere (a delta's other arrays are sent: the row block's memory, shared too,
+        is written again before the coordinator reads)."""
+        where = memory_reserve.locate(a) if self.delta_segment is not None else None
+        return where if where is not None and where[0] == self.delta_segment else None
+
+    def send_delta(self, link: zmq.Socket, parts: list, merged: MergedMark | None = None) -> None:
+        """Send the delta just taken, without copying it; the halves it is in stay busy while
+        zmq holds any of its parts, or, in shared memory (its message names them: `locate`),
+        until the coordinator has merged it (`merged`)."""
+        if not self.delta_halves:
             link.send_multipart(parts, copy=False)
             return
-        frames = [zmq.Frame(p, copy=False, track=True) for p in parts]
-        self.delta_sending = zmq.MessageTracker(*frames)  # (before: a send may fail midway)
-        link.send_multipart(frames, copy=False)
+        if self.delta_segment is not None:
+            frames, mark = parts, merged  # (the header and the small arrays are sent)
+        else:
+            frames = [zmq.Frame(p, copy=False, track=True) for p in parts]
+            mark = zmq.MessageTracker(*frames)
+        for k in self.delta_halves:  # (before the send: a send may fail midway)
+            self.delta_busy[k] = mark
+        link.send_multipart(frames, copy=self.delta_segment is not None)
 
     def release(self) -> None:
         """The series is dropped: its memory kept for the next (`memory_reserve.give_back`),
-        the delta buffers once ZeroMQ has sent from them."""
+        the delta buffers once ZeroMQ has sent from them and the coordinator merged them."""
         if self.proc is not None and self.proc.acc is not None:
             memory_reserve.give_back(self.proc.acc.state.totals)
         if self.delta_out is not None:
-            memory_reserve.give_back(self.delta_out["totals"], busy=self.delta_sending)
+            memory_reserve.give_back(self.delta_out["totals"],
+                                     busy=AllDone(tuple(self.delta_busy)))  # fmt: skip
         self.proc = self.taker = self.delta_out = None
 
     def free_rows(self) -> int:

@@ -1,7 +1,13 @@
 """A worker's recycled rows (`stream.tcbf.row_block`): a block of rows smaller than the scan
 gives exactly the deltas of a state with a row per position; a frame that finds no row is left
-unclaimed and counted, never folded elsewhere; batches are cut to the rows free."""
+unclaimed and counted, never folded elsewhere; batches are cut to the rows free.
 
+Its deltas' buffers: reused only once ZeroMQ has let go of, or (a local worker's, in memory
+shared with its coordinator: `stream.shared_segments`) the coordinator has merged, the delta
+in them; the coordinator reads exactly what was taken, read-only, only from the worker's own
+segments; without room in /dev/shm the deltas go over the link."""
+
+import os
 import tracemalloc
 from dataclasses import replace
 
@@ -12,13 +18,14 @@ import zmq
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch
 from tcbf_live.detectors.compression import compress_bslz4
 from tcbf_live.simulators import Simulator, tutorial_config
-from tcbf_live.stream import memory_reserve
+from tcbf_live.stream import memory_reserve, shared_segments
 from tcbf_live.stream.budget import BudgetExceeded
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
+from tcbf_live.stream.shared_segments import PeerSegments, SegmentError
 from tcbf_live.stream.tcbf.deltas import DeltaTaker
 from tcbf_live.stream.tcbf.row_block import MIN_ROWS, RowBlock
-from tcbf_live.stream.worker_link import delta_from, delta_message, unpack
-from tcbf_live.stream.worker_series import WorkerSeries, fitting
+from tcbf_live.stream.worker_link import LinkError, delta_from, delta_message, pack, unpack
+from tcbf_live.stream.worker_series import MergedMark, WorkerSeries, fitting
 
 ROWS = 40  # of a 12x16 scan's 192 positions
 
@@ -180,17 +187,17 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
             sent.append({n: v.copy() for n, v in delta.values.items()})
             reused = np.shares_memory(delta.values["stack"], s.delta_out["stack"])
             assert reused == (k != 1), k  # the first delta is still unread at the second
-            s.send_delta(link, delta_message(1, 0, delta, False))
+            s.send_delta(link, delta_message(1, 0, delta, False), None)
             if k == 1:
                 for values in sent[:2]:
                     got = delta_from(unpack(peer.recv_multipart(copy=False))[2])
                     for name, want in values.items():
                         np.testing.assert_array_equal(got.values[name], want, err_msg=name)
                 del got
-                s.delta_sending.wait(5.0)
+                s.delta_busy[0].wait(5.0)
         assert sent[2]["hits"].sum() == ROWS
         block, buffers = s.proc.acc.state.stack, s.delta_out["stack"]
-        tracker = s.delta_sending
+        tracker = s.delta_busy[0]
         s.release()  # dropped with its last delta unread: that memory is not lent yet
         assert [np.shares_memory(block, b) for b in memory_reserve._kept] == [True]
         assert [np.shares_memory(buffers, b) for b, *_ in memory_reserve._pending] == [True]
@@ -208,3 +215,144 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
         peer.close(linger=0)
         link.close(linger=0)
         ctx.term()
+
+
+@pytest.fixture
+def clean():
+    yield
+    memory_reserve.unlink_shared()
+    memory_reserve.unshare()
+    for pool in (memory_reserve._kept, memory_reserve._lent, memory_reserve._pending):
+        pool.clear()
+
+
+class Inbox:  # what `MergedMark` reads of a worker's `LinkInbox`
+    merged = 0
+
+
+def worker_series(info, settings) -> WorkerSeries:
+    s = WorkerSeries(info, gen=0)
+    s.proc = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
+    s.taker = DeltaTaker(s.proc.acc.state, s.proc.acc.rows)
+    return s
+
+
+def pair(ctx):
+    peer, link = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    peer.bind("inproc://deltas")
+    link.connect("inproc://deltas")
+    return peer, link
+
+
+def test_deltas_in_shared_memory_are_read_in_place_and_kept_until_merged(series, clean):
+    """The coordinator maps the segments its worker names (and unlinks them), reads each delta
+    where the worker took it, read-only; the message carries only the small arrays. Deltas of
+    at most half the block alternate between the halves of the buffers; with both halves
+    unmerged the next goes to new arrays (sent whole); a merged answer frees them."""
+    info, frames, blobs, settings = series
+    memory_reserve.prepare_kept(8 << 20, shared=True)
+    names = memory_reserve.shared_names()
+    assert len(names) == 2 and all((shared_segments.SHM_DIR / n).exists() for n in names)
+    segments = PeerSegments.open(names, os.getpid())
+    assert not any((shared_segments.SHM_DIR / n).exists() for n in names)  # unlinked at once
+    inbox, sent, half = Inbox(), 0, ROWS // 2
+    s = worker_series(info, settings)
+    ctx = zmq.Context()
+    peer, link = pair(ctx)
+    try:
+        taken, halves = [], []
+        for k in range(4):
+            idx = range(k * half, (k + 1) * half)
+            s.proc.add_many(batches(frames, blobs, idx, False))
+            delta = s.take_delta()
+            taken.append({n: v.copy() for n, v in delta.values.items()})
+            halves.append(s.delta_halves)
+            sent += sum(a.nbytes for a in delta.values.values())
+            parts = delta_message(1, 0, delta, False, sent, s.locate)
+            s.send_delta(link, parts, MergedMark(inbox, sent))
+            got_parts = peer.recv_multipart(copy=False)
+            got = delta_from(unpack(got_parts, segments)[2])
+            carried = sum(memoryview(p).nbytes for p in got_parts)
+            for name, want in taken[k].items():
+                np.testing.assert_array_equal(got.values[name], want, err_msg=name)
+            if k != 2:  # in shared memory: described, not carried; the coordinator reads it
+                assert carried < delta.values["stack"].nbytes / 4, carried
+                assert not got.values["stack"].flags.writeable
+            else:  # both halves unmerged: new arrays, carried whole
+                assert carried > delta.values["stack"].nbytes
+            del got
+            if k == 2:
+                inbox.merged = sent  # the coordinator has merged all of them
+        assert halves == [(0,), (1,), (), (0,)]
+        assert segments.bytes_read > 0
+        with pytest.raises(LinkError, match="shares none"):  # the same message from elsewhere
+            unpack(delta_message(1, 0, s.take_delta(), False, sent, s.locate))
+    finally:
+        segments.close()
+        peer.close(linger=0)
+        link.close(linger=0)
+        ctx.term()
+
+
+def test_deltas_over_the_link_use_the_halves_while_zmq_holds_the_last(series, clean):
+    """Without shared memory a half is free once ZeroMQ has let go of the delta in it."""
+    info, frames, blobs, settings = series
+    memory_reserve.prepare_kept(8 << 20)
+    s = worker_series(info, settings)
+    ctx = zmq.Context()
+    peer, link = pair(ctx)
+    try:
+        halves, taken = [], []
+        for k in range(3):
+            s.proc.add_many(batches(frames, blobs, range(k * 10, (k + 1) * 10), False))
+            delta = s.take_delta()
+            taken.append({n: v.copy() for n, v in delta.values.items()})
+            halves.append(s.delta_halves)
+            s.send_delta(link, delta_message(1, 0, delta, False), None)
+        assert halves == [(0,), (1,), ()]  # nothing read yet: the third into new arrays
+        for want in taken:
+            got = delta_from(unpack(peer.recv_multipart(copy=False))[2])
+            for name, a in want.items():
+                np.testing.assert_array_equal(got.values[name], a, err_msg=name)
+            del got
+        for mark in s.delta_busy:
+            mark.wait(5.0)
+        s.proc.add_many(batches(frames, blobs, range(30, 40), False))
+        s.take_delta()
+        assert s.delta_halves == (0,)
+    finally:
+        peer.close(linger=0)
+        link.close(linger=0)
+        ctx.term()
+
+
+def test_a_coordinator_maps_only_its_workers_own_segments(clean):
+    """Names of another process, of other files or too many are refused; a delta's array
+    outside a segment is a bad link message."""
+    memory_reserve.prepare_kept(1 << 20, count=1, shared=True)
+    names = memory_reserve.shared_names()
+    for bad, pid in ((names, os.getpid() + 1), (["../etc/passwd"], os.getpid()),
+                     ("tcbf-live-1-0", 1), ([names[0]] * 9, os.getpid())):  # fmt: skip
+        with pytest.raises(SegmentError):
+            PeerSegments.open(bad, pid)
+    segments = PeerSegments.open(names, os.getpid())
+    try:
+        a = memory_reserve._kept[0][:64].view(np.float32)
+        for where in ((0, (1 << 20) - 8), (1, 0), (0, -8), (0, 4)):  # beyond, none, <0, odd
+            head = pack("delta", {}, {"stack": a}, locate=lambda v, w=where: w)
+            with pytest.raises(LinkError):
+                unpack(head, segments)
+        got = unpack(pack("x", {}, {"stack": a}, locate=memory_reserve.locate), segments)[2]
+        assert got["stack"].shape == (16,)
+    finally:
+        segments.close()
+
+
+def test_without_room_in_dev_shm_the_kept_memory_is_the_workers_own(monkeypatch, clean):
+    def full(nbytes, number):
+        raise SegmentError("/dev/shm has 3 MiB free")
+
+    monkeypatch.setattr(shared_segments, "create", full)
+    memory_reserve.prepare_kept(1 << 20, shared=True)
+    assert len(memory_reserve._kept) == 2 and memory_reserve.shared_names() == []
+    assert memory_reserve.locate(memory_reserve._kept[0]) is None

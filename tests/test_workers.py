@@ -110,6 +110,8 @@ def test_one_and_two_workers_give_what_one_process_gives(sim, name):
         assert not eng.lost and not eng.counters.rejected
         folded = [p.frames for p in eng.receiver.peers.values()]
         assert sum(folded) == PASSES * sim.n_frames and all(folded), folded
+        read = [seg.bytes_read for seg in eng.receiver.segments.values()]  # (local workers)
+        assert len(read) == n and all(read), read  # their deltas were read in shared memory
 
 
 @pytest.mark.parametrize("name", ["native", "dectris-v2"])

@@ -1,0 +1,129 @@
+"""Memory a local worker shares with its coordinator, so that a delta travels as offsets.
+
+A worker's delta is the stack rows it folded since the last one (about 5 KiB per 96x96 frame,
+more than the compressed frame). Sent over the worker link, every byte crosses the loopback
+TCP stack twice (the worker's ZeroMQ I/O thread, the coordinator's); on 2 cores the
+coordinator's link I/O thread alone took a fifth of a core (docs/engine.md). A local worker
+(`run --workers N`, spawned on the coordinator's host) instead takes its deltas into
+*segments*: files in /dev/shm it creates at start, mapped by both processes. Its delta message
+then names a segment and an offset for each large array (`worker_link.pack(locate=)`); the
+coordinator merges straight from its read-only mapping and answers "merged" as before, and the
+worker takes its next delta into that memory only once that answer has come
+(`worker_series.MergedMark`), so nothing is overwritten while it is read.
+
+Life of a segment: the worker creates it (mode 0600, exclusive, its space reserved with
+`posix_fallocate`, so a full /dev/shm fails here, not with SIGBUS on a later write) and names
+it in its "hello"; the coordinator maps it read-only, checks its owner and size, and unlinks it
+at once; from then on only the two mappings keep it, and it goes with the processes. A worker
+unlinks its own at exit too (a coordinator that never mapped them). Workers on other hosts,
+and local ones where /dev/shm cannot hold the segments, send their deltas' bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "tcbf-live"
+MAX_SEGMENTS = 8  # a worker names at most this many (it creates KEPT_BUFFERS)
+SPARE_BYTES = 64 << 20  # left free in /dev/shm for everyone else
+
+
+class SegmentError(OSError):
+    """A segment that cannot be created or mapped (the link falls back to sending bytes)."""
+
+
+def create(nbytes: int, number: int) -> tuple[str, np.ndarray]:
+    """A new segment of `nbytes` (its name, a writable uint8 array over it, all zero: the
+    pages are touched, as `memory_reserve.prepare_kept` wants them); SegmentError when
+    /dev/shm lacks the room or cannot be written."""
+    name = f"{PREFIX}-{os.getpid()}-{number}"
+    path = SHM_DIR / name
+    try:
+        st = os.statvfs(SHM_DIR)
+        if st.f_bavail * st.f_frsize < nbytes + SPARE_BYTES:
+            raise SegmentError(f"{SHM_DIR} has {st.f_bavail * st.f_frsize >> 20} MiB free")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        raise SegmentError(f"cannot create {path}: {err}") from None
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # (ENOSPC now, never SIGBUS on a write)
+        buf = np.frombuffer(mmap.mmap(fd, nbytes), np.uint8)
+    except (OSError, ValueError) as err:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise SegmentError(f"cannot map {path}: {err}") from None
+    finally:
+        os.close(fd)
+    buf.fill(0)  # (touched: the first write's page faults now, not during the scan)
+    return name, buf
+
+
+def unlink(names: list[str]) -> None:
+    """Remove the named segments' files (mappings stay valid); gone already is fine."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(SHM_DIR / name)
+
+
+class PeerSegments:
+    """The coordinator's read-only views of one local worker's segments."""
+
+    def __init__(self, views: list[memoryview], maps: list[mmap.mmap]):
+        self.views, self._maps = views, maps
+        self.bytes_read = 0  # the arrays read from them so far (`view`)
+
+    @classmethod
+    def open(cls, names: object, pid: object) -> PeerSegments:
+        """Map the segments worker process `pid` named in its hello, then unlink them; only
+        names of that process's own segments (`PREFIX-pid-k`), files of this user.
+        SegmentError for anything else."""
+        if (not isinstance(names, list) or len(names) > MAX_SEGMENTS or type(pid) is not int
+                or not all(isinstance(n, str) and re.fullmatch(rf"{PREFIX}-{pid}-\d{{1,3}}", n)
+                           for n in names)):  # fmt: skip
+            raise SegmentError(f"not segments of worker process {pid!r}: {names!r:.120}")
+        views, maps = [], []
+        try:
+            for name in names:
+                fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    st = os.fstat(fd)
+                    if st.st_uid != os.getuid() or st.st_size <= 0:
+                        raise SegmentError(f"{name}: not a segment of this user")
+                    maps.append(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+                finally:
+                    os.close(fd)
+                views.append(memoryview(maps[-1]))
+        except OSError as err:
+            cls(views, maps).close()
+            raise SegmentError(f"cannot map a worker's segment: {err}") from None
+        finally:
+            unlink(names)
+        return cls(views, maps)
+
+    def view(self, number: object, offset: object, nbytes: int) -> memoryview:
+        """`nbytes` of segment `number` from `offset` (ValueError when outside it)."""
+        if type(number) is not int or type(offset) is not int or not (
+                0 <= number < len(self.views)):  # fmt: skip
+            raise ValueError(f"no segment {number!r}")
+        seg = self.views[number]
+        if offset < 0 or offset % 8 or offset + nbytes > seg.nbytes:
+            raise ValueError(f"{nbytes} bytes at {offset} outside segment {number}")
+        self.bytes_read += nbytes
+        return seg[offset : offset + nbytes]
+
+    def close(self) -> None:
+        """Drop the mappings (a view still held elsewhere keeps its mapping alive)."""
+        for v in self.views:
+            with contextlib.suppress(BufferError):
+                v.release()
+        for m in self._maps:
+            with contextlib.suppress(BufferError):
+                m.close()
+        self.views, self._maps = [], []
