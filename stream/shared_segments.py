@@ -107,14 +107,17 @@ class PeerSegments:
             unlink(names)
         return cls(views, maps)
 
-    def view(self, number: object, offset: object, nbytes: int) -> memoryview:
-        """`nbytes` of segment `number` from `offset` (ValueError when outside it)."""
+    def view(self, number: object, offset: object, nbytes: int, align: int = 1) -> memoryview:
+        """`nbytes` of segment `number` from `offset`, a multiple of `align` (an array's item
+        size); ValueError when outside it or misaligned."""
         if type(number) is not int or type(offset) is not int or not (
                 0 <= number < len(self.views)):  # fmt: skip
             raise ValueError(f"no segment {number!r}")
         seg = self.views[number]
-        if offset < 0 or offset % 8 or offset + nbytes > seg.nbytes:
+        if offset < 0 or offset + nbytes > seg.nbytes:
             raise ValueError(f"{nbytes} bytes at {offset} outside segment {number}")
+        if offset % align:
+            raise ValueError(f"offset {offset} is not a multiple of the item size {align}")
         self.bytes_read += nbytes
         return seg[offset : offset + nbytes]
 

@@ -94,7 +94,7 @@ def unpack(parts: list[Any], segments: PeerSegments | None = None,
             if segments is None:
                 raise LinkError(f"array {name!r} in shared memory from a peer that shares none")
             try:
-                data = segments.view(desc[3], desc[4], nbytes)
+                data = segments.view(desc[3], desc[4], nbytes, np.dtype(dtype).itemsize)
             except ValueError as err:
                 raise LinkError(f"array {name!r}: {err}") from None
         else:

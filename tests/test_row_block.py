@@ -230,9 +230,9 @@ class Inbox:  # what `MergedMark` reads of a worker's `LinkInbox`
     merged = 0
 
 
-def worker_series(info, settings) -> WorkerSeries:
+def worker_series(info, settings, rows: int = ROWS) -> WorkerSeries:
     s = WorkerSeries(info, gen=0)
-    s.proc = SeriesProcessor(info, replace(settings, row_block_rows=ROWS))
+    s.proc = SeriesProcessor(info, replace(settings, row_block_rows=rows))
     s.taker = DeltaTaker(s.proc.acc.state, s.proc.acc.rows)
     return s
 
@@ -255,8 +255,8 @@ def test_deltas_in_shared_memory_are_read_in_place_and_kept_until_merged(series,
     assert len(names) == 2 and all((shared_segments.SHM_DIR / n).exists() for n in names)
     segments = PeerSegments.open(names, os.getpid())
     assert not any((shared_segments.SHM_DIR / n).exists() for n in names)  # unlinked at once
-    inbox, sent, half = Inbox(), 0, ROWS // 2
-    s = worker_series(info, settings)
+    inbox, sent, half = Inbox(), 0, 21  # (the second half's rows start at an odd row)
+    s = worker_series(info, settings, rows=2 * half)
     ctx = zmq.Context()
     peer, link = pair(ctx)
     try:
@@ -338,7 +338,7 @@ def test_a_coordinator_maps_only_its_workers_own_segments(clean):
     segments = PeerSegments.open(names, os.getpid())
     try:
         a = memory_reserve._kept[0][:64].view(np.float32)
-        for where in ((0, (1 << 20) - 8), (1, 0), (0, -8), (0, 4)):  # beyond, none, <0, odd
+        for where in ((0, (1 << 20) - 8), (1, 0), (0, -8), (0, 2)):  # beyond, none, <0, odd
             head = pack("delta", {}, {"stack": a}, locate=lambda v, w=where: w)
             with pytest.raises(LinkError):
                 unpack(head, segments)
