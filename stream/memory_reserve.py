@@ -39,7 +39,7 @@ import numpy as np
 
 from tcbf_live.stream import pages, shared_segments
 from tcbf_live.stream.budget import format_bytes
-from tcbf_live.stream.tcbf.accumulators import ROW_FIELDS, AccumulatorState
+from tcbf_live.stream.tcbf.accumulators import ROW_FIELDS, Accumulators, AccumulatorState
 from tcbf_live.stream.tcbf.tiles import default_bins, disk_tile_counts
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,26 @@ def for_state(layout: dict[str, tuple[tuple, np.dtype]], block: int | None) -> n
     reserve (`take`), or for a worker's row block of `block` rows a kept buffer."""
     if block is None:
         return take(layout)
+    return take_kept(block_bytes(layout, block))
+
+
+def block_bytes(layout: dict[str, tuple[tuple, np.dtype]], block: int) -> int:
+    """Bytes of a worker's row block of `block` rows for a state of `layout`."""
     rows = {name: ((block, *shape[1:]) if name in ROW_FIELDS else shape, dtype)
             for name, (shape, dtype) in layout.items()}  # fmt: skip
-    return take_kept(AccumulatorState.block_bytes(rows))
+    return AccumulatorState.block_bytes(rows)
+
+
+def kept_bytes(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None,
+               rows: int = 0, least: int = 0) -> int:  # fmt: skip
+    """A worker's kept buffer for the series the flags describe (`expected_layout`): its row
+    block of `rows` rows (0: `RowBlock.capacity`), at least `least` (also when the flags do
+    not size it). A large detector's block (2,048 rows of ~120 KiB at 512x512) so comes
+    from memory written at start, shared with the coordinator, like a small one's."""
+    layout = expected_layout(metadata, bins)
+    if layout is None:
+        return least
+    return max(least, block_bytes(layout, Accumulators.block_rows(layout, rows)))
 
 
 def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS, shared: bool = False) -> float:

@@ -15,7 +15,8 @@ Life of a segment: the worker creates it (mode 0600, exclusive, its space reserv
 `posix_fallocate`, so a full /dev/shm fails here, not with SIGBUS on a later write) and names
 it in its "hello"; the coordinator maps it read-only, checks its owner and size, and unlinks it
 at once; from then on only the two mappings keep it, and it goes with the processes. A worker
-unlinks its own at exit too (a coordinator that never mapped them). Workers on other hosts,
+unlinks its own once it has joined (or failed to), and the coordinator, at its end, what is
+left of its local workers' (one killed before it joined). Workers on other hosts,
 and local ones where /dev/shm cannot hold the segments, send their deltas' bytes.
 """
 
@@ -70,6 +71,12 @@ def unlink(names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(OSError):
             os.unlink(SHM_DIR / name)
+
+
+def unlink_of(pid: int) -> None:
+    """Remove what is left of worker process `pid`'s segments (one that died before its
+    coordinator mapped them: nothing else would)."""
+    unlink([p.name for p in SHM_DIR.glob(f"{PREFIX}-{int(pid)}-*")])
 
 
 class PeerSegments:

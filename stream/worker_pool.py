@@ -25,8 +25,8 @@ import zmq
 from tcbf_live.detectors.base import DecodeError, Event, SeriesEnd, SeriesStart
 from tcbf_live.detectors.registry import DecoderOptions, protocol
 from tcbf_live.detectors.routing import starts_first
+from tcbf_live.stream import memory_reserve, shared_segments
 from tcbf_live.stream.receiver import StreamCounters, decode_counted
-from tcbf_live.stream.shared_segments import PeerSegments, SegmentError
 from tcbf_live.stream.transport import open_link, release_context
 from tcbf_live.stream.worker_calibration import CAL_WAIT_S, Calibrating
 from tcbf_live.stream.worker_link import (
@@ -41,7 +41,7 @@ from tcbf_live.stream.worker_link import (
     settings_to_dict,
     unpack,
 )
-from tcbf_live.stream.worker_process import spawned
+from tcbf_live.stream.worker_process import KEPT_BYTES, spawned
 from tcbf_live.stream.worker_series import Peer
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class WorkerPool(Calibrating):
         self.endpoint = self.link.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.decoder = self.wire.decoder(DecoderOptions(channel=settings.channel))
         self.peers: dict[bytes, Peer] = {}
-        self.segments: dict[bytes, PeerSegments] = {}  # local workers' shared memory
+        self.segments: dict[bytes, shared_segments.PeerSegments] = {}  # local workers'
         self.processes: dict[bytes, mp.Process] = {}
         self.window: list[tuple[int, float, list, bool, bool]] = []  # ts, t, parts, relay, first
         self.last_ctl = 0.0
@@ -97,13 +97,14 @@ class WorkerPool(Calibrating):
 
     # ------------------------------------------------------------------ workers
     def start_local(self) -> None:
-        spawn = mp.get_context("spawn")
+        spawn, s = mp.get_context("spawn"), self.settings.processing  # kept: sized by its flags
+        kept = memory_reserve.kept_bytes(s.metadata, s.bins, self.plan.row_block_rows, KEPT_BYTES)
         for k in range(self.plan.local):
             ident = f"w{k}".encode()
             p = spawn.Process(target=spawned, name=f"tcbf-worker-{k}", daemon=True,
                               args=(self.endpoint, ident, self.settings.subscriber.curve,
                                     logging.getLogger().getEffectiveLevel(),
-                                    self.settings.budget_bytes()))  # fmt: skip
+                                    self.settings.budget_bytes(), kept))  # fmt: skip
             p.start()
             self.processes[ident] = p
 
@@ -124,8 +125,9 @@ class WorkerPool(Calibrating):
         local = ident in self.processes
         if local and head.get("segments"):  # its deltas are read where it takes them
             try:
-                self.segments[ident] = PeerSegments.open(head["segments"], head.get("pid"))
-            except SegmentError as err:
+                seg = shared_segments.PeerSegments.open(head["segments"], head.get("pid"))
+                self.segments[ident] = seg
+            except shared_segments.SegmentError as err:
                 log.warning("worker %s sends its deltas over the link: %s", ident, err)
         n = int(ident[1:]) if local else self.plan.local + sum(
             1 for i in self.peers if i not in self.processes)  # fmt: skip
@@ -388,6 +390,7 @@ class WorkerPool(Calibrating):
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
+            shared_segments.unlink_of(p.pid)  # (a worker killed before it joined)
         self.link.close(linger=0)
         release_context(self.ctx)
         for seg in self.segments.values():

@@ -217,3 +217,19 @@ def test_a_series_whose_build_fails_gives_its_kept_buffer_back(sim, monkeypatch)
     monkeypatch.undo()
     proc = SeriesProcessor(sim.series_info(1), settings)
     assert np.shares_memory(proc.acc.state.stack, kept)
+
+
+def test_a_workers_kept_buffer_is_sized_for_the_series_its_flags_describe(sim):
+    """`run --workers` sizes its workers' kept buffers for the series its flags describe
+    (`kept_bytes`: a large detector's block is larger than the default): the series' block
+    fits the buffer, which is not much larger; without the flags, the least given."""
+    info = sim.series_info(1)
+    nbytes = memory_reserve.kept_bytes(flags(info), rows=40)
+    memory_reserve.prepare_kept(nbytes, count=1)
+    kept = memory_reserve._kept[0]
+    settings = ProcessingSettings(calibration=fed(sim).calibration, row_block_rows=40)
+    proc = SeriesProcessor(info, settings)
+    assert np.shares_memory(proc.acc.state.stack, kept)
+    (buf, asked), = memory_reserve._lent.values()
+    assert buf is kept and asked <= nbytes < 1.3 * asked, (asked, nbytes)
+    assert memory_reserve.kept_bytes({"scan_shape": (8, 8)}, least=5) == 5

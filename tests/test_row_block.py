@@ -356,3 +356,13 @@ def test_without_room_in_dev_shm_the_kept_memory_is_the_workers_own(monkeypatch,
     memory_reserve.prepare_kept(1 << 20, shared=True)
     assert len(memory_reserve._kept) == 2 and memory_reserve.shared_names() == []
     assert memory_reserve.locate(memory_reserve._kept[0]) is None
+
+
+def test_the_segments_of_a_worker_that_never_joined_are_removed(clean):
+    """A worker killed before its coordinator mapped (and unlinked) its segments leaves files
+    in /dev/shm: the coordinator removes them at its end (`WorkerPool.close`)."""
+    memory_reserve.prepare_kept(1 << 20, shared=True)
+    files = [shared_segments.SHM_DIR / n for n in memory_reserve.shared_names()]
+    assert len(files) == 2 and all(f.exists() for f in files)
+    shared_segments.unlink_of(os.getpid())
+    assert not any(f.exists() for f in files)

@@ -743,7 +743,7 @@ def test_local_workers_take_the_runs_memory_budget(monkeypatch):
         def Process(self, target, name, daemon, args):  # noqa: N802 (multiprocessing's name)
             started.append((target, args))
             return type("P", (), {"start": lambda self: None, "join": lambda self, t: None,
-                                  "is_alive": lambda self: False})()  # fmt: skip
+                                  "is_alive": lambda self: False, "pid": 1 << 30})()  # fmt: skip
 
     monkeypatch.setattr(worker_pool.mp, "get_context", lambda how: Spawn())
     link = f"tcp://127.0.0.1:{_free_port()}"
@@ -754,7 +754,8 @@ def test_local_workers_take_the_runs_memory_budget(monkeypatch):
         pool.start_local()
     finally:
         pool.close()
-    assert [(t, a[-1]) for t, a in started] == [(worker_process.spawned, 300 << 20)] * 2
+    want = (worker_process.spawned, 300 << 20, worker_process.KEPT_BYTES)  # (no flags: least)
+    assert [(t, *a[-2:]) for t, a in started] == [want] * 2
     nobody, least = f"tcp://127.0.0.1:{_free_port()}", 4 * worker_process.KEPT_BYTES
     try:
         for budget, kept in ((least - 1, 0), (least, 2)):
