@@ -52,7 +52,7 @@ KEPT_BUFFERS = 2  # a worker's: a row block and a delta's copy of it
 _kept: list[np.ndarray] = []  # all zero, touched, not lent
 _lent: dict[int, tuple[np.ndarray, int]] = {}  # id -> a kept buffer lent, the bytes asked for
 _pending: list[tuple[np.ndarray, int, Any]] = []  # given back while still sent or read from
-_shared: list[tuple[str, np.ndarray]] = []  # kept buffers in shared memory: segment name, buffer
+_shared: list[tuple[str, np.ndarray | None]] = []  # shared kept buffers: name, buffer (None: freed)
 
 
 def expected_layout(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None
@@ -190,10 +190,17 @@ def locate(a: np.ndarray) -> tuple[int, int] | None:
         return None
     start = a.__array_interface__["data"][0]
     for k, (_, buf) in enumerate(_shared):
+        if buf is None:
+            continue
         base = buf.__array_interface__["data"][0]
         if base <= start and start + a.nbytes <= base + buf.nbytes:
             return k, start - base
     return None
+
+
+def unshared() -> list[int]:
+    """The shared segments this process has freed (a worker's beat tells its coordinator)."""
+    return [k for k, (_, buf) in enumerate(_shared) if buf is None]
 
 
 def unshare() -> None:
@@ -217,9 +224,11 @@ def take_kept(nbytes: int) -> np.ndarray | None:
         _kept.append(free[0])
     fits = [b for b in _kept if b.nbytes >= nbytes]
     if not fits:
-        own = [b for b in _kept if locate(b) is None]  # (a segment stays: it is mapped twice)
-        if own:
-            _kept.remove(min(own, key=lambda b: b.nbytes))
+        if _kept:
+            small = min(_kept, key=lambda b: b.nbytes)
+            _kept.remove(small)
+            if (where := locate(small)) is not None:  # the coordinator unmaps it too (`unshared`)
+                _shared[where[0]] = (_shared[where[0]][0], None)
         return None
     buf = min(fits, key=lambda b: b.nbytes)
     _kept.remove(buf)

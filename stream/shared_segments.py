@@ -23,12 +23,16 @@ and local ones where /dev/shm cannot hold the segments, send their deltas' bytes
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "tcbf-live"
@@ -73,6 +77,23 @@ def unlink(names: list[str]) -> None:
             os.unlink(SHM_DIR / name)
 
 
+def mapped(hello: dict, pid: int | None, old: PeerSegments | None) -> PeerSegments | None:
+    """The segments a worker's hello names, mapped, where it is the local process `pid` the
+    coordinator spawned under that name (None: another host's); None where there are none or
+    they cannot be mapped (logged): its deltas come over the link. `old`: the segments of an
+    earlier worker under the same name, closed now (kept until then: a worker that died may
+    have deltas still queued)."""
+    if old is not None:
+        old.close()
+    if pid is None or not hello.get("segments"):
+        return None
+    try:
+        return PeerSegments.open(hello["segments"], pid)
+    except SegmentError as err:
+        log.warning("worker process %d sends its deltas over the link: %s", pid, err)
+        return None
+
+
 def unlink_of(pid: int) -> None:
     """Remove what is left of worker process `pid`'s segments (one that died before its
     coordinator mapped them: nothing else would)."""
@@ -98,10 +119,11 @@ class PeerSegments:
         views, maps = [], []
         try:
             for name in names:
-                fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 try:
                     st = os.fstat(fd)
-                    if st.st_uid != os.getuid() or st.st_size <= 0:
+                    if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                            or st.st_size <= 0):  # fmt: skip
                         raise SegmentError(f"{name}: not a segment of this user")
                     maps.append(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
                 finally:
@@ -118,7 +140,7 @@ class PeerSegments:
         """`nbytes` of segment `number` from `offset`, a multiple of `align` (an array's item
         size); ValueError when outside it or misaligned."""
         if type(number) is not int or type(offset) is not int or not (
-                0 <= number < len(self.views)):  # fmt: skip
+                0 <= number < len(self.views)) or self.views[number] is None:  # fmt: skip
             raise ValueError(f"no segment {number!r}")
         seg = self.views[number]
         if offset < 0 or offset + nbytes > seg.nbytes:
@@ -128,12 +150,17 @@ class PeerSegments:
         self.bytes_read += nbytes
         return seg[offset : offset + nbytes]
 
+    def drop(self, numbers: object) -> None:
+        """Unmap the segments the worker freed (`memory_reserve.unshared`: a series whose
+        block they could not hold), so that their memory goes once the worker's goes too."""
+        for k in numbers if isinstance(numbers, list) else ():
+            if type(k) is int and 0 <= k < len(self.views) and self.views[k] is not None:
+                with contextlib.suppress(BufferError):
+                    self.views[k].release()
+                    self._maps[k].close()
+                self.views[k] = None
+
     def close(self) -> None:
         """Drop the mappings (a view still held elsewhere keeps its mapping alive)."""
-        for v in self.views:
-            with contextlib.suppress(BufferError):
-                v.release()
-        for m in self._maps:
-            with contextlib.suppress(BufferError):
-                m.close()
+        self.drop(list(range(len(self.views))))
         self.views, self._maps = [], []

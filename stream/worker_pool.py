@@ -123,12 +123,9 @@ class WorkerPool(Calibrating):
         if ident in self.peers:  # a restarted worker under the same name: a new peer
             self.lose(ident, "restarted", "joined again")
         local = ident in self.processes
-        if local and head.get("segments"):  # its deltas are read where it takes them
-            try:
-                seg = shared_segments.PeerSegments.open(head["segments"], head.get("pid"))
-                self.segments[ident] = seg
-            except shared_segments.SegmentError as err:
-                log.warning("worker %s sends its deltas over the link: %s", ident, err)
+        pid = self.processes[ident].pid if local else None  # (its segments: none other's)
+        if seg := shared_segments.mapped(head, pid, self.segments.pop(ident, None)):
+            self.segments[ident] = seg
         n = int(ident[1:]) if local else self.plan.local + sum(
             1 for i in self.peers if i not in self.processes)  # fmt: skip
         s, sub = self.settings, self.settings.subscriber
@@ -175,8 +172,6 @@ class WorkerPool(Calibrating):
     def lose(self, ident: bytes, how: str, detail: str) -> None:
         peer = self.peers[ident]
         peer.gone = how
-        if how != "stalled" and ident in self.segments:  # (a stalled one may come back)
-            self.segments.pop(ident).close()
         for end in self.ends.values():
             end.waiting.discard(ident)
         what = (f"worker {peer.index} ({peer.name}) {how} ({detail}): frames it had not sent "
@@ -231,6 +226,8 @@ class WorkerPool(Calibrating):
                 self.on_message(ident, peer, kind, head, arrays, raw)
             except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
                 self.engine.counters.reject(DecodeError("bad_link_message", f"{kind}: {exc!r}"))
+            if kind == "beat" and ident in self.segments:  # segments it freed (a larger block)
+                self.segments[ident].drop(head.get("unshared"))
             if kind in ("delta", "beat", "credit") and type(head.get("sent")) is int:  # handled
                 self.tell(ident, pack("merged", {"bytes": head["sent"]}))  # (`worker_inbox`)
 

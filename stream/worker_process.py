@@ -69,6 +69,9 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
     with contextlib.suppress(BudgetError):  # (a bad budget is reported once it has joined)
         if 2 * kept_bytes <= memory_budget_bytes(budget_bytes) // 2:  # as one process prepares
             memory_reserve.prepare_kept(kept_bytes, shared=shared)  # row blocks, delta copies
+        else:  # (and so its deltas go over the link)
+            log.info("worker: no memory kept from start-up: 2 x %d MiB is over half the memory "
+                     "budget", kept_bytes >> 20)  # fmt: skip
     freeze_startup_objects()  # before it joins: the coordinator waits for joined workers
     ctx = zmq.Context()
     try:

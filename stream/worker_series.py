@@ -112,7 +112,7 @@ class WorkerSeries:
         where = memory_reserve.locate(a) if self.delta_segment is not None else None
         return where if where is not None and where[0] == self.delta_segment else None
 
-    def send_delta(self, link: zmq.Socket, parts: list, merged: MergedMark | None = None) -> None:
+    def send_delta(self, link: zmq.Socket, parts: list, merged: MergedMark | None) -> None:
         """Send the delta just taken, without copying it; the halves it is in stay busy while
         zmq holds any of its parts, or, in shared memory (its message names them: `locate`),
         until the coordinator has merged it (`merged`)."""
@@ -302,4 +302,5 @@ def beat(c: StreamCounters, cpu_s: dict, unsent: int, held_bytes: int,
     return pack("beat", {"messages": c.messages, "rejected": dict(c.rejected),
                          "frames": c.frames, "lane": c.lane, "unsent": unsent,
                          "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_s, "held": held_bytes,
-                         "waits": list(waits), "sent": sent})  # fmt: skip
+                         "waits": list(waits), "sent": sent,
+                         "unshared": memory_reserve.unshared()})  # fmt: skip

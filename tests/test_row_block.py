@@ -366,3 +366,39 @@ def test_the_segments_of_a_worker_that_never_joined_are_removed(clean):
     assert len(files) == 2 and all(f.exists() for f in files)
     shared_segments.unlink_of(os.getpid())
     assert not any(f.exists() for f in files)
+
+
+def test_a_shared_buffer_a_larger_block_frees_is_unmapped_by_the_coordinator_too(clean):
+    """A series whose block the kept buffers cannot hold frees one (`take_kept`) and allocates
+    its own, as before; a shared one is named in the worker's beats (`unshared`) and the
+    coordinator unmaps it (`PeerSegments.drop`), so its memory goes from both processes."""
+    from tcbf_live.stream.receiver import StreamCounters
+    from tcbf_live.stream.worker_series import beat
+
+    memory_reserve.prepare_kept(1 << 20, shared=True)
+    segments = PeerSegments.open(memory_reserve.shared_names(), os.getpid())
+    try:
+        assert memory_reserve.take_kept(2 << 20) is None  # (too large: one is freed)
+        assert len(memory_reserve._kept) == 1 and memory_reserve.unshared() == [0]
+        head = unpack(beat(StreamCounters(), {}, 0, 0))[1]
+        segments.drop(head["unshared"])
+        with pytest.raises(ValueError, match="no segment 0"):
+            segments.view(0, 0, 8)
+        assert segments.view(1, 0, 8).nbytes == 8
+        kept = memory_reserve.take_kept(1 << 20)
+        assert memory_reserve.locate(kept) == (1, 0)
+    finally:
+        segments.close()
+
+
+def test_a_coordinator_does_not_block_on_a_planted_fifo(clean):
+    """A name of the right form that is not a regular file of this user (here a FIFO, which a
+    blocking open would wait on forever) is refused at once."""
+    pid = 1 << 30  # (no such process)
+    fifo = shared_segments.SHM_DIR / f"tcbf-live-{pid}-0"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(SegmentError, match="not a segment"):
+            PeerSegments.open([fifo.name], pid)
+    finally:
+        fifo.unlink(missing_ok=True)
