@@ -44,16 +44,25 @@ class SegmentError(OSError):
     """A segment that cannot be created or mapped (the link falls back to sending bytes)."""
 
 
+def free_bytes() -> int:
+    """What /dev/shm can take now, less SPARE_BYTES (0 where there is none)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return max(0, st.f_bavail * st.f_frsize - SPARE_BYTES)
+
+
 def create(nbytes: int, number: int) -> tuple[str, np.ndarray]:
     """A new segment of `nbytes` (its name, a writable uint8 array over it, all zero: the
     pages are touched, as `memory_reserve.prepare_kept` wants them); SegmentError when
     /dev/shm lacks the room or cannot be written."""
     name = f"{PREFIX}-{os.getpid()}-{number}"
     path = SHM_DIR / name
+    if free_bytes() < nbytes:
+        raise SegmentError(f"{SHM_DIR} has {free_bytes() >> 20} MiB free (beyond "
+                           f"{SPARE_BYTES >> 20} MiB left for others)")
     try:
-        st = os.statvfs(SHM_DIR)
-        if st.f_bavail * st.f_frsize < nbytes + SPARE_BYTES:
-            raise SegmentError(f"{SHM_DIR} has {st.f_bavail * st.f_frsize >> 20} MiB free")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as err:
         raise SegmentError(f"cannot create {path}: {err}") from None

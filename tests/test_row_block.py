@@ -217,6 +217,10 @@ def test_a_worker_reuses_its_delta_buffers_only_once_zmq_has_sent_them(series):
         ctx.term()
 
 
+needs_shm = pytest.mark.skipif(shared_segments.free_bytes() < 64 << 20,
+                               reason="/dev/shm lacks the room (the deltas go over the link)")
+
+
 @pytest.fixture
 def clean():
     yield
@@ -244,6 +248,7 @@ def pair(ctx):
     return peer, link
 
 
+@needs_shm
 def test_deltas_in_shared_memory_are_read_in_place_and_kept_until_merged(series, clean):
     """The coordinator maps the segments its worker names (and unlinks them), reads each delta
     where the worker took it, read-only; the message carries only the small arrays. Deltas of
@@ -326,6 +331,7 @@ def test_deltas_over_the_link_use_the_halves_while_zmq_holds_the_last(series, cl
         ctx.term()
 
 
+@needs_shm
 def test_a_coordinator_maps_only_its_workers_own_segments(clean):
     """Names of another process, of other files or too many are refused; a delta's array
     outside a segment is a bad link message."""
@@ -358,6 +364,7 @@ def test_without_room_in_dev_shm_the_kept_memory_is_the_workers_own(monkeypatch,
     assert memory_reserve.locate(memory_reserve._kept[0]) is None
 
 
+@needs_shm
 def test_the_segments_of_a_worker_that_never_joined_are_removed(clean):
     """A worker killed before its coordinator mapped (and unlinked) its segments leaves files
     in /dev/shm: the coordinator removes them at its end (`WorkerPool.close`)."""
@@ -368,6 +375,7 @@ def test_the_segments_of_a_worker_that_never_joined_are_removed(clean):
     assert not any(f.exists() for f in files)
 
 
+@needs_shm
 def test_a_shared_buffer_a_larger_block_frees_is_unmapped_by_the_coordinator_too(clean):
     """A series whose block the kept buffers cannot hold frees one (`take_kept`) and allocates
     its own, as before; a shared one is named in the worker's beats (`unshared`) and the
@@ -391,6 +399,7 @@ def test_a_shared_buffer_a_larger_block_frees_is_unmapped_by_the_coordinator_too
         segments.close()
 
 
+@needs_shm
 def test_a_coordinator_does_not_block_on_a_planted_fifo(clean):
     """A name of the right form that is not a regular file of this user (here a FIFO, which a
     blocking open would wait on forever) is refused at once."""
