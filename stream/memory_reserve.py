@@ -24,7 +24,8 @@ is dropped (`give_back`, zeroed), so series after series fold into memory writte
 buffers ZeroMQ still sends from come back once it has let go (a local worker's are shared
 with the coordinator, `shared_segments`, and come back once it has merged them). A larger
 block (a large detector's `MIN_ROWS` rows) is allocated as before, and frees a kept buffer
-of the process's own memory it cannot use (a shared one stays: the coordinator maps it too).
+it cannot use (a shared one is named in the worker's beats, `unshared`, and the coordinator
+unmaps it too).
 """
 
 from __future__ import annotations
