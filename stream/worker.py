@@ -114,10 +114,8 @@ class Worker:
 
     # ------------------------------------------------------------------ detector messages
     def on_data(self, limit: int = 64) -> int:
-        """Read detector messages (the compiled lane's, then up to `limit` more), decode them,
-        then fold their frames (each stage's CPU time in `cpu_s`); the number read."""
-        t0 = time.thread_time()
-        received: list = []
+        """Read detector messages (the lane's, then up to `limit` more), decode, fold; the count."""
+        t0, received = time.thread_time(), []
         t = self.lane and self.lane.take(self.lane_series, self.config.max_message_bytes,
                                          self.counters)  # fmt: skip
         if t:
@@ -139,7 +137,10 @@ class Worker:
             self.received(parts, received)
         t1 = time.thread_time()
         frames: list[FrameBatch | CompressedFrame] = []
-        for parts in received:
+        for parts in received:  # (PUB: a control message acts here: the frames before it first)
+            if frames and self.wire.rank(parts) is not None:
+                self.fold(frames)
+                frames = []
             frames.extend(self.decode(parts, from_detector=True))
         self.cpu_s["receive"] += t1 - t0
         self.cpu_s["parse"] += time.thread_time() - t1
@@ -371,9 +372,8 @@ class Worker:
         """Counters to the coordinator (frames: folded and sent in deltas so far)."""
         process = time.process_time() - (self._process0 or 0.0)
         self.send(worker_series.beat(self.counters, {**self.cpu_s, "process": process},
-                                     self.unsent, self.backlog.bytes,
-                                     (*self.row_waits, *self.inbox.waits), self.inbox.sent),
-                  block_s)  # fmt: skip
+                                     self.unsent, self.backlog.bytes, (*self.row_waits,
+                                     *self.inbox.waits), self.inbox.sent), block_s)  # fmt: skip
 
     # ------------------------------------------------------------------ coordinator messages
     def on_link(self) -> None:

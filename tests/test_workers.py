@@ -71,7 +71,12 @@ def receive(engine_of, name: str, stream: list, socket_type: str = "pull",
                               max_series=max_series, align_interval_s=0.3,
                               compiled_lane=lane)  # fmt: skip
     eng = engine_of(settings).start()
-    time.sleep(1.0)  # every worker's detector socket connected (PUSH shares among them)
+    peers = getattr(getattr(eng, "receiver", None), "peers", None)  # (workers: the run's)
+    until = time.monotonic() + 30
+    while peers and not all(p.cpu_s for p in peers.values()) and time.monotonic() < until:
+        time.sleep(0.05)  # each worker's run loop has beaten: its detector socket is open
+    time.sleep(1.0)  # every worker's detector socket connected (PUSH shares among them; a
+    # PUB drops what a late subscriber misses: on a loaded machine a worker could start late)
     for k, m in enumerate(stream):
         sender.send_multipart(m)
         if pace_s:
