@@ -138,7 +138,7 @@ class Worker:
         t1 = time.thread_time()
         frames: list[FrameBatch | CompressedFrame] = []
         for parts in received:  # (PUB: a control message acts here: the frames before it first)
-            if frames and self.wire.rank(parts) is not None:
+            if frames and self.shared and self.wire.rank(parts) is not None:
                 self.fold(frames)
                 frames = []
             frames.extend(self.decode(parts, from_detector=True))

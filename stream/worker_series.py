@@ -95,7 +95,7 @@ class WorkerSeries:
             where = None if kept is None else memory_reserve.locate(kept)
             self.delta_segment = None if where is None else where[0]
         half = len(self.delta_out["totals"]) // 2
-        free = [k for k in (0, 1) if AllDone((self.delta_busy[k],)).done]
+        free = [k for k, mark in enumerate(self.delta_busy) if mark is None or mark.done]
         if self.proc.acc.rows.used <= half and free:
             self.delta_halves = (free[0],)
         else:
