@@ -27,13 +27,14 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from tcbf_live.stream import memory_reserve  # noqa: E402
-from tcbf_live.stream.shared_segments import PeerSegments  # noqa: E402
+from tcbf_live.stream.shared_segments import PeerSegments, owner  # noqa: E402
 from tcbf_live.stream.worker_link import pack, unpack  # noqa: E402
 from tcbf_live.stream.worker_series import AllDone, MergedMark  # noqa: E402
 
 ROWS = 4096  # rows per delta
 ROW_ITEMS = 2560  # uint16 per row: 5 KiB
 POSITIONS = 256 * 256
+TAG = "0123456789abcdef"  # the worker's segment names (`shared_segments.owner`)
 
 
 class Inbox:  # the worker's view of the coordinator's "merged" answers
@@ -42,7 +43,8 @@ class Inbox:  # the worker's view of the coordinator's "merged" answers
 
 def worker(endpoint: str, shared: bool, deltas: int) -> None:
     """Send `deltas` deltas, each into a free half of the kept buffer (else new arrays)."""
-    memory_reserve.prepare_kept(2 * ROWS * ROW_ITEMS * 2 + 4096, count=1, shared=shared)
+    memory_reserve.prepare_kept(2 * ROWS * ROW_ITEMS * 2 + 4096, count=1,
+                                shared=TAG if shared else None)  # fmt: skip
     kept = memory_reserve.take_kept(2 * ROWS * ROW_ITEMS * 2)
     halves = kept[: 2 * ROWS * ROW_ITEMS * 2].view(np.uint16).reshape(2, ROWS, ROW_ITEMS)
     source = np.random.default_rng(1).integers(0, 9, (ROWS, ROW_ITEMS), np.uint16)
@@ -91,7 +93,7 @@ def one(shared: bool, deltas: int) -> dict:
     p.start()
     ident, *parts = router.recv_multipart()
     head = unpack(parts)[1]
-    segments = PeerSegments.open(head["segments"], head["pid"]) if shared else None
+    segments = PeerSegments.open(head["segments"], owner(p.pid, TAG)) if shared else None
     state = np.zeros((POSITIONS, ROW_ITEMS), np.uint16)  # (touched: as prepared at start-up)
     router.send_multipart([ident, *pack("go")])
     t0, c0, nbytes = time.perf_counter(), time.process_time(), 0

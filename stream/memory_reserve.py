@@ -158,20 +158,20 @@ def kept_bytes(metadata: Mapping[str, Any], bins: tuple[int, ...] | None = None,
     return max(least, block_bytes(layout, Accumulators.block_rows(layout, rows)))
 
 
-def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS, shared: bool = False) -> float:
+def prepare_kept(nbytes: int, count: int = KEPT_BUFFERS, shared: str | None = None) -> float:
     """Write `count` buffers of `nbytes` now, to be lent (`take_kept`); the seconds it took.
-    `shared`: in segments the coordinator maps (`shared_segments`; a local worker's), where
-    /dev/shm has the room, else in the process's own memory (said in the log)."""
+    `shared` (a local worker's tag, `shared_segments.new_tag`): in segments the coordinator
+    maps, where /dev/shm has the room, else in the process's own memory (said in the log)."""
     t = time.perf_counter()
     while len(_kept) + len(_lent) + len(_pending) < count:
         buf = None
         if shared:
             try:
-                name, buf = shared_segments.create(int(nbytes), len(_shared))
+                name, buf = shared_segments.create(int(nbytes), len(_shared), shared)
                 _shared.append((name, buf))
             except shared_segments.SegmentError as err:
                 log.info("deltas sent over the link, not shared: %s", err)
-                shared = False
+                shared = None
         if buf is None:
             buf = np.empty(int(nbytes), np.uint8)
             buf.fill(0)

@@ -5,7 +5,9 @@ more than the compressed frame). Sent over the worker link, every byte crosses t
 TCP stack twice (the worker's ZeroMQ I/O thread, the coordinator's); on 2 cores the
 coordinator's link I/O thread alone took a fifth of a core (docs/engine.md). A local worker
 (`run --workers N`, spawned on the coordinator's host) instead takes its deltas into
-*segments*: files in /dev/shm it creates at start, mapped by both processes. Its delta message
+*segments*: files in /dev/shm it creates at start, mapped by both processes, named by its pid
+and a random tag the coordinator gave it at spawn (`owner`), so that neither a reused pid nor
+another process can pass its files off as the worker's. Its delta message
 then names a segment and an offset for each large array (`worker_link.pack(locate=)`); the
 coordinator merges straight from its read-only mapping and answers "merged" as before, and the
 worker takes its next delta into that memory only once that answer has come
@@ -27,6 +29,7 @@ import logging
 import mmap
 import os
 import re
+import secrets
 import stat
 from pathlib import Path
 
@@ -53,11 +56,23 @@ def free_bytes() -> int:
     return max(0, st.f_bavail * st.f_frsize - SPARE_BYTES)
 
 
-def create(nbytes: int, number: int) -> tuple[str, np.ndarray]:
-    """A new segment of `nbytes` (its name, a writable uint8 array over it, all zero: the
-    pages are touched, as `memory_reserve.prepare_kept` wants them); SegmentError when
-    /dev/shm lacks the room or cannot be written."""
-    name = f"{PREFIX}-{os.getpid()}-{number}"
+def new_tag() -> str:
+    """A random tag for one spawned worker's segment names (the coordinator's, at spawn)."""
+    return secrets.token_hex(8)
+
+
+def owner(pid: int, tag: str) -> str:
+    """What names the segments of worker process `pid` spawned with `tag`: `PREFIX-owner-k`."""
+    if not re.fullmatch(r"[0-9a-f]{16}", tag):
+        raise ValueError(f"not a segment tag: {tag!r:.40}")
+    return f"{int(pid)}-{tag}"
+
+
+def create(nbytes: int, number: int, tag: str) -> tuple[str, np.ndarray]:
+    """A new segment of `nbytes` of this process, spawned with `tag` (its name, a writable
+    uint8 array over it, all zero: the pages are touched, as `memory_reserve.prepare_kept` wants
+    them); SegmentError when /dev/shm lacks the room or cannot be written."""
+    name = f"{PREFIX}-{owner(os.getpid(), tag)}-{number}"
     path = SHM_DIR / name
     if free_bytes() < nbytes:
         raise SegmentError(f"{SHM_DIR} has {free_bytes() >> 20} MiB free (beyond "
@@ -86,27 +101,27 @@ def unlink(names: list[str]) -> None:
             os.unlink(SHM_DIR / name)
 
 
-def mapped(hello: dict, pid: int | None, old: PeerSegments | None) -> PeerSegments | None:
-    """The segments a worker's hello names, mapped, where it is the local process `pid` the
-    coordinator spawned under that name (None: another host's); None where there are none or
-    they cannot be mapped (logged): its deltas come over the link. `old`: the segments of an
-    earlier worker under the same name, closed now (kept until then: a worker that died may
-    have deltas still queued)."""
+def mapped(hello: dict, whose: str | None, old: PeerSegments | None) -> PeerSegments | None:
+    """The segments a worker's hello names, mapped, where it is the local process the
+    coordinator spawned under that name (`whose`: its `owner`; None: another host's); None
+    where there are none or they cannot be mapped (logged): its deltas come over the link.
+    `old`: the segments of an earlier worker under the same name, closed now (kept until then:
+    a worker that died may have deltas still queued)."""
     if old is not None:
         old.close()
-    if pid is None or not hello.get("segments"):
+    if whose is None or not hello.get("segments"):
         return None
     try:
-        return PeerSegments.open(hello["segments"], pid)
+        return PeerSegments.open(hello["segments"], whose)
     except SegmentError as err:
-        log.warning("worker process %d sends its deltas over the link: %s", pid, err)
+        log.warning("worker process %s sends its deltas over the link: %s", whose, err)
         return None
 
 
-def unlink_of(pid: int) -> None:
-    """Remove what is left of worker process `pid`'s segments (one that died before its
-    coordinator mapped them: nothing else would)."""
-    unlink([p.name for p in SHM_DIR.glob(f"{PREFIX}-{int(pid)}-*")])
+def unlink_of(whose: str) -> None:
+    """Remove what is left of the segments of the worker process `whose` (its `owner`): one
+    that died before its coordinator mapped them, which nothing else would."""
+    unlink([f"{PREFIX}-{whose}-{k}" for k in range(MAX_SEGMENTS)])
 
 
 class PeerSegments:
@@ -117,14 +132,14 @@ class PeerSegments:
         self.bytes_read = 0  # the arrays read from them so far (`view`)
 
     @classmethod
-    def open(cls, names: object, pid: object) -> PeerSegments:
-        """Map the segments worker process `pid` named in its hello, then unlink them; only
-        names of that process's own segments (`PREFIX-pid-k`), files of this user.
-        SegmentError for anything else."""
-        if (not isinstance(names, list) or len(names) > MAX_SEGMENTS or type(pid) is not int
-                or not all(isinstance(n, str) and re.fullmatch(rf"{PREFIX}-{pid}-\d{{1,3}}", n)
-                           for n in names)):  # fmt: skip
-            raise SegmentError(f"not segments of worker process {pid!r}: {names!r:.120}")
+    def open(cls, names: object, whose: str) -> PeerSegments:
+        """Map the segments the worker process `whose` (its `owner`) named in its hello, then
+        unlink them; only names of its own segments (`PREFIX-owner-k`, k < MAX_SEGMENTS), files
+        of this user. SegmentError for anything else."""
+        ours = {f"{PREFIX}-{whose}-{k}" for k in range(MAX_SEGMENTS)}
+        if (not isinstance(names, list) or len(names) > MAX_SEGMENTS
+                or not all(isinstance(n, str) and n in ours for n in names)):  # fmt: skip
+            raise SegmentError(f"not segments of worker process {whose}: {names!r:.120}")
         views, maps = [], []
         try:
             for name in names:

@@ -80,6 +80,7 @@ class WorkerPool(Calibrating):
         self.peers: dict[bytes, Peer] = {}
         self.segments: dict[bytes, shared_segments.PeerSegments] = {}  # local workers'
         self.processes: dict[bytes, mp.Process] = {}
+        self.owners: dict[bytes, str] = {}  # local workers' segment names (`shared_segments`)
         self.window: list[tuple[int, float, list, bool, bool]] = []  # ts, t, parts, relay, first
         self.last_ctl = 0.0
         self.unrelayed: list = []  # decoded control messages not relayed yet (`relay`)
@@ -100,13 +101,14 @@ class WorkerPool(Calibrating):
         spawn, s = mp.get_context("spawn"), self.settings.processing  # kept: sized by its flags
         kept = memory_reserve.kept_bytes(s.metadata, s.bins, self.plan.row_block_rows, KEPT_BYTES)
         for k in range(self.plan.local):
-            ident = f"w{k}".encode()
+            ident, tag = f"w{k}".encode(), shared_segments.new_tag()
             p = spawn.Process(target=spawned, name=f"tcbf-worker-{k}", daemon=True,
                               args=(self.endpoint, ident, self.settings.subscriber.curve,
                                     logging.getLogger().getEffectiveLevel(),
-                                    self.settings.budget_bytes(), kept))  # fmt: skip
+                                    self.settings.budget_bytes(), kept, tag))  # fmt: skip
             p.start()
             self.processes[ident] = p
+            self.owners[ident] = shared_segments.owner(p.pid, tag)
 
     def wait_ready(self) -> None:
         """Until every local worker has joined (RuntimeError after `ready_timeout_s`)."""
@@ -123,8 +125,8 @@ class WorkerPool(Calibrating):
         if ident in self.peers:  # a restarted worker under the same name: a new peer
             self.lose(ident, "restarted", "joined again")
         local = ident in self.processes
-        pid = self.processes[ident].pid if local else None  # (its segments: none other's)
-        if seg := shared_segments.mapped(head, pid, self.segments.pop(ident, None)):
+        whose = self.owners.get(ident)  # (a local one's segments: none other's)
+        if seg := shared_segments.mapped(head, whose, self.segments.pop(ident, None)):
             self.segments[ident] = seg
         n = int(ident[1:]) if local else self.plan.local + sum(
             1 for i in self.peers if i not in self.processes)  # fmt: skip
@@ -382,12 +384,12 @@ class WorkerPool(Calibrating):
 
     def close(self) -> None:
         self.tell_all(pack("stop"))
-        for p in self.processes.values():
+        for ident, p in self.processes.items():
             p.join(5.0)
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
-            shared_segments.unlink_of(p.pid)  # (a worker killed before it joined)
+            shared_segments.unlink_of(self.owners[ident])  # (one killed before it joined)
         self.link.close(linger=0)
         release_context(self.ctx)
         for seg in self.segments.values():

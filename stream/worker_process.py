@@ -58,14 +58,15 @@ def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity
 def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | None = None,
           data_curve: CurveKeys | None = None, identity: bytes | None = None,
           join_timeout_s: float = 30.0, budget_bytes: int | None = None,
-          shared: bool = False, kept_bytes: int = KEPT_BYTES) -> int:  # fmt: skip
+          shared: str | None = None, kept_bytes: int = KEPT_BYTES) -> int:  # fmt: skip
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
     another name); `data_curve`: keys for a CURVE detector link (native streams);
     `budget_bytes`: the memory one series may use here (None: `stream.budget`'s default;
     a local worker gets its run's); `shared`: its deltas in memory the coordinator maps (a
-    local worker: `shared_segments`); `kept_bytes`: each of its kept buffers (a local worker:
-    sized for its run's expected series, `memory_reserve.kept_bytes`)."""
+    local worker: the tag its segments are named by, `shared_segments`); `kept_bytes`: each
+    of its kept buffers (a local worker: sized for its run's expected series,
+    `memory_reserve.kept_bytes`)."""
     with contextlib.suppress(BudgetError):  # (a bad budget is reported once it has joined)
         if 2 * kept_bytes <= memory_budget_bytes(budget_bytes) // 2:  # as one process prepares
             memory_reserve.prepare_kept(kept_bytes, shared=shared)  # row blocks, delta copies
@@ -109,10 +110,11 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
 
 
 def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int,
-            budget_bytes: int | None = None, kept_bytes: int = KEPT_BYTES) -> None:  # fmt: skip
+            budget_bytes: int | None, kept_bytes: int, tag: str) -> None:  # fmt: skip
     """A local worker process spawned by the coordinator (`run --workers N`), under the run's
-    memory budget (`budget_bytes`: `run --memory-budget` or its default), its deltas shared."""
+    memory budget (`budget_bytes`: `run --memory-budget` or its default), its deltas shared
+    (in segments named by `tag`)."""
     logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
     raise SystemExit(serve(link, identity=identity, data_curve=data_curve,
-                           budget_bytes=budget_bytes, shared=True,
+                           budget_bytes=budget_bytes, shared=tag,
                            kept_bytes=kept_bytes))  # fmt: skip

@@ -27,6 +27,12 @@ from tcbf_live.stream.tcbf.row_block import MIN_ROWS, RowBlock
 from tcbf_live.stream.worker_link import LinkError, delta_from, delta_message, pack, unpack
 from tcbf_live.stream.worker_series import MergedMark, WorkerSeries, fitting
 
+TAG = shared_segments.new_tag()  # this process's segments, as a spawned worker's
+
+
+def OURS() -> str:  # noqa: N802 (what names this process's segments)
+    return shared_segments.owner(os.getpid(), TAG)
+
 ROWS = 40  # of a 12x16 scan's 192 positions
 
 
@@ -255,10 +261,10 @@ def test_deltas_in_shared_memory_are_read_in_place_and_kept_until_merged(series,
     at most half the block alternate between the halves of the buffers; with both halves
     unmerged the next goes to new arrays (sent whole); a merged answer frees them."""
     info, frames, blobs, settings = series
-    memory_reserve.prepare_kept(8 << 20, shared=True)
+    memory_reserve.prepare_kept(8 << 20, shared=TAG)
     names = memory_reserve.shared_names()
     assert len(names) == 2 and all((shared_segments.SHM_DIR / n).exists() for n in names)
-    segments = PeerSegments.open(names, os.getpid())
+    segments = PeerSegments.open(names, OURS())
     assert not any((shared_segments.SHM_DIR / n).exists() for n in names)  # unlinked at once
     inbox, sent, half = Inbox(), 0, 21  # (the second half's rows start at an odd row)
     s = worker_series(info, settings, rows=2 * half)
@@ -335,13 +341,16 @@ def test_deltas_over_the_link_use_the_halves_while_zmq_holds_the_last(series, cl
 def test_a_coordinator_maps_only_its_workers_own_segments(clean):
     """Names of another process, of other files or too many are refused; a delta's array
     outside a segment is a bad link message."""
-    memory_reserve.prepare_kept(1 << 20, count=1, shared=True)
+    memory_reserve.prepare_kept(1 << 20, count=1, shared=TAG)
     names = memory_reserve.shared_names()
-    for bad, pid in ((names, os.getpid() + 1), (["../etc/passwd"], os.getpid()),
-                     ("tcbf-live-1-0", 1), ([names[0]] * 9, os.getpid())):  # fmt: skip
+    other_tag = shared_segments.owner(os.getpid(), "0123456789abcdef")
+    other_pid = shared_segments.owner(os.getpid() + 1, TAG)
+    for bad, whose in ((names, other_tag), (names, other_pid), (["../etc/passwd"], OURS()),
+                       ("tcbf-live-1-0", OURS()), ([names[0]] * 9, OURS()),
+                       ([names[0].replace(TAG, "0123456789abcdef")], OURS())):  # fmt: skip
         with pytest.raises(SegmentError):
-            PeerSegments.open(bad, pid)
-    segments = PeerSegments.open(names, os.getpid())
+            PeerSegments.open(bad, whose)
+    segments = PeerSegments.open(names, OURS())
     try:
         a = memory_reserve._kept[0][:64].view(np.float32)
         for where in ((0, (1 << 20) - 8), (1, 0), (0, -8), (0, 2)):  # beyond, none, <0, odd
@@ -355,11 +364,11 @@ def test_a_coordinator_maps_only_its_workers_own_segments(clean):
 
 
 def test_without_room_in_dev_shm_the_kept_memory_is_the_workers_own(monkeypatch, clean):
-    def full(nbytes, number):
+    def full(nbytes, number, tag):
         raise SegmentError("/dev/shm has 3 MiB free")
 
     monkeypatch.setattr(shared_segments, "create", full)
-    memory_reserve.prepare_kept(1 << 20, shared=True)
+    memory_reserve.prepare_kept(1 << 20, shared=TAG)
     assert len(memory_reserve._kept) == 2 and memory_reserve.shared_names() == []
     assert memory_reserve.locate(memory_reserve._kept[0]) is None
 
@@ -367,11 +376,14 @@ def test_without_room_in_dev_shm_the_kept_memory_is_the_workers_own(monkeypatch,
 @needs_shm
 def test_the_segments_of_a_worker_that_never_joined_are_removed(clean):
     """A worker killed before its coordinator mapped (and unlinked) its segments leaves files
-    in /dev/shm: the coordinator removes them at its end (`WorkerPool.close`)."""
-    memory_reserve.prepare_kept(1 << 20, shared=True)
+    in /dev/shm: the coordinator removes them at its end (`WorkerPool.close`), and only them:
+    another process spawned under the same pid (a reused one) has another tag."""
+    memory_reserve.prepare_kept(1 << 20, shared=TAG)
     files = [shared_segments.SHM_DIR / n for n in memory_reserve.shared_names()]
     assert len(files) == 2 and all(f.exists() for f in files)
-    shared_segments.unlink_of(os.getpid())
+    shared_segments.unlink_of(shared_segments.owner(os.getpid(), shared_segments.new_tag()))
+    assert all(f.exists() for f in files)
+    shared_segments.unlink_of(OURS())
     assert not any(f.exists() for f in files)
 
 
@@ -383,8 +395,8 @@ def test_a_shared_buffer_a_larger_block_frees_is_unmapped_by_the_coordinator_too
     from tcbf_live.stream.receiver import StreamCounters
     from tcbf_live.stream.worker_series import beat
 
-    memory_reserve.prepare_kept(1 << 20, shared=True)
-    segments = PeerSegments.open(memory_reserve.shared_names(), os.getpid())
+    memory_reserve.prepare_kept(1 << 20, shared=TAG)
+    segments = PeerSegments.open(memory_reserve.shared_names(), OURS())
     try:
         assert memory_reserve.take_kept(2 << 20) is None  # (too large: one is freed)
         assert len(memory_reserve._kept) == 1 and memory_reserve.unshared() == [0]
@@ -403,11 +415,11 @@ def test_a_shared_buffer_a_larger_block_frees_is_unmapped_by_the_coordinator_too
 def test_a_coordinator_does_not_block_on_a_planted_fifo(clean):
     """A name of the right form that is not a regular file of this user (here a FIFO, which a
     blocking open would wait on forever) is refused at once."""
-    pid = 1 << 30  # (no such process)
-    fifo = shared_segments.SHM_DIR / f"tcbf-live-{pid}-0"
+    whose = shared_segments.owner(1 << 30, TAG)  # (no such process)
+    fifo = shared_segments.SHM_DIR / f"tcbf-live-{whose}-0"
     os.mkfifo(fifo)
     try:
         with pytest.raises(SegmentError, match="not a segment"):
-            PeerSegments.open([fifo.name], pid)
+            PeerSegments.open([fifo.name], whose)
     finally:
         fifo.unlink(missing_ok=True)
