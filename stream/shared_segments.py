@@ -68,6 +68,17 @@ def owner(pid: int, tag: str) -> str:
     return f"{int(pid)}-{tag}"
 
 
+def allot(workers: int, nbytes: int) -> int:
+    """How many of `workers` local workers, `nbytes` of segments each, /dev/shm can take now
+    (the coordinator's share-out before it spawns them, so that they do not race for the last
+    room; the others send their deltas over the link, logged)."""
+    fit = min(workers, free_bytes() // max(1, nbytes))
+    if fit < workers:
+        log.info("%d of %d workers send their deltas over the link: %s has %d MiB free for "
+                 "%d MiB each", workers - fit, workers, SHM_DIR, free_bytes() >> 20, nbytes >> 20)
+    return fit
+
+
 def create(nbytes: int, number: int, tag: str) -> tuple[str, np.ndarray]:
     """A new segment of `nbytes` of this process, spawned with `tag` (its name, a writable
     uint8 array over it, all zero: the pages are touched, as `memory_reserve.prepare_kept` wants
@@ -118,10 +129,11 @@ def mapped(hello: dict, whose: str | None, old: PeerSegments | None) -> PeerSegm
         return None
 
 
-def unlink_of(whose: str) -> None:
-    """Remove what is left of the segments of the worker process `whose` (its `owner`): one
-    that died before its coordinator mapped them, which nothing else would."""
-    unlink([f"{PREFIX}-{whose}-{k}" for k in range(MAX_SEGMENTS)])
+def unlink_of(whose: str | None) -> None:
+    """Remove what is left of the segments of the worker process `whose` (its `owner`; None:
+    it shares none): one that died before its coordinator mapped them, which nothing else would."""
+    if whose is not None:
+        unlink([f"{PREFIX}-{whose}-{k}" for k in range(MAX_SEGMENTS)])
 
 
 class PeerSegments:

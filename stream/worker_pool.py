@@ -80,7 +80,7 @@ class WorkerPool(Calibrating):
         self.peers: dict[bytes, Peer] = {}
         self.segments: dict[bytes, shared_segments.PeerSegments] = {}  # local workers'
         self.processes: dict[bytes, mp.Process] = {}
-        self.owners: dict[bytes, str] = {}  # local workers' segment names (`shared_segments`)
+        self.owners: dict[bytes, str | None] = {}  # local workers' segment names
         self.window: list[tuple[int, float, list, bool, bool]] = []  # ts, t, parts, relay, first
         self.last_ctl = 0.0
         self.unrelayed: list = []  # decoded control messages not relayed yet (`relay`)
@@ -100,15 +100,16 @@ class WorkerPool(Calibrating):
     def start_local(self) -> None:
         spawn, s = mp.get_context("spawn"), self.settings.processing  # kept: sized by its flags
         kept = memory_reserve.kept_bytes(s.metadata, s.bins, self.plan.row_block_rows, KEPT_BYTES)
+        shared = shared_segments.allot(self.plan.local, memory_reserve.KEPT_BUFFERS * kept)
         for k in range(self.plan.local):
-            ident, tag = f"w{k}".encode(), shared_segments.new_tag()
+            ident, tag = f"w{k}".encode(), shared_segments.new_tag() if k < shared else None
             p = spawn.Process(target=spawned, name=f"tcbf-worker-{k}", daemon=True,
                               args=(self.endpoint, ident, self.settings.subscriber.curve,
                                     logging.getLogger().getEffectiveLevel(),
                                     self.settings.budget_bytes(), kept, tag))  # fmt: skip
             p.start()
             self.processes[ident] = p
-            self.owners[ident] = shared_segments.owner(p.pid, tag)
+            self.owners[ident] = tag and shared_segments.owner(p.pid, tag)
 
     def wait_ready(self) -> None:
         """Until every local worker has joined (RuntimeError after `ready_timeout_s`)."""

@@ -363,6 +363,15 @@ def test_a_coordinator_maps_only_its_workers_own_segments(clean):
         segments.close()
 
 
+def test_the_coordinator_shares_dev_shm_out_before_it_spawns_workers(monkeypatch):
+    """Workers that /dev/shm cannot hold all together get no tag and send over the link, so
+    that they do not race for its last room (each checks again when it creates them)."""
+    monkeypatch.setattr(shared_segments, "free_bytes", lambda: 5 << 20)
+    assert shared_segments.allot(4, 2 << 20) == 2
+    assert shared_segments.allot(2, 2 << 20) == 2
+    assert shared_segments.allot(3, 8 << 20) == 0
+
+
 def test_without_room_in_dev_shm_the_kept_memory_is_the_workers_own(monkeypatch, clean):
     def full(nbytes, number, tag):
         raise SegmentError("/dev/shm has 3 MiB free")
