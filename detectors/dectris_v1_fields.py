@@ -20,9 +20,8 @@ from tcbf_live.detectors.compression import (
     decompress,
     decompress_lz4_block,
 )
-from tcbf_live.detectors.json_template import Template, learn
+from tcbf_live.detectors.json_template import MAX_JSON_BYTES, Template, learn
 
-MAX_JSON_BYTES = 1 << 20
 MAX_PIXELS = 1 << 26
 
 

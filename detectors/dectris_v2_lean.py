@@ -76,6 +76,21 @@ def _skip(buf: memoryview, pos: int, depth: int = 0) -> int:
     return pos
 
 
+def _key(buf: memoryview, pos: int, seen: set[bytes]) -> int:
+    """The position after the map key at `pos`: a text string in its shortest head, not in
+    `seen` (added). Keys are compared as bytes below (the template's literals); `cbor2`
+    compares them decoded and keeps a repeated key's last value, so any other key is Unusual."""
+    major, arg, after = _head(buf, pos)
+    shortest = 1 if arg < 24 else 2 if arg < 1 << 8 else 3 if arg < 1 << 16 else 5
+    if major != 3 or after - pos != shortest or after + arg > len(buf):
+        raise Unusual
+    key = bytes(buf[after : after + arg])
+    if key in seen:
+        raise Unusual
+    seen.add(key)
+    return after + arg
+
+
 def _value(buf: memoryview, start: int, end: int, out: Builder) -> None:
     """The tokens of a value: any unsigned integer for one, an array of as many for an array
     of them (times), else the learned bytes."""
@@ -101,8 +116,9 @@ def _blob(buf: memoryview, pos: int, channel: bytes) -> tuple[int, str | None, i
     size, bytes])]."""
     major, count, pos = _head(buf, pos)
     key = bytes([0x60 + len(channel)]) + channel if len(channel) < 24 else None
+    seen: set[bytes] = set()
     for _ in range(count if major == 5 else 0):
-        after_key = _skip(buf, pos)
+        after_key = _key(buf, pos, seen)
         if bytes(buf[pos:after_key]) != key:
             pos = _skip(buf, after_key)
             continue
@@ -134,7 +150,7 @@ def _blob(buf: memoryview, pos: int, channel: bytes) -> tuple[int, str | None, i
 def image_layout(buf: memoryview, channel: bytes) -> ImageLayout | None:
     """The layout of this image message (accepted by the full parse) for `channel` (UTF-8),
     or None when it has no single image id, data map and channel blob to locate."""
-    out, seen_id, seen_data = Builder(), False, False
+    out, seen_id, seen_data, keys = Builder(), False, False, set()
     try:
         pos = 3 if buf[:3] == SELF_DESCRIBED else 0
         major, count, pos = _head(buf, pos)
@@ -142,7 +158,7 @@ def image_layout(buf: memoryview, channel: bytes) -> ImageLayout | None:
             return None
         out.add(LITERAL, bytes(buf[:pos]))
         for _ in range(count):
-            key_end = _skip(buf, pos)
+            key_end = _key(buf, pos, keys)
             key, end = bytes(buf[pos:key_end]), _skip(buf, key_end)
             out.add(LITERAL, key)
             if key == _IMAGE_ID and not seen_id and buf[key_end] >> 5 == 0:
@@ -155,8 +171,8 @@ def image_layout(buf: memoryview, channel: bytes) -> ImageLayout | None:
                 out.add(BLOB)
                 out.add(LITERAL, bytes(buf[start + length : end]))
                 seen_data = True
-            elif key in (_IMAGE_ID, _DATA):
-                return None  # repeated (cbor2 keeps the last)
+            elif key == _IMAGE_ID:
+                return None  # not an unsigned integer (the full parse decides)
             elif key in _LITERAL:
                 out.add(LITERAL, bytes(buf[key_end:end]))
             else:

@@ -30,6 +30,7 @@ import numpy as np
 ANY, LITERAL, CAPTURED = 0, 1, 2
 MAX_STRING = 256
 MAX_INT_DIGITS = 18  # a captured integer stays below 10**18
+MAX_JSON_BYTES = 1 << 20  # a longer part is no JSON part (the full parse's rule too)
 NO_MATCH = -1
 Template = tuple[np.ndarray, np.ndarray]  # (text, prog)
 _PLAIN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]{0,256}")  # printable ASCII, no '"' or '\'
@@ -170,11 +171,12 @@ def _literal(s: np.ndarray, i: int, n: int, text: np.ndarray, l0: int, ln: int) 
 @numba.njit(nogil=True, cache=True)
 def match(s: np.ndarray, start: int, stop: int, text: np.ndarray, prog: np.ndarray) -> int:
     """The captured integer of the JSON part `s[start:stop]` (0 when the template captures
-    none) if it matches the template (see the module), else NO_MATCH."""
-    i, n = _ws(s, start, stop), stop
-    if i >= n or s[i] != 123:  # '{'
+    none) if it matches the template (see the module), else NO_MATCH. A part begins with its
+    '{' and has at most MAX_JSON_BYTES, as the full parse wants (`dectris_v1_fields.json_part`)."""
+    n = stop
+    if stop - start > MAX_JSON_BYTES or start >= stop or s[start] != 123:  # '{'
         return NO_MATCH
-    i += 1
+    i = start + 1
     value = 0
     for f in range(prog[0]):
         p = 1 + 5 * f

@@ -12,7 +12,7 @@ import zmq
 
 from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
 from tcbf_live.detectors.compression import compress_bslz4
-from tcbf_live.detectors.dectris_v1_fields import LEAN_FIELDS, image_layout
+from tcbf_live.detectors.dectris_v1_fields import LEAN_FIELDS, image_layout, json_part
 from tcbf_live.detectors.json_template import NO_MATCH, learn, match_part
 from tcbf_live.stream.fast_lane import Lane, LaneTarget, bind_libzmq
 from tcbf_live.stream.series import ProcessingSettings, SeriesProcessor
@@ -49,7 +49,9 @@ def queued(stream: list, name: str):
 @pytest.mark.parametrize(("part", "expect"), [
     (DIMAGE, 12),
     (b'{"htype":"dimage-1.0","series":7,"frame":0,"hash":""}', 0),
-    (b' {\n"htype" :"dimage-1.0",\t"series": 7 ,"frame":99 , "hash":null} ', 99),
+    (b'{\n"htype" :"dimage-1.0",\t"series": 7 ,"frame":99 , "hash":null} ', 99),
+    (b' {"htype":"dimage-1.0","series":7,"frame":1,"hash":""}', NO_MATCH),  # (json_part)
+    (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":""}' + b' ' * (1 << 20), NO_MATCH),
     (b'{"htype":"dimage-1.0","series":7,"frame":1,"hash":-1.5e+10}', 1),
     (b'{"htype":"dimage-1.0","series":8,"frame":1,"hash":""}', NO_MATCH),  # another series
     (b'{"htype":"dimage-1.0","series":78,"frame":1,"hash":""}', NO_MATCH),
@@ -93,7 +95,8 @@ def test_whatever_matches_parses_to_the_same_fields():
         if got == NO_MATCH:
             continue
         matched += 1
-        d = json.loads(bytes(part))
+        d = json_part(bytes(part))  # (the full parse's reading)
+        assert d is not None, part
         assert (d["htype"], d["series"], d["frame"]) == ("dimage-1.0", 7, got), part
     assert matched > 100  # edits of the frame id and the hash that keep the layout
 

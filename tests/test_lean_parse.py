@@ -314,3 +314,30 @@ def test_v2_edited_fields_agree_or_fall_back(image_id, series_id, dims, tag, alg
     for parts in (*messages[:3], [edited], messages[3], [edited]):
         assert outcome(lean, parts) == outcome(full, parts)
     assert lean._lean is not None
+
+
+def _recoded(parts, old: bytes, new: bytes) -> list[bytes]:
+    raw = bytes(parts[0])
+    assert raw.count(old) == 1
+    return [raw.replace(old, new)]
+
+
+def test_v2_keys_compared_as_cbor2_compares_them():
+    """cbor2 reads a key decoded (a text key in a longer head is the same key) and keeps a
+    repeated key's last value; the template compares bytes. A series learned from images with
+    such keys is read by the full parse: an image of another series is not folded into it,
+    and a repeated image id is read as cbor2 reads it."""
+    longer = [_recoded(v2_image(s, i, FRAMES[i]), b"\x69series_id", b"\x78\x09series_id")
+              for s, i in ((3, 0), (3, 1), (9, 2), (3, 3))]  # fmt: skip
+    assert_same(lambda on: DectrisV2Decoder(lean=on), [encode_start(INFO), *longer, v2_end(3)])
+    twice = []
+    for i in range(4):  # a second image id, in a longer head, appended to the map: the last
+        raw = bytes(v2_image(3, i, FRAMES[i])[0])
+        at = len(dectris_v2.SELF_DESCRIBED)
+        assert raw[at] == 0xA5  # a map of 5
+        twice.append([raw[:at] + b"\xa6" + raw[at + 1 :] + b"\x78\x08image_id" + bytes([9 + i])])
+    lean = DectrisV2Decoder(lean=True)
+    full = DectrisV2Decoder(lean=False)
+    got = [outcome(lean, parts) for parts in (encode_start(INFO), *twice, v2_end(3))]
+    assert got == [outcome(full, parts) for parts in (encode_start(INFO), *twice, v2_end(3))]
+    assert [e[2] for events, _, _ in got[1:-1] for e in events] == [9, 10, 11, 12]
