@@ -31,6 +31,7 @@ from tcbf_live.stream.tcbf.accumulators import StateDelta
 from tcbf_live.stream.tcbf.calibration import Calibration
 
 DTYPES = frozenset({"<f8", "<f4", "<u4", "<u2", "|u1", "<i8", "<i4", "<i2", "|i1"})
+MAX_DIMS = 8  # an array of the link has at most this many dimensions
 LINK_VERSION = 3  # 2: delta credit ("sent", "merged", "credit"; `worker_inbox`); 3: shared
 # segments (a hello's "segments", WorkerConfig.shared, arrays described at a segment offset)
 LINK_HWM = 64  # link messages queued each way (deltas are large: a few suffice)
@@ -84,9 +85,9 @@ def unpack(parts: list[Any], segments: PeerSegments | None = None,
     arrays, k = {}, 1
     for desc in descs:
         if (not isinstance(desc, list) or len(desc) not in (3, 5) or not isinstance(desc[0], str)
-                or desc[1] not in DTYPES
-                or not isinstance(desc[2], list)
-                or not all(type(n) is int and n >= 0 for n in desc[2])):  # fmt: skip
+                or not isinstance(desc[1], str) or desc[1] not in DTYPES
+                or not isinstance(desc[2], list) or len(desc[2]) > MAX_DIMS
+                or not all(type(n) is int and 0 <= n < 1 << 48 for n in desc[2])):  # fmt: skip
             raise LinkError(f"bad array description {desc!r:.80}")
         name, dtype, shape = desc[:3]
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
@@ -103,7 +104,10 @@ def unpack(parts: list[Any], segments: PeerSegments | None = None,
             data, k = memoryview(parts[k]).cast("B"), k + 1
             if data.nbytes != nbytes:
                 raise LinkError(f"array {name!r}: {data.nbytes} bytes for {shape} {dtype}")
-        arrays[name] = np.frombuffer(data, dtype).reshape(shape)
+        try:
+            arrays[name] = np.frombuffer(data, dtype).reshape(shape)
+        except (ValueError, TypeError) as err:  # (what the checks above did not foresee)
+            raise LinkError(f"array {name!r}: {err}") from None
     return head.pop("t"), head, arrays, list(parts[k:])
 
 

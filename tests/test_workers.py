@@ -488,6 +488,21 @@ def test_a_series_without_frames_does_not_hold_up_the_next(sim):
     assert ended_at[9] - sent_at[0] < 8.0, ended_at
 
 
+HOSTILE_ARRAYS = [  # array descriptions that numpy, not the link's checks, used to refuse
+    [msgpack.packb({"t": "beat", "arrays": [["x", ["<f8"], [1]]]}), b"\0" * 8],  # (unhashable)
+    [msgpack.packb({"t": "beat", "arrays": [["x", "<f8", [1] * 65]]}), b"\0" * 8],
+    [msgpack.packb({"t": "beat", "arrays": [["x", "<f8", [0, 2**62]]]}), b""],
+]
+
+
+@pytest.mark.parametrize("message", HOSTILE_ARRAYS)
+def test_a_link_message_numpy_cannot_read_is_a_link_error(message):
+    """Only LinkError leaves `unpack` (the coordinator counts it and goes on; anything else
+    had ended the run's ingest)."""
+    with pytest.raises(LinkError):
+        unpack(message)
+
+
 def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
     """A joined peer that sends nonsense: every message counted, none stops ingest."""
     from tcbf_live.stream.worker_link import LINK_VERSION
@@ -510,14 +525,15 @@ def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
         pack("delta", {"sid": 1}, {"rows": np.zeros(1, np.int64),
                                    "seen": np.zeros(1, np.int64), "stats": stats}),
         pack("cal", {"sid": 1, "first": 0}, {"frames": np.zeros((2, 3), np.uint16)}),
+        *HOSTILE_ARRAYS,
     ]  # fmt: skip
     for m in hostile:
         peer.send_multipart(m)
     deadline = time.monotonic() + 10
-    while eng.counters.rejected["bad_link_message"] < 6 and time.monotonic() < deadline:
+    while eng.counters.rejected["bad_link_message"] < 9 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert eng._thread.is_alive(), "the ingest thread died"
-    assert eng.counters.rejected["bad_link_message"] >= 6, eng.counters.rejected
+    assert eng.counters.rejected["bad_link_message"] >= 9, eng.counters.rejected
     eng.stop()
     assert eng.join(timeout=20)
     peer.close(linger=0)
