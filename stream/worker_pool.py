@@ -16,7 +16,6 @@ import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,7 +41,7 @@ from tcbf_live.stream.worker_link import (
     unpack,
 )
 from tcbf_live.stream.worker_process import KEPT_BYTES, spawned
-from tcbf_live.stream.worker_series import Peer
+from tcbf_live.stream.worker_series import Ends, Peer, PendingEnd
 
 if TYPE_CHECKING:
     from tcbf_live.stream.coordinator import Coordinator, WorkerPlan
@@ -53,15 +52,6 @@ log = logging.getLogger(__name__)
 SETTLE_S = 0.01  # control messages are ordered once none arrived for this long
 HEADER_WAIT_S = 1.0  # a relay waits at most this long for the rest of a header
 DEDUP_S = 2.0  # PUB: the same control message from several workers within this is one
-
-
-@dataclass
-class _End:
-    event: SeriesEnd
-    waiting: set  # workers whose last delta is still to come
-    deadline: float
-    gen: int  # the run of the series id it ends
-    offered: set = field(default_factory=set)  # workers that offered all their frames
 
 
 class WorkerPool(Calibrating):
@@ -87,10 +77,10 @@ class WorkerPool(Calibrating):
         self.unrelayed_since = 0.0
         self.candidates: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (id, run)
         self.first_candidate: dict[tuple[int, int], float] = {}
-        self.ends: dict[tuple[int, int], _End] = {}  # the pending ends, by (id, run)
+        self.ends = Ends()  # the pending ends, by (id, run)
         self.runs: dict[int, int] = {}  # starts of each id decoded so far (its runs: `gen`)
         self.opened: dict[int, int] = {}  # the run of each id the engine has open
-        self.queue: deque[tuple[Event, _End | int]] = deque()  # starts (run), ends, in order
+        self.queue: deque[tuple[Event, PendingEnd | int]] = deque()  # starts (run), ends, in order
         self.recent: dict[bytes, float] = {}  # PUB: control messages taken, when
         self.lost: list[str] = []  # what the run says at its end
         self.shared = settings.subscriber.socket_type == "sub"
@@ -175,7 +165,7 @@ class WorkerPool(Calibrating):
     def lose(self, ident: bytes, how: str, detail: str) -> None:
         peer = self.peers[ident]
         peer.gone = how
-        for end in self.ends.values():
+        for end in self.ends.pending.values():
             end.waiting.discard(ident)
         what = (f"worker {peer.index} ({peer.name}) {how} ({detail}): frames it had not sent "
                 "are missing from the open series")  # fmt: skip
@@ -261,11 +251,7 @@ class WorkerPool(Calibrating):
             self.engine.merge_delta(sid, delta, int(head["gen"]) == self.opened.get(sid))
             self.idle_since = now
         elif kind in ("ended", "ending"):  # "ending": all its frames offered, not calibrated
-            end = self.ends.get((int(head["sid"]), int(head["gen"])))
-            if end is not None:
-                end.offered.add(ident)
-                if kind == "ended":
-                    end.waiting.discard(ident)
+            self.ends.answer((int(head["sid"]), int(head["gen"])), ident, kind)
         elif kind == "refused":
             self.engine.refuse_series(int(head["sid"]), str(head.get("why", "")))
         elif kind == "beat" and peer.read_beat(head, self.engine.counters):
@@ -304,8 +290,8 @@ class WorkerPool(Calibrating):
                 self.queue.append((e, gen))
             elif isinstance(e, SeriesEnd) and not first:
                 gen = self.runs.get(e.series_id, 0)
-                end = _End(e, self.live(), now + self.plan.end_wait_s, gen)
-                self.ends[e.series_id, gen] = end
+                end = PendingEnd(e, self.live(), now + self.plan.end_wait_s, gen)
+                self.ends.open(end)
                 self.queue.append((e, end))
 
     def relay(self, now: float) -> None:
@@ -326,12 +312,12 @@ class WorkerPool(Calibrating):
         calibrations."""
         while self.queue:
             event, end = self.queue[0]
-            if isinstance(end, _End) and not self.end_due(end, now):
+            if isinstance(end, PendingEnd) and not self.end_due(end, now):
                 break
             self.queue.popleft()
-            if isinstance(end, _End):
+            if isinstance(end, PendingEnd):
                 yield [event]
-                self.ends.pop((event.series_id, end.gen), None)
+                self.ends.pending.pop((event.series_id, end.gen), None)
                 continue
             sid = event.info.series_id
             opened = self.engine.table.open.get(sid)
@@ -350,7 +336,7 @@ class WorkerPool(Calibrating):
                 self.candidates.pop(key)
                 self.first_candidate.pop(key)
 
-    def end_due(self, end: _End, now: float) -> bool:
+    def end_due(self, end: PendingEnd, now: float) -> bool:
         sid = end.event.series_id
         proc = self.engine.table.open.get(sid)
         if proc is None:  # refused, ended or never opened here: nothing to wait for

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
+from tcbf_live.detectors.base import (
+    CompressedFrame,
+    DecodeError,
+    FrameBatch,
+    SeriesEnd,
+    SeriesInfo,
+)
 from tcbf_live.stream import memory_reserve
 from tcbf_live.stream.pages import peak_rss_mb
 from tcbf_live.stream.receiver import StreamCounters
@@ -163,6 +169,51 @@ class WorkerSeries:
                 continue
             self.held.append(b)
             self.held_bytes += size
+
+
+@dataclass
+class PendingEnd:
+    """A series end the coordinator has relayed and waits on (`WorkerPool.end_due`)."""
+
+    event: SeriesEnd
+    waiting: set  # workers whose last delta is still to come
+    deadline: float
+    gen: int  # the run of the series id it ends
+    offered: set = field(default_factory=set)  # workers that offered all their frames
+
+    def answered(self, ident: bytes, kind: str) -> None:
+        """A worker's "ending" (all its frames offered, not calibrated) or "ended"."""
+        self.offered.add(ident)
+        if kind == "ended":
+            self.waiting.discard(ident)
+
+
+class Ends:
+    """The coordinator's pending ends by (series id, run). A worker's answer that comes before
+    its end is pending is kept for it: on a PUB stream each worker decodes its own copy of the
+    end and answers at once, while the coordinator opens the end only when its control window
+    settles; dropped, the answer left the end waiting its whole `end_wait_s`, and the worker
+    named as having lost frames. At most EARLY_KEPT ends' early answers are kept."""
+
+    EARLY_KEPT = 64
+
+    def __init__(self):
+        self.pending: dict[tuple[int, int], PendingEnd] = {}
+        self.early: dict[tuple[int, int], list[tuple[bytes, str]]] = {}
+
+    def open(self, end: PendingEnd) -> None:
+        key = (end.event.series_id, end.gen)
+        self.pending[key] = end
+        for ident, kind in self.early.pop(key, ()):
+            end.answered(ident, kind)
+
+    def answer(self, key: tuple[int, int], ident: bytes, kind: str) -> None:
+        if (end := self.pending.get(key)) is not None:
+            end.answered(ident, kind)
+            return
+        self.early.setdefault(key, []).append((ident, kind))
+        while len(self.early) > self.EARLY_KEPT:
+            self.early.pop(next(iter(self.early)))
 
 
 @dataclass

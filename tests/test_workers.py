@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from tcbf_live.detectors.base import FrameBatch
+from tcbf_live.detectors.base import FrameBatch, SeriesEnd
 from tcbf_live.detectors.registry import protocol
 from tcbf_live.detectors.routing import DETAIL, END, START
 from tcbf_live.simulators import Simulator, tutorial_config
@@ -34,6 +34,7 @@ from tcbf_live.stream.worker_link import (
     unpack,
 )
 from tcbf_live.stream.worker_process import KEPT_BYTES
+from tcbf_live.stream.worker_series import Ends, PendingEnd
 
 SCAN = (16, 24)
 PASSES = 2  # every test stream scans twice: repeat passes add up at the coordinator
@@ -281,6 +282,25 @@ def test_a_pub_stream_is_shared_by_frame_index(sim):
     assert_same(eng.last_result, one)
     folded = sorted(p.frames for p in eng.receiver.peers.values())
     assert folded == [PASSES * sim.n_frames // 2] * 2  # each keeps every other batch
+    assert not eng.lost, eng.lost  # (each worker's "ended" counted, also before the relay)
+
+
+def test_an_answer_before_its_end_is_pending_is_kept_for_it():
+    """PUB: a worker decodes its own copy of the end and answers before the coordinator's
+    window has settled; the answer counts once the end is pending (else the end waited its
+    whole wait and named the worker as having lost frames). Bounded."""
+    ends = Ends()
+    ends.answer((4, 1), b"w0", "ended")
+    ends.answer((4, 1), b"w1", "ending")
+    ends.answer((4, 2), b"w1", "ended")  # (another run of the id)
+    end = PendingEnd(SeriesEnd(4, None), {b"w0", b"w1"}, 0.0, 1)
+    ends.open(end)
+    assert end.waiting == {b"w1"} and end.offered == {b"w0", b"w1"}
+    ends.answer((4, 1), b"w1", "ended")
+    assert not end.waiting and list(ends.early) == [(4, 2)]
+    for sid in range(100):
+        ends.answer((sid, 9), b"w0", "ended")
+    assert len(ends.early) == Ends.EARLY_KEPT
 
 
 def test_a_worker_killed_mid_series_never_blocks_the_run(sim):
@@ -784,7 +804,9 @@ def test_local_workers_take_the_runs_memory_budget(monkeypatch):
     finally:
         pool.close()
     want = (worker_process.spawned, 300 << 20, worker_process.KEPT_BYTES)  # (no flags: least)
-    assert [(t, *a[-2:]) for t, a in started] == [want] * 2
+    assert [(t, *a[-3:-1]) for t, a in started] == [want] * 2
+    tags = [a[-1] for _, a in started]  # each its own segment names (or none: no room)
+    assert tags == [None] * 2 or len(set(tags)) == 2 and all(len(t) == 16 for t in tags)
     nobody, least = f"tcp://127.0.0.1:{_free_port()}", 4 * worker_process.KEPT_BYTES
     try:
         for budget, kept in ((least - 1, 0), (least, 2)):
