@@ -34,11 +34,10 @@ def _ranked(head: bytes, image: bytes, start: bytes, end: bytes) -> int | None:
 
 
 def dectris_v1_rank(parts: list[Any]) -> int | None:
-    """V1: a 4-part `dimage-1.0` message carries a frame; `dheader-1.0` starts a series,
-    `dseries_end-1.0` ends it; every other part (config, flatfield, mask, appendix) is DETAIL."""
-    if len(parts) != 4:  # image messages are dimage, dimage_d, blob, dconfig
-        head = _head(parts)
-        return START if b"dheader-1.0" in head else END if b"dseries_end-1.0" in head else DETAIL
+    """V1: a message whose first part is a `dimage-1.0` carries a frame (dimage, dimage_d,
+    blob, dconfig, and an image appendix where the detector adds one); `dheader-1.0` starts a
+    series, `dseries_end-1.0` ends it; every other part (config, flatfield, mask, appendix) is
+    DETAIL."""
     return _ranked(_head(parts), b'"dimage-1.0"', b"dheader-1.0", b"dseries_end-1.0")
 
 

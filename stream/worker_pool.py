@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SETTLE_S = 0.01  # control messages are ordered once none arrived for this long
+SETTLE_S = 0.01  # control messages are ordered once none arrived for this long, ...
+WINDOW_MAX_S, WINDOW_MAX = 0.1, 256  # ... or the oldest waited this long, or this many wait
 HEADER_WAIT_S = 1.0  # a relay waits at most this long for the rest of a header
 DEDUP_S = 2.0  # PUB: the same control message from several workers within this is one
 
@@ -261,11 +262,13 @@ class WorkerPool(Calibrating):
 
     # ------------------------------------------------------------------ control messages
     def settled(self, now: float) -> None:
-        """Decode the control window once it has been quiet for SETTLE_S and relay it to every
-        worker as one message (its parts stay together: a V1 header's parts are decoded
+        """Decode the control window once it has been quiet for SETTLE_S (a steady flow of
+        control messages: at most WINDOW_MAX_S, WINDOW_MAX) and relay it to every worker as
+        one message (its parts stay together: a V1 header's parts are decoded
         before any frame a worker holds is tried again)."""
         self.relay(now)
-        if not self.window or now - self.last_ctl < SETTLE_S:
+        if not self.window or (now - self.last_ctl < SETTLE_S and len(self.window) < WINDOW_MAX
+                               and now - self.window[0][1] < WINDOW_MAX_S):  # fmt: skip
             return
         window, self.window = sorted(self.window, key=lambda w: w[0]), []
         events: list[tuple[Event, bool]] = []

@@ -397,7 +397,38 @@ def test_control_messages_are_told_from_frames_without_decoding(sim):
         frames = wire.encoder.frames(3, 0, sim.frames(0, 2), 1, wire.encodings[0])
         assert all(wire.rank(m) is None for m in frames), name
         assert [wire.rank(m) for m in wire.encoder.end(3, 2)] == [END], name
+        if name == "dectris-v1":  # an image with the appendix a detector may add: a frame
+            assert all(wire.rank([*m, b'{"user": 1}']) is None for m in frames)
     assert protocol("merlin").rank is None  # a byte stream has one reader
+
+
+def test_a_steady_flow_of_control_messages_is_still_relayed(monkeypatch):
+    """The control window settles after SETTLE_S without one, and also when its oldest has
+    waited WINDOW_MAX_S or WINDOW_MAX wait: a sender whose every message ranks as control
+    (or a foreign one) cannot hold every start and end back and grow the window for ever."""
+    from tcbf_live.stream import worker_pool
+
+    link = f"tcp://127.0.0.1:{_free_port()}"
+    sub = SubscriberSettings(endpoint=f"tcp://127.0.0.1:{_free_port()}", socket_type="pull")
+    pool = Coordinator(EngineSettings(subscriber=sub, protocol="native"),
+                       WorkerPlan(local=0, remote=1, link=link)).receiver  # fmt: skip
+    relayed = []
+    monkeypatch.setattr(pool, "tell_all", relayed.append)
+    try:
+        t0 = 100.0
+        for k in range(40):  # one every 5 ms: never 10 ms quiet
+            now = t0 + 0.005 * k
+            pool.window.append((k, now, [zmq.Frame(b"x")], True, False))
+            pool.last_ctl = now
+            pool.settled(now)
+        assert relayed and len(pool.window) < 21, len(pool.window)
+        for k in range(worker_pool.WINDOW_MAX):  # all at once
+            pool.window.append((k, t0 + 1.0, [zmq.Frame(b"x")], True, False))
+        pool.last_ctl = t0 + 1.0
+        pool.settled(t0 + 1.0)
+        assert not pool.window
+    finally:
+        pool.close()
 
 
 def test_link_messages_are_checked_before_use():
