@@ -14,6 +14,7 @@ rows stay in the worker's block, which fills and stops the worker reading the de
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Any
@@ -25,6 +26,7 @@ from tcbf_live.stream.worker_link import DELTA_CREDIT_BYTES, LinkError, pack, un
 log = logging.getLogger(__name__)
 
 ASK_S = 0.25  # a worker held back asks the coordinator again this often
+SILENT_S = 120.0  # a coordinator that answered no beat for this long is gone (`gone`)
 
 
 class LinkInbox:
@@ -38,10 +40,13 @@ class LinkInbox:
         self.waits = (0, 0.0)  # deltas held back for the coordinator: times, seconds waited
         self._held = False  # the last check found no credit (one hold, however many checks)
         self._asked = 0.0  # when the worker last asked for an answer ("credit")
+        self.heard = time.monotonic()  # when the coordinator last said anything
+        self.parent: int | None = None  # a local worker: the coordinator's pid (`gone`)
 
     def read(self) -> None:
         """Queue what the link holds now; a "merged" answer only updates the credit."""
         while self.link.poll(0):
+            self.heard = time.monotonic()
             try:
                 kind, head, arrays, raw = unpack(self.link.recv_multipart(copy=False))
             except LinkError as err:
@@ -51,6 +56,20 @@ class LinkInbox:
                 self.merged = min(self.sent, max(self.merged, int(head.get("bytes", 0))))
             else:
                 self.items.append((kind, head, arrays, raw))
+
+    def gone(self, now: float) -> bool:
+        """Whether the coordinator is gone, so that this worker stops (it would otherwise keep
+        its detector socket, taking frames a next run misses, and its memory, for ever): the
+        process that spawned this local worker has ended (killed: it had no time to say
+        "stop"), or it answered no beat for SILENT_S (another host's)."""
+        if self.parent is not None and os.getppid() != self.parent:
+            why = "the run that started it has ended"
+        elif now - self.heard > SILENT_S:
+            why = f"no word from the coordinator in {SILENT_S:.0f} s"
+        else:
+            return False
+        log.error("worker %d stops: %s", self.index, why)
+        return True
 
     def in_flight(self) -> int:
         return self.sent - self.merged

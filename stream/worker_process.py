@@ -58,7 +58,8 @@ def join(ctx: zmq.Context, link_endpoint: str, curve: CurveKeys | None, identity
 def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | None = None,
           data_curve: CurveKeys | None = None, identity: bytes | None = None,
           join_timeout_s: float = 30.0, budget_bytes: int | None = None,
-          shared: str | None = None, kept_bytes: int = KEPT_BYTES) -> int:  # fmt: skip
+          shared: str | None = None, kept_bytes: int = KEPT_BYTES,
+          parent: int | None = None) -> int:  # fmt: skip
     """A worker's whole life: join, receive until told to stop; the exit code. `endpoint`
     overrides the detector address the coordinator gives (another host may reach it under
     another name); `data_curve`: keys for a CURVE detector link (native streams);
@@ -66,7 +67,8 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
     a local worker gets its run's); `shared`: its deltas in memory the coordinator maps (a
     local worker: the tag its segments are named by, `shared_segments`); `kept_bytes`: each
     of its kept buffers (a local worker: sized for its run's expected series,
-    `memory_reserve.kept_bytes`)."""
+    `memory_reserve.kept_bytes`); `parent`: the pid of the run that spawned it (a local
+    worker, which stops when that process has ended: `LinkInbox.gone`)."""
     with contextlib.suppress(BudgetError):  # (a bad budget is reported once it has joined)
         if 2 * kept_bytes <= memory_budget_bytes(budget_bytes) // 2:  # as one process prepares
             memory_reserve.prepare_kept(kept_bytes, shared=shared)  # row blocks, delta copies
@@ -92,6 +94,7 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
                               detector=wire.detector)  # fmt: skip
     try:
         worker = Worker(link, config, data, budget_bytes)
+        worker.inbox.parent = parent
     except (zmq.ZMQError, ValueError) as err:
         log.error("worker %d: cannot open the detector link %s: %s", config.index,
                   data.endpoint, err)  # fmt: skip
@@ -116,5 +119,5 @@ def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int
     (in segments named by `tag`; None: over the link, /dev/shm lacking the room)."""
     logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
     raise SystemExit(serve(link, identity=identity, data_curve=data_curve,
-                           budget_bytes=budget_bytes, shared=tag,
+                           budget_bytes=budget_bytes, shared=tag, parent=os.getppid(),
                            kept_bytes=kept_bytes))  # fmt: skip

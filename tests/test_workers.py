@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -845,3 +846,79 @@ def test_local_workers_take_the_runs_memory_budget(monkeypatch):
             assert len(memory_reserve._kept) == kept, budget
     finally:
         memory_reserve._kept.clear()
+
+
+def test_a_worker_stops_when_its_coordinator_is_gone(monkeypatch):
+    """A coordinator killed (no "stop" sent) leaves its workers behind, each holding its
+    detector socket and memory: a local worker stops when the process that spawned it has
+    ended, any worker when nothing came over the link for SILENT_S (beats are answered)."""
+    import os
+
+    from tcbf_live.stream import worker_inbox
+
+    ctx = zmq.Context()
+    link = ctx.socket(zmq.DEALER)
+    try:
+        inbox = worker_inbox.LinkInbox(link, 0)
+        now = time.monotonic()
+        assert not inbox.gone(now)
+        inbox.parent = os.getppid()
+        assert not inbox.gone(now)
+        inbox.parent = os.getppid() + 1  # (the spawning process ended: another parent now)
+        assert inbox.gone(now)
+        inbox.parent = None
+        assert inbox.gone(now + worker_inbox.SILENT_S + 1)
+    finally:
+        link.close(linger=0)
+        ctx.term()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids of `pid`'s multiprocessing workers (spawned: `spawn_main` in their argv)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = int(next(ln for ln in status.read_text().splitlines()
+                            if ln.startswith("PPid:")).split()[1])  # fmt: skip
+            argv = (status.parent / "cmdline").read_bytes()
+        except (OSError, StopIteration, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in argv:
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_killed_runs_local_workers_stop(tmp_path):
+    """`run --workers 1` killed with SIGKILL: its worker stops within seconds."""
+
+    def running(pid: int) -> bool:  # (a zombie has stopped: whoever adopted it reaps it)
+        try:
+            return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1][:4]
+        except (OSError, IndexError):
+            return False
+
+    run = subprocess.Popen([sys.executable, "-m", "tcbf_live", "run", "--protocol", "dectris-v2",
+                            "--connect", f"tcp://127.0.0.1:{_free_port()}", "--workers", "1",
+                            "--headless", "--timeout", "120", "--output",
+                            str(tmp_path / "r.h5")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        until, workers = time.monotonic() + 60, []
+        while not workers and time.monotonic() < until and run.poll() is None:
+            time.sleep(0.2)
+            workers = _children(run.pid)
+        assert workers, "no worker started"
+        time.sleep(3.0)  # (it has joined and runs its loop)
+        run.send_signal(signal.SIGKILL)
+        run.wait(10)
+        until = time.monotonic() + 20
+        while time.monotonic() < until and any(map(running, workers)):
+            time.sleep(0.2)
+        alive = [w for w in workers if running(w)]
+        for w in alive:
+            os.kill(w, signal.SIGKILL)
+        assert not alive, "a worker outlived its killed run"
+    finally:
+        run.kill()
+        run.wait(10)
