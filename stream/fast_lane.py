@@ -57,16 +57,20 @@ LEAN, HELD, LAST_FRAME, ERRNO = range(4)
 
 
 def _library_path() -> str | None:
-    """The libzmq shared library this process loaded (pyzmq's), from the process' maps."""
+    """The libzmq shared library this process loaded (pyzmq's), from the process' maps; None
+    when there is none, or more than one (another extension brought its own: which one
+    pyzmq's sockets belong to is unknown, and the other's functions on them would corrupt
+    memory)."""
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if "libzmq" in path.rsplit("/", 1)[-1] and path.startswith("/"):
-                    return path
+            paths = {line.split()[-1] for line in maps}
     except OSError:
-        pass
-    return None
+        return None
+    found = sorted(p for p in paths if p.startswith("/") and "libzmq" in p.rsplit("/", 1)[-1])
+    if len(found) > 1:
+        log.info("no compiled ingest lane: %d libzmq libraries loaded (%s)", len(found),
+                 ", ".join(found))  # fmt: skip
+    return found[0] if len(found) == 1 else None
 
 
 @functools.cache
@@ -81,6 +85,11 @@ def bind_libzmq() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(path)
+        got = [ctypes.c_int(), ctypes.c_int(), ctypes.c_int()]
+        lib.zmq_version(*map(ctypes.byref, got))
+        if tuple(v.value for v in got) != zmq.zmq_version_info():
+            raise OSError(f"{path} is libzmq {[v.value for v in got]}, pyzmq's "
+                          f"{zmq.zmq_version_info()}")  # fmt: skip
         for name in _SIGNATURES:
             address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
             llvmlite.binding.add_symbol(PREFIX + name, address)
@@ -126,7 +135,7 @@ def tap_put(tap: tuple, n: int, blob: np.ndarray, start: int, stop: int, frame: 
 
 
 @numba.njit(nogil=True, cache=True)
-def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
+def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, max_bytes: int, dimage: Template,
              image_d: Template, dconfig: Template, frame_limit: int, index_offset: int,
              element_size: int, scratch: np.ndarray, k: tuple, tap: tuple,
              result: np.ndarray) -> None:  # fmt: skip
@@ -134,13 +143,14 @@ def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
     `result`: [LEAN] messages folded, [LAST_FRAME] the last one's frame id, [HELD] parts of a
     message left in `msgs` for the caller (0: none; the loop stopped on an empty socket,
     `ERRNO`, or on `max_messages`). With a `tap` (`run --record`), each folded message's
-    blob and frame id are copied into it; a message it has no room for is held."""
+    blob and frame id are copied into it; a message it has no room for is held, as is one
+    whose parts add up to more than `max_bytes` (the whole-message cap: `Lane.drain`)."""
     vals, cum = fold_buffers(k)
     result[:] = 0
     result[LAST_FRAME] = -1
     base = msgs.ctypes.data
     while result[LEAN] < max_messages:
-        held = 0
+        held = total = 0
         frame = size = -1
         whole = False  # the four parts of a lean image, nothing more
         while held < PARTS:
@@ -153,6 +163,9 @@ def drain_v1(sock: int, msgs: np.ndarray, max_messages: int, dimage: Template,
             held += 1
             part = _part(msgs, held - 1)
             more = _more(m) != 0
+            total += part.shape[0]
+            if total > max_bytes:
+                break
             if held == 1:
                 frame = match(part, 0, part.shape[0], dimage[0], dimage[1]) if more else -1
                 if frame < 0 or frame > MAX_FRAME_ID or frame >= frame_limit:
@@ -248,9 +261,9 @@ class Lane:
         `recv_capped`). The parts are the whole message (its rest is received here)."""
         r, t = self.result, target
         if len(t.templates) == PARTS - 1:  # V1: the three JSON parts
-            drain_v1(self.sock.underlying, self.msgs, max_messages, *t.templates, t.frame_limit,
-                     t.index_offset, t.element_size, t.scratch, t.kernel_args, t.tap,
-                     r)  # fmt: skip
+            drain_v1(self.sock.underlying, self.msgs, max_messages, max_bytes, *t.templates,
+                     t.frame_limit, t.index_offset, t.element_size, t.scratch, t.kernel_args,
+                     t.tap, r)  # fmt: skip
         else:
             drain_v2(self.sock.underlying, self.msgs, max_messages, t.templates[0],
                      t.frame_limit, t.index_offset, t.element_size, t.scratch, t.kernel_args,
@@ -264,7 +277,7 @@ class Lane:
                 parts.append(ctypes.string_at(self.lib.zmq_msg_data(m), size) if size else b"")
             more = self.lib.zmq_msg_more(m) != 0
             self.lib.zmq_msg_close(m)
-        count = len(parts)
+        count = int(r[HELD])
         while more:  # libzmq delivers a message whole: the rest is queued
             try:
                 frame = self.sock.recv(zmq.NOBLOCK, copy=False)

@@ -127,6 +127,7 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest(comp
     stream[20] = [*stream[20], b'{"htype": "dimage_appendix"}']  # a fifth part
     stream.insert(30, [b'{"htype": "dseries_end-1.0", "series": 8}'])  # a control message
     stream.insert(40, [b"x" * 5000])  # over the cap below
+    stream[45][3] = stream[45][3][:-1] + b" " * 4000 + b"}"  # its parts together over the cap
     lane_proc = processor()
     staging = lane_proc.staging
     layout = image_layout(stream[0], json.loads(stream[0][1]))
@@ -145,13 +146,14 @@ def test_the_lane_folds_what_the_decoder_path_folds_and_hands_back_the_rest(comp
             elif n == 0:
                 break
     assert handed == [[bytes(p) for p in stream[k]] for k in (10, 20, 30)]  # whole, in order
-    assert len(oversized) == 1 and "5000 bytes" in oversized[0]
-    assert folded == 56 - 2
+    assert len(oversized) == 2 and "5000 bytes" in oversized[0] and "4 parts" in oversized[1]
+    assert folded == 56 - 3
     # the decoder path on the same images, in the order they were folded (the five-part
     # image, handed back, is an image to the decoder: folded last; the damaged one fails)
     lane_proc.staging.fold([CompressedFrame(7, 28, stream[20][2], 2, (32, 32), "<u2")])
     ref = processor()
-    images = [m for k, m in enumerate(stream) if len(m) == 4 and k != 10] + [stream[20]]
+    images = [m for k, m in enumerate(stream) if len(m) == 4 and k not in (10, 45)]
+    images.append(stream[20])
     ref.staging.fold([CompressedFrame(7, int(json.loads(m[0])["frame"]), m[2], 2, (32, 32),
                                       "<u2") for m in images])  # fmt: skip
     for name, a in ref.acc.state.arrays().items():
@@ -188,3 +190,20 @@ def test_the_tap_copies_each_folded_blob_and_holds_a_message_it_has_no_room_for(
     assert bytes(data[: offsets[taken]]) == b"".join(blobs[8 : 8 + taken])
     assert list(ids[:taken]) == list(range(8, 8 + taken))
     assert proc.acc.frames_accepted == 8 + taken  # the held one is not folded
+
+
+def test_no_lane_where_two_libzmq_libraries_are_loaded(monkeypatch, tmp_path):
+    """Which of two libzmq libraries pyzmq's sockets belong to is unknown: no lane."""
+    import builtins
+
+    from tcbf_live.stream import fast_lane
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /opt/a/libzmq.so.5\n"
+                    "7f02-7f03 r-xp 0 08:01 2 /usr/lib/libzmq.so.5\n")  # fmt: skip
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
+        maps if p == "/proc/self/maps" else p, *a, **k))  # fmt: skip
+    assert fast_lane._library_path() is None
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /opt/a/libzmq.so.5\n" * 2)
+    assert fast_lane._library_path() == "/opt/a/libzmq.so.5"
