@@ -32,7 +32,7 @@ import logging
 import shutil
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +41,8 @@ import h5py
 import numpy as np
 
 from tcbf_live import __version__
-from tcbf_live.detectors.base import CompressedFrame, FrameBatch, SeriesInfo
-from tcbf_live.detectors.compression import decompress
+from tcbf_live.detectors.base import CompressedFrame, DecodeError, FrameBatch, SeriesInfo
+from tcbf_live.detectors.compression import bslz4_into, decompress, native_bslz4
 from tcbf_live.detectors.files import META_ATTR
 from tcbf_live.detectors.vendor_files import (
     BITSHUFFLE_FILTER,
@@ -83,6 +83,7 @@ class SeriesRecord:
         self.queue_full = 0  # frames not recorded: the writer was behind
         self.beyond = 0  # frames past one scan pass (repeat passes accumulated): not recorded
         self.written = 0
+        self.skipped: Counter = Counter()  # the writer's (`SeriesFile.skipped`)
         self.path: Path | None = None  # where it went (a kept name if the target appeared)
         self.error = ""
 
@@ -98,6 +99,7 @@ class SeriesRecord:
             missed.append(f"{self.queue_full} not recorded (the recording queue was full)")
         if self.beyond:
             missed.append(f"{self.beyond} beyond one scan pass not recorded")
+        missed += [f"{n} {why} not recorded" for why, n in sorted(self.skipped.items())]
         more = f" ({'; '.join(missed)})" if missed else ""
         return f"recorded {self.written} frames of series {sid} to {self.path}{more}"
 
@@ -142,36 +144,65 @@ class SeriesFile:
                                         chunks=(1, *info.detector_shape), **filters)  # fmt: skip
         self.ds.attrs[META_ATTR] = json.dumps(series_meta(info), default=lambda v: v.item())
         self.present = np.zeros(n, bool)
+        self.skipped: Counter = Counter()  # frames not written, by why
+        self._scratch = np.empty(int(np.prod(info.detector_shape)), self.dtype)  # `_decoded`
         if info.pixel_mask is not None:
             self.f.create_dataset(PIXEL_MASK, data=np.asarray(info.pixel_mask, "<u4"))
 
     def write(self, index, item: FrameBatch | CompressedFrame | TappedFrames) -> int:
         """Store the frames at their acquisition index (a tapped run: an index per blob, -1:
-        not recorded); returns how many."""
-        write = self.ds.id.write_direct_chunk
-        if isinstance(item, TappedFrames):
-            frame_bytes = self.dtype.itemsize * int(np.prod(self.info.detector_shape))
+        not recorded) as the live result folds them: a duplicate's first copy, and no blob
+        that does not decompress (`skipped` counts them); returns how many were stored."""
+        write, written = self.ds.id.write_direct_chunk, 0
+        frame_bytes = self.dtype.itemsize * int(np.prod(self.info.detector_shape))
+        if isinstance(item, TappedFrames):  # (the lane folded them: each decompresses)
             for k in np.flatnonzero(index >= 0):
-                blob = item.data[item.offsets[k] : item.offsets[k + 1]].tobytes()
-                if not self.compressed:  # (a series that began with unencoded frames)
-                    blob = decompress("bslz4", self.dtype.itemsize, blob, frame_bytes)
-                write((int(index[k]), 0, 0), blob)
-                self.present[index[k]] = True
+                if self._fresh(int(index[k])):
+                    blob = item.data[item.offsets[k] : item.offsets[k + 1]].tobytes()
+                    if not self.compressed:  # (a series that began with unencoded frames)
+                        blob = decompress("bslz4", self.dtype.itemsize, blob, frame_bytes)
+                    write((int(index[k]), 0, 0), blob)
+                    written += 1
                 if k % YIELD_EVERY == YIELD_EVERY - 1:
                     time.sleep(0)  # the ingest thread's Python parts get the GIL in between
-            return int(np.count_nonzero(index >= 0))
-        if isinstance(item, CompressedFrame):
-            if self.compressed:
-                write((index, 0, 0), bytes(item.blob))
-                self.present[index] = True
-                return 1
-            item = item.decoded()
+            return written
+        if isinstance(item, CompressedFrame):  # (the live fold decoded it, or counted it)
+            raw = self._decoded(item.blob, frame_bytes)
+            if raw is None:
+                self.skipped["with a blob that does not decompress"] += 1
+                return 0
+            if not self._fresh(index):
+                return 0
+            write((index, 0, 0), bytes(item.blob) if self.compressed else raw.tobytes())
+            return 1
         mask = 1 if self.compressed else 0  # in a bslz4 dataset: stored with the filter skipped
         for k, frame in enumerate(item.frames):
-            raw = np.ascontiguousarray(frame, self.dtype)
-            write((index + k, 0, 0), raw.tobytes(), filter_mask=mask)
-        self.present[index : index + len(item.frames)] = True
-        return len(item.frames)
+            if self._fresh(index + k):
+                raw = np.ascontiguousarray(frame, self.dtype)
+                write((index + k, 0, 0), raw.tobytes(), filter_mask=mask)
+                written += 1
+        return written
+
+    def _decoded(self, blob, frame_bytes: int) -> np.ndarray | None:
+        """The bslz4 blob's frame (a scratch buffer), None where it does not decompress to one;
+        in a kernel without the GIL where the engine's kernels decompress too."""
+        if not native_bslz4():
+            try:
+                return np.frombuffer(decompress("bslz4", self.dtype.itemsize, blob,
+                                                frame_bytes), self.dtype)  # fmt: skip
+            except DecodeError:
+                return None
+        b = np.frombuffer(blob, np.uint8)
+        return self._scratch if bslz4_into(b, 0, b.shape[0], self._scratch,
+                                           self.dtype.itemsize) else None  # fmt: skip
+
+    def _fresh(self, index: int) -> bool:
+        """Whether position `index` has no frame yet (it is marked as having one now)."""
+        if self.present[index]:
+            self.skipped["duplicates (the first copy kept, as live)"] += 1
+            return False
+        self.present[index] = True
+        return True
 
     def finish(self, target: Path, overwrite: bool) -> Path:
         """Close and move into place; a target that appeared meanwhile is kept (kept name)."""
@@ -336,6 +367,7 @@ class Recorder:
             _, rec, info, compressed = item
             try:
                 self._files[rec.key] = SeriesFile(temporary_name(rec.target), info, compressed)
+                rec.skipped = self._files[rec.key].skipped
             except Exception as exc:
                 self._fail(rec, exc)
         elif item[0] == "close":

@@ -205,3 +205,34 @@ def test_record_over_an_existing_file_is_refused_before_anything_starts(
     same = str(tmp_path / "out.h5")
     err = expect_usage_error(["run", "--headless", "--output", same, "--record", same])
     assert "--output file" in err
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_the_recording_keeps_what_the_live_result_folds(tmp_path, compressed):
+    """A duplicate frame id: the first copy (as `claim` keeps it live), counted; a blob that
+    does not decompress (live: that position stays empty): not stored, counted; the lane's
+    tap alike."""
+    from tcbf_live.detectors.base import SeriesInfo
+    from tcbf_live.stream.lane_reader import TappedFrames
+
+    info = SeriesInfo(3, (2, 2), (16, 16), "<u2")
+    frames = np.random.default_rng(2).poisson(3.0, (4, 16, 16)).astype("<u2")
+    blobs = [compress_bslz4(f) for f in frames]
+    bad = blobs[1][:12] + b"\xff" * 4 + blobs[1][16:]  # its first block claims 4 GiB
+    f = rec_mod.SeriesFile(tmp_path / "r.tmp", info, compressed)
+    one = lambda k, blob: CompressedFrame(3, k, blob, 2, (16, 16), "<u2")  # noqa: E731
+    written = [f.write(0, one(0, blobs[0])), f.write(0, one(0, blobs[3])),  # a duplicate
+               f.write(1, one(1, bad))]  # fmt: skip
+    tapped = TappedFrames(3, np.frombuffer(blobs[3] + blobs[2], np.uint8),
+                          np.array([0, len(blobs[3]), len(blobs[3]) + len(blobs[2])]),
+                          np.array([0, 2]))  # fmt: skip
+    written.append(f.write(np.array([0, 2]), tapped))  # 0 again, 2 new
+    written.append(f.write(3, FrameBatch(3, 3, frames[3:4])))
+    assert written == [1, 0, 0, 1, 1]
+    assert f.present.tolist() == [True, False, True, True]
+    assert f.skipped == {"duplicates (the first copy kept, as live)": 2,
+                         "with a blob that does not decompress": 1}  # fmt: skip
+    stored = f.finish(tmp_path / "r.h5", overwrite=False)
+    master = DectrisMaster(stored)  # (position 1 has no chunk: `present` says so)
+    np.testing.assert_array_equal(master.frames(0, 1)[0], frames[0])
+    np.testing.assert_array_equal(master.frames(2, 2), frames[2:])
