@@ -223,7 +223,7 @@ class Worker:
         else:
             if sid in self.series:  # restarted: the open run ends here (uncalibrated: dropped)
                 self.on_end(sid, drain=False)
-                self.drop(sid, "ended")
+                self.drop(sid, "restarted")
             self.closed.pop(sid, None)
             self.runs[sid] = self.runs.get(sid, 0) + 1
             self.series[sid] = WorkerSeries(info, self.runs[sid])
@@ -320,8 +320,8 @@ class Worker:
             s.release()  # (its memory kept for the next series)
             if s.ending:
                 self.send(pack("ended", {"sid": sid, "gen": s.gen, "frames": s.frames}), 5.0)
-            for _ in s.held if why == "refused" else ():
-                self.counters.reject(DecodeError("series_refused", f"frames of series {sid}"))
+            for _ in s.held if why in ("refused", "restarted") else ():  # (never silently)
+                self.counters.reject(DecodeError(f"series_{why}", f"frames of series {sid}"))
         self.closed[sid] = why
         while len(self.closed) > CLOSED:
             self.closed.pop(next(iter(self.closed)))

@@ -229,7 +229,8 @@ class WorkerPool(Calibrating):
         now = time.monotonic()
         if kind in ("ctl", "first"):
             relay = bool(head.get("relay"))
-            if not relay and kind == "ctl":  # PUB: every worker sends each one; keep the first
+            if self.shared and not relay:  # PUB: every worker sends each one (a start as
+                # "ctl" and, decoded, as "first"): the first copy is kept
                 key = hashlib.blake2b(b"".join(bytes(p.buffer) for p in raw)).digest()
                 if now - self.recent.get(key, -DEDUP_S) < DEDUP_S:  # (a later one: anew)
                     return
@@ -328,10 +329,13 @@ class WorkerPool(Calibrating):
             if sid not in self.engine.table:  # refused: workers drop it
                 self.tell_all(pack("drop", {"sid": sid, "gen": end}))
                 self.candidates.pop((sid, end), None)
-            else:
-                if self.engine.table.open[sid] is not opened:  # a new run of the id
-                    self.opened[sid] = end
-                self.ready(sid)
+            elif self.opened.get(sid) != end:  # the id's next run, as the workers count runs
+                self.opened[sid] = end  # (also where the engine kept its processor: a start
+                proc = self.engine.table.open[sid]  # again before any frame merged here)
+                if proc is opened and proc.calibrated:  # (the workers' new run waits for it)
+                    cal = proc.raw_calibration.to_json()
+                    self.tell_all(pack("cal", {"sid": sid, "gen": end, "calibration": cal}))
+            self.ready(sid)
         for key in list(self.candidates):
             if now - self.first_candidate[key] > CAL_WAIT_S and self.current(*key) is not None:
                 self.calibrate(key[0])

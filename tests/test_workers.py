@@ -922,3 +922,32 @@ def test_a_killed_runs_local_workers_stop(tmp_path):
     finally:
         run.kill()
         run.wait(10)
+
+
+@pytest.mark.parametrize("name", ["native", "dectris-v2"])
+def test_a_start_sent_again_before_any_frame_is_one_series_with_workers(sim, name):
+    """A sender that restarts after its start sends it again, before any frame: one process
+    takes it for a re-announcement (nothing received yet); the workers count it as the id's
+    next run, and the coordinator now follows them (its processor kept, as one process keeps
+    it): before, it kept the first run's number, never calibrated the workers' run and the
+    whole series was lost. Frames that reach a worker before the second start's relay go to
+    the first run and, uncalibrated, are dropped when it ends: counted `series_restarted`
+    (a documented limit: frames carry no run), never silently."""
+    stream = messages(sim, name)
+    starts = [m for m in stream[:3] if protocol(name).rank(m) == START]
+    stream = [*starts, *stream]
+    one = receive(Engine, name, stream).last_result
+    n = PASSES * sim.n_frames
+    assert one.frames_received == n
+
+    def restart(eng, k):
+        if k in (len(starts) - 1, 2 * len(starts) - 1):
+            time.sleep(0.5)  # (each start relayed before what the sender sends next)
+
+    eng = receive(workers(2), name, stream, during=restart)
+    assert_same(eng.last_result, one)
+    assert not eng.lost and not eng.counters.rejected
+    eng = receive(workers(2), name, stream)  # at once: the frames race the second relay
+    got = eng.last_result.frames_received if eng.last_result else 0
+    frames_per_message = n / sum(protocol(name).rank(m) is None for m in stream)
+    assert got + eng.counters.rejected["series_restarted"] * frames_per_message == n
