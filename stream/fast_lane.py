@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import re
 from dataclasses import dataclass
 
 import numba
@@ -66,7 +67,8 @@ def _library_path() -> str | None:
             paths = {line.split()[-1] for line in maps}
     except OSError:
         return None
-    found = sorted(p for p in paths if p.startswith("/") and "libzmq" in p.rsplit("/", 1)[-1])
+    found = sorted(p for p in paths
+                   if p.startswith("/") and re.match(r"libzmq[.-]", p.rsplit("/", 1)[-1]))
     if len(found) > 1:
         log.info("no compiled ingest lane: %d libzmq libraries loaded (%s)", len(found),
                  ", ".join(found))  # fmt: skip

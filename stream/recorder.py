@@ -167,8 +167,8 @@ class SeriesFile:
                     time.sleep(0)  # the ingest thread's Python parts get the GIL in between
             return written
         if isinstance(item, CompressedFrame):  # (the live fold decoded it, or counted it)
-            raw = self._decoded(item.blob, frame_bytes)
-            if raw is None:
+            raw = None if self.present[index] else self._decoded(item.blob, frame_bytes)
+            if raw is None and not self.present[index]:  # (a duplicate is not decoded)
                 self.skipped["with a blob that does not decompress"] += 1
                 return 0
             if not self._fresh(index):

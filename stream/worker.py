@@ -97,7 +97,7 @@ class Worker:
             if now - last_beat >= BEAT_S:
                 self.backlog.expire(now, self.counters)
                 self.beat()
-                last_beat, self.stopping = now, self.stopping or self.inbox.gone(now)
+                last_beat, self.stopping = now, self.stopping or self.inbox.gone()
         self.sync()
         self.beat()
 

@@ -26,7 +26,7 @@ from tcbf_live.stream.worker_link import DELTA_CREDIT_BYTES, LinkError, pack, un
 log = logging.getLogger(__name__)
 
 ASK_S = 0.25  # a worker held back asks the coordinator again this often
-SILENT_S = 120.0  # a coordinator that answered no beat for this long is gone (`gone`)
+SILENT_BEATS = 2400  # a coordinator that answered none of this many beats (10 min) is gone
 
 
 class LinkInbox:
@@ -40,13 +40,13 @@ class LinkInbox:
         self.waits = (0, 0.0)  # deltas held back for the coordinator: times, seconds waited
         self._held = False  # the last check found no credit (one hold, however many checks)
         self._asked = 0.0  # when the worker last asked for an answer ("credit")
-        self.heard = time.monotonic()  # when the coordinator last said anything
+        self.unanswered = 0  # beats (`gone` calls) since the coordinator last said anything
         self.parent: int | None = None  # a local worker: the coordinator's pid (`gone`)
 
     def read(self) -> None:
         """Queue what the link holds now; a "merged" answer only updates the credit."""
         while self.link.poll(0):
-            self.heard = time.monotonic()
+            self.unanswered = 0
             try:
                 kind, head, arrays, raw = unpack(self.link.recv_multipart(copy=False))
             except LinkError as err:
@@ -57,15 +57,20 @@ class LinkInbox:
             else:
                 self.items.append((kind, head, arrays, raw))
 
-    def gone(self, now: float) -> bool:
+    def gone(self) -> bool:
         """Whether the coordinator is gone, so that this worker stops (it would otherwise keep
-        its detector socket, taking frames a next run misses, and its memory, for ever): the
-        process that spawned this local worker has ended (killed: it had no time to say
-        "stop"), or it answered no beat for SILENT_S (another host's)."""
-        if self.parent is not None and os.getppid() != self.parent:
+        its detector socket, taking frames a next run misses, and its memory, for ever); called
+        at each beat. A local worker: the process that spawned it has ended (killed: it had no
+        time to say "stop"). Another host's: none of SILENT_BEATS beats was answered (counted
+        in beats, not seconds, so that a pause of this process is no silence; a coordinator
+        busy with a long final solve answers no beat meanwhile, hence the margin)."""
+        self.unanswered += 1
+        if self.parent is not None:
+            if os.getppid() == self.parent:
+                return False
             why = "the run that started it has ended"
-        elif now - self.heard > SILENT_S:
-            why = f"no word from the coordinator in {SILENT_S:.0f} s"
+        elif self.unanswered > SILENT_BEATS:
+            why = f"the coordinator answered none of its last {SILENT_BEATS} beats"
         else:
             return False
         log.error("worker %d stops: %s", self.index, why)

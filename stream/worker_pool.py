@@ -10,9 +10,9 @@ and relayed to every worker; offered frames calibrate here; deltas go to
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing as mp
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,7 +41,7 @@ from tcbf_live.stream.worker_link import (
     unpack,
 )
 from tcbf_live.stream.worker_process import KEPT_BYTES, spawned
-from tcbf_live.stream.worker_series import Ends, Peer, PendingEnd
+from tcbf_live.stream.worker_series import Copies, Ends, Peer, PendingEnd
 
 if TYPE_CHECKING:
     from tcbf_live.stream.coordinator import Coordinator, WorkerPlan
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 SETTLE_S = 0.01  # control messages are ordered once none arrived for this long, ...
 WINDOW_MAX_S, WINDOW_MAX = 0.1, 256  # ... or the oldest waited this long, or this many wait
 HEADER_WAIT_S = 1.0  # a relay waits at most this long for the rest of a header
-DEDUP_S = 2.0  # PUB: the same control message from several workers within this is one
 
 
 class WorkerPool(Calibrating):
@@ -82,7 +81,7 @@ class WorkerPool(Calibrating):
         self.runs: dict[int, int] = {}  # starts of each id decoded so far (its runs: `gen`)
         self.opened: dict[int, int] = {}  # the run of each id the engine has open
         self.queue: deque[tuple[Event, PendingEnd | int]] = deque()  # starts (run), ends, in order
-        self.recent: dict[bytes, float] = {}  # PUB: control messages taken, when
+        self.copies = Copies()  # PUB: the control messages taken
         self.lost: list[str] = []  # what the run says at its end
         self.shared = settings.subscriber.socket_type == "sub"
         self.idle_since = time.monotonic()
@@ -97,7 +96,8 @@ class WorkerPool(Calibrating):
             p = spawn.Process(target=spawned, name=f"tcbf-worker-{k}", daemon=True,
                               args=(self.endpoint, ident, self.settings.subscriber.curve,
                                     logging.getLogger().getEffectiveLevel(),
-                                    self.settings.budget_bytes(), kept, tag))  # fmt: skip
+                                    self.settings.budget_bytes(), kept, tag,
+                                    os.getpid()))  # fmt: skip
             p.start()
             self.processes[ident] = p
             self.owners[ident] = tag and shared_segments.owner(p.pid, tag)
@@ -210,8 +210,9 @@ class WorkerPool(Calibrating):
                 else:
                     self.welcome(ident, head)
                 continue
-            if peer is None:
-                continue  # not joined: nothing it says counts
+            if peer is None:  # not joined: nothing it says counts (a worker of an earlier run
+                self.tell(ident, pack("stop"))  # on this link, whose coordinator died: it stops)
+                continue
             peer.last_seen = time.monotonic()
             if peer.gone == "stalled":
                 peer.gone = None
@@ -229,14 +230,8 @@ class WorkerPool(Calibrating):
         now = time.monotonic()
         if kind in ("ctl", "first"):
             relay = bool(head.get("relay"))
-            if self.shared and not relay:  # PUB: every worker sends each one (a start as
-                # "ctl" and, decoded, as "first"): the first copy is kept
-                key = hashlib.blake2b(b"".join(bytes(p.buffer) for p in raw)).digest()
-                if now - self.recent.get(key, -DEDUP_S) < DEDUP_S:  # (a later one: anew)
-                    return
-                self.recent[key] = now
-                while len(self.recent) > 256:
-                    self.recent.pop(next(iter(self.recent)))
+            if self.shared and not relay and not self.copies.take(raw, kind, ident, now):
+                return  # PUB: a copy another worker sent first (`Copies`)
             self.window.append((int(head.get("ts", 0)), now, raw, relay, kind == "first"))
             self.last_ctl = now
             self.idle_since = now

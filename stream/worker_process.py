@@ -113,11 +113,13 @@ def serve(link_endpoint: str, curve: CurveKeys | None = None, endpoint: str | No
 
 
 def spawned(link: str, identity: bytes, data_curve: CurveKeys | None, level: int,
-            budget_bytes: int | None, kept_bytes: int, tag: str | None) -> None:  # fmt: skip
+            budget_bytes: int | None, kept_bytes: int, tag: str | None,
+            parent: int) -> None:  # fmt: skip
     """A local worker process spawned by the coordinator (`run --workers N`), under the run's
     memory budget (`budget_bytes`: `run --memory-budget` or its default), its deltas shared
-    (in segments named by `tag`; None: over the link, /dev/shm lacking the room)."""
+    (in segments named by `tag`; None: over the link, /dev/shm lacking the room); `parent`:
+    the coordinator's pid."""
     logging.basicConfig(level=level, format=f"worker {identity.decode()}: %(message)s")
     raise SystemExit(serve(link, identity=identity, data_curve=data_curve,
-                           budget_bytes=budget_bytes, shared=tag, parent=os.getppid(),
+                           budget_bytes=budget_bytes, shared=tag, parent=parent,
                            kept_bytes=kept_bytes))  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter, deque
@@ -186,6 +187,33 @@ class PendingEnd:
         self.offered.add(ident)
         if kind == "ended":
             self.waiting.discard(ident)
+
+
+class Copies:
+    """PUB: each worker sends the coordinator every control message it reads (a start also as
+    "first"); each occurrence in the stream is taken once. A copy is another worker's copy of
+    the occurrence taken last, and dropped, when it comes within WINDOW_S of it from a worker
+    that has not sent that occurrence yet (of that kind); anything else is a new occurrence:
+    a message the sender sends again byte for byte (a restarted native sender's start; a
+    window alone had dropped it) comes again from a worker that sent it already. Bounded: the
+    last KEPT contents."""
+
+    KEPT, WINDOW_S = 256, 2.0
+
+    def __init__(self):
+        self.last: dict[bytes, tuple[float, set]] = {}  # content -> (taken at, its senders)
+
+    def take(self, raw: list, kind: str, ident: bytes, now: float) -> bool:
+        key = hashlib.blake2b(b"".join(bytes(memoryview(p)) for p in raw)).digest()
+        taken = self.last.get(key)
+        if taken is not None and now - taken[0] < self.WINDOW_S and (ident, kind) not in taken[1]:
+            taken[1].add((ident, kind))
+            return False
+        self.last.pop(key, None)
+        self.last[key] = (now, {(ident, kind)})
+        while len(self.last) > self.KEPT:
+            self.last.pop(next(iter(self.last)))
+        return True
 
 
 class Ends:

@@ -35,7 +35,7 @@ from tcbf_live.stream.worker_link import (
     unpack,
 )
 from tcbf_live.stream.worker_process import KEPT_BYTES
-from tcbf_live.stream.worker_series import Ends, PendingEnd
+from tcbf_live.stream.worker_series import Copies, Ends, PendingEnd
 
 SCAN = (16, 24)
 PASSES = 2  # every test stream scans twice: repeat passes add up at the coordinator
@@ -586,6 +586,11 @@ def test_hostile_link_messages_are_counted_and_the_coordinator_goes_on(sim):
         time.sleep(0.05)
     assert eng._thread.is_alive(), "the ingest thread died"
     assert eng.counters.rejected["bad_link_message"] >= 9, eng.counters.rejected
+    stranger = ctx.socket(zmq.DEALER)  # a worker of an earlier run on this link: told to stop
+    stranger.connect(link)
+    stranger.send_multipart(pack("beat", {"sent": 0}))
+    assert stranger.poll(10000) and unpack(stranger.recv_multipart())[0] == "stop"
+    stranger.close(linger=0)
     eng.stop()
     assert eng.join(timeout=20)
     peer.close(linger=0)
@@ -836,8 +841,8 @@ def test_local_workers_take_the_runs_memory_budget(monkeypatch):
     finally:
         pool.close()
     want = (worker_process.spawned, 300 << 20, worker_process.KEPT_BYTES)  # (no flags: least)
-    assert [(t, *a[-3:-1]) for t, a in started] == [want] * 2
-    tags = [a[-1] for _, a in started]  # each its own segment names (or none: no room)
+    assert [(t, *a[-4:-2], a[-1]) for t, a in started] == [(*want, os.getpid())] * 2
+    tags = [a[-2] for _, a in started]  # each its own segment names (or none: no room)
     assert tags == [None] * 2 or len(set(tags)) == 2 and all(len(t) == 16 for t in tags)
     nobody, least = f"tcp://127.0.0.1:{_free_port()}", 4 * worker_process.KEPT_BYTES
     try:
@@ -851,24 +856,33 @@ def test_local_workers_take_the_runs_memory_budget(monkeypatch):
 def test_a_worker_stops_when_its_coordinator_is_gone(monkeypatch):
     """A coordinator killed (no "stop" sent) leaves its workers behind, each holding its
     detector socket and memory: a local worker stops when the process that spawned it has
-    ended, any worker when nothing came over the link for SILENT_S (beats are answered)."""
-    import os
-
+    ended (never for silence: a long final solve answers no beat), another host's when none
+    of SILENT_BEATS beats was answered; any message from the coordinator resets the count."""
     from tcbf_live.stream import worker_inbox
 
     ctx = zmq.Context()
-    link = ctx.socket(zmq.DEALER)
+    router, link = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        link.connect(f"tcp://127.0.0.1:{port}")
         inbox = worker_inbox.LinkInbox(link, 0)
-        now = time.monotonic()
-        assert not inbox.gone(now)
         inbox.parent = os.getppid()
-        assert not inbox.gone(now)
+        inbox.unanswered = 10**6
+        assert not inbox.gone()
         inbox.parent = os.getppid() + 1  # (the spawning process ended: another parent now)
-        assert inbox.gone(now)
-        inbox.parent = None
-        assert inbox.gone(now + worker_inbox.SILENT_S + 1)
+        assert inbox.gone()
+        inbox.parent, inbox.unanswered = None, 0
+        assert not any(inbox.gone() for _ in range(worker_inbox.SILENT_BEATS - 1))
+        link.send(b"hi")
+        ident, _ = router.recv_multipart()
+        router.send_multipart([ident, *pack("merged", {"bytes": 0})])
+        assert link.poll(5000)
+        inbox.read()  # an answer: the count starts again
+        assert not inbox.gone() and not inbox.gone()
+        inbox.unanswered = worker_inbox.SILENT_BEATS
+        assert inbox.gone()
     finally:
+        router.close(linger=0)
         link.close(linger=0)
         ctx.term()
 
@@ -951,3 +965,22 @@ def test_a_start_sent_again_before_any_frame_is_one_series_with_workers(sim, nam
     got = eng.last_result.frames_received if eng.last_result else 0
     frames_per_message = n / sum(protocol(name).rank(m) is None for m in stream)
     assert got + eng.counters.rejected["series_restarted"] * frames_per_message == n
+
+
+def test_each_occurrence_of_a_pub_control_message_is_taken_once():
+    """PUB: every worker sends each control message it reads (a start also as "first"); the
+    coordinator takes each occurrence once, and a message sent again within the window (a
+    restarted sender's identical start) again; a late worker's lone copy is taken."""
+    start, end = [b"start-5"], [b"end-5"]
+    c = Copies()
+    got = [c.take(start, "ctl", b"w0", 0.0), c.take(start, "first", b"w0", 0.0),
+           c.take(start, "ctl", b"w1", 0.1), c.take(start, "first", b"w1", 0.1),
+           c.take(end, "ctl", b"w1", 0.2), c.take(end, "ctl", b"w0", 0.2)]  # fmt: skip
+    assert got == [True, False, False, False, True, False]
+    again = [c.take(start, "ctl", b"w1", 0.5), c.take(start, "ctl", b"w0", 0.5),
+             c.take(start, "first", b"w0", 0.5), c.take(start, "first", b"w1", 0.6)]  # fmt: skip
+    assert again == [True, False, False, False]  # the sender's second start: taken once more
+    assert c.take(start, "ctl", b"w2", 9.0)  # (a worker alone, long after: its own)
+    for k in range(1000):
+        c.take([b"%d" % k], "ctl", b"w0", 10.0)
+    assert len(c.last) <= Copies.KEPT
