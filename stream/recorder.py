@@ -167,10 +167,9 @@ class SeriesFile:
                     time.sleep(0)  # the ingest thread's Python parts get the GIL in between
             return written
         if isinstance(item, CompressedFrame):  # (the live fold decoded it, or counted it)
-            raw = None if self.present[index] else self._decoded(item.blob, frame_bytes)
-            if raw is None and not self.present[index]:  # (a duplicate is not decoded)
-                self.skipped["with a blob that does not decompress"] += 1
-                return 0
+            if not self.present[index] and (raw := self._decoded(item.blob, frame_bytes)) is None:
+                self.skipped["with a blob that does not decompress"] += 1  # (a duplicate: not
+                return 0  # decoded, counted by `_fresh`)
             if not self._fresh(index):
                 return 0
             write((index, 0, 0), bytes(item.blob) if self.compressed else raw.tobytes())

@@ -1,4 +1,5 @@
-"""What a worker keeps of one series, and the sizes of what it holds (`stream.worker`)."""
+"""What a worker keeps of one series, and the sizes of what it holds (`stream.worker`); and what
+the coordinator keeps of its workers' messages (`Peer`, `PendingEnd`, `Ends`, `Copies`)."""
 
 from __future__ import annotations
 
